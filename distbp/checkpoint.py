@@ -1,0 +1,200 @@
+"""HDF5 checkpoints: atomic save, checksummed load, the newest valid one, retention."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import UserError
+
+FORMAT, VERSION = "checkpoint", 1
+NAME_RE = re.compile(r"^step-(\d{8})\.h5$")
+TMP_MARK = ".tmp-"
+POSITION_KEYS = ("step", "epoch", "step_in_epoch", "samples_seen", "world_size")
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, damaged or does not fit this run."""
+
+
+@dataclass
+class Checkpoint:
+    """The arrays and attributes of one checkpoint file."""
+    params: dict[str, np.ndarray]
+    opt_name: str = ""
+    opt_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    opt_scalars: dict[str, float] = field(default_factory=dict)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def config(self) -> dict:
+        """The resolved config the run was started with."""
+        return json.loads(self.attrs.get("config", "{}"))
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint written after `step` optimizer steps."""
+    return f"step-{step:08d}.h5"
+
+
+def _arrays_in_order(ck: Checkpoint):
+    """Every stored array with its HDF5 path, in a fixed order."""
+    for name in sorted(ck.params):
+        yield f"params/{name}", ck.params[name]
+    for state in sorted(ck.opt_arrays):
+        for name in sorted(ck.opt_arrays[state]):
+            yield f"optimizer/{state}/{name}", ck.opt_arrays[state][name]
+    for name in sorted(ck.buffers):
+        yield f"buffers/{name}", ck.buffers[name]
+
+
+def checksum(ck: Checkpoint) -> str:
+    """CRC-32 over every array's path, shape, dtype and bytes plus the position."""
+    crc = 0
+    for path, a in _arrays_in_order(ck):
+        crc = zlib.crc32(f"{path}{a.shape}{a.dtype.str}".encode(), crc)
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+    position = json.dumps({k: int(ck.attrs.get(k, 0)) for k in POSITION_KEYS}, sort_keys=True)
+    return f"crc32:{zlib.crc32(position.encode(), crc):08x}"
+
+
+def _fsync_path(path: Path, directory: bool = False):
+    """fsync a file or a folder by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
+    """Write ck to path atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    attrs = dict(ck.attrs, distbp_format=FORMAT, version=VERSION, distbp_version=__version__,
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    ck = Checkpoint(ck.params, ck.opt_name, ck.opt_arrays, ck.opt_scalars, ck.buffers, attrs)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, a in _arrays_in_order(ck):
+                f.create_dataset(key, data=a)
+            opt = f.require_group("optimizer")
+            opt.attrs["name"] = ck.opt_name
+            for k, v in ck.opt_scalars.items():
+                opt.attrs[k] = v
+            f.require_group("params")
+            f.require_group("buffers")
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs["checksum"] = checksum(ck)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_group(g: h5py.Group) -> dict[str, np.ndarray]:
+    """Every dataset directly in group g, by name."""
+    return {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
+
+
+def _plain(v):
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint (arrays and attributes only) and check its checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            if attrs.get("distbp_format") != FORMAT:
+                raise CheckpointError(f"{path} is not a distbp checkpoint (distbp_format="
+                                      f"{attrs.get('distbp_format')!r})")
+            if attrs.get("version") != VERSION:
+                raise CheckpointError(f"{path} has checkpoint version {attrs.get('version')}; "
+                                      f"this distbp reads version {VERSION}")
+            opt = f.get("optimizer")
+            ck = Checkpoint(
+                params=_read_group(f["params"]),
+                opt_name=_plain(opt.attrs.get("name", "")) if opt else "",
+                opt_arrays={k: _read_group(g) for k, g in opt.items()} if opt else {},
+                opt_scalars={k: _plain(v) for k, v in opt.attrs.items() if k != "name"} if opt else {},
+                buffers=_read_group(f["buffers"]) if "buffers" in f else {},
+                attrs=attrs, path=str(path))
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e}); "
+                              "delete it or resume from an older one") from None
+    if verify and checksum(ck) != attrs.get("checksum"):
+        raise CheckpointError(f"checkpoint {path} fails its checksum (stored {attrs.get('checksum')}, "
+                              f"computed {checksum(ck)}): the file is damaged")
+    return ck
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint files in a folder, oldest step first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if NAME_RE.match(p.name)), key=lambda p: p.name)
+
+
+def latest_valid(directory: str | os.PathLike, log=print) -> Checkpoint | None:
+    """The newest checkpoint in a folder that loads and verifies, skipping damaged ones."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return load(path)
+        except CheckpointError as e:
+            log(f"skipping damaged checkpoint: {e}")
+    return None
+
+
+def clean_stale(directory: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left by writers killed mid-save."""
+    d = Path(directory)
+    stale = [p for p in d.iterdir() if TMP_MARK in p.name] if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def prune(directory: str | os.PathLike, keep: int, newest_valid: Path) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints, never `newest_valid`."""
+    paths = list_checkpoints(directory)
+    doomed = [p for p in paths[:-keep] if p != newest_valid] if keep > 0 else []
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def describe(ck: Checkpoint) -> list[str]:
+    """Human-readable lines: position, config, and each array's shape and size."""
+    lines = [f"{k}: {ck.attrs.get(k)}" for k in (*POSITION_KEYS, "created", "distbp_version", "checksum")]
+    lines.append(f"optimizer: {ck.opt_name} {ck.opt_scalars}")
+    for key, a in _arrays_in_order(ck):
+        lines.append(f"{key:40s} {str(a.shape):16s} {a.dtype} {a.nbytes / 1024:.1f} KiB")
+    lines.append("config: " + json.dumps(ck.config, indent=1, sort_keys=True))
+    return lines

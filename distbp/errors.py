@@ -1,0 +1,29 @@
+"""Exit codes, the user-error type, and agreeing on an error across ranks."""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped early by a signal, resume with --resume auto
+
+
+class UserError(Exception):
+    """Bad input the user can fix; printed once by rank 0 without a traceback."""
+
+
+class NonFiniteError(Exception):
+    """A NaN or Inf loss or gradient stopped training."""
+
+
+def agree(comm, fn, *args, **kwargs):
+    """Run fn on every rank; if it raises a UserError on any rank, raise it on all."""
+    try:
+        result, message = fn(*args, **kwargs), None
+    except UserError as e:
+        result, message = None, f"{e}"
+    messages = comm.gather_obj(message)
+    first = comm.bcast_obj(next((m for m in messages if m), None) if comm.is_root else None)
+    if first is not None:
+        raise UserError(first)
+    return result

@@ -1,0 +1,184 @@
+"""Normalization layers: BatchNorm with statistics synchronized across ranks, LayerNorm."""
+
+import numpy as np
+
+from distbp.nn.layers import register
+
+
+def _allreduce(ctx, buf):
+    """Sum buf over the ranks in place when ctx has a multi-rank comm; return it."""
+    comm = getattr(ctx, "comm", None)
+    if comm is not None and comm.size > 1:
+        comm.allreduce_sum(buf)
+    return buf
+
+
+def _eps(spec: dict, default: float = 1e-5) -> float:
+    """Read spec["eps"] as a positive float."""
+    eps = spec.get("eps", default)
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"{spec.get('type')} eps={eps!r} must be a positive number, e.g. eps = 1e-5")
+    return float(eps)
+
+
+@register("batchnorm")
+class BatchNorm:
+    """Batch normalization over axis 1 of (N, C) or (N, C, H, W), statistics over the GLOBAL batch.
+
+    Train mode: mean and biased variance per channel come from one allreduce of the
+    local (sum x, sum x^2, count), so n ranks normalize exactly like 1 rank on the
+    whole batch (torch SyncBatchNorm). Backward allreduces (sum dy, sum dy*xhat) and
+    returns the gradient of the global loss sum; dW and db stay local sums, which the
+    trainer's gradient allreduce adds up. Running stats use the unbiased variance.
+    """
+
+    kind = "batchnorm"
+
+    def __init__(self, in_shape, eps, momentum):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(in_shape)
+        self.C = in_shape[0]
+        self.eps, self.momentum = eps, momentum
+        self.training = True
+        self.ctx = None
+
+    @classmethod
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int) -> "BatchNorm":
+        """BatchNorm from {"type": "batchnorm", "eps": 1e-5, "momentum": 0.1}."""
+        if len(in_shape) not in (1, 3):
+            raise ValueError(f"batchnorm needs a (C,) or (C, H, W) input, got {in_shape}")
+        momentum = spec.get("momentum", 0.1)
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f"batchnorm momentum={momentum!r} must be in [0, 1], e.g. momentum = 0.1")
+        return cls(in_shape, _eps(spec), float(momentum))
+
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """W (gamma) and b (beta), one per channel."""
+        return [("W", (self.C,)), ("b", (self.C,))]
+
+    def buffer_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Running mean and (unbiased) variance per channel."""
+        return [("running_mean", (self.C,)), ("running_var", (self.C,))]
+
+    def bind(self, params: dict, grads: dict) -> None:
+        """Keep views of gamma, beta and their gradients."""
+        self.W, self.dW, self.b, self.db = params["W"], grads["W"], params["b"], grads["b"]
+
+    def bind_buffers(self, views: dict) -> None:
+        """Keep views of the running statistics."""
+        self.running_mean, self.running_var = views["running_mean"], views["running_var"]
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """gamma = 1, beta = 0."""
+        self.W[...], self.b[...] = 1, 0
+
+    def init_buffers(self) -> None:
+        """running_mean = 0, running_var = 1."""
+        self.running_mean[...], self.running_var[...] = 0, 1
+
+    def _channel(self, v, ndim):
+        """Per-channel vector (C,) shaped to broadcast over (N, C, ...)."""
+        return v.reshape((1, self.C) + (1,) * (ndim - 2))
+
+    def forward(self, x):
+        """y = gamma * (x - mean) / sqrt(var + eps) + beta; batch stats in train, running in eval."""
+        axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channel
+        if self.training:
+            sums = np.empty(2 * self.C + 1)  # [sum x (C), sum x^2 (C), count] in float64
+            sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
+            sums[self.C : -1] = np.square(x, dtype=np.float64).sum(axis=axes)
+            sums[-1] = x.size // self.C
+            self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
+            mean = sums[: self.C] / max(M, 1)
+            var = np.maximum(sums[self.C : -1] / max(M, 1) - mean**2, 0)  # biased, as used to normalize
+            self._update_running(mean, var, M)
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = 1 / np.sqrt(var + self.eps)  # (C,)
+        self.inv_std = self._channel(inv_std.astype(x.dtype), x.ndim)
+        self.xhat = (x - self._channel(mean.astype(x.dtype), x.ndim)) * self.inv_std  # (N, C, ...)
+        return self._channel(self.W, x.ndim) * self.xhat + self._channel(self.b, x.ndim)
+
+    def _update_running(self, mean, var, M):
+        """Exponential moving averages, unbiased variance like torch."""
+        if M < 1:
+            return
+        m = self.momentum
+        unbiased = var * (M / (M - 1)) if M > 1 else var
+        self.running_mean[...] = (1 - m) * self.running_mean + m * mean
+        self.running_var[...] = (1 - m) * self.running_var + m * unbiased
+
+    def backward(self, dy):
+        """Add local dW, db; return dx of the global sum loss (global sums of dy, dy*xhat)."""
+        axes = (0,) + tuple(range(2, dy.ndim))
+        sums = np.empty(2 * self.C)  # [sum dy (C), sum dy*xhat (C)] in float64
+        sums[: self.C] = dy.sum(axis=axes, dtype=np.float64)
+        sums[self.C :] = (dy * self.xhat).sum(axis=axes, dtype=np.float64)
+        self.db += sums[: self.C].astype(self.db.dtype)  # local sums: the trainer's allreduce adds ranks
+        self.dW += sums[self.C :].astype(self.dW.dtype)
+        g = self._channel(self.W, dy.ndim) * self.inv_std  # gamma / sqrt(var + eps)
+        if not self.training:
+            return dy * g  # running stats are constants
+        means = _allreduce(self.ctx, sums) / max(self.M, 1)  # global means of dy and dy*xhat
+        dy_mean = self._channel(means[: self.C].astype(dy.dtype), dy.ndim)
+        dyxhat_mean = self._channel(means[self.C :].astype(dy.dtype), dy.ndim)
+        return g * (dy - dy_mean - self.xhat * dyxhat_mean)
+
+    def describe(self) -> str:
+        """One line for logs."""
+        return f"batchnorm {self.C} channels eps {self.eps:g} momentum {self.momentum:g} (synced across ranks)"
+
+
+@register("layernorm")
+class LayerNorm:
+    """Layer normalization per sample over the last `dims` feature axes, elementwise affine (torch LayerNorm)."""
+
+    kind = "layernorm"
+
+    def __init__(self, in_shape, dims, eps):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(in_shape)
+        self.norm_shape = self.in_shape[len(in_shape) - dims :]
+        self.axes = tuple(range(-dims, 0))
+        self.eps = eps
+        self.training = True
+
+    @classmethod
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int) -> "LayerNorm":
+        """LayerNorm from {"type": "layernorm", "dims": all feature axes, "eps": 1e-5}."""
+        dims = spec.get("dims", len(in_shape))
+        if not isinstance(dims, int) or not 1 <= dims <= len(in_shape):
+            raise ValueError(f"layernorm dims={dims!r} must be an int in 1..{len(in_shape)} "
+                             f"(trailing axes of the input {in_shape} to normalize over)")
+        return cls(in_shape, dims, _eps(spec))
+
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """W (gamma) and b (beta), shaped like the normalized axes."""
+        return [("W", self.norm_shape), ("b", self.norm_shape)]
+
+    def bind(self, params: dict, grads: dict) -> None:
+        """Keep views of gamma, beta and their gradients."""
+        self.W, self.dW, self.b, self.db = params["W"], grads["W"], params["b"], grads["b"]
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """gamma = 1, beta = 0."""
+        self.W[...], self.b[...] = 1, 0
+
+    def forward(self, x):
+        """y = gamma * (x - mean) / sqrt(var + eps) + beta, stats per sample."""
+        mean = x.mean(axis=self.axes, keepdims=True)
+        var = np.square(x - mean).mean(axis=self.axes, keepdims=True)
+        self.inv_std = 1 / np.sqrt(var + self.eps)  # (N, ..., 1)
+        self.xhat = (x - mean) * self.inv_std
+        return self.W * self.xhat + self.b
+
+    def backward(self, dy):
+        """Add dW, db; return dx."""
+        lead = tuple(range(dy.ndim - len(self.axes)))  # batch and any unnormalized axes
+        self.dW += (dy * self.xhat).sum(axis=lead)
+        self.db += dy.sum(axis=lead)
+        g = dy * self.W  # dL/dxhat
+        return self.inv_std * (g - g.mean(axis=self.axes, keepdims=True)
+                               - self.xhat * (g * self.xhat).mean(axis=self.axes, keepdims=True))
+
+    def describe(self) -> str:
+        """One line for logs."""
+        return f"layernorm over {self.norm_shape} eps {self.eps:g}"

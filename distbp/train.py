@@ -1,0 +1,339 @@
+"""The training loop: run(cfg, comm) reads in the order of DESIGN.md's data flow."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import slurm
+from .comm import set_thread_budget
+from .config import Config, config_to_dict, config_to_json, config_to_toml
+from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
+from .metrics import RunLog, StepTimer, format_summary
+from .nn import Sequential, make_loss, mlp_specs
+from .optim import make_optimizer, make_schedule
+
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps taken and the global data position."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+
+
+def build_model(cfg: Config, data: Dataset) -> Sequential:
+    """The model the config describes, sized for the dataset, initialised from the seed."""
+    m = cfg.model
+    if m.layers:
+        specs = [dict(s) for s in m.layers]
+    else:
+        flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
+        specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
+                                    m.activation, m.dropout)
+    model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
+    if model.out_shape != (data.output_dim,):
+        raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
+                        f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")
+    return model
+
+
+def build_optimizer(cfg: Config, model: Sequential):
+    """The optimizer and LR schedule the config names, on the flat vectors."""
+    o = cfg.optim
+    return make_optimizer(o.name, model.params.size, model.params.dtype, momentum=o.momentum,
+                         nesterov=o.nesterov, weight_decay=o.weight_decay,
+                         betas=(o.beta1, o.beta2), eps=o.eps, alpha=o.alpha)
+
+
+def open_data(cfg: Config) -> tuple[Dataset, object, object]:
+    """The dataset file and its train and validation splits (validated)."""
+    data = Dataset(cfg.data.path or digits_path())
+    train = data.split(cfg.data.train_split)
+    val = data.split(cfg.data.val_split) if cfg.data.val_split else None
+    if train.n < cfg.train.batch_size and cfg.train.drop_last:
+        raise UserError(f"{data.path}: split '{cfg.data.train_split}' has {train.n} rows, fewer than "
+                        f"one global batch (train.batch_size={cfg.train.batch_size}); use "
+                        f"train.batch_size<={train.n} or train.drop_last=false")
+    return data, train, val
+
+
+def evaluate(model, loss, split, comm, classification: bool, chunk: int = 1024) -> dict:
+    """Exact global loss (and accuracy) over a split, each rank on a contiguous slice."""
+    lo, hi = shard(split.n, comm.rank, comm.size)
+    sums = np.zeros(3)  # loss sum, correct, rows
+    model.eval()
+    for a in range(lo, hi, chunk):
+        idx = np.arange(a, min(a + chunk, hi))
+        x, y = split.read(idx, model.params.dtype)
+        out = model.forward(x)
+        sums += (loss.forward(out, y), loss.correct(out, y), len(idx))
+    model.train()
+    comm.allreduce_sum(sums)
+    result = {"val_loss": sums[0] / max(sums[2], 1)}
+    if classification:
+        result["val_accuracy"] = sums[1] / max(sums[2], 1)
+    return result
+
+
+def make_checkpoint(model, opt, opt_name, pos: Position, cfg: Config, comm, lr: float) -> ckpt.Checkpoint:
+    """The full training state as a Checkpoint (views, no copies)."""
+    attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+             "samples_seen": pos.samples_seen, "world_size": comm.size, "lr": lr,
+             "config": config_to_json(cfg),
+             "rng": json.dumps({"init": {"seed": cfg.train.seed},
+                                "sampler": {"seed": cfg.train.seed, "epoch": pos.epoch,
+                                            "stream": "PCG64(SeedSequence([seed, epoch]))"},
+                                "dropout": {"seed": cfg.train.seed, "counter": "(step, layer, row, column)",
+                                            "step": pos.step}})}
+    return ckpt.Checkpoint(params=model.views(model.params),
+                           opt_name=opt_name,
+                           opt_arrays={k: model.views(a) for k, a in opt.state_arrays().items()},
+                           opt_scalars=opt.state_scalars(),
+                           buffers=model.buffer_views(model.buffers),
+                           attrs=attrs)
+
+
+def check_architecture(ck: ckpt.Checkpoint, model):
+    """Raise a CheckpointError listing names/shapes that differ from the model."""
+    want = {n: tuple(s) for n, s in model.shapes.items()}
+    have = {n: tuple(a.shape) for n, a in ck.params.items()}
+    if want != have:
+        diff = [f"{n}: checkpoint {have.get(n, 'missing')} vs model {want.get(n, 'missing')}"
+                for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
+        raise ckpt.CheckpointError(f"checkpoint {ck.path} is from a different architecture:\n  "
+                                   + "\n  ".join(diff) + "\nHINT: use the model settings of that run, "
+                                   "or --resume never (or another --run-dir) to start fresh")
+
+
+def restore_root(ck: ckpt.Checkpoint, model, opt, opt_name: str, log) -> dict:
+    """Copy a checkpoint into model and optimizer on rank 0; return what to broadcast."""
+    check_architecture(ck, model)
+    for name, view in model.views(model.params).items():
+        view[...] = ck.params[name]
+    for name, view in model.buffer_views(model.buffers).items():
+        if name in ck.buffers:
+            view[...] = ck.buffers[name]
+    scalars = {}
+    if ck.opt_name == opt_name:
+        for state, flat in opt.state_arrays().items():
+            for name, view in model.views(flat).items():
+                view[...] = ck.opt_arrays[state][name]
+        scalars = dict(ck.opt_scalars)
+    else:
+        log(f"optimizer changed from {ck.opt_name} to {opt_name}: its state starts fresh")
+    return {"scalars": scalars, "attrs": {k: ck.attrs[k] for k in ckpt.POSITION_KEYS},
+            "config": ck.config, "path": ck.path}
+
+
+def find_resume(resume: str, ckpt_dir: Path, log) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from (rank 0 only), or None to start fresh."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = ckpt.latest_valid(ckpt_dir, log)
+        if found is None:
+            log(f"no valid checkpoint in {ckpt_dir}: starting fresh")
+        return found
+    return ckpt.load(resume)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every key that differs."""
+    return [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}"
+            for s, values in new.items() for k, v in values.items() if old.get(s, {}).get(k) != v]
+
+
+def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> Position:
+    """Load (rank 0), check and broadcast the resume state; a fresh Position if none."""
+    def on_root():
+        if not comm.is_root:
+            return None
+        found = find_resume(resume, run_dir / "checkpoints", log)
+        return restore_root(found, model, opt, cfg.optim.name, log) if found else None
+    info = comm.bcast_obj(agree(comm, on_root))
+    for a in (model.params, model.buffers, *opt.state_arrays().values()):
+        comm.bcast(a)
+    if info is None:
+        return Position()
+    if info["scalars"]:
+        opt.load_state(opt.state_arrays(), info["scalars"])
+    a = info["attrs"]
+    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch']}, "
+        f"step {a['step_in_epoch']} of it), written by {a['world_size']} rank(s), now {comm.size}")
+    for line in config_changes(info["config"], config_to_dict(cfg)):
+        log(f"config changed on resume: {line}")
+    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"])
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, comm):
+    """Create the run directory, its checkpoints folder and config.toml (rank 0)."""
+    if not comm.is_root:
+        return
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(run_dir / "checkpoints")
+        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
+                        "choose another with --run-dir") from None
+
+
+def save_checkpoint(run_dir, model, opt, pos, cfg, comm, lr, log, timer, must: bool) -> bool:
+    """Rank 0 writes and prunes; a failed periodic save warns, a required one raises."""
+    if not comm.is_root:
+        return True
+    timer.start()
+    path = run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)
+    try:
+        ckpt.save(path, make_checkpoint(model, opt, cfg.optim.name, pos, cfg, comm, lr))
+        ckpt.prune(path.parent, cfg.checkpoint.keep, path)
+    except OSError as e:
+        if must:
+            raise
+        log(f"WARNING: checkpoint {path} could not be written ({e}); the previous one is intact, "
+            "training continues")
+        return False
+    finally:
+        timer.lap("checkpoint")
+    return True
+
+
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
+    """Train data-parallel as DESIGN.md describes; return the process exit code."""
+    master = comm.is_root
+    run_dir = Path(comm.bcast_obj(str(run_dir)))
+    wall0 = time.perf_counter()
+    agree(comm, prepare_run_dir, run_dir, cfg, comm)
+    data, train_split, val_split = agree(comm, open_data, cfg)
+    model = agree(comm, build_model, cfg, data)
+    loss = make_loss(data.task)
+    opt = build_optimizer(cfg, model)
+    B = cfg.train.batch_size
+    per_epoch = steps_per_epoch(train_split.n, B, cfg.train.drop_last)
+    total = per_epoch * cfg.train.epochs
+    if cfg.train.max_steps >= 0:
+        total = min(total, cfg.train.max_steps)
+    lr_at = make_schedule(cfg.optim.schedule, cfg.optim.lr, total_steps=total,
+                          warmup_steps=cfg.optim.warmup_steps, step_size=cfg.optim.step_size,
+                          gamma=cfg.optim.gamma, min_lr=cfg.optim.min_lr)
+    runlog = RunLog(run_dir, master, total, cfg.train.log_every)
+    log = runlog.info
+    threads = set_thread_budget(comm, log)
+    log(f"distbp: {comm.size} rank(s) x {threads} BLAS thread(s); run dir {run_dir}")
+    if slurm.describe():
+        log(slurm.describe())
+    log(f"data {data.path}: {train_split.n} train rows, {val_split.n if val_split else 0} val rows, "
+        f"task {data.task}")
+    log(f"model: {model.num_params} parameters ({cfg.train.dtype})\n  " + "\n  ".join(model.describe()))
+    pos = resume_state(resume, run_dir, model, opt, cfg, comm, log)
+    if pos.step:
+        runlog.record(resume=True, step=pos.step, epoch=pos.epoch, world_size=comm.size)
+        runlog.resume_bar(pos.step)
+    train_split.load(comm, cfg.data.memory_mb * 2**20)
+    if val_split is not None:
+        val_split.load(comm, cfg.data.memory_mb * 2**20)
+
+    stop = slurm.StopRequest().install()
+    timer = StepTimer()
+    scalars = np.zeros(5)  # rows, loss sum, correct, stop flag, checkpoint-by-time flag
+    last_ckpt_time = time.monotonic()
+    result, best, exit_code = {}, None, EXIT_OK
+    lr = lr_at(pos.step)
+    model.ctx.comm = comm
+    order_epoch = -1
+    try:
+        while pos.step < total:
+            if pos.step_in_epoch >= per_epoch:
+                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+            if order_epoch != pos.epoch:
+                order, order_epoch = epoch_order(cfg.train.seed, pos.epoch, train_split.n), pos.epoch
+            t_step = time.perf_counter()
+            timer.start()
+            # this rank's rows of the global batch
+            idx, rows, global_rows = batch_rows(order, pos.step_in_epoch, B, comm.rank, comm.size)
+            x, y = train_split.read(idx, model.params.dtype)
+            model.ctx.step, model.ctx.rows, model.ctx.global_rows = pos.step, rows, global_rows
+            timer.lap("data")
+            # forward, loss (a sum over local rows), backward of the global mean
+            model.zero_grad()
+            out = model.forward(x)
+            scalars[:] = (len(idx), loss.forward(out, y), loss.correct(out, y), stop.requested, 0)
+            timer.lap("forward")
+            dout = loss.backward()
+            dout /= global_rows
+            model.backward(dout)
+            timer.lap("backward")
+            # one allreduce of the flat gradient, one of the step's scalars
+            if master and cfg.checkpoint.every_seconds:
+                scalars[4] = time.monotonic() - last_ckpt_time >= cfg.checkpoint.every_seconds
+            comm.allreduce_sum(model.grads)
+            comm.allreduce_sum(scalars)
+            timer.lap("allreduce")
+            train_loss = scalars[1] / scalars[0]
+            skipped = not check_finite(train_loss, model, pos.step, cfg.train.nonfinite, log)
+            lr = lr_at(pos.step)
+            if not skipped:
+                opt.step(model.params, model.grads, lr)
+            timer.lap("optimizer")
+            pos.step += 1
+            pos.step_in_epoch += 1
+            pos.samples_seen += int(scalars[0])
+            timer.step_done(time.perf_counter() - t_step, int(scalars[0]))
+
+            fields = {"loss": train_loss, "lr": lr}
+            runlog.progress(pos.step, fields)
+            if pos.step % cfg.train.log_every == 0 or pos.step == total:
+                runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=lr,
+                              samples_per_s=timer.samples_per_s(), **({"skipped": True} if skipped else {}))
+            epoch_end = pos.step_in_epoch == per_epoch
+            if val_split is not None and (epoch_end or pos.step == total or (
+                    cfg.train.eval_every and pos.step % cfg.train.eval_every == 0)):
+                timer.start()
+                result = evaluate(model, loss, val_split, comm, data.task == "classification")
+                timer.lap("eval")
+                best = max(best or 0.0, result.get("val_accuracy", 0.0))
+                runlog.record(step=pos.step, epoch=pos.epoch, **result)
+                log(f"eval step {pos.step} epoch {pos.epoch}: "
+                    + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            if scalars[3] > 0:
+                log(f"stop signal received: checkpoint at step {pos.step}, exit {EXIT_RESUMABLE} (resumable)")
+                exit_code = EXIT_RESUMABLE
+                break
+            due = cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0
+            if (due or scalars[4] > 0) and pos.step < total:
+                save_checkpoint(run_dir, model, opt, pos, cfg, comm, lr, log, timer, must=False)
+                last_ckpt_time = time.monotonic()
+    finally:
+        stop.restore()
+    save_checkpoint(run_dir, model, opt, pos, cfg, comm, lr, log, timer, must=True)
+    summary = {"summary": True, "steps": pos.step, "epochs": pos.step / per_epoch,
+               "samples_per_s": timer.samples_per_s(), "val_loss": result.get("val_loss"),
+               "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": best,
+               "world_size": comm.size, "wall_time_s": time.perf_counter() - wall0,
+               "time_s": {k: round(v, 4) for k, v in timer.totals.items()}, "exit_code": exit_code}
+    runlog.record(**summary)
+    log("summary:\n" + "\n".join(format_summary(summary)))
+    runlog.close()
+    return exit_code
+
+
+def check_finite(train_loss: float, model, step: int, policy: str, log) -> bool:
+    """True if loss and gradient are finite; else abort or (policy 'skip') warn."""
+    grads_ok = np.isfinite(np.sum(model.grads)) or np.isfinite(model.grads).all()
+    if np.isfinite(train_loss) and grads_ok:
+        return True
+    bad = [n for n, g in model.views(model.grads).items() if not np.isfinite(g).all()]
+    where = f"gradient of {', '.join(bad)}" if bad else "loss"
+    msg = f"non-finite {where} at step {step} (loss {train_loss})"
+    if policy == "skip":
+        log(f"WARNING: {msg}: step skipped (train.nonfinite=skip)")
+        return False
+    raise NonFiniteError(f"{msg}; the last checkpoint is kept. HINT: lower optim.lr, or set "
+                         "train.nonfinite=skip")

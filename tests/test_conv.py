@@ -1,0 +1,186 @@
+"""Conv2D, MaxPool2D, Flatten: naive-loop references and finite-difference gradients."""
+
+import numpy as np
+import pytest
+
+from distbp.nn.conv import Conv2D, Flatten, MaxPool2D
+
+
+def bind_random(layer, rng, dtype=np.float64, around_one=False):
+    """Bind random parameters (around 1 if asked) and zero gradients; return (params, grads)."""
+    params = {n: (around_one + 0.5 * rng.standard_normal(s)).astype(dtype) for n, s in layer.param_shapes()}
+    grads = {n: np.zeros(s, dtype) for n, s in layer.param_shapes()}
+    layer.bind(params, grads)
+    return params, grads
+
+
+def rel_error(a, b):
+    """Norm-wise relative error of a against b."""
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300)
+
+
+def numeric_grad(f, v, h=1e-6):
+    """Central differences of the scalar f() with respect to every entry of v (changed in place)."""
+    g = np.zeros_like(v)
+    for i in np.ndindex(v.shape):
+        old = v[i]
+        v[i] = old + h
+        up = f()
+        v[i] = old - h
+        down = f()
+        v[i] = old
+        g[i] = (up - down) / (2 * h)
+    return g
+
+
+def check_grads(layer, x, params, grads, rng, tol=1e-6):
+    """Compare backward's dx and parameter gradients of sum(y * R) with central differences."""
+    R = rng.standard_normal((x.shape[0], *layer.out_shape))
+    for g in grads.values():
+        g[...] = 0
+    y = layer.forward(x)
+    assert y.shape == R.shape
+    dx = layer.backward(R)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    loss = lambda: float(np.sum(layer.forward(x) * R))  # noqa: E731
+    assert rel_error(dx, numeric_grad(loss, x)) < tol
+    for name, p in params.items():
+        assert rel_error(grads[name], numeric_grad(loss, p)) < tol, name
+
+
+def conv_naive(x, W, b, stride, padding):
+    """Direct 7-loop convolution (cross-correlation) for reference."""
+    (sh, sw), (ph, pw) = stride, padding
+    N, C, H, Wd = x.shape
+    F, _, kh, kw = W.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1
+    y = np.zeros((N, F, Ho, Wo))
+    for n in range(N):
+        for f in range(F):
+            for i in range(Ho):
+                for j in range(Wo):
+                    y[n, f, i, j] = np.sum(xp[n, :, i * sh : i * sh + kh, j * sw : j * sw + kw] * W[f]) + b[f]
+    return y
+
+
+def maxpool_naive(x, kernel, stride):
+    """Direct loop max pooling for reference."""
+    (kh, kw), (sh, sw) = kernel, stride
+    N, C, H, Wd = x.shape
+    Ho, Wo = (H - kh) // sh + 1, (Wd - kw) // sw + 1
+    y = np.zeros((N, C, Ho, Wo))
+    for i in range(Ho):
+        for j in range(Wo):
+            y[:, :, i, j] = x[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw].max(axis=(2, 3))
+    return y
+
+
+CONV_CASES = [  # spec, in_shape
+    ({"out_channels": 4, "kernel": 3, "padding": 1}, (3, 6, 5)),
+    ({"out_channels": 2, "kernel": [3, 2], "stride": [2, 1], "padding": [1, 2]}, (2, 7, 5)),
+    ({"out_channels": 3, "kernel": 2, "stride": 2}, (1, 5, 5)),
+    ({"out_channels": 2, "kernel": 1, "bias": False}, (3, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("spec,in_shape", CONV_CASES)
+def test_conv2d_forward_matches_naive_loops(spec, in_shape):
+    rng = np.random.default_rng(0)
+    layer = Conv2D.build({"type": "conv2d", **spec}, in_shape, 0, 0)
+    params, _ = bind_random(layer, rng)
+    x = rng.standard_normal((3, *in_shape))
+    b = params.get("b", np.zeros(spec["out_channels"]))
+    ref = conv_naive(x, params["W"], b, (layer.sh, layer.sw), (layer.ph, layer.pw))
+    y = layer.forward(x)
+    assert layer.out_shape == ref.shape[1:]
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec,in_shape", CONV_CASES)
+def test_conv2d_gradients_match_finite_differences(spec, in_shape):
+    rng = np.random.default_rng(1)
+    layer = Conv2D.build({"type": "conv2d", **spec}, in_shape, 0, 0)
+    params, grads = bind_random(layer, rng)
+    check_grads(layer, rng.standard_normal((2, *in_shape)), params, grads, rng)
+
+
+def test_conv2d_backward_adds_into_grads():
+    rng = np.random.default_rng(2)
+    layer = Conv2D.build({"type": "conv2d", "out_channels": 2, "kernel": 3}, (1, 4, 4), 0, 0)
+    params, grads = bind_random(layer, rng)
+    x, dy = rng.standard_normal((2, 1, 4, 4)), rng.standard_normal((2, 2, 2, 2))
+    layer.forward(x)
+    layer.backward(dy)
+    once = {n: g.copy() for n, g in grads.items()}
+    layer.backward(dy)
+    for n in grads:
+        np.testing.assert_allclose(grads[n], 2 * once[n])
+
+
+POOL_CASES = [  # spec, in_shape
+    ({"kernel": 2}, (3, 6, 5)),
+    ({"kernel": 3, "stride": 2}, (2, 7, 7)),
+    ({"kernel": [2, 3], "stride": [1, 2]}, (1, 4, 7)),
+]
+
+
+@pytest.mark.parametrize("spec,in_shape", POOL_CASES)
+def test_maxpool2d_forward_and_gradients(spec, in_shape):
+    rng = np.random.default_rng(3)
+    layer = MaxPool2D.build({"type": "maxpool2d", **spec}, in_shape, 0, 0)
+    assert layer.param_shapes() == []
+    x = rng.standard_normal((2, *in_shape))
+    y = layer.forward(x)
+    np.testing.assert_array_equal(y, maxpool_naive(x, (layer.kh, layer.kw), (layer.sh, layer.sw)))
+    assert y.shape[1:] == layer.out_shape
+    check_grads(layer, x, {}, {}, rng)
+
+
+def test_maxpool2d_routes_gradient_to_the_max_only():
+    layer = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, (1, 2, 2), 0, 0)
+    layer.forward(np.array([[[[1.0, 5.0], [3.0, 2.0]]]]))
+    dx = layer.backward(np.array([[[[7.0]]]]))
+    np.testing.assert_array_equal(dx, [[[[0.0, 7.0], [0.0, 0.0]]]])
+
+
+def test_flatten_shapes_and_gradients():
+    rng = np.random.default_rng(4)
+    layer = Flatten.build({"type": "flatten"}, (2, 3, 4), 0, 0)
+    assert layer.out_shape == (24,)
+    x = rng.standard_normal((3, 2, 3, 4))
+    np.testing.assert_array_equal(layer.forward(x), x.reshape(3, 24))
+    check_grads(layer, x, {}, {}, rng)
+
+
+def test_conv_stack_float32_matches_float64():
+    rng = np.random.default_rng(5)
+    conv = Conv2D.build({"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, (2, 6, 6), 0, 0)
+    pool = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, conv.out_shape, 1, 0)
+    flat = Flatten.build({"type": "flatten"}, pool.out_shape, 2, 0)
+    params64, grads64 = bind_random(conv, rng)
+    x64, dy64 = rng.standard_normal((5, 2, 6, 6)), rng.standard_normal((5, *flat.out_shape))
+    out, dx = {}, {}
+    for dtype in (np.float64, np.float32):
+        grads = {n: np.zeros_like(g, dtype=dtype) for n, g in grads64.items()}
+        conv.bind({n: p.astype(dtype) for n, p in params64.items()}, grads)
+        y = flat.forward(pool.forward(conv.forward(x64.astype(dtype))))
+        d = conv.backward(pool.backward(flat.backward(dy64.astype(dtype))))
+        assert y.dtype == d.dtype == grads["W"].dtype == dtype
+        out[dtype], dx[dtype] = (y, grads["W"], grads["b"]), d
+    for a, b in zip(out[np.float32], out[np.float64]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx[np.float32], dx[np.float64], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec,in_shape,match", [
+    ({"type": "conv2d", "kernel": 3}, (1, 8, 8), "out_channels"),
+    ({"type": "conv2d", "out_channels": 4, "kernel": 5}, (1, 3, 3), "kernel"),
+    ({"type": "conv2d", "out_channels": 4, "kernel": [3]}, (1, 8, 8), "kernel"),
+    ({"type": "conv2d", "out_channels": 4, "kernel": 3}, (64,), r"\(C, H, W\)"),
+    ({"type": "maxpool2d"}, (1, 8, 8), "kernel"),
+])
+def test_bad_specs_name_the_key(spec, in_shape, match):
+    cls = Conv2D if spec["type"] == "conv2d" else MaxPool2D
+    with pytest.raises(ValueError, match=match):
+        cls.build(spec, in_shape, 0, 0)

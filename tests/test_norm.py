@@ -1,0 +1,194 @@
+"""BatchNorm (synchronized across ranks) and LayerNorm: references, finite differences, n ranks vs 1."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from distbp.nn.norm import BatchNorm, LayerNorm
+from test_conv import bind_random, check_grads
+
+
+def make_bn(in_shape, comm=None, rng=None, dtype=np.float64, momentum=0.1):
+    """A bound BatchNorm with random gamma/beta (from rng), fresh running stats and a ctx."""
+    layer = BatchNorm.build({"type": "batchnorm", "momentum": momentum}, in_shape, 0, 0)
+    params, grads = bind_random(layer, rng or np.random.default_rng(0), dtype, around_one=True)
+    layer.bind_buffers({n: np.zeros(s, dtype) for n, s in layer.buffer_shapes()})
+    layer.init_buffers()
+    layer.ctx = SimpleNamespace(comm=comm, step=0, rows=None, global_rows=None)
+    return layer, params, grads
+
+
+def bn_reference(x, gamma, beta, eps=1e-5):
+    """Plain batch norm over every axis but 1, returning (y, mean, biased var)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * gamma.reshape(shape) + beta.reshape(shape)
+    return y, mean, var
+
+
+BN_SHAPES = [(6, (3,)), (3, (2, 4, 3)), (1, (2, 3, 3))]  # (N, in_shape)
+
+
+@pytest.mark.parametrize("N,in_shape", BN_SHAPES)
+def test_batchnorm_forward_and_running_stats(N, in_shape):
+    rng = np.random.default_rng(0)
+    layer, params, _ = make_bn(in_shape, rng=rng)
+    x = 3 + 2 * rng.standard_normal((N, *in_shape))
+    ref, mean, var = bn_reference(x, params["W"], params["b"])
+    np.testing.assert_allclose(layer.forward(x), ref, rtol=1e-10, atol=1e-12)
+    M = x.size // in_shape[0]
+    np.testing.assert_allclose(layer.running_mean, 0.1 * mean)
+    np.testing.assert_allclose(layer.running_var, 0.9 + 0.1 * var * M / (M - 1))
+
+
+@pytest.mark.parametrize("N,in_shape", BN_SHAPES[:2])
+def test_batchnorm_train_gradients_match_finite_differences(N, in_shape):
+    rng = np.random.default_rng(1)
+    layer, params, grads = make_bn(in_shape, rng=rng)
+    check_grads(layer, 1 + rng.standard_normal((N, *in_shape)), params, grads, rng)
+
+
+@pytest.mark.parametrize("N,in_shape", BN_SHAPES[:2])
+def test_batchnorm_eval_uses_running_stats(N, in_shape):
+    rng = np.random.default_rng(2)
+    layer, params, grads = make_bn(in_shape, rng=rng)
+    layer.running_mean[...] = rng.standard_normal(in_shape[0])
+    layer.running_var[...] = rng.uniform(0.5, 2, in_shape[0])
+    layer.training = False
+    x = rng.standard_normal((N, *in_shape))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    ref = ((x - layer.running_mean.reshape(shape)) / np.sqrt(layer.running_var.reshape(shape) + 1e-5)
+           * params["W"].reshape(shape) + params["b"].reshape(shape))
+    before = layer.running_var.copy()
+    np.testing.assert_allclose(layer.forward(x), ref, rtol=1e-12)
+    np.testing.assert_array_equal(layer.running_var, before)
+    check_grads(layer, x, params, grads, rng)
+
+
+class MirrorComm:
+    """A fake 2-rank comm whose other rank holds the same rows: allreduce doubles; records calls."""
+
+    size = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def allreduce_sum(self, buf):
+        """Double buf in place, noting its size and layout."""
+        self.calls.append((buf.size, buf.dtype, buf.flags.c_contiguous))
+        buf *= 2
+
+
+def test_batchnorm_one_allreduce_each_way_and_global_math():
+    rng = np.random.default_rng(3)
+    x, dy = rng.standard_normal((4, 3, 2, 2)), rng.standard_normal((4, 3, 2, 2))
+    single, params, grads1 = make_bn((3, 2, 2), rng=np.random.default_rng(9))
+    comm = MirrorComm()
+    mirrored, _, grads2 = make_bn((3, 2, 2), comm=comm, rng=np.random.default_rng(9))
+    y1, y2 = single.forward(x), mirrored.forward(x)
+    assert comm.calls == [(7, np.float64, True)]  # [sum x, sum x^2, count]
+    np.testing.assert_allclose(y2, y1, rtol=1e-12)
+    M = 2 * 4 * 2 * 2  # the doubled batch: unbiased correction uses the global count
+    _, _, var = bn_reference(x, params["W"], params["b"])
+    np.testing.assert_allclose(mirrored.running_var, 0.9 + 0.1 * var * M / (M - 1))
+    np.testing.assert_allclose(mirrored.backward(dy), single.backward(dy), rtol=1e-12)
+    assert comm.calls[1:] == [(6, np.float64, True)]  # [sum dy, sum dy*xhat]
+    for n in grads1:  # local sums only: the trainer's gradient allreduce adds the ranks
+        np.testing.assert_allclose(grads2[n], grads1[n], rtol=1e-12)
+
+
+def test_batchnorm_float32():
+    rng = np.random.default_rng(4)
+    x, dy = 5 + rng.standard_normal((8, 4, 3, 3)), rng.standard_normal((8, 4, 3, 3))
+    results = {}
+    for dtype in (np.float64, np.float32):
+        layer, _, grads = make_bn((4, 3, 3), rng=np.random.default_rng(9), dtype=dtype)
+        y, dx = layer.forward(x.astype(dtype)), layer.backward(dy.astype(dtype))
+        assert y.dtype == dx.dtype == grads["W"].dtype == layer.running_var.dtype == dtype
+        results[dtype] = (y, dx, grads["W"], grads["b"], layer.running_mean, layer.running_var)
+    for a, b in zip(results[np.float32], results[np.float64]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def world_comm():
+    """distbp's MPI world, or a minimal mpi4py stand-in with the same allreduce_sum."""
+    try:
+        from distbp.comm import world
+    except ImportError:
+        from mpi4py import MPI
+
+        class MPIComm:
+            def __init__(self):
+                self.comm, self.rank, self.size = MPI.COMM_WORLD, MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+
+            def allreduce_sum(self, buf):
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+        return MPIComm()
+    return world()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("N,in_shape", [(10, (3,)), (7, (2, 3, 3)), (1, (2, 3, 3))])
+def test_batchnorm_split_across_ranks_equals_whole_batch(N, in_shape):
+    comm = world_comm()
+    rng = np.random.default_rng(5)  # same global batch on every rank
+    x, dy = 2 + rng.standard_normal((N, *in_shape)), rng.standard_normal((N, *in_shape))
+    whole, _, grads1 = make_bn(in_shape, rng=np.random.default_rng(9))
+    y1, dx1 = whole.forward(x), whole.backward(dy)
+    lo, hi = N * comm.rank // comm.size, N * (comm.rank + 1) // comm.size  # may be empty
+    part, _, grads2 = make_bn(in_shape, comm=comm, rng=np.random.default_rng(9))
+    part.ctx.global_rows, part.ctx.rows = N, np.arange(lo, hi)
+    y2, dx2 = part.forward(x[lo:hi]), part.backward(dy[lo:hi])
+    np.testing.assert_allclose(y2, y1[lo:hi], rtol=1e-10, atol=1e-12)
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_allclose(getattr(part, name), getattr(whole, name), rtol=1e-12)
+    dx_sum = np.zeros_like(dx1)
+    dx_sum[lo:hi] = dx2
+    comm.allreduce_sum(dx_sum)
+    np.testing.assert_allclose(dx_sum, dx1, rtol=1e-10, atol=1e-12)
+    for n, g in grads2.items():
+        comm.allreduce_sum(g)
+        np.testing.assert_allclose(g, grads1[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_shape,dims", [((6,), None), ((2, 3, 4), None), ((2, 3, 4), 1), ((3, 4), 2)])
+def test_layernorm_forward_and_gradients(in_shape, dims):
+    rng = np.random.default_rng(6)
+    spec = {"type": "layernorm"} | ({"dims": dims} if dims else {})
+    layer = LayerNorm.build(spec, in_shape, 0, 0)
+    params, grads = bind_random(layer, rng, around_one=True)
+    x = 1 + 3 * rng.standard_normal((3, *in_shape))
+    axes = tuple(range(-(dims or len(in_shape)), 0))
+    mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    ref = (x - mean) / np.sqrt(var + 1e-5) * params["W"] + params["b"]
+    np.testing.assert_allclose(layer.forward(x), ref, rtol=1e-10, atol=1e-12)
+    check_grads(layer, x, params, grads, rng)
+
+
+def test_layernorm_float32():
+    rng = np.random.default_rng(7)
+    layer = LayerNorm.build({"type": "layernorm"}, (8,), 0, 0)
+    params, grads = bind_random(layer, rng, around_one=True)
+    x, dy = rng.standard_normal((5, 8)), rng.standard_normal((5, 8))
+    y64, dx64, dW64 = layer.forward(x), layer.backward(dy), grads["W"].copy()
+    layer.bind({n: p.astype(np.float32) for n, p in params.items()},
+               {n: np.zeros_like(g, dtype=np.float32) for n, g in grads.items()})
+    y32, dx32 = layer.forward(x.astype(np.float32)), layer.backward(dy.astype(np.float32))
+    assert y32.dtype == dx32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx32, dx64, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.dW, dW64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,spec,in_shape,match", [
+    (BatchNorm, {"type": "batchnorm", "momentum": 2}, (3,), "momentum"),
+    (BatchNorm, {"type": "batchnorm", "eps": 0}, (3,), "eps"),
+    (BatchNorm, {"type": "batchnorm"}, (3, 4), r"\(C,\)"),
+    (LayerNorm, {"type": "layernorm", "dims": 3}, (3, 4), "dims"),
+])
+def test_bad_norm_specs_name_the_key(cls, spec, in_shape, match):
+    with pytest.raises(ValueError, match=match):
+        cls.build(spec, in_shape, 0, 0)
