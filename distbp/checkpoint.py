@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import re
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,14 +78,13 @@ def _fsync_path(path: Path, directory: bool = False):
         os.close(fd)
 
 
-def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
-    """Write ck to path atomically: temp file in the same folder, fsync, rename."""
+def write_temp(path: str | os.PathLike, ck: Checkpoint) -> Path:
+    """Write ck, without its checksum, to a temporary file beside path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     attrs = dict(ck.attrs, distbp_format=FORMAT, version=VERSION, distbp_version=__version__,
                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    ck = Checkpoint(ck.params, ck.opt_name, ck.opt_arrays, ck.opt_scalars, ck.buffers, attrs)
     try:
         with h5py.File(tmp, "w") as f:
             for key, a in _arrays_in_order(ck):
@@ -97,6 +97,18 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
             f.require_group("buffers")
             for k, v in attrs.items():
                 f.attrs[k] = v
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def seal(tmp: Path, path: str | os.PathLike) -> Path:
+    """Checksum what tmp holds, fsync it, and rename it to path atomically."""
+    path = Path(path)
+    try:
+        ck = load(tmp, verify=False)
+        with h5py.File(tmp, "r+") as f:
             f.attrs["checksum"] = checksum(ck)
         _fsync_path(tmp)
         os.replace(tmp, path)
@@ -105,6 +117,44 @@ def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
+    """Write ck to path atomically: temp file in the same folder, checksum, fsync, rename."""
+    return seal(write_temp(path, ck), path)
+
+
+class BackgroundSaver:
+    """Writes a checkpoint's arrays at once, then seals it (checksum, fsync, rename) in a thread."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, path: str | os.PathLike, ck: Checkpoint, then=None) -> BaseException | None:
+        """Wait for the previous save, write ck's arrays, start sealing; return the previous error."""
+        previous = self.wait()
+        tmp = write_temp(path, ck)
+        self.thread = threading.Thread(target=self._seal, args=(tmp, path, then), daemon=True)
+        self.thread.start()
+        return previous
+
+    def _seal(self, tmp, path, then):
+        """Thread body: seal, then run the follow-up (pruning)."""
+        try:
+            seal(tmp, path)
+            if then:
+                then()
+        except BaseException as e:
+            self.error = e
+
+    def wait(self) -> BaseException | None:
+        """Block until the running save is durable; return (and clear) its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        return error
 
 
 def _read_group(g: h5py.Group) -> dict[str, np.ndarray]:

@@ -185,24 +185,27 @@ def prepare_run_dir(run_dir: Path, cfg: Config, comm):
                         "choose another with --run-dir") from None
 
 
-def save_checkpoint(run_dir, model, opt, pos, cfg, comm, lr, log, timer, must: bool) -> bool:
-    """Rank 0 writes and prunes; a failed periodic save warns, a required one raises."""
+def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final: bool):
+    """Rank 0 writes (sealed in the background) and prunes; only a failed final save raises."""
     if not comm.is_root:
-        return True
+        return
     timer.start()
     path = run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)
+    errors = []
     try:
-        ckpt.save(path, make_checkpoint(model, opt, cfg.optim.name, pos, cfg, comm, lr))
-        ckpt.prune(path.parent, cfg.checkpoint.keep, path)
+        errors.append(saver.save(path, make_checkpoint(model, opt, cfg.optim.name, pos, cfg, comm, lr),
+                                 then=lambda: ckpt.prune(path.parent, cfg.checkpoint.keep, path)))
+        if final:
+            errors.append(saver.wait())
     except OSError as e:
-        if must:
-            raise
-        log(f"WARNING: checkpoint {path} could not be written ({e}); the previous one is intact, "
+        errors.append(e)
+    timer.lap("checkpoint")
+    if final and errors[-1]:
+        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({errors[-1]}); "
+                                   "the previous checkpoint is intact")
+    for e in filter(None, errors):
+        log(f"WARNING: a checkpoint could not be written ({e}); the previous one is intact, "
             "training continues")
-        return False
-    finally:
-        timer.lap("checkpoint")
-    return True
 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
@@ -242,6 +245,7 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
 
     stop = slurm.StopRequest().install()
     timer = StepTimer()
+    saver = ckpt.BackgroundSaver()
     scalars = np.zeros(5)  # rows, loss sum, correct, stop flag, checkpoint-by-time flag
     last_ckpt_time = time.monotonic()
     result, best, exit_code = {}, None, EXIT_OK
@@ -308,11 +312,11 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
                 break
             due = cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0
             if (due or scalars[4] > 0) and pos.step < total:
-                save_checkpoint(run_dir, model, opt, pos, cfg, comm, lr, log, timer, must=False)
+                save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=False)
                 last_ckpt_time = time.monotonic()
     finally:
         stop.restore()
-    save_checkpoint(run_dir, model, opt, pos, cfg, comm, lr, log, timer, must=True)
+    save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=True)
     summary = {"summary": True, "steps": pos.step, "epochs": pos.step / per_epoch,
                "samples_per_s": timer.samples_per_s(), "val_loss": result.get("val_loss"),
                "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": best,

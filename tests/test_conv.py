@@ -179,8 +179,53 @@ def test_conv_stack_float32_matches_float64():
     ({"type": "conv2d", "out_channels": 4, "kernel": [3]}, (1, 8, 8), "kernel"),
     ({"type": "conv2d", "out_channels": 4, "kernel": 3}, (64,), r"\(C, H, W\)"),
     ({"type": "maxpool2d"}, (1, 8, 8), "kernel"),
+    ({"type": "maxpool2d", "kernel": 2, "padding": 1}, (1, 8, 8), "unknown key"),
 ])
 def test_bad_specs_name_the_key(spec, in_shape, match):
     cls = Conv2D if spec["type"] == "conv2d" else MaxPool2D
     with pytest.raises(ValueError, match=match):
         cls.build(spec, in_shape, 0, 0)
+
+
+CNN = [{"type": "conv2d", "out_channels": 3, "kernel": 3, "padding": 1}, {"type": "relu"},
+       {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "out": 4}]
+
+
+def test_cnn_in_sequential_names_init_and_gradients():
+    from distbp.nn import Sequential
+
+    model = Sequential(CNN, (2, 6, 6), dtype=np.float64, seed=0)
+    assert model.names == ["0.conv2d.W", "0.conv2d.b", "4.linear.W", "4.linear.b"]
+    assert model.out_shape == (4,) and model.shapes["0.conv2d.W"] == (3, 2, 3, 3)
+    np.testing.assert_array_equal(model.params, Sequential(CNN, (2, 6, 6), np.float64, seed=0).params)
+    rng = np.random.default_rng(6)
+    x, R = rng.standard_normal((3, 2, 6, 6)), rng.standard_normal((3, 4))
+    model.zero_grad()
+    model.forward(x)
+    dx = model.backward(R)
+    grads = model.grads.copy()
+    loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
+    assert rel_error(grads, numeric_grad(loss, model.params)) < 1e-6
+    assert rel_error(dx, numeric_grad(loss, x)) < 1e-6
+    model.zero_grad()
+    model.forward(x)
+    assert model.backward(R, need_dx=False) is None
+    np.testing.assert_allclose(model.grads, grads, rtol=1e-12)
+
+
+def test_conv2d_he_init_scale():
+    layer = Conv2D.build({"type": "conv2d", "out_channels": 64, "kernel": 3, "init": "he_normal"}, (32, 8, 8), 0, 0)
+    params, _ = bind_random(layer, np.random.default_rng(0))
+    layer.init_params(np.random.default_rng(0))
+    assert abs(params["W"].std() / np.sqrt(2 / (32 * 9)) - 1) < 0.02
+    assert not params["b"].any()
+
+
+def test_cnn_zero_local_rows():
+    from distbp.nn import Sequential
+
+    model = Sequential(CNN, (2, 6, 6), dtype=np.float32, seed=0)
+    out = model.forward(np.zeros((0, 2, 6, 6), np.float32))
+    assert out.shape == (0, 4)
+    assert model.backward(np.zeros((0, 4), np.float32)).shape == (0, 2, 6, 6)
+    assert not model.grads.any()

@@ -1,12 +1,11 @@
 """BatchNorm (synchronized across ranks) and LayerNorm: references, finite differences, n ranks vs 1."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
+from distbp.nn.layers import Context
 from distbp.nn.norm import BatchNorm, LayerNorm
-from test_conv import bind_random, check_grads
+from test_conv import bind_random, check_grads, numeric_grad, rel_error
 
 
 def make_bn(in_shape, comm=None, rng=None, dtype=np.float64, momentum=0.1):
@@ -15,7 +14,8 @@ def make_bn(in_shape, comm=None, rng=None, dtype=np.float64, momentum=0.1):
     params, grads = bind_random(layer, rng or np.random.default_rng(0), dtype, around_one=True)
     layer.bind_buffers({n: np.zeros(s, dtype) for n, s in layer.buffer_shapes()})
     layer.init_buffers()
-    layer.ctx = SimpleNamespace(comm=comm, step=0, rows=None, global_rows=None)
+    layer.ctx = Context()
+    layer.ctx.comm = comm
     return layer, params, grads
 
 
@@ -192,3 +192,31 @@ def test_layernorm_float32():
 def test_bad_norm_specs_name_the_key(cls, spec, in_shape, match):
     with pytest.raises(ValueError, match=match):
         cls.build(spec, in_shape, 0, 0)
+
+
+def test_batchnorm_in_sequential_buffers_and_gradients():
+    from distbp.nn import Sequential
+
+    specs = [{"type": "conv2d", "out_channels": 3, "kernel": 3}, {"type": "batchnorm"}, {"type": "relu"},
+             {"type": "flatten"}, {"type": "linear", "out": 4}, {"type": "batchnorm", "momentum": 0.5},
+             {"type": "layernorm"}]
+    model = Sequential(specs, (2, 5, 5), dtype=np.float64, seed=0)
+    assert model.buffer_names == ["1.batchnorm.running_mean", "1.batchnorm.running_var",
+                                  "5.batchnorm.running_mean", "5.batchnorm.running_var"]
+    buffers = model.buffer_views(model.buffers)
+    assert not buffers["1.batchnorm.running_mean"].any() and (buffers["5.batchnorm.running_var"] == 1).all()
+    views = model.views(model.params)
+    assert (views["1.batchnorm.W"] == 1).all() and not views["6.layernorm.b"].any()
+    rng = np.random.default_rng(8)
+    model.params[:] += 0.3 * rng.standard_normal(model.params.size)  # gamma, beta away from 1, 0
+    x, R = rng.standard_normal((4, 2, 5, 5)), rng.standard_normal((4, 4))
+    model.zero_grad()
+    model.forward(x)
+    dx = model.backward(R)
+    loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
+    assert rel_error(model.grads.copy(), numeric_grad(loss, model.params)) < 1e-6
+    assert rel_error(dx, numeric_grad(loss, x)) < 1e-6
+    model.eval()
+    running = model.forward(x)
+    model.train()
+    assert not np.allclose(running, model.forward(x))

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from distbp.nn.layers import register
+from .layers import Layer, check_spec, register
 
 
 def _allreduce(ctx, buf):
@@ -13,16 +13,16 @@ def _allreduce(ctx, buf):
     return buf
 
 
-def _eps(spec: dict, default: float = 1e-5) -> float:
-    """Read spec["eps"] as a positive float."""
-    eps = spec.get("eps", default)
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        raise ValueError(f"{spec.get('type')} eps={eps!r} must be a positive number, e.g. eps = 1e-5")
+def _eps(spec: dict, index: int) -> float:
+    """Read spec["eps"] (default 1e-5, as torch) as a positive float."""
+    eps = spec.get("eps", 1e-5)
+    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"layer {index} ({spec['type']}): eps={eps!r} must be a positive number, e.g. eps = 1e-5")
     return float(eps)
 
 
 @register("batchnorm")
-class BatchNorm:
+class BatchNorm(Layer):
     """Batch normalization over axis 1 of (N, C) or (N, C, H, W), statistics over the GLOBAL batch.
 
     Train mode: mean and biased variance per channel come from one allreduce of the
@@ -32,24 +32,27 @@ class BatchNorm:
     trainer's gradient allreduce adds up. Running stats use the unbiased variance.
     """
 
-    kind = "batchnorm"
+    private_output = True
+    private_dx = True
+    need_dx = True
 
     def __init__(self, in_shape, eps, momentum):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(in_shape)
         self.C = in_shape[0]
         self.eps, self.momentum = eps, momentum
-        self.training = True
-        self.ctx = None
 
     @classmethod
-    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int) -> "BatchNorm":
-        """BatchNorm from {"type": "batchnorm", "eps": 1e-5, "momentum": 0.1}."""
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
+        """Build from {"type": "batchnorm"[, "eps": 1e-5, "momentum": 0.1]} on a (C,) or (C, H, W) input."""
+        check_spec(spec, index, ("eps", "momentum"))
         if len(in_shape) not in (1, 3):
-            raise ValueError(f"batchnorm needs a (C,) or (C, H, W) input, got {in_shape}")
+            raise ValueError(f"layer {index} (batchnorm) needs a (C,) or (C, H, W) input but gets shape "
+                             f"{tuple(in_shape)}")
         momentum = spec.get("momentum", 0.1)
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
-            raise ValueError(f"batchnorm momentum={momentum!r} must be in [0, 1], e.g. momentum = 0.1")
-        return cls(in_shape, _eps(spec), float(momentum))
+        if not isinstance(momentum, int | float) or isinstance(momentum, bool) or not 0 <= momentum <= 1:
+            raise ValueError(f"layer {index} (batchnorm): momentum={momentum!r} must be in [0, 1], "
+                             "e.g. momentum = 0.1")
+        return cls(in_shape, _eps(spec, index), float(momentum))
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """W (gamma) and b (beta), one per channel."""
@@ -108,13 +111,15 @@ class BatchNorm:
         self.running_var[...] = (1 - m) * self.running_var + m * unbiased
 
     def backward(self, dy):
-        """Add local dW, db; return dx of the global sum loss (global sums of dy, dy*xhat)."""
+        """Add local dW, db; return dx of the global sum loss (global sums of dy, dy*xhat), or None."""
         axes = (0,) + tuple(range(2, dy.ndim))
         sums = np.empty(2 * self.C)  # [sum dy (C), sum dy*xhat (C)] in float64
         sums[: self.C] = dy.sum(axis=axes, dtype=np.float64)
         sums[self.C :] = (dy * self.xhat).sum(axis=axes, dtype=np.float64)
         self.db += sums[: self.C].astype(self.db.dtype)  # local sums: the trainer's allreduce adds ranks
         self.dW += sums[self.C :].astype(self.dW.dtype)
+        if not self.need_dx:  # the same on every rank, so every rank skips the allreduce
+            return None
         g = self._channel(self.W, dy.ndim) * self.inv_std  # gamma / sqrt(var + eps)
         if not self.training:
             return dy * g  # running stats are constants
@@ -123,32 +128,31 @@ class BatchNorm:
         dyxhat_mean = self._channel(means[self.C :].astype(dy.dtype), dy.ndim)
         return g * (dy - dy_mean - self.xhat * dyxhat_mean)
 
-    def describe(self) -> str:
-        """One line for logs."""
-        return f"batchnorm {self.C} channels eps {self.eps:g} momentum {self.momentum:g} (synced across ranks)"
 
 
 @register("layernorm")
-class LayerNorm:
+class LayerNorm(Layer):
     """Layer normalization per sample over the last `dims` feature axes, elementwise affine (torch LayerNorm)."""
 
-    kind = "layernorm"
+    private_output = True
+    private_dx = True
+    need_dx = True
 
     def __init__(self, in_shape, dims, eps):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(in_shape)
         self.norm_shape = self.in_shape[len(in_shape) - dims :]
         self.axes = tuple(range(-dims, 0))
         self.eps = eps
-        self.training = True
 
     @classmethod
-    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int) -> "LayerNorm":
-        """LayerNorm from {"type": "layernorm", "dims": all feature axes, "eps": 1e-5}."""
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
+        """Build from {"type": "layernorm"[, "dims": all feature axes, "eps": 1e-5]}."""
+        check_spec(spec, index, ("dims", "eps"))
         dims = spec.get("dims", len(in_shape))
-        if not isinstance(dims, int) or not 1 <= dims <= len(in_shape):
-            raise ValueError(f"layernorm dims={dims!r} must be an int in 1..{len(in_shape)} "
-                             f"(trailing axes of the input {in_shape} to normalize over)")
-        return cls(in_shape, dims, _eps(spec))
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= len(in_shape):
+            raise ValueError(f"layer {index} (layernorm): dims={dims!r} must be an int in 1..{len(in_shape)}, "
+                             f"the number of trailing axes of the input {tuple(in_shape)} to normalize over")
+        return cls(in_shape, dims, _eps(spec, index))
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """W (gamma) and b (beta), shaped like the normalized axes."""
@@ -171,14 +175,13 @@ class LayerNorm:
         return self.W * self.xhat + self.b
 
     def backward(self, dy):
-        """Add dW, db; return dx."""
+        """Add dW, db; return dx (None if need_dx is off)."""
         lead = tuple(range(dy.ndim - len(self.axes)))  # batch and any unnormalized axes
         self.dW += (dy * self.xhat).sum(axis=lead)
         self.db += dy.sum(axis=lead)
+        if not self.need_dx:
+            return None
         g = dy * self.W  # dL/dxhat
         return self.inv_std * (g - g.mean(axis=self.axes, keepdims=True)
                                - self.xhat * (g * self.xhat).mean(axis=self.axes, keepdims=True))
 
-    def describe(self) -> str:
-        """One line for logs."""
-        return f"layernorm over {self.norm_shape} eps {self.eps:g}"

@@ -1,0 +1,109 @@
+"""Losses on the model output: forward returns the SUM over rows, backward d(sum)/d(out).
+
+The per-row loss of MSE and BCEWithLogits is the mean over output columns, so dividing
+the sum by the global row count gives PyTorch's ``reduction="mean"`` for all three.
+"""
+
+import numpy as np
+
+
+def _targets(out: np.ndarray, y, name: str) -> np.ndarray:
+    """Float targets shaped like ``out``; (N,) targets are accepted for (N, 1) outputs."""
+    y = np.asarray(y, dtype=out.dtype)
+    if y.ndim == 1 and out.ndim == 2 and out.shape[1] == 1:
+        y = y[:, None]
+    if y.shape != out.shape:
+        raise ValueError(f"{name}: targets of shape {y.shape} do not match outputs {out.shape}")
+    return y
+
+
+class Loss:
+    """Shared parts: the cached gradient and the default correct count."""
+
+    def backward(self) -> np.ndarray:
+        """Gradient of the last forward's loss sum w.r.t. out (same dtype as out)."""
+        if self.dout is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
+        dout, self.dout = self.dout, None
+        return dout
+
+    def correct(self, out: np.ndarray, y) -> int:
+        """Correct predictions; 0 for regression losses."""
+        return 0
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax + cross-entropy on logits (fused, log-sum-exp stable), integer labels."""
+
+    dout = None
+
+    def forward(self, out: np.ndarray, y) -> float:
+        """Sum over rows of logsumexp(out_i) - out_i[y_i]."""
+        n, c = out.shape                               # (N, C)
+        y = np.asarray(y)
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"cross-entropy needs integer labels of shape ({n},), "
+                             f"got {y.dtype} {y.shape}")
+        if n and (y.min() < 0 or y.max() >= c):
+            raise ValueError(f"labels must be in [0, {c}), got range [{y.min()}, {y.max()}]")
+        z = out - out.max(axis=1, keepdims=True)       # (N, C), row max 0
+        rows = np.arange(n)
+        z_y = z[rows, y]                               # (N,)
+        np.exp(z, out=z)
+        total = z.sum(axis=1, keepdims=True)           # (N, 1), >= 1
+        loss = np.sum(np.log(total[:, 0]) - z_y, dtype=np.float64)
+        z /= total                                     # softmax p
+        z[rows, y] -= 1
+        self.dout = z                                  # p - onehot(y)
+        return float(loss)
+
+    def correct(self, out: np.ndarray, y) -> int:
+        """Rows whose argmax equals the label."""
+        return int(np.count_nonzero(out.argmax(axis=1) == np.asarray(y)))
+
+
+class MSE(Loss):
+    """Squared error; per-row loss is the mean over output columns."""
+
+    dout = None
+
+    def forward(self, out: np.ndarray, y) -> float:
+        """Sum over rows of mean_j (out_ij - y_ij)^2."""
+        d = out - _targets(out, y, "mse")              # (N, D)
+        width = d[0].size if len(d) else 1
+        loss = float(np.vdot(d, d)) / width
+        d *= 2.0 / width
+        self.dout = d
+        return loss
+
+
+class BCEWithLogits(Loss):
+    """Binary cross-entropy on logits, stable form max(x,0) - x y + log(1 + exp(-|x|))."""
+
+    dout = None
+
+    def forward(self, out: np.ndarray, y) -> float:
+        """Sum over rows of the mean over columns of the element loss."""
+        y = _targets(out, y, "bce")                    # (N, D) in [0, 1]
+        width = out[0].size if len(out) else 1
+        e = np.exp(-np.abs(out))                       # (N, D)
+        loss = np.maximum(out, 0) - out * y + np.log1p(e)
+        p = np.where(out >= 0, 1.0, e) / (1.0 + e)     # sigmoid(out) without overflow
+        self.dout = ((p - y) / width).astype(out.dtype, copy=False)
+        return float(loss.sum(dtype=np.float64)) / width
+
+    def correct(self, out: np.ndarray, y) -> int:
+        """Rows whose every column has the right side of 0 (label > 0.5)."""
+        y = _targets(out, y, "bce")
+        right = (out > 0) == (y > 0.5)
+        return int(np.count_nonzero(right.reshape(len(out), -1).all(axis=1)))
+
+
+LOSSES = {"classification": SoftmaxCrossEntropy, "regression": MSE, "binary": BCEWithLogits}
+
+
+def make_loss(task: str, **kwargs) -> Loss:
+    """Loss for a task: classification, regression or binary."""
+    if task not in LOSSES:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(LOSSES)}")
+    return LOSSES[task](**kwargs)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite: serial tests, MPI tests at 2 and 4 ranks, and the SLURM test.
+# Installs what it needs into ./.venv first. Exits non-zero on any failure on any rank.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "mpich,test" || exit 1
+venv=${DISTBP_VENV:-.venv}
+export PATH="$PWD/$venv/bin:$PATH"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+mkdir -p test-logs
+status=0
+
+echo "== serial tests"
+python -m pytest -q --timeout=120 -p no:cacheprovider tests || status=1
+
+for n in 2 4; do
+    echo "== MPI tests on $n ranks"
+    # --oversubscribe is implicit for MPICH; the thread timeout ends a hung rank, and
+    # python -m mpi4py turns an uncaught error on one rank into an abort of all.
+    timeout 900 mpirun -n "$n" bash scripts/mpi_pytest.sh -q --with-mpi -m mpi \
+        --timeout=90 --timeout-method=thread -p no:cacheprovider tests
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        status=1
+        echo "MPI tests on $n ranks failed (exit $rc); other ranks' output:"
+        tail -n 40 test-logs/mpi"$n"-rank-*.log 2>/dev/null
+    fi
+done
+exit $status

@@ -1,0 +1,89 @@
+"""Config: TOML files, shipped names, --set overrides, and one clear error per mistake."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distbp.config import (Config, ConfigError, config_from_dict, config_to_toml, describe_keys,
+                           load_config, named_configs, parse_override)
+
+
+def test_defaults_and_named_configs():
+    assert "digits" in named_configs()
+    cfg = load_config("digits")
+    assert cfg.model.hidden == [128] and cfg.train.batch_size == 64
+    assert load_config(None) == Config()
+
+
+def test_overrides_are_typed():
+    cfg = load_config("digits", ["train.epochs=3", "optim.lr=1e-3", "model.hidden=[32, 16]",
+                                 "optim.name=adam", "train.drop_last=false"])
+    assert cfg.train.epochs == 3 and cfg.optim.lr == 1e-3 and cfg.model.hidden == [32, 16]
+    assert cfg.optim.name == "adam" and cfg.train.drop_last is False
+    assert isinstance(load_config(None, ["optim.lr=1"]).optim.lr, float)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epoch=3", "unknown config key 'train.epoch'"),
+    ("trian.epochs=3", "unknown config key 'trian'"),
+    ("train.batch_size=abc", "train.batch_size='abc' has the wrong type"),
+    ("train.batch_size=0", "train.batch_size=0 must be at least 1"),
+    ("optim.lr=-0.1", "optim.lr=-0.1 must be positive"),
+    ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+    ("optim.name=sgdx", "optim.name='sgdx' is not one of"),
+    ("train.epochs=true", "train.epochs=True has the wrong type"),
+    ("epochs=3", "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", [override])
+    assert fragment in str(e.value)
+
+
+def test_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 3")
+    with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="no config file or named config 'nosuch'"):
+        load_config("nosuch")
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config("digits", ["model.layers=[{type = \"linear\", out = 10}]", "optim.name=adamw"])
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_every_key_documented():
+    rows = describe_keys()
+    assert len(rows) > 30 and all(meaning for _, _, _, meaning in rows)
+
+
+def test_override_parsing():
+    assert parse_override("data.path=/tmp/x.h5") == ("data", "path", "/tmp/x.h5")
+    assert parse_override("train.seed=7") == ("train", "seed", 7)
+
+
+values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.lists(st.integers(-3, 300), max_size=3),
+                   st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+keys = st.sampled_from([r[0] for r in describe_keys()] + ["train.nope", "zzz.epochs", "model"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(keys, values, max_size=4))
+def test_random_configs_give_config_or_clear_error(flat):
+    d = {}
+    for dotted, v in flat.items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            d[section] = v
+        elif isinstance(d.setdefault(section, {}), dict):
+            d[section][key] = v
+    try:
+        config_from_dict(d)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
