@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 import traceback
@@ -85,14 +86,18 @@ def cmd_eval(args, comm) -> int:
 def cmd_data(args, comm) -> int:
     """distbp data digits | synthetic | inspect."""
     from . import data
-    if args.data_command == "digits":
-        data.copy_digits(args.out)
-    elif args.data_command == "synthetic":
-        data.write_synthetic(args.out, rows=args.rows, features=args.features, classes=args.classes,
-                             val_fraction=args.val_fraction, seed=args.seed)
-    elif args.data_command == "inspect":
-        print("\n".join(data.inspect(args.file)))
+    if args.data_command == "inspect":
+        with data.Dataset(args.file) as ds:
+            print("\n".join(ds.describe()))
         return 0
+    if args.data_command == "digits":
+        shutil.copyfile(data.digits_path(), args.out)
+    elif args.data_command == "synthetic":
+        x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
+        n_val = int(round(args.rows * args.val_fraction))
+        data.write_dataset(args.out, {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val])},
+                           task="classification", num_classes=args.classes,
+                           attrs={"source": f"distbp data synthetic --seed {args.seed}"})
     print(f"wrote {args.out}")
     return 0
 
@@ -121,16 +126,8 @@ def cmd_ckpt(args, comm) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the distbp console script and python -m distbp."""
-    args = build_parser().parse_args(argv)
-    from .comm import install_abort_on_error, world
-    try:
-        comm = world()
-    except UserError as e:
-        print(f"distbp: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    install_abort_on_error(comm)
+def dispatch(args, comm) -> int:
+    """Run one subcommand; input errors become one message from rank 0 and an exit code."""
     try:
         return COMMANDS[args.command](args, comm)
     except UserError as e:
@@ -143,3 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         if comm.is_root:
             print(f"distbp: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the distbp console script and python -m distbp."""
+    args = build_parser().parse_args(argv)
+    from .comm import install_abort_on_error, run_guarded, world
+    try:
+        comm = world()
+    except UserError as e:
+        print(f"distbp: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    install_abort_on_error(comm)
+    return run_guarded(dispatch, comm, args, comm)

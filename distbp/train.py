@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from . import checkpoint as ckpt
 from . import slurm
 from .comm import set_thread_budget
@@ -37,7 +38,10 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
         flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
                                     m.activation, m.dropout)
-    model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
+    try:
+        model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
+    except ValueError as e:
+        raise UserError(f"model config does not fit {data.path} (inputs {data.input_shape}): {e}") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
                         f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")
@@ -52,15 +56,22 @@ def build_optimizer(cfg: Config, model: Sequential):
                          betas=(o.beta1, o.beta2), eps=o.eps, alpha=o.alpha)
 
 
+def schedule_of(cfg: Config, total: int):
+    """The learning rate as a function of the step."""
+    o = cfg.optim
+    try:
+        return make_schedule(o.schedule, o.lr, total_steps=total, warmup_steps=o.warmup_steps,
+                             step_size=o.step_size, gamma=o.gamma, min_lr=o.min_lr)
+    except ValueError as e:
+        raise UserError(f"optim schedule settings: {e}") from None
+
+
 def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     """The dataset file and its train and validation splits (validated)."""
     data = Dataset(cfg.data.path or digits_path())
     train = data.split(cfg.data.train_split)
     val = data.split(cfg.data.val_split) if cfg.data.val_split else None
-    if train.n < cfg.train.batch_size and cfg.train.drop_last:
-        raise UserError(f"{data.path}: split '{cfg.data.train_split}' has {train.n} rows, fewer than "
-                        f"one global batch (train.batch_size={cfg.train.batch_size}); use "
-                        f"train.batch_size<={train.n} or train.drop_last=false")
+    train.check_batch_size(cfg.train.batch_size, cfg.train.drop_last)
     return data, train, val
 
 
@@ -121,13 +132,14 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, opt_name: str, log) -> dict:
         if name in ck.buffers:
             view[...] = ck.buffers[name]
     scalars = {}
-    if ck.opt_name == opt_name:
+    if ck.opt_name == opt_name and set(ck.opt_arrays) == set(opt.state_arrays()):
         for state, flat in opt.state_arrays().items():
             for name, view in model.views(flat).items():
                 view[...] = ck.opt_arrays[state][name]
         scalars = dict(ck.opt_scalars)
     else:
-        log(f"optimizer changed from {ck.opt_name} to {opt_name}: its state starts fresh")
+        log(f"optimizer changed from {ck.opt_name} {sorted(ck.opt_arrays)} to {opt_name} "
+            f"{sorted(opt.state_arrays())}: its state starts fresh")
     return {"scalars": scalars, "attrs": {k: ck.attrs[k] for k in ckpt.POSITION_KEYS},
             "config": ck.config, "path": ck.path}
 
@@ -223,13 +235,11 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
     total = per_epoch * cfg.train.epochs
     if cfg.train.max_steps >= 0:
         total = min(total, cfg.train.max_steps)
-    lr_at = make_schedule(cfg.optim.schedule, cfg.optim.lr, total_steps=total,
-                          warmup_steps=cfg.optim.warmup_steps, step_size=cfg.optim.step_size,
-                          gamma=cfg.optim.gamma, min_lr=cfg.optim.min_lr)
+    lr_at = agree(comm, schedule_of, cfg, total)
     runlog = RunLog(run_dir, master, total, cfg.train.log_every)
     log = runlog.info
-    threads = set_thread_budget(comm, log)
-    log(f"distbp: {comm.size} rank(s) x {threads} BLAS thread(s); run dir {run_dir}")
+    set_thread_budget(comm, log)
+    log(f"distbp {__version__}: {comm.size} rank(s), run dir {run_dir}")
     if slurm.describe():
         log(slurm.describe())
     log(f"data {data.path}: {train_split.n} train rows, {val_split.n if val_split else 0} val rows, "
@@ -239,9 +249,9 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
     if pos.step:
         runlog.record(resume=True, step=pos.step, epoch=pos.epoch, world_size=comm.size)
         runlog.resume_bar(pos.step)
-    train_split.load(comm, cfg.data.memory_mb * 2**20)
-    if val_split is not None:
-        val_split.load(comm, cfg.data.memory_mb * 2**20)
+    for split in (train_split, val_split):
+        if split is not None:
+            agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
 
     stop = slurm.StopRequest().install()
     timer = StepTimer()
@@ -261,7 +271,8 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
             t_step = time.perf_counter()
             timer.start()
             # this rank's rows of the global batch
-            idx, rows, global_rows = batch_rows(order, pos.step_in_epoch, B, comm.rank, comm.size)
+            idx, rows = batch_rows(order, pos.step_in_epoch, B, comm.rank, comm.size)
+            global_rows = min(B, train_split.n - pos.step_in_epoch * B)
             x, y = train_split.read(idx, model.params.dtype)
             model.ctx.step, model.ctx.rows, model.ctx.global_rows = pos.step, rows, global_rows
             timer.lap("data")
@@ -272,7 +283,7 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
             timer.lap("forward")
             dout = loss.backward()
             dout /= global_rows
-            model.backward(dout)
+            model.backward(dout, need_dx=False)
             timer.lap("backward")
             # one allreduce of the flat gradient, one of the step's scalars
             if master and cfg.checkpoint.every_seconds:
@@ -316,6 +327,7 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
                 last_ckpt_time = time.monotonic()
     finally:
         stop.restore()
+        saver.wait()
     save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=True)
     summary = {"summary": True, "steps": pos.step, "epochs": pos.step / per_epoch,
                "samples_per_s": timer.samples_per_s(), "val_loss": result.get("val_loss"),

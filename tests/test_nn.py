@@ -368,3 +368,46 @@ def test_context_defaults_and_describe():
     lines = model.describe()
     assert len(lines) == len(model.layers) + 1 and "dropout" in lines[2] and "p=0.5" in lines[2]
     assert "23 params" in lines[-1]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_mlp_matches_torch_on_the_same_weights(activation):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    model = model64(activation, sizes=(5, 9, 8, 4))
+    model.params += 0.1 * rng.standard_normal(model.num_params)
+    x, y = rng.standard_normal((10, 5)), rng.integers(0, 4, 10)
+    acts = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(0.01), "tanh": torch.nn.Tanh(),
+            "sigmoid": torch.nn.Sigmoid(), "gelu": torch.nn.GELU(approximate="tanh")}
+    linears = [layer for layer in model.layers if layer.kind == "linear"]
+    modules = []
+    for layer in linears:
+        lin = torch.nn.Linear(layer.d_in, layer.d_out, dtype=torch.float64)
+        lin.weight.data = torch.tensor(layer.W.T.copy())
+        lin.bias.data = torch.tensor(layer.b.copy())
+        modules += [lin, acts[activation]]
+    reference = torch.nn.Sequential(*modules[:-1])
+    t_x = torch.tensor(x, requires_grad=True)
+    t_loss = torch.nn.functional.cross_entropy(reference(t_x), torch.tensor(y))
+    t_loss.backward()
+    loss = make_loss("classification")
+    value = loss.forward(model.forward(x), y) / len(x)
+    model.zero_grad()
+    dx = model.backward(loss.backward() / len(x))
+    assert value == pytest.approx(t_loss.item(), rel=1e-12)
+    np.testing.assert_allclose(dx, t_x.grad.numpy(), rtol=1e-9, atol=1e-13)
+    for layer, lin in zip(linears, modules[::2]):
+        np.testing.assert_allclose(layer.dW, lin.weight.grad.numpy().T, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(layer.db, lin.bias.grad.numpy(), rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "binary"])
+def test_a_rank_with_zero_rows_gets_zero_loss_and_grads(task):
+    model = Sequential(mlp_specs([4, 6, 3], "relu", 0.5), 4)
+    model.ctx.rows = np.zeros(0, np.int64)
+    loss = make_loss(task)
+    y = np.zeros(0, np.int64) if task == "classification" else np.zeros((0, 3))
+    assert loss.forward(model.forward(np.zeros((0, 4))), y) == 0
+    model.zero_grad()
+    assert model.backward(loss.backward()).shape == (0, 4)
+    assert not model.grads.any() and loss.correct(np.zeros((0, 3)), y) == 0

@@ -1,4 +1,12 @@
-"""Convolutional layers on NCHW arrays: Conv2D (im2col + BLAS), MaxPool2D, Flatten."""
+"""Convolutional layers on NCHW arrays: Conv2D (im2col + BLAS), MaxPool2D, Flatten.
+
+Shapes are NCHW. Conv2D works on a (C, H, W, N) copy of its input, so that each
+window slice is a run of W*N contiguous values rather than W (im2col and col2im
+of small images are otherwise bound by numpy's per-row overhead), and returns an
+NCHW-shaped view of its (F, Ho, Wo, N) result; MaxPool2D does the same, and the
+element-wise layers keep the memory order they get, so a conv stack stays
+N-innermost in memory until Flatten copies to (N, C*H*W).
+"""
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -29,19 +37,9 @@ def _out_hw(spec: dict, index: int, in_shape: tuple, kernel, stride, padding=(0,
     return out
 
 
-def _windows(x, kh, kw, sh, sw, Ho, Wo):
-    """Strided view of every (kh, kw) window: (N, C, H, W) -> (N, C, Ho, Wo, kh, kw)."""
-    return sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, : sh * Ho : sh, : sw * Wo : sw]
-
-
-def _col2im(dwin, shape, sh, sw):
-    """Sum window gradients (N, C, kh, kw, Ho, Wo) back onto an input of shape (N, C, H, W)."""
-    N, C, kh, kw, Ho, Wo = dwin.shape
-    dx = np.zeros(shape, dtype=dwin.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dx[:, :, i : i + sh * Ho : sh, j : j + sw * Wo : sw] += dwin[:, :, i, j]
-    return dx
+def _offsets(kh, kw, sh, sw, Ho, Wo):
+    """For each window offset (i, j): the (rows, cols) slices of the input it reads for all outputs."""
+    return [(slice(i, i + sh * Ho, sh), slice(j, j + sw * Wo, sw)) for i in range(kh) for j in range(kw)]
 
 
 @register("conv2d")
@@ -93,33 +91,38 @@ class Conv2D(Layer):
             self.b[...] = 0
 
     def forward(self, x):
-        """y = W * x + b on every window, as one batched BLAS matmul over the im2col matrix."""
-        N = x.shape[0]
+        """y = W * x + b on every window, as one BLAS matmul with the im2col matrix."""
+        N, (C, H, W) = x.shape[0], self.in_shape
         if self.ph or self.pw:
-            x = np.pad(x, ((0, 0), (0, 0), (self.ph, self.ph), (self.pw, self.pw)))  # (N, C, Hp, Wp)
-        win = _windows(x, self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)  # (N, C, Ho, Wo, kh, kw) view
-        K = self.C * self.kh * self.kw
-        self.cols = win.transpose(0, 1, 4, 5, 2, 3).reshape(N, K, self.Ho * self.Wo)  # im2col copy
-        self.xp_shape = x.shape
-        y = np.matmul(self.W.reshape(self.F, K), self.cols)  # (N, F, Ho*Wo)
+            xp = np.zeros((C, H + 2 * self.ph, W + 2 * self.pw, N), x.dtype)  # padded, N innermost
+            xp[:, self.ph : self.ph + H, self.pw : self.pw + W] = x.transpose(1, 2, 3, 0)
+        else:
+            xp = x.transpose(1, 2, 3, 0)  # (C, H, W, N)
+        win = sliding_window_view(xp, (self.kh, self.kw), axis=(1, 2))  # (C, Hp-kh+1, Wp-kw+1, N, kh, kw)
+        win = win[:, : self.sh * self.Ho : self.sh, : self.sw * self.Wo : self.sw]  # (C, Ho, Wo, N, kh, kw)
+        K, P = self.kh * self.kw * C, self.Ho * self.Wo * N
+        self.cols = win.transpose(4, 5, 0, 1, 2, 3).reshape(K, P)  # im2col copy: (kh*kw*C, Ho*Wo*N)
+        self.Wk = self.W.transpose(0, 2, 3, 1).reshape(self.F, K)  # (F, kh*kw*C), rows match cols
+        self.xp_shape = xp.shape
+        y = self.Wk @ self.cols  # (F, Ho*Wo*N)
         if self.b is not None:
             y += self.b[:, None]
-        return y.reshape(N, *self.out_shape)
+        return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
     def backward(self, dy):
         """dW += dy cols^T, db += sum(dy), return dx = col2im(W^T dy) (None if need_dx is off)."""
-        N = dy.shape[0]
-        dy = dy.reshape(N, self.F, self.Ho * self.Wo)
-        self.dW += np.matmul(dy, self.cols.transpose(0, 2, 1)).sum(axis=0).reshape(self.W.shape)
+        N, (C, H, W) = dy.shape[0], self.in_shape
+        dy = dy.transpose(1, 2, 3, 0).reshape(self.F, self.Ho * self.Wo * N)  # (F, Ho*Wo*N)
+        self.dW += (dy @ self.cols.T).reshape(self.F, self.kh, self.kw, C).transpose(0, 3, 1, 2)
         if self.b is not None:
-            self.db += dy.sum(axis=(0, 2))
+            self.db += dy.sum(axis=1)
         if not self.need_dx:
             return None
-        dcols = np.matmul(self.W.reshape(self.F, -1).T, dy)  # (N, C*kh*kw, Ho*Wo)
-        dcols = dcols.reshape(N, self.C, self.kh, self.kw, self.Ho, self.Wo)
-        dx = _col2im(dcols, self.xp_shape, self.sh, self.sw)  # (N, C, Hp, Wp)
-        H, W = self.in_shape[1:]
-        return dx[:, :, self.ph : self.ph + H, self.pw : self.pw + W]
+        dcols = (self.Wk.T @ dy).reshape(self.kh * self.kw, C, self.Ho, self.Wo, N)
+        dxp = np.zeros(self.xp_shape, dy.dtype)  # (C, Hp, Wp, N)
+        for dwin, (rows, cols) in zip(dcols, _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
+            dxp[:, rows, cols] += dwin  # col2im: one strided add per window offset
+        return dxp[:, self.ph : self.ph + H, self.pw : self.pw + W].transpose(3, 0, 1, 2)  # (N, C, H, W) view
 
 
 @register("maxpool2d")
@@ -144,21 +147,26 @@ class MaxPool2D(Layer):
         return cls(in_shape, kernel, stride, _out_hw(spec, index, in_shape, kernel, stride))
 
     def forward(self, x):
-        """y = max of each window; keeps the argmax within each window."""
-        N, C = x.shape[:2]
-        win = _windows(x, self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
-        win = win.reshape(N, C, self.Ho, self.Wo, self.kh * self.kw)  # copy: (N, C, Ho, Wo, kh*kw)
-        self.argmax = win.argmax(axis=-1)[..., None]  # (N, C, Ho, Wo, 1)
-        self.x_shape = x.shape
-        return np.take_along_axis(win, self.argmax, axis=-1)[..., 0]
+        """y = max of each window (the first one on ties); keeps which window offset won."""
+        x = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N): no copy after a conv
+        offsets = _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
+        y = x[:, offsets[0][0], offsets[0][1]].copy()  # (C, Ho, Wo, N)
+        argmax = np.zeros(y.shape, np.min_scalar_type(len(offsets) - 1))
+        for k, (rows, cols) in enumerate(offsets[1:], start=1):  # select, as masked writes are slow
+            v = x[:, rows, cols]
+            argmax = np.where(v > y, argmax.dtype.type(k), argmax)
+            np.maximum(y, v, out=y)
+        self.argmax = argmax
+        return y.transpose(3, 0, 1, 2)  # (N, C, Ho, Wo) view
 
     def backward(self, dy):
-        """dx = dy placed at each window's argmax (summed where windows overlap)."""
-        N, C = dy.shape[:2]
-        dwin = np.zeros((N, C, self.Ho, self.Wo, self.kh * self.kw), dtype=dy.dtype)
-        np.put_along_axis(dwin, self.argmax, dy[..., None], axis=-1)
-        dwin = dwin.reshape(N, C, self.Ho, self.Wo, self.kh, self.kw).transpose(0, 1, 4, 5, 2, 3)
-        return _col2im(dwin, self.x_shape, self.sh, self.sw)  # (N, C, H, W)
+        """dx = dy added at each window's argmax."""
+        N, (C, H, W) = dy.shape[0], self.in_shape
+        dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0))  # (C, Ho, Wo, N)
+        dx = np.zeros((C, H, W, N), dy.dtype)
+        for k, (rows, cols) in enumerate(_offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
+            dx[:, rows, cols] += dy * (self.argmax == k)
+        return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
 
 
 @register("flatten")

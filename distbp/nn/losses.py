@@ -4,6 +4,8 @@ The per-row loss of MSE and BCEWithLogits is the mean over output columns, so di
 the sum by the global row count gives PyTorch's ``reduction="mean"`` for all three.
 """
 
+import math
+
 import numpy as np
 
 
@@ -70,7 +72,7 @@ class MSE(Loss):
     def forward(self, out: np.ndarray, y) -> float:
         """Sum over rows of mean_j (out_ij - y_ij)^2."""
         d = out - _targets(out, y, "mse")              # (N, D)
-        width = d[0].size if len(d) else 1
+        width = math.prod(d.shape[1:])
         loss = float(np.vdot(d, d)) / width
         d *= 2.0 / width
         self.dout = d
@@ -85,7 +87,7 @@ class BCEWithLogits(Loss):
     def forward(self, out: np.ndarray, y) -> float:
         """Sum over rows of the mean over columns of the element loss."""
         y = _targets(out, y, "bce")                    # (N, D) in [0, 1]
-        width = out[0].size if len(out) else 1
+        width = math.prod(out.shape[1:])
         e = np.exp(-np.abs(out))                       # (N, D)
         loss = np.maximum(out, 0) - out * y + np.log1p(e)
         p = np.where(out >= 0, 1.0, e) / (1.0 + e)     # sigmoid(out) without overflow
@@ -96,7 +98,7 @@ class BCEWithLogits(Loss):
         """Rows whose every column has the right side of 0 (label > 0.5)."""
         y = _targets(out, y, "bce")
         right = (out > 0) == (y > 0.5)
-        return int(np.count_nonzero(right.reshape(len(out), -1).all(axis=1)))
+        return int(np.count_nonzero(right.all(axis=tuple(range(1, right.ndim)))))
 
 
 LOSSES = {"classification": SoftmaxCrossEntropy, "regression": MSE, "binary": BCEWithLogits}

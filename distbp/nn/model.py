@@ -67,7 +67,8 @@ class Sequential:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype={self.dtype} is not supported; use float32 or float64")
         self.specs = [dict(s) for s in specs]
-        self.input_shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+        shape = (input_shape,) if np.ndim(input_shape) == 0 else input_shape
+        self.input_shape = tuple(int(d) for d in shape)
         self.seed = seed
         self.ctx = Context()
         self.layers, self.shapes_io = self._build()

@@ -78,9 +78,9 @@ class BatchNorm(Layer):
         """running_mean = 0, running_var = 1."""
         self.running_mean[...], self.running_var[...] = 0, 1
 
-    def _channel(self, v, ndim):
-        """Per-channel vector (C,) shaped to broadcast over (N, C, ...)."""
-        return v.reshape((1, self.C) + (1,) * (ndim - 2))
+    def _channel(self, v, like):
+        """Per-channel vector (C,) in like's dtype, shaped to broadcast over like (N, C, ...)."""
+        return v.astype(like.dtype, copy=False).reshape((1, self.C) + (1,) * (like.ndim - 2))
 
     def forward(self, x):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta; batch stats in train, running in eval."""
@@ -96,10 +96,12 @@ class BatchNorm(Layer):
             self._update_running(mean, var, M)
         else:
             mean, var = self.running_mean, self.running_var
-        inv_std = 1 / np.sqrt(var + self.eps)  # (C,)
-        self.inv_std = self._channel(inv_std.astype(x.dtype), x.ndim)
-        self.xhat = (x - self._channel(mean.astype(x.dtype), x.ndim)) * self.inv_std  # (N, C, ...)
-        return self._channel(self.W, x.ndim) * self.xhat + self._channel(self.b, x.ndim)
+        self.inv_std = self._channel(1 / np.sqrt(var + self.eps), x)
+        self.xhat = x - self._channel(mean, x)  # (N, C, ...)
+        self.xhat *= self.inv_std
+        y = self.xhat * self._channel(self.W, x)
+        y += self._channel(self.b, x)
+        return y
 
     def _update_running(self, mean, var, M):
         """Exponential moving averages, unbiased variance like torch."""
@@ -120,13 +122,15 @@ class BatchNorm(Layer):
         self.dW += sums[self.C :].astype(self.dW.dtype)
         if not self.need_dx:  # the same on every rank, so every rank skips the allreduce
             return None
-        g = self._channel(self.W, dy.ndim) * self.inv_std  # gamma / sqrt(var + eps)
+        g = self._channel(self.W, dy) * self.inv_std  # gamma / sqrt(var + eps)
         if not self.training:
             return dy * g  # running stats are constants
         means = _allreduce(self.ctx, sums) / max(self.M, 1)  # global means of dy and dy*xhat
-        dy_mean = self._channel(means[: self.C].astype(dy.dtype), dy.ndim)
-        dyxhat_mean = self._channel(means[self.C :].astype(dy.dtype), dy.ndim)
-        return g * (dy - dy_mean - self.xhat * dyxhat_mean)
+        dx = self.xhat * self._channel(-means[self.C :], dy)  # dx = g * (dy - mean(dy) - xhat * mean(dy*xhat))
+        dx += dy
+        dx -= self._channel(means[: self.C], dy)
+        dx *= g
+        return dx
 
 
 

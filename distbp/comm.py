@@ -1,0 +1,294 @@
+"""The only importer of mpi4py: world, buffer collectives, abort-on-error, BLAS thread budget."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+
+import numpy as np
+from threadpoolctl import ThreadpoolController, threadpool_limits
+
+from .errors import UserError
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Launcher variables holding the number of processes it started, most specific first.
+LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+_WORLD = None
+_LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
+_WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
+
+
+class CommError(UserError):
+    """MPI and the launcher disagree, or a collective got an unusable buffer."""
+
+
+def _import_mpi():
+    """The mpi4py.MPI module (MPI initialised), or None when mpi4py is missing."""
+    try:
+        import mpi4py
+    except ImportError:
+        return None
+    # Thread level "multiple" (mpi4py's default; MPI4PY_RC_THREAD_LEVEL overrides it): with
+    # "funneled" MPICH spins without yielding, and 8 ranks on 2 cores took 200 ms per tiny
+    # allreduce instead of 1.4 ms; on 2 ranks "multiple" was also faster (0.16 vs 0.36 ms).
+    mpi4py.rc.initialize = True
+    mpi4py.rc.finalize = True
+    from mpi4py import MPI
+    return MPI
+
+
+def _check_buffer(buf, what: str):
+    """Raise CommError unless buf is a writable contiguous numpy array."""
+    if not isinstance(buf, np.ndarray):
+        raise CommError(f"{what} needs a numpy array, got {type(buf).__name__}; "
+                        f"HINT: pack scalars into one array, e.g. np.array([loss_sum, rows])")
+    if not buf.flags.c_contiguous or not buf.flags.writeable:
+        kind = "read-only" if not buf.flags.writeable else "strided"
+        raise CommError(f"{what} needs a writable C-contiguous array, got a {kind} view of shape "
+                        f"{buf.shape}; HINT: reduce the flat vector the views come from, or copy with "
+                        f"np.ascontiguousarray and copy the result back")
+
+
+class Comm:
+    """An MPI communicator: world rank and size, ranks on this node, buffer collectives."""
+
+    def __init__(self, mpi, mpi_comm):
+        self._mpi = mpi
+        self._comm = mpi_comm.Dup()  # distbp's collectives never match a user's on the same comm
+        self._node = self._comm.Split_type(mpi.COMM_TYPE_SHARED, key=self._comm.Get_rank())
+        self.rank, self.size = self._comm.Get_rank(), self._comm.Get_size()
+        self.local_rank, self.local_size = self._node.Get_rank(), self._node.Get_size()
+        self.host = mpi.Get_processor_name()
+        self.is_root = self.rank == 0
+
+    def __repr__(self):
+        return (f"Comm(rank={self.rank}, size={self.size}, "
+                f"local={self.local_rank}/{self.local_size}, host={self.host})")
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Sum buf over all ranks in place with one buffer Allreduce; returns buf."""
+        _check_buffer(buf, "allreduce_sum")
+        if self.size > 1:
+            self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+        return buf
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        """Element-wise maximum of buf over all ranks, in place; returns buf."""
+        _check_buffer(buf, "allreduce_max")
+        if self.size > 1:
+            self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.MAX)
+        return buf
+
+    def bcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Overwrite buf on every rank with root's buf (one buffer Bcast); returns buf."""
+        _check_buffer(buf, "bcast")
+        if self.size > 1:
+            self._comm.Bcast(buf, root=root)
+        return buf
+
+    def bcast_obj(self, obj, root: int = 0):
+        """Root's small picklable object on every rank (setup only, never the hot path)."""
+        return self._comm.bcast(obj, root=root)
+
+    def gather_obj(self, obj, root: int = 0):
+        """List of every rank's object on root (rank order), None elsewhere."""
+        return self._comm.gather(obj, root=root)
+
+    def barrier(self):
+        """Wait until every rank arrives."""
+        self._comm.Barrier()
+
+    def abort(self, code: int = 1):
+        """End every rank of the job now with exit code `code`."""
+        _flush()
+        self._mpi.COMM_WORLD.Abort(code)
+
+    def node_cpus(self) -> int:
+        """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""
+        return len(set().union(*self._node.allgather(_own_cpus())))
+
+
+class SerialComm:
+    """A world of one with the same methods as Comm, used when mpi4py is not installed."""
+
+    rank, size, local_rank, local_size, is_root = 0, 1, 0, 1, True
+
+    def __init__(self):
+        self.host = socket.gethostname()
+
+    def __repr__(self):
+        return f"SerialComm(host={self.host})"
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Sum over one rank: checks buf and returns it unchanged."""
+        _check_buffer(buf, "allreduce_sum")
+        return buf
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        """Maximum over one rank: checks buf and returns it unchanged."""
+        _check_buffer(buf, "allreduce_max")
+        return buf
+
+    def bcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Broadcast from the only rank: checks buf and returns it unchanged."""
+        _check_buffer(buf, "bcast")
+        return buf
+
+    def bcast_obj(self, obj, root: int = 0):
+        """The object itself."""
+        return obj
+
+    def gather_obj(self, obj, root: int = 0):
+        """A list holding the object."""
+        return [obj]
+
+    def barrier(self):
+        """Nothing to wait for."""
+
+    def abort(self, code: int = 1):
+        """End this process now with exit code `code`."""
+        _flush()
+        os._exit(code)
+
+    def node_cpus(self) -> int:
+        """Number of CPUs this process may run on."""
+        return len(_own_cpus())
+
+
+def launcher_size(environ) -> tuple[str, int] | None:
+    """(variable, processes) the launcher (mpirun, srun) says it started, or None."""
+    names = list(LAUNCHER_ENV)
+    if "SLURM_PROCID" in environ:  # inside an srun step, not merely inside an allocation
+        names.append("SLURM_STEP_NUM_TASKS")
+    for name in names:
+        value = environ.get(name, "")
+        if value.strip().isdigit():
+            return name, int(value)
+    return None
+
+
+def check_launcher(mpi_size: int, environ, have_mpi: bool = True):
+    """Raise CommError when the launcher started several processes but MPI sees a world of 1."""
+    found = launcher_size(environ)
+    if found is None or found[1] <= 1 or mpi_size != 1:
+        return
+    name, n = found
+    if not have_mpi:
+        raise CommError(f"the launcher started {n} processes ({name}={n}) but mpi4py is not installed, "
+                        f"so each would train alone as a world of 1; HINT: pip install mpi4py mpich "
+                        f"(or mpi4py built against your cluster's MPI), then launch again")
+    raise CommError(f"the launcher started {n} processes ({name}={n}) but MPI sees a world of 1: "
+                    f"mpi4py is built against a different MPI than the launcher; HINT: use the mpirun "
+                    f"from the same MPI as mpi4py (e.g. the one in this venv's bin/), or rebuild mpi4py "
+                    f"against the launcher's MPI with pip install --force-reinstall --no-binary mpi4py "
+                    f"mpi4py; under SLURM use srun --mpi=pmi2")
+
+
+def world():
+    """The world communicator: MPI if mpi4py imports, else SerialComm; checks the launcher agrees."""
+    global _WORLD
+    if _WORLD is None:
+        mpi = _import_mpi()
+        comm = Comm(mpi, mpi.COMM_WORLD) if mpi is not None else SerialComm()
+        check_launcher(comm.size, os.environ, have_mpi=mpi is not None)
+        _WORLD = comm
+    return _WORLD
+
+
+def _flush():
+    """Flush stdout and stderr before the process is ended from outside Python's exit path."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The process exit code Python would use for this exception."""
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        return 0 if code is None else code if isinstance(code, int) else 1
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def report_failure(comm, exc: BaseException):
+    """Print this rank's traceback and one 'distbp: rank R on HOST failed' line to stderr."""
+    if isinstance(exc, KeyboardInterrupt):
+        what = "was interrupted"
+    elif isinstance(exc, SystemExit):
+        what = f"exited with code {_exit_code(exc)}" + (f": {exc.code}" if isinstance(exc.code, str) else "")
+    else:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        what = f"failed: {type(exc).__name__}: {exc}"
+    print(f"distbp: rank {comm.rank} on {comm.host} {what}", file=sys.stderr, flush=True)
+
+
+def install_abort_on_error(comm):
+    """Make an uncaught exception on any rank print once and abort the whole job (size > 1)."""
+    def hook(etype, value, tb):
+        report_failure(comm, value)
+        if comm.size > 1:
+            comm.abort(_exit_code(value))
+
+    sys.excepthook = hook
+
+
+def run_guarded(fn, comm, *args, **kwargs):
+    """Return fn(*args, **kwargs); an exception or non-zero SystemExit on one rank aborts all ranks."""
+    # An error every rank agrees on should come back as a returned exit code: returning lets
+    # every rank leave MPI cleanly, while a raise on a multi-rank job ends it with MPI Abort.
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as exc:
+        code = _exit_code(exc)
+        if comm.size == 1 or code == 0:
+            raise
+        report_failure(comm, exc)
+        comm.abort(code)
+
+
+def _own_cpus() -> set[int]:
+    """CPUs this process may run on (its affinity mask, else all of them)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def set_thread_budget(comm, log=print) -> int:
+    """Cap BLAS threads per rank to node CPUs // ranks on the node, unless the user set them; returns it."""
+    # Collective over the node. Oversubscribed BLAS threads cost 3-10x (FACTS.md); a user's
+    # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is.
+    global _LIMITER
+    cpus = comm.node_cpus()
+    user = [f"{k}={os.environ[k]}" for k in THREAD_ENV if os.environ.get(k)]
+    if user:
+        pools = ThreadpoolController().select(user_api="blas").info()
+        n = max([p["num_threads"] for p in pools] or [1])
+        msg = f"{n} BLAS threads per rank (set by {', '.join(user)})"
+    else:
+        n = max(1, cpus // comm.local_size)
+        _LIMITER = threadpool_limits(limits=n, user_api="blas")
+        msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
+    if comm.is_root:
+        log(f"distbp: {msg}")
+    return n
+
+
+def node_shared_array(comm, shape, dtype) -> np.ndarray:
+    """An uninitialised array held once per node in MPI shared memory (np.empty without MPI)."""
+    # Collective over the node: local rank 0 allocates the window, the other ranks map its
+    # pages. Fill it on local rank 0 only, then synchronise (comm.barrier) before reading.
+    shape, dtype = tuple(int(s) for s in np.atleast_1d(shape)), np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    node = getattr(comm, "_node", None)
+    if node is None or comm.local_size == 1 or nbytes == 0:
+        return np.empty(shape, dtype)
+    mpi = comm._mpi
+    win = mpi.Win.Allocate_shared(nbytes if comm.local_rank == 0 else 0, dtype.itemsize, comm=node)
+    _WINDOWS.append(win)
+    buf, _ = win.Shared_query(0)
+    return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)

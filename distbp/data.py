@@ -1,0 +1,428 @@
+"""Dataset files (read-only, validated, in memory once per node or streamed) and the global batch sampler."""
+from __future__ import annotations
+
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import NoReturn
+
+import h5py
+import numpy as np
+
+from .comm import node_shared_array
+from .errors import UserError
+
+FORMAT, VERSION = "dataset", 1
+TASKS = ("classification", "regression", "binary")
+X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
+SPLIT_ORDER = ("train", "val", "test")
+DEFAULT_MEMORY_BYTES = 2 << 30  # per node, as data.memory_mb's default
+BLOCK_BYTES = 64 << 20  # value checks read at most this much at a time
+DAMAGED = "the file is damaged: re-create or re-copy it"
+
+
+class DataError(UserError):
+    """A dataset file or array is unusable; the message names file, split, key, problem and fix."""
+
+
+def _where(path, split: str | None = None, key: str | None = None) -> str:
+    """'dataset FILE, split S, key K' for the start of an error message."""
+    return f"dataset {path}" + (f", split '{split}'" if split else "") + (f", {key}" if key else "")
+
+
+def _fail(where: str, problem: str, fix: str) -> NoReturn:
+    """Raise DataError('where: problem; HINT: fix')."""
+    raise DataError(f"{where}: {problem}; HINT: {fix}")
+
+
+def _attr(attrs, name: str):
+    """A root attribute as a plain Python value (str, int, float), None if absent or unreadable."""
+    try:
+        value = attrs.get(name)
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+    if isinstance(value, np.ndarray):
+        value = value[()] if value.shape == () else value.tolist()
+    if isinstance(value, (bytes, np.bytes_)):
+        value = value.decode(errors="replace")
+    if isinstance(value, (bool, np.bool_)):
+        return value  # never mistaken for an int below
+    if isinstance(value, np.integer):
+        return int(value)
+    return float(value) if isinstance(value, np.floating) else value
+
+
+def _is_int(v) -> bool:
+    """True for an int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header(where: str, attrs) -> tuple[str, int | None, float | None]:
+    """Validate the root attributes; returns (task, num_classes, x_scale)."""
+    fmt = _attr(attrs, "distbp_format")
+    if fmt is None:
+        _fail(where, "no distbp_format attribute, so this is not a distbp dataset",
+              "write datasets with distbp.data.write_dataset or `distbp data convert`")
+    if fmt == "checkpoint":
+        _fail(where, "this is a distbp checkpoint, not a dataset",
+              "set data.path to a dataset file; checkpoints go to --resume or `distbp eval`")
+    if fmt != FORMAT:
+        _fail(where, f"distbp_format={fmt!r}, expected {FORMAT!r}",
+              "write the file with distbp.data.write_dataset")
+    version = _attr(attrs, "version")
+    if version != VERSION:
+        _fail(where, f"format version {version!r} is not supported (this distbp reads version {VERSION})",
+              "upgrade distbp, or rewrite the file with `distbp data convert`")
+    task = _attr(attrs, "task")
+    if task not in TASKS:
+        _fail(where, f"root attribute task={task!r} is not one of {', '.join(TASKS)}",
+              "set the root attribute task, e.g. task='classification'")
+    num_classes = _attr(attrs, "num_classes") if task == "classification" else None
+    if task == "classification" and not (_is_int(num_classes) and num_classes >= 2):
+        _fail(where, f"root attribute num_classes={num_classes!r} must be an integer >= 2",
+              "set num_classes to the number of classes (labels are 0..num_classes-1)")
+    x_scale = _attr(attrs, "x_scale")
+    if x_scale is not None and not (isinstance(x_scale, (int, float)) and not isinstance(x_scale, bool)
+                                    and math.isfinite(x_scale) and x_scale > 0):
+        _fail(where, f"root attribute x_scale={x_scale!r} must be a positive number",
+              "set x_scale so that inputs are x * x_scale, e.g. 1/255 for uint8 pixels")
+    return task, num_classes, None if x_scale is None else float(x_scale)
+
+
+def _check_shapes(path, split: str, x, y, task: str, x_scale: float | None):
+    """Shape and dtype checks of one split's x and y (metadata only, no reads)."""
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        _fail(_where(path, split, "x"), f"shape {x.shape} is not (rows, features...)",
+              "store x as (N, D) or (N, C, H, W), e.g. x.reshape(len(x), -1)")
+    if x.dtype not in X_DTYPES:
+        _fail(_where(path, split, "x"), f"dtype {x.dtype} is not float32, float64 or uint8",
+              "store x as float32, or as uint8 with a root attribute x_scale")
+    if x.dtype == np.uint8 and x_scale is None:
+        _fail(_where(path, split, "x"), "x is uint8 but the file has no root attribute x_scale",
+              "set x_scale so that inputs are x * x_scale, e.g. 1/255 for 0..255 pixels")
+    if x.shape[0] == 0:
+        _fail(_where(path, split), "the split is empty (0 rows)", "write rows into it or remove the split")
+    if y.shape[:1] != x.shape[:1]:
+        _fail(_where(path, split, "y"), f"y has shape {y.shape} but x has {x.shape[0]} rows",
+              "write exactly one y row per x row")
+    if task == "classification" and (y.ndim != 1 or y.dtype.kind not in "iu"):
+        _fail(_where(path, split, "y"), f"shape {y.shape} dtype {y.dtype} is not (N,) integer class labels",
+              "store class indices 0..num_classes-1 as int64 (the argmax of one-hot rows)")
+    if task != "classification" and (y.ndim not in (1, 2) or y.dtype.kind != "f"):
+        _fail(_where(path, split, "y"), f"shape {y.shape} dtype {y.dtype} is not (N,) or (N, k) floats",
+              f"store {task} targets as float32 or float64")
+
+
+def _check_same_shapes(path, arrays: dict):
+    """Every split's x and y have the first split's per-row shapes."""
+    first, (x0, y0) = next(iter(arrays.items()))
+    for name, (x, y) in arrays.items():
+        if (x.shape[1:], y.shape[1:]) != (x0.shape[1:], y0.shape[1:]):
+            _fail(_where(path, name), f"x {x.shape} and y {y.shape} do not match split '{first}' "
+                  f"(x {x0.shape}, y {y0.shape})", "give every split the same per-row shapes")
+
+
+def _blocks(a):
+    """(start row, rows) pieces of a row-major array of at most BLOCK_BYTES each."""
+    row_bytes = max(1, a.dtype.itemsize * math.prod(a.shape[1:]))
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for lo in range(0, a.shape[0], step):
+        yield lo, a[lo:lo + step]
+
+
+def _first_bad(where: str, a, bad_rows, problem: str, fix: str):
+    """Fail naming the first row of a for which bad_rows(block) is True."""
+    for lo, block in _blocks(a):
+        bad = np.flatnonzero(bad_rows(np.asarray(block).reshape(len(block), -1)))
+        if bad.size:
+            value = np.asarray(block[bad[0]]).ravel()
+            value = value[0] if value.size == 1 else value[:4]
+            _fail(where, problem.format(row=lo + int(bad[0]), value=value), fix)
+
+
+def _not_finite(b):
+    """Rows of a (rows, -1) block holding NaN or Inf."""
+    return ~np.isfinite(b).all(axis=1)
+
+
+def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
+    """Finite features, and labels or targets in range, read in blocks."""
+    where_y = _where(path, split, "y")
+    try:
+        if x.dtype.kind == "f":
+            _first_bad(_where(path, split, "x"), x, _not_finite, "NaN or Inf features, first at row {row}",
+                       "clean or impute the features, or drop those rows, before writing the file")
+        if task == "classification":
+            _first_bad(where_y, y, lambda b: ((b < 0) | (b >= num_classes)).any(axis=1),
+                       f"label {{value}} at row {{row}} is outside [0, {num_classes})",
+                       f"labels must be 0..{num_classes - 1}; fix them or the root attribute num_classes")
+        elif task == "binary":
+            _first_bad(where_y, y, lambda b: _not_finite(b) | ((b < 0) | (b > 1)).any(axis=1),
+                       "target {value} at row {row} is not in [0, 1]",
+                       "binary targets are probabilities in [0, 1]; clean them before writing the file")
+        else:
+            _first_bad(where_y, y, _not_finite, "target {value} at row {row} is NaN or Inf",
+                       "clean the targets before writing the file")
+    except OSError as e:
+        _fail(_where(path, split), f"cannot read the data ({e})", DAMAGED)
+
+
+def _open(path: Path) -> h5py.File:
+    """h5py.File(path, 'r') with a DataError for every way that fails."""
+    if not path.exists():
+        _fail(_where(path), "no such file", "check data.path, or create a dataset with "
+              "`distbp data digits OUT.h5` or `distbp data synthetic OUT.h5`")
+    if path.is_dir():
+        _fail(_where(path), "is a directory, not a file", "set data.path to an .h5 dataset file")
+    try:
+        return h5py.File(path, "r")  # file locking as HDF5 decides (HDF5_USE_FILE_LOCKING)
+    except PermissionError:
+        _fail(_where(path), "permission denied", "make the file readable by this user (chmod a+r)")
+    except OSError as e:
+        if isinstance(e, BlockingIOError) or "unable to lock file" in str(e):
+            _fail(_where(path), f"the file is locked by a process writing it ({e})", "wait for the writer "
+                  "to finish, or set HDF5_USE_FILE_LOCKING=FALSE on file systems without locking")
+        if not h5py.is_hdf5(path):
+            _fail(_where(path), "not an HDF5 file",
+                  "give data.path a distbp dataset; convert other data with `distbp data convert`")
+        _fail(_where(path), f"cannot be opened, it is truncated or damaged ({e})", DAMAGED)
+
+
+class Split:
+    """One split of a Dataset: row count, shapes, and reads of any rows from memory or file."""
+
+    def __init__(self, dataset: Dataset, name: str, x, y):
+        self.name, self._ds = name, dataset
+        self._x, self._y = x, y  # h5py datasets until load() replaces them with arrays
+        self.n, self.x_shape, self.in_memory = int(x.shape[0]), tuple(x.shape[1:]), False
+
+    def __repr__(self):
+        return f"Split({self.name!r}, n={self.n}, x_shape={self.x_shape}, in_memory={self.in_memory})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of x and y as stored."""
+        return sum(a.dtype.itemsize * math.prod(a.shape) for a in (self._x, self._y))
+
+    def check_batch_size(self, batch_size: int, drop_last: bool = True):
+        """Raise DataError when the split has fewer rows than one global batch (and drop_last)."""
+        if drop_last and self.n < batch_size:
+            _fail(_where(self._ds.path, self.name), f"{self.n} rows, fewer than one global batch of {batch_size}",
+                  f"set train.batch_size to at most {self.n}, or use more data")
+
+    def read(self, indices, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) for these rows in this order; x as dtype (uint8 times x_scale), class labels as int64."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"split '{self.name}' has {self.n} rows; row {idx.min()}..{idx.max()} requested")
+        x, y = (self._x[idx], self._y[idx]) if self.in_memory else self._read_file(idx)
+        if x.dtype == np.uint8:
+            x = np.multiply(x, np.dtype(dtype).type(self._ds.x_scale), dtype=dtype)
+        y_dtype = np.int64 if self._ds.task == "classification" else dtype
+        return x.astype(dtype, copy=False), y.astype(y_dtype, copy=False)
+
+    def _read_file(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows idx from the file: sort, read once (one slice when contiguous), un-permute."""
+        if idx.size == 0:
+            return np.empty((0, *self.x_shape), self._x.dtype), np.empty((0, *self._y.shape[1:]), self._y.dtype)
+        rows, inverse = np.unique(idx, return_inverse=True)
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == rows.size else rows
+        try:
+            x, y = self._x[sel], self._y[sel]
+        except OSError as e:
+            _fail(_where(self._ds.path, self.name), f"cannot read rows ({e})", DAMAGED)
+        if rows.size == idx.size and np.array_equal(rows, idx):
+            return x, y
+        return x[inverse], y[inverse]
+
+    def load(self, max_bytes: int = DEFAULT_MEMORY_BYTES, comm=None) -> bool:
+        """Hold the split in memory if it fits max_bytes, once per node when comm is given; True if held."""
+        # With comm every rank must call it (collective): local rank 0 reads into MPI shared
+        # memory, the other ranks on the node map the same pages, read-only.
+        if self.in_memory or self.nbytes > max_bytes:
+            return self.in_memory
+        if comm is None:
+            x, y = self._read_file(np.arange(self.n))
+        else:
+            x = node_shared_array(comm, self._x.shape, self._x.dtype)
+            y = node_shared_array(comm, self._y.shape, self._y.dtype)
+            failed, error = np.zeros(1, np.int32), None
+            if comm.local_rank == 0:
+                try:
+                    self._x.read_direct(x)
+                    self._y.read_direct(y)
+                except OSError as e:
+                    failed[0], error = 1, DataError(f"{_where(self._ds.path, self.name)}: cannot read "
+                                                    f"the data ({e}); HINT: {DAMAGED}")
+            comm.allreduce_max(failed)  # the barrier after the fill, and every rank learns of a failure
+            if failed[0]:
+                raise error or DataError(f"{_where(self._ds.path, self.name)}: another rank failed to read "
+                                         f"it; HINT: see that rank's message")
+        x.flags.writeable = y.flags.writeable = False
+        self._x, self._y, self.in_memory = x, y, True
+        return True
+
+
+class Dataset:
+    """A dataset file opened read-only with its format, splits and shapes validated."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = _open(self.path)
+        self._splits: dict[str, Split] = {}
+        try:
+            self.task, self.num_classes, self.x_scale = _check_header(_where(self.path), self._file.attrs)
+            self._arrays = self._scan_splits()
+        except BaseException:
+            self._file.close()
+            raise
+        x, y = next(iter(self._arrays.values()))
+        self.input_shape = tuple(x.shape[1:])
+        self.output_dim = self.num_classes if self.task == "classification" else (y.shape[1] if y.ndim == 2 else 1)
+
+    def _scan_splits(self) -> dict:
+        """{split: (x, y)} h5py datasets of every root group, checked for shapes and dtypes."""
+        names = sorted(self._file.keys(), key=lambda k: (SPLIT_ORDER.index(k) if k in SPLIT_ORDER else 3, k))
+        if not names:
+            _fail(_where(self.path), "no splits", "write groups train and val, each with datasets x and y")
+        arrays = {}
+        for name in names:
+            group = self._file.get(name)
+            if not isinstance(group, h5py.Group):
+                _fail(_where(self.path, name), "a root object that is not a split group",
+                      "store each split as a group holding datasets x and y (e.g. train/x, train/y)")
+            x, y = group.get("x"), group.get("y")
+            for key, obj in (("x", x), ("y", y)):
+                if not isinstance(obj, h5py.Dataset):
+                    _fail(_where(self.path, name, key), f"no dataset '{name}/{key}'",
+                          "each split needs datasets x (N, features...) and y (N,) or (N, k)")
+            _check_shapes(self.path, name, x, y, self.task, self.x_scale)
+            arrays[name] = (x, y)
+        _check_same_shapes(self.path, arrays)
+        return arrays
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names, train/val/test first."""
+        return list(self._arrays)
+
+    @property
+    def attrs(self) -> dict:
+        """Every root attribute as plain Python values (source, license, ...)."""
+        return {k: _attr(self._file.attrs, k) for k in self._file.attrs}
+
+    def split(self, name: str, check_values: bool = True) -> Split:
+        """The named split; its values (finite x, labels in range) are checked on first access."""
+        if name not in self._splits:
+            if name not in self._arrays:
+                _fail(_where(self.path, name), f"no such split (the file has: {', '.join(self.splits)})",
+                      "choose one of those (data.train_split / data.val_split), or add the split to the file")
+            x, y = self._arrays[name]
+            if check_values:
+                _check_values(self.path, name, x, y, self.task, self.num_classes)
+            self._splits[name] = Split(self, name, x, y)
+        return self._splits[name]
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: task, shapes, splits and attributes."""
+        lines = [f"{self.path}: task {self.task}, input {self.input_shape}, output {self.output_dim}"]
+        for name, (x, y) in self._arrays.items():
+            lines.append(f"  {name:8s} x {x.shape} {x.dtype}  y {y.shape} {y.dtype}")
+        lines += [f"  {k} = {v}" for k, v in self.attrs.items()]
+        return lines
+
+    def close(self):
+        """Close the file (splits held in memory stay usable)."""
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_dataset(path, splits: dict, task: str = "classification", num_classes: int | None = None,
+                  x_scale: float | None = None, attrs: dict | None = None) -> Path:
+    """Validate {split: (x, y)} and write it atomically as a dataset file (contiguous, uncompressed)."""
+    path = Path(path)
+    arrays = {name: (np.asarray(x), np.asarray(y)) for name, (x, y) in splits.items()}
+    if task == "classification" and num_classes is None:
+        num_classes = max([2] + [int(y.max()) + 1 for _, y in arrays.values() if y.size and y.dtype.kind in "iu"])
+    header = {"distbp_format": FORMAT, "version": VERSION, "task": task, "num_classes": num_classes,
+              "x_scale": x_scale, **(attrs or {})}
+    header = {k: v for k, v in header.items() if v is not None}
+    _check_header(_where(path), header)
+    if not arrays:
+        _fail(_where(path), "no splits given", "pass splits={'train': (x, y), 'val': (x, y)}")
+    for name, (x, y) in arrays.items():
+        _check_shapes(path, name, x, y, task, x_scale)
+        _check_values(path, name, x, y, task, num_classes)
+    _check_same_shapes(path, arrays)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs.update(header)
+            for name, (x, y) in arrays.items():
+                group = f.create_group(name)
+                # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
+                group.create_dataset("x", data=x, track_times=False)
+                group.create_dataset("y", data=y, track_times=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable classification problem: Gaussian inputs labelled by a random teacher MLP."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, features), dtype=np.float32)  # (N, D)
+    W1 = rng.standard_normal((features, 32), dtype=np.float32) / np.float32(np.sqrt(features))
+    W2 = rng.standard_normal((32, classes), dtype=np.float32)
+    logits = np.tanh(x @ W1) @ W2  # (N, K)
+    logits -= logits.mean(axis=0)  # centred so every class gets a fair share of rows
+    return x, logits.argmax(axis=1).astype(np.int64)
+
+
+def digits_path() -> Path:
+    """The 8x8 digits dataset that ships with distbp (UCI optdigits test set, CC BY 4.0)."""
+    return Path(str(resources.files("distbp") / "datasets" / "digits.h5"))
+
+
+# The global batch sampler: pure index math, no MPI (DESIGN.md invariant 2).
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of range(n) for this epoch, drawn from (seed, epoch) alone."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(n)
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Optimizer steps in one epoch of n rows: full batches, plus a last partial one unless drop_last."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def shard(batch: int, rank: int, size: int) -> tuple[int, int]:
+    """This rank's contiguous slice [lo, hi) of a batch: near-equal, larger slices first (64/3 -> 22, 21, 21)."""
+    base, extra = divmod(batch, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def batch_rows(order, step: int, batch_size: int, rank: int, size: int,
+               n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset rows, positions in the global batch) of this rank at this step; order None = file order."""
+    # n is the number of rows (len(order) by default); the last batch of an epoch may be partial.
+    n = len(order) if n is None else n
+    start = step * batch_size
+    if not 0 <= start < n:
+        raise ValueError(f"step {step} with batch size {batch_size} starts at row {start}, past the {n} rows")
+    lo, hi = shard(min(batch_size, n - start), rank, size)
+    positions = np.arange(lo, hi, dtype=np.int64)
+    rows = positions + start if order is None else np.asarray(order[start + lo:start + hi], dtype=np.int64)
+    return rows, positions

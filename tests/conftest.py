@@ -1,0 +1,54 @@
+"""Shared fixtures: the world communicator, a tmp folder shared by all ranks, small datasets."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distbp.comm import SerialComm, world
+from distbp.data import write_dataset
+
+
+@pytest.fixture(scope="session")
+def comm():
+    """The world Comm: size 1 under plain pytest, n under mpirun -n n."""
+    return world()
+
+
+@pytest.fixture(params=["serial", "world"])
+def any_comm(request, comm):
+    """Each test body once on a SerialComm and once on the world Comm."""
+    return SerialComm() if request.param == "serial" else comm
+
+
+@pytest.fixture
+def shared_tmp(comm, tmp_path) -> Path:
+    """A tmp folder every rank sees: rank 0's tmp_path, broadcast."""
+    return Path(comm.bcast_obj(str(tmp_path)))
+
+
+def tiny_arrays(rows=40, features=6, classes=3, seed=0, dtype=np.float32):
+    """(x, y) small classification arrays with every class present."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, features)).astype(dtype)
+    y = np.arange(rows, dtype=np.int64) % classes
+    return x, y
+
+
+@pytest.fixture
+def make_dataset(comm, shared_tmp):
+    """Factory: write a small dataset on rank 0 into the shared folder; every rank gets its path."""
+    def make(name="data.h5", train=40, val=12, features=6, classes=3, seed=0, **kwargs):
+        path, error = shared_tmp / name, None
+        if comm.is_root:
+            splits = {"train": tiny_arrays(train, features, classes, seed),
+                      "val": tiny_arrays(val, features, classes, seed + 1)}
+            try:
+                write_dataset(path, kwargs.pop("splits", splits), num_classes=kwargs.pop("num_classes", classes),
+                              **kwargs)
+            except Exception as e:  # every rank fails the test instead of waiting for rank 0
+                error = repr(e)
+        error = comm.bcast_obj(error)
+        if error:
+            pytest.fail(f"make_dataset failed on rank 0: {error}")
+        return path
+    return make

@@ -1,0 +1,206 @@
+"""distbp.comm: collectives on one body run serial and on the world, launcher check, abort, threads."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+from distbp import comm as commlib
+from distbp.comm import CommError, SerialComm, check_launcher, launcher_size, node_shared_array
+from distbp.data import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_allreduce_sum_in_place(any_comm, dtype):
+    buf = np.full(7, any_comm.rank + 1, dtype=dtype)
+    out = any_comm.allreduce_sum(buf)
+    assert out is buf
+    np.testing.assert_array_equal(buf, np.full(7, any_comm.size * (any_comm.size + 1) // 2, dtype=dtype))
+
+
+def test_allreduce_max_in_place(any_comm):
+    buf = np.array([any_comm.rank, -any_comm.rank, 5.0])
+    any_comm.allreduce_max(buf)
+    np.testing.assert_array_equal(buf, [any_comm.size - 1, 0.0, 5.0])
+
+
+def test_bcast_overwrites_from_root(any_comm):
+    buf = np.arange(6, dtype=np.float32) if any_comm.is_root else np.zeros(6, np.float32)
+    any_comm.bcast(buf)
+    np.testing.assert_array_equal(buf, np.arange(6, dtype=np.float32))
+
+
+def test_object_collectives(any_comm):
+    assert any_comm.bcast_obj({"seed": 3} if any_comm.is_root else None) == {"seed": 3}
+    gathered = any_comm.gather_obj(any_comm.rank)
+    assert gathered == (list(range(any_comm.size)) if any_comm.is_root else None)
+    any_comm.barrier()
+
+
+@pytest.mark.parametrize("bad", ["strided", "readonly", "list"])
+def test_collectives_reject_unusable_buffers(any_comm, bad):
+    flat = np.zeros(8, np.float32)
+    buf = {"strided": flat[::2], "list": [1.0, 2.0]}.get(bad, flat)
+    if bad == "readonly":
+        flat.flags.writeable = False
+    for op in (any_comm.allreduce_sum, any_comm.allreduce_max, any_comm.bcast):
+        with pytest.raises(CommError, match="HINT"):
+            op(buf)
+
+
+def test_attributes_are_consistent(any_comm):
+    c = any_comm
+    assert 0 <= c.rank < c.size and 0 <= c.local_rank < c.local_size <= c.size
+    assert c.is_root == (c.rank == 0) and isinstance(c.host, str) and c.host
+
+
+@pytest.mark.mpi(min_size=2)
+def test_local_size_counts_ranks_on_this_host(comm):
+    hosts = comm.bcast_obj(comm.gather_obj(comm.host))
+    assert comm.local_size == hosts.count(comm.host)
+    local_ranks = comm.bcast_obj(comm.gather_obj((comm.host, comm.local_rank)))
+    assert sorted(r for h, r in local_ranks if h == comm.host) == list(range(comm.local_size))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_node_shared_array_is_one_copy_per_node(comm):
+    a = node_shared_array(comm, (4, 3), np.float64)
+    if comm.local_rank == 0:
+        a[:] = np.arange(12).reshape(4, 3)
+    comm.barrier()
+    np.testing.assert_array_equal(a, np.arange(12).reshape(4, 3))
+    comm.barrier()
+    if comm.local_rank == comm.local_size - 1:
+        a[0, 0] = -1.0  # a write by another rank is seen by local rank 0: same pages
+    comm.barrier()
+    assert a[0, 0] == -1.0
+
+
+def test_node_shared_array_without_mpi_is_plain():
+    a = node_shared_array(SerialComm(), (2, 5), np.uint8)
+    assert a.shape == (2, 5) and a.dtype == np.uint8 and a.flags.writeable
+
+
+def test_split_load_shares_memory_across_the_node(comm, make_dataset):
+    path = make_dataset("shared.h5", train=50)
+    with Dataset(path) as ds:
+        split = ds.split("train")
+        x_file, y_file = split.read(np.arange(split.n))
+        assert split.load(comm=comm)
+        x_mem, y_mem = split.read(np.arange(split.n))
+        assert not split._x.flags.writeable
+    np.testing.assert_array_equal(x_mem, x_file)
+    np.testing.assert_array_equal(y_mem, y_file)
+    total = np.array([x_mem.sum()], np.float64)
+    np.testing.assert_allclose(comm.allreduce_sum(total), comm.size * x_file.sum(dtype=np.float64), rtol=1e-6)
+
+
+def test_launcher_size_reads_the_launcher_variables():
+    assert launcher_size({}) is None
+    assert launcher_size({"PMI_SIZE": "4"}) == ("PMI_SIZE", 4)
+    assert launcher_size({"OMPI_COMM_WORLD_SIZE": "8"}) == ("OMPI_COMM_WORLD_SIZE", 8)
+    assert launcher_size({"SLURM_STEP_NUM_TASKS": "4"}) is None  # an allocation, not a step
+    assert launcher_size({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "0"}) == ("SLURM_STEP_NUM_TASKS", 4)
+
+
+def test_check_launcher_fails_loudly_on_a_world_of_one():
+    check_launcher(4, {"PMI_SIZE": "4"})
+    check_launcher(1, {"PMI_SIZE": "1"})
+    with pytest.raises(CommError, match=r"PMI_SIZE=4.*different MPI.*HINT: .*mpirun"):
+        check_launcher(1, {"PMI_SIZE": "4"})
+    with pytest.raises(CommError, match=r"mpi4py is not installed.*HINT: pip install mpi4py"):
+        check_launcher(1, {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, have_mpi=False)
+
+
+def _blas_threads():
+    return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+def test_thread_budget_caps_blas_per_rank(any_comm, monkeypatch):
+    for name in commlib.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    logged = []
+    n = commlib.set_thread_budget(any_comm, log=logged.append)
+    assert n == max(1, any_comm.node_cpus() // any_comm.local_size) == _blas_threads()
+    assert len(logged) == (1 if any_comm.is_root else 0)
+    assert logged == [] or f"{n} BLAS threads per rank" in logged[0]
+
+
+def test_thread_budget_respects_the_users_choice(any_comm, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    logged = []
+    assert commlib.set_thread_budget(any_comm, log=logged.append) == _blas_threads()
+    assert logged == [] or "OPENBLAS_NUM_THREADS=1" in logged[0]
+
+
+def test_run_guarded_in_a_world_of_one_returns_or_raises():
+    assert commlib.run_guarded(lambda a, b: a + b, SerialComm(), 2, b=3) == 5
+    with pytest.raises(ValueError):
+        commlib.run_guarded(lambda: int("x"), SerialComm())
+
+
+def test_report_failure_names_rank_host_and_error(capsys):
+    try:
+        raise RuntimeError("disk full")
+    except RuntimeError as e:
+        commlib.report_failure(SerialComm(), e)
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.strip().endswith(f"rank 0 on {SerialComm().host} failed: RuntimeError: disk full")
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from distbp.comm import world, install_abort_on_error, run_guarded
+    comm = world()
+    install_abort_on_error(comm)
+    mode = sys.argv[1]
+
+    def main():
+        if comm.rank == 1 and mode == "raise":
+            raise ValueError("boom")
+        if comm.rank == 1 and mode == "exit":
+            sys.exit(3)
+        comm.barrier()  # the other ranks would wait here forever without the abort
+        return 0
+
+    if mode == "hook" and comm.rank == 1:
+        raise ValueError("boom")
+    sys.exit(run_guarded(main, comm))
+""")
+
+
+@pytest.fixture
+def mpirun(comm):
+    """The venv's mpirun, for tests that launch their own jobs (only from a serial session)."""
+    exe = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if comm.size > 1 or exe is None:
+        pytest.skip("launches its own mpirun jobs: run in the serial session with mpirun installed")
+    return exe
+
+
+@pytest.mark.parametrize("mode, code", [("raise", 1), ("hook", 1), ("exit", 3), ("ok", 0)])
+def test_one_failing_rank_ends_the_job(mpirun, tmp_path, mode, code):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "OMPI_", "SLURM_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    start = time.monotonic()
+    proc = subprocess.run([mpirun, "-n", "3", sys.executable, str(script), mode], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == code, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distbp: rank")]
+    if code == 0:
+        assert lines == []
+    else:
+        what = "exited with code 3" if mode == "exit" else "failed: ValueError: boom"
+        assert len(lines) == 1 and lines[0].startswith("distbp: rank 1 on ") and lines[0].endswith(what)
