@@ -59,14 +59,22 @@ def _arrays_in_order(ck: Checkpoint):
         yield f"buffers/{name}", ck.buffers[name]
 
 
+def _jsonable(v):
+    """An attribute value json.dumps does not know (an array) as a list."""
+    return v.tolist() if hasattr(v, "tolist") else str(v)
+
+
 def checksum(ck: Checkpoint) -> str:
-    """CRC-32 over every array's path, shape, dtype and bytes plus the position."""
+    """CRC-32 over every array's path, shape, dtype and bytes, the optimizer scalars and the root attributes."""
+    # The attributes hold the data position, the config and the RNG states: a damaged
+    # attribute would resume silently at the wrong place, so it fails the checksum too.
     crc = 0
     for path, a in _arrays_in_order(ck):
         crc = zlib.crc32(f"{path}{a.shape}{a.dtype.str}".encode(), crc)
         crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
-    position = json.dumps({k: int(ck.attrs.get(k, 0)) for k in POSITION_KEYS}, sort_keys=True)
-    return f"crc32:{zlib.crc32(position.encode(), crc):08x}"
+    meta = {"attrs": {k: v for k, v in ck.attrs.items() if k != "checksum"},
+            "optimizer": {"name": ck.opt_name, "scalars": ck.opt_scalars}}
+    return f"crc32:{zlib.crc32(json.dumps(meta, sort_keys=True, default=_jsonable).encode(), crc):08x}"
 
 
 def _fsync_path(path: Path, directory: bool = False):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import sys
 import time
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--classes", type=int, default=10)
     ds.add_argument("--val-fraction", type=float, default=0.2)
     ds.add_argument("--seed", type=int, default=0)
+    add_convert_parser(dsub)
     di = dsub.add_parser("inspect", help="splits, shapes, dtypes, class balance, value ranges")
-    di.add_argument("file")
+    di.add_argument("file", help="a distbp dataset file (.h5)")
 
     c = sub.add_parser("ckpt", help="inspect, verify and export checkpoints")
     csub = c.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
@@ -61,7 +64,68 @@ def build_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("export", help="parameters as a plain .npz")
     ce.add_argument("file")
     ce.add_argument("out")
+    add_plot_predict_parsers(sub)
     return p
+
+
+EPILOG_CONVERT = """formats (told apart by name and content; .gz files are read as they are):
+  one .npz          arrays x and y (or --x-key/--y-key), or x_train, y_train, x_test, ... (keras style)
+  two .npy          x then y
+  one CSV           numeric feature columns and one label column (--label; header row detected)
+  two IDX files     MNIST/Fashion-MNIST images and labels, raw or gzipped, in either order
+uint8 inputs stay uint8 with x_scale 1/255 (--x-scale); other inputs become float32. (N, H, W) images
+are stored as (N, 1, H, W). Without a val split in the input, --val-fraction 0.1 of train becomes val.
+examples:
+  distbp data convert train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz mnist.h5 \\
+      --test t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+  distbp data convert iris.csv iris.h5 --label species --val-fraction 0.2 --seed 1
+  distbp data convert houses.csv houses.h5 --label -1 --task regression
+  distbp data convert x.npy y.npy data.h5"""
+
+
+def add_convert_parser(dsub):
+    """distbp data convert's arguments."""
+    dc = dsub.add_parser("convert", help="NumPy (.npz, .npy), CSV or MNIST IDX files to a dataset file",
+                         description="Convert input files to a distbp dataset file, streaming row blocks "
+                         "(inputs larger than memory work), and validate the result.",
+                         epilog=EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dc.add_argument("inputs", nargs="+", metavar="INPUT", help="input file(s) of the training data")
+    dc.add_argument("out", metavar="OUT.h5", help="dataset file to write (replaced atomically)")
+    dc.add_argument("--test", nargs="+", default=[], metavar="INPUT",
+                    help="input file(s) of a test split, same format (put this option last)")
+    dc.add_argument("--task", default="classification", choices=("classification", "regression", "binary"),
+                    help="classification: integer or text labels; regression: float targets (default: %(default)s)")
+    dc.add_argument("--label", help="CSV label column: name or 0-based index, -1 = last "
+                    "(default: a column named label, target, class or y)")
+    dc.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                    help="CSV: the first row is (not) a header (default: detected)")
+    dc.add_argument("--delimiter", help="CSV delimiter (default: detected among , ; tab |)")
+    dc.add_argument("--val-fraction", type=float, default=None,
+                    help="fraction of train rows drawn into a val split (default 0.1; 0 if the input has val)")
+    dc.add_argument("--seed", type=int, default=0, help="seed of the val split draw (default: %(default)s)")
+    dc.add_argument("--num-classes", type=int, help="number of classes (default: largest label + 1)")
+    dc.add_argument("--x-scale", type=float, help="scale of uint8 inputs (default: 1/255)")
+    dc.add_argument("--x-key", default="x", help=".npz array holding x (default: %(default)s)")
+    dc.add_argument("--y-key", default="y", help=".npz array holding y (default: %(default)s)")
+
+
+def add_plot_predict_parsers(sub):
+    """distbp plot's and distbp predict's arguments."""
+    pl = sub.add_parser("plot", help="PNG of loss and accuracy curves of one or more runs",
+                        description="Plot train/val loss and val accuracy against steps and epochs from "
+                        "RUN_DIR/metrics.jsonl, several runs overlaid. Needs matplotlib: "
+                        "pip install 'distbp[plot]'.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
+    pl.add_argument("-o", "--out", default="runs.png", help="PNG file to write (default: %(default)s)")
+    pr = sub.add_parser("predict", help="write predictions of a checkpoint (data-parallel under mpirun)",
+                        description="Predict with a checkpoint's model: class and probabilities for "
+                        "classification, outputs for regression, written to an HDF5 file by rank 0. "
+                        "Under mpirun every rank predicts a contiguous slice of the rows.")
+    pr.add_argument("checkpoint", help="checkpoint file, e.g. runs/a/checkpoints/step-00000440.h5")
+    pr.add_argument("input", help="a distbp dataset file (with --split) or an .npy array of inputs")
+    pr.add_argument("out", metavar="OUT.h5", help="predictions file to write")
+    pr.add_argument("--split", default="val", help="split of a dataset input (default: %(default)s)")
+    pr.add_argument("--batch", type=int, default=1024, help="rows per forward pass (default: %(default)s)")
 
 
 def cmd_train(args, comm) -> int:
@@ -83,12 +147,32 @@ def cmd_eval(args, comm) -> int:
     return 0
 
 
+def on_root(cmd, args, comm) -> int:
+    """cmd run by rank 0 alone as a world of one (one writer, one printout); its exit code on every rank."""
+    from .comm import SerialComm
+    from .errors import agree
+    return comm.bcast_obj(agree(comm, lambda: cmd(args, SerialComm()) if comm.is_root else None))
+
+
 def cmd_data(args, comm) -> int:
-    """distbp data digits | synthetic | inspect."""
+    """distbp data digits | synthetic | convert | inspect."""
     from . import data
+    if comm.size > 1 and args.data_command != "convert":
+        return on_root(cmd_data, args, comm)
     if args.data_command == "inspect":
         with data.Dataset(args.file) as ds:
-            print("\n".join(ds.describe()))
+            print("\n".join(ds.describe(values=True)))
+        return 0
+    if args.data_command == "convert":
+        from .convert import convert
+        from .errors import agree
+        agree(comm, lambda: comm.is_root and convert(  # one writer under mpirun
+            args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
+            val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
+            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key))
+        if comm.is_root:
+            with data.Dataset(args.out) as ds:
+                print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
         return 0
     if args.data_command == "digits":
         shutil.copyfile(data.digits_path(), args.out)
@@ -118,12 +202,33 @@ def cmd_ckpt(args, comm) -> int:
         print("\n".join(ckpt.describe(ck)))
     else:
         import numpy as np
-        np.savez(args.out, **ck.params)
-        print(f"wrote {len(ck.params)} arrays to {args.out}")
+        out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"
+        np.savez(out, **ck.params)
+        print(f"wrote {len(ck.params)} arrays to {out}")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt}
+def cmd_plot(args, comm) -> int:
+    """distbp plot."""
+    from .errors import agree
+    from .plot import plot_runs
+    out = agree(comm, lambda: comm.is_root and plot_runs(args.run_dirs, args.out))
+    if comm.is_root:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_predict(args, comm) -> int:
+    """distbp predict."""
+    from .predict import predict
+    out = predict(args.checkpoint, args.input, args.out, comm, split=args.split, batch=args.batch)
+    if comm.is_root:
+        print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt,
+            "plot": cmd_plot, "predict": cmd_predict}
 
 
 def dispatch(args, comm) -> int:
@@ -142,14 +247,22 @@ def dispatch(args, comm) -> int:
         return EXIT_NONFINITE
 
 
+def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
+    """The parsed command line; usage errors, --help and --version print on rank 0 only."""
+    if comm.is_root:
+        return build_parser().parse_args(argv)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return build_parser().parse_args(argv)  # every rank exits alike, the others silently
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
-    args = build_parser().parse_args(argv)
     from .comm import install_abort_on_error, run_guarded, world
     try:
         comm = world()
     except UserError as e:
         print(f"distbp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    args = parse_args(argv, comm)
     install_abort_on_error(comm)
     return run_guarded(dispatch, comm, args, comm)

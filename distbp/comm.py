@@ -88,6 +88,21 @@ class Comm:
             self._comm.Bcast(buf, root=root)
         return buf
 
+    def alltoallv(self, send: np.ndarray, send_counts, recv: np.ndarray, recv_counts) -> np.ndarray:
+        """Send send's consecutive pieces of send_counts[q] items to rank q; recv gets rank r's piece r."""
+        _check_buffer(send, "alltoallv")
+        _check_buffer(recv, "alltoallv")
+        send_spec = [send, (list(send_counts), _displacements(send_counts))]
+        self._comm.Alltoallv(send_spec, [recv, (list(recv_counts), _displacements(recv_counts))])
+        return recv
+
+    def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
+        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank."""
+        _check_buffer(buf, "allgatherv")
+        if self.size > 1:
+            self._comm.Allgatherv(self._mpi.IN_PLACE, [buf, (list(counts), _displacements(counts))])
+        return buf
+
     def bcast_obj(self, obj, root: int = 0):
         """Root's small picklable object on every rank (setup only, never the hot path)."""
         return self._comm.bcast(obj, root=root)
@@ -136,6 +151,18 @@ class SerialComm:
         _check_buffer(buf, "bcast")
         return buf
 
+    def alltoallv(self, send: np.ndarray, send_counts, recv: np.ndarray, recv_counts) -> np.ndarray:
+        """Exchange with the only rank: recv gets send's first send_counts[0] items."""
+        _check_buffer(send, "alltoallv")
+        _check_buffer(recv, "alltoallv")
+        recv[:recv_counts[0]] = send[:send_counts[0]]
+        return recv
+
+    def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
+        """Gather from the only rank: checks buf and returns it unchanged."""
+        _check_buffer(buf, "allgatherv")
+        return buf
+
     def bcast_obj(self, obj, root: int = 0):
         """The object itself."""
         return obj
@@ -155,6 +182,14 @@ class SerialComm:
     def node_cpus(self) -> int:
         """Number of CPUs this process may run on."""
         return len(_own_cpus())
+
+
+def _displacements(counts) -> list[int]:
+    """Start of each piece when pieces of counts[q] items lie back to back."""
+    starts = [0]
+    for c in list(counts)[:-1]:
+        starts.append(starts[-1] + int(c))
+    return starts
 
 
 def launcher_size(environ) -> tuple[str, int] | None:

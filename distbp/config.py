@@ -55,7 +55,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 50
     deterministic: bool = False
-    micro_batch: int = 8
+    micro_batch: int = 32
     check_every: int = 0
     stall_timeout: float = 300.0
     nonfinite: str = "abort"
@@ -179,6 +179,9 @@ def validate(cfg: Config) -> None:
     _require(t.eval_every >= 0 and t.log_every >= 1 and t.check_every >= 0,
              "train.eval_every and train.check_every must be >= 0, train.log_every >= 1")
     _require(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be at least 1")
+    _require(not (t.deterministic and any(s.get("type") == "batchnorm" for s in m.layers)),
+             "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
+             "tie the micro-shards together; use layernorm, or train.deterministic=false")
     _require(t.stall_timeout >= 0, f"train.stall_timeout={t.stall_timeout} must be >= 0 (0 = off)")
     _require(t.nonfinite in ("abort", "skip"), f"train.nonfinite='{t.nonfinite}' must be abort or skip")
     _require(o.name in OPTIMIZERS, f"optim.name='{o.name}' is not one of {', '.join(OPTIMIZERS)}")

@@ -324,11 +324,14 @@ class Dataset:
             self._splits[name] = Split(self, name, x, y)
         return self._splits[name]
 
-    def describe(self) -> list[str]:
-        """Human-readable lines: task, shapes, splits and attributes."""
+    def describe(self, values: bool = False) -> list[str]:
+        """Human-readable lines: task, shapes, splits and attributes; with values, ranges and class balance."""
         lines = [f"{self.path}: task {self.task}, input {self.input_shape}, output {self.output_dim}"]
         for name, (x, y) in self._arrays.items():
             lines.append(f"  {name:8s} x {x.shape} {x.dtype}  y {y.shape} {y.dtype}")
+            if values:
+                lines += [f"           {line}" for line in value_summary(x, y, self.task, self.num_classes,
+                                                                          self.x_scale)]
         lines += [f"  {k} = {v}" for k, v in self.attrs.items()]
         return lines
 
@@ -341,6 +344,25 @@ class Dataset:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def value_summary(x, y, task: str, num_classes: int | None, x_scale: float | None) -> list[str]:
+    """Lines with the range and mean of x (as the model sees it) and the class balance or target range of y."""
+    lo, hi, total = np.inf, -np.inf, 0.0
+    for _, block in _blocks(x):
+        block = np.asarray(block, dtype=np.float64)
+        lo, hi, total = min(lo, block.min()), max(hi, block.max()), total + block.sum()
+    scale = x_scale if x.dtype == np.uint8 else 1.0
+    lines = [f"x range [{lo * scale:.4g}, {hi * scale:.4g}], mean {total * scale / max(x.size, 1):.4g}"
+             + (f" (stored uint8 [{lo:g}, {hi:g}] times x_scale {x_scale:.4g})" if x.dtype == np.uint8 else "")]
+    if task == "classification":
+        counts = np.zeros(num_classes, np.int64)
+        for _, block in _blocks(y):
+            counts += np.bincount(np.clip(block, 0, num_classes - 1), minlength=num_classes)
+        share = ", ".join(f"{k}: {c} ({100 * c / max(counts.sum(), 1):.1f}%)" for k, c in enumerate(counts))
+        return lines + [f"classes {share}"]
+    ys = [np.asarray(block, dtype=np.float64) for _, block in _blocks(y)]
+    return lines + [f"y range [{min(b.min() for b in ys):.4g}, {max(b.max() for b in ys):.4g}]"]
 
 
 def write_dataset(path, splits: dict, task: str = "classification", num_classes: int | None = None,

@@ -19,11 +19,13 @@ class NonFiniteError(Exception):
 def agree(comm, fn, *args, **kwargs):
     """Run fn on every rank; if it raises a UserError on any rank, raise it on all."""
     try:
-        result, message = fn(*args, **kwargs), None
+        result, error = fn(*args, **kwargs), None
     except UserError as e:
-        result, message = None, f"{e}"
-    messages = comm.gather_obj(message)
+        result, error = None, e
+    messages = comm.gather_obj(None if error is None else f"{error}")
     first = comm.bcast_obj(next((m for m in messages if m), None) if comm.is_root else None)
     if first is not None:
+        if error is not None and f"{error}" == first:
+            raise error  # this rank's own error keeps its type and traceback (shown by --debug)
         raise UserError(first)
     return result

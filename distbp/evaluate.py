@@ -44,6 +44,6 @@ def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: st
     """Global loss (and accuracy) of a checkpoint's model on one split."""
     model, data, cfg = load_model(path, comm, data_path)
     part = agree(comm, data.split, split)
-    part.load(comm, cfg.data.memory_mb * 2**20)
+    part.load(cfg.data.memory_mb * 2**20, comm)
     result = evaluate(model, make_loss(data.task), part, comm, data.task == "classification")
     return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()}}

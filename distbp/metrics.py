@@ -94,16 +94,40 @@ class StepTimer:
         return self.steady_samples / self.steady_time if self.steady_time > 0 else 0.0
 
 
-def format_summary(summary: dict) -> list[str]:
-    """The end-of-run summary as a small table."""
-    rows = [("steps", summary["steps"]), ("epochs", summary["epochs"]),
-            ("world size", summary["world_size"]),
-            ("samples/s", f"{summary['samples_per_s']:.1f}"),
-            ("final val_loss", summary.get("val_loss")), ("final val_accuracy", summary.get("val_accuracy")),
-            ("best val_accuracy", summary.get("best_val_accuracy")),
-            ("wall time", f"{summary['wall_time_s']:.1f} s")]
-    t = summary.get("time_s", {})
+TIME_GROUPS = {"data": ("data",), "compute": ("forward", "backward", "optimizer"),
+               "communication": ("allreduce",), "eval": ("eval",), "checkpoint": ("checkpoint",)}
+
+
+def _metric(final, best=None) -> str | None:
+    """'final F, best B' of a metric (None when there is no final value)."""
+    if final is None:
+        return None
+    return f"final {final:.4f}" + (f", best {best:.4f}" if best is not None else "")
+
+
+def _time_rows(t: dict) -> list[tuple[str, str]]:
+    """Time split into data / compute / communication / eval / checkpoint, with the phases of each."""
     total = sum(t.values()) or 1.0
-    rows += [(f"time {k}", f"{v:.2f} s ({100 * v / total:.0f}%)") for k, v in t.items()]
+    groups = {g: [p for p in phases if p in t] for g, phases in TIME_GROUPS.items()}
+    grouped = {p for phases in groups.values() for p in phases}
+    groups.update({p: [p] for p in t if p not in grouped})  # phases added later get rows of their own
+    rows = []
+    for group, phases in groups.items():
+        if phases:
+            v = sum(t[p] for p in phases)
+            detail = f"  ({', '.join(f'{p} {t[p]:.2f}' for p in phases)})" if len(phases) > 1 else ""
+            rows.append((f"time {group}", f"{v:8.2f} s {100 * v / total:3.0f}%{detail}"))
+    return rows
+
+
+def format_summary(summary: dict) -> list[str]:
+    """The end-of-run summary as a small table: progress, metrics, throughput, where the time went."""
+    rows = [("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs) on {summary['world_size']} rank(s)"),
+            ("train loss", _metric(summary.get("loss"))),
+            ("val_loss", _metric(summary.get("val_loss"), summary.get("best_val_loss"))),
+            ("val_accuracy", _metric(summary.get("val_accuracy"), summary.get("best_val_accuracy"))),
+            ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
+            ("wall time", f"{summary['wall_time_s']:.1f} s")]
+    rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}))
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -10,14 +10,17 @@ import numpy as np
 
 from . import __version__
 from . import checkpoint as ckpt
+from . import faults
 from . import slurm
 from .comm import set_thread_budget
 from .config import Config, config_to_dict, config_to_json, config_to_toml
 from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
+from .determinism import DeterministicStep, check_consistent, param_hash, pin_blas_threads
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .metrics import RunLog, StepTimer, format_summary
 from .nn import Sequential, make_loss, mlp_specs
 from .optim import make_optimizer, make_schedule
+from .watchdog import Watchdog, rank_table
 
 
 @dataclass
@@ -162,13 +165,26 @@ def config_changes(old: dict, new: dict) -> list[str]:
             for s, values in new.items() for k, v in values.items() if old.get(s, {}).get(k) != v]
 
 
+def check_same_batch(ck: ckpt.Checkpoint, cfg: Config):
+    """Raise unless the global batch size is the one the checkpoint's data position counts in."""
+    old = ck.config.get("train", {}).get("batch_size", cfg.train.batch_size)
+    if old != cfg.train.batch_size:
+        raise ckpt.CheckpointError(
+            f"train.batch_size={cfg.train.batch_size} differs from {old} in {ck.path}, whose data "
+            f"position counts steps of {old} rows; HINT: resume with --set train.batch_size={old}, "
+            "or start fresh with --resume never")
+
+
 def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> Position:
     """Load (rank 0), check and broadcast the resume state; a fresh Position if none."""
     def on_root():
         if not comm.is_root:
             return None
         found = find_resume(resume, run_dir / "checkpoints", log)
-        return restore_root(found, model, opt, cfg.optim.name, log) if found else None
+        if found is None:
+            return None
+        check_same_batch(found, cfg)
+        return restore_root(found, model, opt, cfg.optim.name, log)
     info = comm.bcast_obj(agree(comm, on_root))
     for a in (model.params, model.buffers, *opt.state_arrays().values()):
         comm.bcast(a)
@@ -179,7 +195,10 @@ def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> Position:
     a = info["attrs"]
     log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch']}, "
         f"step {a['step_in_epoch']} of it), written by {a['world_size']} rank(s), now {comm.size}")
-    for line in config_changes(info["config"], config_to_dict(cfg)):
+    changes = config_changes(info["config"], config_to_dict(cfg))
+    if a["world_size"] != comm.size:
+        changes.append(f"world_size: {a['world_size']} -> {comm.size}")
+    for line in changes:
         log(f"config changed on resume: {line}")
     return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"])
 
@@ -209,7 +228,7 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
                                  then=lambda: ckpt.prune(path.parent, cfg.checkpoint.keep, path)))
         if final:
             errors.append(saver.wait())
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # h5py reports a write that failed at close as RuntimeError
         errors.append(e)
     timer.lap("checkpoint")
     if final and errors[-1]:
@@ -225,7 +244,6 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
     master = comm.is_root
     run_dir = Path(comm.bcast_obj(str(run_dir)))
     wall0 = time.perf_counter()
-    agree(comm, prepare_run_dir, run_dir, cfg, comm)
     data, train_split, val_split = agree(comm, open_data, cfg)
     model = agree(comm, build_model, cfg, data)
     loss = make_loss(data.task)
@@ -236,10 +254,13 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
     if cfg.train.max_steps >= 0:
         total = min(total, cfg.train.max_steps)
     lr_at = agree(comm, schedule_of, cfg, total)
+    agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
     runlog = RunLog(run_dir, master, total, cfg.train.log_every)
     log = runlog.info
     set_thread_budget(comm, log)
     log(f"distbp {__version__}: {comm.size} rank(s), run dir {run_dir}")
+    if comm.size > 1:
+        log(rank_table(comm))
     if slurm.describe():
         log(slurm.describe())
     log(f"data {data.path}: {train_split.n} train rows, {val_split.n if val_split else 0} val rows, "
@@ -260,7 +281,13 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
     last_ckpt_time = time.monotonic()
     result, best, exit_code = {}, None, EXIT_OK
     lr = lr_at(pos.step)
+    stall = Watchdog(comm, cfg.train.stall_timeout, lambda: pos.step).start()
+    comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
     model.ctx.comm = comm
+    det = DeterministicStep(model, loss, comm, cfg.train.micro_batch) if cfg.train.deterministic else None
+    if det:
+        log(pin_blas_threads())
+        log(det.describe(B))
     order_epoch = -1
     try:
         while pos.step < total:
@@ -271,25 +298,35 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
             t_step = time.perf_counter()
             timer.start()
             # this rank's rows of the global batch
-            idx, rows = batch_rows(order, pos.step_in_epoch, B, comm.rank, comm.size)
+            if det:  # whole micro-shards, so each shard's math is the same on any rank
+                idx, rows = det.batch_rows(order, pos.step_in_epoch, B, train_split.n)
+            else:
+                idx, rows = batch_rows(order, pos.step_in_epoch, B, comm.rank, comm.size)
             global_rows = min(B, train_split.n - pos.step_in_epoch * B)
             x, y = train_split.read(idx, model.params.dtype)
             model.ctx.step, model.ctx.rows, model.ctx.global_rows = pos.step, rows, global_rows
             timer.lap("data")
             # forward, loss (a sum over local rows), backward of the global mean
-            model.zero_grad()
-            out = model.forward(x)
-            scalars[:] = (len(idx), loss.forward(out, y), loss.correct(out, y), stop.requested, 0)
-            timer.lap("forward")
-            dout = loss.backward()
-            dout /= global_rows
-            model.backward(dout, need_dx=False)
+            if det:  # forward and backward per micro-shard, timed together as backward
+                scalars[:] = (len(idx), 0, det.forward_backward(x, y, rows, global_rows), stop.requested, 0)
+            else:
+                model.zero_grad()
+                out = model.forward(x)
+                scalars[:] = (len(idx), loss.forward(out, y), loss.correct(out, y), stop.requested, 0)
+                timer.lap("forward")
+                dout = loss.backward()
+                dout /= global_rows
+                model.backward(dout, need_dx=False)
+            faults.inject(comm.rank, pos.step, model.grads)  # inert unless DISTBP_FAULT is set (tests)
             timer.lap("backward")
             # one allreduce of the flat gradient, one of the step's scalars
             if master and cfg.checkpoint.every_seconds:
                 scalars[4] = time.monotonic() - last_ckpt_time >= cfg.checkpoint.every_seconds
-            comm.allreduce_sum(model.grads)
-            comm.allreduce_sum(scalars)
+            if det:  # the fixed tree instead of MPI_SUM
+                det.allreduce(model.grads, scalars)
+            else:
+                comm.allreduce_sum(model.grads)
+                comm.allreduce_sum(scalars)
             timer.lap("allreduce")
             train_loss = scalars[1] / scalars[0]
             skipped = not check_finite(train_loss, model, pos.step, cfg.train.nonfinite, log)
@@ -300,6 +337,8 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
             pos.step += 1
             pos.step_in_epoch += 1
             pos.samples_seen += int(scalars[0])
+            if cfg.train.check_every and pos.step % cfg.train.check_every == 0:
+                check_consistent(comm, model.params, pos.step)
             timer.step_done(time.perf_counter() - t_step, int(scalars[0]))
 
             fields = {"loss": train_loss, "lr": lr}
@@ -326,6 +365,7 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
                 save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=False)
                 last_ckpt_time = time.monotonic()
     finally:
+        stall.stop()
         stop.restore()
         saver.wait()
     save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=True)
@@ -333,9 +373,11 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
                "samples_per_s": timer.samples_per_s(), "val_loss": result.get("val_loss"),
                "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": best,
                "world_size": comm.size, "wall_time_s": time.perf_counter() - wall0,
-               "time_s": {k: round(v, 4) for k, v in timer.totals.items()}, "exit_code": exit_code}
+               "time_s": {k: round(v, 4) for k, v in timer.totals.items()}, "exit_code": exit_code,
+               "params_crc32": f"{param_hash(model.params):08x}"}
     runlog.record(**summary)
     log("summary:\n" + "\n".join(format_summary(summary)))
+    log(f"parameters crc32: {summary['params_crc32']}")
     runlog.close()
     return exit_code
 

@@ -45,7 +45,6 @@ CTLD_PID=$STATE_DIR/slurmctld.pid
 SLURMD_PID=$STATE_DIR/slurmd.pid
 
 cmd_install() {
-    need_root install
     local missing=() p
     for p in "${PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -144,7 +143,7 @@ start_munged() {
     chown munge:munge "$MUNGE_DIR" /var/lib/munge /var/log/munge
     chmod 755 "$MUNGE_DIR"
     # munged refuses to run as root with this key, so run it as its own user.
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-
     local i
     for i in $(seq 50); do
         munge -n </dev/null | unmunge >/dev/null 2>&1 && return 0
@@ -162,8 +161,6 @@ save_next_job_id() {
 node_state() { timeout 5 sinfo -h -o %T 2>/dev/null | head -n 1 || true; }
 
 cmd_start() {
-    need_root start
-    mkdir -p "$STATE_DIR"
     cmd_install
     local state=""
     if alive "$(pid_of "$CTLD_PID")" && alive "$(pid_of "$SLURMD_PID")"; then
@@ -176,8 +173,9 @@ cmd_start() {
     write_slurm_conf
     start_munged
     local t0=$SECONDS
-    slurmctld -c
-    slurmd
+    # 9>&-: the daemons must not inherit (and so hold forever) the command lock.
+    slurmctld -c 9>&-
+    slurmd 9>&-
     while (( SECONDS - t0 < TIMEOUT )); do
         state=$(node_state)
         if [[ $state == idle* ]]; then
@@ -212,12 +210,11 @@ stop_daemons() {
 }
 
 cmd_stop() {
-    need_root stop
     if alive "$(pid_of "$CTLD_PID")"; then
         save_next_job_id
         # Cancel jobs first so slurmd can clean up their steps before it goes.
         if [[ -n $(squeue -h -o %i 2>/dev/null) ]]; then
-            scancel --full $(squeue -h -o %i) 2>/dev/null || true
+            scancel $(squeue -h -o %i) 2>/dev/null || true
             local i
             for i in $(seq 50); do
                 [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
@@ -229,24 +226,33 @@ cmd_stop() {
 }
 
 cmd_status() {
-    local ok=0 name pid
+    local rc=0 name pid
     for name in munged slurmctld slurmd; do
         case $name in
             munged) pid=$(pid_of "$MUNGE_PID") ;;
             slurmctld) pid=$(pid_of "$CTLD_PID") ;;
             slurmd) pid=$(pid_of "$SLURMD_PID") ;;
         esac
-        if alive "$pid"; then echo "$name: running (pid $pid)"; else echo "$name: not running"; ok=1; fi
+        if alive "$pid"; then echo "$name: running (pid $pid)"; else echo "$name: not running"; rc=1; fi
     done
-    if [[ $ok -eq 0 ]]; then
-        timeout 5 sinfo || ok=1
+    if [[ $rc -eq 0 ]]; then
+        timeout 5 sinfo || rc=1
         timeout 5 squeue || true
     fi
-    return $ok
+    return $rc
 }
 
+# One command at a time per state directory (tests in several shells share the cluster).
 case ${1:-} in
-    install) mkdir -p "$STATE_DIR"; cmd_install ;;
+    install | start | stop)
+        need_root "$1"
+        mkdir -p "$STATE_DIR"
+        exec 9> "$STATE_DIR/.lock"
+        flock 9 ;;
+esac
+
+case ${1:-} in
+    install) cmd_install ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;

@@ -38,10 +38,13 @@ def check_grads(layer, x, params, grads, rng, tol=1e-6):
     R = rng.standard_normal((x.shape[0], *layer.out_shape))
     for g in grads.values():
         g[...] = 0
+    x0, R0 = x.copy(), R.copy()
     y = layer.forward(x)
     assert y.shape == R.shape
     dx = layer.backward(R)
     assert dx.shape == x.shape and dx.dtype == x.dtype
+    np.testing.assert_array_equal(x, x0)  # inputs left alone
+    np.testing.assert_array_equal(R, R0)
     loss = lambda: float(np.sum(layer.forward(x) * R))  # noqa: E731
     assert rel_error(dx, numeric_grad(loss, x)) < tol
     for name, p in params.items():
@@ -214,7 +217,8 @@ def test_cnn_in_sequential_names_init_and_gradients():
 
 
 def test_conv2d_he_init_scale():
-    layer = Conv2D.build({"type": "conv2d", "out_channels": 64, "kernel": 3, "init": "he_normal"}, (32, 8, 8), 0, 0)
+    spec = {"type": "conv2d", "out_channels": 64, "kernel": 3, "init": "he_normal"}
+    layer = Conv2D.build(spec, (32, 8, 8), 0, 0)
     params, _ = bind_random(layer, np.random.default_rng(0))
     layer.init_params(np.random.default_rng(0))
     assert abs(params["W"].std() / np.sqrt(2 / (32 * 9)) - 1) < 0.02

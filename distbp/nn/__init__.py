@@ -7,8 +7,8 @@ from .layers import LAYER_TYPES, Context, Layer, register
 from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy, make_loss
 from .model import Sequential, mlp_specs
 
-# Convolution and normalisation layers register themselves on import.
-for _name in ("conv", "norm"):
+# Convolution, normalisation and reshape layers register themselves on import.
+for _name in ("conv", "norm", "reshape"):
     if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
         importlib.import_module(f"{__name__}.{_name}")
 

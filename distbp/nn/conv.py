@@ -18,7 +18,7 @@ from .layers import Layer, check_spec, register
 def _pair(spec: dict, index: int, key: str, default=None, low: int = 1) -> tuple[int, int]:
     """Read spec[key] as an int or an [h, w] pair of ints >= low."""
     value = spec.get(key, default)
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, list | tuple) else ()
+    pair = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
         raise ValueError(f"layer {index} ({spec['type']}): {key}={value!r} must be an int >= {low} "
                          f"or a pair [h, w] of them, e.g. {key} = {max(low, 2)}")
@@ -33,7 +33,8 @@ def _out_hw(spec: dict, index: int, in_shape: tuple, kernel, stride, padding=(0,
     out = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(in_shape[1:], kernel, stride, padding))
     if min(out) < 1:
         raise ValueError(f"layer {index} ({spec['type']}): kernel {list(kernel)} does not fit the "
-                         f"input {tuple(in_shape)} with padding {list(padding)}; use a smaller kernel or more padding")
+                         f"input {tuple(in_shape)} with padding {list(padding)}; "
+                         "use a smaller kernel or more padding")
     return out
 
 
@@ -84,7 +85,7 @@ class Conv2D(Layer):
         self.b, self.db = params.get("b"), grads.get("b")
 
     def init_params(self, rng: np.random.Generator) -> None:
-        """Fill W with the chosen scheme (fans as torch: C*kh*kw, F*kh*kw; He normal if unset), b with zeros."""
+        """Fill W with the chosen scheme (He normal if unset; fans C*kh*kw, F*kh*kw), b with zeros."""
         area = self.kh * self.kw
         self.W[...] = INITS[self.init or "he_normal"](rng, self.C * area, self.F * area, self.W.shape)
         if self.b is not None:
@@ -143,7 +144,7 @@ class MaxPool2D(Layer):
         """Build from {"type": "maxpool2d", "kernel": 2[, "stride": kernel]}, int or [h, w] each."""
         check_spec(spec, index, ("kernel", "stride"))
         kernel = _pair(spec, index, "kernel")
-        stride = _pair(spec, index, "stride", list(kernel))
+        stride = _pair(spec, index, "stride", kernel)
         return cls(in_shape, kernel, stride, _out_hw(spec, index, in_shape, kernel, stride))
 
     def forward(self, x):

@@ -92,6 +92,7 @@ class Layer:
     overwrite_dy = False
     private_output = False
     private_dx = False
+    grads_zero = False  # set by Sequential.zero_grad: this layer's gradients are all zero
 
     def param_shapes(self) -> list:
         """Names and shapes of the trained parameters (none)."""
@@ -178,12 +179,18 @@ class Linear(Layer):
 
     def backward(self, dy):
         """dW += x.T @ dy, db += sum(dy), return dy @ W.T (None if need_dx is off)."""
-        if self._dW_tmp is None:
-            self._dW_tmp = np.empty_like(self.dW)
-        np.matmul(self.x.T, dy, out=self._dW_tmp)   # (D_in, D_out)
-        self.dW += self._dW_tmp
-        if self.db is not None:
-            self.db += dy.sum(axis=0)               # (D_out,)
+        if self.grads_zero:  # zero_grad ran: writing equals adding to 0 and saves a pass over dW
+            np.matmul(self.x.T, dy, out=self.dW)   # (D_in, D_out)
+            if self.db is not None:
+                np.sum(dy, axis=0, out=self.db)     # (D_out,)
+            self.grads_zero = False
+        else:
+            if self._dW_tmp is None:
+                self._dW_tmp = np.empty_like(self.dW)
+            np.matmul(self.x.T, dy, out=self._dW_tmp)
+            self.dW += self._dW_tmp
+            if self.db is not None:
+                self.db += dy.sum(axis=0)
         return dy @ self.W.T if self.need_dx else None  # (N, D_in)
 
 

@@ -126,6 +126,7 @@ class Sequential:
             layer.overwrite_dy = bool(getattr(nxt, "private_dx", False))
         with_params = [i for i, layer in enumerate(self.layers) if self._has_params(i)]
         self._first_param = with_params[0] if with_params else len(self.layers)
+        self._param_layers = [self.layers[i] for i in with_params]
 
     def _next_activation(self, i: int) -> str | None:
         """Kind of the activation after layer i, before the next initialised layer."""
@@ -205,6 +206,8 @@ class Sequential:
     def zero_grad(self) -> None:
         """Set every gradient to zero (backward adds into grads)."""
         self.grads.fill(0)
+        for layer in self._param_layers:
+            layer.grads_zero = True
 
     def train(self):
         """Training mode for every layer (dropout active, batch statistics)."""

@@ -17,7 +17,8 @@ def _eps(spec: dict, index: int) -> float:
     """Read spec["eps"] (default 1e-5, as torch) as a positive float."""
     eps = spec.get("eps", 1e-5)
     if not isinstance(eps, int | float) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"layer {index} ({spec['type']}): eps={eps!r} must be a positive number, e.g. eps = 1e-5")
+        raise ValueError(f"layer {index} ({spec['type']}): eps={eps!r} must be a positive number, "
+                         "e.g. eps = 1e-5")
     return float(eps)
 
 
@@ -126,17 +127,17 @@ class BatchNorm(Layer):
         if not self.training:
             return dy * g  # running stats are constants
         means = _allreduce(self.ctx, sums) / max(self.M, 1)  # global means of dy and dy*xhat
-        dx = self.xhat * self._channel(-means[self.C :], dy)  # dx = g * (dy - mean(dy) - xhat * mean(dy*xhat))
+        # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch
+        dx = self.xhat * self._channel(-means[self.C :], dy)
         dx += dy
         dx -= self._channel(means[: self.C], dy)
         dx *= g
         return dx
 
 
-
 @register("layernorm")
 class LayerNorm(Layer):
-    """Layer normalization per sample over the last `dims` feature axes, elementwise affine (torch LayerNorm)."""
+    """Layer normalization per sample over the last `dims` axes, elementwise affine (torch LayerNorm)."""
 
     private_output = True
     private_dx = True
@@ -154,8 +155,9 @@ class LayerNorm(Layer):
         check_spec(spec, index, ("dims", "eps"))
         dims = spec.get("dims", len(in_shape))
         if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= len(in_shape):
-            raise ValueError(f"layer {index} (layernorm): dims={dims!r} must be an int in 1..{len(in_shape)}, "
-                             f"the number of trailing axes of the input {tuple(in_shape)} to normalize over")
+            raise ValueError(f"layer {index} (layernorm): dims={dims!r} must be an int in "
+                             f"1..{len(in_shape)}, the number of trailing axes of the input "
+                             f"{tuple(in_shape)} to normalize over")
         return cls(in_shape, dims, _eps(spec, index))
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -172,10 +174,10 @@ class LayerNorm(Layer):
 
     def forward(self, x):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta, stats per sample."""
-        mean = x.mean(axis=self.axes, keepdims=True)
-        var = np.square(x - mean).mean(axis=self.axes, keepdims=True)
-        self.inv_std = 1 / np.sqrt(var + self.eps)  # (N, ..., 1)
-        self.xhat = (x - mean) * self.inv_std
+        xc = x - x.mean(axis=self.axes, keepdims=True)
+        var = np.square(xc).mean(axis=self.axes, keepdims=True)  # (N, ..., 1)
+        self.inv_std = 1 / np.sqrt(var + self.eps)
+        self.xhat = xc * self.inv_std
         return self.W * self.xhat + self.b
 
     def backward(self, dy):

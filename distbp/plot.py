@@ -1,0 +1,79 @@
+"""`distbp plot`: loss and accuracy curves of runs from their metrics.jsonl, as one PNG (matplotlib)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def read_metrics(run_dir) -> dict:
+    """{"train": [(step, epoch, loss)], "eval": [(step, epoch, val_loss, val_accuracy)], "steps_per_epoch": P}."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl; HINT: give a run directory written by `distbp train` "
+                        "(its --run-dir)")
+    train, evals, per_epoch = {}, {}, None
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run
+        if rec.get("summary") and rec.get("epochs"):
+            per_epoch = rec["steps"] / rec["epochs"]
+        elif "loss" in rec and "step" in rec:
+            train[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["loss"])  # a resumed run's
+        elif "val_loss" in rec and "step" in rec:                                # later lines win
+            evals[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["val_loss"], rec.get("val_accuracy"))
+    if not train and not evals:
+        raise UserError(f"{path}: no train or eval records yet; HINT: plot after the run has logged steps")
+    records = [*train.values(), *evals.values()]
+    # a step s of epoch e has s <= (e + 1) P, with equality at the epoch's end
+    per_epoch = per_epoch or max(r[0] / (r[1] + 1) for r in records)
+    return {"train": sorted(train.values()), "eval": sorted(evals.values()), "steps_per_epoch": per_epoch}
+
+
+def _pyplot_free_figure():
+    """A matplotlib Figure drawn by the Agg backend, or a UserError naming the install command."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("distbp plot needs matplotlib; HINT: pip install 'distbp[plot]'") from None
+    return Figure(figsize=(11, 7.5), layout="constrained")
+
+
+def plot_runs(run_dirs, out) -> Path:
+    """Write a PNG: loss and val accuracy against steps (top row) and epochs (bottom row), runs overlaid."""
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+    fig = _pyplot_free_figure()
+    axes = fig.subplots(2, 2)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for (name, m), color in zip(runs.items(), colors):
+        for row, scale in enumerate((1.0, 1.0 / m["steps_per_epoch"])):
+            loss_ax, acc_ax = axes[row]
+            if m["train"]:
+                steps, _, loss = zip(*m["train"])
+                loss_ax.plot([s * scale for s in steps], loss, color=color, label=f"{name} train")
+            if m["eval"]:
+                steps, _, val_loss, acc = zip(*m["eval"])
+                x = [s * scale for s in steps]
+                loss_ax.plot(x, val_loss, color=color, linestyle="--", marker=".", label=f"{name} val")
+                if any(a is not None for a in acc):
+                    acc_ax.plot(x, acc, color=color, marker=".", label=name)
+    for row, xlabel in enumerate(("step", "epoch")):
+        loss_ax, acc_ax = axes[row]
+        loss_ax.set(xlabel=xlabel, ylabel="loss", yscale="log", title=f"loss against {xlabel}s")
+        acc_ax.set(xlabel=xlabel, ylabel="val accuracy", title=f"val accuracy against {xlabel}s")
+        for ax in (loss_ax, acc_ax):
+            ax.grid(True, alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize="small")
+        if not acc_ax.has_data():
+            acc_ax.text(0.5, 0.5, "no val accuracy (regression, or no val split)", ha="center",
+                        transform=acc_ax.transAxes)
+    out = Path(out)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}); HINT: choose a writable -o OUT.png") from None
+    return out

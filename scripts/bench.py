@@ -1,0 +1,422 @@
+"""Benchmark distbp's own training loop beside PyTorch and the matmul-only floor; memory per rank.
+
+    python scripts/bench.py W1 --ranks 2 --threads 1     one JSON line per workload
+    python scripts/bench.py --all                         the README table (W1 1x1, 1x2, 2x1; W2 1x1, 2x1)
+    python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
+
+Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
+Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
+medians, and the ratios as medians of the per-round ratios (the machine is noisy: compare
+only numbers measured in the same run). distbp runs through distbp.train.run on a dataset
+file written to a temporary folder; PyTorch is used only here, and only if importable.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+WORKER_ENV = "DISTBP_BENCH_WORKER"
+WARMUP = 10  # steps before the steady state (distbp's StepTimer warm-up)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An MLP, its data and how many steady-state steps to time per round."""
+    what: str
+    features: int = 784
+    hidden: tuple = (1024, 1024)
+    classes: int = 10
+    batch: int = 256
+    dtype: str = "float32"
+    rows: int = 16384  # synthetic rows; 0 = the digits shipped with distbp
+    steps: int = 40
+    torch_steps: int = 40
+    extra: tuple = field(default=())  # --set overrides that are part of the workload
+
+
+WORKLOADS = {
+    "W1": Workload("MLP 784-1024-1024-10 ReLU, batch 256, float32, SGD momentum 0.9"),
+    "W2": Workload("MLP 64-128-10 ReLU on the shipped digits, batch 64, float32", features=64,
+                   hidden=(128,), batch=64, rows=0, steps=1500, torch_steps=400),
+    "W1-f64": Workload("W1 in float64", dtype="float64", steps=20, torch_steps=20),
+    "W3-deep": Workload("MLP 784-(1024 x 6)-10 ReLU, batch 256", hidden=(1024,) * 6, steps=15, torch_steps=15),
+    "W4-wide": Workload("MLP 784-4096-10 ReLU, batch 256", hidden=(4096,), steps=20, torch_steps=20),
+    "W1-det": Workload("W1 with train.deterministic=true", extra=("train.deterministic=true",)),
+}
+ALL = [("W1", 1, 1), ("W1", 1, 2), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1)]
+
+
+# ---------------------------------------------------------------- measurements (worker side)
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pss_mb() -> float:
+    """Proportional set size now (shared pages divided among the processes mapping them), MB."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def write_synthetic(path: Path, rows: int, features: int, classes: int, dtype=np.float32, block=1 << 16):
+    """A distbp dataset file of random rows, written block by block (memory independent of rows)."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"distbp_format": "dataset", "version": 1, "task": "classification",
+                        "num_classes": classes})
+        g = f.create_group("train")
+        x = g.create_dataset("x", (rows, features), dtype=dtype)
+        y = g.create_dataset("y", (rows,), dtype=np.int64)
+        for lo in range(0, rows, block):
+            n = min(block, rows - lo)
+            x[lo:lo + n] = rng.standard_normal((n, features), dtype=np.float32)
+            y[lo:lo + n] = rng.integers(0, classes, n)
+    return path
+
+
+def steady_timer_class():
+    """distbp's StepTimer, also keeping phase totals and wall time from the end of the warm-up."""
+    from distbp.metrics import StepTimer
+
+    class SteadyTimer(StepTimer):
+        last = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            SteadyTimer.last, self.mark, self.end = self, None, None
+
+        def step_done(self, step_seconds, samples):
+            super().step_done(step_seconds, samples)
+            self.end = time.perf_counter()
+            if self.steps == self.warmup:
+                self.mark = (self.end, dict(self.totals))
+
+        def steady(self, batch: int) -> dict:
+            """samples/s and ms per phase over the steps after the warm-up (wall clock, all code)."""
+            t0, totals0 = self.mark
+            steps, wall = self.steps - self.warmup, self.end - t0
+            ms = {k: 1e3 * (self.totals[k] - totals0[k]) / steps
+                  for k in ("data", "forward", "backward", "allreduce", "optimizer")}
+            ms["other"] = 1e3 * wall / steps - sum(ms.values())
+            ms["step"] = 1e3 * wall / steps
+            return {"samples_per_s": self.steady_samples / wall, "ms": ms}
+
+    return SteadyTimer
+
+
+def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path, r: int) -> dict:
+    """One run of distbp.train.run on the workload; steady-state rate and step split."""
+    import distbp.train
+    from distbp.config import load_config
+    sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""',
+            f"model.hidden={list(wl.hidden)}", "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
+            f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={WARMUP + wl.steps}", "train.epochs=100000",
+            "optim.name=\"sgd\"", "optim.lr=0.01", "optim.momentum=0.9", *wl.extra, *overrides]
+    cfg = load_config(None, sets)
+    timer_cls = steady_timer_class()
+    distbp.train.StepTimer = timer_cls
+    run_dir = tmp / f"run-{r}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = distbp.train.run(cfg, comm, run_dir, resume="never")
+    if code != 0:
+        raise SystemExit(f"distbp run exited {code}; see {run_dir}/train.log")
+    if comm.is_root:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return timer_cls.last.steady(wl.batch)
+
+
+def floor_round(wl: Workload, comm, steps: int) -> float:
+    """samples/s if a step were only its matrix products (forward, dW, dx), all ranks at once."""
+    from distbp.data import shard
+    lo, hi = shard(wl.batch, comm.rank, comm.size)
+    n, dt, rng = hi - lo, np.dtype(wl.dtype), np.random.default_rng(comm.rank)
+    dims = [wl.features, *wl.hidden, wl.classes]
+    W = [rng.standard_normal((a, b)).astype(dt) for a, b in zip(dims, dims[1:])]
+    acts = [rng.standard_normal((n, d)).astype(dt) for d in dims]
+    dW = [np.empty_like(w) for w in W]
+    dx = [np.empty_like(a) for a in acts]
+    elapsed = np.zeros(1)
+    for i in range(WARMUP + steps):
+        if i == WARMUP:
+            comm.barrier()
+            t0 = time.perf_counter()
+        for k, w in enumerate(W):
+            np.matmul(acts[k], w, out=acts[k + 1])
+        for k in reversed(range(len(W))):
+            np.matmul(acts[k].T, dx[k + 1], out=dW[k])
+            if k:
+                np.matmul(dx[k + 1], W[k].T, out=dx[k])
+    elapsed[0] = time.perf_counter() - t0
+    comm.allreduce_max(elapsed)
+    return wl.batch * steps / elapsed[0]
+
+
+_TORCH_GROUP = []
+
+
+def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, seed: int) -> float | None:
+    """Steady-state samples/s of the same training in PyTorch (DDP over gloo when size > 1); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from distbp.data import epoch_order, shard
+    torch.set_num_threads(threads)
+    if comm.size > 1 and not _TORCH_GROUP:
+        port = comm.bcast_obj(_free_port() if comm.is_root else None)
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                             rank=comm.rank, world_size=comm.size)
+        _TORCH_GROUP.append(True)
+    dt = {"float32": torch.float32, "float64": torch.float64}[wl.dtype]
+    torch.manual_seed(seed)
+    dims, layers = [wl.features, *wl.hidden, wl.classes], []
+    for a, b in zip(dims, dims[1:]):
+        layers += [torch.nn.Linear(a, b, dtype=dt), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    if comm.size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    X, Y = torch.from_numpy(x.astype(wl.dtype, copy=False)), torch.from_numpy(y.astype(np.int64, copy=False))
+    lo, hi = shard(wl.batch, comm.rank, comm.size)
+    per_epoch, order = len(x) // wl.batch, None
+    for i in range(WARMUP + wl.torch_steps):
+        if i == WARMUP:
+            comm.barrier()
+            t0 = time.perf_counter()
+        epoch, k = divmod(i, per_epoch)
+        if k == 0:
+            order = torch.from_numpy(epoch_order(seed, epoch, len(x)))
+        idx = order[k * wl.batch + lo:k * wl.batch + hi]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X[idx]), Y[idx])
+        loss.backward()
+        opt.step()
+    elapsed = np.array([time.perf_counter() - t0])
+    comm.allreduce_max(elapsed)
+    return wl.batch * wl.torch_steps / elapsed[0]
+
+
+def _free_port() -> int:
+    """A TCP port free on this host right now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _median_ratio(a: list, b: list) -> float | None:
+    """Median over rounds of a[i] / b[i] (paired: same round, same machine state)."""
+    pairs = [p / q for p, q in zip(a, b) if p and q]
+    return round(statistics.median(pairs), 3) if pairs else None
+
+
+def bench_workload(name: str, args, comm, tmp: Path) -> dict:
+    """Interleaved rounds of distbp, floor and PyTorch on one workload; the JSON record."""
+    from distbp.data import Dataset, digits_path
+    wl = WORKLOADS[name]
+    if args.steps:
+        wl = Workload(**{**wl.__dict__, "steps": args.steps, "torch_steps": args.steps})
+    path = str(digits_path()) if wl.rows == 0 else str(tmp / f"{name}.h5")
+    if wl.rows and comm.is_root:
+        write_synthetic(Path(path), wl.rows, wl.features, wl.classes)
+    comm.barrier()
+    runs, floors, torches, rss, pss, xy = [], [], [], None, None, None
+    for r in range(args.rounds):
+        runs.append(distbp_round(wl, path, args.set, comm, tmp, r))
+        if rss is None:  # before PyTorch is imported: distbp's own peak
+            rss, pss = comm.gather_obj(round(rss_mb(), 1)), comm.gather_obj(round(pss_mb(), 1))
+        floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200))))
+        if not args.no_torch:
+            if xy is None:  # after distbp's peak RSS is taken
+                with Dataset(path) as d:
+                    xy = d.split("train").read(np.arange(d.split("train").n))
+            torches.append(torch_round(wl, *xy, comm, args.threads, r))
+        else:
+            torches.append(None)
+    rates = [s["samples_per_s"] for s in runs]
+    rec = {"workload": name, "what": wl.what, "ranks": comm.size, "threads": args.threads,
+           "rounds": args.rounds, "set": args.set,
+           "samples_per_s": round(statistics.median(rates)),
+           "step_ms": {k: round(statistics.median(s["ms"][k] for s in runs), 3) for k in runs[0]["ms"]},
+           "floor_samples_per_s": round(statistics.median(floors)),
+           "vs_floor": _median_ratio(rates, floors),
+           "torch": None if all(t is None for t in torches) else ("ddp-gloo" if comm.size > 1 else "single"),
+           "torch_samples_per_s": round(statistics.median(torches)) if torches[0] else None,
+           "vs_torch": _median_ratio(rates, torches) if torches[0] else None,
+           "peak_rss_mb": rss, "pss_mb": pss,
+           "rounds_samples_per_s": {"distbp": [round(v) for v in rates], "floor": [round(v) for v in floors],
+                                    "torch": [round(v) if v else None for v in torches]}}
+    return rec
+
+
+def memory_round(args, comm, tmp: Path) -> dict:
+    """Peak RSS and PSS per rank after a short distbp run on a dataset of args.mb megabytes."""
+    features = 256
+    rows = int(args.mb * 2**20) // (features * 4 + 8)
+    path = tmp / "memory.h5"
+    if comm.is_root and not path.exists():
+        write_synthetic(path, rows, features, 10, block=1 << 14)
+    comm.barrier()
+    wl = Workload("memory", features=features, hidden=(64,), batch=256, rows=rows, steps=20)
+    base = rss_mb()
+    held = distbp_round(wl, str(path), [f"data.memory_mb={args.memory_mb}"], comm, tmp, 0)
+    return {"dataset_mb": round(path.stat().st_size / 2**20) if comm.is_root else None,
+            "ranks": comm.size, "memory_mb": args.memory_mb,
+            "mode": "in memory (node-shared)" if args.mb * 1.0 <= args.memory_mb else "streamed",
+            "rss_before_mb": comm.gather_obj(round(base, 1)),
+            "peak_rss_mb": comm.gather_obj(round(rss_mb(), 1)), "pss_mb": comm.gather_obj(round(pss_mb(), 1)),
+            "samples_per_s": round(held["samples_per_s"])}
+
+
+def worker(args) -> int:
+    """Under mpirun: run the requested measurements, rank 0 prints one JSON line each."""
+    from threadpoolctl import threadpool_limits
+    for k in THREAD_ENV:  # distbp keeps a user's thread setting as it is
+        os.environ[k] = str(args.threads)
+    limiter = threadpool_limits(limits=args.threads, user_api="blas")
+    from distbp.comm import world
+    comm = world()
+    tmp = Path(comm.bcast_obj(tempfile.mkdtemp(prefix="distbp-bench-", dir=args.tmp) if comm.is_root else None))
+    try:
+        if args.memory:
+            records = [memory_round(args, comm, tmp)]
+        else:
+            records = [bench_workload(name, args, comm, tmp) for name in args.workloads]
+    finally:
+        comm.barrier()
+        if comm.is_root:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if comm.is_root:
+        for rec in records:
+            print(json.dumps(rec), flush=True)
+    del limiter
+    return 0
+
+
+# ---------------------------------------------------------------- launching (no MPI here)
+
+def launch(argv: list[str], ranks: int, threads: int, timeout: float) -> list[dict]:
+    """Run this script as an mpirun worker; its JSON records."""
+    mpirun = Path(sys.executable).parent / "mpirun"
+    if not mpirun.exists():
+        mpirun = Path(shutil.which("mpirun") or "mpirun")
+    env = {**os.environ, WORKER_ENV: "1", **{k: str(threads) for k in THREAD_ENV}}
+    cmd = [str(mpirun), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, *argv,
+           "--threads", str(threads)]
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise SystemExit(f"bench worker failed (exit {p.returncode}): {' '.join(cmd)}")
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+
+def table(records: list[dict]) -> str:
+    """The README's markdown table from bench records."""
+    def k(v):
+        return "-" if v is None else f"{v / 1000:,.1f}k"
+
+    rows = ["| workload | ranks x threads | distbp | PyTorch | matmul floor | distbp / PyTorch | distbp / floor |"
+            " step ms: data, fwd, bwd, allreduce, optim, other |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ms = r["step_ms"]
+        split = ", ".join(f"{ms[p]:.2f}" for p in ("data", "forward", "backward", "allreduce", "optimizer", "other"))
+        torch = f"{k(r['torch_samples_per_s'])} ({r['torch']})" if r["torch"] else "-"
+        rows.append(f"| {r['workload']} | {r['ranks']} x {r['threads']} | {k(r['samples_per_s'])} | {torch} | "
+                    f"{k(r['floor_samples_per_s'])} | {r['vs_torch'] or '-'} | {r['vs_floor']} | {split} |")
+    return "\n".join(rows)
+
+
+def memory_table(records: list[dict]) -> str:
+    """Markdown table of the --memory records."""
+    rows = ["| dataset MB | ranks | mode | peak RSS per rank MB | PSS per rank MB | PSS sum MB |", "|---|---|---|---|---|---|"]
+    for r in records:
+        rows.append(f"| {r['dataset_mb']} | {r['ranks']} | {r['mode']} | {max(r['peak_rss_mb']):.0f} | "
+                    f"{', '.join(f'{v:.0f}' for v in r['pss_mb'])} | {sum(r['pss_mb']):.0f} |")
+    return "\n".join(rows)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Command line of the launcher and of the worker."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workloads", nargs="*", default=["W1"], help=f"any of {', '.join(WORKLOADS)}")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="BLAS (and PyTorch) threads per rank")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--steps", type=int, default=0, help="steady-state steps per round (0: the workload's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="distbp config override")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--all", action="store_true", help="the README table: " +
+                   ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
+    p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
+    p.add_argument("--sizes", default="100,400,1600,3200", help="--memory dataset sizes, MB")
+    p.add_argument("--memory-ranks", default="1,2,4", help="--memory rank counts")
+    p.add_argument("--memory-mb", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--mb", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help="folder for the temporary datasets (default: the system's)")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per mpirun launch")
+    args = p.parse_args(argv)
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    """Launch workers (or be one under mpirun) and print JSON lines, plus tables for --all/--memory."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    under_mpi = os.environ.get(WORKER_ENV) or any(os.environ.get(v) for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if under_mpi:
+        return worker(args)
+    base = [a for a in argv if a not in ("--all", "--memory")]
+    if args.memory:
+        records = []
+        for mb in map(float, args.sizes.split(",")):
+            for ranks in map(int, args.memory_ranks.split(",")):
+                for mem in (2048, 64):  # in memory (when it fits), then streamed in blocks
+                    if mem == 2048 and mb > mem:
+                        continue
+                    rec, = launch(base + ["--memory", "--mb", str(mb), "--memory-mb", str(mem)], ranks, 1,
+                                  args.timeout)
+                    print(json.dumps(rec), flush=True)
+                    records.append(rec)
+        print(memory_table(records))
+        return 0
+    if args.all:
+        records = []
+        for name, ranks, threads in ALL:
+            base = [a for a in base if a not in WORKLOADS]
+            for rec in launch([name, *base], ranks, threads, args.timeout):
+                print(json.dumps(rec), flush=True)
+                records.append(rec)
+        print(table(records))
+        return 0
+    for rec in launch(argv, args.ranks, args.threads, args.timeout):
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Failures during training: one rank fails or stalls, non-finite values, disk faults while saving."""
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distbp import checkpoint as ckpt
+from distbp import faults
+from distbp.errors import UserError
+
+MPIRUN = Path(sys.executable).parent / "mpirun"
+DIGITS_FAST = ["--set", "train.epochs=3", "--set", "train.log_every=1000"]
+
+
+def clean_env(**extra) -> dict:
+    """This environment without a surrounding MPI launcher's variables, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "OMPI_", "SLURM_"))}
+    env.pop(faults.ENV, None)
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+class Job:
+    """A distbp job run to completion, with the time from the first fault line to its exit."""
+
+    def __init__(self, ranks: int, args: list[str], fault: str = "", cwd=None, timeout: float = 55, **popen):
+        cmd = ([str(MPIRUN), "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp", *args]
+        env = clean_env(**({faults.ENV: fault} if fault else {}))
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, **popen)
+        self.fault_at, err_lines, out = None, [], []
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+        reader.start()
+        for line in proc.stderr:  # timestamps as lines arrive
+            if self.fault_at is None and "fault injection" in line:
+                self.fault_at = time.monotonic()
+            err_lines.append(line)
+        try:
+            self.rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        reader.join(5)
+        self.wall = time.monotonic() - start
+        self.to_exit = time.monotonic() - self.fault_at if self.fault_at else None
+        self.stderr, self.stdout = "".join(err_lines), "".join(out)
+        print(f"\n[{' '.join(args[:1])} {fault or ''}] rc={self.rc} wall={self.wall:.1f}s "
+              f"fault->exit={self.to_exit and round(self.to_exit, 1)}s")
+
+
+def test_parse_accepts_the_documented_syntax():
+    assert faults.parse("rank=1,step=5,kind=raise") == [faults.Fault(1, 5, "raise")]
+    assert faults.parse(" rank=0,step=2,kind=nan ; rank=3,step=0,kind=stop;") == [
+        faults.Fault(0, 2, "nan"), faults.Fault(3, 0, "stop")]
+    assert faults.parse("") == []
+
+
+@pytest.mark.parametrize("bad", ["rank=1,step=5", "rank=x,step=5,kind=raise", "rank=1,step=5,kind=melt",
+                                 "rank=1,step=5,kind=raise,extra=1", "garbage"])
+def test_parse_rejects_malformed_plans(bad):
+    with pytest.raises(UserError, match="rank=1,step=5,kind=raise"):
+        faults.parse(bad)
+
+
+def test_inject_is_inert_unless_planned(monkeypatch):
+    grads = np.ones(4, np.float32)
+    monkeypatch.setattr(faults, "_PLAN", None)
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.inject(0, 0, grads)
+    monkeypatch.setattr(faults, "_PLAN", [faults.Fault(1, 5, "nan"), faults.Fault(0, 3, "raise")])
+    faults.inject(0, 5, grads)
+    faults.inject(1, 4, grads)
+    assert np.isfinite(grads).all()
+    faults.inject(1, 5, grads)
+    assert np.isnan(grads[0])
+    with pytest.raises(faults.InjectedFault, match="rank 0 at step 3"):
+        faults.inject(0, 3, grads)
+
+
+@pytest.mark.parametrize("kind", ["raise", "exit", "kill", "oom"])
+def test_one_failing_rank_ends_the_job_fast(tmp_path, kind):
+    job = Job(4, ["train", *DIGITS_FAST, "--run-dir", str(tmp_path / "run")], f"rank=1,step=5,kind={kind}")
+    assert job.rc != 0
+    assert job.to_exit is not None and job.to_exit < 10, job.stderr
+    if kind == "kill":  # the launcher names the host and a PID (not always the killed one's) of the table
+        pid = re.search(r"PID (\d+) RUNNING AT (\S+)", job.stdout)
+        assert pid, job.stdout
+        assert re.search(rf"\b[0-3]={pid[1]}@{re.escape(pid[2])}\b", job.stdout), job.stdout
+    else:
+        named = [line for line in job.stderr.splitlines() if line.startswith("distbp: rank 1 on ")]
+        assert len(named) == 1, job.stderr
+        assert {"exit": "exited with code 1", "raise": "InjectedFault", "oom": "MemoryError"}[kind] in named[0]
+
+
+def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
+    job = Job(4, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=5", "--run-dir", str(tmp_path / "run")],
+              "rank=2,step=5,kind=stop")
+    assert job.rc != 0
+    stall = [line for line in job.stderr.splitlines() if line.startswith("distbp: stall:")]
+    assert len(stall) == 1, job.stderr
+    assert "rank(s) 2 did not arrive at the collective of step 5" in stall[0]
+    assert "ranks 0, 1, 3 waited" in stall[0]
+    assert 5 <= job.to_exit < 15
+
+
+def test_stall_watchdog_is_quiet_when_steps_are_slow_but_alive(tmp_path):
+    # rank 0 spends ~2 s in checkpoint writes the others wait for, below the 4 s timeout
+    job = Job(2, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=4", "--set", "train.max_steps=30",
+                  "--set", "checkpoint.every_steps=10", "--run-dir", str(tmp_path / "run")])
+    assert job.rc == 0, job.stderr
+    assert "stall" not in job.stderr
+
+
+def run_with_checkpoints(tmp_path, ranks, fault, *sets, steps=10):
+    """A digits run of `steps` steps with a checkpoint every 2 steps and one injected fault."""
+    run = tmp_path / "run"
+    args = ["train", "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=2",
+            "--set", "checkpoint.keep=10", *[a for s in sets for a in ("--set", s)], "--run-dir", str(run)]
+    return Job(ranks, args, fault), run / "checkpoints"
+
+
+def assert_intact(folder: Path, newest_step: int):
+    """The newest checkpoint in folder is step newest_step, loads and verifies; no temp files remain."""
+    paths = ckpt.list_checkpoints(folder)
+    assert paths and paths[-1].name == ckpt.checkpoint_name(newest_step), paths
+    ck = ckpt.load(paths[-1])
+    assert ck.attrs["step"] == newest_step and all(np.isfinite(a).all() for a in ck.params.values())
+    assert not [p for p in folder.iterdir() if ckpt.TMP_MARK in p.name]
+
+
+def test_nonfinite_gradient_aborts_and_keeps_the_last_checkpoint(tmp_path):
+    job, folder = run_with_checkpoints(tmp_path, 2, "rank=1,step=5,kind=nan")
+    assert job.rc == 3, job.stderr
+    errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
+    assert len(errors) == 1, job.stderr
+    assert re.search(r"non-finite gradient of 0\.\S+W at step 5", errors[0]), errors[0]
+    assert_intact(folder, 4)
+
+
+def test_nonfinite_gradient_skip_policy_skips_that_step(tmp_path):
+    job, folder = run_with_checkpoints(tmp_path, 2, "rank=1,step=5,kind=nan", "train.nonfinite=skip",
+                                       "train.log_every=1")
+    assert job.rc == 0, job.stderr
+    assert re.search(r"WARNING: non-finite gradient of 0\.\S+W at step 5 .*step skipped", job.stdout)
+    assert_intact(folder, 10)
+    skipped = [line for line in (folder.parent / "metrics.jsonl").read_text().splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and '"step": 6' in skipped[0]
+
+
+def test_disk_full_while_saving_warns_then_fails_the_final_save(tmp_path):
+    # a 1.2 MB checkpoint: from step 5 on, rank 0's files may not grow past 1 MiB (RLIMIT_FSIZE)
+    job, folder = run_with_checkpoints(tmp_path, 2, "rank=0,step=5,kind=diskfull", "model.hidden=[512, 512]")
+    assert job.rc != 0
+    warnings = re.findall(r"WARNING: a checkpoint could not be written \(.*File too large", job.stdout)
+    assert len(warnings) == 2, job.stdout  # the saves at steps 6 and 8
+    assert re.search(r"distbp: error: checkpoint \S+step-00000010.h5 could not be written .*File too large.*"
+                     r"previous checkpoint is intact", job.stderr), job.stderr
+    assert_intact(folder, 4)
+
+
+def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    if os.geteuid() == 0:  # root ignores file modes: from step 5 rank 0 acts as an unprivileged uid
+        job, folder = run_with_checkpoints(tmp_path, 2, "rank=0,step=5,kind=readonly")
+    else:  # resume a 4-step run with its checkpoint folder made read-only
+        first, folder = run_with_checkpoints(tmp_path, 2, "", steps=4)
+        assert first.rc == 0, first.stderr
+        folder.chmod(0o555)
+        job, _ = run_with_checkpoints(tmp_path, 2, "")
+        folder.chmod(0o755)
+    assert job.rc != 0
+    assert re.search(r"WARNING: a checkpoint could not be written \(.*Permission denied", job.stdout), job.stdout
+    assert re.search(r"step-00000010.h5 could not be written .*Permission denied", job.stderr), job.stderr
+    assert_intact(folder, 4)

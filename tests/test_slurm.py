@@ -1,0 +1,205 @@
+"""SLURM batch jobs on a real single-node cluster started by scripts/slurm_cluster.sh.
+
+Needs root (the script installs Debian packages and starts munge, slurmctld and
+slurmd). Without it the tests are skipped with the reason; DISTBP_REQUIRE_SLURM=1
+(as in CI) turns the skip into a failure.
+"""
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+# The signal goes out once the first checkpoint exists and lands 5-60 steps later
+# (measured), well before the end; epochs set high so that max_steps ends the run.
+STEPS = 1500
+EVERY = 50
+RANKS = 2
+
+
+def _unavailable(reason):
+    """Skip, or fail when the environment says SLURM must be tested."""
+    if os.environ.get("DISTBP_REQUIRE_SLURM") == "1":
+        pytest.fail(f"DISTBP_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running cluster for this module alone; stopped afterwards if this fixture started it."""
+    if os.geteuid() != 0:
+        _unavailable("SLURM tests need root to install and start a cluster (scripts/slurm_cluster.sh)")
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        _unavailable("SLURM is not installed and apt-get is not available to install it")
+    # One machine-wide cluster: test runs in other checkouts or shells wait their turn
+    # instead of cancelling each other's jobs or stopping the cluster under them.
+    state_dir = os.environ.get("DISTBP_SLURM_DIR", "/var/tmp/distbp-slurm")
+    with open(f"{state_dir.rstrip('/')}.tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        was_running = subprocess.run(["bash", CLUSTER, "status"], capture_output=True).returncode == 0
+        r = subprocess.run(["bash", CLUSTER, "start"], capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            _unavailable(f"scripts/slurm_cluster.sh start failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+        yield
+        if not was_running:
+            subprocess.run(["bash", CLUSTER, "stop"], capture_output=True, timeout=120)
+
+
+def job_env(**extra):
+    """The submitting environment: this Python first on PATH, distbp from this checkout."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+def sbatch(*args, cwd, env=None):
+    """Submit a job and return its id."""
+    r = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env or job_env(),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+    return r.stdout.strip().split(";")[0]
+
+
+def job_info(job):
+    """The fields of `scontrol show job` as a dict (values without spaces only)."""
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"scontrol show job {job}: {r.stderr}"
+    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+
+def wait_for(predicate, timeout, what):
+    """Poll predicate() until it returns a true value; fail after timeout seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_done(job, timeout, log):
+    """Wait until the job ends; return its final scontrol fields."""
+    def ended():
+        info = job_info(job)
+        return info if info["JobState"] in FINAL else None
+    return wait_for(ended, timeout, f"job {job} to finish; log:\n{log_text(log)}")
+
+
+def log_text(path):
+    """A job's log, or a note that it is missing."""
+    return Path(path).read_text() if Path(path).exists() else f"({path} missing)"
+
+
+def start_requeued_now(job):
+    """Start a requeued job now instead of after the ~2 min credential hold.
+
+    The hold exists because the node rejects the job ("Job credential revoked") or
+    the old step's slurmstepd, still exiting, tears down the new step of the same
+    id, if it restarts at once: wait until the job's slurmstepd processes are gone
+    (single-node cluster: they run here) and the revocation second has passed.
+    """
+    def steps_gone():
+        ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+        return not any(line.split(None, 1)[0][0] != "Z" and f"slurmstepd: [{job}." in line
+                       for line in ps.splitlines() if line.strip())
+    wait_for(steps_gone, 30, f"the old steps of job {job} to exit")
+    time.sleep(1.1)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
+
+
+def checkpoint_steps(run_dir):
+    """Steps of the checkpoint files in a run directory, ascending."""
+    return sorted(int(p.stem.split("-")[1]) for p in (Path(run_dir) / "checkpoints").glob("step-*.h5"))
+
+
+def read_arrays(path):
+    """Every dataset of a checkpoint's params and optimizer groups, by name."""
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        for group in ("params", "optimizer"):
+            if group in f:
+                f[group].visititems(lambda name, obj: arrays.__setitem__(f"{group}/{name}", obj[()])
+                                    if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def test_srun_pmi2_gives_one_mpi_world(cluster, tmp_path):
+    code = "from mpi4py import MPI; c = MPI.COMM_WORLD; print('rank', c.rank, 'of', c.size)"
+    out = tmp_path / "world.out"
+    job = sbatch("-n", 2, "-o", out, "--wrap",
+                 f"srun --mpi=pmi2 {shlex.quote(sys.executable)} -c {shlex.quote(code)}", cwd=tmp_path)
+    info = wait_done(job, 60, out)
+    assert info["JobState"] == "COMPLETED", log_text(out)
+    lines = sorted(line for line in log_text(out).splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 of 2", "rank 1 of 2"], log_text(out)
+
+
+def test_train_sbatch_rejects_run_dir_argument(cluster, tmp_path):
+    out = tmp_path / "job.out"
+    job = sbatch("-n", 1, "-o", out, TRAIN_SBATCH, "--run-dir", tmp_path / "x", cwd=tmp_path)
+    info = wait_done(job, 60, out)
+    assert info["ExitCode"] == "2:0", log_text(out)
+    assert "DISTBP_RUN_DIR" in log_text(out)
+
+
+def test_preempt_requeue_resume_matches_uninterrupted_run(cluster, tmp_path):
+    args = ["digits", "--set", f"train.max_steps={STEPS}", "--set", "train.epochs=1000",
+            "--set", f"checkpoint.every_steps={EVERY}"]
+    # The uninterrupted reference runs alongside, at the same rank count.
+    ref_dir, ref_out = tmp_path / "ref", tmp_path / "ref.out"
+    ref = sbatch("-n", RANKS, "-o", ref_out, TRAIN_SBATCH, *args, cwd=tmp_path,
+                 env=job_env(DISTBP_RUN_DIR=str(ref_dir)))
+    out = tmp_path / "preempted.out"
+    job = sbatch("-n", RANKS, "-o", out, TRAIN_SBATCH, *args, cwd=tmp_path)
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+
+    # Preempt: SIGUSR1 to the batch shell once the first checkpoint exists.
+    wait_for(lambda: checkpoint_steps(run_dir), 90, f"a first checkpoint in {run_dir}; log:\n{log_text(out)}")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+
+    def requeued():
+        info = job_info(job)
+        assert info["JobState"] not in FINAL, f"job ended before it was requeued:\n{log_text(out)}"
+        return info["Restarts"] == "1" and info["JobState"] == "PENDING"
+    wait_for(requeued, 60, f"job {job} to be requeued; log:\n{log_text(out)}")
+    stop_step = max(checkpoint_steps(run_dir))
+    assert EVERY < stop_step < STEPS, f"no checkpoint at the signal ({checkpoint_steps(run_dir)})"
+    start_requeued_now(job)
+
+    info = wait_done(job, 120, out)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log_text(out)
+    ref_info = wait_done(ref, 120, ref_out)
+    assert (ref_info["JobState"], ref_info["ExitCode"]) == ("COMPLETED", "0:0"), log_text(ref_out)
+
+    # Resumed once, from the checkpoint written at the signal: no logged step was lost.
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumes = [i for i, line in enumerate(lines) if "resume" in line]
+    assert len(resumes) == 1, resumes
+    logged_before = [line["step"] for line in lines[:resumes[0]] if "loss" in line]
+    assert max(logged_before, default=0) <= stop_step
+
+    # The interrupted run ends bitwise identical to the uninterrupted one.
+    assert max(checkpoint_steps(run_dir)) == max(checkpoint_steps(ref_dir)) == STEPS
+    final = f"checkpoints/step-{STEPS:08d}.h5"
+    got, want = read_arrays(run_dir / final), read_arrays(ref_dir / final)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes(), name

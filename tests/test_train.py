@@ -1,0 +1,314 @@
+"""distbp train end to end: identical ranks, n-rank vs 1-rank equivalence, exact global metrics,
+one failing rank, the default digits run, metrics.jsonl and config.toml, and `distbp data`."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distbp import cli, train
+from distbp.checkpoint import checkpoint_name, load
+from distbp.comm import SerialComm
+from distbp.config import load_config
+from distbp.data import Dataset, synthetic, write_dataset
+from distbp.nn import make_loss
+
+MPIRUN = Path(sys.executable).parent / "mpirun"
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "OMPI_", "HYDRA_", "SLURM_")
+
+
+@pytest.fixture
+def launch(comm):
+    """Run `[mpirun -n N] python -m distbp ARGS` (serial sessions only); returns the CompletedProcess."""
+    if comm.size > 1:
+        pytest.skip("launches its own mpirun jobs: run in the serial session")
+
+    def run(args, n=None, cwd=None, env=None, timeout=55):
+        prefix = [str(MPIRUN), "-n", str(n)] if n else []
+        clean = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",  # as scripts/test.sh: the cores are shared
+                 **{k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}}
+        argv = [*prefix, sys.executable, "-m", "distbp", *map(str, args)]
+        with subprocess.Popen(argv, cwd=cwd, env={**clean, **(env or {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank it started
+                out, err = proc.communicate()
+                pytest.fail(f"{' '.join(argv)} still running after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return run
+
+
+@pytest.fixture
+def alone(comm):
+    """Skip in multi-rank sessions: the test calls cli.main, whose world is the session's."""
+    if comm.size > 1:
+        pytest.skip("calls cli.main in-process: run in the serial session")
+
+
+def synthetic_file(path, rows=250, features=8, classes=3, val=50, seed=0) -> Path:
+    """A small learnable dataset with `val` validation rows."""
+    x, y = synthetic(rows, features, classes, seed)
+    return write_dataset(path, {"train": (x[val:], y[val:]), "val": (x[:val], y[:val])}, num_classes=classes)
+
+
+def by_name(arrays: dict) -> np.ndarray:
+    """Named arrays as one vector, in name order."""
+    return np.concatenate([arrays[k].ravel() for k in sorted(arrays)])
+
+
+def final_params(run_dir, step) -> tuple[np.ndarray, dict]:
+    """(all parameters as one vector in name order, attributes) of the checkpoint at `step`."""
+    ck = load(Path(run_dir) / "checkpoints" / checkpoint_name(step))
+    return by_name(ck.params), ck.attrs
+
+
+def metrics(run_dir) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary_of(proc, run_dir) -> dict:
+    """The summary line of a finished run (fails with the run's output otherwise)."""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    last = metrics(run_dir)[-1]
+    assert last.get("summary") is True
+    return last
+
+
+# --- invariant 2 and 3: every rank ends with the same parameters -------------------------------
+
+
+@pytest.mark.mpi(min_size=2)
+def test_parameters_bitwise_identical_on_every_rank(comm, make_dataset, shared_tmp, monkeypatch):
+    path = make_dataset(train=70, val=13, features=6, classes=3)  # batch 16 over 3 ranks: 6/5/5
+    cfg = load_config(None, [f'data.path="{path}"', "train.batch_size=16", "train.max_steps=9",
+                             "model.hidden=[8, 8]", "model.dropout=0.25", 'optim.name="adam"'])
+    kept = {}
+    save = train.save_checkpoint
+
+    def keep_final(saver, run_dir, model, opt, pos, *args, final: bool):
+        if final:  # every rank calls it, rank 0 alone writes
+            kept["params"] = by_name(model.views(model.params))
+            kept["state"] = np.concatenate([model.params, *opt.state_arrays().values()])
+        return save(saver, run_dir, model, opt, pos, *args, final=final)
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_final)
+    assert train.run(cfg, comm, shared_tmp / "run", resume="never") == 0
+    states = comm.gather_obj(kept["state"])
+    problems = None
+    if comm.is_root:
+        problems = [f"rank {r}" for r, s in enumerate(states) if s.tobytes() != states[0].tobytes()]
+        written, attrs = final_params(shared_tmp / "run", 9)
+        if written.tobytes() != kept["params"].tobytes() or attrs["world_size"] != comm.size:
+            problems.append("checkpoint")
+    assert comm.bcast_obj(problems) == []
+
+
+# --- invariant 2: 1, 2, 3 and 4 ranks follow the same trajectory -------------------------------
+
+
+@pytest.mark.parametrize("dtype, rtol, extra", [
+    ("float32", 1e-5, ['optim.name="sgd"', "train.drop_last=true"]),
+    ("float64", 1e-10, ['optim.name="adam"', "train.drop_last=false"]),  # partial batches of 8 rows
+])
+def test_same_parameters_on_1_2_3_and_4_ranks(launch, tmp_path, dtype, rtol, extra):
+    data = synthetic_file(tmp_path / "data.h5")  # 200 train rows: 3 or 4 steps per epoch
+    steps = 10
+    sets = [f'data.path="{data}"', "train.batch_size=64", f"train.max_steps={steps}", "model.hidden=[16]",
+            "model.dropout=0.2", f'train.dtype="{dtype}"', *extra]
+    params = {}
+    for n in (1, 2, 3, 4):  # 64 rows over 3 ranks: 22/21/21
+        run_dir = tmp_path / f"run{n}"
+        proc = launch(["train", *[a for s in sets for a in ("--set", s)], "--run-dir", run_dir], n=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        params[n], attrs = final_params(run_dir, steps)
+        assert (attrs["world_size"], attrs["step"], params[n].dtype) == (n, steps, np.dtype(dtype))
+    with Dataset(data) as ds:
+        model = train.build_model(load_config(None, sets), ds)
+        init = by_name(model.views(model.params))
+    assert np.abs(params[1] - init).max() > 100 * rtol * np.abs(init).max()  # training moved them
+    scale = np.abs(params[1]).max()
+    for n in (2, 3, 4):
+        np.testing.assert_allclose(params[n], params[1], rtol=rtol, atol=rtol * scale, err_msg=f"{n} ranks")
+
+
+# --- exact global metrics on splits that do not divide by the rank count -----------------------
+
+
+def reference_metrics(model, split) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the whole split in one pass, in float64."""
+    x, y = split.read(np.arange(split.n), model.params.dtype)
+    out = model.eval().forward(x).astype(np.float64)  # (N, C)
+    out -= out.max(axis=1, keepdims=True)
+    log_p = out - np.log(np.exp(out).sum(axis=1, keepdims=True))
+    model.train()
+    return -log_p[np.arange(split.n), y].mean(), (out.argmax(axis=1) == y).mean()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("val_rows", [13, 3])  # 13: 7/6 or 4/3/3/3; 3: a rank with no rows at 4
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("float64", 1e-13)])
+def test_evaluate_is_exact_over_uneven_slices(comm, make_dataset, val_rows, dtype, rtol):
+    path = make_dataset(train=40, val=val_rows, features=6, classes=3)
+    cfg = load_config(None, [f'data.path="{path}"', "model.hidden=[8]", "model.dropout=0.5",
+                             f'train.dtype="{dtype}"', "train.batch_size=8"])
+    with Dataset(path) as ds:
+        model, split = train.build_model(cfg, ds), ds.split("val")
+        loss = make_loss(ds.task)
+        world = train.evaluate(model, loss, split, comm, classification=True)
+        alone = train.evaluate(model, loss, split, SerialComm(), classification=True)
+        ref_loss, ref_acc = reference_metrics(model, split)
+    assert world["val_accuracy"] == alone["val_accuracy"] == ref_acc  # counts, so exactly equal
+    assert world["val_loss"] == pytest.approx(alone["val_loss"], rel=rtol)
+    assert world["val_loss"] == pytest.approx(ref_loss, rel=rtol)
+
+
+def test_distbp_eval_on_3_ranks_equals_1_rank(launch, tmp_path):
+    data = synthetic_file(tmp_path / "data.h5", rows=250, val=50)  # 50 val rows: 17/17/16
+    proc = launch(["train", "--set", f'data.path="{data}"', "--set", "train.max_steps=6",
+                   "--run-dir", tmp_path / "run"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / checkpoint_name(6)
+    results = {}
+    for n in (1, 3):
+        proc = launch(["eval", ckpt], n=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (line,) = [s for s in proc.stdout.splitlines() if s.startswith("split=")]  # printed once
+        results[n] = dict(kv.split("=", 1) for kv in line.split())
+    assert results[1]["rows"] == results[3]["rows"] == "50"
+    assert results[1]["accuracy"] == results[3]["accuracy"]
+    assert float(results[3]["loss"]) == pytest.approx(float(results[1]["loss"]), rel=1e-5)
+    summary = metrics(tmp_path / "run")[-1]  # the run's own final evaluation of the same parameters
+    assert float(results[1]["loss"]) == pytest.approx(summary["val_loss"], rel=1e-5)
+
+
+# --- invariant 4: one failing rank ends the whole job, fast ------------------------------------
+
+
+@pytest.mark.parametrize("kind, what", [("raise", "failed: InjectedFault: injected fault on rank 1 at step 5"),
+                                        ("exit", "exited with code 1")])
+def test_one_failing_rank_ends_mpirun_of_4_within_seconds(launch, tmp_path, kind, what):
+    data = synthetic_file(tmp_path / "data.h5")
+    start = time.monotonic()
+    proc = launch(["train", "--set", f'data.path="{data}"', "--set", "train.epochs=10000", "--set",
+                   "train.batch_size=16", "--run-dir", tmp_path / "run"], n=4,
+                  env={"DISTBP_FAULT": f"rank=1,step=5,kind={kind}"}, timeout=45)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and elapsed < 30, (proc.returncode, elapsed)
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("distbp: rank")]
+    assert len(ranks) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(rf"distbp: rank 1 on \S+ {re.escape(what)}", ranks[0]), ranks[0]
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*.h5"))  # it never got to the end
+
+
+# --- the default run: `distbp train` on the shipped digits -------------------------------------
+
+
+def default_run_summary(proc, cwd) -> dict:
+    """The summary of the one run a `distbp train` without arguments made under cwd/runs/."""
+    run_dirs = list((cwd / "runs").iterdir())  # runs/<timestamp>, the same on every rank
+    assert len(run_dirs) == 1, run_dirs
+    assert re.search(r"^step 50 loss=\S+ lr=0.05$", proc.stdout, re.M)  # plain progress lines off a terminal
+    return summary_of(proc, run_dirs[0])
+
+
+def test_default_run_reaches_96_percent(launch, tmp_path):
+    summary = default_run_summary(launch(["train"], cwd=tmp_path), tmp_path)
+    assert summary["world_size"] == 1 and summary["epochs"] == 30
+    assert summary["val_accuracy"] >= 0.96
+
+
+def test_default_run_on_4_ranks_reaches_96_percent(launch, tmp_path):
+    summary = default_run_summary(launch(["train"], n=4, cwd=tmp_path), tmp_path)
+    assert summary["world_size"] == 4 and summary["epochs"] == 30
+    assert summary["val_accuracy"] >= 0.96
+
+
+# --- user errors: one message from rank 0, exit 2, no traceback --------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", 'data.path="no/such/file.h5"'], "dataset no/such/file.h5: no such file"),
+    (["--set", "train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["--set", "train.epochs=abc"], "train.epochs='abc' has the wrong type: expected int"),
+    (["--set", "model.hidden=64"], "model.hidden=64 must be a list"),
+    (["no-such-config.toml"], "cannot read config file no-such-config.toml"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_user_error_is_one_message_under_mpirun_of_4(launch, tmp_path, args, message):
+    proc = launch(["train", *args, "--run-dir", tmp_path / "run"], n=4, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert output.count(message) == 1 and output.count("error:") == 1, output
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+# --- metrics.jsonl and config.toml -------------------------------------------------------------
+
+
+def test_metrics_file_and_config_round_trip(alone, make_dataset, tmp_path, monkeypatch, capsys):
+    path = make_dataset(train=40, val=12, features=6, classes=3)  # batch 8: 5 steps per epoch
+    sets = [f'data.path="{path}"', "train.batch_size=8", "train.max_steps=12", "train.log_every=4",
+            "train.eval_every=3", "model.hidden=[8]"]
+    cfg = load_config(None, sets)
+    assert train.run(cfg, SerialComm(), tmp_path / "a", resume="never") == 0
+    records = metrics(tmp_path / "a")
+    trains = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r and "summary" not in r]
+    assert [set(r) for r in trains] == [{"step", "epoch", "loss", "lr", "samples_per_s"}] * 3
+    assert [(r["step"], r["epoch"], r["lr"]) for r in trains] == [(4, 0, 0.05), (8, 1, 0.05), (12, 2, 0.05)]
+    assert trains[-1]["samples_per_s"] > 0 and trains[0]["samples_per_s"] == 0  # 10 warm-up steps left out
+    assert [(r["step"], r["epoch"]) for r in evals] == [(3, 0), (5, 0), (6, 1), (9, 1), (10, 1), (12, 2)]
+    assert all({"val_loss", "val_accuracy"} <= set(r) for r in evals)
+    summary = records[-1]
+    assert records.count(summary) == 1 and summary["summary"] is True
+    assert {"steps", "epochs", "samples_per_s", "val_loss", "val_accuracy", "world_size", "wall_time_s"} <= set(summary)
+    assert (summary["steps"], summary["epochs"], summary["world_size"]) == (12, 12 / 5, 1)
+    assert (summary["val_loss"], summary["val_accuracy"]) == (evals[-1]["val_loss"], evals[-1]["val_accuracy"])
+    assert summary["samples_per_s"] > 0 and summary["wall_time_s"] > 0
+
+    assert load_config(str(tmp_path / "a" / "config.toml")) == cfg
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() installs its abort hook
+    assert cli.main(["train", str(tmp_path / "a" / "config.toml"), "--run-dir", str(tmp_path / "b")]) == 0
+    a, _ = final_params(tmp_path / "a", 12)
+    b, _ = final_params(tmp_path / "b", 12)
+    np.testing.assert_array_equal(a, b)  # the written config reproduces the run
+
+
+# --- distbp data -------------------------------------------------------------------------------
+
+
+def test_data_commands(alone, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    assert cli.main(["data", "digits", str(tmp_path / "d.h5")]) == 0
+    with Dataset(tmp_path / "d.h5") as ds:
+        assert (ds.task, ds.num_classes, ds.input_shape, ds.split("train").n, ds.split("val").n) == \
+            ("classification", 10, (64,), 1437, 360)
+    out = tmp_path / "s.h5"
+    assert cli.main(["data", "synthetic", str(out), "--rows", "100", "--features", "5", "--classes", "4"]) == 0
+    with Dataset(out) as ds:
+        assert (ds.num_classes, ds.input_shape, ds.split("train").n, ds.split("val").n) == (4, (5,), 80, 20)
+        assert set(np.unique(ds.split("train").read(np.arange(80))[1])) == {0, 1, 2, 3}
+    capsys.readouterr()
+    assert cli.main(["data", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "task classification" in text and re.search(r"train\s+x \(80, 5\) float32\s+y \(80,\)", text), text
+    assert re.search(r"val\s+x \(20, 5\) float32", text), text
+    assert cli.main(["data", "inspect", str(tmp_path / "missing.h5")]) == 2
+    assert capsys.readouterr().err.count("no such file") == 1
+
+
+def test_data_commands_print_and_write_once_under_mpirun_of_4(launch, tmp_path):
+    proc = launch(["data", "digits", "d.h5"], n=4, cwd=tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "wrote d.h5\n", "")
+    proc = launch(["data", "inspect", "d.h5"], n=4, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.count("task classification") == 1, proc.stdout + proc.stderr
