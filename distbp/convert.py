@@ -360,7 +360,7 @@ def _x_rows(x: np.ndarray, where: str, row0: int) -> np.ndarray:
 
 
 def _y_rows(y: np.ndarray, task: str, where: str, row0: int) -> np.ndarray:
-    """Labels as int64 class indices (one-hot rows become their argmax), or float32 targets."""
+    """Labels as int64 class indices ((N, 1) columns flattened, one-hot rows their argmax), or float32 targets."""
     if task != "classification":
         y = y.astype(np.float32)
         bad = ~np.isfinite(y) if task == "regression" else ~((y >= 0) & (y <= 1))
@@ -370,7 +370,7 @@ def _y_rows(y: np.ndarray, task: str, where: str, row0: int) -> np.ndarray:
                                f"{'NaN or Inf' if task == 'regression' else 'not in [0, 1]'}; HINT: clean it")
         return y
     if y.ndim == 2:
-        y = y.argmax(axis=1)
+        y = y[:, 0] if y.shape[1] == 1 else y.argmax(axis=1)
     if y.ndim != 1:
         raise ConvertError(f"{where}: labels of shape {y.shape[1:]} per row; HINT: classification needs one "
                            "class index per row (or one-hot rows), regression targets need --task regression")
@@ -382,7 +382,7 @@ def _y_rows(y: np.ndarray, task: str, where: str, row0: int) -> np.ndarray:
 
 
 def _routes(tables: dict, n_val: int, seed: int) -> dict:
-    """{source split: (SplitMask or None, split names)}: the train source feeds train and val when n_val > 0."""
+    """{source split: SplitMask, or None to copy it whole}: the train source feeds train and val when n_val > 0."""
     if n_val and "val" in tables:
         raise ConvertError("the input already has a val split; HINT: drop --val-fraction")
     return {name: (SplitMask(t.n, n_val, seed) if n_val and name == "train" else None) for name, t in tables.items()}

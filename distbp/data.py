@@ -359,6 +359,10 @@ def value_summary(x, y, task: str, num_classes: int | None, x_scale: float | Non
         counts = np.zeros(num_classes, np.int64)
         for _, block in _blocks(y):
             counts += np.bincount(np.clip(block, 0, num_classes - 1), minlength=num_classes)
+        if num_classes > 20:  # one line, not a thousand
+            lo, hi = int(counts.argmin()), int(counts.argmax())
+            return lines + [f"classes: {num_classes}, rows per class {counts[lo]} (class {lo}) to "
+                            f"{counts[hi]} (class {hi}), empty classes {int(np.sum(counts == 0))}"]
         share = ", ".join(f"{k}: {c} ({100 * c / max(counts.sum(), 1):.1f}%)" for k, c in enumerate(counts))
         return lines + [f"classes {share}"]
     ys = [np.asarray(block, dtype=np.float64) for _, block in _blocks(y)]

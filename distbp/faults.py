@@ -5,6 +5,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,11 +13,13 @@ import numpy as np
 from .errors import UserError
 
 ENV = "DISTBP_FAULT"
-KINDS = ("raise", "exit", "kill", "stop", "nan", "oom", "diskfull", "readonly")
+KINDS = ("raise", "exit", "kill", "stop", "slow", "nan", "oom", "diskfull", "readonly")
 OOM_HEADROOM = 256 << 20  # kind=oom: address space allowed beyond what the process already maps
 DISKFULL_BYTES = 1 << 20  # kind=diskfull: no file this process writes may grow past this size
+SLOW_SECONDS = 2.0  # kind=slow: a late but live rank, which the stall watchdog must tolerate
 NOBODY = 65534  # kind=readonly: the unprivileged uid root switches to, as root ignores file modes
 WHAT = {"raise": "raise InjectedFault", "exit": "sys.exit(1)", "kill": "SIGKILL", "stop": "SIGSTOP (frozen)",
+        "slow": f"sleeping {SLOW_SECONDS:g} s",
         "nan": "NaN in the local gradient",
         "oom": f"allocating memory until it runs out (address space capped at +{OOM_HEADROOM >> 20} MiB)",
         "diskfull": f"files may no longer grow past {DISKFULL_BYTES >> 20} MiB (RLIMIT_FSIZE)",
@@ -75,6 +78,8 @@ def _do(fault: Fault, grads: np.ndarray):
         sys.exit(1)
     if kind in ("kill", "stop"):
         os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    elif kind == "slow":
+        time.sleep(SLOW_SECONDS)
     elif kind == "nan":
         grads.flat[0] = np.nan  # the first parameter of the first layer
     elif kind == "oom":

@@ -14,7 +14,7 @@ from . import faults
 from . import slurm
 from .comm import set_thread_budget
 from .config import Config, config_to_dict, config_to_json, config_to_toml
-from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
+from .data import DataError, Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
 from .determinism import DeterministicStep, check_consistent, param_hash, pin_blas_threads
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .metrics import RunLog, StepTimer, format_summary
@@ -224,6 +224,7 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
     path = run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)
     errors = []
     try:
+        errors.append(saver.wait())  # the previous save's error, reported even if this write fails too
         errors.append(saver.save(path, make_checkpoint(model, opt, cfg.optim.name, pos, cfg, comm, lr),
                                  then=lambda: ckpt.prune(path.parent, cfg.checkpoint.keep, path)))
         if final:
@@ -364,6 +365,12 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
             if (due or scalars[4] > 0) and pos.step < total:
                 save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=False)
                 last_ckpt_time = time.monotonic()
+    except DataError as e:
+        if comm.size == 1:
+            raise
+        # this rank alone failed to read its rows while the others wait in a collective:
+        # a crash of the job (MPI abort), not an input error every rank agreed on
+        raise RuntimeError(f"{e}") from None
     finally:
         stall.stop()
         stop.restore()

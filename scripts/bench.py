@@ -59,7 +59,7 @@ WORKLOADS = {
     "W4-wide": Workload("MLP 784-4096-10 ReLU, batch 256", hidden=(4096,), steps=20, torch_steps=20),
     "W1-det": Workload("W1 with train.deterministic=true", extra=("train.deterministic=true",)),
 }
-ALL = [("W1", 1, 1), ("W1", 1, 2), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1)]
+ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -153,10 +153,10 @@ def floor_round(wl: Workload, comm, steps: int) -> float:
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     n, dt, rng = hi - lo, np.dtype(wl.dtype), np.random.default_rng(comm.rank)
     dims = [wl.features, *wl.hidden, wl.classes]
-    W = [rng.standard_normal((a, b)).astype(dt) for a, b in zip(dims, dims[1:])]
+    W = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(dt) for a, b in zip(dims, dims[1:])]
     acts = [rng.standard_normal((n, d)).astype(dt) for d in dims]
     dW = [np.empty_like(w) for w in W]
-    dx = [np.empty_like(a) for a in acts]
+    dx = [rng.standard_normal((n, d)).astype(dt) for d in dims]  # finite values: no NaN/denormal slow paths
     elapsed = np.zeros(1)
     for i in range(WARMUP + steps):
         if i == WARMUP:
@@ -257,7 +257,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
             torches.append(None)
     rates = [s["samples_per_s"] for s in runs]
     rec = {"workload": name, "what": wl.what, "ranks": comm.size, "threads": args.threads,
-           "rounds": args.rounds, "set": args.set,
+           "rounds": args.rounds, "set": args.set, "load_avg_1min": round(os.getloadavg()[0], 1),
            "samples_per_s": round(statistics.median(rates)),
            "step_ms": {k: round(statistics.median(s["ms"][k] for s in runs), 3) for k in runs[0]["ms"]},
            "floor_samples_per_s": round(statistics.median(floors)),
@@ -272,22 +272,36 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
 
 
 def memory_round(args, comm, tmp: Path) -> dict:
-    """Peak RSS and PSS per rank after a short distbp run on a dataset of args.mb megabytes."""
-    features = 256
-    rows = int(args.mb * 2**20) // (features * 4 + 8)
-    path = tmp / "memory.h5"
-    if comm.is_root and not path.exists():
-        write_synthetic(path, rows, features, 10, block=1 << 14)
-    comm.barrier()
+    """Peak RSS and PSS per rank after a short distbp run on the dataset file args.data."""
+    with h5py.File(args.data, "r") as f:
+        rows, features = f["train/x"].shape
+    nbytes = rows * (features * 4 + 8)
     wl = Workload("memory", features=features, hidden=(64,), batch=256, rows=rows, steps=20)
     base = rss_mb()
-    held = distbp_round(wl, str(path), [f"data.memory_mb={args.memory_mb}"], comm, tmp, 0)
-    return {"dataset_mb": round(path.stat().st_size / 2**20) if comm.is_root else None,
-            "ranks": comm.size, "memory_mb": args.memory_mb,
-            "mode": "in memory (node-shared)" if args.mb * 1.0 <= args.memory_mb else "streamed",
+    held = distbp_round(wl, args.data, [f"data.memory_mb={args.memory_mb}"], comm, tmp, 0)
+    return {"dataset_mb": round(nbytes / 2**20), "ranks": comm.size, "memory_mb": args.memory_mb,
+            "mode": "in memory, node-shared" if nbytes <= args.memory_mb * 2**20 else "streamed",
             "rss_before_mb": comm.gather_obj(round(base, 1)),
             "peak_rss_mb": comm.gather_obj(round(rss_mb(), 1)), "pss_mb": comm.gather_obj(round(pss_mb(), 1)),
             "samples_per_s": round(held["samples_per_s"])}
+
+
+def memory_sweep(args, base: list) -> list[dict]:
+    """For each dataset size: write it once, then run it in memory (if it fits) and streamed at each rank count."""
+    records = []
+    for mb in map(float, args.sizes.split(",")):
+        with tempfile.TemporaryDirectory(prefix="distbp-bench-mem-", dir=args.tmp) as tmp:
+            path = Path(tmp) / "memory.h5"
+            write_synthetic(path, int(mb * 2**20) // (256 * 4 + 8), 256, 10, block=1 << 14)
+            for ranks in map(int, args.memory_ranks.split(",")):
+                for mem in (args.memory_mb, 64):  # in memory when it fits, then streamed in blocks
+                    if mem == args.memory_mb and mb > mem:
+                        continue
+                    rec, = launch(base + ["--memory", "--data", str(path), "--memory-mb", str(mem)], ranks, 1,
+                                  args.timeout)
+                    print(json.dumps(rec), flush=True)
+                    records.append(rec)
+    return records
 
 
 def worker(args) -> int:
@@ -352,7 +366,7 @@ def memory_table(records: list[dict]) -> str:
     """Markdown table of the --memory records."""
     rows = ["| dataset MB | ranks | mode | peak RSS per rank MB | PSS per rank MB | PSS sum MB |", "|---|---|---|---|---|---|"]
     for r in records:
-        rows.append(f"| {r['dataset_mb']} | {r['ranks']} | {r['mode']} | {max(r['peak_rss_mb']):.0f} | "
+        rows.append(f"| {r['dataset_mb']} | {r['ranks']} | {r['mode']} | {', '.join(f'{v:.0f}' for v in r['peak_rss_mb'])} | "
                     f"{', '.join(f'{v:.0f}' for v in r['pss_mb'])} | {sum(r['pss_mb']):.0f} |")
     return "\n".join(rows)
 
@@ -370,10 +384,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--all", action="store_true", help="the README table: " +
                    ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
     p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
-    p.add_argument("--sizes", default="100,400,1600,3200", help="--memory dataset sizes, MB")
+    p.add_argument("--sizes", default="100,800,3200", help="--memory dataset sizes, MB")
     p.add_argument("--memory-ranks", default="1,2,4", help="--memory rank counts")
     p.add_argument("--memory-mb", type=int, default=2048, help=argparse.SUPPRESS)
-    p.add_argument("--mb", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--data", default="", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help="folder for the temporary datasets (default: the system's)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per mpirun launch")
     args = p.parse_args(argv)
@@ -392,17 +406,7 @@ def main(argv=None) -> int:
         return worker(args)
     base = [a for a in argv if a not in ("--all", "--memory")]
     if args.memory:
-        records = []
-        for mb in map(float, args.sizes.split(",")):
-            for ranks in map(int, args.memory_ranks.split(",")):
-                for mem in (2048, 64):  # in memory (when it fits), then streamed in blocks
-                    if mem == 2048 and mb > mem:
-                        continue
-                    rec, = launch(base + ["--memory", "--mb", str(mb), "--memory-mb", str(mem)], ranks, 1,
-                                  args.timeout)
-                    print(json.dumps(rec), flush=True)
-                    records.append(rec)
-        print(memory_table(records))
+        print(memory_table(memory_sweep(args, base)))
         return 0
     if args.all:
         records = []

@@ -236,3 +236,10 @@ def test_random_config_files_and_overrides_give_a_config_error(lines, overrides)
             load_config(str(path), overrides)
         except ConfigError as e:
             assert str(e)
+
+
+def test_faults_doc_lists_every_case():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "FAULTS.md").read_text()
+    from distbp.faults import KINDS
+    missing = [f"kind={k}" for k in KINDS if f"kind={k}" not in doc] + [c for c in CASES if f"| {c} " not in doc]
+    assert not missing, f"docs/FAULTS.md lacks rows for {missing}"

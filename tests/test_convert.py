@@ -152,6 +152,9 @@ def test_npz_with_keras_style_splits_and_npy_pairs(tmp_path):
     splits, attrs = read_all(cv.convert([tmp_path / "x.npy", tmp_path / "y.npy"], tmp_path / "p.h5",
                                         val_fraction=0, test_inputs=[tmp_path / "x.npy", tmp_path / "y.npy"]))
     assert splits["train"][0].shape == (60, 1) and np.array_equal(splits["train"][1], np.arange(60) % 3)
+    np.save(tmp_path / "y.npy", (np.arange(60) % 3)[:, None])  # a label column (N, 1), as keras' CIFAR
+    splits, _ = read_all(cv.convert([tmp_path / "x.npy", tmp_path / "y.npy"], tmp_path / "c.h5", val_fraction=0))
+    assert np.array_equal(splits["train"][1], np.arange(60) % 3)
     np.save(tmp_path / "o.npy", np.array([{"a": 1}] * 60, dtype=object))
     with pytest.raises(DataError, match="pickle"):
         cv.convert([tmp_path / "o.npy", tmp_path / "y.npy"], tmp_path / "q.h5")
@@ -179,3 +182,12 @@ def test_inspect_shows_class_balance_and_value_ranges(tmp_path):
     train_y = read_all(out)[0]["train"][1]
     assert f"0: {np.sum(train_y == 0)} (" in text and "classes" in text
     assert f"stored uint8 [{x.min()}, {x.max()}]" in text and "x range [0, 1]" in text
+
+
+def test_inspect_summarizes_many_classes_in_one_line(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((90, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(90) % 30)
+    out = cv.convert([tmp_path / "x.npy", tmp_path / "y.npy"], tmp_path / "o.h5", val_fraction=0)
+    with Dataset(out) as ds:
+        text = "\n".join(ds.describe(values=True))
+    assert "classes: 30, rows per class 3 (class 0) to 3 (class 0), empty classes 0" in text

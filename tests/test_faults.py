@@ -109,10 +109,9 @@ def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
     assert 5 <= job.to_exit < 15
 
 
-def test_stall_watchdog_is_quiet_when_steps_are_slow_but_alive(tmp_path):
-    # rank 0 spends ~2 s in checkpoint writes the others wait for, below the 4 s timeout
-    job = Job(2, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=4", "--set", "train.max_steps=30",
-                  "--set", "checkpoint.every_steps=10", "--run-dir", str(tmp_path / "run")])
+def test_stall_watchdog_tolerates_a_late_rank(tmp_path):
+    job = Job(2, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=5", "--set", "train.max_steps=12",
+                  "--run-dir", str(tmp_path / "run")], "rank=1,step=3,kind=slow;rank=0,step=8,kind=slow")
     assert job.rc == 0, job.stderr
     assert "stall" not in job.stderr
 
@@ -125,13 +124,15 @@ def run_with_checkpoints(tmp_path, ranks, fault, *sets, steps=10):
     return Job(ranks, args, fault), run / "checkpoints"
 
 
-def assert_intact(folder: Path, newest_step: int):
-    """The newest checkpoint in folder is step newest_step, loads and verifies; no temp files remain."""
+def assert_intact(folder: Path, *newest_steps: int, stale_ok: bool = False):
+    """Every checkpoint in folder loads and verifies, the newest is at one of newest_steps; no temp files."""
     paths = ckpt.list_checkpoints(folder)
-    assert paths and paths[-1].name == ckpt.checkpoint_name(newest_step), paths
-    ck = ckpt.load(paths[-1])
-    assert ck.attrs["step"] == newest_step and all(np.isfinite(a).all() for a in ck.params.values())
-    assert not [p for p in folder.iterdir() if ckpt.TMP_MARK in p.name]
+    assert paths and paths[-1].name in [ckpt.checkpoint_name(s) for s in newest_steps], paths
+    for path in paths:
+        ck = ckpt.load(path)
+        assert all(np.isfinite(a).all() for a in ck.params.values())
+    assert ck.attrs["step"] in newest_steps
+    assert stale_ok or not [p for p in folder.iterdir() if ckpt.TMP_MARK in p.name]
 
 
 def test_nonfinite_gradient_aborts_and_keeps_the_last_checkpoint(tmp_path):
@@ -158,10 +159,10 @@ def test_disk_full_while_saving_warns_then_fails_the_final_save(tmp_path):
     job, folder = run_with_checkpoints(tmp_path, 2, "rank=0,step=5,kind=diskfull", "model.hidden=[512, 512]")
     assert job.rc != 0
     warnings = re.findall(r"WARNING: a checkpoint could not be written \(.*File too large", job.stdout)
-    assert len(warnings) == 2, job.stdout  # the saves at steps 6 and 8
+    assert len(warnings) in (2, 3), job.stdout  # the saves at steps 6 and 8 (and 4 if still sealing)
     assert re.search(r"distbp: error: checkpoint \S+step-00000010.h5 could not be written .*File too large.*"
                      r"previous checkpoint is intact", job.stderr), job.stderr
-    assert_intact(folder, 4)
+    assert_intact(folder, 2, 4)  # step 4's may still be sealing in the background when the fault strikes
 
 
 def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_path):
@@ -176,4 +177,31 @@ def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_pa
     assert job.rc != 0
     assert re.search(r"WARNING: a checkpoint could not be written \(.*Permission denied", job.stdout), job.stdout
     assert re.search(r"step-00000010.h5 could not be written .*Permission denied", job.stderr), job.stderr
-    assert_intact(folder, 4)
+    # step 4's may still be sealing when the fault strikes; its temp file, no longer deletable, is
+    # removed when the run next starts
+    assert_intact(folder, 2, 4, stale_ok=True)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
+    from distbp.watchdog import ANSWER, QUERY, Watchdog
+    step = [7]
+    dog = Watchdog(comm, 4.0, lambda: step[0]).start()
+    watched = dog.watched()
+    assert watched.rank == comm.rank and watched.size == comm.size
+    buf = np.ones(3)
+    for i in range(3):  # rank 0 arrives 1 s late: below the 4 s timeout
+        if comm.rank == 0:
+            time.sleep(1.0)
+        watched.allreduce_sum(buf)
+        assert dog.since is None
+    if comm.rank == 0:  # ask every other rank, as the watchdog does on a timeout
+        replies = {r: np.zeros(3) for r in range(1, comm.size)}
+        for r in replies:
+            dog._wcomm.Send(np.zeros(1), dest=r, tag=QUERY)
+        for r, reply in replies.items():
+            dog._wcomm.Recv(reply, source=r, tag=ANSWER)
+        assert all(reply[0] == 7 and reply[1] == 1 for reply in replies.values())  # waiting at step 7
+    watched.barrier()
+    dog.stop()
+    np.testing.assert_array_equal(buf, comm.size ** 3)

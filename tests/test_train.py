@@ -29,11 +29,12 @@ def launch(comm):
     if comm.size > 1:
         pytest.skip("launches its own mpirun jobs: run in the serial session")
 
-    def run(args, n=None, cwd=None, env=None, timeout=55):
+    def run(args, n=None, cwd=None, env=None, timeout=55, script=None):
         prefix = [str(MPIRUN), "-n", str(n)] if n else []
+        program = [str(script)] if script else ["-m", "distbp"]
         clean = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",  # as scripts/test.sh: the cores are shared
                  **{k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}}
-        argv = [*prefix, sys.executable, "-m", "distbp", *map(str, args)]
+        argv = [*prefix, sys.executable, *program, *map(str, args)]
         with subprocess.Popen(argv, cwd=cwd, env={**clean, **(env or {})}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
             try:
@@ -207,6 +208,37 @@ def test_one_failing_rank_ends_mpirun_of_4_within_seconds(launch, tmp_path, kind
     assert len(ranks) == 1, proc.stderr[-3000:]
     assert re.fullmatch(rf"distbp: rank 1 on \S+ {re.escape(what)}", ranks[0]), ranks[0]
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*.h5"))  # it never got to the end
+
+
+FAILING_READ = """
+import sys
+from distbp import cli, data
+from distbp.comm import world
+
+read, calls = data.Split.read, []
+
+def read_failing_on_rank_1(split, idx, dtype):
+    calls.append(idx)
+    if world().rank == 1 and len(calls) == 4:
+        raise data.DataError("dataset D, split 'train': cannot read rows (test); HINT: re-copy it")
+    return read(split, idx, dtype)
+
+data.Split.read = read_failing_on_rank_1
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_read_error_on_one_rank_ends_the_job(launch, tmp_path):
+    (tmp_path / "job.py").write_text(FAILING_READ)
+    data = synthetic_file(tmp_path / "data.h5")
+    start = time.monotonic()
+    proc = launch(["train", "--set", f'data.path="{data}"', "--set", "train.epochs=10000", "--set",
+                   "train.stall_timeout=0", "--run-dir", tmp_path / "run"], n=3, script=tmp_path / "job.py",
+                  timeout=45)  # without the watchdog: only the abort ends it
+    assert proc.returncode != 0 and time.monotonic() - start < 30
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("distbp: rank")]
+    assert len(ranks) == 1 and re.fullmatch(r"distbp: rank 1 on \S+ failed: .*cannot read rows \(test\).*",
+                                            ranks[0]), proc.stderr[-3000:]
 
 
 # --- the default run: `distbp train` on the shipped digits -------------------------------------

@@ -1,0 +1,311 @@
+"""Deterministic mode: tree index math, the fixed-order exchange, the cross-rank check, and
+bitwise-identical training on 1, 2, 3, 4 and 8 ranks (dropout on, SGD and Adam, resume 4 -> 3)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distbp import checkpoint as ckpt
+from distbp.comm import SerialComm
+from distbp.config import ConfigError, load_config
+from distbp.data import shard, write_dataset
+from distbp.determinism import (DeterministicStep, DivergenceError, TreeStack, aligned_blocks, check_consistent,
+                                is_left_sibling, num_shards, param_hash, rank_blocks, rank_groups, shard_rows)
+from distbp.nn import Sequential, make_loss, mlp_specs
+
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+
+# ---- index math ----
+
+def test_shards_cover_the_batch_with_a_short_last_one():
+    assert num_shards(50, 8) == 7 and num_shards(48, 8) == 6 and num_shards(1, 8) == 1
+    assert [shard_rows(j, 50, 8) for j in (0, 5, 6)] == [(0, 8), (40, 48), (48, 50)]
+
+
+@given(st.integers(0, 300), st.integers(0, 300))
+def test_aligned_blocks_are_the_maximal_tree_nodes_of_a_run(a, b):
+    a, b = min(a, b), max(a, b)
+    blocks = aligned_blocks(a, b)
+    assert [s for s, _ in blocks] == [a + sum(n for _, n in blocks[:i]) for i in range(len(blocks))]
+    assert sum(n for _, n in blocks) == b - a
+    for s, n in blocks:
+        assert n & (n - 1) == 0 and s % n == 0  # a node of the tree
+        parent = (s - s % (2 * n), 2 * n)
+        assert not (a <= parent[0] and parent[0] + parent[1] <= b)  # maximal: its parent sticks out
+    assert all(not is_left_sibling(x, y) for x, y in zip(blocks, blocks[1:]))
+
+
+def test_rank_blocks_concatenate_to_all_shards_in_order():
+    for shards in (1, 5, 7, 8, 13):
+        for size in (1, 2, 3, 4, 8):
+            every = [node for bl in rank_blocks(shards, size) for node in bl]
+            assert [s for s, _ in every] == sorted(s for s, _ in every)
+            assert sum(n for _, n in every) == shards
+    assert rank_blocks(7, 3) == [[(0, 2), (2, 1)], [(3, 1), (4, 1)], [(5, 1), (6, 1)]]
+    assert rank_blocks(7, 8)[7] == []
+
+
+def test_sibling_needs_alignment():
+    assert is_left_sibling((4, 2), (6, 2)) and is_left_sibling((0, 1), (1, 1))
+    assert not is_left_sibling((2, 2), (4, 2)) and not is_left_sibling((3, 1), (4, 1))
+    assert not is_left_sibling((0, 2), (2, 1))
+
+
+# ---- the tree on arrays ----
+
+def reference_tree(leaves: list, s: int, n: int) -> np.ndarray:
+    """The tree's definition, recursively: node [s, s+n) = left half + right half, empty right = left."""
+    if n == 1:
+        return leaves[s].copy()
+    left = reference_tree(leaves, s, n // 2)
+    if s + n // 2 >= len(leaves):
+        return left
+    return left + reference_tree(leaves, s + n // 2, n // 2)
+
+
+def leaves_with_rounding(shards: int, seed: int = 0) -> list:
+    """float32 vectors of very different magnitudes, so the summation order shows in the bits."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(64) * 10.0 ** rng.integers(-4, 5, 64)).astype(np.float32) for _ in range(shards)]
+
+
+def tree_sum_over_ranks(leaves: list, size: int) -> np.ndarray:
+    """What the ranks compute: each run's blocks locally, then one tree over everyone's blocks."""
+    blocks = []
+    for (a, b), nodes in zip((shard(len(leaves), r, size) for r in range(size)), rank_blocks(len(leaves), size)):
+        local = TreeStack()
+        for j in range(a, b):
+            local.push((j, 1), leaves[j])
+        assert local.nodes == nodes
+        blocks += zip(local.nodes, [v.copy() for v in local.values])
+    tree = TreeStack()
+    for node, value in blocks:
+        tree.push(node, value, own=True)
+    return tree.root()
+
+
+@pytest.mark.parametrize("shards", [1, 2, 5, 7, 8, 11, 16])
+def test_tree_sum_has_the_same_bits_for_every_rank_count(shards):
+    leaves = leaves_with_rounding(shards)
+    want = reference_tree(leaves, 0, 1 << (shards - 1).bit_length())
+    for size in (1, 2, 3, 4, 5, 8):
+        assert tree_sum_over_ranks(leaves, size).tobytes() == want.tobytes(), (shards, size)
+
+
+def test_the_order_matters_so_the_test_can_fail():
+    leaves = leaves_with_rounding(7)
+    in_a_row = leaves[0].copy()
+    for v in leaves[1:]:
+        in_a_row += v
+    assert in_a_row.tobytes() != tree_sum_over_ranks(leaves, 1).tobytes()
+
+
+def test_tree_stack_reuses_its_buffers_across_steps():
+    stack, leaves = TreeStack(), leaves_with_rounding(8)
+    for _ in range(3):
+        stack.clear()
+        for j, v in enumerate(leaves):
+            stack.push((j, 1), v)
+        root = stack.root()
+    assert len(stack._made) <= 4 and any(root is b for b in stack._made)
+
+
+# ---- the cross-rank check ----
+
+def test_rank_groups_and_hash():
+    assert rank_groups([5, 5, 7, 5]) == [[0, 1, 3], [2]]
+    a = np.arange(10, dtype=np.float32)
+    b = a.copy()
+    b[3] = np.nextafter(b[3], np.inf)
+    assert param_hash(a) == param_hash(a.copy()) != param_hash(b)
+
+
+def test_check_consistent_passes_on_one_rank():
+    check_consistent(SerialComm(), np.ones(5, np.float32), step=3)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_check_consistent_names_the_diverged_rank(comm):
+    params = np.linspace(0, 1, 1000, dtype=np.float32)
+    check_consistent(comm, params, step=4)
+    if comm.rank == 1:
+        params[500] = np.nextafter(params[500], np.inf)
+    others = ", ".join(str(r) for r in range(comm.size) if r != 1)
+    with pytest.raises(DivergenceError, match=rf"after step 9: rank\(s\) {others} have crc32 \w+; rank\(s\) 1 have"):
+        check_consistent(comm, params, step=9)
+
+
+# ---- the step on any comm ----
+
+def check_exchange(comm, dtype):
+    """alltoallv and allgatherv with uneven pieces: rank q's piece has q + 1 items."""
+    size, rank = comm.size, comm.rank
+    send = np.array([100 * rank + q for q in range(size) for _ in range(q + 1)], dtype)
+    recv = np.zeros(size * (rank + 1), dtype)
+    comm.alltoallv(send, [q + 1 for q in range(size)], recv, [rank + 1] * size)
+    np.testing.assert_array_equal(recv, [100 * r + rank for r in range(size) for _ in range(rank + 1)])
+    buf = np.zeros(size * (size + 1) // 2, dtype)
+    lo = rank * (rank + 1) // 2
+    buf[lo:lo + rank + 1] = rank + 1
+    comm.allgatherv(buf, [q + 1 for q in range(size)])
+    np.testing.assert_array_equal(buf, [q + 1 for q in range(size) for _ in range(q + 1)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_exchange_primitives_serial(dtype):
+    check_exchange(SerialComm(), dtype)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_exchange_primitives_on_the_world(comm, dtype):
+    check_exchange(comm, dtype)
+
+
+def step_gradient(comm, rows: int, micro_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gradient, scalars) of one deterministic step of a small dropout MLP on comm."""
+    model = Sequential(mlp_specs([12, 20, 16, 3], "relu", 0.3), (12,), seed=2)
+    model.ctx.step = 5
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((rows, 12)).astype(np.float32), rng.integers(0, 3, rows)
+    det = DeterministicStep(model, make_loss("classification"), comm, micro_batch)
+    idx, positions = det.batch_rows(np.arange(rows), 0, rows, rows)
+    scalars = np.array([len(idx), 0, det.forward_backward(x[idx], y[idx], positions, rows), 0, 0], float)
+    det.allreduce(model.grads, scalars)
+    return model.grads.copy(), scalars
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("rows, micro_batch", [(50, 8), (16, 4), (9, 4), (5, 8)])
+def test_step_on_the_world_has_the_bits_of_one_rank(comm, rows, micro_batch):
+    grads, scalars = step_gradient(comm, rows, micro_batch)
+    alone, alone_scalars = step_gradient(SerialComm(), rows, micro_batch)
+    assert grads.tobytes() == alone.tobytes()
+    assert scalars.tobytes() == alone_scalars.tobytes() and scalars[0] == rows
+    assert len(set(comm.bcast_obj(comm.gather_obj(grads.tobytes())))) == 1
+
+
+def test_step_matches_the_plain_gradient_to_rounding():
+    grads, scalars = step_gradient(SerialComm(), 50, 8)
+    model = Sequential(mlp_specs([12, 20, 16, 3], "relu", 0.3), (12,), seed=2)
+    model.ctx.step = 5
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((50, 12)).astype(np.float32), rng.integers(0, 3, 50)
+    loss = make_loss("classification")
+    out = model.forward(x)
+    loss_sum = loss.forward(out, y)
+    model.backward(loss.backward() / 50, need_dx=False)
+    np.testing.assert_allclose(grads, model.grads, rtol=1e-5, atol=1e-7)
+    assert scalars[1] == pytest.approx(loss_sum, rel=1e-6)  # float32 row losses, other batch shapes
+
+
+def test_config_rejects_batchnorm_in_deterministic_mode():
+    with pytest.raises(ConfigError, match="train.deterministic=true cannot train a batchnorm layer.*layernorm"):
+        load_config(None, ["train.deterministic=true",
+                           'model.layers=[{type="linear", out=8}, {type="batchnorm"}, {type="linear", out=3}]'])
+
+
+# ---- end to end: the CLI on 1, 2, 3, 4 and 8 ranks ----
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "MPI_", "OMPI_", "HYDRA_"))}
+ENV.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """140 train rows: batches of 48, 48 and a partial 44 (7 shards of 7 rows, the last short)."""
+    path = tmp_path_factory.mktemp("det") / "data.h5"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((160, 10)).astype(np.float32)
+    y = (np.arange(160) % 4).astype(np.int64)
+    write_dataset(path, {"train": (x[:140], y[:140]), "val": (x[140:], y[140:])}, num_classes=4)
+    return path
+
+
+def train(run_dir: Path, data: Path, ranks: int, optim: str, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """distbp train in deterministic mode with dropout on `ranks` ranks."""
+    sets = [f"data.path={json.dumps(str(data))}", "model.hidden=[24, 16]", "model.dropout=0.3",
+            "train.batch_size=48", "train.micro_batch=7", "train.drop_last=false", "train.epochs=5",
+            f"train.max_steps={steps}", "train.deterministic=true", "train.check_every=2",
+            f"optim.name={json.dumps(optim)}", "optim.lr=0.01", "train.stall_timeout=0", *extra]
+    cmd = [str(MPIRUN), "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def state_bytes(run_dir: Path, step: int) -> dict:
+    """Every array (params and optimizer state) of a run's checkpoint as bytes, plus its losses."""
+    ck = ckpt.load(run_dir / "checkpoints" / ckpt.checkpoint_name(step))
+    arrays = {f"params/{k}": v.tobytes() for k, v in ck.params.items()}
+    arrays.update({f"{s}/{k}": v.tobytes() for s, d in ck.opt_arrays.items() for k, v in d.items()})
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {d["step"]: d["loss"] for d in lines if "loss" in d}
+    return {"arrays": arrays, "scalars": ck.opt_scalars, "losses": losses}
+
+
+def test_sgd_is_bitwise_identical_on_1_2_3_4_and_8_ranks(tmp_path, data_file):
+    runs = {n: tmp_path / f"sgd{n}" for n in (1, 2, 3, 4, 8)}
+    for n, run_dir in runs.items():
+        train(run_dir, data_file, n, "sgd", 7, "train.log_every=1")
+    want = state_bytes(runs[1], 7)
+    assert "momentum_buffer/6.linear.W" in want["arrays"] and len(want["losses"]) == 7  # a partial batch at step 3
+    for n in (2, 3, 4, 8):
+        assert state_bytes(runs[n], 7) == want, f"{n} ranks differ from 1 rank"
+
+
+def test_adam_is_bitwise_identical_across_rank_counts_and_a_resume_4_to_3(tmp_path, data_file):
+    straight = tmp_path / "straight"
+    train(straight, data_file, 1, "adam", 8, "train.log_every=1")
+    moved = tmp_path / "moved"
+    train(moved, data_file, 4, "adam", 4, "train.log_every=1")
+    proc = train(moved, data_file, 3, "adam", 8, "train.log_every=1")
+    assert "written by 4 rank(s), now 3" in proc.stdout
+    other = tmp_path / "other"
+    train(other, data_file, 8, "adam", 8, "train.log_every=1")
+    want = state_bytes(straight, 8)
+    assert {"exp_avg/0.linear.W", "exp_avg_sq/6.linear.W"} <= set(want["arrays"])
+    for run_dir in (moved, other):
+        assert state_bytes(run_dir, 8) == want
+    summaries = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (straight, moved, other)]
+    assert len({s["params_crc32"] for s in summaries}) == 1
+
+
+DIVERGE = """
+import sys
+import numpy as np
+import distbp.train as train
+from distbp.cli import main
+
+check = train.check_consistent
+def perturbed(comm, params, step):
+    if comm.rank == 2 and step == 4:
+        params[0] = np.nextafter(params[0], np.inf)
+    check(comm, params, step)
+train.check_consistent = perturbed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["true", "false"])
+def test_check_every_stops_a_diverged_run_naming_step_and_rank(tmp_path, data_file, mode):
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGE)
+    cmd = [str(MPIRUN), "-n", "3", sys.executable, str(script), "train", "--run-dir", str(tmp_path / "run"),
+           "--set", f"data.path={json.dumps(str(data_file))}", "--set", "model.hidden=[8]",
+           "--set", "train.batch_size=48", "--set", "train.check_every=2", "--set", f"train.deterministic={mode}",
+           "--set", "train.max_steps=10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=ENV)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.count("parameters differ across ranks after step 4: rank(s) 0, 1 have crc32") == 1
+    assert "rank(s) 2 have crc32" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / ckpt.checkpoint_name(10)).exists()
