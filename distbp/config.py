@@ -169,13 +169,13 @@ def validate(cfg: Config) -> None:
     m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
     _require(all(h >= 1 for h in m.hidden), f"model.hidden={m.hidden} must hold positive widths")
     _require(m.activation in ACTIVATIONS,
-             f"model.activation='{m.activation}' is not one of {', '.join(ACTIVATIONS)}")
+             f"model.activation={m.activation!r} is not one of {', '.join(ACTIVATIONS)}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1), e.g. 0.1")
     _require(all("type" in s for s in m.layers), "every entry of model.layers needs a 'type' key")
     _require(t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1")
     _require(t.max_steps >= -1, f"train.max_steps={t.max_steps} must be -1 (no limit) or >= 0")
     _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be at least 1, e.g. 64")
-    _require(t.dtype in ("float32", "float64"), f"train.dtype='{t.dtype}' must be float32 or float64")
+    _require(t.dtype in ("float32", "float64"), f"train.dtype={t.dtype!r} must be float32 or float64")
     _require(t.eval_every >= 0 and t.log_every >= 1 and t.check_every >= 0,
              "train.eval_every and train.check_every must be >= 0, train.log_every >= 1")
     _require(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be at least 1")
@@ -183,14 +183,14 @@ def validate(cfg: Config) -> None:
              "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
              "tie the micro-shards together; use layernorm, or train.deterministic=false")
     _require(t.stall_timeout >= 0, f"train.stall_timeout={t.stall_timeout} must be >= 0 (0 = off)")
-    _require(t.nonfinite in ("abort", "skip"), f"train.nonfinite='{t.nonfinite}' must be abort or skip")
-    _require(o.name in OPTIMIZERS, f"optim.name='{o.name}' is not one of {', '.join(OPTIMIZERS)}")
+    _require(t.nonfinite in ("abort", "skip"), f"train.nonfinite={t.nonfinite!r} must be abort or skip")
+    _require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive, e.g. 0.01")
     _require(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum} must be in [0, 1)")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _require(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1)")
     _require(o.eps > 0 and 0.0 <= o.alpha < 1.0, "optim.eps must be > 0 and optim.alpha in [0, 1)")
-    _require(o.schedule in SCHEDULES, f"optim.schedule='{o.schedule}' is not one of {', '.join(SCHEDULES)}")
+    _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
     _require(o.warmup_steps >= 0 and o.step_size >= 1 and o.gamma > 0 and o.min_lr >= 0,
              "optim.warmup_steps >= 0, optim.step_size >= 1, optim.gamma > 0, optim.min_lr >= 0")
     _require(c.every_steps >= 0 and c.every_seconds >= 0,

@@ -245,7 +245,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     runs, floors, torches, rss, pss, xy = [], [], [], None, None, None
     for r in range(args.rounds):
         runs.append(distbp_round(wl, path, args.set, comm, tmp, r))
-        if rss is None:  # before PyTorch is imported: distbp's own peak
+        if r == 0:  # before PyTorch is imported: distbp's own peak
             rss, pss = comm.gather_obj(round(rss_mb(), 1)), comm.gather_obj(round(pss_mb(), 1))
         floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200))))
         if not args.no_torch:

@@ -69,7 +69,8 @@ def truncated(tmp):
     return with_data(data)
 
 
-def poisoned(tmp, key, fn):
+def poisoned(tmp, fn):
+    """A raw dataset file whose train arrays fn altered in place."""
     arrays = {k: dict(zip("xy", v)) for k, v in splits().items()}
     fn(arrays["train"])
     return with_data(raw_file(tmp / "bad.h5", arrays))
@@ -99,22 +100,22 @@ CASES = {
     "truncated": (truncated, ["t.h5", "truncated or damaged", "HINT"]),
     "missing split": (lambda t: with_data(raw_file(t / "b.h5", {"train": dict(zip("xy", splits()["train"]))})),
                       ["b.h5", "split 'val'", "no such split", "data.val_split"]),
-    "missing y": (lambda t: poisoned(t, "y", lambda a: a.pop("y")), ["bad.h5", "no dataset 'train/y'"]),
-    "mismatched rows": (lambda t: poisoned(t, "y", lambda a: a.update(y=a["y"][:-1])),
+    "missing y": (lambda t: poisoned(t, lambda a: a.pop("y")), ["bad.h5", "no dataset 'train/y'"]),
+    "mismatched rows": (lambda t: poisoned(t, lambda a: a.update(y=a["y"][:-1])),
                         ["bad.h5", "split 'train'", "y has shape (39,) but x has 40 rows"]),
-    "wrong x dtype": (lambda t: poisoned(t, "x", lambda a: a.update(x=a["x"].astype(np.int32))),
+    "wrong x dtype": (lambda t: poisoned(t, lambda a: a.update(x=a["x"].astype(np.int32))),
                       ["bad.h5", "x: dtype int32 is not float32", "HINT"]),
     "wrong shape for the model": (lambda t: with_data(good(t)) + [str(write(t, "c.toml", LAYERS_8X8))],
                                   ["model config does not fit", "good.h5", "(6,)"]),
-    "label out of range": (lambda t: poisoned(t, "y", lambda a: a["y"].__setitem__(7, 3)),
+    "label out of range": (lambda t: poisoned(t, lambda a: a["y"].__setitem__(7, 3)),
                            ["bad.h5", "label 3 at row 7 is outside [0, 3)", "num_classes"]),
-    "negative label": (lambda t: poisoned(t, "y", lambda a: a["y"].__setitem__(2, -1)),
+    "negative label": (lambda t: poisoned(t, lambda a: a["y"].__setitem__(2, -1)),
                        ["bad.h5", "label -1 at row 2"]),
-    "NaN feature": (lambda t: poisoned(t, "x", lambda a: a["x"].__setitem__((5, 1), np.nan)),
+    "NaN feature": (lambda t: poisoned(t, lambda a: a["x"].__setitem__((5, 1), np.nan)),
                     ["bad.h5", "NaN or Inf features, first at row 5"]),
-    "Inf feature": (lambda t: poisoned(t, "x", lambda a: a["x"].__setitem__((9, 0), np.inf)),
+    "Inf feature": (lambda t: poisoned(t, lambda a: a["x"].__setitem__((9, 0), np.inf)),
                     ["bad.h5", "first at row 9"]),
-    "empty split": (lambda t: poisoned(t, "x", lambda a: a.update(x=a["x"][:0], y=a["y"][:0])),
+    "empty split": (lambda t: poisoned(t, lambda a: a.update(x=a["x"][:0], y=a["y"][:0])),
                     ["bad.h5", "split 'train'", "empty"]),
     "fewer rows than a batch": (lambda t: with_data(good(t)) + ["--set", "train.batch_size=100"],
                                 ["good.h5", "80 rows, fewer than one global batch of 100", "train.batch_size"]),

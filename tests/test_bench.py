@@ -39,8 +39,8 @@ def test_bench_one_rank_with_pytorch_if_installed():
         assert rec["torch"] == "single" and rec["torch_samples_per_s"] > 0 and rec["vs_torch"] > 0
 
 
-def test_bench_two_ranks_passes_config_overrides():
-    (rec,) = run_bench("W2", "--ranks", "2", "--steps", "30", "--rounds", "1", "--no-torch",
+def test_bench_two_ranks_two_rounds_with_config_overrides():
+    (rec,) = run_bench("W2", "--ranks", "2", "--steps", "30", "--rounds", "2", "--no-torch",
                        "--set", "optim.lr=0.02")
     check_record(rec, 2)
     assert rec["set"] == ["optim.lr=0.02"] and rec["torch"] is None and rec["vs_torch"] is None
