@@ -214,9 +214,13 @@ class Split:
     def read(self, indices, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) for these rows in this order; x as dtype (uint8 times x_scale), class labels as int64."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+        # one pass for both bounds: as unsigned, a negative row is larger than any valid one
+        if idx.size and idx.view(np.uint64).max() >= self.n:
             raise IndexError(f"split '{self.name}' has {self.n} rows; row {idx.min()}..{idx.max()} requested")
-        x, y = (self._x[idx], self._y[idx]) if self.in_memory else self._read_file(idx)
+        if self.in_memory:  # take gathers rows faster than fancy indexing
+            x, y = self._x.take(idx, axis=0), self._y.take(idx, axis=0)
+        else:
+            x, y = self._read_file(idx)
         if x.dtype == np.uint8:
             x = np.multiply(x, np.dtype(dtype).type(self._ds.x_scale), dtype=dtype)
         y_dtype = np.int64 if self._ds.task == "classification" else dtype

@@ -391,7 +391,10 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
 
 def check_finite(train_loss: float, model, step: int, policy: str, log) -> bool:
     """True if loss and gradient are finite; else abort or (policy 'skip') warn."""
-    grads_ok = np.isfinite(np.sum(model.grads)) or np.isfinite(model.grads).all()
+    # g.g is finite unless an entry is NaN/Inf or the squares overflow (then the exact test
+    # decides): one BLAS pass, about 3x cheaper than np.sum(g)
+    g = model.grads
+    grads_ok = np.isfinite(np.dot(g, g)) or np.isfinite(g).all()
     if np.isfinite(train_loss) and grads_ok:
         return True
     bad = [n for n, g in model.views(model.grads).items() if not np.isfinite(g).all()]
