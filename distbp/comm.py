@@ -88,13 +88,16 @@ class Comm:
             self._comm.Bcast(buf, root=root)
         return buf
 
-    def alltoallv(self, send: np.ndarray, send_counts, recv: np.ndarray, recv_counts) -> np.ndarray:
-        """Send send's consecutive pieces of send_counts[q] items to rank q; recv gets rank r's piece r."""
-        _check_buffer(send, "alltoallv")
-        _check_buffer(recv, "alltoallv")
-        send_spec = [send, (list(send_counts), _displacements(send_counts))]
-        self._comm.Alltoallv(send_spec, [recv, (list(recv_counts), _displacements(recv_counts))])
-        return recv
+    def exchange(self, sends, recvs):
+        """Point to point: send each (rank, array) of sends, fill each (rank, array) of recvs; wait for all.
+
+        Messages between two ranks pair up in the order they are listed. Faster than Alltoallv
+        or Allgatherv on 2 ranks: 0.7 ms vs 2.4 ms for 3.7 MB each way (MPICH)."""
+        for _, buf in [*sends, *recvs]:
+            _check_buffer(buf, "exchange")
+        requests = [self._comm.Irecv(buf, source=q) for q, buf in recvs]
+        requests += [self._comm.Isend(buf, dest=q) for q, buf in sends]
+        self._mpi.Request.Waitall(requests)
 
     def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
         """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank."""
@@ -151,12 +154,12 @@ class SerialComm:
         _check_buffer(buf, "bcast")
         return buf
 
-    def alltoallv(self, send: np.ndarray, send_counts, recv: np.ndarray, recv_counts) -> np.ndarray:
-        """Exchange with the only rank: recv gets send's first send_counts[0] items."""
-        _check_buffer(send, "alltoallv")
-        _check_buffer(recv, "alltoallv")
-        recv[:recv_counts[0]] = send[:send_counts[0]]
-        return recv
+    def exchange(self, sends, recvs):
+        """Point to point with the only rank: the arrays of recvs get those of sends, in order."""
+        for _, buf in [*sends, *recvs]:
+            _check_buffer(buf, "exchange")
+        for (_, buf), (_, sent) in zip(recvs, sends, strict=True):
+            buf[...] = sent
 
     def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
         """Gather from the only rank: checks buf and returns it unchanged."""

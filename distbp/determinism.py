@@ -70,41 +70,23 @@ def piece_bounds(n: int, size: int) -> list[tuple[int, int]]:
 # ---- the tree (arrays, no communication) ----
 
 class TreeStack:
-    """Node sums of consecutive blocks, siblings added as soon as both are there."""
+    """Node sums of consecutive blocks, each added into its left sibling as soon as both are there."""
 
     def __init__(self):
         self.nodes: list[Node] = []
         self.values: list[np.ndarray] = []
-        self._made: list[np.ndarray] = []  # buffers this stack allocated, reused across steps
-        self._free: list[np.ndarray] = []
 
-    def clear(self):
-        """Forget the nodes; every buffer the stack allocated becomes free again."""
-        self.nodes, self.values, self._free = [], [], list(self._made)
-
-    def push(self, node: Node, value: np.ndarray, own: bool = False):
-        """Add the node's value: copied unless own (then the stack adds into it in place)."""
+    def push(self, node: Node, value: np.ndarray) -> list[np.ndarray]:
+        """Add the node (the stack may add into value in place); return the arrays it no longer holds."""
+        freed = []
         while self.nodes and is_left_sibling(self.nodes[-1], node):
             (s, n), left = self.nodes.pop(), self.values.pop()
             left += value  # parent = left half + right half
-            if any(value is b for b in self._made):
-                self._free.append(value)
-            node, value, own = (s, 2 * n), left, True
-        if not own:
-            value = self._copy(value)
+            freed.append(value)
+            node, value = (s, 2 * n), left
         self.nodes.append(node)
         self.values.append(value)
-
-    def _copy(self, value: np.ndarray) -> np.ndarray:
-        """A copy of value in a free buffer of the stack's (allocated when none fits)."""
-        buf = next((b for b in self._free if b.shape == value.shape and b.dtype == value.dtype), None)
-        if buf is None:
-            buf = np.empty_like(value)
-            self._made.append(buf)
-        else:
-            self._free = [b for b in self._free if b is not buf]
-        np.copyto(buf, value)
-        return buf
+        return freed
 
     def root(self) -> np.ndarray:
         """The tree's root once every block of [0, S) is pushed: fold the spine from the right."""
@@ -115,6 +97,52 @@ class TreeStack:
             self.nodes.pop()
             self.values[-1] += right
         return self.values[0]
+
+
+class GradTargets:
+    """Gradient vectors the shards' backward passes write into, model.grads first, reused across steps."""
+
+    def __init__(self, model):
+        self.model = model
+        self.made: list[np.ndarray] = []
+        self.free: list[np.ndarray] = []
+        params = model.views(model.params)
+        self._layers = [(i, layer, {p: params[f"{i}.{layer.kind}.{p}"] for p, _ in layer.param_shapes()})
+                        for i, layer in enumerate(model.layers) if layer.param_shapes()]
+        self._grads: dict[int, list[dict]] = {}  # id of a vector -> each layer's gradient views into it
+
+    def reset(self):
+        """Every vector is free again; model.grads is taken first, so the leftmost block sums into it."""
+        self.free = [self.model.grads, *self.made]
+
+    def release(self, vectors: list[np.ndarray]):
+        """Vectors whose values are no longer needed."""
+        self.free += vectors
+
+    def take(self) -> np.ndarray:
+        """A free vector, bound as every layer's gradient and ready for one backward pass."""
+        if not self.free:
+            self.made.append(np.empty_like(self.model.grads))
+            self.free.append(self.made[-1])
+        g = self.free.pop(0)
+        for (_, layer, _), grads in zip(self._layers, self.bind(g)):
+            if layer.writes_grads:
+                layer.grads_zero = True  # the backward then writes its gradient rather than adding: no zeroing pass
+            else:
+                for v in grads.values():
+                    v.fill(0)
+        return g
+
+    def bind(self, g: np.ndarray) -> list[dict]:
+        """Point every layer's gradient views into g; return those views."""
+        if id(g) not in self._grads:
+            views = self.model.views(g)
+            self._grads[id(g)] = [{p: views[f"{i}.{layer.kind}.{p}"] for p in params}
+                                  for i, layer, params in self._layers]
+        grads = self._grads[id(g)]
+        for (_, layer, params), views in zip(self._layers, grads):
+            layer.bind(params, views)
+        return grads
 
 
 # ---- the step (communicates) ----
@@ -133,6 +161,7 @@ class DeterministicStep:
 
     def __init__(self, model, loss, comm, micro_batch: int):
         self.model, self.loss, self.comm, self.m = model, loss, comm, micro_batch
+        self.targets = GradTargets(model)
         self.local = TreeStack()
         self._buffers: dict[str, np.ndarray] = {}
         self.shards = 0
@@ -157,24 +186,28 @@ class DeterministicStep:
 
     def forward_backward(self, x, y, positions, global_rows: int) -> int:
         """Sum this rank's shard gradients into its tree blocks; keep shard losses; return correct rows."""
-        model, loss, m = self.model, self.loss, self.m
+        model, loss, m, targets = self.model, self.loss, self.m, self.targets
         self.shards = num_shards(global_rows, m)
         self.shard_loss = self._buffer("loss", self.shards, np.float64)
-        self.local.clear()
+        self.local = TreeStack()
+        targets.reset()
         a = int(positions[0]) // m if len(positions) else 0
         correct = 0
-        for j in range(a, a + num_shards(len(positions), m)):
-            lo, hi = shard_rows(j, global_rows, m)
-            rows = slice(lo - a * m, hi - a * m)
-            model.zero_grad()
-            model.ctx.rows = positions[rows]
-            out = model.forward(x[rows])
-            self.shard_loss[j] = loss.forward(out, y[rows])
-            correct += loss.correct(out, y[rows])
-            dout = loss.backward()
-            dout /= global_rows
-            model.backward(dout, need_dx=False)
-            self.local.push((j, 1), model.grads)
+        try:
+            for j in range(a, a + num_shards(len(positions), m)):
+                lo, hi = shard_rows(j, global_rows, m)
+                rows = slice(lo - a * m, hi - a * m)
+                g = targets.take()  # the backward writes straight into a vector of the tree
+                model.ctx.rows = positions[rows]
+                out = model.forward(x[rows])
+                self.shard_loss[j] = loss.forward(out, y[rows])
+                correct += loss.correct(out, y[rows])
+                dout = loss.backward()
+                dout /= global_rows
+                model.backward(dout, need_dx=False)
+                targets.release(self.local.push((j, 1), g))
+        finally:
+            targets.bind(model.grads)
         return correct
 
     def allreduce(self, grads: np.ndarray, scalars: np.ndarray):
@@ -182,7 +215,9 @@ class DeterministicStep:
         comm = self.comm
         blocks = rank_blocks(self.shards, comm.size)
         if comm.size == 1:
-            np.copyto(grads, self.local.root())
+            root = self.local.root()
+            if root is not grads:
+                np.copyto(grads, root)
         else:
             self._exchange(grads, blocks)
         counts = [sum(n for _, n in bl) for bl in blocks]
@@ -191,30 +226,30 @@ class DeterministicStep:
         scalars[1] = math.fsum(self.shard_loss)  # correctly rounded, so order-free
 
     def _exchange(self, grads: np.ndarray, blocks: list[list[Node]]):
-        """Every rank finishes the tree on its piece of every block, then the pieces are gathered."""
-        comm, mine = self.comm, self.local.values
+        """Every rank finishes the tree on its piece of every block, then sends that piece to all."""
+        comm, r, mine = self.comm, self.comm.rank, self.local.values
         pieces = piece_bounds(grads.size, comm.size)
-        lo, hi = pieces[comm.rank]
-        every = [node for bl in blocks for node in bl]
-        send = self._pack(mine, pieces, grads.dtype)
-        recv = self._buffer("recv", len(every) * (hi - lo), grads.dtype).reshape(len(every), hi - lo)
-        comm.alltoallv(send, [len(mine) * (b - a) for a, b in pieces],
-                       recv.reshape(-1), [len(bl) * (hi - lo) for bl in blocks])
+        lo, hi = pieces[r]
+        others = [q for q in range(comm.size) if q != r]
+        n_recv = sum(len(blocks[q]) for q in others)
+        slots = iter(self._buffer("recv", n_recv * (hi - lo), grads.dtype).reshape(n_recv, hi - lo))
+        values, recvs = [], []  # piece r of every block in shard order; where the others' arrive
+        for q in range(comm.size):
+            if q == r:
+                values += [v[lo:hi] for v in mine]
+            else:
+                arriving = [(q, next(slots)) for _ in blocks[q]]
+                recvs += arriving
+                values += [slot for _, slot in arriving]
+        comm.exchange([(q, v[pieces[q][0]:pieces[q][1]]) for q in others for v in mine], recvs)
         tree = TreeStack()
-        for node, value in zip(every, recv):
-            tree.push(node, value, own=True)
-        grads[lo:hi] = tree.root()
-        comm.allgatherv(grads, [b - a for a, b in pieces])
-
-    def _pack(self, values: list[np.ndarray], pieces, dtype) -> np.ndarray:
-        """Send buffer: for each rank q in turn, piece q of each of this rank's blocks."""
-        if len(values) == 1:
-            return values[0]  # one block is already laid out piece after piece
-        send = self._buffer("send", len(values) * pieces[-1][1], dtype)
-        for a, b in pieces:
-            for i, v in enumerate(values):
-                send[len(values) * a + i * (b - a):len(values) * a + (i + 1) * (b - a)] = v[a:b]
-        return send
+        for node, value in zip([node for bl in blocks for node in bl], values):
+            tree.push(node, value)
+        root = tree.root()
+        if not np.may_share_memory(root, grads):  # else it is grads[lo:hi] already
+            grads[lo:hi] = root
+        comm.exchange([(q, grads[lo:hi]) for q in others],
+                      [(q, grads[pieces[q][0]:pieces[q][1]]) for q in others])
 
     def _buffer(self, name: str, n: int, dtype) -> np.ndarray:
         """A reused flat buffer of at least n items (first n returned)."""

@@ -311,7 +311,7 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
             if det:  # forward and backward per micro-shard, timed together as backward
                 scalars[:] = (len(idx), 0, det.forward_backward(x, y, rows, global_rows), stop.requested, 0)
             else:
-                model.zero_grad()
+                model.zero_grad(skip_written=True)  # the backward below writes what it skips
                 out = model.forward(x)
                 scalars[:] = (len(idx), loss.forward(out, y), loss.correct(out, y), stop.requested, 0)
                 timer.lap("forward")

@@ -101,45 +101,32 @@ class Watchdog:
         self.comm.abort(EXIT_CRASH)
 
 
+WATCHED = ("allreduce_sum", "allreduce_max", "bcast", "barrier", "exchange", "allgatherv")
+
+
 class WatchedComm:
-    """A Comm whose collectives tell the watchdog when this rank starts and stops waiting."""
+    """A Comm whose collectives (WATCHED) tell the watchdog when this rank starts and stops waiting."""
 
     def __init__(self, comm, dog: Watchdog):
         self._inner, self._dog = comm, dog
         # copied, not delegated: the loop reads them every step
         self.rank, self.size, self.is_root, self.host = comm.rank, comm.size, comm.is_root, comm.host
         self.local_rank, self.local_size = comm.local_rank, comm.local_size
+        for name in WATCHED:
+            setattr(self, name, self._watched(getattr(comm, name)))
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def allreduce_sum(self, buf):
-        """comm.allreduce_sum, watched."""
+    def _watched(self, collective):
+        """collective, with the time this rank waits in it visible to the watchdog."""
         dog = self._dog
-        dog.since = monotonic()
-        self._inner.allreduce_sum(buf)
-        dog.since = None
-        return buf
 
-    def allreduce_max(self, buf):
-        """comm.allreduce_max, watched."""
-        dog = self._dog
-        dog.since = monotonic()
-        self._inner.allreduce_max(buf)
-        dog.since = None
-        return buf
-
-    def bcast(self, buf, root: int = 0):
-        """comm.bcast, watched."""
-        dog = self._dog
-        dog.since = monotonic()
-        self._inner.bcast(buf, root)
-        dog.since = None
-        return buf
-
-    def barrier(self):
-        """comm.barrier, watched."""
-        dog = self._dog
-        dog.since = monotonic()
-        self._inner.barrier()
-        dog.since = None
+        def call(*args, **kwargs):
+            dog.since = monotonic()
+            try:
+                return collective(*args, **kwargs)
+            finally:
+                dog.since = None
+        call.__doc__ = collective.__doc__
+        return call

@@ -5,6 +5,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "mpich,test" || exit 1
 venv=${DISTBP_VENV:-.venv}
+if [ "${DISTBP_TEST_TORCH:-0}" = 1 ]; then
+    # PyTorch is only a reference the tests compare against, never a dependency of distbp
+    "$venv/bin/python" -m pip install -q torch==2.13.0 || exit 1
+fi
 export PATH="$PWD/$venv/bin:$PATH"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 mkdir -p test-logs

@@ -1,4 +1,5 @@
 """Shared fixtures: the world communicator, a tmp folder shared by all ranks, small datasets."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +7,14 @@ import pytest
 
 from distbp.comm import SerialComm, world
 from distbp.data import write_dataset
+
+
+def import_torch():
+    """PyTorch, the optional reference: skip without it, unless DISTBP_TEST_TORCH=1 requires it."""
+    if os.environ.get("DISTBP_TEST_TORCH") == "1":
+        import torch
+        return torch
+    return pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="session")

@@ -82,12 +82,12 @@ def tree_sum_over_ranks(leaves: list, size: int) -> np.ndarray:
     for (a, b), nodes in zip((shard(len(leaves), r, size) for r in range(size)), rank_blocks(len(leaves), size)):
         local = TreeStack()
         for j in range(a, b):
-            local.push((j, 1), leaves[j])
+            local.push((j, 1), leaves[j].copy())
         assert local.nodes == nodes
-        blocks += zip(local.nodes, [v.copy() for v in local.values])
+        blocks += zip(local.nodes, local.values)
     tree = TreeStack()
     for node, value in blocks:
-        tree.push(node, value, own=True)
+        tree.push(node, value)
     return tree.root()
 
 
@@ -107,14 +107,11 @@ def test_the_order_matters_so_the_test_can_fail():
     assert in_a_row.tobytes() != tree_sum_over_ranks(leaves, 1).tobytes()
 
 
-def test_tree_stack_reuses_its_buffers_across_steps():
-    stack, leaves = TreeStack(), leaves_with_rounding(8)
-    for _ in range(3):
-        stack.clear()
-        for j, v in enumerate(leaves):
-            stack.push((j, 1), v)
-        root = stack.root()
-    assert len(stack._made) <= 4 and any(root is b for b in stack._made)
+def test_tree_stack_adds_into_the_left_sibling_and_frees_the_right():
+    a, b, c = (np.full(3, v, np.float32) for v in (1, 2, 4))
+    stack = TreeStack()
+    assert stack.push((0, 1), a) == [] and stack.push((1, 1), b) == [b]
+    assert stack.push((2, 1), c) == [] and stack.root() is a and a.tolist() == [7, 7, 7]
 
 
 # ---- the cross-rank check ----
@@ -145,12 +142,13 @@ def test_check_consistent_names_the_diverged_rank(comm):
 # ---- the step on any comm ----
 
 def check_exchange(comm, dtype):
-    """alltoallv and allgatherv with uneven pieces: rank q's piece has q + 1 items."""
+    """exchange with two messages of rank-dependent length per pair, and allgatherv with uneven pieces."""
     size, rank = comm.size, comm.rank
-    send = np.array([100 * rank + q for q in range(size) for _ in range(q + 1)], dtype)
-    recv = np.zeros(size * (rank + 1), dtype)
-    comm.alltoallv(send, [q + 1 for q in range(size)], recv, [rank + 1] * size)
-    np.testing.assert_array_equal(recv, [100 * r + rank for r in range(size) for _ in range(rank + 1)])
+    sends = [(q, np.full(q + 1, 100 * rank + 10 * k + q, dtype)) for q in range(size) for k in (0, 1)]
+    recvs = [(q, np.zeros(rank + 1, dtype)) for q in range(size) for k in (0, 1)]
+    comm.exchange(sends, recvs)
+    for (q, buf), k in zip(recvs, [0, 1] * size):
+        np.testing.assert_array_equal(buf, [100 * q + 10 * k + rank] * (rank + 1))
     buf = np.zeros(size * (size + 1) // 2, dtype)
     lo = rank * (rank + 1) // 2
     buf[lo:lo + rank + 1] = rank + 1
@@ -204,6 +202,18 @@ def test_step_matches_the_plain_gradient_to_rounding():
     model.backward(loss.backward() / 50, need_dx=False)
     np.testing.assert_allclose(grads, model.grads, rtol=1e-5, atol=1e-7)
     assert scalars[1] == pytest.approx(loss_sum, rel=1e-6)  # float32 row losses, other batch shapes
+
+
+def test_step_writes_into_few_reused_vectors_and_rebinds_the_layers_to_model_grads():
+    model = Sequential(mlp_specs([12, 20, 3], "relu"), (12,), seed=2)
+    det = DeterministicStep(model, make_loss("classification"), SerialComm(), 4)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((32, 12)).astype(np.float32), rng.integers(0, 3, 32)
+    for _ in range(2):
+        det.forward_backward(x, y, np.arange(32), 32)
+        det.allreduce(model.grads, np.zeros(5))
+    assert len(det.targets.made) == 3  # 8 shards: the tree is 3 deep, model.grads holds the root
+    assert all(np.shares_memory(layer.dW, model.grads) for layer in model.layers if hasattr(layer, "dW"))
 
 
 def test_config_rejects_batchnorm_in_deterministic_mode():

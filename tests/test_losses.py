@@ -5,6 +5,7 @@ import pytest
 
 from distbp.nn import MSE, BCEWithLogits, SoftmaxCrossEntropy, make_loss
 from test_nn import numeric_grad, rel_err
+from conftest import import_torch
 
 
 def targets(task, rng, n, k):
@@ -81,7 +82,7 @@ def test_loss_errors_name_the_problem():
 
 @pytest.mark.parametrize("task", ["classification", "regression", "binary"])
 def test_sum_over_rows_divided_by_n_is_torch_mean(task):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     rng = np.random.default_rng(2)
     out, y = rng.standard_normal((7, 4)), targets(task, rng, 7, 4)
     reference = {"classification": torch.nn.CrossEntropyLoss, "regression": torch.nn.MSELoss,

@@ -5,6 +5,7 @@ import pytest
 
 from distbp.nn import LAYER_TYPES, Context, Sequential, init, make_loss, mlp_specs
 from distbp.nn.model import ACTIVATIONS
+from conftest import import_torch
 
 LAYER_CASES = [
     ({"type": "linear", "out": 4}, (5,)),
@@ -372,7 +373,7 @@ def test_context_defaults_and_describe():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_mlp_matches_torch_on_the_same_weights(activation):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     rng = np.random.default_rng(12)
     model = model64(activation, sizes=(5, 9, 8, 4))
     model.params += 0.1 * rng.standard_normal(model.num_params)
@@ -411,3 +412,21 @@ def test_a_rank_with_zero_rows_gets_zero_loss_and_grads(task):
     model.zero_grad()
     assert model.backward(loss.backward()).shape == (0, 4)
     assert not model.grads.any() and loss.correct(np.zeros((0, 3)), y) == 0
+
+
+def test_zero_grad_skip_written_gives_the_same_gradient_as_a_full_zeroing():
+    rng = np.random.default_rng(12)
+    specs = [{"type": "linear", "out": 6}, {"type": "layernorm"}, {"type": "relu"}, {"type": "linear", "out": 3}]
+    model = Sequential(specs, (5,), np.float64, 2)
+    x, dout = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    model.forward(x)
+    model.zero_grad()
+    model.backward(dout, need_dx=False)
+    want = model.grads.copy()
+    model.grads[:] = np.nan  # stale values the skipped layers must overwrite, the others must zero
+    model.zero_grad(skip_written=True)
+    assert np.isnan(model.views(model.grads)["0.linear.W"]).all()
+    assert not np.isnan(model.views(model.grads)["1.layernorm.W"]).any()
+    model.forward(x)
+    model.backward(dout, need_dx=False)
+    np.testing.assert_array_equal(model.grads, want)

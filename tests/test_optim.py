@@ -6,6 +6,7 @@ import pytest
 
 from distbp import optim
 from distbp.optim import SGD, Adam, AdamW, RMSprop, make_optimizer, make_schedule
+from conftest import import_torch
 
 LRS = [0.1, 0.05, 0.2]
 
@@ -267,7 +268,7 @@ def test_schedule_rejects_nonpositive_lr():
 
 @pytest.mark.parametrize("cls, ref, kw", CASES, ids=IDS)
 def test_matches_torch(cls, ref, kw):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     p, grads = problem(steps=5, seed=1)
     lrs = [0.1, 0.05, 0.2, 0.01, 0.03]
     got = run(cls(p.size, np.float64, **kw), p, grads, lrs, np.float64)

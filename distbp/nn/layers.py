@@ -93,6 +93,7 @@ class Layer:
     private_output = False
     private_dx = False
     grads_zero = False  # set by Sequential.zero_grad: this layer's gradients are all zero
+    writes_grads = False  # backward after grads_zero writes every gradient entry instead of adding
 
     def param_shapes(self) -> list:
         """Names and shapes of the trained parameters (none)."""
@@ -131,6 +132,7 @@ class Linear(Layer):
 
     private_output = True
     private_dx = True
+    writes_grads = True
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str | None = None):
         if init is not None and init not in INITS:
@@ -182,7 +184,7 @@ class Linear(Layer):
         if self.grads_zero:  # zero_grad ran: writing equals adding to 0 and saves a pass over dW
             np.matmul(self.x.T, dy, out=self.dW)   # (D_in, D_out)
             if self.db is not None:
-                np.sum(dy, axis=0, out=self.db)     # (D_out,)
+                dy.sum(axis=0, out=self.db)         # (D_out,); the method skips np.sum's dispatch
             self.grads_zero = False
         else:
             if self._dW_tmp is None:

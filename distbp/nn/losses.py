@@ -46,7 +46,8 @@ class SoftmaxCrossEntropy(Loss):
         if y.shape != (n,) or y.dtype.kind not in "iu":
             raise ValueError(f"cross-entropy needs integer labels of shape ({n},), "
                              f"got {y.dtype} {y.shape}")
-        if n and (y.min() < 0 or y.max() >= c):
+        # one pass for both bounds: as unsigned, a negative label is larger than any valid one
+        if n and (y.view(np.uint64) if y.dtype.itemsize == 8 else y.astype(np.uint64)).max() >= c:
             raise ValueError(f"labels must be in [0, {c}), got range [{y.min()}, {y.max()}]")
         z = out - out.max(axis=1, keepdims=True)       # (N, C), row max 0
         flat_y = np.arange(0, n * c, c) + y            # (N,) flat positions of z[i, y_i]: cheaper than 2-D fancy indexing
@@ -54,7 +55,9 @@ class SoftmaxCrossEntropy(Loss):
         z_y = z_flat[flat_y]                           # (N,)
         np.exp(z, out=z)
         total = z.sum(axis=1, keepdims=True)           # (N, 1), >= 1
-        loss = np.sum(np.log(total[:, 0]) - z_y, dtype=np.float64)
+        row_loss = np.log(total[:, 0])
+        row_loss -= z_y
+        loss = row_loss.sum(dtype=np.float64)
         z /= total                                     # softmax p
         z_flat[flat_y] -= 1
         self.dout = z                                  # p - onehot(y)

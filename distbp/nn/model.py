@@ -127,6 +127,9 @@ class Sequential:
         with_params = [i for i, layer in enumerate(self.layers) if self._has_params(i)]
         self._first_param = with_params[0] if with_params else len(self.layers)
         self._param_layers = [self.layers[i] for i in with_params]
+        gv = self.views(self.grads)
+        self._filled_grads = [gv[n] for n in self.names  # what zero_grad(skip_written=True) still fills
+                              if not self.layers[int(n.split(".", 1)[0])].writes_grads]
 
     def _next_activation(self, i: int) -> str | None:
         """Kind of the activation after layer i, before the next initialised layer."""
@@ -203,9 +206,15 @@ class Sequential:
             dy = layer.backward(dy)
         return dy if need_dx else None
 
-    def zero_grad(self) -> None:
-        """Set every gradient to zero (backward adds into grads)."""
-        self.grads.fill(0)
+    def zero_grad(self, skip_written: bool = False) -> None:
+        """Set every gradient to zero (backward adds into grads); see skip_written below."""
+        # skip_written leaves the gradients of layers whose next backward writes them (Linear)
+        # as they are, for a backward that follows: one pass over grads fewer (7 MB for W1)
+        if skip_written:
+            for g in self._filled_grads:
+                g.fill(0)
+        else:
+            self.grads.fill(0)
         for layer in self._param_layers:
             layer.grads_zero = True
 
