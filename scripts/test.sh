@@ -7,7 +7,8 @@ bash scripts/setup.sh "mpich,test" || exit 1
 venv=${DISTBP_VENV:-.venv}
 if [ "${DISTBP_TEST_TORCH:-0}" = 1 ]; then
     # PyTorch is only a reference the tests compare against, never a dependency of distbp
-    "$venv/bin/python" -m pip install -q torch==2.13.0 || exit 1
+    # (the filter drops pip's notes about absent local package folders)
+    "$venv/bin/python" -m pip install -q torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2) || exit 1
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
