@@ -237,6 +237,8 @@ def dispatch(args, comm) -> int:
     try:
         return COMMANDS[args.command](args, comm)
     except UserError as e:
+        if comm.size > 1 and not e.agreed:
+            raise  # one rank's error (say a read failing mid-run) while the others wait: abort all
         if comm.is_root:
             if args.debug:
                 traceback.print_exc()

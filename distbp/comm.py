@@ -9,7 +9,7 @@ import traceback
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from .errors import UserError
+from .errors import EXIT_USAGE, UserError
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Launcher variables holding the number of processes it started, most specific first.
@@ -249,7 +249,7 @@ def _exit_code(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         code = exc.code
         return 0 if code is None else code if isinstance(code, int) else 1
-    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_USAGE if isinstance(exc, UserError) else 1
 
 
 def report_failure(comm, exc: BaseException):
@@ -259,7 +259,8 @@ def report_failure(comm, exc: BaseException):
     elif isinstance(exc, SystemExit):
         what = f"exited with code {_exit_code(exc)}" + (f": {exc.code}" if isinstance(exc.code, str) else "")
     else:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        if not isinstance(exc, UserError):  # a user error's message names the file and the fix
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
         what = f"failed: {type(exc).__name__}: {exc}"
     print(f"distbp: rank {comm.rank} on {comm.host} {what}", file=sys.stderr, flush=True)
 

@@ -264,6 +264,8 @@ class DeterministicStep:
 class DivergenceError(UserError):
     """The parameters differ between ranks."""
 
+    agreed = True  # every rank raises it from the same gathered hashes
+
 
 def param_hash(params: np.ndarray) -> int:
     """CRC-32 of the parameter bytes: equal only if (almost surely) bitwise equal."""

@@ -11,6 +11,8 @@ EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped early by a signal, resume with --res
 class UserError(Exception):
     """Bad input the user can fix; printed once by rank 0 without a traceback."""
 
+    agreed = False  # set by agree(): every rank raised it, so no rank waits for another
+
 
 class NonFiniteError(Exception):
     """A NaN or Inf loss or gradient stopped training."""
@@ -25,7 +27,8 @@ def agree(comm, fn, *args, **kwargs):
     messages = comm.gather_obj(None if error is None else f"{error}")
     first = comm.bcast_obj(next((m for m in messages if m), None) if comm.is_root else None)
     if first is not None:
-        if error is not None and f"{error}" == first:
-            raise error  # this rank's own error keeps its type and traceback (shown by --debug)
-        raise UserError(first)
+        if error is None or f"{error}" != first:
+            error = UserError(first)  # else this rank's own error keeps its type and traceback (--debug)
+        error.agreed = True
+        raise error
     return result

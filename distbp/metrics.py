@@ -16,7 +16,11 @@ class RunLog:
 
     def __init__(self, run_dir: Path | None, master: bool, total_steps: int, log_every: int):
         self.master, self.log_every = master, log_every
-        self.metrics = open(run_dir / "metrics.jsonl", "a") if master and run_dir else None
+        self.metrics = open(run_dir / "metrics.jsonl", "a+") if master and run_dir else None
+        if self.metrics and self.metrics.tell():
+            self.metrics.seek(self.metrics.tell() - 1)
+            if self.metrics.read(1) != "\n":  # a line cut short by a crash stays apart from the next
+                self.metrics.write("\n")
         self.logfile = open(run_dir / "train.log", "a") if master and run_dir else None
         use_bar = master and sys.stdout.isatty()
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True) if use_bar else None
@@ -38,6 +42,21 @@ class RunLog:
         if self.metrics:
             self.metrics.write(json.dumps(fields) + "\n")
             self.metrics.flush()
+
+    def best(self, key: str, up_to_step: int) -> float | None:
+        """Rank 0: the largest `key` recorded in metrics.jsonl at steps <= up_to_step (None elsewhere)."""
+        if not self.metrics:
+            return None
+        values = []
+        with open(self.metrics.name) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut short by a crash
+                    continue
+                if key in r and not r.get("summary") and r.get("step", 0) <= up_to_step:
+                    values.append(r[key])
+        return max(values, default=None)
 
     def progress(self, step: int, fields: dict):
         """Advance the bar, or print a plain line every log_every steps."""

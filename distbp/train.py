@@ -14,7 +14,7 @@ from . import faults
 from . import slurm
 from .comm import set_thread_budget
 from .config import Config, config_to_dict, config_to_json, config_to_toml
-from .data import DataError, Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
+from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
 from .determinism import DeterministicStep, check_consistent, param_hash, pin_blas_threads
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .metrics import RunLog, StepTimer, format_summary
@@ -242,151 +242,203 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    master = comm.is_root
-    run_dir = Path(comm.bcast_obj(str(run_dir)))
-    wall0 = time.perf_counter()
-    data, train_split, val_split = agree(comm, open_data, cfg)
-    model = agree(comm, build_model, cfg, data)
-    loss = make_loss(data.task)
-    opt = build_optimizer(cfg, model)
-    B = cfg.train.batch_size
-    per_epoch = steps_per_epoch(train_split.n, B, cfg.train.drop_last)
-    total = per_epoch * cfg.train.epochs
-    if cfg.train.max_steps >= 0:
-        total = min(total, cfg.train.max_steps)
-    lr_at = agree(comm, schedule_of, cfg, total)
-    agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
-    runlog = RunLog(run_dir, master, total, cfg.train.log_every)
-    log = runlog.info
-    set_thread_budget(comm, log)
-    log(f"distbp {__version__}: {comm.size} rank(s), run dir {run_dir}")
-    if comm.size > 1:
-        log(rank_table(comm))
-    if slurm.describe():
-        log(slurm.describe())
-    log(f"data {data.path}: {train_split.n} train rows, {val_split.n if val_split else 0} val rows, "
-        f"task {data.task}")
-    log(f"model: {model.num_params} parameters ({cfg.train.dtype})\n  " + "\n  ".join(model.describe()))
-    pos = resume_state(resume, run_dir, model, opt, cfg, comm, log)
-    if pos.step:
-        runlog.record(resume=True, step=pos.step, epoch=pos.epoch, world_size=comm.size)
-        runlog.resume_bar(pos.step)
-    for split in (train_split, val_split):
-        if split is not None:
-            agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+    return Trainer(cfg, comm, run_dir, resume).train()
 
-    stop = slurm.StopRequest().install()
-    timer = StepTimer()
-    saver = ckpt.BackgroundSaver()
-    scalars = np.zeros(5)  # rows, loss sum, correct, stop flag, checkpoint-by-time flag
-    last_ckpt_time = time.monotonic()
-    result, best, exit_code = {}, None, EXIT_OK
-    lr = lr_at(pos.step)
-    stall = Watchdog(comm, cfg.train.stall_timeout, lambda: pos.step).start()
-    comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
-    model.ctx.comm = comm
-    det = DeterministicStep(model, loss, comm, cfg.train.micro_batch) if cfg.train.deterministic else None
-    if det:
-        log(pin_blas_threads())
-        log(det.describe(B))
-    order_epoch = -1
-    try:
-        while pos.step < total:
-            if pos.step_in_epoch >= per_epoch:
-                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-            if order_epoch != pos.epoch:
-                order, order_epoch = epoch_order(cfg.train.seed, pos.epoch, train_split.n), pos.epoch
-            t_step = time.perf_counter()
-            timer.start()
-            # this rank's rows of the global batch
-            if det:  # whole micro-shards, so each shard's math is the same on any rank
-                idx, rows = det.batch_rows(order, pos.step_in_epoch, B, train_split.n)
-            else:
-                idx, rows = batch_rows(order, pos.step_in_epoch, B, comm.rank, comm.size)
-            global_rows = min(B, train_split.n - pos.step_in_epoch * B)
-            x, y = train_split.read(idx, model.params.dtype)
-            model.ctx.step, model.ctx.rows, model.ctx.global_rows = pos.step, rows, global_rows
-            timer.lap("data")
-            # forward, loss (a sum over local rows), backward of the global mean
-            if det:  # forward and backward per micro-shard, timed together as backward
-                scalars[:] = (len(idx), 0, det.forward_backward(x, y, rows, global_rows), stop.requested, 0)
-            else:
-                model.zero_grad(skip_written=True)  # the backward below writes what it skips
-                out = model.forward(x)
-                scalars[:] = (len(idx), loss.forward(out, y), loss.correct(out, y), stop.requested, 0)
-                timer.lap("forward")
-                dout = loss.backward()
-                dout /= global_rows
-                model.backward(dout, need_dx=False)
-            faults.inject(comm.rank, pos.step, model.grads)  # inert unless DISTBP_FAULT is set (tests)
-            timer.lap("backward")
-            # one allreduce of the flat gradient, one of the step's scalars
-            if master and cfg.checkpoint.every_seconds:
-                scalars[4] = time.monotonic() - last_ckpt_time >= cfg.checkpoint.every_seconds
-            if det:  # the fixed tree instead of MPI_SUM
-                det.allreduce(model.grads, scalars)
-            else:
-                comm.allreduce_sum(model.grads)
-                comm.allreduce_sum(scalars)
-            timer.lap("allreduce")
-            train_loss = scalars[1] / scalars[0]
-            skipped = not check_finite(train_loss, model, pos.step, cfg.train.nonfinite, log)
-            lr = lr_at(pos.step)
-            if not skipped:
-                opt.step(model.params, model.grads, lr)
-            timer.lap("optimizer")
-            pos.step += 1
-            pos.step_in_epoch += 1
-            pos.samples_seen += int(scalars[0])
-            if cfg.train.check_every and pos.step % cfg.train.check_every == 0:
-                check_consistent(comm, model.params, pos.step)
-            timer.step_done(time.perf_counter() - t_step, int(scalars[0]))
 
-            fields = {"loss": train_loss, "lr": lr}
-            runlog.progress(pos.step, fields)
-            if pos.step % cfg.train.log_every == 0 or pos.step == total:
-                runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=lr,
-                              samples_per_s=timer.samples_per_s(), **({"skipped": True} if skipped else {}))
-            epoch_end = pos.step_in_epoch == per_epoch
-            if val_split is not None and (epoch_end or pos.step == total or (
-                    cfg.train.eval_every and pos.step % cfg.train.eval_every == 0)):
+class Trainer:
+    """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
+
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str):
+        self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
+        self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
+        self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
+        self.model = model = agree(comm, build_model, cfg, self.data)
+        self.loss = make_loss(self.data.task)
+        self.opt = build_optimizer(cfg, model)
+        self.per_epoch = steps_per_epoch(self.train_split.n, cfg.train.batch_size, cfg.train.drop_last)
+        self.total = self.per_epoch * cfg.train.epochs
+        if cfg.train.max_steps >= 0:
+            self.total = min(self.total, cfg.train.max_steps)
+        self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
+        self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
+        self.log = self.runlog.info
+        self._describe()
+        self.pos = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
+        self.best = None  # best val_accuracy of the run, resumes included
+        if self.pos.step:
+            self.best = self.runlog.best("val_accuracy", self.pos.step)
+            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch, world_size=comm.size)
+            self.runlog.resume_bar(self.pos.step)
+        for split in (self.train_split, self.val_split):
+            if split is not None:
+                agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+        self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
+        self.scalars = np.zeros(5)  # rows, loss sum, correct, stop flag, checkpoint-by-time flag
+        self.result, self.lr, self.det = {}, self.lr_at(self.pos.step), None
+        self._order, self._order_epoch = None, -1
+        self._last_ckpt_time = time.monotonic()
+
+    def _describe(self):
+        """The run's first log lines: ranks, threads, SLURM, data, model."""
+        comm, log = self.comm, self.log
+        set_thread_budget(comm, log)
+        log(f"distbp {__version__}: {comm.size} rank(s), run dir {self.run_dir}")
+        if comm.size > 1:
+            log(rank_table(comm))
+        if slurm.describe():
+            log(slurm.describe())
+        val = self.val_split
+        log(f"data {self.data.path}: {self.train_split.n} train rows, {val.n if val else 0} val rows, "
+            f"task {self.data.task}")
+        log(f"model: {self.model.num_params} parameters ({self.cfg.train.dtype})\n  "
+            + "\n  ".join(self.model.describe()))
+
+    def train(self) -> int:
+        """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
+        cfg, pos, timer = self.cfg, self.pos, self.timer
+        stop = slurm.StopRequest().install()
+        stall = Watchdog(self.comm, cfg.train.stall_timeout, lambda: pos.step).start()
+        self.comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
+        self.model.ctx.comm = self.comm
+        if cfg.train.deterministic:
+            self.det = DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch)
+            self.log(pin_blas_threads())
+            self.log(self.det.describe(cfg.train.batch_size))
+        exit_code = EXIT_OK
+        try:
+            while pos.step < self.total:
+                t_step = time.perf_counter()
                 timer.start()
-                result = evaluate(model, loss, val_split, comm, data.task == "classification")
-                timer.lap("eval")
-                best = max(best or 0.0, result.get("val_accuracy", 0.0))
-                runlog.record(step=pos.step, epoch=pos.epoch, **result)
-                log(f"eval step {pos.step} epoch {pos.epoch}: "
-                    + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-            if scalars[3] > 0:
-                log(f"stop signal received: checkpoint at step {pos.step}, exit {EXIT_RESUMABLE} (resumable)")
-                exit_code = EXIT_RESUMABLE
-                break
-            due = cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0
-            if (due or scalars[4] > 0) and pos.step < total:
-                save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=False)
-                last_ckpt_time = time.monotonic()
-    except DataError as e:
-        if comm.size == 1:
-            raise
-        # this rank alone failed to read its rows while the others wait in a collective:
-        # a crash of the job (MPI abort), not an input error every rank agreed on
-        raise RuntimeError(f"{e}") from None
-    finally:
-        stall.stop()
-        stop.restore()
-        saver.wait()
-    save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final=True)
-    summary = {"summary": True, "steps": pos.step, "epochs": pos.step / per_epoch,
-               "samples_per_s": timer.samples_per_s(), "val_loss": result.get("val_loss"),
-               "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": best,
-               "world_size": comm.size, "wall_time_s": time.perf_counter() - wall0,
-               "time_s": {k: round(v, 4) for k, v in timer.totals.items()}, "exit_code": exit_code,
-               "params_crc32": f"{param_hash(model.params):08x}"}
-    runlog.record(**summary)
-    log("summary:\n" + "\n".join(format_summary(summary)))
-    log(f"parameters crc32: {summary['params_crc32']}")
-    runlog.close()
-    return exit_code
+                x, y, rows, global_rows = self.read_batch()
+                timer.lap("data")
+                self.forward_backward(x, y, rows, global_rows, stop.requested)
+                timer.lap("backward")
+                self.allreduce()
+                timer.lap("allreduce")
+                train_loss, skipped = self.optimizer_step()
+                timer.lap("optimizer")
+                self.advance()
+                timer.step_done(time.perf_counter() - t_step, int(self.scalars[0]))
+                self.report(train_loss, skipped)
+                if self.scalars[3] > 0:
+                    self.log(f"stop signal received: checkpoint at step {pos.step}, exit {EXIT_RESUMABLE} "
+                             "(resumable)")
+                    exit_code = EXIT_RESUMABLE
+                    break
+                self.checkpoint_if_due()
+        finally:
+            stall.stop()
+            stop.restore()
+            self.saver.wait()
+        agree(self.comm, self.save, final=True)
+        return self.finish(exit_code)
+
+    def read_batch(self):
+        """(x, y, global rows, global batch size) of this rank's slice of the step's global batch."""
+        pos, cfg, n = self.pos, self.cfg, self.train_split.n
+        if pos.step_in_epoch >= self.per_epoch:
+            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        if self._order_epoch != pos.epoch:
+            self._order, self._order_epoch = epoch_order(cfg.train.seed, pos.epoch, n), pos.epoch
+        B = cfg.train.batch_size
+        if self.det:  # whole micro-shards, so each shard's math is the same on any rank
+            idx, rows = self.det.batch_rows(self._order, pos.step_in_epoch, B, n)
+        else:
+            idx, rows = batch_rows(self._order, pos.step_in_epoch, B, self.comm.rank, self.comm.size)
+        global_rows = min(B, n - pos.step_in_epoch * B)
+        x, y = self.train_split.read(idx, self.model.params.dtype)
+        return x, y, rows, global_rows
+
+    def forward_backward(self, x, y, rows, global_rows: int, stop_requested: bool):
+        """Forward, loss (a sum over local rows), backward of the global mean; the step's scalars."""
+        model, loss = self.model, self.loss
+        model.ctx.step, model.ctx.rows, model.ctx.global_rows = self.pos.step, rows, global_rows
+        if self.det:  # forward and backward per micro-shard, timed together as backward
+            self.scalars[:] = (len(y), 0, self.det.forward_backward(x, y, rows, global_rows), stop_requested, 0)
+        else:
+            model.zero_grad(skip_written=True)  # the backward below writes what it skips
+            out = model.forward(x)
+            self.scalars[:] = (len(y), loss.forward(out, y), loss.correct(out, y), stop_requested, 0)
+            self.timer.lap("forward")
+            dout = loss.backward()
+            dout /= global_rows
+            model.backward(dout, need_dx=False)
+        faults.inject(self.comm.rank, self.pos.step, model.grads)  # inert unless DISTBP_FAULT is set (tests)
+
+    def allreduce(self):
+        """One allreduce of the flat gradient and one of the step's scalars (the fixed tree if deterministic)."""
+        every = self.cfg.checkpoint.every_seconds
+        if self.comm.is_root and every:
+            self.scalars[4] = time.monotonic() - self._last_ckpt_time >= every
+        if self.det:
+            self.det.allreduce(self.model.grads, self.scalars)
+        else:
+            self.comm.allreduce_sum(self.model.grads)
+            self.comm.allreduce_sum(self.scalars)
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
+        train_loss = self.scalars[1] / self.scalars[0]
+        skipped = not check_finite(train_loss, self.model, self.pos.step, self.cfg.train.nonfinite, self.log)
+        self.lr = self.lr_at(self.pos.step)
+        if not skipped:
+            self.opt.step(self.model.params, self.model.grads, self.lr)
+        return train_loss, skipped
+
+    def advance(self):
+        """Count the step and its rows; compare parameters across ranks when due."""
+        pos, every = self.pos, self.cfg.train.check_every
+        pos.step += 1
+        pos.step_in_epoch += 1
+        pos.samples_seen += int(self.scalars[0])
+        if every and pos.step % every == 0:
+            check_consistent(self.comm, self.model.params, pos.step)
+
+    def report(self, train_loss: float, skipped: bool):
+        """Progress and metrics records; evaluation at the end of an epoch, of the run, or when due."""
+        pos, cfg, timer = self.pos, self.cfg, self.timer
+        self.runlog.progress(pos.step, {"loss": train_loss, "lr": self.lr})
+        if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
+            self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr,
+                               samples_per_s=timer.samples_per_s(), **({"skipped": True} if skipped else {}))
+        due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
+        if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
+            return
+        timer.start()
+        self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.data.task == "classification")
+        timer.lap("eval")
+        self.best = max(self.best or 0.0, self.result.get("val_accuracy", 0.0))
+        self.runlog.record(step=pos.step, epoch=pos.epoch, **self.result)
+        self.log(f"eval step {pos.step} epoch {pos.epoch}: "
+                 + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
+
+    def checkpoint_if_due(self):
+        """A periodic checkpoint every checkpoint.every_steps, or when rank 0's clock says every_seconds."""
+        every = self.cfg.checkpoint.every_steps
+        if ((every and self.pos.step % every == 0) or self.scalars[4] > 0) and self.pos.step < self.total:
+            self.save(final=False)
+            self._last_ckpt_time = time.monotonic()
+
+    def save(self, final: bool):
+        """Checkpoint the current state (rank 0 writes; see save_checkpoint)."""
+        save_checkpoint(self.saver, self.run_dir, self.model, self.opt, self.pos, self.cfg, self.comm, self.lr,
+                        self.log, self.timer, final=final)
+
+    def finish(self, exit_code: int) -> int:
+        """The summary record and table; returns exit_code."""
+        pos, result = self.pos, self.result
+        summary = {"summary": True, "steps": pos.step, "epochs": pos.step / self.per_epoch,
+                   "samples_per_s": self.timer.samples_per_s(), "val_loss": result.get("val_loss"),
+                   "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": self.best,
+                   "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
+                   "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
+                   "params_crc32": f"{param_hash(self.model.params):08x}"}
+        self.runlog.record(**summary)
+        self.log("summary:\n" + "\n".join(format_summary(summary)))
+        self.log(f"parameters crc32: {summary['params_crc32']}")
+        self.runlog.close()
+        return exit_code
 
 
 def check_finite(train_loss: float, model, step: int, policy: str, log) -> bool:

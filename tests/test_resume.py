@@ -91,6 +91,17 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def metrics_lines(run_dir) -> list[dict]:
+    """The complete lines of run_dir/metrics.jsonl (a line cut short is left out)."""
+    lines = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass
+    return lines
+
+
 def after(lines: list[dict], step: int) -> list[tuple]:
     """(step, loss or val_loss) of the train and eval lines past `step`."""
     return [(m["step"], m.get("loss", m.get("val_loss"))) for m in lines
@@ -140,6 +151,21 @@ def test_resume_is_bitwise_exact(wcomm, run_root, tmp_path_factory, variant, sto
     assert same_history, "losses after the resume differ from the straight run's"
     assert marks == [{"resume": True, "step": stop, "epoch": (stop - 1) // PER_EPOCH, "world_size": wcomm.size}]
     assert said
+
+
+def test_best_val_accuracy_counts_the_history_before_the_resume(wcomm, run_root):
+    assert train(wcomm, run_root, "train.max_steps=30") == 0
+
+    def add_history():  # an earlier eval better than any to come, and one past the resume point
+        with open(run_root / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 25, "epoch": 1, "val_loss": 0.1, "val_accuracy": 0.9991}) + "\n")
+            f.write(json.dumps({"step": 35, "epoch": 1, "val_loss": 0.1, "val_accuracy": 0.9999}) + "\n")
+            f.write('{"step": 36, "val_acc')  # a line cut short by a crash
+    on_root(wcomm, add_history)
+    assert train(wcomm, run_root, "train.max_steps=40") == 0
+    lines = on_root(wcomm, lambda: metrics_lines(run_root))
+    assert {"resume": True, "step": 30, "epoch": 1, "world_size": wcomm.size} in lines
+    assert lines[-1]["best_val_accuracy"] == 0.9991 and lines[-1]["val_accuracy"] < 0.9991
 
 
 def test_metrics_continue_and_config_changes_are_logged(wcomm, run_root):

@@ -211,7 +211,7 @@ def test_one_failing_rank_ends_mpirun_of_4_within_seconds(launch, tmp_path, kind
 
 
 FAILING_READ = """
-import sys
+import os, sys
 from distbp import cli, data
 from distbp.comm import world
 
@@ -219,7 +219,7 @@ read, calls = data.Split.read, []
 
 def read_failing_on_rank_1(split, idx, dtype):
     calls.append(idx)
-    if world().rank == 1 and len(calls) == 4:
+    if world().rank == 1 and len(calls) == int(os.environ["FAIL_AT_READ"]):
         raise data.DataError("dataset D, split 'train': cannot read rows (test); HINT: re-copy it")
     return read(split, idx, dtype)
 
@@ -228,17 +228,26 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_a_read_error_on_one_rank_ends_the_job(launch, tmp_path):
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_a_read_error_on_one_rank_ends_the_job(launch, tmp_path, command):
     (tmp_path / "job.py").write_text(FAILING_READ)
     data = synthetic_file(tmp_path / "data.h5")
+    if command == "train":
+        args, fail_at = ["train", "--set", f'data.path="{data}"', "--set", "train.epochs=10000", "--set",
+                         "train.stall_timeout=0", "--run-dir", tmp_path / "run"], 4  # without the watchdog
+    else:  # a checkpoint first, then the command reads its rows: rank 1 fails at its first read
+        assert launch(["train", "--set", f'data.path="{data}"', "--set", "train.max_steps=2",
+                       "--run-dir", tmp_path / "run"]).returncode == 0
+        ck = tmp_path / "run" / "checkpoints" / checkpoint_name(2)
+        args = ["eval", ck] if command == "eval" else ["predict", ck, data, tmp_path / "p.h5", "--split", "val"]
+        fail_at = 1
     start = time.monotonic()
-    proc = launch(["train", "--set", f'data.path="{data}"', "--set", "train.epochs=10000", "--set",
-                   "train.stall_timeout=0", "--run-dir", tmp_path / "run"], n=3, script=tmp_path / "job.py",
-                  timeout=45)  # without the watchdog: only the abort ends it
-    assert proc.returncode != 0 and time.monotonic() - start < 30
+    proc = launch(args, n=3, script=tmp_path / "job.py", env={"FAIL_AT_READ": str(fail_at)}, timeout=45)
+    assert proc.returncode == 2 and time.monotonic() - start < 30, proc.stderr[-3000:]
     ranks = [line for line in proc.stderr.splitlines() if line.startswith("distbp: rank")]
     assert len(ranks) == 1 and re.fullmatch(r"distbp: rank 1 on \S+ failed: .*cannot read rows \(test\).*",
                                             ranks[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr  # the message names the file and the fix
 
 
 # --- the default run: `distbp train` on the shipped digits -------------------------------------
