@@ -55,7 +55,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 50
     deterministic: bool = False
-    micro_batch: int = 32
+    micro_batch: int = 64
     check_every: int = 0
     stall_timeout: float = 300.0
     nonfinite: str = "abort"

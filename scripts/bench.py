@@ -48,6 +48,7 @@ class Workload:
     steps: int = 40
     torch_steps: int = 40
     extra: tuple = field(default=())  # --set overrides that are part of the workload
+    default_of: str | None = None  # a workload whose default-mode run each round times too, for the cost
 
 
 WORKLOADS = {
@@ -57,9 +58,13 @@ WORKLOADS = {
     "W1-f64": Workload("W1 in float64", dtype="float64", steps=20, torch_steps=20),
     "W3-deep": Workload("MLP 784-(1024 x 6)-10 ReLU, batch 256", hidden=(1024,) * 6, steps=15, torch_steps=15),
     "W4-wide": Workload("MLP 784-4096-10 ReLU, batch 256", hidden=(4096,), steps=20, torch_steps=20),
-    "W1-det": Workload("W1 with train.deterministic=true", extra=("train.deterministic=true",)),
+    "W1-det": Workload("W1 with train.deterministic=true (micro_batch 64, the default)",
+                       extra=("train.deterministic=true",), default_of="W1"),
+    "W1-det32": Workload("W1 with train.deterministic=true, micro_batch 32",
+                         extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
 }
-ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1", 1, 2)]
+ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
+       ("W1", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -242,9 +247,11 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     if wl.rows and comm.is_root:
         write_synthetic(Path(path), wl.rows, wl.features, wl.classes)
     comm.barrier()
-    runs, floors, torches, rss, pss, xy = [], [], [], None, None, None
+    runs, floors, torches, defaults, rss, pss, xy = [], [], [], [], None, None, None
     for r in range(args.rounds):
         runs.append(distbp_round(wl, path, args.set, comm, tmp, r))
+        if wl.default_of:
+            defaults.append(distbp_round(WORKLOADS[wl.default_of], path, args.set, comm, tmp, r)["samples_per_s"])
         if r == 0:  # before PyTorch is imported: distbp's own peak
             rss, pss = comm.gather_obj(round(rss_mb(), 1)), comm.gather_obj(round(pss_mb(), 1))
         floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200))))
@@ -266,6 +273,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
            "torch_samples_per_s": round(statistics.median(torches)) if torches[0] else None,
            "vs_torch": _median_ratio(rates, torches) if torches[0] else None,
            "peak_rss_mb": rss, "pss_mb": pss,
+           "step_time_vs_default": _median_ratio(defaults, rates) if defaults else None,
            "rounds_samples_per_s": {"distbp": [round(v) for v in rates], "floor": [round(v) for v in floors],
                                     "torch": [round(v) if v else None for v in torches]}}
     return rec
@@ -416,6 +424,10 @@ def main(argv=None) -> int:
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
         print(table(records))
+        for r in records:
+            if r["step_time_vs_default"]:
+                print(f"{r['workload']} at {r['ranks']} x {r['threads']}: step time {r['step_time_vs_default']}x "
+                      f"the default mode's, measured in the same rounds")
         return 0
     for rec in launch(argv, args.ranks, args.threads, args.timeout):
         print(json.dumps(rec), flush=True)
