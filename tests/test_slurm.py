@@ -160,6 +160,17 @@ def test_train_sbatch_rejects_run_dir_argument(cluster, tmp_path):
     assert "DISTBP_RUN_DIR" in log_text(out)
 
 
+def test_train_sbatch_runs_the_default_training_on_4_tasks(cluster, tmp_path):
+    out = tmp_path / "default.out"
+    job = sbatch("-n", 4, "-o", out, TRAIN_SBATCH, cwd=tmp_path)  # no arguments: `distbp train` as shipped
+    info = wait_done(job, 240, out)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log_text(out)
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    assert max(checkpoint_steps(run_dir)) == 660  # 30 epochs of 1437 // 64 steps
+    summary = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["world_size"] == 4 and summary["val_accuracy"] > 0.93, summary
+
+
 def test_preempt_requeue_resume_matches_uninterrupted_run(cluster, tmp_path):
     args = ["digits", "--set", f"train.max_steps={STEPS}", "--set", "train.epochs=1000",
             "--set", f"checkpoint.every_steps={EVERY}"]
