@@ -16,7 +16,7 @@ mkdir -p test-logs
 status=0
 
 echo "== serial tests"
-python -m pytest -q --timeout=120 -p no:cacheprovider tests || status=1
+python -m pytest -q --timeout=120 --durations=8 -p no:cacheprovider tests || status=1
 
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
