@@ -9,6 +9,26 @@ from distbp.comm import SerialComm, world
 from distbp.data import write_dataset
 
 
+def numeric_grad(f, a, eps=1e-6):
+    """Central finite differences of the scalar f() w.r.t. every entry of a (restored after)."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        orig = a[i]
+        a[i] = orig + eps
+        up = f()
+        a[i] = orig - eps
+        down = f()
+        a[i] = orig
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
+def rel_err(a, b):
+    """||a - b|| / max(||a||, ||b||)."""
+    scale = max(np.linalg.norm(a), np.linalg.norm(b))
+    return np.linalg.norm(a - b) / scale if scale > 0 else 0.0
+
+
 def import_torch():
     """PyTorch, the optional reference: skip without it, unless DISTBP_TEST_TORCH=1 requires it."""
     if os.environ.get("DISTBP_TEST_TORCH") == "1":

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from distbp.nn.conv import Conv2D, Flatten, MaxPool2D
+from conftest import numeric_grad, rel_err
 
 
 def bind_random(layer, rng, dtype=np.float64, around_one=False):
@@ -12,25 +13,6 @@ def bind_random(layer, rng, dtype=np.float64, around_one=False):
     grads = {n: np.zeros(s, dtype) for n, s in layer.param_shapes()}
     layer.bind(params, grads)
     return params, grads
-
-
-def rel_error(a, b):
-    """Norm-wise relative error of a against b."""
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300)
-
-
-def numeric_grad(f, v, h=1e-6):
-    """Central differences of the scalar f() with respect to every entry of v (changed in place)."""
-    g = np.zeros_like(v)
-    for i in np.ndindex(v.shape):
-        old = v[i]
-        v[i] = old + h
-        up = f()
-        v[i] = old - h
-        down = f()
-        v[i] = old
-        g[i] = (up - down) / (2 * h)
-    return g
 
 
 def check_grads(layer, x, params, grads, rng, tol=1e-6):
@@ -46,9 +28,9 @@ def check_grads(layer, x, params, grads, rng, tol=1e-6):
     np.testing.assert_array_equal(x, x0)  # inputs left alone
     np.testing.assert_array_equal(R, R0)
     loss = lambda: float(np.sum(layer.forward(x) * R))  # noqa: E731
-    assert rel_error(dx, numeric_grad(loss, x)) < tol
+    assert rel_err(dx, numeric_grad(loss, x)) < tol
     for name, p in params.items():
-        assert rel_error(grads[name], numeric_grad(loss, p)) < tol, name
+        assert rel_err(grads[name], numeric_grad(loss, p)) < tol, name
 
 
 def conv_naive(x, W, b, stride, padding):
@@ -208,8 +190,8 @@ def test_cnn_in_sequential_names_init_and_gradients():
     dx = model.backward(R)
     grads = model.grads.copy()
     loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
-    assert rel_error(grads, numeric_grad(loss, model.params)) < 1e-6
-    assert rel_error(dx, numeric_grad(loss, x)) < 1e-6
+    assert rel_err(grads, numeric_grad(loss, model.params)) < 1e-6
+    assert rel_err(dx, numeric_grad(loss, x)) < 1e-6
     model.zero_grad()
     model.forward(x)
     assert model.backward(R, need_dx=False) is None

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from distbp.nn import MSE, BCEWithLogits, SoftmaxCrossEntropy, make_loss
-from test_nn import numeric_grad, rel_err
-from conftest import import_torch
+from conftest import import_torch, numeric_grad, rel_err
 
 
 def targets(task, rng, n, k):

@@ -5,7 +5,7 @@ import pytest
 
 from distbp.nn import LAYER_TYPES, Context, Sequential, init, make_loss, mlp_specs
 from distbp.nn.model import ACTIVATIONS
-from conftest import import_torch
+from conftest import import_torch, numeric_grad, rel_err
 
 LAYER_CASES = [
     ({"type": "linear", "out": 4}, (5,)),
@@ -19,26 +19,6 @@ LAYER_CASES = [
     ({"type": "dropout", "p": 0.4}, (7,)),
     ({"type": "dropout", "p": 0.4}, (2, 3, 3)),
 ]
-
-
-def numeric_grad(f, a, eps=1e-6):
-    """Central finite differences of the scalar f() w.r.t. every entry of a (restored after)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        orig = a[i]
-        a[i] = orig + eps
-        up = f()
-        a[i] = orig - eps
-        down = f()
-        a[i] = orig
-        g[i] = (up - down) / (2 * eps)
-    return g
-
-
-def rel_err(a, b):
-    """||a - b|| / max(||a||, ||b||)."""
-    scale = max(np.linalg.norm(a), np.linalg.norm(b))
-    return np.linalg.norm(a - b) / scale if scale > 0 else 0.0
 
 
 def away_from_kinks(x):

@@ -5,7 +5,8 @@ import pytest
 
 from distbp.nn.layers import Context
 from distbp.nn.norm import BatchNorm, LayerNorm
-from test_conv import bind_random, check_grads, numeric_grad, rel_error
+from conftest import numeric_grad, rel_err
+from test_conv import bind_random, check_grads
 
 
 def make_bn(in_shape, comm=None, rng=None, dtype=np.float64, momentum=0.1):
@@ -196,8 +197,8 @@ def test_batchnorm_in_sequential_buffers_and_gradients():
     model.forward(x)
     dx = model.backward(R)
     loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
-    assert rel_error(model.grads.copy(), numeric_grad(loss, model.params)) < 1e-6
-    assert rel_error(dx, numeric_grad(loss, x)) < 1e-6
+    assert rel_err(model.grads.copy(), numeric_grad(loss, model.params)) < 1e-6
+    assert rel_err(dx, numeric_grad(loss, x)) < 1e-6
     model.eval()
     running = model.forward(x)
     model.train()
