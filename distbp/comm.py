@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -255,14 +256,18 @@ def _exit_code(exc: BaseException) -> int:
 def report_failure(comm, exc: BaseException):
     """Print this rank's traceback and one 'distbp: rank R on HOST failed' line to stderr."""
     if isinstance(exc, KeyboardInterrupt):
-        what = "was interrupted"
+        what, trace = "was interrupted", ""
     elif isinstance(exc, SystemExit):
         what = f"exited with code {_exit_code(exc)}" + (f": {exc.code}" if isinstance(exc.code, str) else "")
+        trace = ""
     else:
-        if not isinstance(exc, UserError):  # a user error's message names the file and the fix
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
         what = f"failed: {type(exc).__name__}: {exc}"
-    print(f"distbp: rank {comm.rank} on {comm.host} {what}", file=sys.stderr, flush=True)
+        # a user error's message names the file and the fix: no traceback
+        trace = "" if isinstance(exc, UserError) else "".join(traceback.format_exception(exc))
+    sys.stderr.write(f"{trace}distbp: rank {comm.rank} on {comm.host} {what}\n")  # one write: kept together
+    sys.stderr.flush()
+    if comm.size > 1:
+        time.sleep(0.2)  # the launcher forwards the lines before MPI_Abort tears the job down
 
 
 def install_abort_on_error(comm):

@@ -274,7 +274,7 @@ class CsvTable:
             y = np.array([index[v] for v in labels] if index else labels, dtype=np.float64)
         except ValueError:
             for line, row, value in zip(lines, block, labels):
-                for j, cell in enumerate([*row, value]):
+                for cell in [*row, value]:
                     if not _number(cell):
                         raise ConvertError(f"{self.path}: line {line} has {cell!r} where a number belongs; "
                                            "HINT: fill or drop that row, or choose the label column "

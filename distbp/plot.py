@@ -14,7 +14,7 @@ def read_metrics(run_dir) -> dict:
         raise UserError(f"{run_dir}: no metrics.jsonl; HINT: give a run directory written by `distbp train` "
                         "(its --run-dir)")
     train, evals, per_epoch = {}, {}, None
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

@@ -124,7 +124,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
                  else SplitRows(data.split(split)))
     lo, hi = shard(rows.n, comm.rank, comm.size)
-    rounds = -(-(-(-rows.n // comm.size)) // batch)  # chunks in the largest slice, the same on every rank
+    rounds = math.ceil(math.ceil(rows.n / comm.size) / batch)  # chunks in the largest slice, the same on every rank
     template = outputs(data.task, np.zeros((1, *model.out_shape), model.params.dtype))
     if not npy:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]

@@ -190,7 +190,7 @@ def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
     watched = dog.watched()
     assert watched.rank == comm.rank and watched.size == comm.size
     buf = np.ones(3)
-    for i in range(3):  # rank 0 arrives 1 s late: below the 4 s timeout
+    for _ in range(3):  # rank 0 arrives 1 s late: below the 4 s timeout
         if comm.rank == 0:
             time.sleep(1.0)
         watched.allreduce_sum(buf)
