@@ -400,8 +400,11 @@ class Trainer:
         pos, cfg, timer = self.pos, self.cfg, self.timer
         self.runlog.progress(pos.step, {"loss": train_loss, "lr": self.lr})
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
+            extra = {"accuracy": self.scalars[2] / self.scalars[0]} if self.data.task == "classification" else {}
+            if skipped:
+                extra["skipped"] = True
             self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr,
-                               samples_per_s=timer.samples_per_s(), **({"skipped": True} if skipped else {}))
+                               samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
             return
