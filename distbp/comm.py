@@ -122,6 +122,7 @@ class Comm:
     def abort(self, code: int = 1):
         """End every rank of the job now with exit code `code`."""
         _flush()
+        time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
         self._mpi.COMM_WORLD.Abort(code)
 
     def node_cpus(self) -> int:
@@ -266,8 +267,6 @@ def report_failure(comm, exc: BaseException):
         trace = "" if isinstance(exc, UserError) else "".join(traceback.format_exception(exc))
     sys.stderr.write(f"{trace}distbp: rank {comm.rank} on {comm.host} {what}\n")  # one write: kept together
     sys.stderr.flush()
-    if comm.size > 1:
-        time.sleep(0.2)  # the launcher forwards the lines before MPI_Abort tears the job down
 
 
 def install_abort_on_error(comm):
