@@ -385,7 +385,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("workloads", nargs="*", default=["W1"], help=f"any of {', '.join(WORKLOADS)}")
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="BLAS (and PyTorch) threads per rank")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds; medians are reported (default: %(default)s)")
     p.add_argument("--steps", type=int, default=0, help="steady-state steps per round (0: the workload's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="distbp config override")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
