@@ -106,10 +106,7 @@ class GradTargets:
         self.model = model
         self.made: list[np.ndarray] = []
         self.free: list[np.ndarray] = []
-        params = model.views(model.params)
-        self._layers = [(i, layer, {p: params[f"{i}.{layer.kind}.{p}"] for p, _ in layer.param_shapes()})
-                        for i, layer in enumerate(model.layers) if layer.param_shapes()]
-        self._grads: dict[int, list[dict]] = {}  # id of a vector -> each layer's gradient views into it
+        self._views: dict[int, list[dict]] = {}  # id of a vector -> model.layer_views of it
 
     def reset(self):
         """Every vector is free again; model.grads is taken first, so the leftmost block sums into it."""
@@ -125,24 +122,15 @@ class GradTargets:
             self.made.append(np.empty_like(self.model.grads))
             self.free.append(self.made[-1])
         g = self.free.pop(0)
-        for (_, layer, _), grads in zip(self._layers, self.bind(g)):
-            if layer.writes_grads:
-                layer.grads_zero = True  # the backward then writes its gradient rather than adding: no zeroing pass
-            else:
-                for v in grads.values():
-                    v.fill(0)
+        self.bind(g)
+        self.model.zero_grad(skip_written=True)  # the backward writes what this leaves
         return g
 
-    def bind(self, g: np.ndarray) -> list[dict]:
-        """Point every layer's gradient views into g; return those views."""
-        if id(g) not in self._grads:
-            views = self.model.views(g)
-            self._grads[id(g)] = [{p: views[f"{i}.{layer.kind}.{p}"] for p in params}
-                                  for i, layer, params in self._layers]
-        grads = self._grads[id(g)]
-        for (_, layer, params), views in zip(self._layers, grads):
-            layer.bind(params, views)
-        return grads
+    def bind(self, g: np.ndarray):
+        """Point every layer's gradient views into g."""
+        if id(g) not in self._views:
+            self._views[id(g)] = self.model.layer_views(g)
+        self.model.bind_grads(self._views[id(g)])
 
 
 # ---- the step (communicates) ----

@@ -103,16 +103,26 @@ class Sequential:
         self.params = np.zeros(self.layout.size, self.dtype)
         self.grads = np.zeros(self.layout.size, self.dtype)
         self.buffers = np.zeros(self.buffer_layout.size, self.dtype)
-        pv, gv = self.views(self.params), self.views(self.grads)
+        self._param_layers = [(i, layer) for i, layer in enumerate(self.layers) if self._has_params(i)]
+        self._param_views = self.layer_views(self.params)
+        self.bind_grads(self.layer_views(self.grads))
         bv = self.buffer_views(self.buffers)
         for i, layer in enumerate(self.layers):
-            prefix = f"{i}.{layer.kind}."
-            pnames = [p for p, _ in _shapes_of(layer, "param_shapes")]
-            if pnames:
-                layer.bind({p: pv[prefix + p] for p in pnames}, {p: gv[prefix + p] for p in pnames})
             bnames = [p for p, _ in _shapes_of(layer, "buffer_shapes")]
             if bnames:
-                layer.bind_buffers({p: bv[prefix + p] for p in bnames})
+                layer.bind_buffers({p: bv[f"{i}.{layer.kind}.{p}"] for p in bnames})
+
+    def layer_views(self, flat: np.ndarray) -> list[dict]:
+        """Views into a params-shaped flat vector: {parameter: view} for each layer with parameters."""
+        v = self.views(flat)
+        return [{p: v[f"{i}.{layer.kind}.{p}"] for p, _ in _shapes_of(layer, "param_shapes")}
+                for i, layer in self._param_layers]
+
+    def bind_grads(self, grads: list[dict]) -> None:
+        """Point the layers' gradients at grads (layer_views of a flat vector); backward writes there."""
+        for (_, layer), params, g in zip(self._param_layers, self._param_views, grads, strict=True):
+            layer.bind(params, g)
+        self._grad_views = grads
 
     def _link(self):
         """Share the context, choose default inits and allow in-place work on temporaries."""
@@ -124,12 +134,7 @@ class Sequential:
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             layer.overwrite_x = bool(getattr(prev, "private_output", False))
             layer.overwrite_dy = bool(getattr(nxt, "private_dx", False))
-        with_params = [i for i, layer in enumerate(self.layers) if self._has_params(i)]
-        self._first_param = with_params[0] if with_params else len(self.layers)
-        self._param_layers = [self.layers[i] for i in with_params]
-        gv = self.views(self.grads)
-        self._filled_grads = [gv[n] for n in self.names  # what zero_grad(skip_written=True) still fills
-                              if not self.layers[int(n.split(".", 1)[0])].writes_grads]
+        self._first_param = self._param_layers[0][0] if self._param_layers else len(self.layers)
 
     def _next_activation(self, i: int) -> str | None:
         """Kind of the activation after layer i, before the next initialised layer."""
@@ -207,15 +212,13 @@ class Sequential:
         return dy if need_dx else None
 
     def zero_grad(self, skip_written: bool = False) -> None:
-        """Set every gradient to zero (backward adds into grads); see skip_written below."""
+        """Set every gradient the layers are bound to to zero (backward adds); see skip_written below."""
         # skip_written leaves the gradients of layers whose next backward writes them (Linear)
         # as they are, for a backward that follows: one pass over grads fewer (7 MB for W1)
-        if skip_written:
-            for g in self._filled_grads:
-                g.fill(0)
-        else:
-            self.grads.fill(0)
-        for layer in self._param_layers:
+        for (_, layer), grads in zip(self._param_layers, self._grad_views):
+            if not (skip_written and layer.writes_grads):
+                for g in grads.values():
+                    g.fill(0)
             layer.grads_zero = True
 
     def train(self):
