@@ -10,7 +10,7 @@ import time
 import traceback
 
 from . import __version__
-from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError
+from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree
 
 EPILOG_TRAIN = """examples:
   distbp train                                  the default MLP on the shipped digits
@@ -132,7 +132,6 @@ def add_plot_predict_parsers(sub):
 def cmd_train(args, comm) -> int:
     """distbp train."""
     from .config import load_config
-    from .errors import agree
     from .train import run
     cfg = agree(comm, load_config, args.config, args.overrides)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
@@ -151,7 +150,6 @@ def cmd_eval(args, comm) -> int:
 def on_root(cmd, args, comm) -> int:
     """cmd run by rank 0 alone as a world of one (one writer, one printout); its exit code on every rank."""
     from .comm import SerialComm
-    from .errors import agree
     return comm.bcast_obj(agree(comm, lambda: cmd(args, SerialComm()) if comm.is_root else None))
 
 
@@ -166,7 +164,6 @@ def cmd_data(args, comm) -> int:
         return 0
     if args.data_command == "convert":
         from .convert import convert
-        from .errors import agree
         agree(comm, lambda: comm.is_root and convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
@@ -211,7 +208,6 @@ def cmd_ckpt(args, comm) -> int:
 
 def cmd_plot(args, comm) -> int:
     """distbp plot."""
-    from .errors import agree
     from .plot import plot_runs
     out = agree(comm, lambda: comm.is_root and plot_runs(args.run_dirs, args.out))
     if comm.is_root:
