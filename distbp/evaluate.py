@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
-from .data import Dataset
+from .data import Dataset, digits_path
 from .errors import agree
 from .nn import make_loss
-from .train import build_model, check_architecture, evaluate
+from .train import build_model, evaluate, load_params
 
 
 def load_model(path: str, comm, data_path: str | None = None):
@@ -18,26 +18,13 @@ def load_model(path: str, comm, data_path: str | None = None):
     cfg = agree(comm, config_from_dict, config)
     if data_path:
         cfg.data.path = data_path
-    data = agree(comm, Dataset, cfg.data.path) if cfg.data.path else agree(comm, _default_data)
+    data = agree(comm, Dataset, cfg.data.path or digits_path())
     model = agree(comm, build_model, cfg, data)
-    if comm.is_root:
-        agree(comm, check_architecture, ck, model)
-        for name, view in model.views(model.params).items():
-            view[...] = ck.params[name]
-        for name, view in model.buffer_views(model.buffers).items():
-            view[...] = ck.buffers.get(name, view)
-    else:
-        agree(comm, lambda: None)
+    agree(comm, lambda: load_params(ck, model) if comm.is_root else None)
     comm.bcast(model.params)
     comm.bcast(model.buffers)
     model.eval()
     return model, data, cfg
-
-
-def _default_data():
-    """The shipped digits dataset."""
-    from .data import digits_path
-    return Dataset(digits_path())
 
 
 def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: str = "val") -> dict:

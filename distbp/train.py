@@ -126,14 +126,19 @@ def check_architecture(ck: ckpt.Checkpoint, model):
                                    "or --resume never (or another --run-dir) to start fresh")
 
 
-def restore_root(ck: ckpt.Checkpoint, model, opt, opt_name: str, log) -> dict:
-    """Copy a checkpoint into model and optimizer on rank 0; return what to broadcast."""
+def load_params(ck: ckpt.Checkpoint, model):
+    """Copy a checkpoint's parameters and buffers into model, after checking the architecture."""
     check_architecture(ck, model)
     for name, view in model.views(model.params).items():
         view[...] = ck.params[name]
     for name, view in model.buffer_views(model.buffers).items():
         if name in ck.buffers:
             view[...] = ck.buffers[name]
+
+
+def restore_root(ck: ckpt.Checkpoint, model, opt, opt_name: str, log) -> dict:
+    """Copy a checkpoint into model and optimizer on rank 0; return what to broadcast."""
+    load_params(ck, model)
     scalars = {}
     if ck.opt_name == opt_name and set(ck.opt_arrays) == set(opt.state_arrays()):
         for state, flat in opt.state_arrays().items():
