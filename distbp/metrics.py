@@ -142,8 +142,7 @@ def _time_rows(t: dict) -> list[tuple[str, str]]:
 def format_summary(summary: dict) -> list[str]:
     """The end-of-run summary as a small table: progress, metrics, throughput, where the time went."""
     rows = [("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs) on {summary['world_size']} rank(s)"),
-            ("train loss", _metric(summary.get("loss"))),
-            ("val_loss", _metric(summary.get("val_loss"), summary.get("best_val_loss"))),
+            ("val_loss", _metric(summary.get("val_loss"))),
             ("val_accuracy", _metric(summary.get("val_accuracy"), summary.get("best_val_accuracy"))),
             ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
             ("wall time", f"{summary['wall_time_s']:.1f} s")]
