@@ -1,5 +1,6 @@
 """Shared fixtures: the world communicator, a tmp folder shared by all ranks, small datasets."""
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,17 @@ import pytest
 
 from distbp.comm import SerialComm, world
 from distbp.data import write_dataset
+
+
+MPIRUN = str(Path(sys.executable).parent / "mpirun")  # the launcher of this venv's MPI
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "OMPI_", "HYDRA_", "SLURM_")
+
+
+def job_env(**extra) -> dict:
+    """Environment for a job a test launches: none of this session's launcher variables or
+    DISTBP_FAULT, one BLAS thread per rank (as scripts/test.sh: the cores are shared), plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k != "DISTBP_FAULT"}
+    return {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **extra}
 
 
 def numeric_grad(f, a, eps=1e-6):

@@ -15,22 +15,19 @@ from hypothesis import strategies as st
 
 from distbp.config import ConfigError, load_config
 from distbp.data import DataError, Dataset, digits_path, write_dataset
+from conftest import MPIRUN, job_env
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
 LAYERS_8X8 = '[model]\nlayers = [{type = "reshape", shape = [1, 8, 8]}, {type = "flatten"}, {type = "linear", out = 3}]\n'
 
 
 def train(tmp: Path, args: list[str], ranks: int = 0, debug: bool = False,
           fault: str = "") -> tuple[subprocess.CompletedProcess, float]:
     """`distbp train ARGS` in tmp (under mpirun -n ranks if ranks), with its wall time."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "OMPI_", "SLURM_"))}
-    env.pop("DISTBP_FAULT", None)
-    env.update({"DISTBP_FAULT": fault} if fault else {})
-    cmd = ([str(MPIRUN), "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp"]
+    env = job_env(**({"DISTBP_FAULT": fault} if fault else {}))
+    cmd = ([MPIRUN, "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp"]
     cmd += ["--debug"] * debug + ["train", *args]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=50)
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=50)
     return proc, time.monotonic() - start
 
 

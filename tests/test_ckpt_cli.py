@@ -1,6 +1,5 @@
 """distbp ckpt inspect | verify | export and distbp eval on checkpoints of a real run; no pickles in them."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,9 +15,8 @@ from distbp.comm import SerialComm
 from distbp.config import config_from_dict
 from distbp.data import Dataset, digits_path, write_dataset
 from distbp.train import run
+from conftest import MPIRUN, job_env
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 LAYERS = [{"type": "linear", "out": 32}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "dropout", "p": 0.2},
           {"type": "linear", "out": 10}]
 
@@ -40,9 +38,9 @@ def newest(run_dir) -> Path:
 
 def distbp(*args, n: int = 1) -> subprocess.CompletedProcess:
     """python -m distbp ARGS on n ranks (n == 1: no launcher)."""
-    launch = [str(MPIRUN), "-n", str(n)] if n > 1 else []
+    launch = [MPIRUN, "-n", str(n)] if n > 1 else []
     return subprocess.run([*launch, sys.executable, "-m", "distbp", *args], capture_output=True, text=True,
-                          timeout=60, env=ENV)
+                          timeout=60, env=job_env())
 
 
 def summary(run_dir) -> dict:

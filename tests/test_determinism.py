@@ -1,7 +1,6 @@
 """Deterministic mode: tree index math, the fixed-order exchange, the cross-rank check, and
 bitwise-identical training on 1, 2, 3, 4 and 8 ranks (dropout on, SGD and Adam, resume 4 -> 3)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ from distbp.data import shard, write_dataset
 from distbp.determinism import (DeterministicStep, DivergenceError, TreeStack, aligned_blocks, check_consistent,
                                 is_left_sibling, num_shards, param_hash, rank_blocks, rank_groups, shard_rows)
 from distbp.nn import Sequential, make_loss, mlp_specs
+from conftest import MPIRUN, job_env
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
 
 
 # ---- index math ----
@@ -224,8 +223,6 @@ def test_config_rejects_batchnorm_in_deterministic_mode():
 
 # ---- end to end: the CLI on 1, 2, 3, 4 and 8 ranks ----
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "MPI_", "OMPI_", "HYDRA_"))}
-ENV.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +242,10 @@ def train(run_dir: Path, data: Path, ranks: int, optim: str, steps: int, *extra:
             "train.batch_size=48", "train.micro_batch=7", "train.drop_last=false", "train.epochs=5",
             f"train.max_steps={steps}", "train.deterministic=true", "train.check_every=2",
             f"optim.name={json.dumps(optim)}", "optim.lr=0.01", "train.stall_timeout=0", *extra]
-    cmd = [str(MPIRUN), "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir)]
+    cmd = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=job_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
@@ -310,11 +307,11 @@ sys.exit(main(sys.argv[1:]))
 def test_check_every_stops_a_diverged_run_naming_step_and_rank(tmp_path, data_file, mode):
     script = tmp_path / "diverge.py"
     script.write_text(DIVERGE)
-    cmd = [str(MPIRUN), "-n", "3", sys.executable, str(script), "train", "--run-dir", str(tmp_path / "run"),
+    cmd = [MPIRUN, "-n", "3", sys.executable, str(script), "train", "--run-dir", str(tmp_path / "run"),
            "--set", f"data.path={json.dumps(str(data_file))}", "--set", "model.hidden=[8]",
            "--set", "train.batch_size=48", "--set", "train.check_every=2", "--set", f"train.deterministic={mode}",
            "--set", "train.max_steps=10"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=job_env())
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.count("parameters differ across ranks after step 4: rank(s) 0, 1 have crc32") == 1
     assert "rank(s) 2 have crc32" in proc.stderr

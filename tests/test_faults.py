@@ -13,24 +13,17 @@ import pytest
 from distbp import checkpoint as ckpt
 from distbp import faults
 from distbp.errors import UserError
+from conftest import MPIRUN, job_env
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
 DIGITS_FAST = ["--set", "train.epochs=3", "--set", "train.log_every=1000"]
-
-
-def clean_env(**extra) -> dict:
-    """This environment without a surrounding MPI launcher's variables, plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "OMPI_", "SLURM_"))}
-    env.pop(faults.ENV, None)
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 class Job:
     """A distbp job run to completion, with the time from the first fault line to its exit."""
 
     def __init__(self, ranks: int, args: list[str], fault: str = "", cwd=None, timeout: float = 55, **popen):
-        cmd = ([str(MPIRUN), "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp", *args]
-        env = clean_env(**({faults.ENV: fault} if fault else {}))
+        cmd = ([MPIRUN, "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp", *args]
+        env = job_env(**({faults.ENV: fault} if fault else {}))
         start = time.monotonic()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, **popen)

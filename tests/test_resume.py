@@ -1,7 +1,6 @@
 """Exact resume: bitwise continuation, elastic rank counts, damaged files, retention, cadence, RNG attrs."""
 import datetime
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,8 @@ from distbp.comm import SerialComm
 from distbp.config import config_from_dict, load_config
 from distbp.data import epoch_order
 from distbp.errors import UserError
+from conftest import MPIRUN, job_env
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
 PER_EPOCH = 22  # the shipped digits: 1437 train rows // batch 64
 VARIANTS = {
     "adam-dropout": ["optim.name='adam'", "optim.lr=0.003", "model.dropout=0.2"],
@@ -31,7 +30,6 @@ VARIANTS = {
     "rmsprop-step-schedule": ["optim.name='rmsprop'", "optim.lr=0.001", "optim.momentum=0.5",
                               "optim.schedule='step'", "optim.step_size=20", "optim.gamma=0.5"],
 }
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
 
 @pytest.fixture(params=["serial", pytest.param("world", marks=pytest.mark.mpi(min_size=2))])
@@ -325,9 +323,9 @@ def test_checkpoint_records_position_config_and_rng_streams(wcomm, run_root):
 
 def distbp(n: int, *args, timeout=60) -> subprocess.CompletedProcess:
     """python -m distbp ARGS on n ranks (n == 1: no launcher)."""
-    launch = [str(MPIRUN), "-n", str(n)] if n > 1 else []
+    launch = [MPIRUN, "-n", str(n)] if n > 1 else []
     return subprocess.run([*launch, sys.executable, "-m", "distbp", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env=job_env())
 
 
 def cli_train(n: int, run_dir, steps: int, *sets, resume="auto") -> subprocess.CompletedProcess:
@@ -395,7 +393,7 @@ def test_cli_writer_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     args = [sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir), "--set", "model.hidden=[2000, 1500]",
             "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=10", "--set", "train.max_steps=400"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=job_env())
     try:
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:

@@ -18,9 +18,8 @@ from distbp.comm import SerialComm
 from distbp.config import load_config
 from distbp.data import Dataset, synthetic, write_dataset
 from distbp.nn import make_loss
+from conftest import MPIRUN, job_env
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
-LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "OMPI_", "HYDRA_", "SLURM_")
 
 
 @pytest.fixture
@@ -30,12 +29,10 @@ def launch(comm):
         pytest.skip("launches its own mpirun jobs: run in the serial session")
 
     def run(args, n=None, cwd=None, env=None, timeout=55, script=None):
-        prefix = [str(MPIRUN), "-n", str(n)] if n else []
+        prefix = [MPIRUN, "-n", str(n)] if n else []
         program = [str(script)] if script else ["-m", "distbp"]
-        clean = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",  # as scripts/test.sh: the cores are shared
-                 **{k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}}
         argv = [*prefix, sys.executable, *program, *map(str, args)]
-        with subprocess.Popen(argv, cwd=cwd, env={**clean, **(env or {})}, stdout=subprocess.PIPE,
+        with subprocess.Popen(argv, cwd=cwd, env=job_env(**(env or {})), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
             try:
                 out, err = proc.communicate(timeout=timeout)

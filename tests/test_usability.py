@@ -3,7 +3,6 @@ import argparse
 import gzip
 import importlib.util
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -18,10 +17,9 @@ from distbp.config import load_config, named_configs
 from distbp.data import Dataset, digits_path
 from distbp.nn import Sequential
 from distbp.train import build_model
+from conftest import MPIRUN, job_env
 
 ROOT = Path(__file__).resolve().parent.parent
-MPIRUN = str(Path(sys.executable).parent / "mpirun")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def distbp(*args, ranks: int = 0, cwd=None, timeout: float = 50) -> str:
@@ -29,7 +27,7 @@ def distbp(*args, ranks: int = 0, cwd=None, timeout: float = 50) -> str:
     cmd = [sys.executable, "-m", "distbp", *map(str, args)]
     if ranks:
         cmd = [MPIRUN, "-n", str(ranks), *cmd]
-    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     return p.stdout + p.stderr
 
