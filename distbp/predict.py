@@ -18,7 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import DataError, shard
+from .data import DataError
+from .sampler import shard
 from .errors import agree
 from .evaluate import load_model
 

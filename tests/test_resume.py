@@ -17,7 +17,7 @@ from distbp import checkpoint as ckpt
 from distbp import train as trainlib
 from distbp.comm import SerialComm
 from distbp.config import config_from_dict, load_config
-from distbp.data import epoch_order
+from distbp.sampler import epoch_order
 from distbp.errors import UserError
 from conftest import MPIRUN, job_env
 
@@ -278,12 +278,12 @@ def test_every_seconds_decision_is_shared_by_all_ranks(wcomm, run_root, monkeypa
     if wcomm.is_root:
         monkeypatch.setattr(trainlib, "time", FakeClock())
     calls = []
-    real = trainlib.save_checkpoint
+    real = trainlib.Trainer.save
 
-    def recording(saver, run_dir, model, opt, pos, *args, final):
-        calls.append((pos.step, final))
-        return real(saver, run_dir, model, opt, pos, *args, final=final)
-    monkeypatch.setattr(trainlib, "save_checkpoint", recording)
+    def recording(self, final):
+        calls.append((self.pos.step, final))
+        return real(self, final)
+    monkeypatch.setattr(trainlib.Trainer, "save", recording)
     assert train(wcomm, run_root, "train.max_steps=10", f"checkpoint.every_seconds={seconds}",
                  "checkpoint.keep=20") == 0
     everyone = wcomm.bcast_obj(wcomm.gather_obj(calls))

@@ -17,7 +17,9 @@ from distbp.checkpoint import checkpoint_name, load
 from distbp.comm import SerialComm
 from distbp.config import load_config
 from distbp.data import Dataset, synthetic, write_dataset
+from distbp.evaluate import evaluate
 from distbp.nn import make_loss
+from distbp.state import build_model
 from conftest import MPIRUN, job_env
 
 
@@ -90,15 +92,15 @@ def test_parameters_bitwise_identical_on_every_rank(comm, make_dataset, shared_t
     cfg = load_config(None, [f'data.path="{path}"', "train.batch_size=16", "train.max_steps=9",
                              "model.hidden=[8, 8]", "model.dropout=0.25", 'optim.name="adam"'])
     kept = {}
-    save = train.save_checkpoint
+    save = train.Trainer.save
 
-    def keep_final(saver, run_dir, model, opt, pos, *args, final: bool):
+    def keep_final(self, final: bool):
         if final:  # every rank calls it, rank 0 alone writes
-            kept["params"] = by_name(model.views(model.params))
-            kept["state"] = np.concatenate([model.params, *opt.state_arrays().values()])
-        return save(saver, run_dir, model, opt, pos, *args, final=final)
+            kept["params"] = by_name(self.model.views(self.model.params))
+            kept["state"] = np.concatenate([self.model.params, *self.opt.state_arrays().values()])
+        return save(self, final)
 
-    monkeypatch.setattr(train, "save_checkpoint", keep_final)
+    monkeypatch.setattr(train.Trainer, "save", keep_final)
     assert train.run(cfg, comm, shared_tmp / "run", resume="never") == 0
     states = comm.gather_obj(kept["state"])
     problems = None
@@ -130,7 +132,7 @@ def test_same_parameters_on_1_2_3_and_4_ranks(launch, tmp_path, dtype, rtol, ext
         params[n], attrs = final_params(run_dir, steps)
         assert (attrs["world_size"], attrs["step"], params[n].dtype) == (n, steps, np.dtype(dtype))
     with Dataset(data) as ds:
-        model = train.build_model(load_config(None, sets), ds)
+        model = build_model(load_config(None, sets), ds)
         init = by_name(model.views(model.params))
     assert np.abs(params[1] - init).max() > 100 * rtol * np.abs(init).max()  # training moved them
     scale = np.abs(params[1]).max()
@@ -159,10 +161,10 @@ def test_evaluate_is_exact_over_uneven_slices(comm, make_dataset, val_rows, dtyp
     cfg = load_config(None, [f'data.path="{path}"', "model.hidden=[8]", "model.dropout=0.5",
                              f'train.dtype="{dtype}"', "train.batch_size=8"])
     with Dataset(path) as ds:
-        model, split = train.build_model(cfg, ds), ds.split("val")
+        model, split = build_model(cfg, ds), ds.split("val")
         loss = make_loss(ds.task)
-        world = train.evaluate(model, loss, split, comm, classification=True)
-        alone = train.evaluate(model, loss, split, SerialComm(), classification=True)
+        world = evaluate(model, loss, split, comm, classification=True)
+        alone = evaluate(model, loss, split, SerialComm(), classification=True)
         ref_loss, ref_acc = reference_metrics(model, split)
     assert world["val_accuracy"] == alone["val_accuracy"] == ref_acc  # counts, so exactly equal
     assert world["val_loss"] == pytest.approx(alone["val_loss"], rel=rtol)

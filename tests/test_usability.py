@@ -16,7 +16,7 @@ from distbp import cli
 from distbp.config import load_config, named_configs
 from distbp.data import Dataset, digits_path
 from distbp.nn import Sequential
-from distbp.train import build_model
+from distbp.state import build_model
 from conftest import MPIRUN, job_env
 
 ROOT = Path(__file__).resolve().parent.parent
