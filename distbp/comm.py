@@ -125,6 +125,10 @@ class Comm:
         time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
         self._mpi.COMM_WORLD.Abort(code)
 
+    def private_channel(self):
+        """(mpi4py.MPI, a duplicate communicator) for a helper's own messages (collective over the world)."""
+        return self._mpi, self._comm.Dup()
+
     def node_cpus(self) -> int:
         """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""
         return len(set().union(*self._node.allgather(_own_cpus())))
@@ -183,6 +187,10 @@ class SerialComm:
         """End this process now with exit code `code`."""
         _flush()
         os._exit(code)
+
+    def private_channel(self):
+        """None: one process has no one to message."""
+        return None
 
     def node_cpus(self) -> int:
         """Number of CPUs this process may run on."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -10,6 +9,7 @@ from typing import NoReturn
 import h5py
 import numpy as np
 
+from .atomic import AtomicFile
 from .comm import node_shared_array
 from .errors import UserError
 
@@ -390,19 +390,15 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
         _check_shapes(path, name, x, y, task, x_scale)
         _check_values(path, name, x, y, task, num_classes)
     _check_same_shapes(path, arrays)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
+    with AtomicFile(path) as out:
+        with h5py.File(out.tmp, "w", track_order=True) as f:
             f.attrs.update(header)
             for name, (x, y) in arrays.items():
                 group = f.create_group(name)
                 # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
                 group.create_dataset("x", data=x, track_times=False)
                 group.create_dataset("y", data=y, track_times=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return out.commit()
 
 
 def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -139,6 +139,7 @@ def check_one_message(proc, fragments):
         assert fragment in message, message
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_clear_message(tmp_path, case):
     make, fragments = CASES[case]
@@ -154,6 +155,7 @@ def test_malformed_fault_plan_is_a_usage_error(tmp_path):
     check_one_message(proc, ["DISTBP_FAULT", "rank=1,step=5,kind=raise", "HINT"])
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", MPI_CASES)
 def test_bad_input_under_mpirun_prints_once(tmp_path, case):
     make, fragments = CASES[case]

@@ -187,6 +187,7 @@ def mpirun(comm):
     return exe
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("mode, code", [("raise", 1), ("hook", 1), ("exit", 3), ("ok", 0)])
 def test_one_failing_rank_ends_the_job(mpirun, tmp_path, mode, code):
     script = tmp_path / "job.py"

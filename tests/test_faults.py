@@ -76,6 +76,7 @@ def test_inject_is_inert_unless_planned(monkeypatch):
         faults.inject(0, 3, grads)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind", ["raise", "exit", "kill", "oom"])
 def test_one_failing_rank_ends_the_job_fast(tmp_path, kind):
     job = Job(4, ["train", *DIGITS_FAST, "--run-dir", str(tmp_path / "run")], f"rank=1,step=5,kind={kind}")
@@ -91,6 +92,7 @@ def test_one_failing_rank_ends_the_job_fast(tmp_path, kind):
         assert {"exit": "exited with code 1", "raise": "InjectedFault", "oom": "MemoryError"}[kind] in named[0]
 
 
+@pytest.mark.timing
 def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
     job = Job(4, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=5", "--run-dir", str(tmp_path / "run")],
               "rank=2,step=5,kind=stop")

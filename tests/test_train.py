@@ -193,6 +193,7 @@ def test_distbp_eval_on_3_ranks_equals_1_rank(launch, tmp_path):
 # --- invariant 4: one failing rank ends the whole job, fast ------------------------------------
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind, what", [("raise", "failed: InjectedFault: injected fault on rank 1 at step 5"),
                                         ("exit", "exited with code 1")])
 def test_one_failing_rank_ends_mpirun_of_4_within_seconds(launch, tmp_path, kind, what):
@@ -227,6 +228,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("command", ["train", "eval", "predict"])
 def test_a_read_error_on_one_rank_ends_the_job(launch, tmp_path, command):
     (tmp_path / "job.py").write_text(FAILING_READ)
