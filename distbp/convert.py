@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import AtomicFile
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block

@@ -2,7 +2,6 @@
 bitwise-identical training on 1, 2, 3, 4 and 8 ranks (dropout on, SGD and Adam, resume 4 -> 3)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from distbp.sampler import shard
 from distbp.state import DivergenceError, check_consistent, param_hash, rank_groups
 from distbp.step import DeterministicStep, StepScalars
 from distbp.nn import Sequential, make_loss, mlp_specs
-from conftest import MPIRUN, job_env
+from conftest import run_distbp
 
 
 
@@ -241,10 +240,10 @@ def train(run_dir: Path, data: Path, ranks: int, optim: str, steps: int, *extra:
             "train.batch_size=48", "train.micro_batch=7", "train.drop_last=false", "train.epochs=5",
             f"train.max_steps={steps}", "train.deterministic=true", "train.check_every=2",
             f"optim.name={json.dumps(optim)}", "optim.lr=0.01", "train.stall_timeout=0", *extra]
-    cmd = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir)]
+    args = ["train", "--run-dir", run_dir]
     for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=job_env())
+        args += ["--set", s]
+    proc = run_distbp(args, ranks, timeout=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
@@ -287,7 +286,6 @@ def test_adam_is_bitwise_identical_across_rank_counts_and_a_resume_4_to_3(tmp_pa
 
 
 DIVERGE = """
-import sys
 import numpy as np
 import distbp.train as train
 from distbp.cli import main
@@ -306,11 +304,10 @@ sys.exit(main(sys.argv[1:]))
 def test_check_every_stops_a_diverged_run_naming_step_and_rank(tmp_path, data_file, mode):
     script = tmp_path / "diverge.py"
     script.write_text(DIVERGE)
-    cmd = [MPIRUN, "-n", "3", sys.executable, str(script), "train", "--run-dir", str(tmp_path / "run"),
-           "--set", f"data.path={json.dumps(str(data_file))}", "--set", "model.hidden=[8]",
-           "--set", "train.batch_size=48", "--set", "train.check_every=2", "--set", f"train.deterministic={mode}",
-           "--set", "train.max_steps=10"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=job_env())
+    args = ["train", "--run-dir", tmp_path / "run", "--set", f"data.path={json.dumps(str(data_file))}",
+            "--set", "model.hidden=[8]", "--set", "train.batch_size=48", "--set", "train.check_every=2",
+            "--set", f"train.deterministic={mode}", "--set", "train.max_steps=10"]
+    proc = run_distbp(args, 3, script=script, timeout=50)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.count("parameters differ across ranks after step 4: rank(s) 0, 1 have crc32") == 1
     assert "rank(s) 2 have crc32" in proc.stderr

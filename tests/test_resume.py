@@ -19,7 +19,7 @@ from distbp.comm import SerialComm
 from distbp.config import config_from_dict, load_config
 from distbp.sampler import epoch_order
 from distbp.errors import UserError
-from conftest import MPIRUN, job_env
+from conftest import job_env, run_distbp
 
 PER_EPOCH = 22  # the shipped digits: 1437 train rows // batch 64
 VARIANTS = {
@@ -323,9 +323,7 @@ def test_checkpoint_records_position_config_and_rng_streams(wcomm, run_root):
 
 def distbp(n: int, *args, timeout=60) -> subprocess.CompletedProcess:
     """python -m distbp ARGS on n ranks (n == 1: no launcher)."""
-    launch = [MPIRUN, "-n", str(n)] if n > 1 else []
-    return subprocess.run([*launch, sys.executable, "-m", "distbp", *args], capture_output=True, text=True,
-                          timeout=timeout, env=job_env())
+    return run_distbp(args, n if n > 1 else 0, timeout=timeout)
 
 
 def cli_train(n: int, run_dir, steps: int, *sets, resume="auto") -> subprocess.CompletedProcess:

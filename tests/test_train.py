@@ -1,10 +1,7 @@
 """distbp train end to end: identical ranks, n-rank vs 1-rank equivalence, exact global metrics,
 one failing rank, the default digits run, metrics.jsonl and config.toml, and `distbp data`."""
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from distbp.data import Dataset, synthetic, write_dataset
 from distbp.evaluate import evaluate
 from distbp.nn import make_loss
 from distbp.state import build_model
-from conftest import MPIRUN, job_env
+from conftest import run_distbp
 
 
 
@@ -31,18 +28,7 @@ def launch(comm):
         pytest.skip("launches its own mpirun jobs: run in the serial session")
 
     def run(args, n=None, cwd=None, env=None, timeout=55, script=None):
-        prefix = [MPIRUN, "-n", str(n)] if n else []
-        program = [str(script)] if script else ["-m", "distbp"]
-        argv = [*prefix, sys.executable, *program, *map(str, args)]
-        with subprocess.Popen(argv, cwd=cwd, env=job_env(**(env or {})), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank it started
-                out, err = proc.communicate()
-                pytest.fail(f"{' '.join(argv)} still running after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        return run_distbp(args, n or 0, cwd=cwd, env=env, timeout=timeout, script=script)
     return run
 
 
