@@ -1,4 +1,4 @@
-"""Command line: distbp train | eval | data | ckpt (see DESIGN.md)."""
+"""Command line: distbp train | eval | predict | data | ckpt | plot (see DESIGN.md)."""
 from __future__ import annotations
 
 import argparse

@@ -32,8 +32,8 @@ def _import_mpi():
     except ImportError:
         return None
     # Thread level "multiple" (mpi4py's default; MPI4PY_RC_THREAD_LEVEL overrides it): with
-    # "funneled" MPICH spins without yielding, and 8 ranks on 2 cores took 200 ms per tiny
-    # allreduce instead of 1.4 ms; on 2 ranks "multiple" was also faster (0.16 vs 0.36 ms).
+    # "funneled" MPICH spins without yielding, which is far slower with more ranks than cores
+    # (docs/PERFORMANCE.md, "Choices in the code").
     mpi4py.rc.initialize = True
     mpi4py.rc.finalize = True
     from mpi4py import MPI

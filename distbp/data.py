@@ -1,4 +1,4 @@
-"""Dataset files (read-only, validated, in memory once per node or streamed) and the global batch sampler."""
+"""Dataset files: read-only, validated, in memory once per node or streamed; the shipped digits."""
 from __future__ import annotations
 
 import math

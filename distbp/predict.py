@@ -142,4 +142,4 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
-    return on_root(comm, writer.close)
+    return on_root(comm, lambda: writer.close())

@@ -286,6 +286,7 @@ def test_adam_is_bitwise_identical_across_rank_counts_and_a_resume_4_to_3(tmp_pa
 
 
 DIVERGE = """
+import sys
 import numpy as np
 import distbp.train as train
 from distbp.cli import main
