@@ -1,4 +1,4 @@
-"""Exit codes, the user-error type, and agreeing on an error across ranks."""
+"""Exit codes, the user-error type, agreeing on an error across ranks, and work done on rank 0 alone."""
 from __future__ import annotations
 
 EXIT_OK = 0
