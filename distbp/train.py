@@ -54,17 +54,14 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
 def build_optimizer(cfg: Config, model: Sequential):
     """The optimizer and LR schedule the config names, on the flat vectors."""
     o = cfg.optim
-    return make_optimizer(o.name, model.params.size, model.params.dtype, momentum=o.momentum,
-                         nesterov=o.nesterov, weight_decay=o.weight_decay,
-                         betas=(o.beta1, o.beta2), eps=o.eps, alpha=o.alpha)
+    return make_optimizer(o.name, model.params.size, model.params.dtype, **o.optimizer_options())
 
 
 def schedule_of(cfg: Config, total: int):
     """The learning rate as a function of the step."""
     o = cfg.optim
     try:
-        return make_schedule(o.schedule, o.lr, total_steps=total, warmup_steps=o.warmup_steps,
-                             step_size=o.step_size, gamma=o.gamma, min_lr=o.min_lr)
+        return make_schedule(o.schedule, o.lr, total_steps=total, **o.schedule_options())
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
 

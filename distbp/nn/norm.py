@@ -26,9 +26,10 @@ def _eps(spec: dict, index: int) -> float:
 class BatchNorm(Layer):
     """Batch normalization over axis 1 of (N, C) or (N, C, H, W), statistics over the GLOBAL batch.
 
-    Train mode: mean and biased variance per channel come from one allreduce of the
-    local (sum x, sum x^2, count), so n ranks normalize exactly like 1 rank on the
-    whole batch (torch SyncBatchNorm). Backward allreduces (sum dy, sum dy*xhat) and
+    Train mode: the mean per channel comes from an allreduce of the local (sum x, count),
+    then the biased variance from a second one of the local sum (x - mean)^2 (two passes:
+    E[x^2] - E[x]^2 loses all precision when the mean is large against the spread), so n
+    ranks normalize like 1 rank on the whole batch (torch SyncBatchNorm). Backward allreduces (sum dy, sum dy*xhat) and
     returns the gradient of the global loss sum; dW and db stay local sums, which the
     trainer's gradient allreduce adds up. Running stats use the unbiased variance.
     """
@@ -87,14 +88,8 @@ class BatchNorm(Layer):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta; batch stats in train, running in eval."""
         axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channel
         if self.training:
-            sums = np.empty(2 * self.C + 1)  # [sum x (C), sum x^2 (C), count] in float64
-            sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
-            sums[self.C : -1] = np.square(x, dtype=np.float64).sum(axis=axes)
-            sums[-1] = x.size // self.C
-            self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
-            mean = sums[: self.C] / max(M, 1)
-            var = np.maximum(sums[self.C : -1] / max(M, 1) - mean**2, 0)  # biased, as used to normalize
-            self._update_running(mean, var, M)
+            mean, var = self._batch_stats(x, axes)
+            self._update_running(mean, var, self.M)
         else:
             mean, var = self.running_mean, self.running_var
         self.inv_std = self._channel(1 / np.sqrt(var + self.eps), x)
@@ -103,6 +98,17 @@ class BatchNorm(Layer):
         y = self.xhat * self._channel(self.W, x)
         y += self._channel(self.b, x)
         return y
+
+    def _batch_stats(self, x, axes):
+        """Global mean and biased variance per channel in two passes (float64): var = mean((x - mean)^2)."""
+        sums = np.empty(self.C + 1)  # [sum x (C), count]
+        sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
+        sums[-1] = x.size // self.C
+        self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
+        mean = sums[: self.C] / max(M, 1)
+        centered = x - mean.reshape((1, self.C) + (1,) * (x.ndim - 2))  # float64
+        squares = np.square(centered).sum(axis=axes, dtype=np.float64)  # sum (x - mean)^2, (C,)
+        return mean, _allreduce(self.ctx, squares) / max(M, 1)
 
     def _update_running(self, mean, var, M):
         """Exponential moving averages, unbiased variance like torch."""
