@@ -13,7 +13,7 @@ from . import checkpoint as ckpt
 from . import faults
 from . import slurm
 from .comm import set_thread_budget
-from .config import Config, config_to_dict, config_to_json, config_to_toml
+from .config import Config, ConfigError, config_to_dict, config_to_json, config_to_toml
 from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
 from .determinism import DeterministicStep, check_consistent, param_hash, pin_blas_threads
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
@@ -44,7 +44,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
-        raise UserError(f"model config does not fit {data.path} (inputs {data.input_shape}): {e}") from None
+        key = "model.layers" if m.layers else "model.hidden"
+        raise ConfigError(f"{key} does not fit {data.path} (inputs {data.input_shape}): {e}") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
                         f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")

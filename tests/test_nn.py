@@ -343,11 +343,11 @@ def test_bad_specs_and_inputs_name_the_problem():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"type": "linear", "out": [10]}, r"out=\[10\] must be a int >= 1"),
-    ({"type": "linear", "out": 10.9}, "out=10.9 must be a int"),
+    ({"type": "linear", "out": [10]}, r"out=\[10\] must be an int >= 1"),
+    ({"type": "linear", "out": 10.9}, "out=10.9 must be an int"),
     ({"type": "linear", "out": 10, "bias": "false"}, "bias='false' must be a bool"),
     ({"type": "linear", "out": 10, "init": "he"}, "init='he' must be a str in"),
-    ({"type": "linear"}, "out=missing must be a int"),
+    ({"type": "linear"}, "out=missing must be an int"),
     ({"type": "dropout", "p": [0.1]}, r"p=\[0.1\] must be a float"),
     ({"type": "leaky_relu", "slope": "0.1"}, "slope='0.1' must be a float"),
     ({"type": "softplus", "beta": 0}, "beta=0 must be a float > 0"),

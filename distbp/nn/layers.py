@@ -78,7 +78,8 @@ def spec_value(spec: dict, index: int, key: str, kind: type, default=_REQUIRED, 
              isinstance(v, kind) and not isinstance(v, bool))
     if v is _REQUIRED or not right or not ok(v):
         got = "missing" if v is _REQUIRED else repr(v)
-        raise ValueError(f"layer {index} ({spec.get('type')}): {key}={got} must be a {kind.__name__}"
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise ValueError(f"layer {index} ({spec.get('type')}): {key}={got} must be {article} {kind.__name__}"
                          f"{' ' + want if want else ''}")
     return float(v) if kind is float else v
 
