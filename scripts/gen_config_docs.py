@@ -28,9 +28,8 @@ Unknown keys, wrong types and values outside "allowed" (an interval like `[0, 1)
 list of names read from the registry that implements them) are errors that name the key,
 as are combinations the optimizer or schedule rejects (e.g. `optim.nesterov=true` with
 `optim.momentum=0`), all before training starts. An unset optimizer key takes the chosen
-optimizer's own default (PyTorch's); the resolved value is what `config.toml` and the
-checkpoints store. The resolved config of a
-run is written to `RUN_DIR/config.toml` and stored in every checkpoint.
+optimizer's own default (PyTorch's). The resolved config of a run (unset keys replaced by
+their values) is written to `RUN_DIR/config.toml` and stored in every checkpoint.
 """
 
 LAYERS_HEAD = """
