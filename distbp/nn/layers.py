@@ -69,14 +69,18 @@ def check_spec(spec: dict, index: int, allowed: tuple = ()) -> None:
 _REQUIRED = object()
 
 
+def _is_a(v, kind: type) -> bool:
+    """Whether v is a TOML value of kind: bool only for bool, an int also for float."""
+    if kind is bool or isinstance(v, bool):
+        return kind is bool and isinstance(v, bool)
+    return isinstance(v, int | float) if kind is float else isinstance(v, kind)
+
+
 def spec_value(spec: dict, index: int, key: str, kind: type, default=_REQUIRED, ok=lambda v: True,
                want: str = ""):
     """spec[key] (default when absent) if it is a `kind` (int, float, bool, str) and ok(it); else ValueError."""
     v = spec.get(key, default)
-    right = (isinstance(v, bool) if kind is bool else
-             isinstance(v, int | float) and not isinstance(v, bool) if kind is float else
-             isinstance(v, kind) and not isinstance(v, bool))
-    if v is _REQUIRED or not right or not ok(v):
+    if v is _REQUIRED or not _is_a(v, kind) or not ok(v):
         got = "missing" if v is _REQUIRED else repr(v)
         article = "an" if kind.__name__[0] in "aeiou" else "a"
         raise ValueError(f"layer {index} ({spec.get('type')}): {key}={got} must be {article} {kind.__name__}"
@@ -190,9 +194,9 @@ class WeightLayer(Layer):
     def read_options(spec: dict, index: int) -> tuple[bool, str | None]:
         """The spec's "bias" (bool, default true) and "init" (a scheme name, default unset)."""
         bias = spec_value(spec, index, "bias", bool, True)
-        init = spec_value(spec, index, "init", str, None, lambda v: v in INITS, f"in {sorted(INITS)}") \
-            if "init" in spec else None
-        return bias, init
+        if "init" not in spec:
+            return bias, None
+        return bias, spec_value(spec, index, "init", str, ok=lambda v: v in INITS, want=f"in {sorted(INITS)}")
 
     def param_shapes(self) -> list:
         """[("W", w_shape), ("b", (n_out,))], without b when bias is off."""

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .layers import Layer, check_spec, register
+from .layers import Layer, check_spec, register, spec_value
 
 
 def _allreduce(ctx, buf):
@@ -15,11 +15,7 @@ def _allreduce(ctx, buf):
 
 def _eps(spec: dict, index: int) -> float:
     """Read spec["eps"] (default 1e-5, as torch) as a positive float."""
-    eps = spec.get("eps", 1e-5)
-    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"layer {index} ({spec['type']}): eps={eps!r} must be a positive number, "
-                         "e.g. eps = 1e-5")
-    return float(eps)
+    return spec_value(spec, index, "eps", float, 1e-5, lambda v: v > 0, "> 0, e.g. eps = 1e-5")
 
 
 @register("batchnorm")
@@ -50,11 +46,8 @@ class BatchNorm(Layer):
         if len(in_shape) not in (1, 3):
             raise ValueError(f"layer {index} (batchnorm) needs a (C,) or (C, H, W) input but gets shape "
                              f"{tuple(in_shape)}")
-        momentum = spec.get("momentum", 0.1)
-        if not isinstance(momentum, int | float) or isinstance(momentum, bool) or not 0 <= momentum <= 1:
-            raise ValueError(f"layer {index} (batchnorm): momentum={momentum!r} must be in [0, 1], "
-                             "e.g. momentum = 0.1")
-        return cls(in_shape, _eps(spec, index), float(momentum))
+        momentum = spec_value(spec, index, "momentum", float, 0.1, lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.1")
+        return cls(in_shape, _eps(spec, index), momentum)
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """W (gamma) and b (beta), one per channel."""
@@ -159,11 +152,9 @@ class LayerNorm(Layer):
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
         """Build from {"type": "layernorm"[, "dims": all feature axes, "eps": 1e-5]}."""
         check_spec(spec, index, ("dims", "eps"))
-        dims = spec.get("dims", len(in_shape))
-        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= len(in_shape):
-            raise ValueError(f"layer {index} (layernorm): dims={dims!r} must be an int in "
-                             f"1..{len(in_shape)}, the number of trailing axes of the input "
-                             f"{tuple(in_shape)} to normalize over")
+        dims = spec_value(spec, index, "dims", int, len(in_shape), lambda v: 1 <= v <= len(in_shape),
+                          f"in 1..{len(in_shape)}, the number of trailing axes of the input "
+                          f"{tuple(in_shape)} to normalize over")
         return cls(in_shape, dims, _eps(spec, index))
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
