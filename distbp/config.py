@@ -28,6 +28,9 @@ class ConfigError(UserError):
     """A config file, key or value is wrong; the message names it and the fix."""
 
 
+_INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")  # "[0, 1)", "(0, inf)"
+
+
 def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tuple] = (),
         optimizer: bool = False, schedule: bool = False):
     """Declare a config key: default, doc, allowed range ("[0, 1)", "[1, inf)") or choices.
@@ -35,6 +38,8 @@ def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tu
     optimizer/schedule mark keys passed by name to the optimizer class / make_schedule; an
     optimizer key whose default is None is resolved to the chosen optimizer's own default.
     """
+    if within and not _INTERVAL.match(within):
+        raise ValueError(f"within={within!r} must be an interval like '[0, 1)' or '(0, inf)'")
     meta = {"doc": doc, "within": within, "choices": choices, "optimizer": optimizer, "schedule": schedule}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -170,9 +175,6 @@ def _check_type(key: str, value, tp):
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
-
-
-_INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")
 
 
 def _range_phrase(within: str) -> str:
