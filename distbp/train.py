@@ -45,7 +45,7 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
         key = "model.layers" if m.layers else "model.hidden"
-        raise ConfigError(f"{key} does not fit {data.path} (inputs {data.input_shape}): {e}") from None
+        raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
                         f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")

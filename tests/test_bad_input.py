@@ -103,7 +103,7 @@ CASES = {
     "wrong x dtype": (lambda t: poisoned(t, lambda a: a.update(x=a["x"].astype(np.int32))),
                       ["bad.h5", "x: dtype int32 is not float32", "HINT"]),
     "wrong shape for the model": (lambda t: with_data(good(t)) + [str(write(t, "c.toml", LAYERS_8X8))],
-                                  ["model.layers does not fit", "good.h5", "(6,)"]),
+                                  ["model.layers: layer 0 (reshape)", "good.h5", "(6,)"]),
     "label out of range": (lambda t: poisoned(t, lambda a: a["y"].__setitem__(7, 3)),
                            ["bad.h5", "label 3 at row 7 is outside [0, 3)", "num_classes"]),
     "negative label": (lambda t: poisoned(t, lambda a: a["y"].__setitem__(2, -1)),
