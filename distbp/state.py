@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import Config, config_to_dict, config_to_json
+from .config import Config, ConfigError, config_to_dict, config_to_json
 from .data import Dataset
 from .errors import UserError, agree, on_root
 from .nn import Sequential, mlp_specs
@@ -37,7 +37,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
-        raise UserError(f"model config does not fit {data.path} (inputs {data.input_shape}): {e}") from None
+        key = "model.layers" if m.layers else "model.hidden"
+        raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
                         f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")
@@ -47,9 +48,7 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
 def build_optimizer(cfg: Config, model: Sequential):
     """The optimizer the config names, on the flat vectors."""
     o = cfg.optim
-    return make_optimizer(o.name, model.params.size, model.params.dtype, momentum=o.momentum,
-                          nesterov=o.nesterov, weight_decay=o.weight_decay,
-                          betas=(o.beta1, o.beta2), eps=o.eps, alpha=o.alpha)
+    return make_optimizer(o.name, model.params.size, model.params.dtype, **o.optimizer_options())
 
 
 def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr: float) -> ckpt.Checkpoint:

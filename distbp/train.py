@@ -29,8 +29,7 @@ def schedule_of(cfg: Config, total: int):
     """The learning rate as a function of the step."""
     o = cfg.optim
     try:
-        return make_schedule(o.schedule, o.lr, total_steps=total, warmup_steps=o.warmup_steps,
-                             step_size=o.step_size, gamma=o.gamma, min_lr=o.min_lr)
+        return make_schedule(o.schedule, o.lr, total_steps=total, **o.schedule_options())
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
 
