@@ -107,6 +107,20 @@ class Comm:
             self._comm.Allgatherv(self._mpi.IN_PLACE, [buf, (list(counts), _displacements(counts))])
         return buf
 
+    def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
+        """out = rank q's piece (counts[q] items, after those of ranks < q) of buf summed over the ranks."""
+        _check_buffer(buf, "reduce_scatter_sum")
+        _check_buffer(out, "reduce_scatter_sum")
+        self._comm.Reduce_scatter(buf, out, list(counts), op=self._mpi.SUM)
+        return out
+
+    def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
+        """Every rank's piece (counts[q] items each) into out on root, in rank order (out unused elsewhere)."""
+        _check_buffer(piece, "gatherv")
+        recv = [out, (list(counts), _displacements(counts))] if self.rank == root else None
+        self._comm.Gatherv(piece, recv, root=root)
+        return out
+
     def bcast_obj(self, obj, root: int = 0):
         """Root's small picklable object on every rank (setup only, never the hot path)."""
         return self._comm.bcast(obj, root=root)
@@ -171,6 +185,17 @@ class SerialComm:
         """Gather from the only rank: checks buf and returns it unchanged."""
         _check_buffer(buf, "allgatherv")
         return buf
+
+    def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
+        """The only rank's piece: out = buf."""
+        _check_buffer(out, "reduce_scatter_sum")
+        out[...] = buf
+        return out
+
+    def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
+        """The only rank's piece into out."""
+        out[...] = piece
+        return out
 
     def bcast_obj(self, obj, root: int = 0):
         """The object itself."""

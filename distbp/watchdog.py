@@ -102,7 +102,8 @@ class Watchdog:
         self.comm.abort(EXIT_CRASH)
 
 
-WATCHED = ("allreduce_sum", "allreduce_max", "bcast", "barrier", "exchange", "allgatherv")
+WATCHED = ("allreduce_sum", "allreduce_max", "bcast", "barrier", "exchange", "allgatherv", "reduce_scatter_sum",
+           "gatherv")
 
 
 class WatchedComm:
