@@ -101,10 +101,16 @@ class Comm:
         self._mpi.Request.Waitall(requests)
 
     def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
-        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank."""
+        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank.
+
+        By point-to-point messages: MPICH's Allgatherv took 4-60x longer for 7 MB on one node
+        (docs/PERFORMANCE.md, "Choices in the code")."""
         _check_buffer(buf, "allgatherv")
         if self.size > 1:
-            self._comm.Allgatherv(self._mpi.IN_PLACE, [buf, (list(counts), _displacements(counts))])
+            flat, ends = buf.reshape(-1), np.cumsum(counts)
+            pieces = [flat[e - c:e] for c, e in zip(counts, ends)]
+            others = [q for q in range(self.size) if q != self.rank]
+            self.exchange([(q, pieces[self.rank]) for q in others], [(q, pieces[q]) for q in others])
         return buf
 
     def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
