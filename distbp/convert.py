@@ -14,7 +14,6 @@ import gzip
 import io
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
+from .safeio import check_output, replacing
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)
@@ -440,8 +440,9 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
 def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classification",
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
-            x_key: str = "x", y_key: str = "y") -> Path:
+            x_key: str = "x", y_key: str = "y", force: bool = False) -> Path:
     """Convert input files to the dataset file `out` (see the module docstring); returns its path."""
+    out = check_output(out, [*inputs, *test_inputs], force)
     if task not in TASKS:
         raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key)
@@ -462,11 +463,9 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
     routes = _routes(tables, n_val, seed)
     shapes = _out_shapes(tables, routes, n_val, task)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
-    try:
+    with replacing(out) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f, \
                 tqdm(total=total, unit="row", desc=f"converting to {out.name}", disable=None if big else True) as bar:
             for name in sorted(shapes, key=lambda s: ("train", "val", "test", s).index(s) if s in
@@ -481,9 +480,6 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
         with Dataset(tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
                 ds.split(name)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -12,6 +11,7 @@ import numpy as np
 
 from .comm import node_shared_array
 from .errors import UserError
+from .safeio import replacing
 
 FORMAT, VERSION = "dataset", 1
 TASKS = ("classification", "regression", "binary")
@@ -390,18 +390,13 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
         _check_shapes(path, name, x, y, task, x_scale)
         _check_values(path, name, x, y, task, num_classes)
     _check_same_shapes(path, arrays)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs.update(header)
-            for name, (x, y) in arrays.items():
-                group = f.create_group(name)
-                # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
-                group.create_dataset("x", data=x, track_times=False)
-                group.create_dataset("y", data=y, track_times=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        f.attrs.update(header)
+        for name, (x, y) in arrays.items():
+            group = f.create_group(name)
+            # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
+            group.create_dataset("x", data=x, track_times=False)
+            group.create_dataset("y", data=y, track_times=False)
     return path
 
 

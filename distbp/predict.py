@@ -11,8 +11,8 @@ when k = 1. A dataset input adds its labels `y` (N, ...) for scoring.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from pathlib import Path
 
 import h5py
@@ -21,6 +21,7 @@ import numpy as np
 from .data import DataError, shard
 from .errors import agree
 from .evaluate import load_model
+from .safeio import check_output, replacing
 
 FORMAT, VERSION = "predictions", 1
 
@@ -77,15 +78,13 @@ def outputs(task: str, logits: np.ndarray) -> dict:
 
 
 class Writer:
-    """Rank 0's predictions file: preallocated datasets filled by row ranges, renamed into place at the end."""
+    """Rank 0's predictions file: preallocated datasets filled by row ranges."""
 
-    def __init__(self, path, n: int, template: dict, attrs: dict):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+    def __init__(self, tmp, out, n: int, template: dict, attrs: dict):
         try:
-            self.f = h5py.File(self.tmp, "w")
+            self.f = h5py.File(tmp, "w")
         except OSError as e:
-            raise DataError(f"cannot write {path} ({e}); HINT: choose a writable OUT.h5") from None
+            raise DataError(f"cannot write {out} ({e}); HINT: choose a writable OUT.h5") from None
         self.f.attrs.update(attrs)
         for name, a in template.items():
             self.f.create_dataset(name, (n, *a.shape[1:]), a.dtype, track_times=False)
@@ -94,12 +93,6 @@ class Writer:
         """Rows [lo, lo + len) of every array."""
         for name, a in arrays.items():
             self.f[name][lo:lo + len(a)] = a
-
-    def close(self) -> Path:
-        """Finish the file and move it to its name."""
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -115,12 +108,14 @@ def _attrs(checkpoint, source, split, data) -> dict:
     return attrs
 
 
-def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024) -> Path | None:
+def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024,
+            force: bool = False) -> Path | None:
     """Write the model's predictions on a dataset split or an .npy array to `out`; returns its path on rank 0."""
     if batch < 1:
         raise DataError(f"--batch {batch} must be at least 1")
     npy = str(source).endswith(".npy")
     model, data, _ = load_model(checkpoint, comm, data_path=None if npy else source)
+    agree(comm, lambda: comm.is_root and check_output(out, [checkpoint, source, data.path], force))
     rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
                  else SplitRows(data.split(split)))
     lo, hi = shard(rows.n, comm.rank, comm.size)
@@ -129,17 +124,20 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not npy:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if npy else split, data)
-    writer = agree(comm, lambda: Writer(out, rows.n, template, attrs) if comm.is_root else None)
-    for r in range(rounds):
-        a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
-        chunk = None
-        if b > a:
-            x, y = rows.read(a, b, model.params.dtype)
-            chunk = outputs(data.task, model.forward(x))
-            if y is not None:
-                chunk["y"] = y
-        pieces = comm.gather_obj((a, chunk))
-        for start, arrays in pieces or ():
-            if arrays is not None:
-                writer.write(start, arrays)
-    return agree(comm, lambda: writer.close() if comm.is_root else None)
+    with contextlib.ExitStack() as root_only:  # rank 0's output, renamed into place at the end
+        writer = agree(comm, lambda: Writer(root_only.enter_context(replacing(out)), out, rows.n, template, attrs)
+                       if comm.is_root else None)
+        for r in range(rounds):
+            a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
+            chunk = None
+            if b > a:
+                x, y = rows.read(a, b, model.params.dtype)
+                chunk = outputs(data.task, model.forward(x))
+                if y is not None:
+                    chunk["y"] = y
+            pieces = comm.gather_obj((a, chunk))
+            for start, arrays in pieces or ():
+                if arrays is not None:
+                    writer.write(start, arrays)
+        agree(comm, lambda: writer and writer.f.close())
+    return Path(out) if comm.is_root else None

@@ -11,6 +11,7 @@ import numpy as np
 from . import __version__
 from . import checkpoint as ckpt
 from . import faults
+from . import rundir
 from . import slurm
 from .comm import set_thread_budget
 from .config import Config, config_to_dict, config_to_json, config_to_toml
@@ -208,19 +209,6 @@ def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> Position:
     return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"])
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, comm):
-    """Create the run directory, its checkpoints folder and config.toml (rank 0)."""
-    if not comm.is_root:
-        return
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(run_dir / "checkpoints")
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
-    except OSError as e:
-        raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
-                        "choose another with --run-dir") from None
-
-
 def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final: bool):
     """Rank 0 writes (sealed in the background) and prunes; only a failed final save raises."""
     if not comm.is_root:
@@ -245,15 +233,20 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
             "training continues")
 
 
-def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return Trainer(cfg, comm, run_dir, resume).train()
+    trainer = Trainer(cfg, comm, run_dir, resume, force)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.lock:
+            trainer.lock.release()
 
 
 class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
-    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str):
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -265,9 +258,12 @@ class Trainer:
         if cfg.train.max_steps >= 0:
             self.total = min(self.total, cfg.train.max_steps)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
-        agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
+        # after the input checks (a bad input leaves no run dir); the lock before any write
+        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
+        for note in notes:
+            self.log(note)
         self._describe()
         self.pos = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
         self.best = None  # best val_accuracy of the run, resumes included

@@ -1,0 +1,75 @@
+"""Output files: never the same file as an input, never over an existing file unless forced, replaced atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+TMP_MARK = ".tmp-"  # in the name of every temporary file distbp writes beside its target
+
+
+class OutputError(UserError):
+    """An output path would overwrite an input, or an existing file without --force."""
+
+
+def same_file(a, b) -> bool:
+    """True if paths a and b name one file (symlinks followed, hard links by device and inode)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_output(out, inputs, force: bool) -> Path:
+    """out as a Path, after checking it is none of the inputs and, unless force, not an existing file."""
+    out = Path(out)
+    for source in inputs:
+        if same_file(out, source):
+            how = "" if str(out) == str(source) else " (the same file, through a link)"
+            raise OutputError(f"output {out} is the input {source}{how}: writing it would destroy the input; "
+                              "HINT: choose another output name")
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; HINT: give a file name inside it")
+    if os.path.lexists(out) and not force:
+        raise OutputError(f"output {out} exists; HINT: add --force to replace it, or choose another name")
+    return out
+
+
+def fsync_path(path, directory: bool = False):
+    """fsync a file or a folder by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yield a temporary path beside path; on success it is fsynced and renamed to path, else removed."""
+    # The old file stays whole until the rename, so a failed or killed writer never damages it.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent, directory=True)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    """Replace path atomically with data, written by plain os.write calls (ENOSPC is an OSError)."""
+    with replacing(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    return Path(path)
