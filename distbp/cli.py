@@ -278,6 +278,8 @@ def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
     from .comm import install_abort_on_error, run_guarded, world
+    from .config import TrainConfig
+    from .watchdog import watching
     try:
         comm = world()
     except UserError as e:
@@ -285,4 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     args = parse_args(argv, comm)
     install_abort_on_error(comm)
-    return run_guarded(dispatch, comm, args, comm)
+    # Every collective of every command is watched: a rank frozen anywhere ends the job with its
+    # name (train.stall_timeout once the command knows the run's config, the default until then).
+    with watching(comm, TrainConfig.stall_timeout, args.command) as comm:
+        code = run_guarded(dispatch, comm, args, comm)
+        comm.barrier()  # no rank exits while another is frozen short of the end
+    return code

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from . import checkpoint as ckpt
+from . import faults
 from .config import config_from_dict
 from .data import Dataset, digits_path
 from .errors import agree
 from .nn import make_loss
 from .train import build_model, evaluate, load_params
+from .watchdog import configure as configure_watchdog
 
 
 def load_model(path: str, comm, data_path: str | None = None):
@@ -16,6 +18,8 @@ def load_model(path: str, comm, data_path: str | None = None):
     ck = agree(comm, on_root)
     config = comm.bcast_obj(ck.config if comm.is_root else None)
     cfg = agree(comm, config_from_dict, config)
+    configure_watchdog(comm, timeout=cfg.train.stall_timeout)  # the run's, from here on
+    faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
         cfg.data.path = data_path
     data = agree(comm, Dataset, cfg.data.path or digits_path())

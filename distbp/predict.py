@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from . import faults
 from .data import DataError, shard
 from .errors import agree
 from .evaluate import load_model
@@ -127,6 +128,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     with contextlib.ExitStack() as root_only:  # rank 0's output, renamed into place at the end
         writer = agree(comm, lambda: Writer(root_only.enter_context(replacing(out)), out, rows.n, template, attrs)
                        if comm.is_root else None)
+        faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
         for r in range(rounds):
             a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
             chunk = None

@@ -21,7 +21,8 @@ from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .metrics import RunLog, StepTimer, format_summary
 from .nn import Sequential, make_loss, mlp_specs
 from .optim import make_optimizer, make_schedule
-from .watchdog import Watchdog, rank_table
+from .watchdog import configure as configure_watchdog
+from .watchdog import rank_table, watching
 
 
 @dataclass
@@ -83,6 +84,7 @@ def evaluate(model, loss, split, comm, classification: bool, chunk: int = 1024) 
     """Exact global loss (and accuracy) over a split, each rank on a contiguous slice."""
     lo, hi = shard(split.n, comm.rank, comm.size)
     sums = np.zeros(3)  # loss sum, correct, rows
+    faults.inject_at(comm.rank, "eval")  # inert unless DISTBP_FAULT is set (tests)
     model.eval()
     for a in range(lo, hi, chunk):
         idx = np.arange(a, min(a + chunk, hi))
@@ -225,22 +227,24 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
     except (OSError, RuntimeError) as e:  # h5py reports a write that failed at close as RuntimeError
         errors.append(e)
     timer.lap("checkpoint")
-    if final and errors[-1]:
-        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({errors[-1]}); "
-                                   "the previous checkpoint is intact")
+    final_error = errors.pop() if final else None
     for e in filter(None, errors):
         log(f"WARNING: a checkpoint could not be written ({e}); the previous one is intact, "
             "training continues")
+    if final_error:
+        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
+                                   "the previous checkpoint is intact")
 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    trainer = Trainer(cfg, comm, run_dir, resume, force)
-    try:
-        return trainer.train()
-    finally:
-        if trainer.lock:
-            trainer.lock.release()
+    with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
+        trainer = Trainer(cfg, comm, run_dir, resume, force)
+        try:
+            return trainer.train()
+        finally:
+            if trainer.lock:
+                trainer.lock.release()
 
 
 class Trainer:
@@ -258,6 +262,7 @@ class Trainer:
         if cfg.train.max_steps >= 0:
             self.total = min(self.total, cfg.train.max_steps)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
         self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
@@ -299,8 +304,7 @@ class Trainer:
         """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
         cfg, pos, timer = self.cfg, self.pos, self.timer
         stop = slurm.StopRequest().install()
-        stall = Watchdog(self.comm, cfg.train.stall_timeout, lambda: pos.step).start()
-        self.comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
+        configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
         if cfg.train.deterministic:
             self.det = DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch)
@@ -328,10 +332,13 @@ class Trainer:
                     exit_code = EXIT_RESUMABLE
                     break
                 self.checkpoint_if_due()
+        except BaseException:
+            self.saver.wait()  # a checkpoint being written completes; the final save reports its error otherwise
+            raise
         finally:
-            stall.stop()
+            configure_watchdog(self.comm, step_of=lambda: -1)
             stop.restore()
-            self.saver.wait()
+        faults.inject_at(self.comm.rank, "final")
         agree(self.comm, self.save, final=True)
         return self.finish(exit_code)
 
