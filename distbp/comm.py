@@ -250,10 +250,13 @@ def world():
 
 def _exit_after(seconds: float, code: int):
     """End this process with exit code `code` after `seconds`, whatever its threads are doing."""
+    signal.alarm(int(seconds) + 2)  # if the interpreter itself is stuck, the kernel's SIGALRM ends it
     timer = threading.Timer(seconds, os._exit, (code,))
     timer.daemon = True
-    timer.start()
-    signal.alarm(int(seconds) + 2)  # and if the interpreter itself is stuck, the kernel's SIGALRM ends it
+    try:
+        timer.start()
+    except RuntimeError:  # no thread to be had (out of memory): the alarm ends it
+        pass
 
 
 def _flush():

@@ -160,7 +160,7 @@ class Watchdog:
 
 @contextlib.contextmanager
 def watching(comm, timeout: float, command: str = "train"):
-    """comm with its collectives watched (timeout s, 0 = off) for the block; an already watched comm gets the timeout."""
+    """comm with its collectives watched (timeout s, 0 = off) in the block; a watched comm just gets the timeout."""
     if isinstance(comm, WatchedComm):
         comm.watchdog.set_timeout(timeout)
         yield comm
