@@ -204,6 +204,8 @@ def cmd_data(args, comm) -> int:
 def cmd_ckpt(args, comm) -> int:
     """distbp ckpt inspect | verify | export."""
     from . import checkpoint as ckpt
+    if comm.size > 1:
+        return on_root(cmd_ckpt, args, comm)
     if args.ckpt_command == "verify":
         try:
             ck = ckpt.load(args.file)
@@ -289,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     install_abort_on_error(comm)
     # Every collective of every command is watched: a rank frozen anywhere ends the job with its
     # name (train.stall_timeout once the command knows the run's config, the default until then).
-    with watching(comm, TrainConfig.stall_timeout, args.command) as comm:
+    # In data, ckpt and plot the other ranks wait while rank 0 works alone: a rank that answers is alive.
+    strict = args.command in ("train", "eval", "predict")
+    with watching(comm, TrainConfig.stall_timeout, args.command, strict) as comm:
         code = run_guarded(dispatch, comm, args, comm)
         comm.barrier()  # no rank exits while another is frozen short of the end
     return code

@@ -31,9 +31,12 @@ class Watchdog:
     Python handler cannot run until the collective returns, so the thread watches the signal
     wake-up pipe instead."""
 
-    def __init__(self, comm, timeout: float, step_of=lambda: -1, command: str = "train"):
-        self.comm, self.step_of, self.command = comm, step_of, command
+    def __init__(self, comm, timeout: float, step_of=lambda: -1, command: str = "train", strict: bool = True):
+        # strict: a rank that answers but is not in the collective counts as missing; else (commands
+        # whose other ranks wait while rank 0 works alone) only a rank that does not answer does
+        self.comm, self.step_of, self.command, self.strict = comm, step_of, command, strict
         self.since: float | None = None  # when this rank entered the collective it is in, else None
+        self._patient_until = 0.0  # not strict: when to ask again after every rank answered
         self.signalled: tuple[int, float] | None = None  # (signal, when) of the first stop signal
         self._done = threading.Event()
         self._thread = None
@@ -83,7 +86,7 @@ class Watchdog:
             since, now = self.since, monotonic()
             if since is None:
                 continue
-            if self.timeout > 0 and now - since > self.timeout:
+            if self.timeout > 0 and now - since > self.timeout and now > self._patient_until:
                 self._diagnose_and_abort(self.step_of())
             elif self.signalled and now - max(since, self.signalled[1]) > SIGNAL_GRACE:
                 self._exit_if_peers_silent(now - since)
@@ -133,6 +136,9 @@ class Watchdog:
         states = self._query()
         waiting = sorted([me] + [r for r, s in states.items() if s[1] and s[0] == step])
         missing = [r for r in range(size) if r not in waiting]
+        if not self.strict and all(r in states for r in missing):  # alive and busy (rank 0 working alone)
+            self._patient_until = monotonic() + self.timeout
+            return
         if me != waiting[0]:  # the lowest waiting rank reports; the others back it up a little later
             self._done.wait(3 * self.poll + 2.0)
         detail = "; ".join(f"rank {r} " + (f"is at step {int(states[r][0])}, not in this collective"
@@ -159,13 +165,13 @@ class Watchdog:
 
 
 @contextlib.contextmanager
-def watching(comm, timeout: float, command: str = "train"):
+def watching(comm, timeout: float, command: str = "train", strict: bool = True):
     """comm with its collectives watched (timeout s, 0 = off) in the block; a watched comm just gets the timeout."""
     if isinstance(comm, WatchedComm):
         comm.watchdog.set_timeout(timeout)
         yield comm
         return
-    dog = Watchdog(comm, timeout, command=command).start()
+    dog = Watchdog(comm, timeout, command=command, strict=strict).start()
     try:
         yield dog.watched()
     finally:
