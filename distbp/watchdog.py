@@ -79,7 +79,16 @@ class Watchdog:
         return WatchedComm(self.comm, self) if self.active else self.comm
 
     def _watch(self):
-        """Thread body: answer other ranks' queries; on a timeout, or a signal while stuck, find who is missing."""
+        """Thread body (see _check); an MPI error in it (a network gone) ends this rank rather than the watching."""
+        try:
+            self._check()
+        except Exception as e:
+            print(f"distbp: rank {self.comm.rank}: the stall watchdog failed ({type(e).__name__}: {e}); "
+                  "ending this rank", file=sys.stderr, flush=True)
+            self.comm.abort(EXIT_CRASH)
+
+    def _check(self):
+        """Answer other ranks' queries; on a timeout, or a signal while stuck, find who is missing."""
         while not self._done.wait(self.poll):
             self._answer_queries()
             self._note_signals()
