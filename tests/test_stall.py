@@ -123,3 +123,14 @@ def test_stuck_rank_exits_by_itself_when_its_abort_cannot_reach_the_launcher(tmp
     else:
         assert "distbp: stall: rank(s) 1 did not arrive at the collective of step 3" in stderr, stderr
     assert all(gone(pid) for pid in job.ranks), "a rank outlived the job"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_lenient_watchdog_waits_for_a_rank_that_works_alone(comm):
+    # as in data, ckpt and plot under mpirun: rank 0 works 3 s alone, 3x the timeout, and answers queries
+    from distbp.watchdog import watching
+    with watching(comm, 1.0, "data", strict=False) as watched:
+        if comm.rank == 0:
+            time.sleep(3.0)
+        watched.barrier()
+        assert watched.watchdog.since is None
