@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import UserError
-from .safeio import TMP_MARK, write_bytes
+from .safeio import TMP_MARK, hdf5_bytes, memory_hdf5, write_bytes
 
 FORMAT, VERSION = "checkpoint", 1
 NAME_RE = re.compile(r"^step-(\d{8,})\.h5$")
@@ -99,24 +99,17 @@ def _write(f: h5py.File, ck: Checkpoint):
         f.attrs[k] = v
 
 
-# On a real full disk HDF5's own failing writes took the process down (an exception while
-# objects were released, once a segfault). So a checkpoint is built as an HDF5 file in memory
-# (the core driver, no backing store) and its bytes reach the disk by write_bytes' plain
-# os.write, whose ENOSPC is an ordinary OSError.
-
 def _memory_file(ck: Checkpoint) -> h5py.File:
     """A new HDF5 file in memory holding a copy of ck, not yet checksummed."""
-    f = h5py.File(f"distbp-checkpoint-{id(ck)}", "w", driver="core", backing_store=False)
+    f = memory_hdf5()
     _write(f, ck)
     return f
 
 
 def _sealed_bytes(f: h5py.File) -> bytes:
     """Store the checksum of what f holds as a reader will find it; f's bytes (f is closed)."""
-    with f:
-        f.attrs["checksum"] = checksum(_read(f, "(in memory)"))
-        f.flush()
-        return f.id.get_file_image()
+    f.attrs["checksum"] = checksum(_read(f, "(in memory)"))
+    return hdf5_bytes(f)
 
 
 def save(path: str | os.PathLike, ck: Checkpoint) -> Path:

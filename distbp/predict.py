@@ -1,8 +1,8 @@
 """Predictions of a checkpoint's model, data-parallel: each rank a contiguous slice, rank 0 writes.
 
 Every rank predicts its slice in chunks of `batch` rows; chunk r of every rank is
-gathered to rank 0 in one round, which writes the rows into preallocated datasets,
-so no rank holds more than world size x batch rows of outputs at a time.
+gathered to rank 0 in one round, which writes the rows into preallocated datasets of
+a file it holds in memory (the predictions of all rows) and writes to OUT at the end.
 
 The output file (`distbp_format = "predictions"`, `version = 1`) holds, for
 classification, `class` (N,) int64 and `probabilities` (N, K) float32; for binary,
@@ -11,18 +11,16 @@ when k = 1. A dataset input adds its labels `y` (N, ...) for scoring.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from . import faults
 from .data import DataError, shard
 from .errors import agree
 from .evaluate import load_model
-from .safeio import check_output, replacing
+from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
 
 FORMAT, VERSION = "predictions", 1
 
@@ -79,13 +77,10 @@ def outputs(task: str, logits: np.ndarray) -> dict:
 
 
 class Writer:
-    """Rank 0's predictions file: preallocated datasets filled by row ranges."""
+    """Rank 0's predictions file, built in memory: preallocated datasets filled by row ranges."""
 
-    def __init__(self, tmp, out, n: int, template: dict, attrs: dict):
-        try:
-            self.f = h5py.File(tmp, "w")
-        except OSError as e:
-            raise DataError(f"cannot write {out} ({e}); HINT: choose a writable OUT.h5") from None
+    def __init__(self, n: int, template: dict, attrs: dict):
+        self.f = memory_hdf5()
         self.f.attrs.update(attrs)
         for name, a in template.items():
             self.f.create_dataset(name, (n, *a.shape[1:]), a.dtype, track_times=False)
@@ -94,6 +89,14 @@ class Writer:
         """Rows [lo, lo + len) of every array."""
         for name, a in arrays.items():
             self.f[name][lo:lo + len(a)] = a
+
+    def save(self, out) -> Path:
+        """Write the file to out atomically (the old file stays whole if that fails)."""
+        try:
+            return write_bytes(out, hdf5_bytes(self.f))
+        except OSError as e:
+            raise DataError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact; "
+                            "HINT: free space or choose another OUT.h5") from None
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -125,21 +128,18 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not npy:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if npy else split, data)
-    with contextlib.ExitStack() as root_only:  # rank 0's output, renamed into place at the end
-        writer = agree(comm, lambda: Writer(root_only.enter_context(replacing(out)), out, rows.n, template, attrs)
-                       if comm.is_root else None)
-        faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
-        for r in range(rounds):
-            a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
-            chunk = None
-            if b > a:
-                x, y = rows.read(a, b, model.params.dtype)
-                chunk = outputs(data.task, model.forward(x))
-                if y is not None:
-                    chunk["y"] = y
-            pieces = comm.gather_obj((a, chunk))
-            for start, arrays in pieces or ():
-                if arrays is not None:
-                    writer.write(start, arrays)
-        agree(comm, lambda: writer and writer.f.close())
-    return Path(out) if comm.is_root else None
+    writer = Writer(rows.n, template, attrs) if comm.is_root else None
+    faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
+    for r in range(rounds):
+        a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
+        chunk = None
+        if b > a:
+            x, y = rows.read(a, b, model.params.dtype)
+            chunk = outputs(data.task, model.forward(x))
+            if y is not None:
+                chunk["y"] = y
+        pieces = comm.gather_obj((a, chunk))
+        for start, arrays in pieces or ():
+            if arrays is not None:
+                writer.write(start, arrays)
+    return agree(comm, lambda: writer.save(out) if comm.is_root else None)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from pathlib import Path
+
+import h5py
 
 from .errors import UserError
 
 TMP_MARK = ".tmp-"  # in the name of every temporary file distbp writes beside its target
+_MEMORY_FILES = itertools.count()  # names of HDF5 files in memory, unique in this process
 
 
 class OutputError(UserError):
@@ -73,3 +77,20 @@ def write_bytes(path, data: bytes) -> Path:
         finally:
             os.close(fd)
     return Path(path)
+
+
+# On a real full disk HDF5's own failing writes raised while objects were released and then
+# segfaulted the process. So distbp's HDF5 outputs of bounded size (checkpoints, predictions)
+# are built in memory and reach the disk through write_bytes' plain os.write, whose ENOSPC
+# is an ordinary OSError.
+
+def memory_hdf5() -> h5py.File:
+    """A new, empty HDF5 file held in memory only (h5py's core driver without a backing store)."""
+    return h5py.File(f"distbp-memory-{os.getpid()}-{next(_MEMORY_FILES)}", "w", driver="core", backing_store=False)
+
+
+def hdf5_bytes(f: h5py.File) -> bytes:
+    """The bytes of the in-memory HDF5 file f, which is closed."""
+    with f:
+        f.flush()
+        return f.id.get_file_image()

@@ -61,21 +61,26 @@ def test_full_disk_warns_then_fails_the_final_save_with_one_message(small_disk, 
     assert_intact(run / "checkpoints", 20)
 
 
-def test_ckpt_export_on_a_full_disk_keeps_the_old_file(small_disk, tmp_path):
+@pytest.mark.parametrize("command", ["ckpt export", "predict"])
+def test_output_on_a_full_disk_keeps_the_old_file(small_disk, tmp_path, command):
     run = tmp_path / "run"
     assert Job(0, ["train", *ARGS[:2], "--set", "train.max_steps=2", "--run-dir", str(run)]).rc == 0
-    big = ckpt.list_checkpoints(run / "checkpoints")[-1]
-    old = small_disk / "params.npz"
-    np.savez(old, w=np.arange(10))
-    before = old.read_bytes()
+    big = ckpt.list_checkpoints(run / "checkpoints")[-1]  # 2.4 MB: its export does not fit
+    data = tmp_path / "rows.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32))  # 0.9 MB out
+    old = small_disk / ("params.npz" if command == "ckpt export" else "preds.h5")
+    old.write_bytes(b"the old output")
     fd = os.open(small_disk / faults.FILL_NAME, os.O_WRONLY | os.O_CREAT)  # fill what is left of the disk
     with contextlib.suppress(OSError):
         while True:
             os.write(fd, bytes(4096))
     os.close(fd)
-    job = Job(0, ["ckpt", "export", str(big), str(old), "--force"])
-    assert job.rc == 2, job.stderr
-    assert f"distbp: error: cannot write {old} (No space left on device); the old file, if any, is intact" \
-        in job.stderr, job.stderr
-    assert old.read_bytes() == before
+    args = ["ckpt", "export", str(big), str(old)] if command == "ckpt export" else ["predict", str(big), str(data),
+                                                                                    str(old)]
+    job = Job(0, [*args, "--force"])
+    assert job.rc == 2, job.stderr  # not 139: HDF5 never writes to the full disk itself
+    errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
+    assert errors == [f"distbp: error: cannot write {old} (No space left on device); the old file, if any, is "
+                      "intact" + ("" if command == "ckpt export" else "; HINT: free space or choose another OUT.h5")]
+    assert old.read_bytes() == b"the old output"
     assert sorted(p.name for p in small_disk.iterdir()) == sorted([faults.FILL_NAME, old.name])
