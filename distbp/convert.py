@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
-from .safeio import check_output, replacing
+from .safeio import check_output, check_space, replacing
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)
@@ -463,6 +463,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
     routes = _routes(tables, n_val, seed)
     shapes = _out_shapes(tables, routes, n_val, task)
+    # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
+    # fill the disk meanwhile; the old file stays whole in any case)
+    check_space(out, sum(n * (math.prod(xr) * np.dtype(xd).itemsize + math.prod(yr) * np.dtype(yd).itemsize)
+                         for n, xr, xd, yr, yd in shapes.values()))
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
     with replacing(out) as tmp:

@@ -42,6 +42,19 @@ def check_output(out, inputs, force: bool) -> Path:
     return out
 
 
+def check_space(out: Path, nbytes: int):
+    """Raise unless out's file system has room for about nbytes more (for outputs too large to build in memory)."""
+    try:
+        st = os.statvfs(out.parent)
+    except OSError as e:
+        raise OutputError(f"output {out}: its folder cannot be used ({e.strerror}); HINT: create it first") from None
+    free = st.f_bavail * st.f_frsize
+    need = int(nbytes * 1.01) + (1 << 20)  # HDF5's own metadata and a margin
+    if free < need:
+        raise OutputError(f"output {out} needs about {need / 1e6:.1f} MB but its file system has "
+                          f"{free / 1e6:.1f} MB free; HINT: free space or write it elsewhere")
+
+
 def fsync_path(path, directory: bool = False):
     """fsync a file or a folder by path."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))

@@ -84,3 +84,16 @@ def test_output_on_a_full_disk_keeps_the_old_file(small_disk, tmp_path, command)
                       "intact" + ("" if command == "ckpt export" else "; HINT: free space or choose another OUT.h5")]
     assert old.read_bytes() == b"the old output"
     assert sorted(p.name for p in small_disk.iterdir()) == sorted([faults.FILL_NAME, old.name])
+
+
+def test_convert_checks_the_room_before_it_writes(small_disk, tmp_path):
+    x, y = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(x, np.zeros((100_000, 32), np.float32))  # 12.8 MB of float32 rows: more than the 12 MiB disk
+    np.save(y, np.arange(100_000) % 3)
+    old = small_disk / "data.h5"
+    old.write_bytes(b"the old dataset")
+    job = Job(0, ["data", "convert", str(x), str(y), str(old), "--force"])
+    assert job.rc == 2, job.stderr
+    assert re.search(rf"distbp: error: output {re.escape(str(old))} needs about 14\.\d MB but its file system has "
+                     r"12\.\d MB free; HINT: free space", job.stderr), job.stderr
+    assert old.read_bytes() == b"the old dataset" and [p.name for p in small_disk.iterdir()] == [old.name]
