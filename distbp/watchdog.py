@@ -15,6 +15,7 @@ from .errors import EXIT_CRASH
 
 QUERY, ANSWER = 1, 2  # message tags on the watchdog's own communicator
 SIGNAL_GRACE = 2.0  # s a rank waits in a collective after a stop signal before it checks its peers are alive
+TICK = 0.05  # s between the thread's looks at its mailbox: MPI moves a message only while some call polls
 
 
 def rank_table(comm) -> str:
@@ -89,7 +90,7 @@ class Watchdog:
 
     def _check(self):
         """Answer other ranks' queries; on a timeout, or a signal while stuck, find who is missing."""
-        while not self._done.wait(self.poll):
+        while not self._done.wait(TICK):
             self._answer_queries()
             self._note_signals()
             since, now = self.since, monotonic()
