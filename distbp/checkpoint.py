@@ -14,8 +14,9 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .atomic import TMP_MARK
 from .errors import UserError
-from .safeio import TMP_MARK, hdf5_bytes, memory_hdf5, write_bytes
+from .safeio import hdf5_bytes, memory_hdf5, write_bytes
 
 FORMAT, VERSION = "checkpoint", 1
 NAME_RE = re.compile(r"^step-(\d{8,})\.h5$")
@@ -112,9 +113,15 @@ def _sealed_bytes(f: h5py.File) -> bytes:
     return hdf5_bytes(f)
 
 
+def _write_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a checkpoint file's bytes to path atomically (its folder created if need be)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes(path, data)
+
+
 def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
     """Write ck to path atomically: temp file in the same folder, fsync, rename."""
-    return write_bytes(path, _sealed_bytes(_memory_file(ck)))
+    return _write_file(path, _sealed_bytes(_memory_file(ck)))
 
 
 class BackgroundSaver:
@@ -135,7 +142,7 @@ class BackgroundSaver:
     def _write(self, f, path, then):
         """Thread body: checksum the file in memory and write its bytes to path; then the follow-up (pruning)."""
         try:
-            write_bytes(path, _sealed_bytes(f))
+            _write_file(path, _sealed_bytes(f))
             if then:
                 then()
         except BaseException as e:

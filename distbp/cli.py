@@ -1,4 +1,4 @@
-"""Command line: distbp train | eval | data | ckpt (see DESIGN.md)."""
+"""Command line: distbp train | eval | predict | data | ckpt | plot (see DESIGN.md)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,9 @@ import time
 import traceback
 
 from . import __version__
-from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree
-from .safeio import check_output, replacing
+from .atomic import AtomicFile
+from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
+from .safeio import check_output
 
 EPILOG_TRAIN = """examples:
   distbp train                                  the default MLP on the shipped digits
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (under mpirun/srun: data-parallel)",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...)")
+    t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...; default: digits)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<timestamp>)")
@@ -148,7 +149,7 @@ def cmd_train(args, comm) -> int:
     """distbp train."""
     from .config import load_config
     from .train import run
-    cfg = agree(comm, load_config, args.config, args.overrides)
+    cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return run(cfg, comm, run_dir, args.resume, args.force)
 
@@ -162,24 +163,24 @@ def cmd_eval(args, comm) -> int:
     return 0
 
 
-def on_root(cmd, args, comm) -> int:
+def alone_on_root(cmd, args, comm) -> int:
     """cmd run by rank 0 alone as a world of one (one writer, one printout); its exit code on every rank."""
     from .comm import SerialComm
-    return comm.bcast_obj(agree(comm, lambda: cmd(args, SerialComm()) if comm.is_root else None))
+    return comm.bcast_obj(on_root(comm, cmd, args, SerialComm()))
 
 
 def cmd_data(args, comm) -> int:
     """distbp data digits | synthetic | convert | inspect."""
     from . import data
     if comm.size > 1 and args.data_command != "convert":
-        return on_root(cmd_data, args, comm)
+        return alone_on_root(cmd_data, args, comm)
     if args.data_command == "inspect":
         with data.Dataset(args.file) as ds:
             print("\n".join(ds.describe(values=True)))
         return 0
     if args.data_command == "convert":
         from .convert import convert
-        agree(comm, lambda: comm.is_root and convert(  # one writer under mpirun
+        on_root(comm, lambda: convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
             header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key, force=args.force))
@@ -189,8 +190,9 @@ def cmd_data(args, comm) -> int:
         return 0
     check_output(args.out, [], args.force)
     if args.data_command == "digits":
-        with replacing(args.out) as tmp:
-            shutil.copyfile(data.digits_path(), tmp)
+        with AtomicFile(args.out) as out:
+            shutil.copyfile(data.digits_path(), out.tmp)
+            out.commit(durable=True)
     elif args.data_command == "synthetic":
         x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
         n_val = int(round(args.rows * args.val_fraction))
@@ -205,7 +207,7 @@ def cmd_ckpt(args, comm) -> int:
     """distbp ckpt inspect | verify | export."""
     from . import checkpoint as ckpt
     if comm.size > 1:
-        return on_root(cmd_ckpt, args, comm)
+        return alone_on_root(cmd_ckpt, args, comm)
     if args.ckpt_command == "verify":
         try:
             ck = ckpt.load(args.file)
@@ -221,8 +223,10 @@ def cmd_ckpt(args, comm) -> int:
         import numpy as np
         out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [args.file], args.force)
         try:
-            with replacing(out) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **ck.params)
+            with AtomicFile(out) as target:
+                with open(target.tmp, "wb") as f:
+                    np.savez(f, **ck.params)
+                target.commit(durable=True)
         except OSError as e:
             raise UserError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact") from None
         print(f"wrote {len(ck.params)} arrays to {out}")
@@ -232,7 +236,7 @@ def cmd_ckpt(args, comm) -> int:
 def cmd_plot(args, comm) -> int:
     """distbp plot."""
     from .plot import plot_runs
-    out = agree(comm, lambda: comm.is_root and plot_runs(args.run_dirs, args.out, args.force))
+    out = on_root(comm, plot_runs, args.run_dirs, args.out, args.force)
     if comm.is_root:
         print(f"wrote {out}")
     return 0

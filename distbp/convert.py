@@ -21,8 +21,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import AtomicFile
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
-from .safeio import check_output, check_space, replacing
+from .safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)
@@ -469,8 +470,8 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
                          for n, xr, xd, yr, yd in shapes.values()))
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
-    with replacing(out) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f, \
+    with AtomicFile(out) as result:
+        with h5py.File(result.tmp, "w", track_order=True) as f, \
                 tqdm(total=total, unit="row", desc=f"converting to {out.name}", disable=None if big else True) as bar:
             for name in sorted(shapes, key=lambda s: ("train", "val", "test", s).index(s) if s in
                                ("train", "val", "test") else 3):
@@ -481,10 +482,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
             top = _fill(f, tables, routes, shapes, task, bar)
             f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes,
                                    n_val, val_fraction, seed))
-        with Dataset(tmp) as ds:  # the result must read back as a valid dataset, values included
+        with Dataset(result.tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
                 ds.split(name)
-    return out
+        return result.commit()
 
 
 def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes, n_val, val_fraction, seed):

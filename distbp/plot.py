@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .safeio import check_output, replacing
+from .atomic import AtomicFile
+from .safeio import check_output
 
 
 def read_metrics(run_dir) -> dict:
@@ -74,8 +75,9 @@ def plot_runs(run_dirs, out, force: bool = False) -> Path:
             acc_ax.text(0.5, 0.5, "no val accuracy (regression, or no val split)", ha="center",
                         transform=acc_ax.transAxes)
     try:
-        with replacing(out) as tmp:
-            fig.savefig(tmp, dpi=100, format=out.suffix[1:] or "png")
+        with AtomicFile(out) as target:
+            fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")
+            target.commit(durable=True)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); HINT: choose a writable -o OUT.png") from None
     except ValueError as e:  # a suffix matplotlib has no writer for

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
-from .data import DataError, shard
-from .errors import agree
+from .data import DataError
+from .errors import agree, on_root
 from .evaluate import load_model
 from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
+from .sampler import shard
 
 FORMAT, VERSION = "predictions", 1
 
@@ -119,7 +120,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         raise DataError(f"--batch {batch} must be at least 1")
     npy = str(source).endswith(".npy")
     model, data, _ = load_model(checkpoint, comm, data_path=None if npy else source)
-    agree(comm, lambda: comm.is_root and check_output(out, [checkpoint, source, data.path], force))
+    on_root(comm, check_output, out, [checkpoint, source, data.path], force)
     rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
                  else SplitRows(data.split(split)))
     lo, hi = shard(rows.n, comm.rank, comm.size)
@@ -128,7 +129,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not npy:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if npy else split, data)
-    writer = Writer(rows.n, template, attrs) if comm.is_root else None
+    writer = on_root(comm, Writer, rows.n, template, attrs)
     faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
@@ -142,4 +143,4 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
-    return agree(comm, lambda: writer.save(out) if comm.is_root else None)
+    return on_root(comm, lambda: writer.save(out))

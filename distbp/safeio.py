@@ -1,16 +1,15 @@
-"""Output files: never the same file as an input, never over an existing file unless forced, replaced atomically."""
+"""Output files: never the same file as an input, never over an existing file unless forced, HDF5 built in memory."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 from pathlib import Path
 
 import h5py
 
+from .atomic import AtomicFile
 from .errors import UserError
 
-TMP_MARK = ".tmp-"  # in the name of every temporary file distbp writes beside its target
 _MEMORY_FILES = itertools.count()  # names of HDF5 files in memory, unique in this process
 
 
@@ -55,41 +54,17 @@ def check_space(out: Path, nbytes: int):
                           f"{free / 1e6:.1f} MB free; HINT: free space or write it elsewhere")
 
 
-def fsync_path(path, directory: bool = False):
-    """fsync a file or a folder by path."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def replacing(path):
-    """Yield a temporary path beside path; on success it is fsynced and renamed to path, else removed."""
-    # The old file stays whole until the rename, so a failed or killed writer never damages it.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent, directory=True)
-
-
 def write_bytes(path, data: bytes) -> Path:
-    """Replace path atomically with data, written by plain os.write calls (ENOSPC is an OSError)."""
-    with replacing(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    """Replace path atomically and durably with data, written by plain os.write calls (ENOSPC is an OSError)."""
+    with AtomicFile(path) as out:
+        fd = os.open(out.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-    return Path(path)
+        return out.commit(durable=True)
 
 
 # On a real full disk HDF5's own failing writes raised while objects were released and then

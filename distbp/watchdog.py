@@ -42,12 +42,13 @@ class Watchdog:
         self._done = threading.Event()
         self._thread = None
         self._pipe = None
-        self.active = comm.size > 1 and hasattr(comm, "_comm")
-        self.set_timeout(timeout)
+        # Collective: every rank creates it at the same point. Queries travel on their own
+        # communicator so they never match the training's messages.
+        channel = comm.private_channel() if comm.size > 1 else None
+        self.active = channel is not None
         if self.active:
-            # Collective: every rank creates it at the same point. Queries travel on their own
-            # communicator so they never match the training's messages.
-            self._mpi, self._wcomm = comm._mpi, comm._comm.Dup()
+            self._mpi, self._wcomm = channel
+        self.set_timeout(timeout)
 
     def set_timeout(self, timeout: float):
         """Seconds a collective may wait before the job is aborted (0 = never)."""

@@ -84,12 +84,19 @@ def test_existing_output_needs_force_and_is_then_replaced(tmp_path, files, capsy
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
 
 
-def test_a_failed_replacement_leaves_the_old_file_and_no_temporary(tmp_path):
+def test_a_failed_replacement_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     out = tmp_path / "a.h5"
     out.write_bytes(b"old")
-    with pytest.raises(OSError, match="disk full"), safeio.replacing(out) as tmp:
-        tmp.write_bytes(b"half of the new")
-        raise OSError(28, "disk full")
+    real = os.write
+
+    def full(fd, data):  # half of the new bytes fit, then the disk is full
+        if len(data) > 4:
+            return real(fd, data[:4])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        safeio.write_bytes(out, b"the new bytes")
+    monkeypatch.undo()
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.h5"]
     safeio.write_bytes(out, b"new")
     assert out.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["a.h5"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from distbp import checkpoint as ckpt
 from distbp import faults
@@ -29,6 +30,7 @@ def start(run_dir, fault: str = SLOW) -> subprocess.Popen:
     raise AssertionError(f"the first run ended early: {proc.wait()} {proc.stdout.read()}")
 
 
+@pytest.mark.timing
 def test_second_run_on_a_busy_directory_stops_at_once_and_the_first_is_unharmed(tmp_path):
     run = tmp_path / "run"
     startup = Job(0, ["--version"]).wall  # interpreter and import time, which no lock can shorten

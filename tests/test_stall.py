@@ -51,6 +51,7 @@ COMMANDS = {"train": lambda tmp, ck, data: ["train", *FAST, "--set", "train.max_
             "predict": lambda tmp, ck, data: ["predict", str(ck), str(data), str(tmp / "p.h5")]}
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("command,point", [("train", "setup"), ("train", "eval"), ("train", "final"),
                                            ("eval", "setup"), ("eval", "eval"),
                                            ("predict", "setup"), ("predict", "predict")])
@@ -99,6 +100,7 @@ class Launched:
         return self.err_path.read_text()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("trigger", ["sigterm", "stall"])
 def test_stuck_rank_exits_by_itself_when_its_abort_cannot_reach_the_launcher(tmp_path, trigger):
     # rank 1 is frozen and the launcher's agent is stopped, so MPI_Abort reaches no one (as on the far
