@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import sys
-import time
 import traceback
 
 from . import __version__
@@ -148,10 +147,10 @@ def add_force(parser):
 def cmd_train(args, comm) -> int:
     """distbp train."""
     from .config import load_config
+    from .rundir import default_path
     from .train import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-    return run(cfg, comm, run_dir, args.resume, args.force)
+    return run(cfg, comm, args.run_dir or default_path(), args.resume, args.force)
 
 
 def cmd_eval(args, comm) -> int:

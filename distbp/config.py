@@ -16,7 +16,8 @@ from pathlib import Path
 
 from . import optim
 from .errors import UserError
-from .nn import LAYER_TYPES, activation_names
+from .nn.layers import activation_names, layer_class
+from .nn.losses import loss_class
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,6 +139,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class LossConfig:
+    """The loss minimised."""
+    name: str = key("", "loss: empty = the dataset task's (classification cross_entropy, regression mse, binary "
+                        "bce); a registered name, or module:ClassName of a loss registered in your own module")
+
+
+@dataclass(init=False)
 class Config:
     """The whole resolved configuration of a run."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +153,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __init__(self, tables: dict | None = None, /, **sections):
+        """A validated config from TOML-layout tables ({"train": {"epochs": 2}}) and/or keyword sections
+        (train={"epochs": 2}; a keyword replaces the same table); unset keys keep their defaults."""
+        if tables is not None and not isinstance(tables, dict):
+            raise ConfigError(f"a config is a dict of sections like {{'train': {{'epochs': 2}}}}, not {tables!r}")
+        given = {**(tables or {}), **sections}
+        for name in given:
+            if name not in SECTIONS:
+                raise _unknown(name, SECTIONS)
+        for name, section in SECTIONS.items():
+            value = given.get(name, {})
+            setattr(self, name, value if isinstance(value, section) else _section(name, value))
+        validate(self)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -233,15 +256,21 @@ def _section(section: str, values) -> object:
 
 def config_from_dict(d: dict) -> Config:
     """Build and validate a Config from nested dicts (TOML layout); unset optimizer keys are resolved."""
-    cfg = Config(**{section: _section(section, values) for section, values in d.items()})
-    validate(cfg)
-    return cfg
+    return Config(d)
 
 
 def _require(ok: bool, msg: str):
     """Raise ConfigError(msg) unless ok."""
     if not ok:
         raise ConfigError(msg)
+
+
+def _resolves(find, name, key: str) -> None:
+    """Raise ConfigError naming key unless find(name) finds a registered class (importing its module)."""
+    try:
+        find(name)
+    except ValueError as e:
+        raise ConfigError(f"{key}={name!r}: {e}") from None
 
 
 def validate(cfg: Config) -> None:
@@ -251,8 +280,9 @@ def validate(cfg: Config) -> None:
             _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
     m, t, o = cfg.model, cfg.train, cfg.optim
     for i, spec in enumerate(m.layers):
-        _require(spec.get("type") in LAYER_TYPES, f"model.layers[{i}].type={spec.get('type')!r} is not one "
-                 f"of {', '.join(sorted(LAYER_TYPES))}")
+        _resolves(layer_class, spec.get("type"), f"model.layers[{i}].type")
+    if cfg.loss.name:
+        _resolves(loss_class, cfg.loss.name, "loss.name")
     _require(not (t.deterministic and any(s.get("type") == "batchnorm" for s in m.layers)),
              "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
              "tie the micro-shards together; use layernorm, or train.deterministic=false")

@@ -9,6 +9,7 @@ from .config import config_from_dict
 from .data import Dataset, digits_path
 from .errors import agree, on_root
 from .nn import make_loss
+from .nn.refs import no_imports
 from .sampler import shard
 from .state import build_model, load_params
 from .watchdog import configure as configure_watchdog
@@ -37,7 +38,8 @@ def load_model(path: str, comm, data_path: str | None = None):
     """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast."""
     ck = on_root(comm, ckpt.load, path)
     config = comm.bcast_obj(ck.config if comm.is_root else None)
-    cfg = agree(comm, config_from_dict, config)
+    with no_imports(path):  # a checkpoint naming module:Class layers finds them only if already imported
+        cfg = agree(comm, config_from_dict, config)
     configure_watchdog(comm, timeout=cfg.train.stall_timeout)  # the run's, from here on
     faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
@@ -56,5 +58,5 @@ def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: st
     model, data, cfg = load_model(path, comm, data_path)
     part = agree(comm, data.split, split)
     part.load(cfg.data.memory_mb * 2**20, comm)
-    result = evaluate(model, make_loss(data.task), part, comm, data.task == "classification")
+    result = evaluate(model, make_loss(data.task, cfg.loss.name), part, comm, data.task == "classification")
     return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()}}

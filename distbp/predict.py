@@ -44,8 +44,13 @@ class NpyRows:
 
     def read(self, lo: int, hi: int, dtype) -> tuple[np.ndarray, None]:
         """(x, None) of rows [lo, hi)."""
-        x = np.asarray(self.x[lo:hi]).reshape(hi - lo, *self.input_shape)
-        return (x * dtype.type(self.scale) if self.scale else x).astype(dtype, copy=False), None
+        return model_inputs(self.x[lo:hi], self.input_shape, self.scale, dtype), None
+
+
+def model_inputs(x, input_shape: tuple, scale: float | None, dtype) -> np.ndarray:
+    """Rows of x shaped as the model's inputs, times scale if given, in dtype."""
+    x = np.asarray(x).reshape(len(x), *input_shape)
+    return (x * dtype.type(scale) if scale else x).astype(dtype, copy=False)
 
 
 class SplitRows:

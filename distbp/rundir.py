@@ -17,6 +17,11 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "config.toml")  # what
 UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # no locks on this file system
 
 
+def default_path() -> str:
+    """runs/<local time>: the run directory when none is given."""
+    return f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 class RunDirBusy(UserError):
     """Another distbp train holds the run directory."""
 

@@ -48,10 +48,16 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
+    return run_summary(cfg, comm, run_dir, resume, force)["exit_code"]
+
+
+def run_summary(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> dict:
+    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
         trainer = Trainer(cfg, comm, run_dir, resume, force)
         try:
-            return trainer.train()
+            trainer.train()
+            return trainer.summary
         finally:
             if trainer.lock:
                 trainer.lock.release()
@@ -65,7 +71,7 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
-        self.loss = make_loss(self.data.task)
+        self.loss = make_loss(self.data.task, cfg.loss.name)
         self.opt = build_optimizer(cfg, model, comm)
         self.batches = GlobalBatches(self.train_split.n, cfg.train.batch_size, cfg.train.seed, cfg.train.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
@@ -252,6 +258,7 @@ class Trainer:
         self.log("summary:\n" + "\n".join(format_summary(summary)))
         self.log(f"parameters crc32: {summary['params_crc32']}")
         self.runlog.close()
+        self.summary = summary
         return exit_code
 
 

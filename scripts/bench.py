@@ -135,18 +135,19 @@ def steady_timer_class():
 
 def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path, r: int) -> dict:
     """One run of distbp.train.run on the workload; steady-state rate and step split."""
-    import distbp.train
+    import importlib
     from distbp.config import load_config
+    loop = importlib.import_module("distbp.train")  # the module: distbp.train is the API function
     sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""',
             f"model.hidden={list(wl.hidden)}", "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
             f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={WARMUP + wl.steps}", "train.epochs=100000",
             "optim.name=\"sgd\"", "optim.lr=0.01", "optim.momentum=0.9", *wl.extra, *overrides]
     cfg = load_config(None, sets)
     timer_cls = steady_timer_class()
-    distbp.train.StepTimer = timer_cls
+    loop.StepTimer = timer_cls
     run_dir = tmp / f"run-{r}"
     with contextlib.redirect_stdout(io.StringIO()):
-        code = distbp.train.run(cfg, comm, run_dir, resume="never")
+        code = loop.run(cfg, comm, run_dir, resume="never")
     if code != 0:
         raise SystemExit(f"distbp run exited {code}; see {run_dir}/train.log")
     if comm.is_root:

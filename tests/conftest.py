@@ -11,6 +11,8 @@ import pytest
 
 from distbp.comm import SerialComm, world
 from distbp.data import write_dataset
+from distbp.nn import check_gradients
+from distbp.nn.gradcheck import numeric_grad, rel_err  # noqa: F401 (the tests' finite differences)
 
 
 MPIRUN = str(Path(sys.executable).parent / "mpirun")  # the launcher of this venv's MPI
@@ -55,26 +57,6 @@ def run_distbp(args, ranks: int = 0, *, cwd=None, env=None, timeout: float = 55,
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
-def numeric_grad(f, a, eps=1e-6):
-    """Central finite differences of the scalar f() w.r.t. every entry of a (restored after)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        orig = a[i]
-        a[i] = orig + eps
-        up = f()
-        a[i] = orig - eps
-        down = f()
-        a[i] = orig
-        g[i] = (up - down) / (2 * eps)
-    return g
-
-
-def rel_err(a, b):
-    """||a - b|| / max(||a||, ||b||)."""
-    scale = max(np.linalg.norm(a), np.linalg.norm(b))
-    return np.linalg.norm(a - b) / scale if scale > 0 else 0.0
-
-
 def bind_random(layer, rng, dtype=np.float64, around_one=False):
     """Bind random parameters (around 1 if asked) and zero gradients; return (params, grads)."""
     params = {n: (around_one + 0.5 * rng.standard_normal(s)).astype(dtype) for n, s in layer.param_shapes()}
@@ -84,21 +66,8 @@ def bind_random(layer, rng, dtype=np.float64, around_one=False):
 
 
 def check_grads(layer, x, params, grads, rng, tol=1e-6):
-    """Compare backward's dx and parameter gradients of sum(y * R) with central differences."""
-    R = rng.standard_normal((x.shape[0], *layer.out_shape))
-    for g in grads.values():
-        g[...] = 0
-    x0, R0 = x.copy(), R.copy()
-    y = layer.forward(x)
-    assert y.shape == R.shape
-    dx = layer.backward(R)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    np.testing.assert_array_equal(x, x0)  # inputs left alone
-    np.testing.assert_array_equal(R, R0)
-    loss = lambda: float(np.sum(layer.forward(x) * R))  # noqa: E731
-    assert rel_err(dx, numeric_grad(loss, x)) < tol
-    for name, p in params.items():
-        assert rel_err(grads[name], numeric_grad(loss, p)) < tol, name
+    """distbp.nn.check_gradients on a layer whose parameters the test bound."""
+    check_gradients(layer, x, params=params, grads=grads, rng=rng, tol=tol)
 
 
 def import_torch():

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp import cli, train
+from distbp import cli
+from distbp.train import Trainer, run
 from distbp.checkpoint import checkpoint_name, load
 from distbp.comm import SerialComm
 from distbp.config import load_config
@@ -78,7 +79,7 @@ def test_parameters_bitwise_identical_on_every_rank(comm, make_dataset, shared_t
     cfg = load_config(None, [f'data.path="{path}"', "train.batch_size=16", "train.max_steps=9",
                              "model.hidden=[8, 8]", "model.dropout=0.25", 'optim.name="adam"'])
     kept = {}
-    save = train.Trainer.save
+    save = Trainer.save
 
     def keep_final(self, final: bool):
         if final:  # every rank calls it, rank 0 alone writes
@@ -86,8 +87,8 @@ def test_parameters_bitwise_identical_on_every_rank(comm, make_dataset, shared_t
             kept["state"] = np.concatenate([self.model.params, *self.opt.state_arrays().values()])
         return save(self, final)
 
-    monkeypatch.setattr(train.Trainer, "save", keep_final)
-    assert train.run(cfg, comm, shared_tmp / "run", resume="never") == 0
+    monkeypatch.setattr(Trainer, "save", keep_final)
+    assert run(cfg, comm, shared_tmp / "run", resume="never") == 0
     states = comm.gather_obj(kept["state"])
     problems = None
     if comm.is_root:
@@ -288,7 +289,7 @@ def test_metrics_file_and_config_round_trip(alone, make_dataset, tmp_path, monke
     sets = [f'data.path="{path}"', "train.batch_size=8", "train.max_steps=12", "train.log_every=4",
             "train.eval_every=3", "model.hidden=[8]"]
     cfg = load_config(None, sets)
-    assert train.run(cfg, SerialComm(), tmp_path / "a", resume="never") == 0
+    assert run(cfg, SerialComm(), tmp_path / "a", resume="never") == 0
     records = metrics(tmp_path / "a")
     trains = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r and "summary" not in r]
@@ -319,7 +320,7 @@ def test_adamw_alone_trains_with_its_own_weight_decay(alone, make_dataset, tmp_p
             "optim.name=adamw", "optim.lr=0.1"]
     finals = {}
     for name, extra in [("unset", []), ("0.01", ["optim.weight_decay=0.01"]), ("0", ["optim.weight_decay=0"])]:
-        assert train.run(load_config(None, base + extra), SerialComm(), tmp_path / name, resume="never") == 0
+        assert run(load_config(None, base + extra), SerialComm(), tmp_path / name, resume="never") == 0
         finals[name], _ = final_params(tmp_path / name, 6)
     assert load_config(str(tmp_path / "unset" / "config.toml")).optim.weight_decay == 0.01  # stored resolved
     np.testing.assert_array_equal(finals["unset"], finals["0.01"])

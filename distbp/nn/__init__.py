@@ -1,10 +1,20 @@
-"""NumPy backprop core: layers, losses, initialisation and the Sequential model."""
+"""Layers, losses and the Sequential model (NumPy), and the pieces for writing your own layer or loss.
 
-from . import conv, init, layers, losses, norm, reshape  # conv, norm, reshape register their layers
-from .layers import LAYER_TYPES, Context, Layer, WeightLayer, activation_names, register
-from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy, make_loss
-from .model import Sequential, mlp_specs
+Public: the names in ``__all__`` (docs/API.md); the submodules and other names are internal.
+"""
 
-__all__ = ["LAYER_TYPES", "Context", "Layer", "WeightLayer", "activation_names", "register", "Sequential",
-           "mlp_specs", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "make_loss", "conv", "init", "layers",
-           "losses", "norm", "reshape"]
+from . import conv, init, layers, losses, norm, reshape  # noqa: F401  (conv, norm, reshape register their layers)
+from .conv import Conv2D, MaxPool2D
+from .gradcheck import check_gradients
+from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, LeakyReLU, Linear,  # noqa: F401
+                     ReLU, Sigmoid, Softplus, Tanh, WeightLayer, activation_names, check_spec, register,
+                     spec_value)
+from .losses import MSE, BCEWithLogits, Loss, SoftmaxCrossEntropy, make_loss, register_loss  # noqa: F401
+from .model import Sequential, mlp_specs  # noqa: F401
+from .norm import BatchNorm, LayerNorm
+from .reshape import Flatten, Reshape
+
+__all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "register", "check_spec", "spec_value",
+           "Linear", "Conv2D", "MaxPool2D", "BatchNorm", "LayerNorm", "Flatten", "Reshape", "Dropout",
+           "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
+           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "check_gradients"]

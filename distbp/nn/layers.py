@@ -1,8 +1,9 @@
 """The layer contract, the layer registry, the shared step context, and the dense layers.
 
 A layer is a class registered under its spec name with ``@register("name")``; a model is a
-list of specs like ``{"type": "linear", "out": 64}`` (``model.layers`` in a config). A layer
-class implements:
+list of specs like ``{"type": "linear", "out": 64}`` (``model.layers`` in a config; a layer
+registered in the user's own module is ``{"type": "module:ClassName"}``). A layer class
+implements:
 
 - ``build(cls, spec, in_shape, index, seed)`` (classmethod): read and check the spec with
   ``check_spec`` and ``spec_value`` (errors are ValueError naming ``layer {index} (type)``
@@ -38,6 +39,7 @@ import math
 
 import numpy as np
 
+from . import refs
 from .counter_rng import MASK64, dropout_bits
 from .init import INITS
 
@@ -48,14 +50,16 @@ def register(name: str):
     """Class decorator adding a layer class to LAYER_TYPES under ``name`` (its kind)."""
 
     def add(cls):
-        if name in LAYER_TYPES:
-            raise ValueError(f"layer type {name!r} registered twice")
         if "kind" not in cls.__dict__:
             cls.kind = name
-        LAYER_TYPES[name] = cls
-        return cls
+        return refs.add(LAYER_TYPES, name, cls, "layer")
 
     return add
+
+
+def layer_class(type_name) -> type:
+    """The layer class of a spec's type: a registered name, or `module:Name` (the module is imported)."""
+    return refs.lookup(type_name, LAYER_TYPES, "layer", "distbp.nn.register")
 
 
 def check_spec(spec: dict, index: int, allowed: tuple = ()) -> None:

@@ -2,11 +2,31 @@
 
 The per-row loss of MSE and BCEWithLogits is the mean over output columns, so dividing
 the sum by the global row count gives PyTorch's ``reduction="mean"`` for all three.
+
+The loss contract: a ``Loss`` subclass registered with ``@register_loss("name")``, built
+without arguments, whose ``forward(out, y)`` returns the sum over the rows as a float and
+keeps ``self.dout`` = d(sum)/d(out) (same shape and dtype as out) for ``backward()``;
+``correct(out, y)`` counts right predictions (0 by default: no accuracy). ``loss.name``
+in a config picks a registered name or ``module:ClassName``.
 """
 
 import math
 
 import numpy as np
+
+from . import refs
+
+LOSS_TYPES: dict[str, type] = {}
+
+
+def register_loss(name: str):
+    """Class decorator adding a Loss class to LOSS_TYPES under ``name``."""
+    return lambda cls: refs.add(LOSS_TYPES, name, cls, "loss")
+
+
+def loss_class(name) -> type:
+    """The loss class of a registered name or a `module:Name` reference (the module is imported)."""
+    return refs.lookup(name, LOSS_TYPES, "loss", "distbp.nn.register_loss")
 
 
 def _targets(out: np.ndarray, y, name: str) -> np.ndarray:
@@ -22,6 +42,8 @@ def _targets(out: np.ndarray, y, name: str) -> np.ndarray:
 class Loss:
     """Shared parts: the cached gradient and the default correct count."""
 
+    dout = None
+
     def backward(self) -> np.ndarray:
         """Gradient of the last forward's loss sum w.r.t. out (same dtype as out)."""
         if self.dout is None:
@@ -34,10 +56,9 @@ class Loss:
         return 0
 
 
+@register_loss("cross_entropy")
 class SoftmaxCrossEntropy(Loss):
     """Softmax + cross-entropy on logits (fused, log-sum-exp stable), integer labels."""
-
-    dout = None
 
     def forward(self, out: np.ndarray, y) -> float:
         """Sum over rows of logsumexp(out_i) - out_i[y_i]."""
@@ -68,10 +89,9 @@ class SoftmaxCrossEntropy(Loss):
         return int(np.count_nonzero(out.argmax(axis=1) == np.asarray(y)))
 
 
+@register_loss("mse")
 class MSE(Loss):
     """Squared error; per-row loss is the mean over output columns."""
-
-    dout = None
 
     def forward(self, out: np.ndarray, y) -> float:
         """Sum over rows of mean_j (out_ij - y_ij)^2."""
@@ -83,10 +103,9 @@ class MSE(Loss):
         return loss
 
 
+@register_loss("bce")
 class BCEWithLogits(Loss):
     """Binary cross-entropy on logits, stable form max(x,0) - x y + log(1 + exp(-|x|))."""
-
-    dout = None
 
     def forward(self, out: np.ndarray, y) -> float:
         """Sum over rows of the mean over columns of the element loss."""
@@ -108,8 +127,10 @@ class BCEWithLogits(Loss):
 LOSSES = {"classification": SoftmaxCrossEntropy, "regression": MSE, "binary": BCEWithLogits}
 
 
-def make_loss(task: str, **kwargs) -> Loss:
-    """Loss for a task: classification, regression or binary."""
+def make_loss(task: str, name: str = "") -> Loss:
+    """The loss called name (loss.name), or the task's own: classification, regression or binary."""
+    if name:
+        return loss_class(name)()
     if task not in LOSSES:
         raise ValueError(f"unknown task {task!r}; use one of {sorted(LOSSES)}")
-    return LOSSES[task](**kwargs)
+    return LOSSES[task]()

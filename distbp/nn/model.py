@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .init import default_init, layer_rng
-from .layers import LAYER_TYPES, Activation, Context, activation_names
+from .layers import Activation, Context, activation_names, layer_class
 
 
 def mlp_specs(sizes, activation: str = "relu", dropout: float = 0.0) -> list[dict]:
@@ -80,10 +80,10 @@ class Sequential:
         """Instantiate every layer, threading the shape through."""
         layers, shapes_io, shape = [], [], self.input_shape
         for i, spec in enumerate(self.specs):
-            cls = LAYER_TYPES.get(spec.get("type"))
-            if cls is None:
-                raise ValueError(f"layer {i}: unknown type {spec.get('type')!r}; "
-                                 f"known types: {sorted(LAYER_TYPES)}")
+            try:
+                cls = layer_class(spec.get("type"))
+            except ValueError as e:
+                raise ValueError(f"layer {i}: {e}") from None
             layer = cls.build(spec, shape, i, self.seed)
             shapes_io.append((shape, tuple(layer.out_shape)))
             layers.append(layer)

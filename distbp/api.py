@@ -1,0 +1,115 @@
+"""The Python API: train a config, load a trained model, under mpirun or without it (docs/API.md)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .comm import SerialComm, run_guarded, world
+from .config import Config, config_to_dict, load_config
+from .errors import NonFiniteError, UserError, agree
+from .evaluate import load_model
+from .predict import model_inputs, outputs
+from .rundir import default_path
+
+
+def rank() -> int:
+    """This process's rank in the launcher's world (0 without a launcher)."""
+    return world().rank
+
+
+def world_size() -> int:
+    """Number of ranks the launcher started (1 without a launcher)."""
+    return world().size
+
+
+def _config(config) -> Config:
+    """A Config from a Config (checked again: its fields may have been set), a dict of sections, or a
+    TOML file path / shipped config name."""
+    if isinstance(config, Config):
+        return Config(config_to_dict(config))
+    if isinstance(config, dict):
+        return Config(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(os.fspath(config))
+    raise UserError(f"config={config!r} must be a distbp.Config, a dict of sections or a TOML file")
+
+
+def _collective(comm, fn, *args):
+    """fn(*args) on every rank: an error all ranks share is raised on each; an error on one rank
+    alone prints it and aborts the whole job (as the CLI does) instead of leaving the others waiting."""
+    def call():
+        try:
+            return fn(*args), None
+        except (UserError, NonFiniteError) as e:
+            if comm.size > 1 and isinstance(e, UserError) and not e.agreed:
+                raise
+            return None, e
+    value, error = run_guarded(call, comm)
+    if error is not None:
+        raise error
+    return value
+
+
+def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto", force: bool = False) -> dict:
+    """Train data-parallel on every rank of the launcher (one without); return the run's summary record."""
+    from .train import run_summary  # here: inference (load) does not import the training loop
+    comm = world()
+
+    def go():
+        cfg = agree(comm, _config, config)
+        summary = run_summary(cfg, comm, run_dir or default_path(), str(resume), force)
+        return comm.bcast_obj(summary)  # rank 0's record, as in metrics.jsonl, on every rank
+    return _collective(comm, go)
+
+
+class Model:
+    """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
+
+    def __init__(self, network, task: str, x_scale: float | None, config: Config, checkpoint: Path):
+        self.network, self.task, self.config, self.checkpoint = network, task, config, checkpoint
+        self.input_shape = network.input_shape
+        self._x_scale = x_scale
+
+    def _outputs(self, x, batch: int) -> dict:
+        """predict.outputs of the rows of x, computed batch rows at a time."""
+        x = np.asarray(x)
+        if x.ndim == 0 or math.prod(x.shape[1:]) != math.prod(self.input_shape):
+            raise ValueError(f"x of shape {x.shape} does not hold rows of the model's input {self.input_shape}; "
+                             f"give an array of shape (N, {', '.join(map(str, self.input_shape))}) or (N, "
+                             f"{math.prod(self.input_shape)})")
+        scale = (self._x_scale or 1 / 255) if x.dtype == np.uint8 else None  # as the dataset's uint8 rows
+        dtype = self.network.params.dtype
+        chunks = [outputs(self.task, self.network.forward(model_inputs(x[a:a + batch], self.input_shape, scale,
+                                                                        dtype)))
+                  for a in range(0, len(x), batch)]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+
+    def predict(self, x, batch: int = 1024) -> np.ndarray:
+        """Class labels (classification, binary) or outputs (regression) for the rows of x."""
+        out = self._outputs(x, batch)
+        return out["output" if self.task == "regression" else "class"]
+
+    def predict_proba(self, x, batch: int = 1024) -> np.ndarray:
+        """Class probabilities (classification: (N, K); binary: (N, k)) for the rows of x."""
+        if self.task == "regression":
+            raise ValueError("predict_proba needs a classification or binary model; this one is regression")
+        return self._outputs(x, batch)["probabilities" if self.task == "classification" else "probability"]
+
+
+def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
+    """The model of a checkpoint file, or of the newest valid checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        newest = ckpt.latest_valid(folder, log=lambda _: None)
+        if newest is None:
+            raise ckpt.CheckpointError(f"no valid checkpoint in {folder}")
+        path = newest.path
+    # this process alone (any rank may call it): rank 0 of a world of one reads and builds
+    network, data, cfg = load_model(str(path), SerialComm(), data_path)
+    with data:
+        return Model(network, data.task, data.x_scale, cfg, Path(path))
