@@ -270,7 +270,7 @@ def _resolves(find, name, key: str) -> None:
     try:
         find(name)
     except ValueError as e:
-        raise ConfigError(f"{key}={name!r}: {e}") from None
+        raise ConfigError(f"{key}={name!r} {e}") from None
 
 
 def validate(cfg: Config) -> None:

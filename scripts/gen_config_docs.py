@@ -39,6 +39,7 @@ LAYERS_HEAD = """
 `type`. Input shapes follow the dataset's `x` rows, e.g. `(64,)` for the digits or
 `(1, 28, 28)` for converted MNIST; a `reshape` layer views flat rows as images. The
 output layer must have as many outputs as the dataset needs (classes, or targets).
+A layer of your own is `type = "module:ClassName"` (see [API.md](API.md)).
 
 ```toml
 [model]

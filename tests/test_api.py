@@ -12,7 +12,8 @@ import pytest
 
 import distbp
 from distbp import nn
-from distbp.nn import refs
+from distbp.nn.layers import LAYER_TYPES
+from distbp.nn.losses import LOSS_TYPES
 from conftest import run_distbp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,18 @@ PUBLIC_NN = ["Activation", "BCEWithLogits", "BatchNorm", "Context", "Conv2D", "D
              "LayerNorm", "LeakyReLU", "Linear", "Loss", "MSE", "MaxPool2D", "ReLU", "Reshape", "Sequential",
              "Sigmoid", "SoftmaxCrossEntropy", "Softplus", "Tanh", "WeightLayer", "check_gradients", "check_spec",
              "register", "register_loss", "spec_value"]
+
+
+@pytest.fixture(autouse=True)
+def registries():
+    """Layers and losses a test registers leave with it (other tests list the registries)."""
+    layers, losses = dict(LAYER_TYPES), dict(LOSS_TYPES)
+    yield
+    for registry, before in ((LAYER_TYPES, layers), (LOSS_TYPES, losses)):
+        registry.clear()
+        registry.update(before)
+    for module in ("custom_layer", "ckmod_layers"):
+        sys.modules.pop(module, None)
 
 
 @pytest.fixture
@@ -68,8 +81,11 @@ def test_config_from_dict_keywords_and_toml_agree(tmp_path):
     ({"train": {"epochs": "2"}}, "train.epochs='2' has the wrong type"),
     ({"optim": {"lr": -1}}, "optim.lr=-1.0 must be positive"),
     ({"trian": {}}, "unknown config key 'trian'"),
-    ({"model": {"layers": [{"type": "nomodule_xyz:Layer"}]}}, "no module 'nomodule_xyz'"),
-    ({"loss": {"name": "huber"}}, "loss.name='huber': unknown loss type"),
+    ({"model": {"layers": [{"type": "nomodule_xyz:Layer"}]}},
+     "model.layers[0].type='nomodule_xyz:Layer' names module nomodule_xyz, which is not in the current directory"),
+    ({"model": {"layers": [{"type": "distbp.nn:Linear2"}]}},
+     "names no registered layer class: decorate Linear2 in distbp.nn with @distbp.nn.register(\"linear2\")"),
+    ({"loss": {"name": "huber"}}, "loss.name='huber' is not one of bce, cross_entropy, mse, or module:ClassName"),
 ])
 def test_config_rejects_what_toml_rejects(kwargs, message):
     """The same validation as a TOML file: a ConfigError naming the key."""
@@ -203,7 +219,8 @@ def test_checkpoint_never_imports_a_module(alone, tmp_path, make_dataset, monkey
     cfg = distbp.Config(data={"path": str(make_dataset())}, model={"layers": layers}, train={"batch_size": 8})
     distbp.train(cfg, run_dir=tmp_path / "run")
     del sys.modules["ckmod_layers"]
-    with pytest.raises(distbp.UserError, match="ckmod_layers.*does not import.*HINT: import ckmod_layers"):
+    with pytest.raises(distbp.UserError, match="'ckmod_layers:Identity' is in module ckmod_layers, which distbp "
+                                                "does not import for .*HINT: import ckmod_layers"):
         distbp.load(tmp_path / "run")
     from distbp import cli
     ck = str(next((tmp_path / "run" / "checkpoints").glob("step-*.h5")))

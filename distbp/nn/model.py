@@ -83,7 +83,7 @@ class Sequential:
             try:
                 cls = layer_class(spec.get("type"))
             except ValueError as e:
-                raise ValueError(f"layer {i}: {e}") from None
+                raise ValueError(f"layer {i}: type {spec.get('type')!r} {e}") from None
             layer = cls.build(spec, shape, i, self.seed)
             shapes_io.append((shape, tuple(layer.out_shape)))
             layers.append(layer)

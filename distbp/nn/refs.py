@@ -39,29 +39,29 @@ def module_of(ref) -> str | None:
 
 
 def lookup(ref, registry: dict, what: str, decorator: str) -> type:
-    """The class a registered name or a `module:Name` reference means (importing the module); else ValueError."""
+    """The class a registered name or a `module:Name` reference means (importing the module); else a
+    ValueError whose message follows the reference ("'x' is not one of ...")."""
     if ref in registry:
         return registry[ref]
     module = module_of(ref)
     if module is None:
-        raise ValueError(f"unknown {what} type {ref!r}; known types: {', '.join(sorted(registry))}, "
-                         "or module:Name for a class registered in your own module")
+        raise ValueError(f"is not one of {', '.join(sorted(registry))}, or module:ClassName of a {what} "
+                         "registered in your own module")
     name = ref.split(":")[1]
     if _file_loading and module not in sys.modules:
-        raise ValueError(f"{what} {ref!r} is in module {module}, which distbp does not import for "
-                         f"{_file_loading} (loading a file never runs code); HINT: import {module} in "
-                         "Python first, then distbp.load")
+        raise ValueError(f"is in module {module}, which distbp does not import for {_file_loading} (loading "
+                         f"a file never runs code); HINT: import {module} in Python first, then distbp.load")
     if os.getcwd() not in sys.path:  # `type = "mylayers:Swish"` finds ./mylayers.py, as `python -m` would
         sys.path.append(os.getcwd())
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name is None or not module.startswith(e.name):
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
             raise  # the user's module itself imports something missing: its own traceback says what
-        raise ValueError(f"{what} {ref!r}: no module {module!r} in the current directory or on "
+        raise ValueError(f"names module {module}, which is not in the current directory or on "
                          "PYTHONPATH") from None
     cls = getattr(mod, name, None)
     if cls is None or cls not in registry.values():
-        raise ValueError(f"{what} {ref!r}: {module} has no registered {what} class {name}; decorate it "
-                         f"with @{decorator}(\"{name.lower()}\")")
+        raise ValueError(f"names no registered {what} class: decorate {name} in {module} with "
+                         f"@{decorator}(\"{name.lower()}\")")
     return cls
