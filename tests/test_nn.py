@@ -324,7 +324,7 @@ def test_small_mlp_learns_with_gradient_descent():
 
 
 def test_bad_specs_and_inputs_name_the_problem():
-    with pytest.raises(ValueError, match="unknown type 'dense'"):
+    with pytest.raises(ValueError, match="layer 0: type 'dense' is not one of"):
         Sequential([{"type": "dense", "out": 3}], 4)
     with pytest.raises(ValueError, match="unknown key"):
         Sequential([{"type": "linear", "out": 3, "units": 3}], 4)
