@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -19,6 +20,9 @@ LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _WORLD = None
 _LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
 _WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
+# Seconds MPI_Abort gets to end the job before this process exits by itself: a launcher cut off
+# by a dead link never relays the abort, and the rank would spin in its collective forever.
+ABORT_GRACE = 5.0
 
 
 class CommError(UserError):
@@ -120,10 +124,15 @@ class Comm:
         self._comm.Barrier()
 
     def abort(self, code: int = 1):
-        """End every rank of the job now with exit code `code`."""
+        """End every rank of the job with exit code `code`; this process ends within ABORT_GRACE s regardless."""
         _flush()
         time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
-        self._mpi.COMM_WORLD.Abort(code)
+        threading.Thread(target=self._mpi.COMM_WORLD.Abort, args=(code,), daemon=True).start()
+        time.sleep(ABORT_GRACE)
+        sys.stderr.write(f"distbp: rank {self.rank} on {self.host}: MPI_Abort did not end this process within "
+                         f"{ABORT_GRACE:g} s (launcher unreachable?); exiting with code {code}\n")
+        _flush()
+        os._exit(code)
 
     def node_cpus(self) -> int:
         """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""

@@ -221,6 +221,14 @@ def prepare_run_dir(run_dir: Path, cfg: Config, comm):
                         "choose another with --run-dir") from None
 
 
+def check_run_dir_seen(run_dir: Path):
+    """Raise on a rank that does not see the run directory rank 0 prepared (it is not on a shared file system)."""
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"run directory {run_dir}, written by rank 0, is missing here: every node must see it "
+                        "(a resume reads the checkpoints on whichever node runs rank 0). HINT: choose a --run-dir "
+                        "on a file system all nodes share")
+
+
 def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, final: bool):
     """Rank 0 writes (sealed in the background) and prunes; only a failed final save raises."""
     if not comm.is_root:
@@ -266,6 +274,7 @@ class Trainer:
             self.total = min(self.total, cfg.train.max_steps)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
         agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
+        agree(comm, check_run_dir_seen, run_dir)
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
         self._describe()

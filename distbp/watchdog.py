@@ -20,6 +20,14 @@ def rank_table(comm) -> str:
     return "ranks (rank=pid@host): " + " ".join(where) if comm.is_root else ""
 
 
+def on_hosts(ranks, hosts) -> str:
+    """'2, 3 on n2, 4 on n3': the ranks grouped by the host they run on."""
+    groups = {}
+    for r in ranks:
+        groups.setdefault(hosts[r], []).append(str(r))
+    return ", ".join(f"{', '.join(rs)} on {host}" for host, rs in groups.items())
+
+
 class Watchdog:
     """A daemon thread that aborts the job when this rank waits in a collective > timeout seconds."""
 
@@ -33,6 +41,7 @@ class Watchdog:
             # Collective: every rank creates it at the same point. Queries travel on their own
             # communicator so they never match the training's messages.
             self._mpi, self._wcomm = comm._mpi, comm._comm.Dup()
+            self.hosts = comm.bcast_obj(comm.gather_obj(comm.host))  # a stall report names the nodes
             self.poll = min(1.0, self.timeout / 4)
 
     def start(self) -> Watchdog:
@@ -93,11 +102,11 @@ class Watchdog:
         detail = "; ".join(f"rank {r} " + (f"is at step {int(states[r][0])}, not in this collective"
                                            if r in states else "did not answer (frozen, dead or busy)")
                            for r in missing)
-        print(f"distbp: stall: rank(s) {', '.join(map(str, missing)) or 'none'} did not arrive at the "
+        print(f"distbp: stall: rank(s) {on_hosts(missing, self.hosts) or 'none'} did not arrive at the "
               f"collective of step {step} within train.stall_timeout={self.timeout:g} s; ranks "
-              f"{', '.join(map(str, waiting))} waited ({detail}); aborting the job. HINT: check those "
-              f"ranks' host (file system, memory, signals), or raise train.stall_timeout if steps "
-              f"legitimately take that long", file=sys.stderr, flush=True)
+              f"{on_hosts(waiting, self.hosts)} waited ({detail}); aborting the job. HINT: check those "
+              f"ranks' host (network link, file system, memory, signals), or raise train.stall_timeout if "
+              f"steps legitimately take that long", file=sys.stderr, flush=True)
         self.comm.abort(EXIT_CRASH)
 
 

@@ -97,8 +97,9 @@ def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
     assert job.rc != 0
     stall = [line for line in job.stderr.splitlines() if line.startswith("distbp: stall:")]
     assert len(stall) == 1, job.stderr
-    assert "rank(s) 2 did not arrive at the collective of step 5" in stall[0]
-    assert "ranks 0, 1, 3 waited" in stall[0]
+    host = re.search(r"rank\(s\) 2 on (\S+) did not arrive at the collective of step 5", stall[0])
+    assert host, stall[0]
+    assert f"ranks 0, 1, 3 on {host[1]} waited" in stall[0]
     assert 5 <= job.to_exit < 15
 
 
