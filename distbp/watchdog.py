@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 
 import numpy as np
 
 from .errors import EXIT_CRASH
 
-QUERY, ANSWER = 1, 2  # message tags on the watchdog's own communicator
+STATE_BYTES = 3 * 8  # a state is 3 float64 (see Watchdog._state)
 
 
 def rank_table(comm) -> str:
@@ -36,13 +38,18 @@ class Watchdog:
         self.since: float | None = None  # when this rank entered the collective it is in, else None
         self._done = threading.Event()
         self._thread = None
-        self.active = self.timeout > 0 and comm.size > 1 and hasattr(comm, "_comm")
+        self.active = self.timeout > 0 and comm.size > 1
         if self.active:
-            # Collective: every rank creates it at the same point. Queries travel on their own
-            # communicator so they never match the training's messages.
-            self._mpi, self._wcomm = comm._mpi, comm._comm.Dup()
-            self.hosts = comm.bcast_obj(comm.gather_obj(comm.host))  # a stall report names the nodes
+            # Collective: every rank creates it at the same point. Queries go over plain TCP, not
+            # MPI: MPI may be wedged by the very failure (MPICH over UCX crashed when a rank
+            # queried a peer whose node had died), and a refused connection tells a dead process
+            # from a silent one.
+            self._server = socket.create_server(("", 0), backlog=comm.size)
+            self._server.setblocking(False)
+            where = comm.bcast_obj(comm.gather_obj((comm.host, self._server.getsockname()[1])))
+            self.hosts, self._ports = [h for h, _ in where], [p for _, p in where]
             self.poll = min(1.0, self.timeout / 4)
+            self._grace = 2 * self.poll + 1.0  # an answer comes within one poll of the peer's thread
 
     def start(self) -> Watchdog:
         """Start watching (nothing when timeout is 0 or the world is one rank)."""
@@ -52,11 +59,13 @@ class Watchdog:
         return self
 
     def stop(self):
-        """Stop the thread."""
+        """Stop the thread and close the query socket."""
         self._done.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.active:
+            self._server.close()
 
     def watched(self):
         """The comm to use while watching: its collectives mark this rank as waiting."""
@@ -77,30 +86,52 @@ class Watchdog:
 
     def _answer_queries(self):
         """Reply with our state to every query that has arrived."""
-        status = self._mpi.Status()
-        while self._wcomm.Iprobe(source=self._mpi.ANY_SOURCE, tag=QUERY, status=status):
-            self._wcomm.Recv(np.empty(1), source=status.Get_source(), tag=QUERY)
-            self._wcomm.Send(self._state(), dest=status.Get_source(), tag=ANSWER)
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # none waiting (or the socket was closed)
+                return
+            with conn:
+                try:
+                    conn.sendall(self._state().tobytes())
+                except OSError:  # the asking rank gave up
+                    pass
+
+    def _ask(self, r: int) -> tuple[str, np.ndarray | None]:
+        """('answered', state) of rank r, or ('gone', None) if its process is dead, or ('silent', None)."""
+        data = b""
+        try:
+            with socket.create_connection((self.hosts[r], self._ports[r]), timeout=self._grace) as s:
+                while len(data) < STATE_BYTES and (chunk := s.recv(STATE_BYTES - len(data))):
+                    data += chunk
+        except ConnectionRefusedError:  # its host answers but nothing listens: the process is gone
+            return "gone", None
+        except OSError:  # timed out, or its host cannot be reached
+            pass
+        return ("answered", np.frombuffer(data)) if len(data) == STATE_BYTES else ("silent", None)
+
+    def _query_states(self) -> dict:
+        """{rank: ('answered', state) | ('gone', None) | ('silent', None)} for every other rank."""
+        others = [r for r in range(self.comm.size) if r != self.comm.rank]
+        with ThreadPoolExecutor(max_workers=min(64, len(others))) as pool:
+            asked = {r: pool.submit(self._ask, r) for r in others}
+            while not all(f.done() for f in asked.values()):
+                self._answer_queries()  # the other waiting ranks are asking us at the same time
+                time.sleep(0.01)
+        return {r: f.result() for r, f in asked.items()}
 
     def _diagnose_and_abort(self, step: int):
         """Ask every rank for its state, wait a grace period, report the ranks that did not answer."""
         me, size = self.comm.rank, self.comm.size
-        others = [r for r in range(size) if r != me]
-        for r in others:
-            self._wcomm.Isend(np.zeros(1), dest=r, tag=QUERY)
-        replies = {r: np.full(3, np.nan) for r in others}
-        recvs = {r: self._wcomm.Irecv(replies[r], source=r, tag=ANSWER) for r in others}
-        deadline = time.monotonic() + 2 * self.poll + 1.0
-        while time.monotonic() < deadline and not all(req.Test() for req in recvs.values()):
-            self._answer_queries()
-            time.sleep(0.01)
-        states = {r: replies[r] for r in others if recvs[r].Test()}
+        replies = self._query_states()
+        states = {r: state for r, (kind, state) in replies.items() if kind == "answered"}
         waiting = sorted([me] + [r for r, s in states.items() if s[1] and s[0] == step])
         missing = [r for r in range(size) if r not in waiting]
         if me != waiting[0]:  # the lowest waiting rank reports; the others back it up a little later
             self._done.wait(3 * self.poll + 2.0)
-        detail = "; ".join(f"rank {r} " + (f"is at step {int(states[r][0])}, not in this collective"
-                                           if r in states else "did not answer (frozen, dead or busy)")
+        detail = "; ".join(f"rank {r} " + (f"is at step {int(states[r][0])}, not in this collective" if r in states
+                                           else "is gone (its process ended)" if replies[r][0] == "gone"
+                                           else "did not answer (frozen, cut off or its node is down)")
                            for r in missing)
         print(f"distbp: stall: rank(s) {on_hosts(missing, self.hosts) or 'none'} did not arrive at the "
               f"collective of step {step} within train.stall_timeout={self.timeout:g} s; ranks "

@@ -148,8 +148,8 @@ SelectTypeParameters=CR_CPU
 MpiDefault=pmi2
 EnforcePartLimits=ALL
 ReturnToService=2
-# a node that stops answering is marked DOWN after 30 s (default 300)
-SlurmdTimeout=30
+# a node that stops answering is DOWN after 10 s (default 300): a job on a dead node ends soon
+SlurmdTimeout=10
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

@@ -178,7 +178,7 @@ def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_pa
 
 @pytest.mark.mpi(min_size=2)
 def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
-    from distbp.watchdog import ANSWER, QUERY, Watchdog
+    from distbp.watchdog import Watchdog
     step = [7]
     dog = Watchdog(comm, 4.0, lambda: step[0]).start()
     watched = dog.watched()
@@ -190,12 +190,10 @@ def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
         watched.allreduce_sum(buf)
         assert dog.since is None
     if comm.rank == 0:  # ask every other rank, as the watchdog does on a timeout
-        replies = {r: np.zeros(3) for r in range(1, comm.size)}
-        for r in replies:
-            dog._wcomm.Send(np.zeros(1), dest=r, tag=QUERY)
-        for r, reply in replies.items():
-            dog._wcomm.Recv(reply, source=r, tag=ANSWER)
-        assert all(reply[0] == 7 and reply[1] == 1 for reply in replies.values())  # waiting at step 7
+        replies = dog._query_states()
+        assert sorted(replies) == list(range(1, comm.size))
+        assert all(kind == "answered" and state[0] == 7 and state[1] == 1  # waiting at step 7
+                   for kind, state in replies.values()), replies
     watched.barrier()
     dog.stop()
     np.testing.assert_array_equal(buf, comm.size ** 3)
