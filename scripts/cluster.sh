@@ -150,6 +150,8 @@ EnforcePartLimits=ALL
 ReturnToService=2
 # a node that stops answering is DOWN after 10 s (default 300): a job on a dead node ends soon
 SlurmdTimeout=10
+# srun waits KillWait + 2 s for the tasks of an aborted step (those of a dead node never answer)
+KillWait=10
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
