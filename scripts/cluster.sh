@@ -195,7 +195,9 @@ node_states() { timeout 5 sinfo -h -N -o "%N %T" 2>/dev/null || true; }
 
 cmd_start() {
     local k=$1 n
-    [[ $k =~ ^[1-9][0-9]?$ && $k -le 200 ]] || die "--nodes $k: give a node count from 1 to 200"
+    [[ $k =~ ^[1-9][0-9]*$ && $k -le 200 ]] || die "--nodes $k: give a node count from 1 to 200"
+    [[ $SCRIPTS/ != /tmp/* ]] ||
+        die "this checkout is under /tmp, which is node-local on the emulated nodes; clone it elsewhere (e.g. /var/tmp or /work)"
     if [[ $(node_count) != 0 && $(node_count) != "$k" ]]; then
         log "running with $(node_count) nodes, $k asked: restarting"
         cmd_stop
