@@ -29,7 +29,8 @@ set -euo pipefail
 
 PROG=cluster
 STATE_DIR=${DISTBP_CLUSTER_DIR:-/var/tmp/distbp-cluster}
-CPUS=${DISTBP_CLUSTER_CPUS:-$(nproc)}
+# (nproc alone would answer OMP_NUM_THREADS)
+CPUS=${DISTBP_CLUSTER_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 TIMEOUT=${DISTBP_CLUSTER_TIMEOUT:-60}
 NET=10.200.16          # a /24 the host does not use; nodes .1 to .K, head .254
 HEAD=head
@@ -50,6 +51,7 @@ nodes() { local i; for ((i = 1; i <= $1; i++)); do echo "n$i"; done; }
 enter() {
     local node=$1 pid
     shift
+    [[ $node == "$HEAD" || $node =~ ^n[1-9][0-9]*$ ]] || die "no node '$node': the nodes are n1 to nK, and $HEAD"
     pid=$(holder_of "$node")
     alive "$pid" || die "node $node is not running; HINT: $0 start"
     nsenter -t "$pid" --net --uts --ipc --mount -- \
@@ -81,7 +83,8 @@ make_node() {
         ip netns add "$ns"
         ip -n "$SWITCH" link add "v$node" type veth peer name eth0 netns "$ns"
         ip -n "$SWITCH" link set "v$node" master br0 up
-        # IPv4 only: MPI's transports failed on addresses still in IPv6 duplicate detection.
+        # IPv4 only: one address per node for MPI to pick (no IPv6 link-local address, which
+        # stays "tentative" for a moment after the link comes up)
         ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
         ip -n "$ns" addr add "$(addr_of "$node")/24" dev eth0
         ip -n "$ns" link set lo up
@@ -107,7 +110,7 @@ make_node() {
     die "node $node did not come up"
 }
 
-# Wait until every node's link has carrier; MPI over UCX failed on links up for under ~3 s.
+# Wait until every node's link has carrier: MPI over UCX failed to start on a link not yet up.
 wait_links() {
     local n
     for n in "$@"; do
@@ -140,6 +143,7 @@ SlurmdPidFile=$STATE_DIR/%n/slurmd.pid
 SlurmdLogFile=$STATE_DIR/%n/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+# CPUs as configured, even more than the machine has (DISTBP_CLUSTER_CPUS)
 SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
