@@ -202,6 +202,7 @@ cmd_start() {
     [[ $k =~ ^[1-9][0-9]*$ && $k -le 200 ]] || die "--nodes $k: give a node count from 1 to 200"
     [[ $SCRIPTS/ != /tmp/* ]] ||
         die "this checkout is under /tmp, which is node-local on the emulated nodes; clone it elsewhere (e.g. /var/tmp or /work)"
+    refuse_other_slurmctld "$(pid_of "$STATE_DIR/$HEAD/slurmctld.pid")"
     if [[ $(node_count) != 0 && $(node_count) != "$k" ]]; then
         log "running with $(node_count) nodes, $k asked: restarting"
         cmd_stop
@@ -258,6 +259,7 @@ cmd_stop() {
         rm -rf "/etc/netns/$ns" "${STATE_DIR:?}/$n"
     done
     [[ -e /run/netns/$SWITCH ]] && ip netns del "$SWITCH"
+    rmdir /etc/netns 2>/dev/null || true  # if start made it
     if grep -qF "$MARKER" /etc/hosts; then
         # rewritten in place: /etc/hosts may be a mount point that cannot be replaced
         local kept

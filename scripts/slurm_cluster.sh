@@ -64,6 +64,7 @@ CONF
 node_state() { timeout 5 sinfo -h -o %T 2>/dev/null | head -n 1 || true; }
 
 cmd_start() {
+    refuse_other_slurmctld "$(pid_of "$CTLD_PID")"
     install_packages "${PACKAGES[@]}"
     local state=""
     if alive "$(pid_of "$CTLD_PID")" && alive "$(pid_of "$SLURMD_PID")"; then

@@ -80,18 +80,22 @@ start_munged() {
     die "munged did not start; see /var/log/munge/munged.log"
 }
 
-# Write slurm.conf; refuse to overwrite one the site wrote, or to start beside a running slurmctld.
+# Refuse to start beside a slurmctld that is not ours (the other test cluster, or the site's).
+refuse_other_slurmctld() {
+    local own=$1 pid
+    for pid in $(pgrep -x slurmctld || true); do
+        [[ $pid == "$own" ]] || ! alive "$pid" ||
+            die "another slurmctld runs (pid $pid, $(grep -m1 '^# written by' "$SLURM_CONF" 2>/dev/null || echo 'not ours')); HINT: stop that cluster first (scripts/slurm_cluster.sh stop or scripts/cluster.sh stop)"
+    done
+}
+
+# Write slurm.conf; refuse to overwrite one the site wrote.
 write_slurm_conf() {
-    local text=$1 pid
     if [[ -e $SLURM_CONF ]] && ! grep -q '^# written by distbp' "$SLURM_CONF"; then
         die "$SLURM_CONF exists and was not written by distbp's scripts; move it away to use a test cluster"
     fi
-    for pid in $(pgrep -x slurmctld || true); do
-        ! alive "$pid" ||
-            die "another slurmctld runs (pid $pid, $(grep -m1 '^# written by' "$SLURM_CONF" 2>/dev/null || echo 'not ours')); HINT: stop that cluster first (scripts/slurm_cluster.sh stop or scripts/cluster.sh stop)"
-    done
     mkdir -p /etc/slurm
-    printf '%s\n' "$text" > "$SLURM_CONF.tmp"
+    printf '%s\n' "$1" > "$SLURM_CONF.tmp"
     mv "$SLURM_CONF.tmp" "$SLURM_CONF"
 }
 
