@@ -1,4 +1,4 @@
-"""Exit codes, the user-error type, and agreeing on an error across ranks."""
+"""Exit codes, the user-error type, agreeing on an error across ranks, and work done on rank 0 alone."""
 from __future__ import annotations
 
 EXIT_OK = 0
@@ -44,3 +44,8 @@ def first_error(reports) -> str | None:
     if fine:  # the nodes differ, e.g. a path on node-local storage
         first = f"on {', '.join(sorted(set(failed)))} (not on {', '.join(fine)}): {first}"
     return first
+
+
+def on_root(comm, fn, *args, **kwargs):
+    """Run fn on rank 0 only (None elsewhere); a UserError there is raised on every rank."""
+    return agree(comm, lambda: fn(*args, **kwargs) if comm.is_root else None)
