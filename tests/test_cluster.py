@@ -144,6 +144,7 @@ def test_two_nodes_train_to_the_parameters_of_one_node(shared, deterministic):
 
 PROBE = """
 import json, sys
+from pathlib import Path
 import numpy as np
 from distbp.comm import set_thread_budget, world, _own_cpus
 from distbp.data import Dataset
@@ -169,8 +170,9 @@ checksum = float(x.sum(dtype=np.float64))  # every rank touches every page
 comm.barrier()
 pss = pss_kb(x.ctypes.data, x.ctypes.data + x.nbytes)
 comm.barrier()  # the pages stay mapped until every rank has measured
-print(json.dumps(dict(rank=comm.rank, host=comm.host, local_size=comm.local_size, cpus=len(_own_cpus()),
-                      threads=threads, pss_kb=pss, nbytes=x.nbytes, checksum=checksum)), flush=True)
+report = dict(rank=comm.rank, host=comm.host, local_size=comm.local_size, cpus=len(_own_cpus()),
+              threads=threads, pss_kb=pss, nbytes=x.nbytes, checksum=checksum)
+(Path(sys.argv[2]) / f"{comm.rank}.json").write_text(json.dumps(report))  # not stdout: lines of ranks interleave
 """
 
 
@@ -183,9 +185,9 @@ def test_data_held_once_per_node_and_blas_threads_per_node(shared, per_node):
     probe = shared / "probe.py"
     probe.write_text(PROBE)
     env = {k: "" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}  # distbp's budget
-    r = mpirun_on(NODES, 2 * per_node, [probe, data], shared, **env)
+    r = mpirun_on(NODES, 2 * per_node, [probe, data, shared], shared, **env)
     assert r.returncode == 0, r.stderr[-3000:]
-    reports = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads(p.read_text()) for p in sorted(shared.glob("*.json"))]
     assert sorted(rep["host"] for rep in reports) == sorted(NODES * per_node)
     nbytes_kb = rows * features * 4 / 1024
     for node in NODES:
