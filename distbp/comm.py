@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -20,9 +21,7 @@ LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _WORLD = None
 _LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
 _WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
-# Seconds MPI_Abort gets to end the job before this process exits by itself: a launcher cut off
-# by a dead link never relays the abort, and the rank would spin in its collective forever.
-ABORT_GRACE = 5.0
+ABORT_GRACE = 3.0  # s MPI_Abort gets before the process ends itself: a launcher out of reach never answers
 
 
 class CommError(UserError):
@@ -124,15 +123,18 @@ class Comm:
         self._comm.Barrier()
 
     def abort(self, code: int = 1):
-        """End every rank of the job with exit code `code`; this process ends within ABORT_GRACE s regardless."""
+        """End every rank of the job now with exit code `code`; this process ends within seconds in any case."""
         _flush()
+        _exit_after(ABORT_GRACE, code)
         time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
-        threading.Thread(target=self._mpi.COMM_WORLD.Abort, args=(code,), daemon=True).start()
-        time.sleep(ABORT_GRACE)
-        sys.stderr.write(f"distbp: rank {self.rank} on {self.host}: MPI_Abort did not end this process within "
-                         f"{ABORT_GRACE:g} s (launcher unreachable?); exiting with code {code}\n")
-        _flush()
-        os._exit(code)
+        self._mpi.COMM_WORLD.Abort(code)
+        os._exit(code)  # MPICH's MPI_Abort returned when its launcher was out of reach
+
+    def allocate_shared(self, nbytes: int, itemsize: int):
+        """A buffer of nbytes held once per node in MPI shared memory (collective over the node)."""
+        win = self._mpi.Win.Allocate_shared(nbytes if self.local_rank == 0 else 0, itemsize, comm=self._node)
+        _WINDOWS.append(win)
+        return win.Shared_query(0)[0]
 
     def node_cpus(self) -> int:
         """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""
@@ -246,6 +248,17 @@ def world():
     return _WORLD
 
 
+def _exit_after(seconds: float, code: int):
+    """End this process with exit code `code` after `seconds`, whatever its threads are doing."""
+    signal.alarm(int(seconds) + 2)  # if the interpreter itself is stuck, the kernel's SIGALRM ends it
+    timer = threading.Timer(seconds, os._exit, (code,))
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # no thread to be had (out of memory): the alarm ends it
+        pass
+
+
 def _flush():
     """Flush stdout and stderr before the process is ended from outside Python's exit path."""
     for stream in (sys.stdout, sys.stderr):
@@ -341,11 +354,7 @@ def node_shared_array(comm, shape, dtype) -> np.ndarray:
     # pages. Fill it on local rank 0 only, then synchronise (comm.barrier) before reading.
     shape, dtype = tuple(int(s) for s in np.atleast_1d(shape)), np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    node = getattr(comm, "_node", None)
-    if node is None or comm.local_size == 1 or nbytes == 0:
+    if comm.local_size == 1 or nbytes == 0:
         return np.empty(shape, dtype)
-    mpi = comm._mpi
-    win = mpi.Win.Allocate_shared(nbytes if comm.local_rank == 0 else 0, dtype.itemsize, comm=node)
-    _WINDOWS.append(win)
-    buf, _ = win.Shared_query(0)
+    buf = comm.allocate_shared(nbytes, dtype.itemsize)
     return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)

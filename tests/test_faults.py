@@ -179,10 +179,9 @@ def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
         watched.allreduce_sum(buf)
         assert dog.since is None
     if comm.rank == 0:  # ask every other rank, as the watchdog does on a timeout
-        replies = dog._query_states()
-        assert sorted(replies) == list(range(1, comm.size))
-        assert all(kind == "answered" and state[0] == 7 and state[1] == 1  # waiting at step 7
-                   for kind, state in replies.values()), replies
+        states, gone = dog._query()
+        assert sorted(states) == list(range(1, comm.size)) and not gone
+        assert all(state[0] == 7 and state[1] == 1 for state in states.values()), states  # waiting at step 7
     watched.barrier()
     dog.stop()
     np.testing.assert_array_equal(buf, comm.size ** 3)
