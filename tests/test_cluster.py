@@ -258,7 +258,11 @@ def test_dead_node_ends_the_job_by_name_and_it_resumes_on_the_other(shared):
              f"job {job} to end; log:\n{log_text(out)}")
     ended = time.monotonic() - t0
     log = log_text(out)
-    assert "rank(s) 2, 3 on n2 did not arrive" in log, log
+    # distbp's watchdog names the ranks and their node, unless MPICH over UCX segfaults first on
+    # the survivors (it did in about 1 run in 3): then SLURM names the node, and the log's rank
+    # table maps its ranks
+    assert "rank(s) 2, 3 on n2 did not arrive" in log or "Node failure on n2" in log, log
+    assert hosts_of(log) == ["n1", "n1", "n2", "n2"]
     assert ended < STALL + 20, f"the job took {ended:.0f} s to end:\n{log}"
     newest = assert_newest_checkpoint_intact(run_dir)
     subprocess.run(["scancel", job], timeout=30)  # SLURM requeued it to wait for two nodes
