@@ -92,38 +92,75 @@ class Conv2D(Layer):
             self.b[...] = 0
 
     def forward(self, x):
-        """y = W * x + b on every window, as one BLAS matmul with the im2col matrix."""
-        N, (C, H, W) = x.shape[0], self.in_shape
-        if self.ph or self.pw:
-            xp = np.zeros((C, H + 2 * self.ph, W + 2 * self.pw, N), x.dtype)  # padded, N innermost
-            xp[:, self.ph : self.ph + H, self.pw : self.pw + W] = x.transpose(1, 2, 3, 0)
-        else:
-            xp = x.transpose(1, 2, 3, 0)  # (C, H, W, N)
-        win = sliding_window_view(xp, (self.kh, self.kw), axis=(1, 2))  # (C, Hp-kh+1, Wp-kw+1, N, kh, kw)
-        win = win[:, : self.sh * self.Ho : self.sh, : self.sw * self.Wo : self.sw]  # (C, Ho, Wo, N, kh, kw)
-        K, P = self.kh * self.kw * C, self.Ho * self.Wo * N
-        self.cols = win.transpose(4, 5, 0, 1, 2, 3).reshape(K, P)  # im2col copy: (kh*kw*C, Ho*Wo*N)
-        self.Wk = self.W.transpose(0, 2, 3, 1).reshape(self.F, K)  # (F, kh*kw*C), rows match cols
-        self.xp_shape = xp.shape
-        y = self.Wk @ self.cols  # (F, Ho*Wo*N)
-        if self.b is not None:
-            y += self.b[:, None]
+        """y = W * x + b, one output row at a time: kw matmuls of (F, kh*C) weights with views of the input."""
+        N = x.shape[0]
+        self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
+        self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
+        y = np.empty((self.F, self.Ho, self.Wo * N), x.dtype)
+        tmp = np.empty((self.F, self.Wo * N), x.dtype)
+        for r in range(self.Ho):
+            for j in range(self.kw):
+                np.matmul(self.Wj[j], self._window(self.xq, r, j), out=tmp if j else y[:, r])
+                if j:
+                    y[:, r] += tmp
+            if self.b is not None:
+                y[:, r] += self.b[:, None]
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
     def backward(self, dy):
-        """dW += dy cols^T, db += sum(dy), return dx = col2im(W^T dy) (None if need_dx is off)."""
-        N, (C, H, W) = dy.shape[0], self.in_shape
-        dy = dy.transpose(1, 2, 3, 0).reshape(self.F, self.Ho * self.Wo * N)  # (F, Ho*Wo*N)
-        self.dW += (dy @ self.cols.T).reshape(self.F, self.kh, self.kw, C).transpose(0, 3, 1, 2)
+        """dW += dy x^T and dx = W^T dy summed over the windows, one output row at a time; db += sum(dy)."""
+        N, kh, C = dy.shape[0], self.kh, self.C
+        dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(self.F, self.Ho, self.Wo * N)
+        dWj = np.zeros((self.kw, kh * C, self.F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
+        tmp = np.empty_like(dWj[0])
+        dxq = np.zeros_like(self.xq) if self.need_dx else None
+        dcols = np.empty((self.kw, kh * C, self.Wo * N), dy.dtype)
+        for r in range(self.Ho):
+            for j in range(self.kw):
+                np.matmul(self._window(self.xq, r, j), dy[:, r].T, out=tmp)  # faster in BLAS than dy x^T
+                dWj[j] += tmp
+            if dxq is not None:
+                np.matmul(self.Wj.transpose(0, 2, 1), dy[:, r], out=dcols)  # W[:, :, :, j]^T dy for every j
+                for j in range(self.kw):
+                    self._window(dxq, r, j, flat=False)[...] += dcols[j].reshape(kh, C, self.Wo, N)
+        self.dW += dWj.reshape(self.kw, kh, C, self.F).transpose(3, 2, 1, 0)
         if self.b is not None:
-            self.db += dy.sum(axis=1)
-        if not self.need_dx:
-            return None
-        dcols = (self.Wk.T @ dy).reshape(self.kh * self.kw, C, self.Ho, self.Wo, N)
-        dxp = np.zeros(self.xp_shape, dy.dtype)  # (C, Hp, Wp, N)
-        for dwin, (rows, cols) in zip(dcols, _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
-            dxp[:, rows, cols] += dwin  # col2im: one strided add per window offset
-        return dxp[:, self.ph : self.ph + H, self.pw : self.pw + W].transpose(3, 0, 1, 2)  # (N, C, H, W) view
+            self.db += dy.sum(axis=(1, 2))
+        return None if dxq is None else self._scatter(dxq)
+
+    def _gather(self, x):
+        """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
+        N, (C, H, W), sw = x.shape[0], self.in_shape, self.sw
+        Hp, Wp = H + 2 * self.ph, W + 2 * self.pw
+        xp = np.zeros((Hp, C, Wp, N), x.dtype)
+        xp[self.ph : self.ph + H, :, self.pw : self.pw + W] = x.transpose(2, 1, 3, 0)
+        if sw == 1:
+            return xp[:, :, None]
+        xq = np.zeros((Hp, C, sw, -(-Wp // sw), N), x.dtype)
+        for p in range(sw):
+            xq[:, :, p, : len(range(p, Wp, sw))] = xp[:, :, p::sw]
+        return xq
+
+    def _scatter(self, dxq):
+        """The inverse of _gather: dx (N, C, H, W), a view of C-contiguous (C, H, W, N) memory."""
+        (C, H, W), sw = self.in_shape, self.sw
+        if sw == 1:
+            dxp = dxq[:, :, 0]
+        else:
+            dxp = np.empty((dxq.shape[0], C, W + 2 * self.pw, dxq.shape[-1]), dxq.dtype)
+            for p in range(sw):
+                dxp[:, :, p::sw] = dxq[:, :, p, : len(range(p, dxp.shape[2], sw))]
+        dx = np.ascontiguousarray(dxp[self.ph : self.ph + H, :, self.pw : self.pw + W].transpose(1, 0, 2, 3))
+        return dx.transpose(3, 0, 1, 2)
+
+    def _window(self, xq, r: int, j: int, flat: bool = True):
+        """What kernel column j sees for output row r: xq[sh*r + i, c, j % sw, j // sw + w, n] over (i, c, w, n).
+
+        A (kh*C, Wo*N) view when flat (rows i*C + c are evenly spaced in xq), else (kh, C, Wo, N).
+        """
+        rows = slice(self.sh * r, self.sh * r + self.kh)
+        win = xq[rows, :, j % self.sw, j // self.sw : j // self.sw + self.Wo]
+        return win.reshape(self.kh * self.C, -1) if flat else win
 
 
 @register("maxpool2d")
