@@ -175,6 +175,7 @@ class MaxPool2D(Layer):
         (self.kh, self.kw), (self.sh, self.sw) = kernel, stride
         self.Ho, self.Wo = out_hw
         self.out_shape = (in_shape[0], self.Ho, self.Wo)
+        self.pairs = kernel == stride == (2, 2)  # the common case, with a faster path
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
@@ -187,6 +188,8 @@ class MaxPool2D(Layer):
     def forward(self, x):
         """y = max of each window (the first one on ties); keeps which window offset won."""
         x = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N): no copy after a conv
+        if self.pairs:
+            return self._forward_pairs(x).transpose(3, 0, 1, 2)
         offsets = _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
         y = x[:, offsets[0][0], offsets[0][1]].copy()  # (C, Ho, Wo, N)
         argmax = np.zeros(y.shape, np.min_scalar_type(len(offsets) - 1))
@@ -201,10 +204,38 @@ class MaxPool2D(Layer):
         """dx = dy added at each window's argmax."""
         N, (C, H, W) = dy.shape[0], self.in_shape
         dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0))  # (C, Ho, Wo, N)
+        if self.pairs:
+            return self._backward_pairs(dy).transpose(3, 0, 1, 2)
         dx = np.zeros((C, H, W, N), dy.dtype)
         for k, (rows, cols) in enumerate(_offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
             dx[:, rows, cols] += dy * (self.argmax == k)
         return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
+
+    def _quarters(self, x):
+        """The 2x2 windows' (top left, top right, bottom left, bottom right) values: (C, Ho, Wo, N) views of x."""
+        C, N = x.shape[0], x.shape[-1]
+        q = x[:, : 2 * self.Ho, : 2 * self.Wo].reshape(C, self.Ho, 2, self.Wo, 2, N)
+        return q[:, :, 0, :, 0], q[:, :, 0, :, 1], q[:, :, 1, :, 0], q[:, :, 1, :, 1]
+
+    def _forward_pairs(self, x):
+        """2x2 windows, stride 2, as a tournament: top pair, bottom pair, then the winners (ties: first)."""
+        a, b, c, d = self._quarters(x)
+        top, bottom = np.maximum(a, b), np.maximum(c, d)
+        self.b_wins, self.d_wins, self.top_wins = b > a, d > c, top >= bottom
+        return np.maximum(top, bottom, out=top)
+
+    def _backward_pairs(self, dy):
+        """Route dy down the tournament of _forward_pairs, writing each quarter of dx once."""
+        C, N, (H, W) = dy.shape[0], dy.shape[-1], self.in_shape[1:]
+        dx = np.empty((C, H, W, N), dy.dtype)
+        dx[:, 2 * self.Ho :] = 0  # rows and columns no window covers
+        dx[:, :, 2 * self.Wo :] = 0
+        a, b, c, d = self._quarters(dx)
+        top = dy * self.top_wins
+        bottom = np.subtract(dy, top, out=dy if self.overwrite_dy else None)
+        np.subtract(top, np.multiply(top, self.b_wins, out=b), out=a)
+        np.subtract(bottom, np.multiply(bottom, self.d_wins, out=d), out=c)
+        return dx
 
 
 @register("flatten")
