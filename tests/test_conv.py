@@ -66,6 +66,8 @@ CONV_CASES = [  # spec, in_shape
     ({"out_channels": 2, "kernel": [3, 2], "stride": [2, 1], "padding": [1, 2]}, (2, 7, 5)),
     ({"out_channels": 3, "kernel": 2, "stride": 2}, (1, 5, 5)),
     ({"out_channels": 2, "kernel": 1, "bias": False}, (3, 3, 4)),
+    ({"out_channels": 3, "kernel": [2, 3], "padding": [2, 1]}, (2, 4, 5)),  # padding wider than the kernel
+    ({"out_channels": 2, "kernel": 3, "stride": [1, 3], "padding": 1}, (2, 5, 8)),
 ]
 
 

@@ -92,41 +92,52 @@ class Conv2D(Layer):
             self.b[...] = 0
 
     def forward(self, x):
-        """y = W * x + b, one output row at a time: kw matmuls of (F, kh*C) weights with views of the input."""
+        """y = W * x + b, one output row at a time from views of the padded input (see _correlate)."""
         N = x.shape[0]
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
-        y = np.empty((self.F, self.Ho, self.Wo * N), x.dtype)
-        tmp = np.empty((self.F, self.Wo * N), x.dtype)
-        for r in range(self.Ho):
-            for j in range(self.kw):
-                np.matmul(self.Wj[j], self._window(self.xq, r, j), out=tmp if j else y[:, r])
-                if j:
-                    y[:, r] += tmp
-            if self.b is not None:
-                y[:, r] += self.b[:, None]
+        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), self.b)
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
     def backward(self, dy):
-        """dW += dy x^T and dx = W^T dy summed over the windows, one output row at a time; db += sum(dy)."""
+        """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
         N, kh, C = dy.shape[0], self.kh, self.C
         dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(self.F, self.Ho, self.Wo * N)
         dWj = np.zeros((self.kw, kh * C, self.F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
         tmp = np.empty_like(dWj[0])
-        dxq = np.zeros_like(self.xq) if self.need_dx else None
-        dcols = np.empty((self.kw, kh * C, self.Wo * N), dy.dtype)
         for r in range(self.Ho):
             for j in range(self.kw):
-                np.matmul(self._window(self.xq, r, j), dy[:, r].T, out=tmp)  # faster in BLAS than dy x^T
-                dWj[j] += tmp
-            if dxq is not None:
-                np.matmul(self.Wj.transpose(0, 2, 1), dy[:, r], out=dcols)  # W[:, :, :, j]^T dy for every j
-                for j in range(self.kw):
-                    self._window(dxq, r, j, flat=False)[...] += dcols[j].reshape(kh, C, self.Wo, N)
+                np.matmul(_window(self.xq, r, j, kh, (self.sh, self.sw), self.Wo), dy[:, r].T, out=tmp)
+                dWj[j] += tmp  # x dy^T runs faster in BLAS than dy x^T
         self.dW += dWj.reshape(self.kw, kh, C, self.F).transpose(3, 2, 1, 0)
         if self.b is not None:
             self.db += dy.sum(axis=(1, 2))
-        return None if dxq is None else self._scatter(dxq)
+        if not self.need_dx:
+            return None
+        dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
+        return dx.transpose(3, 0, 1, 2)
+
+    def _dx_flipped(self, dy):
+        """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
+        (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
+        dyq = np.zeros((H + kh - 1, self.F, 1, W + kw - 1, N), dy.dtype)  # dyq[u, :, 0, v] = dy[:, u - oh, v - ow]
+        oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
+        rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
+        dyq[oh + rows.start : oh + rows.stop, :, 0, ow + cols.start : ow + cols.stop] = \
+            dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
+        Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
+        return _correlate(dyq, Wt, kh, (1, 1), (H, W)).reshape(C, H, W, N)
+
+    def _dx_col2im(self, dy):
+        """dx of a strided convolution: W^T dy for each window, added back where the window read x."""
+        N, kh, C, s = dy.shape[-1] // self.Wo, self.kh, self.C, (self.sh, self.sw)
+        dxq = np.zeros_like(self.xq)
+        dcols = np.empty((self.kw, kh * C, self.Wo * N), dy.dtype)
+        for r in range(self.Ho):
+            np.matmul(self.Wj.transpose(0, 2, 1), dy[:, r], out=dcols)  # W[:, :, :, j]^T dy for every j
+            for j in range(self.kw):
+                _window(dxq, r, j, kh, s, self.Wo, flat=False)[...] += dcols[j].reshape(kh, C, self.Wo, N)
+        return self._scatter(dxq)
 
     def _gather(self, x):
         """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
@@ -142,25 +153,42 @@ class Conv2D(Layer):
         return xq
 
     def _scatter(self, dxq):
-        """The inverse of _gather: dx (N, C, H, W), a view of C-contiguous (C, H, W, N) memory."""
+        """The inverse of _gather: dx as a C-contiguous (C, H, W, N) array."""
         (C, H, W), sw = self.in_shape, self.sw
-        if sw == 1:
-            dxp = dxq[:, :, 0]
-        else:
-            dxp = np.empty((dxq.shape[0], C, W + 2 * self.pw, dxq.shape[-1]), dxq.dtype)
-            for p in range(sw):
-                dxp[:, :, p::sw] = dxq[:, :, p, : len(range(p, dxp.shape[2], sw))]
-        dx = np.ascontiguousarray(dxp[self.ph : self.ph + H, :, self.pw : self.pw + W].transpose(1, 0, 2, 3))
-        return dx.transpose(3, 0, 1, 2)
+        dxp = np.empty((dxq.shape[0], C, W + 2 * self.pw, dxq.shape[-1]), dxq.dtype)
+        for p in range(sw):
+            dxp[:, :, p::sw] = dxq[:, :, p, : len(range(p, dxp.shape[2], sw))]
+        return np.ascontiguousarray(dxp[self.ph : self.ph + H, :, self.pw : self.pw + W].transpose(1, 0, 2, 3))
 
-    def _window(self, xq, r: int, j: int, flat: bool = True):
-        """What kernel column j sees for output row r: xq[sh*r + i, c, j % sw, j // sw + w, n] over (i, c, w, n).
 
-        A (kh*C, Wo*N) view when flat (rows i*C + c are evenly spaced in xq), else (kh, C, Wo, N).
-        """
-        rows = slice(self.sh * r, self.sh * r + self.kh)
-        win = xq[rows, :, j % self.sw, j // self.sw : j // self.sw + self.Wo]
-        return win.reshape(self.kh * self.C, -1) if flat else win
+def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
+    """What kernel column j sees for output row r: q[sh*r + i, c, j % sw, j // sw + w, n] over (i, c, w, n).
+
+    q is a (rows, C, sw, cols, N) array as Conv2D._gather makes. A (kh*C, width*N) view when flat
+    (the rows i*C + c are evenly spaced in q), else (kh, C, width, N).
+    """
+    (sh, sw), lo = stride, j // stride[1]
+    win = q[sh * r : sh * r + kh, :, j % sw, lo : lo + width]
+    return win.reshape(kh * q.shape[1], -1) if flat else win
+
+
+def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
+    """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, one output row at a time.
+
+    Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
+    partial sums stay in cache.
+    """
+    (Ho, Wo), N = out_hw, q.shape[-1]
+    y = np.empty((Wj.shape[1], Ho, Wo * N), q.dtype)
+    tmp = np.empty_like(y[:, 0])
+    for r in range(Ho):
+        for j in range(len(Wj)):
+            np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
+            if j:
+                y[:, r] += tmp
+        if b is not None:
+            y[:, r] += b[:, None]
+    return y
 
 
 @register("maxpool2d")
