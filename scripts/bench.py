@@ -87,10 +87,10 @@ WORKLOADS = {
     "W1-det32": Workload("W1 with train.deterministic=true, micro_batch 32",
                          extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
     "W5": Workload("LeNet-style CNN on (1, 28, 28): conv5x5 16, pool, conv5x5 32, pool, 128, 10; batch 128",
-                   layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=30, torch_steps=30),
+                   layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20),
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
                    "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
-                   steps=8, torch_steps=8),
+                   steps=5, torch_steps=5),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1), ("W6", 1, 2)]
