@@ -1,8 +1,9 @@
 """Benchmark distbp's own training loop beside PyTorch and the matmul-only floor; memory per rank.
 
     python scripts/bench.py W1 --ranks 2 --threads 1     one JSON line per workload
-    python scripts/bench.py --all                         the README table (W1 1x1, 1x2, 2x1; W2 1x1, 2x1)
+    python scripts/bench.py --all                         the README table (W1, W2, W5, W6 at 1x1, 2x1, 1x2 ...)
     python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
+    python scripts/bench.py W5 --layers                   forward and backward ms of each layer, one process
 
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
 Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
@@ -447,6 +448,40 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def layer_table(name: str, rounds: int, threads: int) -> str:
+    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
+    from threadpoolctl import threadpool_limits
+    from distbp.nn import Sequential
+    wl = WORKLOADS[name]
+    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
+    first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
+    model.layers[first].need_dx = False  # as in training: no gradient for the input
+    x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    times = np.zeros((rounds, len(model.layers), 2))
+    with threadpool_limits(threads, user_api="blas"):
+        for r in range(-1, rounds):  # round -1 warms up
+            model.zero_grad(skip_written=True)
+            h = x
+            for i, layer in enumerate(model.layers):
+                t0 = time.perf_counter()
+                h = layer.forward(h)
+                times[r, i, 0] = time.perf_counter() - t0
+            dy = np.full_like(h, 1 / len(h))
+            for i in reversed(range(first, len(model.layers))):
+                t0 = time.perf_counter()
+                dy = model.layers[i].backward(dy)
+                times[r, i, 1] = time.perf_counter() - t0
+    med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
+    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
+            "| layer | out shape | forward | backward |", "|---|---|---|---|"]
+    for i, layer in enumerate(model.layers):
+        rows.append(f"| {i} {layer.kind} | {model.shapes_io[i][1]} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
+                    f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
+    total = times.sum(axis=(1, 2))
+    rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
+    return "\n".join(rows)
+
+
 def memory_table(records: list[dict]) -> str:
     """Markdown table of the --memory records."""
     rows = ["| dataset MB | ranks | mode | peak RSS per rank MB | PSS per rank MB | PSS sum MB |", "|---|---|---|---|---|---|"]
@@ -470,6 +505,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--all", action="store_true", help="the README table: " +
                    ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
     p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
+    p.add_argument("--layers", action="store_true", help="ms per layer of each workload's forward and backward")
     p.add_argument("--sizes", default="100,800,3200", help="--memory dataset sizes, MB")
     p.add_argument("--memory-ranks", default="1,2,4", help="--memory rank counts")
     p.add_argument("--memory-mb", type=int, default=2048, help=argparse.SUPPRESS)
@@ -493,6 +529,9 @@ def main(argv=None) -> int:
     base = [a for a in argv if a not in ("--all", "--memory")]
     if args.memory:
         print(memory_table(memory_sweep(args, base)))
+        return 0
+    if args.layers:
+        print("\n\n".join(layer_table(name, args.rounds, args.threads) for name in args.workloads))
         return 0
     if args.all:
         records = []
