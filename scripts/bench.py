@@ -33,7 +33,7 @@ import numpy as np
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 WORKER_ENV = "DISTBP_BENCH_WORKER"
-WARMUP = 10  # steps before the steady state (distbp's StepTimer warm-up)
+WARMUP = 10  # steps before the steady state (distbp's StepTimer warm-up), unless the workload sets fewer
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Workload:
     torch_steps: int = 40
     extra: tuple = field(default=())  # --set overrides that are part of the workload
     default_of: str | None = None  # a workload whose default-mode run each round times too, for the cost
+    warmup: int = WARMUP  # steps before the steady state
 
     @property
     def input_shape(self) -> tuple:
@@ -88,10 +89,10 @@ WORKLOADS = {
     "W1-det32": Workload("W1 with train.deterministic=true, micro_batch 32",
                          extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
     "W5": Workload("LeNet-style CNN on (1, 28, 28): conv5x5 16, pool, conv5x5 32, pool, 128, 10; batch 128",
-                   layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20),
+                   layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20, warmup=5),
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
                    "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
-                   steps=5, torch_steps=5),
+                   steps=5, torch_steps=5, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1), ("W6", 1, 2)]
@@ -131,15 +132,15 @@ def write_synthetic(path: Path, rows: int, shape: tuple, classes: int, dtype=np.
     return path
 
 
-def steady_timer_class():
-    """distbp's StepTimer, also keeping phase totals and wall time from the end of the warm-up."""
+def steady_timer_class(warmup: int):
+    """distbp's StepTimer with `warmup` steps, also keeping phase totals and wall time from the end of the warm-up."""
     from distbp.metrics import StepTimer
 
     class SteadyTimer(StepTimer):
         last = None
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self):
+            super().__init__(warmup)
             SteadyTimer.last, self.mark, self.end = self, None, None
 
         def step_done(self, step_seconds, samples):
@@ -174,10 +175,10 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
     sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""',
             f"model.layers={toml_specs(wl.layers)}", f"model.hidden={list(wl.hidden)}",
             "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
-            f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={WARMUP + wl.steps}", "train.epochs=100000",
+            f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={wl.warmup + wl.steps}", "train.epochs=100000",
             "optim.name=\"sgd\"", "optim.lr=0.01", "optim.momentum=0.9", *wl.extra, *overrides]
     cfg = load_config(None, sets)
-    timer_cls = steady_timer_class()
+    timer_cls = steady_timer_class(wl.warmup)
     distbp.train.StepTimer = timer_cls
     run_dir = tmp / f"run-{r}"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -218,8 +219,8 @@ def floor_round(wl: Workload, comm, steps: int) -> float:
                 [rand(m, p) for m, _, p in shapes])
     Y, dW, dX = [np.empty_like(d) for d in dY], [np.empty_like(w) for w in W], [np.empty_like(x) for x in X]
     elapsed = np.zeros(1)
-    for i in range(WARMUP + steps):
-        if i == WARMUP:
+    for i in range(wl.warmup + steps):
+        if i == wl.warmup:
             comm.barrier()
             t0 = time.perf_counter()
         for k in range(len(W)):
@@ -284,8 +285,8 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
     X, Y = torch.from_numpy(x.astype(wl.dtype, copy=False)), torch.from_numpy(y.astype(np.int64, copy=False))
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     per_epoch, order = len(x) // wl.batch, None
-    for i in range(WARMUP + wl.torch_steps):
-        if i == WARMUP:
+    for i in range(wl.warmup + wl.torch_steps):
+        if i == wl.warmup:
             comm.barrier()
             t0 = time.perf_counter()
         epoch, k = divmod(i, per_epoch)
@@ -502,7 +503,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="steady-state steps per round (0: the workload's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="distbp config override")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--all", action="store_true", help="the README table: " +
+    p.add_argument("--all", action="store_true", help="the README table (only the named workloads' rows if any): " +
                    ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
     p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
     p.add_argument("--layers", action="store_true", help="ms per layer of each workload's forward and backward")
@@ -535,7 +536,10 @@ def main(argv=None) -> int:
         return 0
     if args.all:
         records = []
+        chosen = [w for w in argv if w in WORKLOADS]  # `--all W5 W6`: only those workloads' rows
         for name, ranks, threads in ALL:
+            if chosen and name not in chosen:
+                continue
             base = [a for a in base if a not in WORKLOADS]
             for rec in launch([name, *base], ranks, threads, args.timeout):
                 print(json.dumps(rec), flush=True)
