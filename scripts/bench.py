@@ -435,7 +435,7 @@ def launch(argv: list[str], ranks: int, threads: int, timeout: float) -> list[di
 def table(records: list[dict]) -> str:
     """The README's markdown table from bench records."""
     def k(v):
-        return "-" if v is None else f"{v / 1000:,.1f}k"
+        return "-" if v is None else f"{v:,.0f}" if v < 1000 else f"{v / 1000:,.1f}k"
 
     rows = ["| workload | ranks x threads | distbp | PyTorch | matmul floor | distbp / PyTorch | distbp / floor |"
             " step ms: data, fwd, bwd, allreduce, optim, other |",
