@@ -14,7 +14,6 @@ import gzip
 import io
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -22,7 +21,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import AtomicFile
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
+from .safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)
@@ -440,8 +441,9 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
 def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classification",
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
-            x_key: str = "x", y_key: str = "y") -> Path:
+            x_key: str = "x", y_key: str = "y", force: bool = False) -> Path:
     """Convert input files to the dataset file `out` (see the module docstring); returns its path."""
+    out = check_output(out, [*inputs, *test_inputs], force)
     if task not in TASKS:
         raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key)
@@ -462,12 +464,14 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
     routes = _routes(tables, n_val, seed)
     shapes = _out_shapes(tables, routes, n_val, task)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
+    # fill the disk meanwhile; the old file stays whole in any case)
+    check_space(out, sum(n * (math.prod(xr) * np.dtype(xd).itemsize + math.prod(yr) * np.dtype(yd).itemsize)
+                         for n, xr, xd, yr, yd in shapes.values()))
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f, \
+    with AtomicFile(out) as result:
+        with h5py.File(result.tmp, "w", track_order=True) as f, \
                 tqdm(total=total, unit="row", desc=f"converting to {out.name}", disable=None if big else True) as bar:
             for name in sorted(shapes, key=lambda s: ("train", "val", "test", s).index(s) if s in
                                ("train", "val", "test") else 3):
@@ -478,13 +482,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
             top = _fill(f, tables, routes, shapes, task, bar)
             f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes,
                                    n_val, val_fraction, seed))
-        with Dataset(tmp) as ds:  # the result must read back as a valid dataset, values included
+        with Dataset(result.tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
                 ds.split(name)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+        return result.commit()
 
 
 def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes, n_val, val_fraction, seed):

@@ -88,6 +88,8 @@ WORKLOADS = {
                        extra=("train.deterministic=true",), default_of="W1"),
     "W1-det32": Workload("W1 with train.deterministic=true, micro_batch 32",
                          extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
+    "W1-zero": Workload("W1 with train.shard_optimizer=true (ZeRO-1)", extra=("train.shard_optimizer=true",),
+                        default_of="W1"),
     "W5": Workload("LeNet-style CNN on (1, 28, 28): conv5x5 16, pool, conv5x5 32, pool, 128, 10; batch 128",
                    layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20, warmup=5),
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
@@ -95,7 +97,8 @@ WORKLOADS = {
                    steps=5, torch_steps=5, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
-       ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1), ("W6", 1, 2)]
+       ("W1-zero", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
+       ("W6", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -207,7 +210,7 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
 
 def floor_round(wl: Workload, comm, steps: int) -> float:
     """samples/s if a step were only its matrix products (forward, dW, dx but the first), all ranks at once."""
-    from distbp.data import shard
+    from distbp.sampler import shard
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     dt, rng = np.dtype(wl.dtype), np.random.default_rng(comm.rank)
 
@@ -269,7 +272,7 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
         import torch
     except ImportError:
         return None
-    from distbp.data import epoch_order, shard
+    from distbp.sampler import epoch_order, shard
     torch.set_num_threads(threads)
     if comm.size > 1 and not _TORCH_GROUP:
         port = comm.bcast_obj(_free_port() if comm.is_root else None)
