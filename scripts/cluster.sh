@@ -39,6 +39,8 @@ MARKER="# written by distbp scripts/cluster.sh"
 PACKAGES=(munge slurmctld slurmd slurm-client socat)
 CTLD_PORT=6817
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
+# /tmp is node-local on the emulated nodes: a checkout there is bind-mounted into each node
+TMP_CHECKOUT=$([[ $SCRIPTS/ == /tmp/* ]] && dirname "$SCRIPTS" || true)
 source "$SCRIPTS/slurm_common.sh"
 
 netns() { echo "distbp-$1"; }
@@ -97,14 +99,17 @@ make_node() {
         hostname "$1"
         mount --bind "/etc/netns/$3/hosts" /etc/hosts
         mount -t tmpfs -o mode=1777 shm /dev/shm
+        # a checkout under /tmp stays visible at its path (CI may clone there)
+        if [ -n "$4" ]; then mkdir -p "$2/checkout" && mount --bind "$4" "$2/checkout"; fi
         mount --bind "$2/tmp" /tmp
+        if [ -n "$4" ]; then mkdir -p "$4" && mount --move "$2/checkout" "$4"; fi
         # the sysfs of this network namespace, keeping the cgroup tree slurmd needs
         mkdir -p "$2/cgroup"
         mount --rbind /sys/fs/cgroup "$2/cgroup"
         mount -t sysfs sysfs /sys
         mount --move "$2/cgroup" /sys/fs/cgroup
         echo $$ > "$2/holder.pid"
-        exec sleep infinity' sh "$node" "$STATE_DIR/$node" "$ns" </dev/null >"$STATE_DIR/$node/holder.log" 2>&1 9>&- &
+        exec sleep infinity' sh "$node" "$STATE_DIR/$node" "$ns" "$TMP_CHECKOUT" </dev/null >"$STATE_DIR/$node/holder.log" 2>&1 9>&- &
     local i
     for i in $(seq 50); do alive "$(holder_of "$node")" && return 0; sleep 0.1; done
     die "node $node did not come up"
@@ -200,8 +205,6 @@ node_states() { timeout 5 sinfo -h -N -o "%N %T" 2>/dev/null || true; }
 cmd_start() {
     local k=$1 n
     [[ $k =~ ^[1-9][0-9]*$ && $k -le 200 ]] || die "--nodes $k: give a node count from 1 to 200"
-    [[ $SCRIPTS/ != /tmp/* ]] ||
-        die "this checkout is under /tmp, which is node-local on the emulated nodes; clone it elsewhere (e.g. /var/tmp or /work)"
     refuse_other_slurmctld "$(pid_of "$STATE_DIR/$HEAD/slurmctld.pid")"
     if [[ $(node_count) != 0 && $(node_count) != "$k" ]]; then
         log "running with $(node_count) nodes, $k asked: restarting"
