@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, bounded
 from .errors import UserError
 
 FORMAT, VERSION = "checkpoint", 1
@@ -115,7 +115,7 @@ def seal(tmp: Path, path: str | os.PathLike) -> Path:
     """Checksum what tmp holds, fsync it, and rename it to path atomically."""
     path = Path(path)
     try:
-        ck = load(tmp, verify=False)
+        ck = _read(tmp, verify=False)  # just written by this process: no time bound needed
         with h5py.File(tmp, "r+") as f:
             f.attrs["checksum"] = checksum(ck)
         _fsync_path(tmp)
@@ -165,9 +165,15 @@ class BackgroundSaver:
         return error
 
 
-def _read_group(g: h5py.Group) -> dict[str, np.ndarray]:
-    """Every dataset directly in group g, by name."""
-    return {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
+def _read_group(g: h5py.Group, file_size: int) -> dict[str, np.ndarray]:
+    """Every dataset directly in group g, by name; one claiming more bytes than the file holds is damage."""
+    arrays = {}
+    for k, v in g.items():
+        if isinstance(v, h5py.Dataset):
+            if v.dtype.itemsize * v.size > file_size:  # checkpoints are uncompressed
+                raise ValueError(f"{v.name} claims {v.shape} {v.dtype}, more bytes than the file holds")
+            arrays[k] = v[()]
+    return arrays
 
 
 def _plain(v):
@@ -179,11 +185,26 @@ def _plain(v):
     return v
 
 
-def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
-    """Read a checkpoint (arrays and attributes only) and check its checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def _check_attrs(path: Path, attrs: dict):
+    """Raise a CheckpointError unless the position is non-negative integers and the config a JSON table."""
+    for key in POSITION_KEYS:
+        value = attrs.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= (key == "world_size")):
+            raise CheckpointError(f"checkpoint {path}: attribute {key}={value!r} is not a "
+                                  f"{'positive' if key == 'world_size' else 'non-negative'} integer; "
+                                  "the file is damaged or was not written by distbp")
+    try:
+        config = json.loads(attrs.get("config", "{}"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: attribute config is not JSON ({e}); "
+                              "the file is damaged or was not written by distbp") from None
+    if not (isinstance(config, dict) and all(isinstance(v, dict) for v in config.values())):
+        raise CheckpointError(f"checkpoint {path}: attribute config is not a table of config sections; "
+                              "the file is damaged or was not written by distbp")
+
+
+def _read(path: Path, verify: bool) -> Checkpoint:
+    """load() without the time bound: open, read every array and attribute, check."""
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
@@ -193,23 +214,43 @@ def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
             if attrs.get("version") != VERSION:
                 raise CheckpointError(f"{path} has checkpoint version {attrs.get('version')}; "
                                       f"this distbp reads version {VERSION}")
+            size = path.stat().st_size
             opt = f.get("optimizer")
             ck = Checkpoint(
-                params=_read_group(f["params"]),
+                params=_read_group(f["params"], size),
                 opt_name=_plain(opt.attrs.get("name", "")) if opt else "",
-                opt_arrays={k: _read_group(g) for k, g in opt.items()} if opt else {},
+                opt_arrays={k: _read_group(g, size) for k, g in opt.items()} if opt else {},
                 opt_scalars={k: _plain(v) for k, v in opt.attrs.items() if k != "name"} if opt else {},
-                buffers=_read_group(f["buffers"]) if "buffers" in f else {},
+                buffers=_read_group(f["buffers"], size) if "buffers" in f else {},
                 attrs=attrs, path=str(path))
+            computed = checksum(ck) if verify else None
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e}); "
+    except Exception as e:  # noqa: BLE001 - damage makes h5py raise RuntimeError, AttributeError, RecursionError...
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); "
                               "delete it or resume from an older one") from None
-    if verify and checksum(ck) != attrs.get("checksum"):
-        raise CheckpointError(f"checkpoint {path} fails its checksum (stored {attrs.get('checksum')}, "
-                              f"computed {checksum(ck)}): the file is damaged")
+    if verify and computed != attrs.get("checksum"):
+        raise CheckpointError(f"checkpoint {path} fails its checksum (stored {attrs.get('checksum')!r}, "
+                              f"computed {computed}): the file is damaged")
+    if verify:
+        _check_attrs(path, attrs)
     return ck
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint (arrays and attributes only), check its checksum and position, within a time bound."""
+    # A file distbp did not just write is first read in a child with a time limit (bounded.py):
+    # damage that makes HDF5 loop or crash rejects the file; then the same bytes are read here.
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a directory)" * path.is_dir()))
+    bounded.call(lambda: _check(path, verify), "checkpoint", path, CheckpointError, "delete it or resume from an older one")
+    return _read(path, verify)
+
+
+def _check(path: Path, verify: bool):
+    """Read and check a checkpoint, keeping nothing (the bounded child's work)."""
+    _read(path, verify)
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

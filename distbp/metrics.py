@@ -8,7 +8,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer", "eval", "checkpoint")
+
+
+def _open_log(path: Path, mode: str):
+    """open(path, mode), with a UserError naming the file when it cannot be (a directory, no permission)."""
+    try:
+        return open(path, mode)
+    except OSError as e:
+        raise UserError(f"run directory {path.parent}: cannot open {path.name} ({e.strerror}); HINT: "
+                        "remove or rename what is there, or choose another --run-dir") from None
 
 
 class RunLog:
@@ -16,12 +27,12 @@ class RunLog:
 
     def __init__(self, run_dir: Path | None, master: bool, total_steps: int, log_every: int):
         self.master, self.log_every = master, log_every
-        self.metrics = open(run_dir / "metrics.jsonl", "a+") if master and run_dir else None
+        self.metrics = _open_log(run_dir / "metrics.jsonl", "a+") if master and run_dir else None
         if self.metrics and self.metrics.tell():
             self.metrics.seek(self.metrics.tell() - 1)
             if self.metrics.read(1) != "\n":  # a line cut short by a crash stays apart from the next
                 self.metrics.write("\n")
-        self.logfile = open(run_dir / "train.log", "a") if master and run_dir else None
+        self.logfile = _open_log(run_dir / "train.log", "a") if master and run_dir else None
         use_bar = master and sys.stdout.isatty()
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True) if use_bar else None
 

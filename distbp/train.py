@@ -266,7 +266,7 @@ class Trainer:
             self.total = min(self.total, cfg.train.max_steps)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
         agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
-        self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
+        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
         self._describe()
         self.pos = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
