@@ -71,7 +71,7 @@ def checksum(ck: Checkpoint) -> str:
     crc = 0
     for path, a in _arrays_in_order(ck):
         crc = zlib.crc32(f"{path}{a.shape}{a.dtype.str}".encode(), crc)
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+        crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8), crc)  # empty arrays too
     meta = {"attrs": {k: v for k, v in ck.attrs.items() if k != "checksum"},
             "optimizer": {"name": ck.opt_name, "scalars": ck.opt_scalars}}
     return f"crc32:{zlib.crc32(json.dumps(meta, sort_keys=True, default=_jsonable).encode(), crc):08x}"

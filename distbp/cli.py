@@ -247,7 +247,7 @@ def dispatch(args, comm) -> int:
     except OSError as e:
         if e.filename is None or comm.size > 1:
             raise  # not about a named file, or one rank's: abort all with the report
-        print(f"distbp: error: {e.filename}: {e.strerror}; HINT: give a path to a readable input "
+        print(f"distbp: error: {e.filename2 or e.filename}: {e.strerror}; HINT: give a path to a readable input "
               "or a writable output (not a directory)", file=sys.stderr, flush=True)
         return EXIT_USAGE
 

@@ -88,6 +88,8 @@ class Writer:
     def __init__(self, path, n: int, template: dict, attrs: dict):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        if self.path.is_dir():
+            raise DataError(f"output {path} is a directory; HINT: give a file name, e.g. {self.path / 'pred.h5'}")
         try:
             self.f = h5py.File(self.tmp, "w")
         except OSError as e:
