@@ -244,7 +244,8 @@ def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a directory)" * path.is_dir()))
-    bounded.call(lambda: _check(path, verify), "checkpoint", path, CheckpointError, "delete it or resume from an older one")
+    bounded.call(lambda: _check(path, verify), "checkpoint", path, CheckpointError,
+                 "delete it or resume from an older one")
     return _read(path, verify)
 
 

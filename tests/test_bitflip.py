@@ -229,3 +229,30 @@ def test_crafted_checkpoints_load_or_give_a_checkpoint_error(tmp_path, monkeypat
         return
     assert all(isinstance(ck.attrs[k], int) and ck.attrs[k] >= 0 for k in POSITION)
     assert isinstance(ck.config, dict) and json.dumps(ck.config)
+
+
+def test_flipped_dataset_heaps_open_or_give_a_data_error_in_bounded_time(tmp_path, monkeypatch):
+    """The same heap flips in a dataset file (its task, source and class-name strings live in a global heap)."""
+    from distbp.data import DataError, Dataset, write_dataset
+    monkeypatch.setenv(bounded.TIMEOUT_ENV, TEST_TIMEOUT)
+    rng = np.random.default_rng(0)
+    good = write_dataset(tmp_path / "good.h5", {s: (rng.standard_normal((40, 4)).astype(np.float32),
+                                                    np.arange(40) % 3) for s in ("train", "val")},
+                         num_classes=3, attrs={"source": "a test", "class_names": '["a", "b", "c"]'})
+    raw = good.read_bytes()
+    outcomes = {"opened": 0, "rejected": 0, "looped": 0}
+    for byte, bit in looping_flips(raw) + [(i, 0) for i in signatures(raw)]:
+        path = tmp_path / "f.h5"
+        path.write_bytes(flipped(raw, byte, bit))
+        start = time.monotonic()
+        try:
+            with Dataset(path) as ds:
+                ds.split("train").read([0, 39])
+                ds.describe(values=True)
+            outcomes["opened"] += 1
+        except DataError as e:
+            assert str(e).startswith(f"dataset {path}"), e
+            outcomes["looped" if "did not finish" in str(e) else "rejected"] += 1
+        assert time.monotonic() - start < BOUND
+    print(f"\ndataset flips: {outcomes}")
+    assert outcomes["rejected"] > 0
