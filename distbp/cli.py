@@ -245,10 +245,11 @@ def dispatch(args, comm) -> int:
             print(f"distbp: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
     except OSError as e:
-        if e.filename is None or comm.size > 1:
+        if e.filename is None or (comm.size > 1 and not getattr(e, "agreed", False)):
             raise  # not about a named file, or one rank's: abort all with the report
-        print(f"distbp: error: {e.filename2 or e.filename}: {e.strerror}; HINT: give a path to a readable input "
-              "or a writable output (not a directory)", file=sys.stderr, flush=True)
+        if comm.is_root:
+            print(f"distbp: error: {e.filename2 or e.filename}: {e.strerror}; HINT: give a path to a readable "
+                  "input or a writable output (not a directory)", file=sys.stderr, flush=True)
         return EXIT_USAGE
 
 

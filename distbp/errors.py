@@ -19,10 +19,14 @@ class NonFiniteError(Exception):
 
 
 def agree(comm, fn, *args, **kwargs):
-    """Run fn on every rank; if it raises a UserError on any rank, raise it on all."""
+    """Run fn on every rank; if it raises a UserError (or an OSError naming a file) on any rank, raise it on all."""
     try:
         result, error = fn(*args, **kwargs), None
     except UserError as e:
+        result, error = None, e
+    except OSError as e:  # a path that cannot be read or written (a directory, no permission) is bad input too
+        if e.filename is None:
+            raise
         result, error = None, e
     messages = comm.gather_obj(None if error is None else f"{error}")
     first = comm.bcast_obj(next((m for m in messages if m), None) if comm.is_root else None)

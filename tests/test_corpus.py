@@ -165,6 +165,8 @@ CORPUS = {
                                    ["is a directory"]),
     "export output a directory": (lambda t, b: ["ckpt", "export", str(checkpoint(b)), str(mkdir(t / "o.npz"))], 2,
                                   ["o.npz", "Is a directory"]),
+    "data output a directory": (lambda t, b: ["data", "digits", str(mkdir(t / "out"))], 2,
+                                ["out: Is a directory"]),
     "metrics.jsonl a directory": (lambda t, b: run_dir_with_dir(t, b, "metrics.jsonl"), 2,
                                   ["cannot open metrics.jsonl", "--run-dir"]),
     "train.log a directory": (lambda t, b: run_dir_with_dir(t, b, "train.log"), 2, ["cannot open train.log"]),
@@ -202,6 +204,17 @@ def test_corpus(base, tmp_path, case):
     for fragment in fragments:
         assert fragment in message, out
     print(f"\n[{case}] rc={proc.returncode} wall={wall:.1f}s")
+
+
+@pytest.mark.parametrize("case", ["data output a directory", "metrics.jsonl a directory",
+                                  "checkpoint step negative"])
+def test_corpus_under_mpirun_prints_once(base, tmp_path, case):
+    make, code, fragments = CORPUS[case]
+    proc, wall = distbp(make(tmp_path, base), tmp_path, ranks=2)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code and "Traceback" not in out and "failed" not in out, out
+    assert proc.stderr.count("distbp: error:") == 1 and all(f in proc.stderr for f in fragments), out
+    print(f"\n[mpirun -n 2, {case}] rc={proc.returncode} wall={wall:.1f}s")
 
 
 @pytest.mark.parametrize("command", [["ckpt", "inspect", "CKPT"], ["data", "inspect", "DATA"],
