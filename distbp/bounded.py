@@ -70,8 +70,8 @@ def call(fn, kind: str, path, error: type[Exception], damaged: str):
             child.kill()
         child.join()
         recv.close()
-    if status == "error" and isinstance(value, (UserError, KeyboardInterrupt)):
-        raise value
+    if status == "error" and isinstance(value, (UserError, KeyboardInterrupt, NameError, ImportError)):
+        raise value  # a message for the user, an interrupt, or a bug in distbp: not the file's fault
     if status == "error":  # h5py's RuntimeError, AttributeError, RecursionError, MemoryError, ...
         raise error(f"{kind} {path}: reading it failed ({type(value).__name__}: {value}), so the file is damaged; "
                     f"{damaged}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -303,8 +304,7 @@ class Dataset:
     def __init__(self, path, bounded_read: bool = True):
         self.path = Path(path)
         if bounded_read:  # header, splits and attributes first read in a child with a time limit
-            bounded.call(lambda: Dataset(self.path, bounded_read=False).attrs, "dataset", self.path, DataError,
-                         DAMAGED)
+            self._bounded(lambda: Dataset(self.path, bounded_read=False).attrs)
         self._file = _open(self.path)
         self._splits: dict[str, Split] = {}
         try:
@@ -339,6 +339,10 @@ class Dataset:
         _check_same_shapes(self.path, arrays)
         return arrays
 
+    def _bounded(self, fn):
+        """fn() run in a child with a time limit (bounded.py): a read that loops or crashes is a DataError."""
+        return bounded.call(fn, "dataset", self.path, DataError, "re-create or re-copy it")
+
     @property
     def splits(self) -> list[str]:
         """Split names, train/val/test first."""
@@ -357,15 +361,14 @@ class Dataset:
                       "choose one of those (data.train_split / data.val_split), or add the split to the file")
             x, y = self._arrays[name]
             if check_values:  # every byte of the split, read in a child with a time limit
-                bounded.call(lambda: _check_values(self.path, name, x, y, self.task, self.num_classes),
-                             "dataset", self.path, DataError, DAMAGED)
+                self._bounded(lambda: _check_values(self.path, name, x, y, self.task, self.num_classes))
             self._splits[name] = Split(self, name, x, y)
         return self._splits[name]
 
     def describe(self, values: bool = False) -> list[str]:
         """Human-readable lines: task, shapes, splits and attributes; with values, ranges and class balance."""
         if values:  # reads every byte: in a child with a time limit
-            return bounded.call(lambda: self._describe(True), "dataset", self.path, DataError, DAMAGED)
+            return self._bounded(lambda: self._describe(True))
         return self._describe(False)
 
     def _describe(self, values: bool) -> list[str]:
