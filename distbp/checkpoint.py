@@ -227,7 +227,8 @@ def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     # damage that makes HDF5 loop or crash rejects the file; then the same bytes are read here.
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a directory)" * path.is_dir()))
+        raise CheckpointError(f"checkpoint {path} " + ("is a directory, not a checkpoint file" if path.is_dir()
+                                                       else "does not exist"))
     bounded.call(lambda: _check(path, verify), "checkpoint", path, CheckpointError,
                  "delete it or resume from an older one")
     return _read(path, verify)
