@@ -39,10 +39,12 @@ def run(tmp_path_factory) -> Path:
 
 
 # Flips in a global heap's collection size (bytes 8-15) and first object's size (24-31) that made
-# HDF5 2.0 loop forever in the checkpoint of this run (found by flipping every bit of the heaps):
-# collection 1 (config, rng, ...) at +9 bits 0-3 and +25 bit 3; collection 2 (the checksum) at
-# +24 bits 3-7 and +25 bits 0-3. Which bits loop depends on the heap's sizes, so a few per heap.
-LOOP_CANDIDATES = ((9, 0), (24, 3), (25, 0), (25, 3))
+# HDF5 2.0 loop forever in checkpoints of this run (found by flipping every bit of the heaps): with
+# the checksum in its own heap, +9 bits 0-3 and +25 bit 3 of the first, +24 bits 3-7 and +25 bits
+# 0-3 of the second; with one heap (checkpoints written in memory), +25 bit 3. Which bits loop
+# depends on the heap's sizes, so a few candidates per heap, LOOPING first.
+LOOPING = (25, 3)
+LOOP_CANDIDATES = (LOOPING, (9, 0), (24, 3), (25, 0))
 
 
 def looping_flips(raw: bytes) -> list[tuple[int, int]]:
@@ -92,7 +94,7 @@ def same(a: ckpt.Checkpoint, b: ckpt.Checkpoint) -> bool:
 
 def test_the_looping_flips_are_found(run):
     raw = (run / "checkpoints" / ckpt.checkpoint_name(3)).read_bytes()
-    assert len(looping_flips(raw)) == 2 * len(LOOP_CANDIDATES)  # config/rng strings; the checksum
+    assert len(looping_flips(raw)) >= len(LOOP_CANDIDATES)  # the config, rng and checksum strings
 
 
 def test_every_flipped_checkpoint_loads_identical_or_resumes_from_the_previous(run, tmp_path, monkeypatch):
@@ -121,7 +123,7 @@ def test_every_flipped_checkpoint_loads_identical_or_resumes_from_the_previous(r
             assert str(target) in log[0], log
             outcomes["looped" if "did not finish" in log[0] else "rejected"] += 1
     print(f"\n{len(flips)} flips: {outcomes}")
-    assert outcomes["looped"] >= 2 and outcomes["rejected"] > outcomes["looped"]
+    assert outcomes["looped"] >= 1 and outcomes["rejected"] > outcomes["looped"]
 
 
 def h5py_error_flip(raw: bytes, path: Path, tmp_path: Path) -> tuple[int, int]:

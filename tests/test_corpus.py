@@ -164,9 +164,13 @@ CORPUS = {
     "predict output a directory": (lambda t, b: ["predict", str(checkpoint(b)), str(b / "good.h5"), str(t)], 2,
                                    ["is a directory"]),
     "export output a directory": (lambda t, b: ["ckpt", "export", str(checkpoint(b)), str(mkdir(t / "o.npz"))], 2,
-                                  ["o.npz", "Is a directory"]),
+                                  ["o.npz is a directory"]),
     "data output a directory": (lambda t, b: ["data", "digits", str(mkdir(t / "out"))], 2,
-                                ["out: Is a directory"]),
+                                ["out is a directory"]),
+    "output folder missing": (lambda t, b: ["data", "digits", str(t / "nodir" / "x.h5")], 2,
+                              ["nodir", "No such file or directory", "writable output"]),
+    "output under a file": (lambda t, b: ["data", "digits", str(touch(t / "afile") / "x.h5")], 2,
+                            ["afile", "Not a directory"]),
     "metrics.jsonl a directory": (lambda t, b: run_dir_with_dir(t, b, "metrics.jsonl"), 2,
                                   ["cannot open metrics.jsonl", "--run-dir"]),
     "train.log a directory": (lambda t, b: run_dir_with_dir(t, b, "train.log"), 2, ["cannot open train.log"]),
@@ -177,6 +181,11 @@ def npy_pair(t: Path, label: int) -> list[str]:
     np.save(t / "x.npy", np.ones((4, 2), np.float32))
     np.save(t / "y.npy", np.array([0, 1, 2, label]))
     return [str(t / "x.npy"), str(t / "y.npy")]
+
+
+def touch(path: Path) -> Path:
+    path.touch()
+    return path
 
 
 def mkdir(path: Path) -> Path:
@@ -206,7 +215,7 @@ def test_corpus(base, tmp_path, case):
     print(f"\n[{case}] rc={proc.returncode} wall={wall:.1f}s")
 
 
-@pytest.mark.parametrize("case", ["data output a directory", "metrics.jsonl a directory",
+@pytest.mark.parametrize("case", ["data output a directory", "output under a file", "metrics.jsonl a directory",
                                   "checkpoint step negative"])
 def test_corpus_under_mpirun_prints_once(base, tmp_path, case):
     make, code, fragments = CORPUS[case]
