@@ -19,10 +19,15 @@ class NonFiniteError(Exception):
 
 
 def agree(comm, fn, *args, **kwargs):
-    """Run fn on every rank; if it raises a UserError on any rank, raise it on all (naming the hosts if not all failed)."""
+    """Run fn on every rank; if it raises a UserError (or an OSError naming a file) on any rank, raise it on all
+    (naming the hosts if not all failed)."""
     try:
         result, error = fn(*args, **kwargs), None
     except UserError as e:
+        result, error = None, e
+    except OSError as e:  # a path that cannot be read or written (a directory, no permission) is bad input too
+        if e.filename is None:
+            raise
         result, error = None, e
     reports = comm.gather_obj((None if error is None else f"{error}", comm.host))
     first = comm.bcast_obj(first_error(reports) if comm.is_root else None)
