@@ -10,6 +10,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .comm import SerialComm, run_guarded, world
 from .config import Config, config_to_dict, load_config
+from .data import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree
 from .evaluate import load_model
 from .predict import model_inputs, outputs
@@ -77,10 +78,12 @@ class Model:
     def _outputs(self, x, batch: int) -> dict:
         """predict.outputs of the rows of x, computed batch rows at a time."""
         x = np.asarray(x)
-        if x.ndim == 0 or math.prod(x.shape[1:]) != math.prod(self.input_shape):
-            raise ValueError(f"x of shape {x.shape} does not hold rows of the model's input {self.input_shape}; "
-                             f"give an array of shape (N, {', '.join(map(str, self.input_shape))}) or (N, "
-                             f"{math.prod(self.input_shape)})")
+        if x.ndim == 0 or math.prod(x.shape[1:]) != math.prod(self.input_shape) or x.dtype.kind not in "fiu":
+            raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} does not hold rows of the model's input "
+                             f"{self.input_shape}; give real numbers shaped (N, "
+                             f"{', '.join(map(str, self.input_shape))}) or (N, {math.prod(self.input_shape)})")
+        if x.dtype.kind == "f":
+            first_bad("x", x, not_finite, "NaN or Inf inputs, first at row {row}", "clean or impute those rows")
         scale = (self._x_scale or 1 / 255) if x.dtype == np.uint8 else None  # as the dataset's uint8 rows
         dtype = self.network.params.dtype
         chunks = [outputs(self.task, self.network.forward(model_inputs(x[a:a + batch], self.input_shape, scale,

@@ -136,8 +136,14 @@ def test_load_predicts_like_the_cli(alone, tmp_path, make_dataset):
         x = f["val/x"][:]
         np.testing.assert_allclose(model.predict_proba(x, batch=5), p["probabilities"][:], rtol=1e-6)
         np.testing.assert_array_equal(model.predict(x), p["class"][:])
-    with pytest.raises(ValueError, match=r"does not hold rows of the model's input \(6,\)"):
+    with pytest.raises(ValueError, match=r"x of shape \(2, 5\) and dtype float64 does not hold rows of the "
+                                         r"model's input \(6,\)"):
         model.predict(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="dtype complex128 does not hold rows"):
+        model.predict(np.zeros((2, 6), complex))
+    x[1, 2] = np.nan
+    with pytest.raises(distbp.UserError, match="x: NaN or Inf inputs, first at row 1"):
+        model.predict(x)
     with pytest.raises(distbp.UserError, match="no valid checkpoint"):
         distbp.load(tmp_path)
 
