@@ -226,6 +226,18 @@ class Split:
         y_dtype = np.int64 if self._ds.task == "classification" else dtype
         return x.astype(dtype, copy=False), y.astype(y_dtype, copy=False)
 
+    def labels(self, indices) -> np.ndarray:
+        """Class labels (int64) of these rows in this order, without reading x."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.in_memory or idx.size == 0:
+            return np.asarray(self._y[:0] if idx.size == 0 else self._y.take(idx), dtype=np.int64)
+        rows, inverse = np.unique(idx, return_inverse=True)
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == rows.size else rows
+        try:
+            return np.asarray(self._y[sel], dtype=np.int64)[inverse]
+        except OSError as e:
+            _fail(_where(self._ds.path, self.name), f"cannot read labels ({e})", DAMAGED)
+
     def _read_file(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows idx from the file: sort, read once (one slice when contiguous), un-permute."""
         if idx.size == 0:

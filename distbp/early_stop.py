@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+EARLY_STOP_KEYS = ("early_stop_best", "early_stop_best_step", "early_stop_wait")  # checkpoint attributes
+
 
 def best_metric(task: str) -> tuple[str, str]:
     """(the evaluation metric the run's best is judged by, "max" or "min")."""
@@ -45,8 +47,8 @@ class EarlyStopping:
         """What a checkpoint keeps (the metric's best, its step, the patience counter); nothing before an evaluation."""
         if self.best is None and not self.wait:
             return {}
-        return {"early_stop_best": float("nan") if self.best is None else self.best,
-                "early_stop_best_step": self.best_step, "early_stop_wait": self.wait}
+        return dict(zip(EARLY_STOP_KEYS, (float("nan") if self.best is None else self.best, self.best_step,
+                                          self.wait)))
 
     def load(self, attrs: dict) -> None:
         """Continue from a checkpoint's state (absent keys: a run without early-stopping state)."""

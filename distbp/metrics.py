@@ -145,7 +145,8 @@ def format_summary(summary: dict) -> list[str]:
             ("val_loss", _metric(summary.get("val_loss"))),
             ("val_accuracy", _metric(summary.get("val_accuracy"), summary.get("best_val_accuracy"))),
             ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
-            ("wall time", f"{summary['wall_time_s']:.1f} s")]
+            ("wall time", f"{summary['wall_time_s']:.1f} s"),
+            ("stopped", summary.get("stopped"))]
     rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}))
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -10,17 +10,18 @@ from . import __version__
 from . import checkpoint as ckpt
 from . import faults
 from . import slurm
+from .clip import clip_by_norm, clip_by_value
 from .comm import set_thread_budget
 from .config import Config, config_to_toml
 from .data import Dataset, digits_path
+from .early_stop import EarlyStopping, best_metric
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
-from .nn import make_loss
 from .optim import make_schedule
 from .sampler import GlobalBatches
-from .state import build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, resume_state, \
-    save_checkpoint
+from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
+    resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
 from .watchdog import Watchdog, rank_table
 
@@ -39,7 +40,7 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     data = Dataset(cfg.data.path or digits_path())
     train = data.split(cfg.data.train_split)
     val = data.split(cfg.data.val_split) if cfg.data.val_split else None
-    train.check_batch_size(cfg.train.batch_size, cfg.train.drop_last)
+    train.check_batch_size(cfg.train.batch_size * cfg.train.accumulate_steps, cfg.train.drop_last)
     return data, train, val
 
 
@@ -67,9 +68,10 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
-        self.loss = make_loss(self.data.task)
         self.opt = build_optimizer(cfg, model)
-        self.batches = GlobalBatches(self.train_split.n, cfg.train.batch_size, cfg.train.seed, cfg.train.drop_last)
+        t = cfg.train
+        self.early = EarlyStopping(*best_metric(self.data.task), t.early_stop_patience, t.early_stop_min_delta)
+        self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
         self.total = self.per_epoch * cfg.train.epochs
         if cfg.train.max_steps >= 0:
@@ -79,7 +81,7 @@ class Trainer:
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
         self._describe()
-        self.pos = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
+        self.pos = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm, self.log)
         self.best = None  # best val_accuracy of the run, resumes included
         if self.pos.step:
             self.best = self.runlog.best("val_accuracy", self.pos.step)
@@ -88,9 +90,11 @@ class Trainer:
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+        self.loss = build_loss(cfg, self.data, comm)
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
+        self.norm, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time = time.monotonic()
 
     def _describe(self):
@@ -123,20 +127,22 @@ class Trainer:
         self.comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
         self.model.ctx.comm = self.comm
         self.step = self.make_step()
-        for line in self.step.describe(cfg.train.batch_size):
+        for line in self.step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
             self.log(line)
+        if cfg.train.accumulate_steps > 1:
+            self.log(f"accumulation: steps of {cfg.train.batch_size * cfg.train.accumulate_steps} rows in "
+                     f"{cfg.train.accumulate_steps} forward/backward passes of {cfg.train.batch_size}")
         exit_code = EXIT_OK
+        if self.stopped_early:
+            self.log(f"{self.early.reason()}: the run had stopped; raise train.early_stop_patience to train on")
         try:
-            while pos.step < self.total:
+            while pos.step < self.total and not self.stopped_early:
                 t_step = time.perf_counter()
                 timer.start()
-                x, y, positions, batch_rows = self.read_batch()
-                timer.lap("data")
-                s.loss_sum, s.correct = self.step.forward_backward(x, y, positions, batch_rows)
+                s.loss_sum, s.correct, s.rows = self.forward_backward()
                 faults.inject(self.comm.rank, pos.step, self.model.grads)  # inert unless DISTBP_FAULT is set
-                timer.lap("backward")
                 # the step's scalars, flags included, ride on the step's reduction
-                s.rows, s.stop, s.checkpoint_due = len(y), stop.requested, self.checkpoint_clock_due()
+                s.stop, s.checkpoint_due = stop.requested, self.checkpoint_clock_due()
                 self.step.reduce(self.model.grads, s)
                 timer.lap("allreduce")
                 train_loss, skipped = self.optimizer_step()
@@ -149,6 +155,9 @@ class Trainer:
                              "(resumable)")
                     exit_code = EXIT_RESUMABLE
                     break
+                if self.stopped_early:
+                    self.log(f"{self.early.reason()}: final checkpoint at step {pos.step}")
+                    break
                 self.checkpoint_if_due()
         finally:
             stall.stop()
@@ -157,16 +166,26 @@ class Trainer:
         agree(self.comm, self.save, final=True)
         return self.finish(exit_code)
 
-    def read_batch(self):
-        """(x, y, positions in the global batch, global batch rows) of this rank's slice of the step's batch."""
-        pos = self.pos
+    def forward_backward(self) -> tuple[float, int, int]:
+        """Read and run this rank's rows of each pass over the step's batch, adding up the gradient;
+        (loss sum, correct rows, rows)."""
+        pos, timer = self.pos, self.timer
         if pos.step_in_epoch >= self.per_epoch:
             pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
         self.model.ctx.step = pos.step  # the dropout counter's step
         indices = self.batches.indices(pos.epoch, pos.step_in_epoch)
-        positions = self.step.positions(len(indices))
-        x, y = self.train_split.read(indices[positions], self.model.params.dtype)
-        return x, y, positions, len(indices)
+        # the mean divides by the batch's rows, or by their summed class weights (the same on every rank)
+        self.norm = self.loss.total_weight(self.train_split.labels(indices)) if self.loss.weighted else len(indices)
+        loss_sum, correct, rows = 0.0, 0, 0
+        passes = self.step.pass_positions(len(indices), self.cfg.train.batch_size)
+        for k, positions in enumerate(passes):
+            x, y = self.train_split.read(indices[positions], self.model.params.dtype)
+            timer.lap("data")
+            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.norm, k == 0)
+            timer.lap("backward")
+            loss_sum, correct, rows = loss_sum + pass_loss, correct + pass_correct, rows + len(y)
+        pos.micro_steps += len(passes)
+        return loss_sum, correct, rows
 
     def checkpoint_clock_due(self) -> bool:
         """Rank 0's clock says checkpoint.every_seconds have passed (the reduction tells every rank)."""
@@ -175,11 +194,18 @@ class Trainer:
 
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
-        train_loss = self.scalars.loss_sum / self.scalars.rows
-        skipped = not check_finite(train_loss, self.model, self.pos.step, self.cfg.train.nonfinite, self.log)
+        o, grads = self.cfg.optim, self.model.grads
+        train_loss = self.scalars.loss_sum / self.norm
+        self.grad_norm = self.step.grad_norm(grads)  # before clipping: what metrics.jsonl reports
+        skipped = not check_finite(train_loss, self.grad_norm, self.model, self.pos.step, self.cfg.train.nonfinite,
+                                   self.log)
         self.lr = self.lr_at(self.pos.step)
         if not skipped:
-            self.step.apply(self.opt, self.model.params, self.model.grads, self.lr)
+            if o.clip_grad_norm:
+                clip_by_norm(grads, o.clip_grad_norm, self.grad_norm)
+            if o.clip_grad_value:
+                clip_by_value(grads, o.clip_grad_value)
+            self.step.apply(self.opt, self.model.params, grads, self.lr)
         return train_loss, skipped
 
     def advance(self):
@@ -199,7 +225,7 @@ class Trainer:
             extra = {"accuracy": s.correct / s.rows} if self.data.task == "classification" else {}
             if skipped:
                 extra["skipped"] = True
-            self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr,
+            self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr, grad_norm=self.grad_norm,
                                samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
@@ -211,6 +237,9 @@ class Trainer:
         self.runlog.record(step=pos.step, epoch=pos.epoch, **self.result)
         self.log(f"eval step {pos.step} epoch {pos.epoch}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
+        if self.early.patience:  # rank 0 decides, so every rank stops after the same step
+            stop = self.early.update(self.result[self.early.metric], pos.step)
+            self.stopped_early = self.comm.bcast_obj(stop if self.comm.is_root else None)
 
     def checkpoint_if_due(self):
         """A periodic checkpoint every checkpoint.every_steps, or when rank 0's clock said every_seconds."""
@@ -226,7 +255,7 @@ class Trainer:
         self.timer.start()
         pos, cfg = self.pos, self.cfg
         save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
-                        lambda: make_checkpoint(self.model, self.opt, pos, cfg, self.comm.size, self.lr),
+                        lambda: make_checkpoint(self.model, self.opt, pos, cfg, self.comm.size, self.lr, self.early),
                         cfg.checkpoint.keep, self.log, final)
         self.timer.lap("checkpoint")
 
@@ -238,7 +267,8 @@ class Trainer:
                    "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": self.best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
-                   "params_crc32": f"{param_hash(self.model.params):08x}"}
+                   "params_crc32": f"{param_hash(self.model.params):08x}",
+                   "stopped": self.early.reason() if self.stopped_early else None}
         self.runlog.record(**summary)
         self.log("summary:\n" + "\n".join(format_summary(summary)))
         self.log(f"parameters crc32: {summary['params_crc32']}")
@@ -246,12 +276,11 @@ class Trainer:
         return exit_code
 
 
-def check_finite(train_loss: float, model, step: int, policy: str, log) -> bool:
+def check_finite(train_loss: float, grad_norm: float, model, step: int, policy: str, log) -> bool:
     """True if loss and gradient are finite; else abort or (policy 'skip') warn."""
-    # g.g is finite unless an entry is NaN/Inf or the squares overflow (then the exact test
-    # decides): one BLAS pass, cheaper than np.sum(g) (docs/PERFORMANCE.md, "Choices in the code")
-    g = model.grads
-    grads_ok = np.isfinite(np.dot(g, g)) or np.isfinite(g).all()
+    # the norm is finite unless an entry is NaN/Inf or the squares overflow (then the exact
+    # test decides): no pass of its own (docs/PERFORMANCE.md, "Choices in the code")
+    grads_ok = np.isfinite(grad_norm) or np.isfinite(model.grads).all()
     if np.isfinite(train_loss) and grads_ok:
         return True
     bad = [n for n, g in model.views(model.grads).items() if not np.isfinite(g).all()]

@@ -292,7 +292,7 @@ def test_metrics_file_and_config_round_trip(alone, make_dataset, tmp_path, monke
     records = metrics(tmp_path / "a")
     trains = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r and "summary" not in r]
-    assert [set(r) for r in trains] == [{"step", "epoch", "loss", "accuracy", "lr", "samples_per_s"}] * 3
+    assert [set(r) for r in trains] == [{"step", "epoch", "loss", "accuracy", "lr", "grad_norm", "samples_per_s"}] * 3
     assert all(0 <= r["accuracy"] <= 1 and (r["accuracy"] * 8).is_integer() for r in trains)  # of the batch of 8
     assert [(r["step"], r["epoch"], r["lr"]) for r in trains] == [(4, 0, 0.05), (8, 1, 0.05), (12, 2, 0.05)]
     assert trains[-1]["samples_per_s"] > 0 and trains[0]["samples_per_s"] == 0  # 10 warm-up steps left out

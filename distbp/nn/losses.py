@@ -24,6 +24,8 @@ def _targets(out: np.ndarray, y, name: str) -> np.ndarray:
 class Loss:
     """Shared parts: the cached gradient and the default correct count."""
 
+    weighted = False  # whether rows weigh differently in the mean (total_weight needs the labels)
+
     def backward(self) -> np.ndarray:
         """Gradient of the last forward's loss sum w.r.t. out (same dtype as out)."""
         if self.dout is None:
@@ -57,6 +59,11 @@ class SoftmaxCrossEntropy(Loss):
         self.w = None if class_weights is None else np.asarray(class_weights, dtype=np.float64)
         if self.w is not None and (self.w.ndim != 1 or not np.isfinite(self.w).all() or (self.w < 0).any()):
             raise ValueError(f"class weights {class_weights!r} must be a list of finite numbers >= 0")
+
+    @property
+    def weighted(self) -> bool:
+        """Class weights are set."""
+        return self.w is not None
 
     def total_weight(self, y) -> float:
         """sum_i w[y_i] over rows y (the row count without class weights)."""
