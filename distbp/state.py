@@ -153,7 +153,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def check_same_batch(ck: ckpt.Checkpoint, cfg: Config):
-    """Raise unless a step's batch (batch_size * accumulate_steps) is the one the checkpoint's data position counts in."""
+    """Raise unless batch_size * accumulate_steps is the step size the checkpoint's data position counts in."""
     t, old = cfg.train, ck.config.get("train", {})
     old_b, old_k = old.get("batch_size", t.batch_size), old.get("accumulate_steps", 1)
     if old_b * old_k != t.batch_size * t.accumulate_steps:

@@ -68,6 +68,7 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
+        self.loss = build_loss(cfg, self.data, comm)
         self.opt = build_optimizer(cfg, model)
         t = cfg.train
         self.early = EarlyStopping(*best_metric(self.data.task), t.early_stop_patience, t.early_stop_min_delta)
@@ -90,7 +91,6 @@ class Trainer:
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
-        self.loss = build_loss(cfg, self.data, comm)
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None

@@ -12,6 +12,7 @@ from distbp.comm import SerialComm
 from distbp.config import load_config
 from distbp.data import Dataset, synthetic, write_dataset
 from distbp.errors import UserError
+from distbp.evaluate import evaluate_checkpoint
 from distbp.sampler import GlobalBatches
 from distbp.state import build_model
 from conftest import import_torch
@@ -293,3 +294,6 @@ def test_the_training_controls_example_runs(tmp_path):
     trainer = run(cfg, SerialComm(), tmp_path / "run")
     assert trainer.pos.micro_steps == 6 * 4 and trainer.loss.weighted and trainer.loss.eps == 0.1
     assert all(r["grad_norm"] > 0 for r in records(tmp_path / "run") if "grad_norm" in r)
+    final = tmp_path / "run" / "checkpoints" / checkpoint_name(6)
+    assert evaluate_checkpoint(str(final), SerialComm())["loss"] == pytest.approx(trainer.result["val_loss"],
+                                                                                  rel=1e-6)
