@@ -39,9 +39,9 @@ class EarlyStopping:
 
     def reason(self) -> str:
         """Why the run stopped, for the summary."""
+        best = "no finite value" if self.best is None else f"best {self.best:.6g} at step {self.best_step}"
         return (f"early stop: {self.metric} did not improve by more than {self.min_delta:g} for {self.wait} "
-                f"evaluation(s) (train.early_stop_patience={self.patience}); best {self.best:.6g} at step "
-                f"{self.best_step}")
+                f"evaluation(s) (train.early_stop_patience={self.patience}); {best}")
 
     def state(self) -> dict:
         """What a checkpoint keeps (the metric's best, its step, the patience counter); nothing before an evaluation."""

@@ -75,11 +75,10 @@ class DataParallelStep:
 
     def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, norm: float | None = None,
                          first: bool = True) -> tuple[float, int]:
-        """Add this rank's part of the gradient of the global mean loss to model.grads (zeroed first if first);
-        (loss sum, correct rows). norm: what the mean divides by (default batch_rows)."""
+        """Add this pass's part of the gradient of the global mean (sum / norm) to model.grads, zeroed if first."""
         if first:
             self.model.zero_grad(skip_written=True)  # the backward writes what it skips
-        return grad_of(self.model, self.loss, x, y, positions, batch_rows, norm or batch_rows,
+        return grad_of(self.model, self.loss, x, y, positions, batch_rows, batch_rows if norm is None else norm,
                        lambda: self.lap("forward"))
 
     def reduce(self, grads: np.ndarray, scalars: StepScalars):
@@ -129,8 +128,7 @@ class DeterministicStep(DataParallelStep):
 
     def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, norm: float | None = None,
                          first: bool = True) -> tuple[float, int]:
-        """Sum this rank's shard gradients into its tree blocks (a new tree if first); keep shard losses;
-        (loss sum, correct rows of these positions)."""
+        """Sum this pass's shard gradients into the tree blocks (a new tree if first); keep shard losses."""
         m, targets = self.m, self.targets
         if first:
             self.shards = num_shards(batch_rows, m)
@@ -147,7 +145,7 @@ class DeterministicStep(DataParallelStep):
                 rows = slice(lo - a * m, hi - a * m)
                 g = targets.take()  # the backward writes straight into a vector of the tree
                 self.shard_loss[j], c = grad_of(self.model, self.loss, x[rows], y[rows], positions[rows], batch_rows,
-                                                norm or batch_rows)
+                                                batch_rows if norm is None else norm)
                 correct += c
                 targets.release(self.local.push((j, 1), g))
         finally:

@@ -167,8 +167,7 @@ class Trainer:
         return self.finish(exit_code)
 
     def forward_backward(self) -> tuple[float, int, int]:
-        """Read and run this rank's rows of each pass over the step's batch, adding up the gradient;
-        (loss sum, correct rows, rows)."""
+        """Each pass of the step's batch on this rank: read, forward, backward into the summed gradient."""
         pos, timer = self.pos, self.timer
         if pos.step_in_epoch >= self.per_epoch:
             pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0

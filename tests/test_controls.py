@@ -94,6 +94,8 @@ def test_early_stopping_state_round_trips_through_checkpoint_attrs():
     restored = EarlyStopping("val_loss", "min", patience=3)
     restored.load(nan_first.state())
     assert (restored.best, restored.wait) == (None, 1)
+    assert not restored.update(float("nan"), 2) and restored.update(float("inf"), 3)
+    assert restored.reason().endswith("for 3 evaluation(s) (train.early_stop_patience=3); no finite value")
     untouched = EarlyStopping("val_loss", "min", patience=3)
     untouched.load({})
     assert (untouched.best, untouched.wait) == (None, 0)
