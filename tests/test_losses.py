@@ -114,8 +114,8 @@ def test_smoothed_weighted_cross_entropy_matches_torch(eps, weights):
     torch = import_torch()
     rng = np.random.default_rng(4)
     out, y = 3 * rng.standard_normal((9, 4)), rng.integers(0, 4, 9)
-    reference = torch.nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights),
-                                          label_smoothing=eps)
+    weight = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+    reference = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=eps)
     t_out = torch.tensor(out, requires_grad=True)
     t_loss = reference(t_out, torch.tensor(y))
     t_loss.backward()
