@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -19,6 +21,7 @@ LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _WORLD = None
 _LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
 _WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
+ABORT_GRACE = 3.0  # s MPI_Abort gets before the process ends itself: a launcher out of reach never answers
 
 
 class CommError(UserError):
@@ -101,11 +104,31 @@ class Comm:
         self._mpi.Request.Waitall(requests)
 
     def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
-        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank."""
+        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank.
+
+        By point-to-point messages: MPICH's Allgatherv took 4-60x longer for 7 MB on one node
+        (docs/PERFORMANCE.md, "Choices in the code")."""
         _check_buffer(buf, "allgatherv")
         if self.size > 1:
-            self._comm.Allgatherv(self._mpi.IN_PLACE, [buf, (list(counts), _displacements(counts))])
+            flat, ends = buf.reshape(-1), np.cumsum(counts)
+            pieces = [flat[e - c:e] for c, e in zip(counts, ends)]
+            others = [q for q in range(self.size) if q != self.rank]
+            self.exchange([(q, pieces[self.rank]) for q in others], [(q, pieces[q]) for q in others])
         return buf
+
+    def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
+        """out = rank q's piece (counts[q] items, after those of ranks < q) of buf summed over the ranks."""
+        _check_buffer(buf, "reduce_scatter_sum")
+        _check_buffer(out, "reduce_scatter_sum")
+        self._comm.Reduce_scatter(buf, out, list(counts), op=self._mpi.SUM)
+        return out
+
+    def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
+        """Every rank's piece (counts[q] items each) into out on root, in rank order (out unused elsewhere)."""
+        _check_buffer(piece, "gatherv")
+        recv = [out, (list(counts), _displacements(counts))] if self.rank == root else None
+        self._comm.Gatherv(piece, recv, root=root)
+        return out
 
     def bcast_obj(self, obj, root: int = 0):
         """Root's small picklable object on every rank (setup only, never the hot path)."""
@@ -120,10 +143,18 @@ class Comm:
         self._comm.Barrier()
 
     def abort(self, code: int = 1):
-        """End every rank of the job now with exit code `code`."""
+        """End every rank of the job now with exit code `code`; this process ends within seconds in any case."""
         _flush()
+        _exit_after(ABORT_GRACE, code)
         time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
         self._mpi.COMM_WORLD.Abort(code)
+        os._exit(code)  # MPICH's MPI_Abort returned when its launcher was out of reach
+
+    def allocate_shared(self, nbytes: int, itemsize: int):
+        """A buffer of nbytes held once per node in MPI shared memory (collective over the node)."""
+        win = self._mpi.Win.Allocate_shared(nbytes if self.local_rank == 0 else 0, itemsize, comm=self._node)
+        _WINDOWS.append(win)
+        return win.Shared_query(0)[0]
 
     def private_channel(self):
         """(mpi4py.MPI, a duplicate communicator) for a helper's own messages (collective over the world)."""
@@ -171,6 +202,17 @@ class SerialComm:
         """Gather from the only rank: checks buf and returns it unchanged."""
         _check_buffer(buf, "allgatherv")
         return buf
+
+    def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
+        """The only rank's piece: out = buf."""
+        _check_buffer(out, "reduce_scatter_sum")
+        out[...] = buf
+        return out
+
+    def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
+        """The only rank's piece into out."""
+        out[...] = piece
+        return out
 
     def bcast_obj(self, obj, root: int = 0):
         """The object itself."""
@@ -243,6 +285,17 @@ def world():
         check_launcher(comm.size, os.environ, have_mpi=mpi is not None)
         _WORLD = comm
     return _WORLD
+
+
+def _exit_after(seconds: float, code: int):
+    """End this process with exit code `code` after `seconds`, whatever its threads are doing."""
+    signal.alarm(int(seconds) + 2)  # if the interpreter itself is stuck, the kernel's SIGALRM ends it
+    timer = threading.Timer(seconds, os._exit, (code,))
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # no thread to be had (out of memory): the alarm ends it
+        pass
 
 
 def _flush():
@@ -340,11 +393,7 @@ def node_shared_array(comm, shape, dtype) -> np.ndarray:
     # pages. Fill it on local rank 0 only, then synchronise (comm.barrier) before reading.
     shape, dtype = tuple(int(s) for s in np.atleast_1d(shape)), np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    node = getattr(comm, "_node", None)
-    if node is None or comm.local_size == 1 or nbytes == 0:
+    if comm.local_size == 1 or nbytes == 0:
         return np.empty(shape, dtype)
-    mpi = comm._mpi
-    win = mpi.Win.Allocate_shared(nbytes if comm.local_rank == 0 else 0, dtype.itemsize, comm=node)
-    _WINDOWS.append(win)
-    buf, _ = win.Shared_query(0)
+    buf = comm.allocate_shared(nbytes, dtype.itemsize)
     return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)

@@ -17,6 +17,7 @@ from .nn import Sequential, make_loss, mlp_specs
 from .nn.losses import balanced_weights
 from .optim import make_optimizer
 from .sampler import shard
+from .zero import ShardedOptimizer
 
 
 @dataclass
@@ -86,15 +87,20 @@ def _require(ok: bool, msg: str):
         raise UserError(msg)
 
 
-def build_optimizer(cfg: Config, model: Sequential):
-    """The optimizer the config names, on the flat vectors."""
-    o = cfg.optim
-    return make_optimizer(o.name, model.params.size, model.params.dtype, **o.optimizer_options())
+def build_optimizer(cfg: Config, model: Sequential, comm):
+    """The optimizer the config names, on the flat vectors: whole, or this rank's slice (train.shard_optimizer)."""
+    o, n, dtype = cfg.optim, model.params.size, model.params.dtype
+
+    def make(size: int):
+        return make_optimizer(o.name, size, dtype, **o.optimizer_options())
+    if cfg.train.shard_optimizer and 1 < comm.size <= n:
+        return ShardedOptimizer(make, n, dtype, comm.rank, comm.size)
+    return make(n)
 
 
-def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr: float,
-                    early: EarlyStopping) -> ckpt.Checkpoint:
-    """The full training state as a Checkpoint (views, no copies)."""
+def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int,
+                    lr: float, early: EarlyStopping) -> ckpt.Checkpoint:
+    """The full training state as a Checkpoint (views, no copies); states are opt's whole state arrays."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
              "samples_seen": pos.samples_seen, "micro_steps": pos.micro_steps, **early.state(),
              "world_size": world_size, "lr": lr,
@@ -106,7 +112,7 @@ def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr:
                                             "step": pos.step}})}
     return ckpt.Checkpoint(params=model.views(model.params),
                            opt_name=cfg.optim.name,
-                           opt_arrays={k: model.views(a) for k, a in opt.state_arrays().items()},
+                           opt_arrays={k: model.views(a) for k, a in states.items()},
                            opt_scalars=opt.state_scalars(),
                            buffers=model.buffer_views(model.buffers),
                            attrs=attrs)
@@ -185,7 +191,7 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
 
 def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm, log) -> Position:
     """Load (rank 0), check and broadcast the resume state into model, opt and early; a fresh Position if none."""
-    flats = {k: np.zeros_like(a) for k, a in opt.state_arrays().items()}
+    flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
     def load():
         found = find_resume(resume, run_dir / "checkpoints", log)
@@ -210,21 +216,22 @@ def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, c
 
 
 def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool):
-    """Rank 0 writes make() at path (sealed in the background) and prunes; only a failed final save raises."""
+    """Rank 0 writes make() at path (to disk in the background) and prunes; only a failed final save raises."""
     errors = []
     try:
         errors.append(saver.wait())  # the previous save's error, reported even if this write fails too
         errors.append(saver.save(path, make(), then=lambda: ckpt.prune(path.parent, keep, path)))
         if final:
             errors.append(saver.wait())
-    except (OSError, RuntimeError) as e:  # h5py reports a write that failed at close as RuntimeError
+    except (OSError, RuntimeError) as e:  # h5py reports some failures as RuntimeError
         errors.append(e)
-    if final and errors[-1]:
-        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({errors[-1]}); "
-                                   "the previous checkpoint is intact")
+    final_error = errors.pop() if final else None
     for e in filter(None, errors):
         log(f"WARNING: a checkpoint could not be written ({e}); the previous one is intact, "
             "training continues")
+    if final_error:
+        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
+                                   "the previous checkpoint is intact")
 
 
 # ---- the cross-rank check (train.check_every) ----

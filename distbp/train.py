@@ -1,6 +1,7 @@
 """The training loop: run(cfg, comm) reads in the order of DESIGN.md's data flow."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -9,13 +10,14 @@ import numpy as np
 from . import __version__
 from . import checkpoint as ckpt
 from . import faults
+from . import rundir
 from . import slurm
 from .clip import clip_by_norm, clip_by_value
 from .comm import set_thread_budget
 from .config import Config, config_to_toml
 from .data import Dataset, digits_path
 from .early_stop import EarlyStopping, best_metric
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
 from .optim import make_schedule
@@ -23,7 +25,9 @@ from .sampler import GlobalBatches
 from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
     resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
-from .watchdog import Watchdog, rank_table
+from .watchdog import configure as configure_watchdog
+from .watchdog import rank_table, watching
+from .zero import state_bytes
 
 
 def schedule_of(cfg: Config, total: int):
@@ -44,32 +48,27 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     return data, train, val
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config):
-    """Create the run directory, its checkpoints folder and config.toml (rank 0)."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(run_dir / "checkpoints")
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
-    except OSError as e:
-        raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
-                        "choose another with --run-dir") from None
-
-
-def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return Trainer(cfg, comm, run_dir, resume).train()
+    with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
+        trainer = Trainer(cfg, comm, run_dir, resume, force)
+        try:
+            return trainer.train()
+        finally:
+            if trainer.lock:
+                trainer.lock.release()
 
 
 class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
-    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str):
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
         self.loss = build_loss(cfg, self.data, comm)
-        self.opt = build_optimizer(cfg, model)
+        self.opt = build_optimizer(cfg, model, comm)
         t = cfg.train
         self.early = EarlyStopping(*best_metric(self.data.task), t.early_stop_patience, t.early_stop_min_delta)
         self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
@@ -78,9 +77,13 @@ class Trainer:
         if cfg.train.max_steps >= 0:
             self.total = min(self.total, cfg.train.max_steps)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
-        on_root(comm, prepare_run_dir, run_dir, cfg)  # after the input checks: a bad input leaves no run dir
+        faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
+        # after the input checks (a bad input leaves no run dir); the lock before any write
+        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
+        for note in notes:
+            self.log(note)
         self._describe()
         self.pos = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm, self.log)
         self.best = None  # best val_accuracy of the run, resumes included
@@ -111,20 +114,21 @@ class Trainer:
             f"task {self.data.task}")
         log(f"model: {self.model.num_params} parameters ({self.cfg.train.dtype})\n  "
             + "\n  ".join(self.model.describe()))
+        shared = f", 1/{comm.size} of it (train.shard_optimizer)" if self.opt.owned is not None else ""
+        log(f"optimizer {self.opt.name}: {state_bytes(self.opt) / 2**20:.1f} MB of state per rank{shared}")
 
     def make_step(self):
         """The step object train.deterministic chooses, on the (watched) comm."""
         cfg, lap = self.cfg, self.timer.lap
         if cfg.train.deterministic:
-            return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap)
-        return DataParallelStep(self.model, self.loss, self.comm, lap)
+            return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap, self.opt.owned)
+        return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned)
 
     def train(self) -> int:
         """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
         cfg, pos, timer, s = self.cfg, self.pos, self.timer, self.scalars
         stop = slurm.StopRequest().install()
-        stall = Watchdog(self.comm, cfg.train.stall_timeout, lambda: pos.step).start()
-        self.comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
+        configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
         self.step = self.make_step()
         for line in self.step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
@@ -159,10 +163,13 @@ class Trainer:
                     self.log(f"{self.early.reason()}: final checkpoint at step {pos.step}")
                     break
                 self.checkpoint_if_due()
+        except BaseException:
+            self.saver.wait()  # a checkpoint being written completes; the final save reports its error otherwise
+            raise
         finally:
-            stall.stop()
+            configure_watchdog(self.comm, step_of=lambda: -1)
             stop.restore()
-            self.saver.wait()
+        faults.inject_at(self.comm.rank, "final")
         agree(self.comm, self.save, final=True)
         return self.finish(exit_code)
 
@@ -193,18 +200,18 @@ class Trainer:
 
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
-        o, grads = self.cfg.optim, self.model.grads
-        train_loss = self.scalars.loss_sum / self.norm
-        self.grad_norm = self.step.grad_norm(grads)  # before clipping: what metrics.jsonl reports
-        skipped = not check_finite(train_loss, self.grad_norm, self.model, self.pos.step, self.cfg.train.nonfinite,
-                                   self.log)
+        s, o = self.scalars, self.cfg.optim
+        train_loss = s.loss_sum / self.norm
+        self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
+        skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
+                                   self.cfg.train.nonfinite, self.log)
         self.lr = self.lr_at(self.pos.step)
         if not skipped:
-            if o.clip_grad_norm:
-                clip_by_norm(grads, o.clip_grad_norm, self.grad_norm)
+            if o.clip_grad_norm:  # on what this rank steps from (a slice if sharded), by the global norm
+                clip_by_norm(self.step.grad, o.clip_grad_norm, self.grad_norm)
             if o.clip_grad_value:
-                clip_by_value(grads, o.clip_grad_value)
-            self.step.apply(self.opt, self.model.params, grads, self.lr)
+                clip_by_value(self.step.grad, o.clip_grad_value)
+            self.step.apply(self.opt, self.model.params, self.lr)
         return train_loss, skipped
 
     def advance(self):
@@ -249,12 +256,14 @@ class Trainer:
 
     def save(self, final: bool):
         """Checkpoint the current state: rank 0 writes (see state.save_checkpoint)."""
+        states = self.opt.full_state(self.comm)  # a sharded optimizer's slices meet on rank 0
         if not self.comm.is_root:
             return
         self.timer.start()
         pos, cfg = self.pos, self.cfg
         save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
-                        lambda: make_checkpoint(self.model, self.opt, pos, cfg, self.comm.size, self.lr, self.early),
+                        lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
+                                                self.early),
                         cfg.checkpoint.keep, self.log, final)
         self.timer.lap("checkpoint")
 
@@ -275,14 +284,16 @@ class Trainer:
         return exit_code
 
 
-def check_finite(train_loss: float, grad_norm: float, model, step: int, policy: str, log) -> bool:
+def check_finite(train_loss: float, grad_sq: float, whole_grad, model, step: int, policy: str, log) -> bool:
     """True if loss and gradient are finite; else abort or (policy 'skip') warn."""
-    # the norm is finite unless an entry is NaN/Inf or the squares overflow (then the exact
-    # test decides): no pass of its own (docs/PERFORMANCE.md, "Choices in the code")
-    grads_ok = np.isfinite(grad_norm) or np.isfinite(model.grads).all()
-    if np.isfinite(train_loss) and grads_ok:
+    # grad_sq = g.g (from the step's reduction) is finite unless an entry is NaN/Inf or the squares
+    # overflow; only then is the whole gradient looked at (gathered first if sharded)
+    if np.isfinite(train_loss) and np.isfinite(grad_sq):
         return True
-    bad = [n for n, g in model.views(model.grads).items() if not np.isfinite(g).all()]
+    g = whole_grad()
+    if np.isfinite(train_loss) and np.isfinite(g).all():
+        return True
+    bad = [n for n, v in model.views(g).items() if not np.isfinite(v).all()]
     where = f"gradient of {', '.join(bad)}" if bad else "loss"
     msg = f"non-finite {where} at step {step} (loss {train_loss})"
     if policy == "skip":

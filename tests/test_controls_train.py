@@ -127,6 +127,11 @@ EQUAL_RUNS = {  # (settings, whether deterministic mode makes them bitwise)
     "accumulate-batchnorm": (["train.batch_size=12", "train.accumulate_steps=2", "optim.clip_grad_value=0.02",
                               'model.layers=[{type="linear", out=8}, {type="batchnorm"}, {type="relu"}, '
                               '{type="linear", out=3}]'], False),
+    "sharded-accumulate-clip": (["train.shard_optimizer=true", "train.batch_size=12", "train.accumulate_steps=3",
+                                 "optim.clip_grad_norm=0.2", 'optim.name="adam"', "optim.lr=0.01"], False),
+    "deterministic-sharded": (["train.deterministic=true", "train.shard_optimizer=true", "train.micro_batch=6",
+                               "train.batch_size=12", "train.accumulate_steps=2", "optim.clip_grad_value=0.02"],
+                              True),
     "deterministic": (["train.deterministic=true", "train.micro_batch=5", "train.batch_size=12",
                        "train.accumulate_steps=3", "optim.clip_grad_norm=0.2", "model.dropout=0.3",
                        "loss.label_smoothing=0.1", 'loss.class_weights="balanced"'], True),
