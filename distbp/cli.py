@@ -81,6 +81,7 @@ examples:
       --test t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
   distbp data convert iris.csv iris.h5 --label species --val-fraction 0.2 --seed 1
   distbp data convert houses.csv houses.h5 --label -1 --task regression
+  distbp data convert wine_data.csv wine.h5 --skip-rows 1 --label -1
   distbp data convert x.npy y.npy data.h5"""
 
 
@@ -94,16 +95,22 @@ def add_convert_parser(dsub):
     dc.add_argument("out", metavar="OUT.h5", help="dataset file to write (replaced atomically)")
     dc.add_argument("--test", nargs="+", default=[], metavar="INPUT",
                     help="input file(s) of a test split, same format (put this option last)")
-    dc.add_argument("--task", default="classification", choices=("classification", "regression", "binary"),
-                    help="classification: integer or text labels; regression: float targets (default: %(default)s)")
+    dc.add_argument("--task", choices=("classification", "regression", "binary"),
+                    help="classification: integer or text labels; regression: float targets (default: "
+                    "classification; numeric labels that would make over 100 classes stop with a hint "
+                    "unless it is given)")
     dc.add_argument("--label", help="CSV label column: name or 0-based index, -1 = last "
                     "(default: a column named label, target, class or y)")
     dc.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
                     help="CSV: the first row is (not) a header (default: detected)")
     dc.add_argument("--delimiter", help="CSV delimiter (default: detected among , ; tab |)")
+    dc.add_argument("--skip-rows", type=int, default=0, metavar="N",
+                    help="CSV: skip the first N lines, e.g. a 'n_samples,n_features,...' line (default: 0)")
     dc.add_argument("--val-fraction", type=float, default=None,
                     help="fraction of train rows drawn into a val split (default 0.1; 0 if the input has val)")
     dc.add_argument("--seed", type=int, default=0, help="seed of the val split draw (default: %(default)s)")
+    dc.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=None,
+                    help="draw the val split per class, keeping class shares (default: on for classification)")
     dc.add_argument("--num-classes", type=int, help="number of classes (default: largest label + 1)")
     dc.add_argument("--x-scale", type=float, help="scale of uint8 inputs (default: 1/255)")
     dc.add_argument("--x-key", default="x", help=".npz array holding x (default: %(default)s)")
@@ -167,7 +174,8 @@ def cmd_data(args, comm) -> int:
         agree(comm, lambda: comm.is_root and convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
-            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key))
+            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key,
+            skip_rows=args.skip_rows, stratify=args.stratify))
         if comm.is_root:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
