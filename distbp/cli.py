@@ -130,9 +130,12 @@ def add_plot_predict_parsers(sub):
                         "classification, outputs for regression, written to an HDF5 file by rank 0. "
                         "Under mpirun every rank predicts a contiguous slice of the rows.")
     pr.add_argument("checkpoint", help="checkpoint file, e.g. runs/a/checkpoints/step-00000440.h5")
-    pr.add_argument("input", help="a distbp dataset file (with --split) or an .npy array of inputs")
-    pr.add_argument("out", metavar="OUT.h5", help="predictions file to write")
+    pr.add_argument("input", help="a distbp dataset file (with --split), an .npy array or a CSV file of inputs "
+                    "(feature columns only; header detected)")
+    pr.add_argument("out", metavar="OUT", help="predictions file to write: HDF5, or CSV if the name ends in .csv")
     pr.add_argument("--split", default="val", help="split of a dataset input (default: %(default)s)")
+    pr.add_argument("--data", help="for .npy/.csv inputs: the dataset giving the task, classes and x_scale "
+                    "(default: the one the run trained on)")
     pr.add_argument("--batch", type=int, default=1024, help="rows per forward pass (default: %(default)s)")
 
 
@@ -226,7 +229,8 @@ def cmd_plot(args, comm) -> int:
 def cmd_predict(args, comm) -> int:
     """distbp predict."""
     from .predict import predict
-    out = predict(args.checkpoint, args.input, args.out, comm, split=args.split, batch=args.batch)
+    out = predict(args.checkpoint, args.input, args.out, comm, split=args.split, batch=args.batch,
+                  data_path=args.data)
     if comm.is_root:
         print(f"wrote {out}")
     return 0

@@ -9,8 +9,9 @@ from .nn import make_loss
 from .train import build_model, evaluate, load_params
 
 
-def load_model(path: str, comm, data_path: str | None = None):
-    """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast."""
+def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "data.path"):
+    """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast; data_arg names the
+    dataset's argument in messages."""
     def on_root():
         return ckpt.load(path) if comm.is_root else None
     ck = agree(comm, on_root)
@@ -18,7 +19,7 @@ def load_model(path: str, comm, data_path: str | None = None):
     cfg = agree(comm, config_from_dict, config)
     if data_path:
         cfg.data.path = data_path
-    data = agree(comm, Dataset, cfg.data.path or digits_path())
+    data = agree(comm, Dataset, cfg.data.path or digits_path(), data_arg)
     model = agree(comm, build_model, cfg, data)
     agree(comm, lambda: load_params(ck, model) if comm.is_root else None)
     comm.bcast(model.params)

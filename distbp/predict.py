@@ -7,10 +7,16 @@ so no rank holds more than world size x batch rows of outputs at a time.
 The output file (`distbp_format = "predictions"`, `version = 1`) holds, for
 classification, `class` (N,) int64 and `probabilities` (N, K) float32; for binary,
 `probability` and `class` (N, k); for regression, `output` (N, k) float32, or (N,)
-when k = 1. A dataset input adds its labels `y` (N, ...) for scoring.
+when k = 1. A dataset input adds its labels `y` (N, ...) for scoring. An output name ending
+in `.csv` gives a CSV file instead: one column per 1-D array, `name_j` per column of a 2-D
+one, in that order, with a header row.
+
+Inputs: a dataset split, an .npy array (memory-mapped) or a CSV file of feature columns
+(read in order, in blocks, with convert.CsvTable: header and delimiter detected).
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
 from pathlib import Path
@@ -18,11 +24,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .convert import CsvTable
 from .data import DataError, shard
 from .errors import agree
 from .evaluate import load_model
 
 FORMAT, VERSION = "predictions", 1
+CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt")
+CSV_BLOCK = 4096  # rows per block of a CSV input or output
 
 
 class NpyRows:
@@ -45,6 +54,32 @@ class NpyRows:
         """(x, None) of rows [lo, hi)."""
         x = np.asarray(self.x[lo:hi]).reshape(hi - lo, *self.input_shape)
         return (x * dtype.type(self.scale) if self.scale else x).astype(dtype, copy=False), None
+
+
+class CsvRows:
+    """Rows of a CSV input of feature columns, read in order (each rank's reads move forward)."""
+
+    def __init__(self, path: str, input_shape: tuple):
+        self.table = CsvTable(Path(path), features_only=True)
+        if self.table.x_shape[0] != math.prod(input_shape):
+            raise DataError(f"input {path}: {self.table.x_shape[0]} columns but the model takes "
+                            f"{math.prod(input_shape)} features {input_shape}; HINT: give only the feature "
+                            "columns (drop a label column), in the order of training")
+        self.n, self.input_shape = self.table.n, input_shape
+        self._blocks, self._lo, self._x = None, 0, np.zeros((0, math.prod(input_shape)), np.float32)
+
+    def read(self, lo: int, hi: int, dtype) -> tuple[np.ndarray, None]:
+        """(x, None) of rows [lo, hi), lo at or past the previous read's."""
+        if self._blocks is None or lo < self._lo:
+            self._blocks, self._lo, self._x = self.table.blocks(CSV_BLOCK), 0, self._x[:0]
+        while True:  # the buffer holds rows [self._lo, self._lo + len(self._x))
+            cut = min(max(0, lo - self._lo), len(self._x))  # drop rows before lo
+            self._lo, self._x = self._lo + cut, self._x[cut:]
+            if self._lo + len(self._x) >= hi:
+                break
+            self._x = np.concatenate([self._x, next(self._blocks)[0]])
+        x = self._x[lo - self._lo:hi - self._lo]
+        return x.reshape(hi - lo, *self.input_shape).astype(dtype, copy=False), None
 
 
 class SplitRows:
@@ -96,10 +131,33 @@ class Writer:
             self.f[name][lo:lo + len(a)] = a
 
     def close(self) -> Path:
-        """Finish the file and move it to its name."""
+        """Finish the file and move it to its name (as CSV when the name ends in .csv)."""
+        if self.path.name.lower().endswith(".csv"):
+            csv_tmp = self.tmp.with_suffix(".csv")
+            try:
+                write_csv(self.f, csv_tmp)
+                os.replace(csv_tmp, self.path)
+            finally:
+                self.f.close()
+                csv_tmp.unlink(missing_ok=True)
+                self.tmp.unlink()
+            return self.path
         self.f.close()
         os.replace(self.tmp, self.path)
         return self.path
+
+
+def write_csv(f: h5py.File, path: Path):
+    """The arrays of a predictions file as CSV columns (name, or name_j for 2-D arrays), in blocks."""
+    arrays = list(f.values())
+    names = [a.name[1:] if a.ndim == 1 else f"{a.name[1:]}_{j}" for a in arrays for j in range(math.prod(a.shape[1:]))]
+    formats = ["%d" if a.dtype.kind in "iu" else "%.9g" for a in arrays for _ in range(math.prod(a.shape[1:]))]
+    with open(path, "w", newline="") as out:
+        csv.writer(out).writerow(names)
+        for lo in range(0, len(arrays[0]), CSV_BLOCK):
+            block = np.hstack([np.asarray(a[lo:lo + CSV_BLOCK], np.float64).reshape(-1, math.prod(a.shape[1:]))
+                               for a in arrays])
+            np.savetxt(out, block, fmt=formats, delimiter=",")
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -115,20 +173,42 @@ def _attrs(checkpoint, source, split, data) -> dict:
     return attrs
 
 
-def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024) -> Path | None:
-    """Write the model's predictions on a dataset split or an .npy array to `out`; returns its path on rank 0."""
+def _input_rows(source, split: str, model, data):
+    """The rows to predict: an .npy array, a CSV file, or a split of the dataset `data`."""
+    name = str(source).lower()
+    if name.endswith(".npy"):
+        return NpyRows(source, model.input_shape, data.x_scale)
+    if name.endswith(CSV_SUFFIXES):
+        return CsvRows(source, model.input_shape)
+    if split not in data.splits:
+        raise DataError(f"--split {split}: input {source} has no such split (it has: {', '.join(data.splits)}); "
+                        "HINT: pass --split with one of those")
+    return SplitRows(data.split(split))
+
+
+def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024,
+            data_path: str | None = None) -> Path | None:
+    """Write the model's predictions on a dataset split, an .npy array or a CSV file to `out`; returns its
+    path on rank 0. data_path: the dataset giving task, classes and x_scale for array inputs (default: the
+    run's)."""
     if batch < 1:
         raise DataError(f"--batch {batch} must be at least 1")
-    npy = str(source).endswith(".npy")
-    model, data, _ = load_model(checkpoint, comm, data_path=None if npy else source)
-    rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
-                 else SplitRows(data.split(split)))
+    array = str(source).lower().endswith((".npy", *CSV_SUFFIXES))
+    if not agree(comm, os.path.isfile, source):
+        raise DataError(f"input {source}: no such file; HINT: give INPUT as a dataset file (.h5 with --split), "
+                        "an .npy array or a .csv file of inputs")
+    if data_path and not array:
+        raise DataError(f"--data {data_path} applies to .npy and .csv inputs; a dataset INPUT {source} is its "
+                        "own; HINT: drop --data")
+    arg = "--data (default: the run's data.path, stored in the checkpoint)" if array else "INPUT"
+    model, data, _ = load_model(checkpoint, comm, data_path=data_path if array else source, data_arg=arg)
+    rows = agree(comm, _input_rows, source, split, model, data)
     lo, hi = shard(rows.n, comm.rank, comm.size)
     rounds = math.ceil(math.ceil(rows.n / comm.size) / batch)  # chunks in the largest slice, the same on every rank
     template = outputs(data.task, np.zeros((1, *model.out_shape), model.params.dtype))
-    if not npy:
+    if not array:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
-    attrs = _attrs(checkpoint, source, None if npy else split, data)
+    attrs = _attrs(checkpoint, source, None if array else split, data)
     writer = agree(comm, lambda: Writer(out, rows.n, template, attrs) if comm.is_root else None)
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
