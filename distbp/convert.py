@@ -511,11 +511,12 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
 def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
-            x_key: str = "x", y_key: str = "y", skip_rows: int = 0, stratify: bool | None = None) -> Path:
+            x_key: str = "x", y_key: str = "y", skip_rows: int = 0, stratify: bool | None = None,
+            attrs: dict | None = None) -> Path:
     """Convert input files to the dataset file `out` (see the module docstring); returns its path.
 
     task None means classification, guessed (numeric labels making over MAX_GUESSED_CLASSES classes are
-    refused); stratify None means stratified for classification."""
+    refused); stratify None means stratified for classification; attrs are extra root attributes."""
     task_given, task = task is not None, task or "classification"
     if task not in TASKS:
         raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
@@ -561,6 +562,7 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             _fill(f, tables, routes, shapes, task, bar)
             f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes,
                                    n_val, val_fraction, seed, stratify))
+            f.attrs.update(attrs or {})
         with Dataset(tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
                 ds.split(name)
