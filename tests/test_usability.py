@@ -76,14 +76,15 @@ def test_walkthrough_csv_and_the_regression_example(tmp_path):
     names = np.array(["low", "mid", "high"])[np.digitize(x[:, 0] + x[:, 1], [-1, 1])]
     lines = ["a,b,c,kind"] + [f"{r[0]},{r[1]},{r[2]},{k}" for r, k in zip(x, names)]
     (tmp_path / "my.csv").write_text("\n".join(lines) + "\n")
-    distbp("data", "convert", "my.csv", "data.h5", "--label", "kind", cwd=tmp_path)
+    (tmp_path / "data").mkdir()  # in a clone, the repository's data/ folder
+    distbp("data", "convert", "my.csv", "data/my.h5", "--label", "kind", cwd=tmp_path)
     out = distbp("train", ROOT / "examples" / "classification.toml", "--set", "train.epochs=3",
-                 "--run-dir", "c", ranks=2, cwd=tmp_path)
+                 "--set", "data.path='data/my.h5'", "--run-dir", "c", ranks=2, cwd=tmp_path)
     assert "val_accuracy" in out
     x = rng.uniform(-2, 2, (3000, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", np.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2])
-    distbp("data", "convert", "x.npy", "y.npy", "regression.h5", "--task", "regression", cwd=tmp_path)
+    distbp("data", "convert", "x.npy", "y.npy", "data/regression.h5", "--task", "regression", cwd=tmp_path)
     distbp("train", ROOT / "examples" / "regression.toml", "--set", "train.epochs=5", "--run-dir", "r",
            cwd=tmp_path)
     summary = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
