@@ -221,7 +221,7 @@ def cmd_data(args, comm) -> int:
         out = fetch(args.name, args.dir, mirror=args.mirror, source=args.source, timeout=args.timeout,
                     retries=args.retries)
         with data.Dataset(out) as ds:
-            print("\n".join([f"wrote {out}", *ds.describe()]))
+            print("\n".join(ds.describe()))
         return 0
     if args.data_command == "digits":
         shutil.copyfile(data.digits_path(), args.out)

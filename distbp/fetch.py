@@ -202,7 +202,8 @@ def unpack(archive: Path, folder: Path, max_bytes: int):
                                  "dataset unpacks to; nothing was unpacked and the archive is deleted; HINT: "
                                  "fetch it again from the publisher")
             folder.mkdir(parents=True)
-            tar.extractall(folder, members=members, filter="data")
+            # the "data" filter (Python >= 3.10.12) is a second guard behind the checks above
+            tar.extractall(folder, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise FetchError(f"{archive}: cannot be unpacked ({e}); HINT: delete it and fetch again, or free "
                          "disk space in --dir") from None
@@ -271,9 +272,14 @@ def _write(part: Path, mode: str, chunks, limit: int, bar):
                          "deleted; HINT: the --mirror serves another file under this name")
 
 
+def _size(path: Path) -> int:
+    """Bytes in the file, 0 if there is none."""
+    return path.stat().st_size if path.exists() else 0
+
+
 def _get(url: str, part: Path, remote: Remote, timeout: float, bar):
     """Append the rest of the file at url to part, from part's size on (HTTP Range)."""
-    have = part.stat().st_size if part.exists() else 0
+    have = _size(part)
     headers = {"User-Agent": f"distbp/{__version__}", **({"Range": f"bytes={have}-"} if have else {})}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
         resumed = have and r.status == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
@@ -284,11 +290,10 @@ def _get(url: str, part: Path, remote: Remote, timeout: float, bar):
 
 def download(remote: Remote, urls: list[str], part: Path, timeout: float, retries: int):
     """Download to part (resuming it), retrying with backoff; raises FetchError when attempts run out."""
-    size = lambda: part.stat().st_size if part.exists() else 0  # noqa: E731
     with tqdm(total=remote.size, unit="B", unit_scale=True, unit_divisor=1024, desc=remote.name,
               file=sys.stderr, disable=None, leave=False) as bar:
         attempt, retryable = 0, True
-        while attempt < retries and retryable and size() < remote.size:
+        while attempt < retries and retryable and _size(part) < remote.size:
             if attempt:
                 time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S))
             attempt, retryable = attempt + 1, False
@@ -301,11 +306,11 @@ def download(remote: Remote, urls: list[str], part: Path, timeout: float, retrie
                 except (urllib.error.URLError, http.client.HTTPException, OSError, Interrupted) as e:
                     last, retryable = (e.cause if isinstance(e, Interrupted) else e), True
                 where = url
-                if size() >= remote.size:
+                if _size(part) >= remote.size:
                     return
-    if size() >= remote.size:  # completed by an earlier run
+    if _size(part) >= remote.size:  # completed by an earlier run
         return
-    have = size()
+    have = _size(part)
     kept = (f"; the {have} bytes received are kept in {part}: run the same command again to resume" if have
             else "")
     raise FetchError(f"{remote.name}: {_reason(last, timeout)} at {where} after {attempt} attempt(s), "
@@ -323,7 +328,8 @@ def _override_checksums(recipe: Recipe) -> Recipe:
         pins = {name: (int(size), sha) for name, size, sha in (line.split() for line in
                                                                   Path(path).read_text().splitlines() if line.strip())}
     except (OSError, ValueError) as e:
-        raise FetchError(f"{CHECKSUMS_ENV}={path}: not a file of 'FILE SIZE SHA256' lines ({e}); HINT: unset it")
+        raise FetchError(f"{CHECKSUMS_ENV}={path}: not a file of 'FILE SIZE SHA256' lines ({e}); "
+                         "HINT: unset it") from None
     return replace(recipe, files=tuple(replace(r, size=pins[r.name][0], sha256=pins[r.name][1])
                                        if r.name in pins else r for r in recipe.files))
 
@@ -351,8 +357,8 @@ def fetch_file(name: str, remote: Remote, folder: Path, mirror: str | None, sour
     if source is not None:
         given = source / remote.name
         if not given.is_file():
-            raise FetchError(f"--from {source}: no file {remote.name} there; HINT: copy the files "
-                             f"{', '.join(r for r in remote.urls)} into {source}")
+            raise FetchError(f"--from {source}: no file {remote.name} there; HINT: download {remote.urls[0]} "
+                             f"(or copy it from another machine) into {source}")
         try:
             shutil.copyfile(given, part)
         except OSError as e:
@@ -382,12 +388,17 @@ def fetch(name: str, directory="data", mirror: str | None = None, source=None, t
         raise FetchError(f"--from {source}: no such folder; HINT: give the folder holding the copied files")
     out, folder = Path(directory) / f"{name}.h5", Path(directory) / name
     if out.exists():
-        print(f"{out} exists; delete it to fetch {name} again", file=sys.stderr)
+        print(f"{out} exists; delete it to fetch {name} again")
         return out
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FetchError(f"cannot create {folder} ({e}); HINT: choose a writable --dir") from None
-    files = {r.name: fetch_file(name, r, folder, mirror, source, timeout, retries) for r in recipe.files}
-    recipe.make(files, out, recipe)
+    try:
+        files = {r.name: fetch_file(name, r, folder, mirror, source, timeout, retries) for r in recipe.files}
+        recipe.make(files, out, recipe)
+    finally:
+        if not any(folder.iterdir()):
+            folder.rmdir()  # a failed first fetch leaves no empty folder
+    print(f"wrote {out}")
     return out

@@ -217,8 +217,8 @@ def test_cnn_zero_local_rows():
     assert not model.grads.any()
 
 
-@pytest.mark.parametrize("shape,in_shape,out", [([1, -1, -1], (64,), (1, 8, 8)), ([1, -1, -1], (1, 28, 28), (1, 28, 28)),
-                                                ([-1, 4], (1, 28, 28), (196, 4)), ([1, 8, 8], (64,), (1, 8, 8))])
+@pytest.mark.parametrize("shape,in_shape,out", [([1, -1, -1], (64,), (1, 8, 8)), ([1, 8, 8], (64,), (1, 8, 8)),
+                                                ([1, -1, -1], (1, 28, 28), (1, 28, 28)), ([-1, 4], (1, 28, 28), (196, 4))])
 def test_reshape_infers_minus_one_sizes(shape, in_shape, out):
     from distbp.nn.reshape import Reshape
     layer = Reshape.build({"type": "reshape", "shape": shape}, in_shape, 0, 0)
