@@ -307,19 +307,42 @@ def test_hostile_archives_are_refused_before_anything_is_unpacked(tmp_path, serv
     assert leftovers(tmp_path) == [] and not list(tmp_path.rglob("*evil*"))
 
 
-def test_cli_failure_is_one_message_and_exit_2(tmp_path, server, monkeypatch, capsys):
-    server.serve("iris", FILES["iris"], mode="stall")
+def flipped(data: bytes) -> bytes:
+    """data with one byte changed near the end."""
+    raw = bytearray(data)
+    raw[-12] ^= 0xFF
+    return bytes(raw)
+
+
+HOSTILE = {"cifar-10-binary.tar.gz": tar_gz([*cifar_members(), (symlink("cifar-10-batches-bin/x", "/"), None)])}
+CLI_FAILURES = {  # name, served files, server mode, what the one message says
+    "stall": ("iris", FILES["iris"], "stall", "the server stalled"),
+    "truncated": ("iris", FILES["iris"], "cut", "the connection closed before the end of the file"),
+    "checksum": ("iris", {"iris.data": flipped(FILES["iris"]["iris.data"])}, "ok", "checksum mismatch"),
+    "missing": ("iris", {}, "ok", "HTTP 404"),
+    "hostile archive": ("cifar10", HOSTILE, "ok", "is a symbolic link; nothing was unpacked"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_FAILURES))
+def test_cli_failure_is_one_message_and_exit_2(tmp_path, server, monkeypatch, capsys, case):
+    name, files, mode, says = CLI_FAILURES[case]
+    server.serve(name, files, mode)
     pins = tmp_path / "pins.txt"
-    pins.write_text("".join(f"{r.name} {r.size} {r.sha256}\n" for r in catalog_for(FILES)["iris"].files))
+    good = FILES[name] if name != "cifar10" else HOSTILE
+    pins.write_text("".join(f"{r.name} {r.size} {r.sha256}\n" for r in catalog_for({name: good})[name].files))
     monkeypatch.setenv(fe.CHECKSUMS_ENV, str(pins))
     monkeypatch.setenv(fe.MIRROR_ENV, server.url)  # the environment variable instead of --mirror
-    argv = ["data", "fetch", "iris", "--dir", str(tmp_path / "d"), "--timeout", "0.3", "--retries", "1"]
+    argv = ["data", "fetch", name, "--dir", str(tmp_path / "d"), "--timeout", "0.3", "--retries", "2"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert len(re.findall(r"distbp: error: ", err)) == 1 and "the server stalled" in err and "Traceback" not in err
-    server.modes["iris/iris.data"] = "ok"
-    assert main(argv) == 0
-    assert "wrote " in capsys.readouterr().out and (tmp_path / "d" / "iris.h5").exists()
+    assert len(re.findall(r"distbp: error: ", err)) == 1 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "d" / f"{name}.h5").exists() and not list((tmp_path / "d").rglob(".*tmp*"))
+    if case in ("stall", "truncated"):  # fixed server: the same command resumes and finishes
+        server.serve(name, FILES[name])
+        assert main(argv) == 0
+        assert f"wrote {tmp_path / 'd' / 'iris.h5'}" in capsys.readouterr().out
+        assert server.requests[-1][1] == "bytes=2000-"
 
 
 def test_pinned_checksums_guard_the_production_path(tmp_path, server):
