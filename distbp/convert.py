@@ -527,6 +527,8 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key,
               skip_rows=skip_rows)
     tables = open_inputs(inputs, **kw)
+    if skip_rows and not isinstance(tables["train"], CsvTable):
+        raise ConvertError(f"--skip-rows applies to CSV inputs, not {', '.join(map(str, inputs))}; HINT: drop it")
     if test_inputs:
         tables["test"] = open_inputs(test_inputs, **kw)["train"]
     names = sorted(set().union(*(t.class_names or () for t in tables.values())))

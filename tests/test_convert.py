@@ -233,6 +233,8 @@ def test_stratified_split_keeps_class_shares_and_plain_split_does_not_need_to(tm
               for seed in range(5)]
     assert all(sum(s) == 100 for s in shares) and any(s != [70, 25, 5] for s in shares)
     assert cv.stratified_counts(np.array([5, 3, 3]), 4).tolist() == [2, 1, 1]
+    with pytest.raises(DataError, match="--skip-rows applies to CSV inputs"):
+        cv.convert(inputs, tmp_path / "r.h5", skip_rows=1)
     with pytest.raises(DataError, match="--stratify needs class labels"):
         cv.convert(inputs, tmp_path / "r.h5", task="regression", stratify=True)
 
