@@ -195,9 +195,10 @@ def test_inspect_summarizes_many_classes_in_one_line(tmp_path):
 
 
 def sklearn_csv(name):
-    """A CSV file that ships with scikit-learn (real data nobody in this project wrote)."""
-    from importlib import resources
-    return resources.files("sklearn.datasets") / "data" / name
+    """A CSV file that ships with scikit-learn (real data nobody in this project wrote), found without importing it."""
+    import importlib.util
+    from pathlib import Path
+    return Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "data" / name
 
 
 @pytest.mark.parametrize("name,rows,features,classes", [("wine_data.csv", 178, 13, 3),
