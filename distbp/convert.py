@@ -442,14 +442,20 @@ def _routes(tables: dict, n_val: int, seed: int, train_counts: np.ndarray | None
     return {name: (mask if n_val and name == "train" else None) for name in tables}
 
 
+def _block_rows(t) -> int:
+    """Rows per block of a table: BLOCK_BYTES of x and y rows."""
+    y_bytes = t.y.dtype.itemsize * math.prod(t.y.shape[1:]) if isinstance(t, ArrayPair) else 8
+    return max(1, BLOCK_BYTES // (t.x_dtype.itemsize * math.prod(t.x_shape) + y_bytes))
+
+
 def _class_counts(tables: dict, task_given: bool) -> dict:
     """{split: rows per class} from a pass over the labels; refuses numeric labels that would make
     more than MAX_GUESSED_CLASSES classes unless --task classification was given."""
     counts = {}
     for name, t in tables.items():
         total, row0 = np.zeros(0, np.int64), 0
-        for y in t.labels(max(1, BLOCK_BYTES // 8)):
-            numeric = y.dtype.kind == "f" and t.class_names is None
+        for y in t.labels(_block_rows(t)):
+            numeric = y.dtype.kind == "f" and t.class_names is None and (y.ndim == 1 or y.shape[1] == 1)
             y = _y_rows(y, "classification", t.where, row0)
             if len(y) and numeric and not task_given and y.max() >= MAX_GUESSED_CLASSES:
                 raise ConvertError(f"{t.where}: the labels are numbers up to {int(y.max())}, which would make "
@@ -490,9 +496,8 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
     """Stream every table into the preallocated splits."""
     pos = dict.fromkeys(shapes, 0)
     for name, t in tables.items():
-        row_bytes = max(1, t.x_dtype.itemsize * math.prod(t.x_shape))
         row0 = 0
-        for x, y in t.blocks(max(1, BLOCK_BYTES // row_bytes)):
+        for x, y in t.blocks(_block_rows(t)):
             x, y = _x_rows(x, t.where, row0), _y_rows(y, task, t.where, row0)
             if routes[name] is None:
                 parts = [(name, slice(None))]

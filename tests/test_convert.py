@@ -58,10 +58,10 @@ def test_streaming_in_small_blocks_gives_the_same_file(tmp_path, monkeypatch, st
     x, y = images(500, seed=1)
     img, lab = write_idx(tmp_path / "i", x), write_idx(tmp_path / "l", y)
     whole, _ = read_all(cv.convert([img, lab], tmp_path / "a.h5", val_fraction=0.3, stratify=stratify))
-    monkeypatch.setattr(cv, "BLOCK_BYTES", 7 * 30)  # 7 rows per block
+    monkeypatch.setattr(cv, "BLOCK_BYTES", 7 * 31)  # 7 rows per block (30 bytes of x, 1 of y)
     monkeypatch.setattr(cv, "MASK_BLOCK", 64 if not stratify else 16)  # classes have ~50 rows here
     streamed, _ = read_all(cv.convert([img, lab], tmp_path / "b.h5", val_fraction=0.3, stratify=stratify))
-    monkeypatch.setattr(cv, "BLOCK_BYTES", 64 * 30)
+    monkeypatch.setattr(cv, "BLOCK_BYTES", 64 * 31)
     again, _ = read_all(cv.convert([img, lab], tmp_path / "c.h5", val_fraction=0.3, stratify=stratify))
     assert len(streamed["val"][0]) == 150
     assert rows_of(np.concatenate([streamed["train"][0], streamed["val"][0]])) == rows_of(x[:, None])
