@@ -137,7 +137,7 @@ def _cifar_dataset(files: dict, out: Path, recipe: Recipe):
 
 
 # Sizes and SHA-256 from tensorflow/datasets, tensorflow_datasets/url_checksums/mnist.txt,
-# fashion_mnist.txt, cifar10.txt and iris.txt (the same files torchvision pins by MD5).
+# fashion_mnist.txt, cifar10.txt and iris.txt (lines of URL, size in bytes, SHA-256).
 CATALOG = {
     "mnist": Recipe(_pinned("https://storage.googleapis.com/cvdf-datasets/mnist/ "
                             "https://ossci-datasets.s3.amazonaws.com/mnist/", """
