@@ -235,6 +235,8 @@ def _reason(e: BaseException, timeout: float) -> str:
         e = e.reason
     if isinstance(e, (TimeoutError, socket.timeout)):
         return f"no data for {timeout:g} s (the server stalled)"
+    if isinstance(e, urllib.error.HTTPError) and e.code == 416:
+        return "the server's copy is shorter than the published file (HTTP 416 for the rest)"
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):

@@ -122,7 +122,10 @@ class Server:
                     self.send_error(404)
                     return
                 m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                start = int(m[1]) if m and int(m[1]) < len(body) else 0
+                start = int(m[1]) if m else 0
+                if start >= len(body) > 0:
+                    self.send_error(416)
+                    return
                 self.send_response(206 if start else 200)
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -271,6 +274,11 @@ def test_a_stalled_server_ends_within_the_timeout_bound(tmp_path, server):
 def test_missing_files_and_bad_mirrors(tmp_path, server):
     with pytest.raises(fe.FetchError, match=r"iris.data: HTTP 404 Not Found at http://127.*iris/iris.data after 1 "):
         fe.fetch("iris", tmp_path, mirror=server.url, catalog=catalog_for(FILES), timeout=5)
+    server.serve("iris", {"iris.data": FILES["iris"]["iris.data"][:3000]})  # a mirror's copy that is too short
+    with pytest.raises(fe.FetchError, match=r"iris.data: the server's copy is shorter than the published file "
+                                            r"\(HTTP 416 for the rest\) at .* after 2 attempt\(s\), 3000 of 4552"):
+        fe.fetch("iris", tmp_path, mirror=server.url, catalog=catalog_for(FILES), timeout=5)
+    (tmp_path / "iris" / "iris.data.part").unlink()
     with pytest.raises(fe.FetchError, match=r"--mirror 'ftp://x' is not an http"):
         fe.fetch("iris", tmp_path, mirror="ftp://x", catalog=catalog_for(FILES))
     with pytest.raises(fe.FetchError, match=r"cannot connect.*at http://127.0.0.1:9/iris/iris.data after 2 "):
