@@ -76,7 +76,8 @@ EPILOG_CONVERT = """formats (told apart by name and content; .gz files are read 
   one CSV           numeric feature columns and one label column (--label; header row detected)
   two IDX files     MNIST/Fashion-MNIST images and labels, raw or gzipped, in either order
 uint8 inputs stay uint8 with x_scale 1/255 (--x-scale); other inputs become float32. (N, H, W) images
-are stored as (N, 1, H, W). Without a val split in the input, --val-fraction 0.1 of train becomes val.
+are stored as (N, 1, H, W). Without a val split in the input, --val-fraction 0.1 of train becomes val
+(stratified by class for classification).
 examples:
   distbp data convert train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz mnist.h5 \\
       --test t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
@@ -163,7 +164,7 @@ def add_plot_predict_parsers(sub):
                         "classification, outputs for regression, written to an HDF5 file by rank 0. "
                         "Under mpirun every rank predicts a contiguous slice of the rows.")
     pr.add_argument("checkpoint", help="checkpoint file, e.g. runs/a/checkpoints/step-00000440.h5")
-    pr.add_argument("input", help="a distbp dataset file (with --split), an .npy array or a CSV file of inputs "
+    pr.add_argument("input", metavar="INPUT", help="a distbp dataset file (with --split), an .npy array or a CSV file of inputs "
                     "(feature columns only; header detected)")
     pr.add_argument("out", metavar="OUT", help="predictions file to write: HDF5, or CSV if the name ends in .csv")
     pr.add_argument("--split", default="val", help="split of a dataset input (default: %(default)s)")
