@@ -24,9 +24,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import AtomicFile
 from .convert import CsvTable
-from .data import DataError, shard
-from .errors import agree
+from .data import DataError
+from .sampler import shard
+from .errors import agree, on_root
 from .evaluate import load_model
 
 FORMAT, VERSION = "predictions", 1
@@ -116,9 +118,9 @@ class Writer:
 
     def __init__(self, path, n: int, template: dict, attrs: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.file = AtomicFile(self.path)
         try:
-            self.f = h5py.File(self.tmp, "w")
+            self.f = h5py.File(self.file.tmp, "w")
         except OSError as e:
             raise DataError(f"cannot write {path} ({e}); HINT: choose a writable OUT.h5") from None
         self.f.attrs.update(attrs)
@@ -132,19 +134,16 @@ class Writer:
 
     def close(self) -> Path:
         """Finish the file and move it to its name (as CSV when the name ends in .csv)."""
-        if self.path.name.lower().endswith(".csv"):
-            csv_tmp = self.tmp.with_suffix(".csv")
+        if not self.path.name.lower().endswith(".csv"):
+            self.f.close()
+            return self.file.commit()
+        with AtomicFile(self.path, self.file.tmp.with_name(f"{self.file.tmp.name}.csv")) as table:
             try:
-                write_csv(self.f, csv_tmp)
-                os.replace(csv_tmp, self.path)
+                write_csv(self.f, table.tmp)
             finally:
                 self.f.close()
-                csv_tmp.unlink(missing_ok=True)
-                self.tmp.unlink()
-            return self.path
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+                self.file.discard()
+            return table.commit()
 
 
 def write_csv(f: h5py.File, path: Path):
@@ -209,7 +208,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not array:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if array else split, data)
-    writer = agree(comm, lambda: Writer(out, rows.n, template, attrs) if comm.is_root else None)
+    writer = on_root(comm, Writer, out, rows.n, template, attrs)
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
         chunk = None
@@ -222,4 +221,4 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
-    return agree(comm, lambda: writer.close() if comm.is_root else None)
+    return on_root(comm, lambda: writer.close())

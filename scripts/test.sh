@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: serial tests, MPI tests at 2 and 4 ranks, and the SLURM test.
+# The whole test suite: serial tests, timing tests (retried), MPI tests at 2 and 4 ranks, and the SLURM test.
 # Installs what it needs into ./.venv first. Exits non-zero on any failure on any rank.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,17 @@ mkdir -p test-logs
 status=0
 
 echo "== serial tests"
-python -m pytest -q --timeout=120 --durations=8 -p no:cacheprovider tests || status=1
+python -m pytest -q --timeout=120 --durations=8 -p no:cacheprovider -m "not timing" tests || status=1
+
+# Tests that assert on wall-clock time (a failing rank ends the job within seconds) run
+# on their own and are retried, so a machine loaded by other work cannot fail the suite.
+echo "== timing tests (up to 3 attempts)"
+timing=1
+for attempt in 1 2 3; do
+    python -m pytest -q --timeout=120 -p no:cacheprovider -m timing tests && { timing=0; break; }
+    echo "timing tests failed on attempt $attempt"
+done
+[ $timing -eq 0 ] || status=1
 
 for n in 2 4; do
     echo "== MPI tests on $n ranks"

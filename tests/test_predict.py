@@ -2,6 +2,8 @@
 name predict's own arguments, and n ranks equal 1 rank."""
 import csv
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -137,3 +139,8 @@ def test_predictions_on_n_ranks_equal_one_rank(comm, shared_tmp, make_dataset):
         assert np.array_equal(read_csv(from_csv)[1][:, 0], want["class"])
     else:
         assert out is None and from_csv is None
+
+
+def test_inference_does_not_import_the_training_loop():
+    code = "import sys, distbp.predict, distbp.evaluate; sys.exit('distbp.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
