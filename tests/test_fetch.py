@@ -366,7 +366,6 @@ def test_pinned_checksums_guard_the_production_path(tmp_path, server):
     assert all(len(r.sha256) == 64 and r.size > 0 for recipe in fe.CATALOG.values() for r in recipe.files)
 
 
-@pytest.mark.slow
 def test_fetched_mnist_trains_digits_cnn_and_the_classification_example_on_4_ranks(tmp_path, server):
     server.serve("mnist", FILES["mnist"])
     pins = tmp_path / "pins.txt"
