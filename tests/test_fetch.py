@@ -258,6 +258,7 @@ def test_a_cut_connection_is_resumed_with_a_range_request(tmp_path, server):
     assert Dataset(out).split("train").n == 360
 
 
+@pytest.mark.timing  # the bound is wall-clock time: scripts/test.sh retries these
 def test_a_stalled_server_ends_within_the_timeout_bound(tmp_path, server):
     server.serve("iris", FILES["iris"], mode="stall")
     start = time.monotonic()
