@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .atomic import AtomicFile
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
+from .safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)
@@ -517,11 +518,12 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
             x_key: str = "x", y_key: str = "y", skip_rows: int = 0, stratify: bool | None = None,
-            attrs: dict | None = None) -> Path:
+            attrs: dict | None = None, force: bool = False) -> Path:
     """Convert input files to the dataset file `out` (see the module docstring); returns its path.
 
     task None means classification, guessed (numeric labels making over MAX_GUESSED_CLASSES classes are
     refused); stratify None means stratified for classification; attrs are extra root attributes."""
+    out = check_output(out, [*inputs, *test_inputs], force)
     task_given, task = task is not None, task or "classification"
     if task not in TASKS:
         raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
@@ -553,7 +555,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
     routes = _routes(tables, n_val, seed, counts["train"] if stratify else None)
     shapes = _out_shapes(tables, routes, n_val, task)
     top = max((len(c) - 1 for c in counts.values()), default=-1)
-    out = Path(out)
+    # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
+    # fill the disk meanwhile; the old file stays whole in any case)
+    check_space(out, sum(n * (math.prod(xr) * np.dtype(xd).itemsize + math.prod(yr) * np.dtype(yd).itemsize)
+                         for n, xr, xd, yr, yd in shapes.values()))
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
     with AtomicFile(out) as result:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .atomic import AtomicFile
+from .safeio import check_output
 
 
 def read_metrics(run_dir) -> dict:
@@ -42,8 +44,9 @@ def _pyplot_free_figure():
     return Figure(figsize=(11, 7.5), layout="constrained")
 
 
-def plot_runs(run_dirs, out) -> Path:
+def plot_runs(run_dirs, out, force: bool = False) -> Path:
     """Write a PNG: loss and val accuracy against steps (top row) and epochs (bottom row), runs overlaid."""
+    out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
     runs = {str(d): read_metrics(d) for d in run_dirs}
     fig = _pyplot_free_figure()
     axes = fig.subplots(2, 2)
@@ -71,9 +74,12 @@ def plot_runs(run_dirs, out) -> Path:
         if not acc_ax.has_data():
             acc_ax.text(0.5, 0.5, "no val accuracy (regression, or no val split)", ha="center",
                         transform=acc_ax.transAxes)
-    out = Path(out)
     try:
-        fig.savefig(out, dpi=100)
+        with AtomicFile(out) as target:
+            fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")
+            target.commit(durable=True)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); HINT: choose a writable -o OUT.png") from None
+    except ValueError as e:  # a suffix matplotlib has no writer for
+        raise UserError(f"cannot write {out}: {e}; HINT: name it .png, .pdf or .svg") from None
     return out

@@ -1,8 +1,8 @@
 """Predictions of a checkpoint's model, data-parallel: each rank a contiguous slice, rank 0 writes.
 
 Every rank predicts its slice in chunks of `batch` rows; chunk r of every rank is
-gathered to rank 0 in one round, which writes the rows into preallocated datasets,
-so no rank holds more than world size x batch rows of outputs at a time.
+gathered to rank 0 in one round, which writes the rows into preallocated datasets of
+a file it holds in memory (the predictions of all rows) and writes to OUT at the end.
 
 The output file (`distbp_format = "predictions"`, `version = 1`) holds, for
 classification, `class` (N,) int64 and `probabilities` (N, K) float32; for binary,
@@ -17,19 +17,20 @@ Inputs: a dataset split, an .npy array (memory-mapped) or a CSV file of feature 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from .atomic import AtomicFile
+from . import faults
 from .convert import CsvTable
 from .data import DataError
-from .sampler import shard
 from .errors import agree, on_root
 from .evaluate import load_model
+from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
+from .sampler import shard
 
 FORMAT, VERSION = "predictions", 1
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt")
@@ -114,15 +115,10 @@ def outputs(task: str, logits: np.ndarray) -> dict:
 
 
 class Writer:
-    """Rank 0's predictions file: preallocated datasets filled by row ranges, renamed into place at the end."""
+    """Rank 0's predictions file, built in memory: preallocated datasets filled by row ranges."""
 
-    def __init__(self, path, n: int, template: dict, attrs: dict):
-        self.path = Path(path)
-        self.file = AtomicFile(self.path)
-        try:
-            self.f = h5py.File(self.file.tmp, "w")
-        except OSError as e:
-            raise DataError(f"cannot write {path} ({e}); HINT: choose a writable OUT.h5") from None
+    def __init__(self, n: int, template: dict, attrs: dict):
+        self.f = memory_hdf5()
         self.f.attrs.update(attrs)
         for name, a in template.items():
             self.f.create_dataset(name, (n, *a.shape[1:]), a.dtype, track_times=False)
@@ -132,31 +128,30 @@ class Writer:
         for name, a in arrays.items():
             self.f[name][lo:lo + len(a)] = a
 
-    def close(self) -> Path:
-        """Finish the file and move it to its name (as CSV when the name ends in .csv)."""
-        if not self.path.name.lower().endswith(".csv"):
-            self.f.close()
-            return self.file.commit()
-        with AtomicFile(self.path, self.file.tmp.with_name(f"{self.file.tmp.name}.csv")) as table:
-            try:
-                write_csv(self.f, table.tmp)
-            finally:
-                self.f.close()
-                self.file.discard()
-            return table.commit()
+    def save(self, out) -> Path:
+        """Write the file to out atomically (the old file stays whole if that fails); CSV if out ends in .csv."""
+        try:
+            return write_bytes(out, csv_bytes(self.f) if str(out).lower().endswith(".csv") else hdf5_bytes(self.f))
+        except OSError as e:
+            raise DataError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact; "
+                            "HINT: free space or choose another OUT") from None
 
 
-def write_csv(f: h5py.File, path: Path):
-    """The arrays of a predictions file as CSV columns (name, or name_j for 2-D arrays), in blocks."""
-    arrays = list(f.values())
-    names = [a.name[1:] if a.ndim == 1 else f"{a.name[1:]}_{j}" for a in arrays for j in range(math.prod(a.shape[1:]))]
-    formats = ["%d" if a.dtype.kind in "iu" else "%.9g" for a in arrays for _ in range(math.prod(a.shape[1:]))]
-    with open(path, "w", newline="") as out:
-        csv.writer(out).writerow(names)
+def csv_bytes(f) -> bytes:
+    """The arrays of the in-memory predictions file f as CSV columns (name, or name_j of a 2-D array) under a
+    header row; f is closed."""
+    with f:
+        arrays = list(f.values())
+        widths = [math.prod(a.shape[1:]) for a in arrays]
+        names = [a.name[1:] if a.ndim == 1 else f"{a.name[1:]}_{j}" for a, w in zip(arrays, widths) for j in range(w)]
+        formats = ["%d" if a.dtype.kind in "iu" else "%.9g" for a, w in zip(arrays, widths) for _ in range(w)]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(names)
         for lo in range(0, len(arrays[0]), CSV_BLOCK):
-            block = np.hstack([np.asarray(a[lo:lo + CSV_BLOCK], np.float64).reshape(-1, math.prod(a.shape[1:]))
-                               for a in arrays])
-            np.savetxt(out, block, fmt=formats, delimiter=",")
+            block = np.hstack([np.asarray(a[lo:lo + CSV_BLOCK], np.float64).reshape(-1, w)
+                               for a, w in zip(arrays, widths)])
+            np.savetxt(text, block, fmt=formats, delimiter=",")
+    return text.getvalue().encode()
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -186,7 +181,7 @@ def _input_rows(source, split: str, model, data):
 
 
 def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024,
-            data_path: str | None = None) -> Path | None:
+            data_path: str | None = None, force: bool = False) -> Path | None:
     """Write the model's predictions on a dataset split, an .npy array or a CSV file to `out`; returns its
     path on rank 0. data_path: the dataset giving task, classes and x_scale for array inputs (default: the
     run's)."""
@@ -201,6 +196,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
                         "own; HINT: drop --data")
     arg = "--data (default: the run's data.path, stored in the checkpoint)" if array else "INPUT"
     model, data, _ = load_model(checkpoint, comm, data_path=data_path if array else source, data_arg=arg)
+    on_root(comm, check_output, out, [checkpoint, source, data.path], force)
     rows = agree(comm, _input_rows, source, split, model, data)
     lo, hi = shard(rows.n, comm.rank, comm.size)
     rounds = math.ceil(math.ceil(rows.n / comm.size) / batch)  # chunks in the largest slice, the same on every rank
@@ -208,7 +204,8 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not array:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if array else split, data)
-    writer = on_root(comm, Writer, out, rows.n, template, attrs)
+    writer = on_root(comm, Writer, rows.n, template, attrs)
+    faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
         chunk = None
@@ -221,4 +218,4 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
-    return on_root(comm, lambda: writer.close())
+    return on_root(comm, lambda: writer.save(out))
