@@ -226,10 +226,10 @@ def test_stratified_split_keeps_class_shares_and_plain_split_does_not_need_to(tm
     np.save(tmp_path / "y.npy", y)
     inputs = [tmp_path / "x.npy", tmp_path / "y.npy"]
     for seed in range(3):
-        splits, _ = read_all(cv.convert(inputs, tmp_path / "s.h5", val_fraction=0.1, seed=seed))
+        splits, _ = read_all(cv.convert(inputs, tmp_path / f"s{seed}.h5", val_fraction=0.1, seed=seed))
         assert np.bincount(splits["val"][1]).tolist() == [70, 25, 5]
         assert np.bincount(splits["train"][1]).tolist() == [630, 225, 45]
-    shares = [np.bincount(read_all(cv.convert(inputs, tmp_path / "p.h5", val_fraction=0.1, seed=seed,
+    shares = [np.bincount(read_all(cv.convert(inputs, tmp_path / f"p{seed}.h5", val_fraction=0.1, seed=seed,
                                               stratify=False))[0]["val"][1], minlength=3).tolist()
               for seed in range(5)]
     assert all(sum(s) == 100 for s in shares) and any(s != [70, 25, 5] for s in shares)
