@@ -302,7 +302,9 @@ def _own_cpus() -> set[int]:
 
 
 def set_thread_budget(comm, log=print) -> int:
-    """Cap BLAS threads per rank to node CPUs // ranks on the node, unless the user set them; returns it."""
+    """Cap BLAS threads per rank to node CPUs // ranks on the node, unless the user set them; returns it.
+
+    Warns once (rank 0) when its node has more ranks than CPUs."""
     # Collective over the node. Oversubscribed BLAS threads cost 3-10x (FACTS.md); a user's
     # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is.
     global _LIMITER
@@ -318,6 +320,10 @@ def set_thread_budget(comm, log=print) -> int:
         msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
     if comm.is_root:
         log(f"distbp: {msg}")
+        if comm.local_size > cpus:
+            log(f"WARNING: {comm.local_size} ranks share {cpus} cores on this node: oversubscribed ranks "
+                f"wait for each other and communication can take most of the step time; HINT: mpirun -n {cpus} "
+                "(or spread the ranks over more nodes)")
     return n
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 import typing
@@ -78,6 +79,7 @@ class OptimConfig:
     step_size: int = 1000
     gamma: float = 0.1
     min_lr: float = 0.0
+    schedule_steps: int = 0
 
 
 @dataclass
@@ -89,6 +91,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment trackers fed from the records of metrics.jsonl (rank 0)."""
+    tensorboard: bool = False
+    mlflow: bool = False
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -96,6 +105,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -104,7 +114,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 def _section_types(name: str) -> dict[str, object]:
     """Field name -> resolved type of one config section."""
     cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-           "optim": OptimConfig, "checkpoint": CheckpointConfig}[name]
+           "optim": OptimConfig, "checkpoint": CheckpointConfig, "log": LogConfig}[name]
     return typing.get_type_hints(cls)
 
 
@@ -136,8 +146,10 @@ def _check_type(key: str, value, tp):
 
 
 def _unknown(key: str, known) -> ConfigError:
-    """An error for an unknown key that lists the known ones."""
-    return ConfigError(f"unknown config key '{key}'; known keys here: {', '.join(sorted(known))}")
+    """An error for an unknown key that suggests the closest known one and lists them all."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; known keys here: {', '.join(sorted(known))}")
 
 
 def config_from_dict(d: dict) -> Config:
@@ -193,6 +205,7 @@ def validate(cfg: Config) -> None:
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
     _require(o.warmup_steps >= 0 and o.step_size >= 1 and o.gamma > 0 and o.min_lr >= 0,
              "optim.warmup_steps >= 0, optim.step_size >= 1, optim.gamma > 0, optim.min_lr >= 0")
+    _require(o.schedule_steps >= 0, f"optim.schedule_steps={o.schedule_steps} must be >= 0 (0 = the run's steps)")
     _require(c.every_steps >= 0 and c.every_seconds >= 0,
              "checkpoint.every_steps and checkpoint.every_seconds must be >= 0 (0 = off)")
     _require(c.keep >= 1, f"checkpoint.keep={c.keep} must be at least 1")
@@ -329,7 +342,11 @@ KEY_DOCS = {
     "optim.step_size": "steps between decays (step schedule)",
     "optim.gamma": "decay factor (step schedule)",
     "optim.min_lr": "final learning rate (cosine schedule)",
+    "optim.schedule_steps": "steps the schedule spans (0 = the run's total steps); fix it to keep the "
+                            "horizon when train.epochs is raised on resume",
     "checkpoint.every_steps": "write a checkpoint every N steps (0 = off)",
     "checkpoint.every_seconds": "write a checkpoint every N seconds (0 = off)",
     "checkpoint.keep": "keep the newest K checkpoints",
+    "log.tensorboard": "write TensorBoard event files into the run dir (pip install 'distbp[tensorboard]')",
+    "log.mlflow": "log params, metrics and the final checkpoint to MLflow (pip install 'distbp[mlflow]')",
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,13 @@ from . import checkpoint as ckpt
 from . import faults
 from . import slurm
 from .comm import set_thread_budget
-from .config import Config, config_to_dict, config_to_json, config_to_toml
+from . import trackers
+from .config import Config, config_from_dict, config_to_dict, config_to_json, config_to_toml
 from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
 from .determinism import DeterministicStep, check_consistent, param_hash, pin_blas_threads
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .metrics import RunLog, StepTimer, format_summary
+from .progress import Progress
 from .nn import Sequential, make_loss, mlp_specs
 from .optim import make_optimizer, make_schedule
 from .watchdog import Watchdog, rank_table
@@ -30,6 +33,11 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     samples_seen: int = 0
+
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based number of the epoch the last step belonged to, as logs, metrics and ckpt inspect count."""
+        return self.epoch + 1
 
 
 def build_model(cfg: Config, data: Dataset) -> Sequential:
@@ -60,10 +68,10 @@ def build_optimizer(cfg: Config, model: Sequential):
 
 
 def schedule_of(cfg: Config, total: int):
-    """The learning rate as a function of the step."""
+    """The learning rate as a function of the step, over optim.schedule_steps if set, else the run's total."""
     o = cfg.optim
     try:
-        return make_schedule(o.schedule, o.lr, total_steps=total, warmup_steps=o.warmup_steps,
+        return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, warmup_steps=o.warmup_steps,
                              step_size=o.step_size, gamma=o.gamma, min_lr=o.min_lr)
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
@@ -180,8 +188,8 @@ def check_same_batch(ck: ckpt.Checkpoint, cfg: Config):
             "or start fresh with --resume never")
 
 
-def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> Position:
-    """Load (rank 0), check and broadcast the resume state; a fresh Position if none."""
+def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> tuple[Position, dict | None]:
+    """Load (rank 0), check and broadcast the resume state: its Position and config (fresh: Position(), None)."""
     def on_root():
         if not comm.is_root:
             return None
@@ -194,18 +202,41 @@ def resume_state(resume, run_dir, model, opt, cfg, comm, log) -> Position:
     for a in (model.params, model.buffers, *opt.state_arrays().values()):
         comm.bcast(a)
     if info is None:
-        return Position()
+        return Position(), None
     if info["scalars"]:
         opt.load_state(opt.state_arrays(), info["scalars"])
     a = info["attrs"]
-    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch']}, "
-        f"step {a['step_in_epoch']} of it), written by {a['world_size']} rank(s), now {comm.size}")
+    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch'] + 1}, "
+        f"{a['step_in_epoch']} steps into it), written by {a['world_size']} rank(s), now {comm.size}")
     changes = config_changes(info["config"], config_to_dict(cfg))
     if a["world_size"] != comm.size:
         changes.append(f"world_size: {a['world_size']} -> {comm.size}")
     for line in changes:
         log(f"config changed on resume: {line}")
-    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"])
+    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"]), info["config"]
+
+
+def total_steps(cfg: Config, per_epoch: int) -> int:
+    """Optimizer steps of the whole run: train.epochs of per_epoch steps, capped by train.max_steps."""
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps >= 0 else total
+
+
+def schedule_change(old_config: dict, cfg: Config, per_epoch: int, step: int) -> str | None:
+    """A warning when a resume moves the schedule's horizon: the learning rate at step before and now."""
+    try:
+        old = config_from_dict(old_config)
+        old_total, total = total_steps(old, per_epoch), total_steps(cfg, per_epoch)
+        before, now = schedule_of(old, old_total)(step), schedule_of(cfg, total)(step)
+    except UserError:  # the checkpoint's settings make no schedule here (say, another dataset size)
+        return None
+    if math.isclose(before, now, rel_tol=1e-6):
+        return None
+    was, span = old.optim.schedule_steps or old_total, cfg.optim.schedule_steps or total
+    return (f"WARNING: the {cfg.optim.schedule} learning-rate schedule now spans {span} steps instead of {was}, "
+            f"so the rate at the resumed step {step} changes from {before:.3g} to {now:.3g}; HINT: "
+            f"--set optim.schedule_steps={was} keeps the original horizon (the rate then stays at its final "
+            "value after it)")
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, comm):
@@ -245,15 +276,15 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
             "training continues")
 
 
-def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", progress: str = "auto") -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return Trainer(cfg, comm, run_dir, resume).train()
+    return Trainer(cfg, comm, run_dir, resume, progress).train()
 
 
 class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
-    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str):
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, progress: str = "auto"):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -261,20 +292,20 @@ class Trainer:
         self.loss = make_loss(self.data.task)
         self.opt = build_optimizer(cfg, model)
         self.per_epoch = steps_per_epoch(self.train_split.n, cfg.train.batch_size, cfg.train.drop_last)
-        self.total = self.per_epoch * cfg.train.epochs
-        if cfg.train.max_steps >= 0:
-            self.total = min(self.total, cfg.train.max_steps)
+        self.total = total_steps(cfg, self.per_epoch)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        agree(comm, lambda: comm.is_root and trackers.check_installed(cfg.log))
         agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
-        self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
+        self.runlog = RunLog(run_dir, comm.is_root, self._progress(progress), agree(comm, self._trackers))
         self.log = self.runlog.info
         self._describe()
-        self.pos = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
+        self.pos, old_config = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
         self.best = None  # best val_accuracy of the run, resumes included
         if self.pos.step:
             self.best = self.runlog.best("val_accuracy", self.pos.step)
-            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch, world_size=comm.size)
-            self.runlog.resume_bar(self.pos.step)
+            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch_number, world_size=comm.size)
+            if comm.is_root and (warning := schedule_change(old_config, cfg, self.per_epoch, self.pos.step)):
+                self.log(warning)
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
@@ -283,6 +314,18 @@ class Trainer:
         self.result, self.lr, self.det = {}, self.lr_at(self.pos.step), None
         self._order, self._order_epoch = None, -1
         self._last_ckpt_time = time.monotonic()
+
+    def _progress(self, mode: str) -> Progress | None:
+        """Rank 0's progress display in the given mode (auto, bar, lines, none)."""
+        if not self.comm.is_root:
+            return None
+        return Progress(mode, self.total, self.per_epoch, self.cfg.train.log_every, lambda msg: self.log(msg))
+
+    def _trackers(self) -> list:
+        """The trackers log.* enables, on rank 0."""
+        if not self.comm.is_root:
+            return []
+        return trackers.open_trackers(self.cfg.log, self.run_dir, config_to_dict(self.cfg), config_to_toml(self.cfg))
 
     def _describe(self):
         """The run's first log lines: ranks, threads, SLURM, data, model."""
@@ -311,6 +354,7 @@ class Trainer:
             self.log(pin_blas_threads())
             self.log(self.det.describe(cfg.train.batch_size))
         exit_code = EXIT_OK
+        self.runlog.start_progress(pos.step, pos.samples_seen)
         try:
             while pos.step < self.total:
                 t_step = time.perf_counter()
@@ -403,12 +447,12 @@ class Trainer:
     def report(self, train_loss: float, skipped: bool):
         """Progress and metrics records; evaluation at the end of an epoch, of the run, or when due."""
         pos, cfg, timer = self.pos, self.cfg, self.timer
-        self.runlog.progress(pos.step, {"loss": train_loss, "lr": self.lr})
+        self.runlog.progress(pos.step, pos.epoch_number, pos.samples_seen, {"loss": train_loss, "lr": self.lr})
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
             extra = {"accuracy": self.scalars[2] / self.scalars[0]} if self.data.task == "classification" else {}
             if skipped:
                 extra["skipped"] = True
-            self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr,
+            self.runlog.record(step=pos.step, epoch=pos.epoch_number, loss=train_loss, lr=self.lr,
                                samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
@@ -417,8 +461,8 @@ class Trainer:
         self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.data.task == "classification")
         timer.lap("eval")
         self.best = max(self.best or 0.0, self.result.get("val_accuracy", 0.0))
-        self.runlog.record(step=pos.step, epoch=pos.epoch, **self.result)
-        self.log(f"eval step {pos.step} epoch {pos.epoch}: "
+        self.runlog.record(step=pos.step, epoch=pos.epoch_number, **self.result)
+        self.log(f"eval step {pos.step} epoch {pos.epoch_number}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
 
     def checkpoint_if_due(self):
@@ -441,11 +485,13 @@ class Trainer:
                    "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": self.best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
-                   "params_crc32": f"{param_hash(self.model.params):08x}"}
+                   "params_crc32": f"{param_hash(self.model.params):08x}",
+                   "checkpoint": str(self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step))}
+        self.runlog.end_progress()
         self.runlog.record(**summary)
         self.log("summary:\n" + "\n".join(format_summary(summary)))
         self.log(f"parameters crc32: {summary['params_crc32']}")
-        self.runlog.close()
+        self.runlog.close(exit_code)
         return exit_code
 
 
