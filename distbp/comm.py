@@ -321,7 +321,7 @@ def set_thread_budget(comm, log=print) -> int:
     if comm.is_root:
         log(f"distbp: {msg}")
         if comm.local_size > cpus:
-            log(f"WARNING: {comm.local_size} ranks share {cpus} cores on this node: oversubscribed ranks "
+            log(f"WARNING: {comm.local_size} ranks share {cpus} core{'s' * (cpus > 1)} on this node: oversubscribed ranks "
                 f"wait for each other and communication can take most of the step time; HINT: mpirun -n {cpus} "
                 "(or spread the ranks over more nodes)")
     return n

@@ -44,7 +44,7 @@ def _tty_columns(path: str) -> int | None:
     except OSError:
         return None
     try:
-        return os.get_terminal_size(fd).columns if os.isatty(fd) else None
+        return (os.get_terminal_size(fd).columns or 80) if os.isatty(fd) else None  # a new pty may say 0
     except OSError:
         return None
     finally:
