@@ -75,18 +75,16 @@ class Progress:
         self.mode = ("bar" if columns else "lines") if mode == "auto" else mode
         self.total, self.per_epoch, self.every, self.write = total, per_epoch, every, write
         self.epochs = math.ceil(total / per_epoch)
-        self.bar = None
-        if self.mode == "bar":
-            self.bar = tqdm(total=total, unit="step", ncols=columns or 100, dynamic_ncols=columns is None,
-                            file=sys.stderr)
-        self.start(0, 0)  # Trainer.train restarts the clock at its first step
+        self.columns, self.bar = columns, None
+        self.start(0, 0)
 
     def start(self, step: int, samples: int):
-        """Count from a (resumed) step: rates and ETA cover this invocation only."""
+        """Start showing progress at a (resumed) step: the bar appears, rates and ETA count from here."""
         self.t0 = self.t_last = time.perf_counter()
         self.step0, self.samples_last = step, samples
-        if self.bar:
-            self.bar.n = self.bar.last_print_n = step
+        if self.mode == "bar" and self.bar is None:
+            self.bar = tqdm(total=self.total, initial=step, unit="step", ncols=self.columns or 100,
+                            dynamic_ncols=self.columns is None, file=sys.stderr)
 
     def update(self, step: int, epoch: int, samples: int, fields: dict):
         """Show step (of 1-based epoch), the samples seen so far and fields such as loss and lr."""
