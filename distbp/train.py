@@ -278,7 +278,12 @@ def save_checkpoint(saver, run_dir, model, opt, pos, cfg, comm, lr, log, timer, 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", progress: str = "auto") -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return Trainer(cfg, comm, run_dir, resume, progress).train()
+    trainer = Trainer(cfg, comm, run_dir, resume, progress)
+    try:
+        return trainer.train()
+    except BaseException:
+        trainer.runlog.close()  # the trackers end their runs as failed
+        raise
 
 
 class Trainer:
@@ -296,7 +301,7 @@ class Trainer:
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
         agree(comm, lambda: comm.is_root and trackers.check_installed(cfg.log))
         agree(comm, prepare_run_dir, run_dir, cfg, comm)  # after the input checks: a bad input leaves no run dir
-        self.runlog = RunLog(run_dir, comm.is_root, self._progress(progress), agree(comm, self._trackers))
+        self.runlog = RunLog(run_dir, comm.is_root, self._progress(progress))
         self.log = self.runlog.info
         self._describe()
         self.pos, old_config = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
@@ -309,6 +314,7 @@ class Trainer:
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+        self.runlog.trackers = agree(comm, self._trackers)  # last: a run that fails to start leaves none behind
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = np.zeros(5)  # rows, loss sum, correct, stop flag, checkpoint-by-time flag
         self.result, self.lr, self.det = {}, self.lr_at(self.pos.step), None

@@ -21,14 +21,14 @@ def serial(comm):
         pytest.skip("launches its own jobs: run in the serial session")
 
 
-def train(run_dir: Path, *sets: str, ranks: int = 2, cwd: Path) -> str:
-    """`mpirun -n ranks distbp train` on the digits with trackers on; its output (fails on an error)."""
+def train(run_dir: Path, *sets: str, ranks: int = 2, cwd: Path, code: int = 0, **env) -> str:
+    """`mpirun -n ranks distbp train` on the digits with trackers on; its output (fails on another exit code)."""
     argv = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir),
             "--set", "log.tensorboard=true", "--set", "log.mlflow=true", "--set", "train.log_every=7",
             *[a for s in sets for a in ("--set", s)]]
-    env = {k: v for k, v in job_env().items() if not k.startswith("MLFLOW_")}  # MLflow's default store in cwd
+    env = {k: v for k, v in job_env(**env).items() if not k.startswith("MLFLOW_")}  # MLflow's default store in cwd
     p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"{' '.join(argv)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == code, f"{' '.join(argv)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
 
 
@@ -58,6 +58,7 @@ def test_tensorboard_and_mlflow_hold_the_records_of_metrics_jsonl_across_a_resum
     assert "summary:" in out
     out = train(run_dir, "train.epochs=3", ranks=1, cwd=tmp_path)  # resumed: the same MLflow run goes on
     assert "resumed from" in out
+    train(tmp_path / "nan", ranks=1, cwd=tmp_path, code=3, DISTBP_FAULT="rank=0,step=5,kind=nan")
     expected = jsonl_series(run_dir)
     assert {"loss", "lr", "accuracy", "samples_per_s", "epoch", "val_loss", "val_accuracy"} == set(expected)
     assert [s for s, _ in expected["val_loss"]] == [22, 44, 66]
@@ -75,7 +76,9 @@ def test_tensorboard_and_mlflow_hold_the_records_of_metrics_jsonl_across_a_resum
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("distbp").experiment_id])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("distbp").experiment_id])}
+    assert runs.keys() == {"run", "nan"} and runs["nan"].info.status == "FAILED"  # stopped by a NaN (exit 3)
+    run = runs["run"]
     assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip()
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     for key, series in expected.items():
