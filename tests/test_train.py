@@ -254,7 +254,8 @@ def default_run_summary(proc, cwd) -> dict:
     """The summary of the one run a `distbp train` without arguments made under cwd/runs/."""
     run_dirs = list((cwd / "runs").iterdir())  # runs/<timestamp>, the same on every rank
     assert len(run_dirs) == 1, run_dirs
-    assert re.search(r"^step 50 loss=\S+ lr=0.05$", proc.stdout, re.M)  # plain progress lines off a terminal
+    # progress lines off a terminal: 660 steps of 22 per epoch
+    assert re.search(r"^epoch 3/30 +8% step 50/660 loss=\S+ lr=0.05 [\d,]+ samples/s ETA \d\d:\d\d$", proc.stdout, re.M)
     return summary_of(proc, run_dirs[0])
 
 
