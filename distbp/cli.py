@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (under mpirun/srun: data-parallel)",
                        epilog=EPILOG_TRAIN.format(sections=", ".join(SECTIONS)),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...)")
+    t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...; default: digits)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<timestamp>)")
@@ -161,7 +161,7 @@ def cmd_train(args, comm) -> int:
     """distbp train."""
     from .config import load_config
     from .train import run
-    cfg = agree(comm, load_config, args.config, args.overrides)
+    cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return run(cfg, comm, run_dir, args.resume, args.progress)
 

@@ -1,100 +1,150 @@
-"""Typed configuration: dataclasses, TOML files, --set overrides and validation."""
+"""Typed configuration: one declaration per key (default, type, allowed values, doc), TOML files,
+--set overrides and validation before training."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
+import re
 import sys
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from . import optim
 from .errors import UserError
+from .nn import LAYER_TYPES, activation_names
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine")
-
 
 class ConfigError(UserError):
     """A config file, key or value is wrong; the message names it and the fix."""
 
 
+_INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")  # "[0, 1)", "(0, inf)"
+
+
+def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tuple] = (),
+        optimizer: bool = False, schedule: bool = False):
+    """Declare a config key: default, doc, allowed range ("[0, 1)", "[1, inf)") or choices.
+
+    optimizer/schedule mark keys passed by name to the optimizer class / make_schedule; an
+    optimizer key whose default is None is resolved to the chosen optimizer's own default.
+    """
+    if within and not _INTERVAL.match(within):
+        raise ValueError(f"within={within!r} must be an interval like '[0, 1)' or '(0, inf)'")
+    meta = {"doc": doc, "within": within, "choices": choices, "optimizer": optimizer, "schedule": schedule}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
     """The network: an MLP from `hidden` widths, or explicit `layers` specs."""
-    hidden: list[int] = field(default_factory=lambda: [128])
-    activation: str = "relu"
-    dropout: float = 0.0
-    layers: list[dict] = field(default_factory=list)
+    hidden: list[int] = key([128], "hidden layer widths of the MLP", within="[1, inf)")
+    activation: str = key("relu", "activation between layers", choices=activation_names)
+    dropout: float = key(0.0, "dropout probability after each hidden activation (0 = none)", within="[0, 1)")
+    layers: list[dict] = key([], "explicit layer specs (overrides hidden/activation/dropout), e.g. conv "
+                                 "models; see the layer types below")
 
 
 @dataclass
 class DataConfig:
     """Where the data is and how it is held in memory."""
-    path: str = ""
-    train_split: str = "train"
-    val_split: str = "val"
-    memory_mb: int = 2048
+    path: str = key("", "dataset HDF5 file; empty = the digits dataset shipped with distbp")
+    train_split: str = key("train", "split trained on")
+    val_split: str = key("val", "split evaluated after each epoch (empty = none)")
+    memory_mb: int = key(2048, "splits up to this size are held in memory once per node; larger ones "
+                               "stream", within="[0, inf)")
 
 
 @dataclass
 class TrainConfig:
     """The loop: epochs, global batch, seed, precision, logging and safety."""
-    epochs: int = 30
-    max_steps: int = -1
-    batch_size: int = 64
-    seed: int = 0
-    dtype: str = "float32"
-    drop_last: bool = True
-    eval_every: int = 0
-    log_every: int = 50
-    deterministic: bool = False
-    micro_batch: int = 64
-    check_every: int = 0
-    stall_timeout: float = 300.0
-    nonfinite: str = "abort"
+    epochs: int = key(30, "passes over the training split", within="[1, inf)")
+    max_steps: int = key(-1, "stop after exactly this many optimizer steps (-1 = no limit)", within="[-1, inf)")
+    batch_size: int = key(64, "GLOBAL batch size, split over the ranks", within="[1, inf)")
+    seed: int = key(0, "seed of initialisation, data order and dropout")
+    dtype: str = key("float32", "precision of parameters and compute", choices=("float32", "float64"))
+    drop_last: bool = key(True, "drop the last partial batch of each epoch")
+    eval_every: int = key(0, "also evaluate every N steps (0 = end of epoch only)", within="[0, inf)")
+    log_every: int = key(50, "print a progress line every N steps when not on a terminal", within="[1, inf)")
+    deterministic: bool = key(False, "bitwise-identical results on any number of ranks")
+    micro_batch: int = key(64, "rows per fixed micro-shard in deterministic mode", within="[1, inf)")
+    check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
+                           within="[0, inf)")
+    stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off)",
+                               within="[0, inf)")
+    nonfinite: str = key("abort", "on a NaN/Inf loss or gradient: abort, or skip the step",
+                         choices=("abort", "skip"))
 
 
 @dataclass
 class OptimConfig:
-    """The optimizer and its learning-rate schedule."""
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    alpha: float = 0.99
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    step_size: int = 1000
-    gamma: float = 0.1
-    min_lr: float = 0.0
-    schedule_steps: int = 0
+    """The optimizer and its learning-rate schedule (PyTorch's names, equations and defaults)."""
+    name: str = key("sgd", "optimizer", choices=lambda: tuple(optim.OPTIMIZERS))
+    lr: float = key(0.05, "peak learning rate", within="(0, inf)")
+    momentum: float | None = key(None, "momentum (sgd, rmsprop)", within="[0, 1)", optimizer=True)
+    dampening: float = key(0.0, "dampening of the momentum (sgd)", within="[0, 1]", optimizer=True)
+    nesterov: bool = key(False, "Nesterov momentum (sgd; needs momentum > 0, dampening 0)", optimizer=True)
+    weight_decay: float | None = key(None, "L2 penalty (sgd, adam, rmsprop) or decoupled decay (adamw)",
+                                     within="[0, inf)", optimizer=True)
+    beta1: float = key(0.9, "Adam first-moment decay", within="[0, 1)", optimizer=True)
+    beta2: float = key(0.999, "Adam second-moment decay", within="[0, 1)", optimizer=True)
+    eps: float = key(1e-8, "Adam/RMSprop denominator term", within="(0, inf)", optimizer=True)
+    alpha: float = key(0.99, "RMSprop smoothing constant", within="[0, 1)", optimizer=True)
+    centered: bool = key(False, "RMSprop: normalise by the centered second moment (variance)", optimizer=True)
+    schedule: str = key("constant", "learning-rate schedule", choices=lambda: optim.SCHEDULES)
+    warmup_steps: int = key(0, "linear warm-up steps before the schedule", within="[0, inf)", schedule=True)
+    step_size: int = key(1000, "steps between decays (step schedule)", within="[1, inf)", schedule=True)
+    gamma: float = key(0.1, "decay factor (step schedule)", within="(0, inf)", schedule=True)
+    min_lr: float = key(0.0, "final learning rate (cosine schedule; at most optim.lr)", within="[0, inf)",
+                        schedule=True)
+    schedule_steps: int = key(0, "steps the schedule spans (0 = the run's total steps); fix it to keep the "
+                                 "horizon when train.epochs is raised on resume", within="[0, inf)")
+
+    def __post_init__(self):
+        """Resolve unset optimizer keys to the chosen optimizer's own default (None if it has none)."""
+        own = optim.defaults(self.name) if self.name in optim.OPTIMIZERS else {}
+        for f in dataclasses.fields(self):
+            if f.metadata["optimizer"] and getattr(self, f.name) is None:
+                setattr(self, f.name, own.get(f.name))
+
+    def optimizer_options(self) -> dict:
+        """Keyword arguments for optim.make_optimizer (beta1, beta2 go as torch's betas pair)."""
+        opts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["optimizer"]}
+        opts["betas"] = (opts.pop("beta1"), opts.pop("beta2"))
+        return opts
+
+    def schedule_options(self) -> dict:
+        """Keyword arguments for optim.make_schedule besides kind, lr and total_steps."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["schedule"]}
 
 
 @dataclass
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
-    every_steps: int = 0
-    every_seconds: float = 0.0
-    keep: int = 3
+    every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
+    every_seconds: float = key(0.0, "write a checkpoint every N seconds (0 = off)", within="[0, inf)")
+    keep: int = key(3, "keep the newest K checkpoints", within="[1, inf)")
 
 
 @dataclass
 class LogConfig:
     """Experiment trackers fed from the records of metrics.jsonl (rank 0)."""
-    tensorboard: bool = False
-    mlflow: bool = False
+    tensorboard: bool = key(False, "write TensorBoard event files into the run dir (pip install "
+                                   "'distbp[tensorboard]')")
+    mlflow: bool = key(False, "log params, metrics and the final checkpoint to MLflow (pip install "
+                              "'distbp[mlflow]')")
 
 
 @dataclass
@@ -108,19 +158,22 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-def _section_types(name: str) -> dict[str, object]:
-    """Field name -> resolved type of one config section."""
-    cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-           "optim": OptimConfig, "checkpoint": CheckpointConfig, "log": LogConfig}[name]
-    return typing.get_type_hints(cls)
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    """Field name -> field of one config section."""
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
 
 
 def _check_type(key: str, value, tp):
     """Return value converted to tp, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # `float | None`: None means unset
+        (tp,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None:
+            return None
+        origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -130,42 +183,70 @@ def _check_type(key: str, value, tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r} must be a table, e.g. {{type = \"linear\", out = 64}}")
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+        return value
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
+
+
+def _range_phrase(within: str) -> str:
+    """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'positive', else 'in [0, 1)'."""
+    lo_bracket, lo, hi, _ = _INTERVAL.match(within).groups()
+    if hi == "inf":
+        return f"at least {lo}" if lo_bracket == "[" else ("positive" if lo == "0" else f"greater than {lo}")
+    return f"in {within}"
+
+
+def _in_range(value: float, within: str) -> bool:
+    """Whether value lies in the interval written like '[0, 1)'."""
+    lo_bracket, lo, hi, hi_bracket = _INTERVAL.match(within).groups()
+    lo, hi = float(lo), float(hi)
+    above = value >= lo if lo_bracket == "[" else value > lo
+    below = value <= hi if hi_bracket == "]" else value < hi
+    return bool(above and below and not math.isnan(value))
+
+
+def _choices(f: dataclasses.Field) -> tuple:
+    """The allowed values of a key with choices (read from its registry when callable)."""
+    c = f.metadata["choices"]
+    return tuple(c() if callable(c) else c)
+
+
+def _check_key(key: str, value, f: dataclasses.Field):
+    """Raise ConfigError unless value is in the key's declared range or choices."""
+    within, choices = f.metadata["within"], _choices(f)
+    items = value if isinstance(value, list) else [value]
+    if within and any(v is not None and not _in_range(v, within) for v in items):
+        what = "hold values" if isinstance(value, list) else "be"
+        raise ConfigError(f"{key}={value!r} must {what} {_range_phrase(within)}")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
 def _unknown(key: str, known) -> ConfigError:
     """An error for an unknown key that suggests the closest known one and lists them all."""
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; known keys here: {', '.join(sorted(known))}")
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}")
+
+
+def _section(section: str, values) -> object:
+    """One section's dataclass from its TOML table, every value type-checked."""
+    if section not in SECTIONS:
+        raise _unknown(section, SECTIONS)
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{section}' must be a table ([{section}] in TOML)")
+    types_ = typing.get_type_hints(SECTIONS[section])
+    for k in values:
+        if k not in types_:
+            raise _unknown(f"{section}.{k}", [f"{section}.{n}" for n in types_])
+    return SECTIONS[section](**{k: _check_type(f"{section}.{k}", v, types_[k]) for k, v in values.items()})
 
 
 def config_from_dict(d: dict) -> Config:
-    """Build and validate a Config from nested dicts (TOML layout)."""
-    cfg = Config()
-    for section, values in d.items():
-        if section not in SECTIONS:
-            raise _unknown(section, SECTIONS)
-        if not isinstance(values, dict):
-            raise ConfigError(f"'{section}' must be a table ([{section}] in TOML)")
-        types = _section_types(section)
-        target = getattr(cfg, section)
-        for key, value in values.items():
-            if key not in types:
-                raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in types])
-            setattr(target, key, _check_type(f"{section}.{key}", value, types[key]))
+    """Build and validate a Config from nested dicts (TOML layout); unset optimizer keys are resolved."""
+    cfg = Config(**{section: _section(section, values) for section, values in d.items()})
     validate(cfg)
     return cfg
 
@@ -177,38 +258,22 @@ def _require(ok: bool, msg: str):
 
 
 def validate(cfg: Config) -> None:
-    """Check value ranges; raise ConfigError naming the key and the fix."""
-    m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
-    _require(all(h >= 1 for h in m.hidden), f"model.hidden={m.hidden} must hold positive widths")
-    _require(m.activation in ACTIVATIONS,
-             f"model.activation={m.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1), e.g. 0.1")
-    _require(all("type" in s for s in m.layers), "every entry of model.layers needs a 'type' key")
-    _require(t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1")
-    _require(t.max_steps >= -1, f"train.max_steps={t.max_steps} must be -1 (no limit) or >= 0")
-    _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be at least 1, e.g. 64")
-    _require(t.dtype in ("float32", "float64"), f"train.dtype={t.dtype!r} must be float32 or float64")
-    _require(t.eval_every >= 0 and t.log_every >= 1 and t.check_every >= 0,
-             "train.eval_every and train.check_every must be >= 0, train.log_every >= 1")
-    _require(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be at least 1")
+    """Check every key's range or choices, then the checks that span keys; raise ConfigError naming them."""
+    for section in SECTIONS:
+        for name, f in _fields(section).items():
+            _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for i, spec in enumerate(m.layers):
+        _require(spec.get("type") in LAYER_TYPES, f"model.layers[{i}].type={spec.get('type')!r} is not one "
+                 f"of {', '.join(sorted(LAYER_TYPES))}")
     _require(not (t.deterministic and any(s.get("type") == "batchnorm" for s in m.layers)),
              "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
              "tie the micro-shards together; use layernorm, or train.deterministic=false")
-    _require(t.stall_timeout >= 0, f"train.stall_timeout={t.stall_timeout} must be >= 0 (0 = off)")
-    _require(t.nonfinite in ("abort", "skip"), f"train.nonfinite={t.nonfinite!r} must be abort or skip")
-    _require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
-    _require(o.lr > 0, f"optim.lr={o.lr} must be positive, e.g. 0.01")
-    _require(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum} must be in [0, 1)")
-    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    _require(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1)")
-    _require(o.eps > 0 and 0.0 <= o.alpha < 1.0, "optim.eps must be > 0 and optim.alpha in [0, 1)")
-    _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    _require(o.warmup_steps >= 0 and o.step_size >= 1 and o.gamma > 0 and o.min_lr >= 0,
-             "optim.warmup_steps >= 0, optim.step_size >= 1, optim.gamma > 0, optim.min_lr >= 0")
-    _require(o.schedule_steps >= 0, f"optim.schedule_steps={o.schedule_steps} must be >= 0 (0 = the run's steps)")
-    _require(c.every_steps >= 0 and c.every_seconds >= 0,
-             "checkpoint.every_steps and checkpoint.every_seconds must be >= 0 (0 = off)")
-    _require(c.keep >= 1, f"checkpoint.keep={c.keep} must be at least 1")
+    try:  # the optimizer and schedule check their own arguments across keys (e.g. nesterov needs momentum)
+        optim.make_optimizer(o.name, 1, "float64", **o.optimizer_options())
+        optim.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 1, **o.schedule_options())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def named_configs() -> list[str]:
@@ -285,68 +350,32 @@ def _toml_value(v) -> str:
 
 
 def config_to_toml(cfg: Config) -> str:
-    """The config as a TOML document that load_config reads back."""
+    """The config as a TOML document that load_config reads back (unset keys left out)."""
     lines = []
     for section, values in config_to_dict(cfg).items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
         lines.append("")
     return "\n".join(lines)
 
 
-def describe_keys() -> list[tuple[str, str, object, str]]:
-    """(key, type, default, meaning) for every config key, for docs and --help."""
+def _optimizer_defaults(name: str) -> str:
+    """'sgd 0.0, rmsprop 0.0': the own default of every optimizer that takes the option."""
+    own = {o: optim.defaults(o) for o in optim.OPTIMIZERS}
+    return ", ".join(f"{o} {_toml_value(d[name])}" for o, d in own.items() if name in d)
+
+
+def describe_keys() -> list[tuple[str, str, object, str, str]]:
+    """(key, type, default, allowed values, meaning) for every config key, for docs and --help."""
     rows = []
     for section in SECTIONS:
-        cls = type(getattr(Config(), section))
-        for f in dataclasses.fields(cls):
+        types_ = typing.get_type_hints(SECTIONS[section])
+        for f in dataclasses.fields(SECTIONS[section]):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{section}.{f.name}", str(_section_types(section)[f.name]).replace("typing.", ""),
-                         default, KEY_DOCS.get(f"{section}.{f.name}", "")))
+            doc = f.metadata["doc"]
+            if default is None:
+                doc += f"; unset = the optimizer's own default ({_optimizer_defaults(f.name)})"
+            allowed = f.metadata["within"] or ", ".join(_choices(f))
+            tp = str(types_[f.name]).replace("typing.", "").replace(" | None", "")
+            rows.append((f"{section}.{f.name}", tp, default, allowed, doc))
     return rows
-
-
-KEY_DOCS = {
-    "model.hidden": "hidden layer widths of the MLP",
-    "model.activation": "activation between layers: " + ", ".join(ACTIVATIONS),
-    "model.dropout": "dropout probability after each hidden activation (0 = none)",
-    "model.layers": "explicit layer specs (overrides hidden/activation/dropout), e.g. conv models",
-    "data.path": "dataset HDF5 file; empty = the digits dataset shipped with distbp",
-    "data.train_split": "split trained on",
-    "data.val_split": "split evaluated after each epoch (empty = none)",
-    "data.memory_mb": "splits up to this size are held in memory once per node; larger ones stream",
-    "train.epochs": "passes over the training split",
-    "train.max_steps": "stop after exactly this many optimizer steps (-1 = no limit)",
-    "train.batch_size": "GLOBAL batch size, split over the ranks",
-    "train.seed": "seed of initialisation, data order and dropout",
-    "train.dtype": "float32 or float64 for parameters and compute",
-    "train.drop_last": "drop the last partial batch of each epoch",
-    "train.eval_every": "also evaluate every N steps (0 = end of epoch only)",
-    "train.log_every": "print a progress line every N steps when not on a terminal",
-    "train.deterministic": "bitwise-identical results on any number of ranks",
-    "train.micro_batch": "rows per fixed micro-shard in deterministic mode",
-    "train.check_every": "compare a hash of the parameters across ranks every N steps (0 = off)",
-    "train.stall_timeout": "abort when a collective waits longer than this many seconds (0 = off)",
-    "train.nonfinite": "on a NaN/Inf loss or gradient: abort, or skip the step",
-    "optim.name": "optimizer: " + ", ".join(OPTIMIZERS),
-    "optim.lr": "peak learning rate",
-    "optim.momentum": "momentum (sgd, rmsprop)",
-    "optim.nesterov": "Nesterov momentum (sgd)",
-    "optim.weight_decay": "L2 penalty (sgd, adam, rmsprop) or decoupled decay (adamw)",
-    "optim.beta1": "Adam first-moment decay",
-    "optim.beta2": "Adam second-moment decay",
-    "optim.eps": "Adam/RMSprop denominator term",
-    "optim.alpha": "RMSprop smoothing constant",
-    "optim.schedule": "learning-rate schedule: " + ", ".join(SCHEDULES),
-    "optim.warmup_steps": "linear warm-up steps before the schedule",
-    "optim.step_size": "steps between decays (step schedule)",
-    "optim.gamma": "decay factor (step schedule)",
-    "optim.min_lr": "final learning rate (cosine schedule)",
-    "optim.schedule_steps": "steps the schedule spans (0 = the run's total steps); fix it to keep the "
-                            "horizon when train.epochs is raised on resume",
-    "checkpoint.every_steps": "write a checkpoint every N steps (0 = off)",
-    "checkpoint.every_seconds": "write a checkpoint every N seconds (0 = off)",
-    "checkpoint.keep": "keep the newest K checkpoints",
-    "log.tensorboard": "write TensorBoard event files into the run dir (pip install 'distbp[tensorboard]')",
-    "log.mlflow": "log params, metrics and the final checkpoint to MLflow (pip install 'distbp[mlflow]')",
-}

@@ -15,8 +15,9 @@ exp_avg_sq, square_avg, grad_avg) and `t` counts the steps taken. Differences fr
 - ranges are checked more strictly: momentum, alpha and betas in [0, 1), eps > 0.
 
 `make_optimizer` ignores hyperparameters the named optimizer does not use (a config
-carries one set for all of them); weight_decay=None means that optimizer's torch
-default (0.01 for AdamW, 0 otherwise), so an explicit 0.0 turns AdamW's decay off.
+carries one set for all of them) and those given as None, which keep the class's own
+default (torch's: AdamW weight_decay 0.01, momentum 0), so an explicit 0.0 turns AdamW's
+decay off. OPTIMIZERS is the registry by name; `defaults(name)` reads a class's options.
 
 Schedules map the 0-based step to a rate: linear warm-up lr*(step+1)/warmup_steps, then
 the decay kind counting steps from the end of warm-up (cosine reaches min_lr at
@@ -30,12 +31,12 @@ scratch.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine")
 CHUNK_BYTES = 2**19
 
@@ -119,7 +120,7 @@ class SGD(Optimizer):
         _unit("dampening", dampening, closed=True)
         _require(weight_decay >= 0, f"optim.weight_decay={weight_decay} must be >= 0")
         _require(not nesterov or (momentum > 0 and dampening == 0),
-                 f"optim.nesterov=true needs optim.momentum > 0 (got {momentum}) and dampening 0 "
+                 f"optim.nesterov=true needs optim.momentum > 0 (got {momentum}) and optim.dampening=0 "
                  f"(got {dampening})")
         super().__init__(n, dtype, ("momentum_buffer",) if momentum else ())
         self.momentum, self.dampening = momentum, dampening
@@ -262,17 +263,24 @@ class RMSprop(Optimizer):
         p -= s
 
 
-def make_optimizer(name: str, n: int, dtype, *, momentum: float = 0.0, nesterov: bool = False,
-                   weight_decay: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8, alpha: float = 0.99) -> Optimizer:
-    """The named optimizer for n parameters; weight_decay None means torch's default for it."""
+OPTIMIZERS: dict[str, type[Optimizer]] = {c.name: c for c in (SGD, Adam, AdamW, RMSprop)}
+
+
+def defaults(name: str) -> dict[str, object]:
+    """The named optimizer's keyword options with its own defaults, e.g. AdamW's weight_decay 0.01."""
+    params = inspect.signature(OPTIMIZERS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def make_optimizer(name: str, n: int, dtype, **options) -> Optimizer:
+    """The named optimizer for n parameters from the options it takes; others, and None values, are ignored.
+
+    A config carries one set of options for all optimizers, so momentum reaches SGD and RMSprop
+    only, and weight_decay=None leaves each optimizer its own default (0.01 for AdamW).
+    """
     _require(name in OPTIMIZERS, f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
-    wd = {} if weight_decay is None else {"weight_decay": weight_decay}
-    if name == "sgd":
-        return SGD(n, dtype, momentum=momentum, nesterov=nesterov, **wd)
-    if name == "rmsprop":
-        return RMSprop(n, dtype, alpha=alpha, eps=eps, momentum=momentum, **wd)
-    return {"adam": Adam, "adamw": AdamW}[name](n, dtype, betas=betas, eps=eps, **wd)
+    own = defaults(name)
+    return OPTIMIZERS[name](n, dtype, **{k: v for k, v in options.items() if k in own and v is not None})
 
 
 def make_schedule(kind: str, lr: float, *, total_steps: int, warmup_steps: int = 0,

@@ -15,7 +15,7 @@ from . import faults
 from . import slurm
 from .comm import set_thread_budget
 from . import trackers
-from .config import Config, config_from_dict, config_to_dict, config_to_json, config_to_toml
+from .config import Config, ConfigError, config_from_dict, config_to_dict, config_to_json, config_to_toml
 from .data import Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch
 from .determinism import DeterministicStep, check_consistent, param_hash, pin_blas_threads
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
@@ -52,7 +52,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
-        raise UserError(f"model config does not fit {data.path} (inputs {data.input_shape}): {e}") from None
+        key = "model.layers" if m.layers else "model.hidden"
+        raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
                         f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")
@@ -62,17 +63,14 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
 def build_optimizer(cfg: Config, model: Sequential):
     """The optimizer and LR schedule the config names, on the flat vectors."""
     o = cfg.optim
-    return make_optimizer(o.name, model.params.size, model.params.dtype, momentum=o.momentum,
-                         nesterov=o.nesterov, weight_decay=o.weight_decay,
-                         betas=(o.beta1, o.beta2), eps=o.eps, alpha=o.alpha)
+    return make_optimizer(o.name, model.params.size, model.params.dtype, **o.optimizer_options())
 
 
 def schedule_of(cfg: Config, total: int):
     """The learning rate as a function of the step, over optim.schedule_steps if set, else the run's total."""
     o = cfg.optim
     try:
-        return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, warmup_steps=o.warmup_steps,
-                             step_size=o.step_size, gamma=o.gamma, min_lr=o.min_lr)
+        return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, **o.schedule_options())
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
 

@@ -24,8 +24,12 @@ checks this file equals the generated text).
 A config is a TOML file with the sections below, or the name of a shipped config
 ({names}). Any key can be overridden on the command line with
 `--set section.key=value` (the value in TOML syntax, e.g. `--set model.hidden=[256,128]`).
-Unknown keys and wrong types are errors that name the key. The resolved config of a
-run is written to `RUN_DIR/config.toml` and stored in every checkpoint.
+Unknown keys, wrong types and values outside "allowed" (an interval like `[0, 1)`, or a
+list of names read from the registry that implements them) are errors that name the key,
+as are combinations the optimizer or schedule rejects (e.g. `optim.nesterov=true` with
+`optim.momentum=0`), all before training starts. An unset optimizer key takes the chosen
+optimizer's own default (PyTorch's). The resolved config of a run (unset keys replaced by
+their values) is written to `RUN_DIR/config.toml` and stored in every checkpoint.
 """
 
 LAYERS_HEAD = """
@@ -61,8 +65,10 @@ def _type_name(tp: str) -> str:
 
 
 def _value(v) -> str:
-    """A default in TOML-like syntax."""
-    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    """A default in TOML-like syntax, or unset."""
+    if v is None:
+        return "unset"
+    return "`" + (json.dumps(v) if not isinstance(v, bool) else str(v).lower()) + "`"
 
 
 def _cell(text: str) -> str:
@@ -87,9 +93,10 @@ def generate() -> str:
     keys = describe_keys()
     for section in SECTIONS:
         doc = (type(getattr(Config(), section)).__doc__ or "").strip()
-        lines += [f"## [{section}]", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{k}` | {_type_name(tp)} | `{_value(d)}` | {_cell(meaning)} |"
-                  for k, tp, d, meaning in keys if k.split(".")[0] == section]
+        lines += [f"## [{section}]", "", doc, "", "| key | type | default | allowed | meaning |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{k}` | {_type_name(tp)} | {_value(d)} | {_cell(allowed)} | {_cell(meaning)} |"
+                  for k, tp, d, allowed, meaning in keys if k.split(".")[0] == section]
         lines.append("")
     lines.append(LAYERS_HEAD.format().rstrip("\n"))
     lines += _layer_rows()

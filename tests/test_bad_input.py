@@ -103,7 +103,7 @@ CASES = {
     "wrong x dtype": (lambda t: poisoned(t, lambda a: a.update(x=a["x"].astype(np.int32))),
                       ["bad.h5", "x: dtype int32 is not float32", "HINT"]),
     "wrong shape for the model": (lambda t: with_data(good(t)) + [str(write(t, "c.toml", LAYERS_8X8))],
-                                  ["model config does not fit", "good.h5", "(6,)"]),
+                                  ["model.layers: layer 0 (reshape)", "good.h5", "(6,)"]),
     "label out of range": (lambda t: poisoned(t, lambda a: a["y"].__setitem__(7, 3)),
                            ["bad.h5", "label 3 at row 7 is outside [0, 3)", "num_classes"]),
     "negative label": (lambda t: poisoned(t, lambda a: a["y"].__setitem__(2, -1)),
@@ -125,6 +125,21 @@ CASES = {
     "batch size 0": (lambda t: ["--set", "train.batch_size=0"], ["train.batch_size=0 must be at least 1"]),
     "dropout 1": (lambda t: ["--set", "model.dropout=1.0"], ["model.dropout=1.0 must be in [0, 1)"]),
     "run dir not writable": (not_writable_run_dir, ["afile/run cannot be written", "--run-dir"]),
+    "nesterov without momentum": (lambda t: ["--set", "optim.nesterov=true", "--set", "optim.momentum=0"],
+                                  ["optim.nesterov=true", "optim.momentum > 0 (got 0.0)"]),
+    "min_lr above lr": (lambda t: ["--set", "optim.schedule=cosine", "--set", "optim.min_lr=1"],
+                        ["optim.min_lr=1.0", "optim.lr=0.05"]),
+    "unknown layer type": (lambda t: ["--set", 'model.layers=[{type = "dense", out = 10}]'],
+                           ["model.layers[0].type='dense'", "linear"]),
+    "layer size a list": (lambda t: ["--set", 'model.layers=[{type = "linear", out = [10]}]'],
+                          ["model.layers", "layer 0 (linear): out=[10] must be an int >= 1"]),
+    "layer size a fraction": (lambda t: ["--set", 'model.layers=[{type = "linear", out = 10.9}]'],
+                              ["model.layers", "out=10.9 must be an int"]),
+    "bias a string": (lambda t: ["--set", 'model.layers=[{type = "linear", out = 10, bias = "false"}]'],
+                      ["model.layers", "bias='false' must be a bool"]),
+    "dropout p a list": (lambda t: ["--set", 'model.layers=[{type = "dropout", p = [0.1]}, '
+                                             '{type = "linear", out = 10}]'],
+                         ["model.layers", "p=[0.1] must be a float in [0, 1)"]),
 }
 MPI_CASES = ["dataset missing", "label out of range", "unknown key", "checkpoint of another architecture"]
 

@@ -1,10 +1,13 @@
 """Config: TOML files, shipped names, --set overrides, and one clear error per mistake."""
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distbp.config import (Config, ConfigError, config_from_dict, config_to_toml, describe_keys,
-                           load_config, named_configs, parse_override)
+from distbp.config import (Config, ConfigError, config_from_dict, config_to_json, config_to_toml,
+                           describe_keys, load_config, named_configs, parse_override)
+from distbp.optim import make_optimizer
 
 
 def test_defaults_and_named_configs():
@@ -60,7 +63,7 @@ def test_toml_round_trip(tmp_path):
 
 def test_every_key_documented():
     rows = describe_keys()
-    assert len(rows) > 30 and all(meaning for _, _, _, meaning in rows)
+    assert len(rows) > 30 and all(meaning for *_, meaning in rows)
 
 
 def test_override_parsing():
@@ -88,3 +91,40 @@ def test_random_configs_give_config_or_clear_error(flat):
         config_from_dict(d)
     except ConfigError as e:
         assert str(e) and "\n" not in str(e)
+
+
+def test_unset_optimizer_keys_take_that_optimizers_own_default():
+    assert load_config(None, ["optim.name=adamw"]).optim.weight_decay == 0.01
+    assert load_config(None, ["optim.name=adamw", "optim.weight_decay=0"]).optim.weight_decay == 0.0
+    sgd = load_config(None).optim
+    assert (sgd.momentum, sgd.weight_decay) == (0.0, 0.0)
+    assert load_config("digits").optim.momentum == 0.9  # the shipped config sets it
+    adam = load_config(None, ["optim.name=adam"])
+    assert adam.optim.momentum is None  # adam has no momentum: left unset, and out of the TOML
+    assert "momentum" not in config_to_toml(adam)
+    assert config_from_dict(json.loads(config_to_json(adam))) == adam  # as evaluate reads a checkpoint's
+
+
+def test_optimizer_options_reach_the_optimizer():
+    opt = make_optimizer("rmsprop", 3, "float64", **load_config(None, [
+        "optim.name=rmsprop", "optim.centered=true", "optim.momentum=0.5"]).optim.optimizer_options())
+    assert opt.centered and opt.momentum == 0.5 and sorted(opt.state) == ["grad_avg", "momentum_buffer",
+                                                                          "square_avg"]
+    opt = make_optimizer("sgd", 3, "float64", **load_config(None, [
+        "optim.dampening=0.3", "optim.momentum=0.9"]).optim.optimizer_options())
+    assert (opt.dampening, opt.momentum) == (0.3, 0.9)
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["optim.nesterov=true", "optim.momentum=0"], ["optim.nesterov=true", "optim.momentum"]),
+    (["optim.nesterov=true"], ["optim.nesterov=true", "optim.momentum"]),
+    (["optim.nesterov=true", "optim.momentum=0.9", "optim.dampening=0.1"], ["optim.dampening=0"]),
+    (["optim.schedule=cosine", "optim.min_lr=0.1"], ["optim.min_lr=0.1", "optim.lr=0.05"]),
+    (["optim.dampening=1.5"], ["optim.dampening=1.5 must be in [0, 1]"]),
+    (['model.layers=[{type = "dense"}]'], ["model.layers[0].type='dense' is not one of", "softplus"]),
+    (["model.activation=swish"], ["model.activation='swish' is not one of", "softplus"]),
+])
+def test_cross_key_errors_name_every_key(overrides, fragments):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert all(f in str(e.value) for f in fragments), str(e.value)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from distbp.nn.conv import Conv2D, Flatten, MaxPool2D
+from distbp.nn.conv import Conv2D, MaxPool2D
+from distbp.nn.reshape import Flatten
 from conftest import numeric_grad, rel_err
 
 

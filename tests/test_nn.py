@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from distbp.nn import LAYER_TYPES, Context, Sequential, init, make_loss, mlp_specs
-from distbp.nn.model import ACTIVATIONS
+from distbp.nn import LAYER_TYPES, Context, Sequential, activation_names, init, make_loss, mlp_specs
 from conftest import import_torch, numeric_grad, rel_err
+
+ACTIVATIONS = activation_names()
 
 LAYER_CASES = [
     ({"type": "linear", "out": 4}, (5,)),
@@ -16,6 +17,8 @@ LAYER_CASES = [
     ({"type": "tanh"}, (6,)),
     ({"type": "sigmoid"}, (6,)),
     ({"type": "gelu"}, (6,)),
+    ({"type": "softplus"}, (6,)),
+    ({"type": "softplus", "beta": 2.0, "threshold": 1.0}, (2, 3, 3)),  # some entries on the linear part
     ({"type": "dropout", "p": 0.4}, (7,)),
     ({"type": "dropout", "p": 0.4}, (2, 3, 3)),
 ]
@@ -327,7 +330,7 @@ def test_bad_specs_and_inputs_name_the_problem():
         Sequential([{"type": "linear", "out": 3, "units": 3}], 4)
     with pytest.raises(ValueError, match="flat input"):
         Sequential([{"type": "linear", "out": 3}], (1, 4, 4))
-    with pytest.raises(ValueError, match=r"p=1.0 must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"p=1.0 must be a float in \[0, 1\)"):
         Sequential([{"type": "dropout", "p": 1.0}], 4)
     with pytest.raises(ValueError, match="activation='swish'"):
         mlp_specs([4, 3, 2], "swish")
@@ -337,6 +340,35 @@ def test_bad_specs_and_inputs_name_the_problem():
     model.ctx.rows = np.arange(3)
     with pytest.raises(ValueError, match="ctx.rows has 3 entries"):
         model.forward(np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"type": "linear", "out": [10]}, r"out=\[10\] must be an int >= 1"),
+    ({"type": "linear", "out": 10.9}, "out=10.9 must be an int"),
+    ({"type": "linear", "out": 10, "bias": "false"}, "bias='false' must be a bool"),
+    ({"type": "linear", "out": 10, "init": "he"}, "init='he' must be a str in"),
+    ({"type": "linear"}, "out=missing must be an int"),
+    ({"type": "dropout", "p": [0.1]}, r"p=\[0.1\] must be a float"),
+    ({"type": "leaky_relu", "slope": "0.1"}, "slope='0.1' must be a float"),
+    ({"type": "softplus", "beta": 0}, "beta=0 must be a float > 0"),
+    ({"type": "softplus", "threshold": float("inf")}, "threshold=inf must be a float that is finite"),
+])
+def test_spec_values_of_the_wrong_type_name_the_key(spec, match):
+    with pytest.raises(ValueError, match=match):
+        Sequential([spec], 4)
+
+
+def test_softplus_matches_torch_beta_and_threshold():
+    torch = import_torch()
+    x = np.linspace(-30, 30, 241).reshape(1, -1)  # both sides of beta x = threshold
+    for beta, threshold in [(1.0, 20.0), (2.0, 5.0), (0.5, 1.0)]:
+        model = Sequential([{"type": "softplus", "beta": beta, "threshold": threshold}], x.shape[1],
+                           dtype=np.float64)
+        t_x = torch.tensor(x, requires_grad=True)
+        t_y = torch.nn.Softplus(beta, threshold)(t_x)
+        t_y.backward(torch.ones_like(t_y))
+        np.testing.assert_allclose(model.forward(x), t_y.detach().numpy(), rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(model.backward(np.ones_like(x)), t_x.grad.numpy(), rtol=1e-12)
 
 
 def test_context_defaults_and_describe():
@@ -359,7 +391,8 @@ def test_mlp_matches_torch_on_the_same_weights(activation):
     model.params += 0.1 * rng.standard_normal(model.num_params)
     x, y = rng.standard_normal((10, 5)), rng.integers(0, 4, 10)
     acts = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(0.01), "tanh": torch.nn.Tanh(),
-            "sigmoid": torch.nn.Sigmoid(), "gelu": torch.nn.GELU(approximate="tanh")}
+            "sigmoid": torch.nn.Sigmoid(), "gelu": torch.nn.GELU(approximate="tanh"),
+            "softplus": torch.nn.Softplus()}
     linears = [layer for layer in model.layers if layer.kind == "linear"]
     modules = []
     for layer in linears:

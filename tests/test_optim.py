@@ -217,7 +217,7 @@ def test_make_optimizer_errors(name, n, dtype, kw, match):
 
 
 def test_sgd_dampening_and_nesterov_rule():
-    with pytest.raises(ValueError, match="dampening 0"):
+    with pytest.raises(ValueError, match="optim.dampening=0"):
         SGD(3, np.float32, momentum=0.9, dampening=0.1, nesterov=True)
     with pytest.raises(ValueError, match=r"optim.dampening=1.5 must be in \[0, 1\]"):
         SGD(3, np.float32, momentum=0.9, dampening=1.5)

@@ -24,7 +24,7 @@ from conftest import MPIRUN, job_env
 PER_EPOCH = 22  # the shipped digits: 1437 train rows // batch 64
 VARIANTS = {
     "adam-dropout": ["optim.name='adam'", "optim.lr=0.003", "model.dropout=0.2"],
-    "sgd-nesterov-batchnorm": ["optim.nesterov=true", "optim.weight_decay=0.0001",
+    "sgd-nesterov-batchnorm": ["optim.nesterov=true", "optim.momentum=0.9", "optim.weight_decay=0.0001",
                                'model.layers=[{type="linear", out=32}, {type="batchnorm"}, {type="relu"}, '
                                '{type="linear", out=10}]'],
     "rmsprop-step-schedule": ["optim.name='rmsprop'", "optim.lr=0.001", "optim.momentum=0.5",

@@ -324,6 +324,19 @@ def test_metrics_file_and_config_round_trip(alone, make_dataset, tmp_path, monke
     np.testing.assert_array_equal(a, b)  # the written config reproduces the run
 
 
+def test_adamw_alone_trains_with_its_own_weight_decay(alone, make_dataset, tmp_path):
+    path = make_dataset(train=40, val=12, features=6, classes=3)
+    base = [f'data.path="{path}"', "train.batch_size=8", "train.max_steps=6", "model.hidden=[8]",
+            "optim.name=adamw", "optim.lr=0.1"]
+    finals = {}
+    for name, extra in [("unset", []), ("0.01", ["optim.weight_decay=0.01"]), ("0", ["optim.weight_decay=0"])]:
+        assert train.run(load_config(None, base + extra), SerialComm(), tmp_path / name, resume="never") == 0
+        finals[name], _ = final_params(tmp_path / name, 6)
+    assert load_config(str(tmp_path / "unset" / "config.toml")).optim.weight_decay == 0.01  # stored resolved
+    np.testing.assert_array_equal(finals["unset"], finals["0.01"])
+    assert not np.array_equal(finals["unset"], finals["0"])
+
+
 # --- distbp data -------------------------------------------------------------------------------
 
 

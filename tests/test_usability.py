@@ -121,7 +121,7 @@ def test_config_docs_are_generated_and_current():
     assert (ROOT / "docs" / "CONFIG.md").read_text() == text, "run python scripts/gen_config_docs.py"
     from distbp.config import describe_keys
     from distbp.nn import LAYER_TYPES
-    assert all(f"`{key}`" in text and meaning for key, _, _, meaning in describe_keys())
+    assert all(f"`{key}`" in text and meaning for key, *_, meaning in describe_keys())
     assert all(f"| `{name}` |" in text for name in LAYER_TYPES)
 
 

@@ -1,4 +1,4 @@
-"""Convolutional layers on NCHW arrays: Conv2D (im2col + BLAS), MaxPool2D, Flatten.
+"""Convolutional layers on NCHW arrays: Conv2D (im2col + BLAS) and MaxPool2D.
 
 Shapes are NCHW. Conv2D works on a (C, H, W, N) copy of its input, so that each
 window slice is a run of W*N contiguous values rather than W (im2col and col2im
@@ -11,8 +11,7 @@ N-innermost in memory until Flatten copies to (N, C*H*W).
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .init import INITS
-from .layers import Layer, check_spec, register
+from .layers import Layer, WeightLayer, check_spec, register
 
 
 def _pair(spec: dict, index: int, key: str, default=None, low: int = 1) -> tuple[int, int]:
@@ -44,12 +43,10 @@ def _offsets(kh, kw, sh, sw, Ho, Wo):
 
 
 @register("conv2d")
-class Conv2D(Layer):
+class Conv2D(WeightLayer):
     """2-D convolution (cross-correlation, as torch) of (N, C, H, W) with W (F, C, kh, kw) plus b (F,)."""
 
-    private_output = True
-    private_dx = True
-    need_dx = True
+    default_scheme = "he_normal"
 
     def __init__(self, in_shape, out_channels, kernel, stride, padding, bias, init, out_hw):
         self.in_shape, self.C, self.F = tuple(in_shape), in_shape[0], out_channels
@@ -57,6 +54,9 @@ class Conv2D(Layer):
         self.bias, self.init = bias, init
         self.Ho, self.Wo = out_hw
         self.out_shape = (out_channels, self.Ho, self.Wo)
+        area = self.kh * self.kw
+        self.w_shape, self.n_out = (self.F, self.C, self.kh, self.kw), self.F
+        self.fans = (self.C * area, self.F * area)
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
@@ -66,30 +66,10 @@ class Conv2D(Layer):
         F = spec.get("out_channels")
         if not isinstance(F, int) or isinstance(F, bool) or F < 1:
             raise ValueError(f"layer {index} (conv2d) needs a positive int 'out_channels', got {F!r}")
-        init = spec.get("init")
-        if init is not None and init not in INITS:
-            raise ValueError(f"layer {index} (conv2d): init={init!r} is unknown; use one of {sorted(INITS)}")
         kernel, stride = _pair(spec, index, "kernel"), _pair(spec, index, "stride", 1)
         padding = _pair(spec, index, "padding", 0, low=0)
         out_hw = _out_hw(spec, index, in_shape, kernel, stride, padding)
-        return cls(in_shape, F, kernel, stride, padding, bool(spec.get("bias", True)), init, out_hw)
-
-    def param_shapes(self) -> list:
-        """[("W", (F, C, kh, kw)), ("b", (F,))], without b when bias is off."""
-        shapes = [("W", (self.F, self.C, self.kh, self.kw))]
-        return shapes + [("b", (self.F,))] if self.bias else shapes
-
-    def bind(self, params: dict, grads: dict) -> None:
-        """Keep the views of W, b and their gradients."""
-        self.W, self.dW = params["W"], grads["W"]
-        self.b, self.db = params.get("b"), grads.get("b")
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """Fill W with the chosen scheme (He normal if unset; fans C*kh*kw, F*kh*kw), b with zeros."""
-        area = self.kh * self.kw
-        self.W[...] = INITS[self.init or "he_normal"](rng, self.C * area, self.F * area, self.W.shape)
-        if self.b is not None:
-            self.b[...] = 0
+        return cls(in_shape, F, kernel, stride, padding, *cls.read_options(spec, index), out_hw)
 
     def forward(self, x):
         """y = W * x + b on every window, as one BLAS matmul with the im2col matrix."""
@@ -168,26 +148,3 @@ class MaxPool2D(Layer):
         for k, (rows, cols) in enumerate(_offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
             dx[:, rows, cols] += dy * (self.argmax == k)
         return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
-
-
-@register("flatten")
-class Flatten(Layer):
-    """(N, C, H, W) -> (N, C*H*W) in C order, as torch.nn.Flatten."""
-
-    def __init__(self, in_shape):
-        self.in_shape = tuple(in_shape)
-        self.out_shape = (int(np.prod(in_shape)),)
-
-    @classmethod
-    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
-        """Build from {"type": "flatten"}."""
-        check_spec(spec, index)
-        return cls(in_shape)
-
-    def forward(self, x):
-        """Reshape to (N, features)."""
-        return x.reshape(x.shape[0], *self.out_shape)
-
-    def backward(self, dy):
-        """Reshape back to (N, *in_shape)."""
-        return dy.reshape(dy.shape[0], *self.in_shape)

@@ -1,20 +1,44 @@
-"""Layer protocol, registry, shared step context and the dense layers.
+"""The layer contract, the layer registry, the shared step context, and the dense layers.
 
-Every layer follows the protocol in INTERFACES.md: ``build(spec, in_shape, index, seed)``,
-``out_shape``, ``param_shapes()`` and ``bind(params, grads)`` for views into the model's
-flat vectors, ``forward(x)`` caching only what ``backward(dy)`` needs, and ``backward``
-returning ``dx`` while ADDING into its gradient views.
+A layer is a class registered under its spec name with ``@register("name")``; a model is a
+list of specs like ``{"type": "linear", "out": 64}`` (``model.layers`` in a config). A layer
+class implements:
 
-Sequential may set two flags to save copies: ``overwrite_x`` (the input of ``forward``
-is a temporary nobody else keeps, so it may be overwritten) and ``overwrite_dy`` (same
-for the input of ``backward``). A layer tells its neighbours it hands out such
-temporaries through the class flags ``private_output`` and ``private_dx``.
+- ``build(cls, spec, in_shape, index, seed)`` (classmethod): read and check the spec with
+  ``check_spec`` and ``spec_value`` (errors are ValueError naming ``layer {index} (type)``
+  and the key), return the layer for inputs of shape ``(N, *in_shape)``;
+- ``out_shape``: the per-row output shape;
+- ``forward(x)``: the output for a batch, caching only what ``backward`` needs;
+- ``backward(dy)``: return ``dx`` and ADD the parameter gradients into the bound views
+  (``Sequential.zero_grad`` zeroes them once per step).
+
+A layer with parameters also implements ``param_shapes()`` ([(name, shape)], the order of
+the flat vector), ``bind(params, grads)`` (keep the views by name) and
+``init_params(rng)``; ``WeightLayer`` does all three for a weight W and optional bias b.
+Non-trained state (BatchNorm's running statistics) uses ``buffer_shapes()``,
+``bind_buffers(views)`` and ``init_buffers()``. ``training`` (train/eval mode) and ``ctx``
+(the ``Context``: step, comm, global rows) are set by Sequential.
+
+Copy-saving flags. The defaults below are always safe; set a class flag only when true:
+
+- ``private_output`` (default False): forward returns a fresh array no one else keeps, so
+  the next layer may overwrite it;
+- ``private_dx`` (default False): backward returns a fresh array, so the previous layer
+  may overwrite it;
+- ``writes_grads`` (default False): after ``zero_grad(skip_written=True)`` backward writes
+  every gradient entry (instead of adding), when ``grads_zero`` is set.
+
+Sequential derives two instance flags from its neighbours; a layer may use them and
+otherwise ignores them: ``overwrite_x`` (forward may write into x) and ``overwrite_dy``
+(backward may write into dy). ``need_dx`` (set on the first layer with parameters)
+says whether backward must return dx. ``Softplus`` below is a small worked example.
 """
 
 import math
 
 import numpy as np
 
+from .counter_rng import MASK64, dropout_bits
 from .init import INITS
 
 LAYER_TYPES: dict[str, type] = {}
@@ -40,6 +64,28 @@ def check_spec(spec: dict, index: int, allowed: tuple = ()) -> None:
     if unknown:
         raise ValueError(f"layer {index} ({spec.get('type')}): unknown key(s) {unknown}; "
                          f"allowed keys: {['type', *allowed]}")
+
+
+_REQUIRED = object()
+
+
+def _is_a(v, kind: type) -> bool:
+    """Whether v is a TOML value of kind: bool only for bool, an int also for float."""
+    if kind is bool or isinstance(v, bool):
+        return kind is bool and isinstance(v, bool)
+    return isinstance(v, int | float) if kind is float else isinstance(v, kind)
+
+
+def spec_value(spec: dict, index: int, key: str, kind: type, default=_REQUIRED, ok=lambda v: True,
+               want: str = ""):
+    """spec[key] (default when absent) if it is a `kind` (int, float, bool, str) and ok(it); else ValueError."""
+    v = spec.get(key, default)
+    if v is _REQUIRED or not _is_a(v, kind) or not ok(v):
+        got = "missing" if v is _REQUIRED else repr(v)
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise ValueError(f"layer {index} ({spec.get('type')}): {key}={got} must be {article} {kind.__name__}"
+                         f"{' ' + want if want else ''}")
+    return float(v) if kind is float else v
 
 
 class Context:
@@ -92,6 +138,7 @@ class Layer:
     overwrite_dy = False
     private_output = False
     private_dx = False
+    need_dx = True
     grads_zero = False  # set by Sequential.zero_grad: this layer's gradients are all zero
     writes_grads = False  # backward after grads_zero writes every gradient entry instead of adding
 
@@ -126,20 +173,59 @@ class Activation(Layer):
         return dy if self.overwrite_dy else None
 
 
-@register("linear")
-class Linear(Layer):
-    """Fully connected layer y = x @ W + b with W of shape (D_in, D_out)."""
+def activation_names() -> tuple[str, ...]:
+    """Names of the registered element-wise activations (model.activation's choices)."""
+    return tuple(n for n, cls in LAYER_TYPES.items() if issubclass(cls, Activation))
+
+
+class WeightLayer(Layer):
+    """A layer with a weight W and an optional bias b (Linear, Conv2D): spec options, binding, init.
+
+    Subclasses set ``w_shape``, ``fans`` (fan_in, fan_out), ``n_out`` (the bias size), ``bias``
+    and ``init`` (a scheme of nn.init, or None: Sequential picks one from the next activation,
+    and ``default_scheme`` applies outside a Sequential).
+    """
 
     private_output = True
     private_dx = True
+    default_scheme = "glorot_uniform"
+
+    @staticmethod
+    def read_options(spec: dict, index: int) -> tuple[bool, str | None]:
+        """The spec's "bias" (bool, default true) and "init" (a scheme name, default unset)."""
+        bias = spec_value(spec, index, "bias", bool, True)
+        if "init" not in spec:
+            return bias, None
+        return bias, spec_value(spec, index, "init", str, ok=lambda v: v in INITS, want=f"in {sorted(INITS)}")
+
+    def param_shapes(self) -> list:
+        """[("W", w_shape), ("b", (n_out,))], without b when bias is off."""
+        return [("W", self.w_shape)] + ([("b", (self.n_out,))] if self.bias else [])
+
+    def bind(self, params: dict, grads: dict) -> None:
+        """Keep the views of W, b and their gradients."""
+        self.W, self.dW = params["W"], grads["W"]
+        self.b, self.db = params.get("b"), grads.get("b")
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """Fill W with the chosen scheme on (fan_in, fan_out), b with zeros."""
+        self.W[...] = INITS[self.init or self.default_scheme](rng, *self.fans, self.W.shape)
+        if self.b is not None:
+            self.b[...] = 0
+
+
+@register("linear")
+class Linear(WeightLayer):
+    """Fully connected layer y = x @ W + b with W of shape (D_in, D_out)."""
+
     writes_grads = True
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str | None = None):
         if init is not None and init not in INITS:
             raise ValueError(f"linear init={init!r} is unknown; use one of {sorted(INITS)}")
         self.d_in, self.d_out, self.bias, self.init = d_in, d_out, bias, init
+        self.w_shape, self.fans, self.n_out = (d_in, d_out), (d_in, d_out), d_out
         self.out_shape = (d_out,)
-        self.need_dx = True
         self._dW_tmp = None
 
     @classmethod
@@ -149,27 +235,8 @@ class Linear(Layer):
         if len(in_shape) != 1:
             raise ValueError(f"layer {index} (linear) needs a flat input but gets shape "
                              f"{tuple(in_shape)}; add {{'type': 'flatten'}} before it")
-        if "out" not in spec or int(spec["out"]) < 1:
-            raise ValueError(f"layer {index} (linear) needs a positive 'out' size, got "
-                             f"{spec.get('out')!r}")
-        return cls(in_shape[0], int(spec["out"]), bool(spec.get("bias", True)), spec.get("init"))
-
-    def param_shapes(self) -> list:
-        """[("W", (D_in, D_out)), ("b", (D_out,))], without b when bias is off."""
-        shapes = [("W", (self.d_in, self.d_out))]
-        return shapes + [("b", (self.d_out,))] if self.bias else shapes
-
-    def bind(self, params: dict, grads: dict) -> None:
-        """Keep the views of W, b and their gradients."""
-        self.W, self.dW = params["W"], grads["W"]
-        self.b, self.db = params.get("b"), grads.get("b")
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """Fill W with the chosen scheme (Glorot uniform if unset) and b with zeros."""
-        fill = INITS[self.init or "glorot_uniform"]
-        self.W[...] = fill(rng, self.d_in, self.d_out, self.W.shape)
-        if self.b is not None:
-            self.b[...] = 0
+        out = spec_value(spec, index, "out", int, ok=lambda v: v >= 1, want=">= 1, the output size")
+        return cls(in_shape[0], out, *cls.read_options(spec, index))
 
     def forward(self, x):
         """y = x @ W + b."""
@@ -222,10 +289,7 @@ class LeakyReLU(Activation):
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
         """Build from {"type": "leaky_relu"[, "slope": 0.01]}."""
         check_spec(spec, index, ("slope",))
-        slope = float(spec.get("slope", 0.01))
-        if slope < 0:
-            raise ValueError(f"layer {index} (leaky_relu): slope={slope} must be >= 0")
-        return cls(in_shape, slope)
+        return cls(in_shape, spec_value(spec, index, "slope", float, 0.01, lambda v: v >= 0, ">= 0"))
 
     def forward(self, x):
         """Scale the non-positive entries by the slope; keeps y (same sign as x)."""
@@ -318,41 +382,38 @@ class GELU(Activation):
         return np.multiply(dy, g, out=dy if self.overwrite_dy else g)
 
 
-_GAMMA = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
+@register("softplus")
+class Softplus(Activation):
+    """y = log(1 + exp(beta x)) / beta, and y = x where beta x > threshold (torch.nn.Softplus)."""
 
+    private_output = True  # forward returns a fresh array
 
-def _mix_int(z: int) -> int:
-    """splitmix64 finalizer on a Python int (mod 2^64)."""
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    def __init__(self, shape: tuple, beta: float = 1.0, threshold: float = 20.0):
+        super().__init__(shape)
+        self.beta, self.threshold = beta, threshold
 
+    @classmethod
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
+        """Build from {"type": "softplus"[, "beta": 1.0, "threshold": 20.0]}."""
+        check_spec(spec, index, ("beta", "threshold"))
+        beta = spec_value(spec, index, "beta", float, 1.0, lambda v: v > 0, "> 0")
+        threshold = spec_value(spec, index, "threshold", float, 20.0, math.isfinite, "that is finite")
+        return cls(in_shape, beta, threshold)
 
-def _mix_array(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer applied in place to a uint64 array (wraps mod 2^64)."""
-    tmp = np.right_shift(z, 30)
-    z ^= tmp
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    np.right_shift(z, 27, out=tmp)
-    z ^= tmp
-    z *= np.uint64(0x94D049BB133111EB)
-    np.right_shift(z, 31, out=tmp)
-    z ^= tmp
-    return z
+    def forward(self, x):
+        """Keeps the slope dy/dx = sigmoid(beta x) (1 on the linear part) for backward."""
+        z = x * self.beta
+        linear = z > self.threshold
+        self.slope = np.exp(-np.logaddexp(0, -z))    # sigmoid(z), no overflow
+        self.slope[linear] = 1
+        y = np.logaddexp(0, z, out=z)                 # log(1 + exp(z)), no overflow
+        y /= self.beta
+        np.copyto(y, x, where=linear)
+        return y
 
-
-def dropout_bits(seed: int, step: int, index: int, rows: np.ndarray, width: int) -> np.ndarray:
-    """Counter-based uint64 bits (len(rows), width) from (seed, step, index, row, column)."""
-    key = 0
-    for v in (seed, step, index):
-        key = _mix_int(((key ^ (int(v) & _MASK64)) + _GAMMA) & _MASK64)
-    row_key = np.asarray(rows, dtype=np.int64).astype(np.uint64)  # (n,)
-    row_key ^= np.uint64(key)
-    row_key += np.uint64(_GAMMA)
-    _mix_array(row_key)
-    cols = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(_GAMMA)  # (width,)
-    return _mix_array(row_key[:, None] + cols)     # (n, width): splitmix64 stream per row
+    def backward(self, dy):
+        """dx = dy * sigmoid(beta x), or dy on the linear part."""
+        return np.multiply(dy, self.slope, out=dy if self.overwrite_dy else None)
 
 
 @register("dropout")
@@ -374,7 +435,8 @@ class Dropout(Layer):
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
         """Build from {"type": "dropout", "p": 0.1}."""
         check_spec(spec, index, ("p",))
-        return cls(in_shape, float(spec.get("p", 0.5)), index, seed)
+        p = spec_value(spec, index, "p", float, 0.5, lambda v: 0 <= v < 1, "in [0, 1)")
+        return cls(in_shape, p, index, seed)
 
     def keep_mask(self, n: int) -> np.ndarray:
         """Boolean keep mask (n, *out_shape) for the current ctx step and rows."""
@@ -382,7 +444,7 @@ class Dropout(Layer):
         rows = ctx.rows_for(n)
         width = math.prod(self.out_shape)
         bits = dropout_bits(self.seed, ctx.step, self.index, rows, width)
-        threshold = np.uint64(min(math.ceil(self.p * 2.0**64), _MASK64))
+        threshold = np.uint64(min(math.ceil(self.p * 2.0**64), MASK64))
         return (bits >= threshold).reshape((n, *self.out_shape))
 
     def forward(self, x):

@@ -12,17 +12,15 @@ import math
 import numpy as np
 
 from .init import default_init, layer_rng
-from .layers import LAYER_TYPES, Context
-
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
+from .layers import LAYER_TYPES, Activation, Context, activation_names
 
 
 def mlp_specs(sizes, activation: str = "relu", dropout: float = 0.0) -> list[dict]:
     """Specs for Linear/activation/(Dropout) stacks from sizes [in, h1, ..., out]."""
     if len(sizes) < 2:
         raise ValueError(f"mlp sizes={list(sizes)} needs at least [in, out]")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is unknown; use one of {list(ACTIVATIONS)}")
+    if activation not in activation_names():
+        raise ValueError(f"activation={activation!r} is unknown; use one of {list(activation_names())}")
     specs = []
     for width in sizes[1:-1]:
         specs += [{"type": "linear", "out": int(width)}, {"type": activation}]
@@ -139,7 +137,7 @@ class Sequential:
     def _next_activation(self, i: int) -> str | None:
         """Kind of the activation after layer i, before the next initialised layer."""
         for layer in self.layers[i + 1:]:
-            if layer.kind in ACTIVATIONS:
+            if isinstance(layer, Activation):
                 return layer.kind
             if hasattr(layer, "init"):
                 return None

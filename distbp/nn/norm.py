@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .layers import Layer, check_spec, register
+from .layers import Layer, check_spec, register, spec_value
 
 
 def _allreduce(ctx, buf):
@@ -15,20 +15,17 @@ def _allreduce(ctx, buf):
 
 def _eps(spec: dict, index: int) -> float:
     """Read spec["eps"] (default 1e-5, as torch) as a positive float."""
-    eps = spec.get("eps", 1e-5)
-    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"layer {index} ({spec['type']}): eps={eps!r} must be a positive number, "
-                         "e.g. eps = 1e-5")
-    return float(eps)
+    return spec_value(spec, index, "eps", float, 1e-5, lambda v: v > 0, "> 0, e.g. eps = 1e-5")
 
 
 @register("batchnorm")
 class BatchNorm(Layer):
     """Batch normalization over axis 1 of (N, C) or (N, C, H, W), statistics over the GLOBAL batch.
 
-    Train mode: mean and biased variance per channel come from one allreduce of the
-    local (sum x, sum x^2, count), so n ranks normalize exactly like 1 rank on the
-    whole batch (torch SyncBatchNorm). Backward allreduces (sum dy, sum dy*xhat) and
+    Train mode: the mean per channel comes from an allreduce of the local (sum x, count),
+    then the biased variance from a second one of the local sum (x - mean)^2 (two passes:
+    E[x^2] - E[x]^2 loses all precision when the mean is large against the spread), so n
+    ranks normalize like 1 rank on the whole batch (torch SyncBatchNorm). Backward allreduces (sum dy, sum dy*xhat) and
     returns the gradient of the global loss sum; dW and db stay local sums, which the
     trainer's gradient allreduce adds up. Running stats use the unbiased variance.
     """
@@ -49,11 +46,8 @@ class BatchNorm(Layer):
         if len(in_shape) not in (1, 3):
             raise ValueError(f"layer {index} (batchnorm) needs a (C,) or (C, H, W) input but gets shape "
                              f"{tuple(in_shape)}")
-        momentum = spec.get("momentum", 0.1)
-        if not isinstance(momentum, int | float) or isinstance(momentum, bool) or not 0 <= momentum <= 1:
-            raise ValueError(f"layer {index} (batchnorm): momentum={momentum!r} must be in [0, 1], "
-                             "e.g. momentum = 0.1")
-        return cls(in_shape, _eps(spec, index), float(momentum))
+        momentum = spec_value(spec, index, "momentum", float, 0.1, lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.1")
+        return cls(in_shape, _eps(spec, index), momentum)
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """W (gamma) and b (beta), one per channel."""
@@ -87,14 +81,8 @@ class BatchNorm(Layer):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta; batch stats in train, running in eval."""
         axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channel
         if self.training:
-            sums = np.empty(2 * self.C + 1)  # [sum x (C), sum x^2 (C), count] in float64
-            sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
-            sums[self.C : -1] = np.square(x, dtype=np.float64).sum(axis=axes)
-            sums[-1] = x.size // self.C
-            self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
-            mean = sums[: self.C] / max(M, 1)
-            var = np.maximum(sums[self.C : -1] / max(M, 1) - mean**2, 0)  # biased, as used to normalize
-            self._update_running(mean, var, M)
+            mean, var = self._batch_stats(x, axes)
+            self._update_running(mean, var, self.M)
         else:
             mean, var = self.running_mean, self.running_var
         self.inv_std = self._channel(1 / np.sqrt(var + self.eps), x)
@@ -103,6 +91,17 @@ class BatchNorm(Layer):
         y = self.xhat * self._channel(self.W, x)
         y += self._channel(self.b, x)
         return y
+
+    def _batch_stats(self, x, axes):
+        """Global mean and biased variance per channel in two passes (float64): var = mean((x - mean)^2)."""
+        sums = np.empty(self.C + 1)  # [sum x (C), count]
+        sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
+        sums[-1] = x.size // self.C
+        self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
+        mean = sums[: self.C] / max(M, 1)
+        centered = x - mean.reshape((1, self.C) + (1,) * (x.ndim - 2))  # float64
+        squares = np.square(centered).sum(axis=axes, dtype=np.float64)  # sum (x - mean)^2, (C,)
+        return mean, _allreduce(self.ctx, squares) / max(M, 1)
 
     def _update_running(self, mean, var, M):
         """Exponential moving averages, unbiased variance like torch."""
@@ -153,11 +152,9 @@ class LayerNorm(Layer):
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
         """Build from {"type": "layernorm"[, "dims": all feature axes, "eps": 1e-5]}."""
         check_spec(spec, index, ("dims", "eps"))
-        dims = spec.get("dims", len(in_shape))
-        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= len(in_shape):
-            raise ValueError(f"layer {index} (layernorm): dims={dims!r} must be an int in "
-                             f"1..{len(in_shape)}, the number of trailing axes of the input "
-                             f"{tuple(in_shape)} to normalize over")
+        dims = spec_value(spec, index, "dims", int, len(in_shape), lambda v: 1 <= v <= len(in_shape),
+                          f"in 1..{len(in_shape)}, the number of trailing axes of the input "
+                          f"{tuple(in_shape)} to normalize over")
         return cls(in_shape, dims, _eps(spec, index))
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:

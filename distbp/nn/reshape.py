@@ -1,4 +1,4 @@
-"""Reshape: view each row in a new shape, e.g. flat 64-pixel rows as (1, 8, 8) images."""
+"""Reshape and Flatten: view each row in a new shape, e.g. flat 64-pixel rows as (1, 8, 8) images."""
 
 import math
 
@@ -28,6 +28,29 @@ class Reshape(Layer):
 
     def forward(self, x):
         """Reshape to (N, *shape)."""
+        return x.reshape(x.shape[0], *self.out_shape)
+
+    def backward(self, dy):
+        """Reshape back to (N, *in_shape)."""
+        return dy.reshape(dy.shape[0], *self.in_shape)
+
+
+@register("flatten")
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W) in C order, as torch.nn.Flatten."""
+
+    def __init__(self, in_shape):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = (math.prod(in_shape),)
+
+    @classmethod
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
+        """Build from {"type": "flatten"}."""
+        check_spec(spec, index)
+        return cls(in_shape)
+
+    def forward(self, x):
+        """Reshape to (N, features)."""
         return x.reshape(x.shape[0], *self.out_shape)
 
     def backward(self, dy):
