@@ -14,11 +14,11 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .atomic import TMP_MARK, AtomicFile
 from .errors import UserError
 
 FORMAT, VERSION = "checkpoint", 1
 NAME_RE = re.compile(r"^step-(\d{8})\.h5$")
-TMP_MARK = ".tmp-"
 POSITION_KEYS = ("step", "epoch", "step_in_epoch", "samples_seen", "world_size")
 
 
@@ -77,24 +77,15 @@ def checksum(ck: Checkpoint) -> str:
     return f"crc32:{zlib.crc32(json.dumps(meta, sort_keys=True, default=_jsonable).encode(), crc):08x}"
 
 
-def _fsync_path(path: Path, directory: bool = False):
-    """fsync a file or a folder by path."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_temp(path: str | os.PathLike, ck: Checkpoint) -> Path:
     """Write ck, without its checksum, to a temporary file beside path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    out = AtomicFile(path)
     attrs = dict(ck.attrs, distbp_format=FORMAT, version=VERSION, distbp_version=__version__,
                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(out.tmp, "w") as f:
             for key, a in _arrays_in_order(ck):
                 f.create_dataset(key, data=a)
             opt = f.require_group("optimizer")
@@ -106,25 +97,18 @@ def write_temp(path: str | os.PathLike, ck: Checkpoint) -> Path:
             for k, v in attrs.items():
                 f.attrs[k] = v
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        out.discard()
         raise
-    return tmp
+    return out.tmp
 
 
 def seal(tmp: Path, path: str | os.PathLike) -> Path:
     """Checksum what tmp holds, fsync it, and rename it to path atomically."""
-    path = Path(path)
-    try:
+    with AtomicFile(path, tmp) as out:
         ck = load(tmp, verify=False)
         with h5py.File(tmp, "r+") as f:
             f.attrs["checksum"] = checksum(ck)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        return out.commit(durable=True)
 
 
 def save(path: str | os.PathLike, ck: Checkpoint) -> Path:

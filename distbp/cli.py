@@ -1,4 +1,4 @@
-"""Command line: distbp train | eval | data | ckpt (see DESIGN.md)."""
+"""Command line: distbp train | eval | predict | data | ckpt | plot (see DESIGN.md)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ import time
 import traceback
 
 from . import __version__
-from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree
+from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
 from .progress import MODES
 
 EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
@@ -175,24 +175,24 @@ def cmd_eval(args, comm) -> int:
     return 0
 
 
-def on_root(cmd, args, comm) -> int:
+def alone_on_root(cmd, args, comm) -> int:
     """cmd run by rank 0 alone as a world of one (one writer, one printout); its exit code on every rank."""
     from .comm import SerialComm
-    return comm.bcast_obj(agree(comm, lambda: cmd(args, SerialComm()) if comm.is_root else None))
+    return comm.bcast_obj(on_root(comm, cmd, args, SerialComm()))
 
 
 def cmd_data(args, comm) -> int:
     """distbp data digits | synthetic | convert | inspect."""
     from . import data
     if comm.size > 1 and args.data_command != "convert":
-        return on_root(cmd_data, args, comm)
+        return alone_on_root(cmd_data, args, comm)
     if args.data_command == "inspect":
         with data.Dataset(args.file) as ds:
             print("\n".join(ds.describe(values=True)))
         return 0
     if args.data_command == "convert":
         from .convert import convert
-        agree(comm, lambda: comm.is_root and convert(  # one writer under mpirun
+        on_root(comm, lambda: convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
             header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key))
@@ -237,7 +237,7 @@ def cmd_ckpt(args, comm) -> int:
 def cmd_plot(args, comm) -> int:
     """distbp plot."""
     from .plot import plot_runs
-    out = agree(comm, lambda: comm.is_root and plot_runs(args.run_dirs, args.out))
+    out = on_root(comm, plot_runs, args.run_dirs, args.out)
     if comm.is_root:
         print(f"wrote {out}")
     return 0

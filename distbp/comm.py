@@ -32,8 +32,8 @@ def _import_mpi():
     except ImportError:
         return None
     # Thread level "multiple" (mpi4py's default; MPI4PY_RC_THREAD_LEVEL overrides it): with
-    # "funneled" MPICH spins without yielding, and 8 ranks on 2 cores took 200 ms per tiny
-    # allreduce instead of 1.4 ms; on 2 ranks "multiple" was also faster (0.16 vs 0.36 ms).
+    # "funneled" MPICH spins without yielding, which is far slower with more ranks than cores
+    # (docs/PERFORMANCE.md, "Choices in the code").
     mpi4py.rc.initialize = True
     mpi4py.rc.finalize = True
     from mpi4py import MPI
@@ -125,6 +125,10 @@ class Comm:
         time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
         self._mpi.COMM_WORLD.Abort(code)
 
+    def private_channel(self):
+        """(mpi4py.MPI, a duplicate communicator) for a helper's own messages (collective over the world)."""
+        return self._mpi, self._comm.Dup()
+
     def node_cpus(self) -> int:
         """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""
         return len(set().union(*self._node.allgather(_own_cpus())))
@@ -183,6 +187,10 @@ class SerialComm:
         """End this process now with exit code `code`."""
         _flush()
         os._exit(code)
+
+    def private_channel(self):
+        """None: one process has no one to message."""
+        return None
 
     def node_cpus(self) -> int:
         """Number of CPUs this process may run on."""
@@ -301,16 +309,21 @@ def _own_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def set_thread_budget(comm, log=print) -> int:
-    """Cap BLAS threads per rank to node CPUs // ranks on the node, unless the user set them; returns it.
+def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
+    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them).
 
     Warns once (rank 0) when its node has more ranks than CPUs."""
-    # Collective over the node. Oversubscribed BLAS threads cost 3-10x (FACTS.md); a user's
-    # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is.
+    # Collective over the node. More BLAS threads than CPUs is much slower; a user's
+    # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is, except in deterministic mode: BLAS results depend on the
+    # thread count (docs/DETERMINISM.md), and the default budget differs with the ranks per node.
     global _LIMITER
     cpus = comm.node_cpus()
     user = [f"{k}={os.environ[k]}" for k in THREAD_ENV if os.environ.get(k)]
-    if user:
+    if deterministic:
+        n = 1
+        _LIMITER = threadpool_limits(limits=n, user_api="blas")
+        msg = "1 BLAS thread per rank (deterministic: BLAS results depend on the thread count)"
+    elif user:
         pools = ThreadpoolController().select(user_api="blas").info()
         n = max([p["num_threads"] for p in pools] or [1])
         msg = f"{n} BLAS threads per rank (set by {', '.join(user)})"

@@ -14,7 +14,6 @@ import gzip
 import io
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import AtomicFile
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
@@ -463,11 +463,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
     routes = _routes(tables, n_val, seed)
     shapes = _out_shapes(tables, routes, n_val, task)
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f, \
+    with AtomicFile(out) as result:
+        with h5py.File(result.tmp, "w", track_order=True) as f, \
                 tqdm(total=total, unit="row", desc=f"converting to {out.name}", disable=None if big else True) as bar:
             for name in sorted(shapes, key=lambda s: ("train", "val", "test", s).index(s) if s in
                                ("train", "val", "test") else 3):
@@ -478,13 +477,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
             top = _fill(f, tables, routes, shapes, task, bar)
             f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes,
                                    n_val, val_fraction, seed))
-        with Dataset(tmp) as ds:  # the result must read back as a valid dataset, values included
+        with Dataset(result.tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
                 ds.split(name)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+        return result.commit()
 
 
 def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes, n_val, val_fraction, seed):

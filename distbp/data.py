@@ -1,8 +1,7 @@
-"""Dataset files (read-only, validated, in memory once per node or streamed) and the global batch sampler."""
+"""Dataset files: read-only, validated, in memory once per node or streamed; the shipped digits."""
 from __future__ import annotations
 
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -10,6 +9,7 @@ from typing import NoReturn
 import h5py
 import numpy as np
 
+from .atomic import AtomicFile
 from .comm import node_shared_array
 from .errors import UserError
 
@@ -390,19 +390,15 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
         _check_shapes(path, name, x, y, task, x_scale)
         _check_values(path, name, x, y, task, num_classes)
     _check_same_shapes(path, arrays)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
+    with AtomicFile(path) as out:
+        with h5py.File(out.tmp, "w", track_order=True) as f:
             f.attrs.update(header)
             for name, (x, y) in arrays.items():
                 group = f.create_group(name)
                 # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
                 group.create_dataset("x", data=x, track_times=False)
                 group.create_dataset("y", data=y, track_times=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return out.commit()
 
 
 def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -419,40 +415,3 @@ def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np
 def digits_path() -> Path:
     """The 8x8 digits dataset that ships with distbp (UCI optdigits test set, CC BY 4.0)."""
     return Path(str(resources.files("distbp") / "datasets" / "digits.h5"))
-
-
-# The global batch sampler: pure index math, no MPI (DESIGN.md invariant 2).
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The permutation of range(n) for this epoch, drawn from (seed, epoch) alone."""
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(n)
-
-
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
-    """Optimizer steps in one epoch of n rows: full batches, plus a last partial one unless drop_last."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
-def shard(batch: int, rank: int, size: int) -> tuple[int, int]:
-    """This rank's contiguous slice [lo, hi) of a batch: near-equal, larger slices first (64/3 -> 22, 21, 21)."""
-    base, extra = divmod(batch, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (rank < extra)
-
-
-def batch_rows(order, step: int, batch_size: int, rank: int, size: int,
-               n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset rows, positions in the global batch) of this rank at this step; order None = file order."""
-    # n is the number of rows (len(order) by default); the last batch of an epoch may be partial.
-    n = len(order) if n is None else n
-    start = step * batch_size
-    if not 0 <= start < n:
-        raise ValueError(f"step {step} with batch size {batch_size} starts at row {start}, past the {n} rows")
-    lo, hi = shard(min(batch_size, n - start), rank, size)
-    positions = np.arange(lo, hi, dtype=np.int64)
-    rows = positions + start if order is None else np.asarray(order[start + lo:start + hi], dtype=np.int64)
-    return rows, positions

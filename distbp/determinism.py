@@ -1,4 +1,4 @@
-"""Deterministic mode: the same gradient bits on any number of ranks, and the cross-rank check.
+"""Deterministic mode's fixed-tree reduction: the same gradient bits on any number of ranks.
 
 The global batch of G rows is cut into S = ceil(G / micro_batch) micro-shards of
 micro_batch rows (the last one may be shorter); rank r owns a contiguous run of whole
@@ -14,30 +14,14 @@ when, cannot change a bit. docs/DETERMINISM.md has the details.
 """
 from __future__ import annotations
 
-import math
-import zlib
-
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from .data import shard
-from .errors import UserError
+from .sampler import shard
 
 Node = tuple[int, int]  # (first shard, number of shards) of a tree node
-_BLAS_CAP = None  # the threadpool_limits object of pin_blas_threads
 
 
-# ---- index math (no communication) ----
-
-def num_shards(rows: int, micro_batch: int) -> int:
-    """Micro-shards of a batch of `rows` rows: ceil(rows / micro_batch)."""
-    return -(-rows // micro_batch)
-
-
-def shard_rows(j: int, rows: int, micro_batch: int) -> tuple[int, int]:
-    """Rows [lo, hi) of micro-shard j within the batch (the last shard may be shorter)."""
-    return j * micro_batch, min((j + 1) * micro_batch, rows)
-
+# ---- tree index math (no communication) ----
 
 def aligned_blocks(a: int, b: int) -> list[Node]:
     """The maximal aligned power-of-two blocks covering shards [a, b), left to right."""
@@ -133,94 +117,32 @@ class GradTargets:
         self.model.bind_grads(self._views[id(g)])
 
 
-# ---- the step (communicates) ----
+# ---- the exchange (communicates) ----
 
-def pin_blas_threads() -> str:
-    """Cap BLAS at one thread per rank; return a log line saying so."""
-    # OpenBLAS 0.3.31 sgemm gave other bits with 2 threads than with 1 for batches of 8+
-    # rows, and the default budget gives 1 rank 2 threads but 2 ranks 1 thread each.
-    global _BLAS_CAP
-    _BLAS_CAP = threadpool_limits(limits=1, user_api="blas")
-    return "deterministic: 1 BLAS thread per rank (BLAS results depend on the thread count)"
+class TreeExchange:
+    """Finishes the tree over every rank's blocks into grads on all ranks, reusing one receive buffer."""
 
+    def __init__(self, comm):
+        self.comm = comm
+        self._recv = np.empty(0)
 
-class DeterministicStep:
-    """One step's gradient from fixed micro-shards summed in the fixed tree (train.deterministic)."""
-
-    def __init__(self, model, loss, comm, micro_batch: int):
-        self.model, self.loss, self.comm, self.m = model, loss, comm, micro_batch
-        self.targets = GradTargets(model)
-        self.local = TreeStack()
-        self._buffers: dict[str, np.ndarray] = {}
-        self.shards = 0
-        self.shard_loss = np.zeros(0)
-
-    def describe(self, batch_size: int) -> str:
-        """One log line: shards per batch and how they are split over the ranks."""
-        s = num_shards(batch_size, self.m)
-        runs = [b - a for a, b in (shard(s, r, self.comm.size) for r in range(self.comm.size))]
-        idle = f"; {runs.count(0)} rank(s) idle: use train.micro_batch <= {batch_size // self.comm.size}" \
-            if 0 in runs else ""
-        return (f"deterministic: {s} micro-shards of {self.m} rows per batch of {batch_size}, "
-                f"{min(runs)}-{max(runs)} per rank, summed in a fixed tree{idle}")
-
-    def batch_rows(self, order, step: int, batch_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset rows, positions in the global batch) of this rank's whole micro-shards at this step."""
-        start = step * batch_size
-        rows = min(batch_size, n - start)
-        a, b = shard(num_shards(rows, self.m), self.comm.rank, self.comm.size)
-        lo, hi = a * self.m, min(b * self.m, rows)
-        return np.asarray(order[start + lo:start + hi], dtype=np.int64), np.arange(lo, hi, dtype=np.int64)
-
-    def forward_backward(self, x, y, positions, global_rows: int) -> int:
-        """Sum this rank's shard gradients into its tree blocks; keep shard losses; return correct rows."""
-        model, loss, m, targets = self.model, self.loss, self.m, self.targets
-        self.shards = num_shards(global_rows, m)
-        self.shard_loss = self._buffer("loss", self.shards, np.float64)
-        self.local = TreeStack()
-        targets.reset()
-        a = int(positions[0]) // m if len(positions) else 0
-        correct = 0
-        try:
-            for j in range(a, a + num_shards(len(positions), m)):
-                lo, hi = shard_rows(j, global_rows, m)
-                rows = slice(lo - a * m, hi - a * m)
-                g = targets.take()  # the backward writes straight into a vector of the tree
-                model.ctx.rows = positions[rows]
-                out = model.forward(x[rows])
-                self.shard_loss[j] = loss.forward(out, y[rows])
-                correct += loss.correct(out, y[rows])
-                dout = loss.backward()
-                dout /= global_rows
-                model.backward(dout, need_dx=False)
-                targets.release(self.local.push((j, 1), g))
-        finally:
-            targets.bind(model.grads)
-        return correct
-
-    def allreduce(self, grads: np.ndarray, scalars: np.ndarray):
-        """grads = the tree sum over all shards; scalars summed, with scalars[1] the exact loss sum."""
-        comm = self.comm
-        blocks = rank_blocks(self.shards, comm.size)
-        if comm.size == 1:
-            root = self.local.root()
+    def __call__(self, local: TreeStack, grads: np.ndarray, blocks: list[list[Node]]):
+        """grads = the tree's root; local holds this rank's blocks (blocks[rank])."""
+        if self.comm.size == 1:
+            root = local.root()
             if root is not grads:
                 np.copyto(grads, root)
         else:
-            self._exchange(grads, blocks)
-        counts = [sum(n for _, n in bl) for bl in blocks]
-        comm.allgatherv(self.shard_loss, counts)
-        comm.allreduce_sum(scalars)  # rows, correct rows and flags: integers, exact in any order
-        scalars[1] = math.fsum(self.shard_loss)  # correctly rounded, so order-free
+            self._exchange(local.values, grads, blocks)
 
-    def _exchange(self, grads: np.ndarray, blocks: list[list[Node]]):
+    def _exchange(self, mine: list[np.ndarray], grads: np.ndarray, blocks: list[list[Node]]):
         """Every rank finishes the tree on its piece of every block, then sends that piece to all."""
-        comm, r, mine = self.comm, self.comm.rank, self.local.values
+        comm, r = self.comm, self.comm.rank
         pieces = piece_bounds(grads.size, comm.size)
         lo, hi = pieces[r]
         others = [q for q in range(comm.size) if q != r]
         n_recv = sum(len(blocks[q]) for q in others)
-        slots = iter(self._buffer("recv", n_recv * (hi - lo), grads.dtype).reshape(n_recv, hi - lo))
+        slots = iter(self._recv_buffer(n_recv * (hi - lo), grads.dtype).reshape(n_recv, hi - lo))
         values, recvs = [], []  # piece r of every block in shard order; where the others' arrive
         for q in range(comm.size):
             if q == r:
@@ -239,43 +161,8 @@ class DeterministicStep:
         comm.exchange([(q, grads[lo:hi]) for q in others],
                       [(q, grads[pieces[q][0]:pieces[q][1]]) for q in others])
 
-    def _buffer(self, name: str, n: int, dtype) -> np.ndarray:
-        """A reused flat buffer of at least n items (first n returned)."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.size < n or buf.dtype != dtype:
-            buf = self._buffers[name] = np.empty(max(n, 1), dtype)
-        return buf[:n]
-
-
-# ---- the cross-rank check (train.check_every, both modes) ----
-
-class DivergenceError(UserError):
-    """The parameters differ between ranks."""
-
-    agreed = True  # every rank raises it from the same gathered hashes
-
-
-def param_hash(params: np.ndarray) -> int:
-    """CRC-32 of the parameter bytes: equal only if (almost surely) bitwise equal."""
-    return zlib.crc32(memoryview(params).cast("B"))
-
-
-def rank_groups(hashes) -> list[list[int]]:
-    """Ranks grouped by equal hash, groups ordered by their first rank."""
-    groups: dict[int, list[int]] = {}
-    for r, h in enumerate(hashes):
-        groups.setdefault(int(h), []).append(r)
-    return sorted(groups.values())
-
-
-def check_consistent(comm, params: np.ndarray, step: int):
-    """Compare the parameter hash across ranks (one int each); raise DivergenceError naming the ranks."""
-    hashes = np.zeros(comm.size, np.int64)
-    hashes[comm.rank] = param_hash(params)
-    comm.allgatherv(hashes, [1] * comm.size)
-    groups = rank_groups(hashes)
-    if len(groups) > 1:
-        which = "; ".join(f"rank(s) {', '.join(map(str, g))} have crc32 {int(hashes[g[0]]):08x}" for g in groups)
-        raise DivergenceError(f"parameters differ across ranks after step {step}: {which}. HINT: every rank "
-                              "must run the same distbp, numpy and BLAS build; a rank's memory or an "
-                              "interconnect may be faulty. Resume from the last checkpoint")
+    def _recv_buffer(self, n: int, dtype) -> np.ndarray:
+        """The reused receive buffer, at least n items (first n returned)."""
+        if self._recv.size < n or self._recv.dtype != dtype:
+            self._recv = np.empty(max(n, 1), dtype)
+        return self._recv[:n]

@@ -1,4 +1,4 @@
-"""Exit codes, the user-error type, and agreeing on an error across ranks."""
+"""Exit codes, the user-error type, agreeing on an error across ranks, and work done on rank 0 alone."""
 from __future__ import annotations
 
 EXIT_OK = 0
@@ -32,3 +32,8 @@ def agree(comm, fn, *args, **kwargs):
         error.agreed = True
         raise error
     return result
+
+
+def on_root(comm, fn, *args, **kwargs):
+    """Run fn on rank 0 only (None elsewhere); a UserError there is raised on every rank."""
+    return agree(comm, lambda: fn(*args, **kwargs) if comm.is_root else None)

@@ -1,26 +1,45 @@
-"""A trained model back from its checkpoint, evaluated data-parallel on a split."""
+"""Evaluation: a split's exact global loss and accuracy, and a trained model back from its checkpoint."""
 from __future__ import annotations
+
+import numpy as np
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
 from .data import Dataset, digits_path
-from .errors import agree
+from .errors import agree, on_root
 from .nn import make_loss
-from .train import build_model, evaluate, load_params
+from .sampler import shard
+from .state import build_model, load_params
+
+
+def evaluate(model, loss, split, comm, classification: bool, chunk: int = 1024) -> dict:
+    """Exact global loss (and accuracy) over a split, each rank on a contiguous slice."""
+    lo, hi = shard(split.n, comm.rank, comm.size)
+    sums = np.zeros(3)  # loss sum, correct, rows
+    model.eval()
+    for a in range(lo, hi, chunk):
+        indices = np.arange(a, min(a + chunk, hi))
+        x, y = split.read(indices, model.params.dtype)
+        out = model.forward(x)
+        sums += (loss.forward(out, y), loss.correct(out, y), len(indices))
+    model.train()
+    comm.allreduce_sum(sums)
+    result = {"val_loss": sums[0] / max(sums[2], 1)}
+    if classification:
+        result["val_accuracy"] = sums[1] / max(sums[2], 1)
+    return result
 
 
 def load_model(path: str, comm, data_path: str | None = None):
     """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast."""
-    def on_root():
-        return ckpt.load(path) if comm.is_root else None
-    ck = agree(comm, on_root)
+    ck = on_root(comm, ckpt.load, path)
     config = comm.bcast_obj(ck.config if comm.is_root else None)
     cfg = agree(comm, config_from_dict, config)
     if data_path:
         cfg.data.path = data_path
     data = agree(comm, Dataset, cfg.data.path or digits_path())
     model = agree(comm, build_model, cfg, data)
-    agree(comm, lambda: load_params(ck, model) if comm.is_root else None)
+    on_root(comm, load_params, ck, model)
     comm.bcast(model.params)
     comm.bcast(model.buffers)
     model.eval()

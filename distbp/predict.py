@@ -12,14 +12,15 @@ when k = 1. A dataset input adds its labels `y` (N, ...) for scoring.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .data import DataError, shard
-from .errors import agree
+from .atomic import AtomicFile
+from .data import DataError
+from .sampler import shard
+from .errors import agree, on_root
 from .evaluate import load_model
 
 FORMAT, VERSION = "predictions", 1
@@ -81,9 +82,9 @@ class Writer:
 
     def __init__(self, path, n: int, template: dict, attrs: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.file = AtomicFile(self.path)
         try:
-            self.f = h5py.File(self.tmp, "w")
+            self.f = h5py.File(self.file.tmp, "w")
         except OSError as e:
             raise DataError(f"cannot write {path} ({e}); HINT: choose a writable OUT.h5") from None
         self.f.attrs.update(attrs)
@@ -98,8 +99,7 @@ class Writer:
     def close(self) -> Path:
         """Finish the file and move it to its name."""
         self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.file.commit()
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -129,7 +129,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not npy:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if npy else split, data)
-    writer = agree(comm, lambda: Writer(out, rows.n, template, attrs) if comm.is_root else None)
+    writer = on_root(comm, Writer, out, rows.n, template, attrs)
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
         chunk = None
@@ -142,4 +142,4 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
-    return agree(comm, lambda: writer.close() if comm.is_root else None)
+    return on_root(comm, lambda: writer.close())

@@ -17,12 +17,6 @@ def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-def cpus_per_task() -> int | None:
-    """SLURM_CPUS_PER_TASK, or None when not set."""
-    value = os.environ.get("SLURM_CPUS_PER_TASK")
-    return int(value) if value else None
-
-
 def describe() -> str | None:
     """One log line about the SLURM job, or None outside SLURM."""
     if job_id() is None:

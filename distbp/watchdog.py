@@ -28,11 +28,12 @@ class Watchdog:
         self.since: float | None = None  # when this rank entered the collective it is in, else None
         self._done = threading.Event()
         self._thread = None
-        self.active = self.timeout > 0 and comm.size > 1 and hasattr(comm, "_comm")
+        # Collective: every rank creates it at the same point. Queries travel on their own
+        # communicator so they never match the training's messages.
+        channel = comm.private_channel() if self.timeout > 0 and comm.size > 1 else None
+        self.active = channel is not None
         if self.active:
-            # Collective: every rank creates it at the same point. Queries travel on their own
-            # communicator so they never match the training's messages.
-            self._mpi, self._wcomm = comm._mpi, comm._comm.Dup()
+            self._mpi, self._wcomm = channel
             self.poll = min(1.0, self.timeout / 4)
 
     def start(self) -> Watchdog:

@@ -154,7 +154,7 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
 
 def floor_round(wl: Workload, comm, steps: int) -> float:
     """samples/s if a step were only its matrix products (forward, dW, dx), all ranks at once."""
-    from distbp.data import shard
+    from distbp.sampler import shard
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     n, dt, rng = hi - lo, np.dtype(wl.dtype), np.random.default_rng(comm.rank)
     dims = [wl.features, *wl.hidden, wl.classes]
@@ -187,7 +187,7 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
         import torch
     except ImportError:
         return None
-    from distbp.data import epoch_order, shard
+    from distbp.sampler import epoch_order, shard
     torch.set_num_threads(threads)
     if comm.size > 1 and not _TORCH_GROUP:
         port = comm.bcast_obj(_free_port() if comm.is_root else None)

@@ -1,6 +1,9 @@
 """Shared fixtures: the world communicator, a tmp folder shared by all ranks, small datasets."""
 import os
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,37 @@ def job_env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **extra}
 
 
+def run_distbp(args, ranks: int = 0, *, cwd=None, env=None, timeout: float = 55, script=None,
+               on_stderr_line=None) -> subprocess.CompletedProcess:
+    """`[mpirun -n ranks] python (-m distbp | script) ARGS` to its end, in job_env(**env); a job still
+    running after timeout seconds is killed (mpirun and every rank) and fails the test."""
+    prefix = [MPIRUN, "-n", str(ranks)] if ranks else []
+    program = [str(script)] if script else ["-m", "distbp"]
+    argv = [*prefix, sys.executable, *program, *map(str, args)]
+    timed_out = threading.Event()
+    with subprocess.Popen(argv, cwd=cwd, env=job_env(**(env or {})), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        def kill():
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+        timer, out = threading.Timer(timeout, kill), []
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+        timer.start()
+        reader.start()
+        err = []
+        for line in proc.stderr:  # as lines arrive, so on_stderr_line can time them
+            if on_stderr_line:
+                on_stderr_line(line)
+            err.append(line)
+        proc.wait()
+        timer.cancel()
+        reader.join()
+    stdout, stderr = "".join(out), "".join(err)
+    if timed_out.is_set():
+        pytest.fail(f"{' '.join(argv)} still running after {timeout} s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
 def numeric_grad(f, a, eps=1e-6):
     """Central finite differences of the scalar f() w.r.t. every entry of a (restored after)."""
     g = np.zeros_like(a)
@@ -39,6 +73,32 @@ def rel_err(a, b):
     """||a - b|| / max(||a||, ||b||)."""
     scale = max(np.linalg.norm(a), np.linalg.norm(b))
     return np.linalg.norm(a - b) / scale if scale > 0 else 0.0
+
+
+def bind_random(layer, rng, dtype=np.float64, around_one=False):
+    """Bind random parameters (around 1 if asked) and zero gradients; return (params, grads)."""
+    params = {n: (around_one + 0.5 * rng.standard_normal(s)).astype(dtype) for n, s in layer.param_shapes()}
+    grads = {n: np.zeros(s, dtype) for n, s in layer.param_shapes()}
+    layer.bind(params, grads)
+    return params, grads
+
+
+def check_grads(layer, x, params, grads, rng, tol=1e-6):
+    """Compare backward's dx and parameter gradients of sum(y * R) with central differences."""
+    R = rng.standard_normal((x.shape[0], *layer.out_shape))
+    for g in grads.values():
+        g[...] = 0
+    x0, R0 = x.copy(), R.copy()
+    y = layer.forward(x)
+    assert y.shape == R.shape
+    dx = layer.backward(R)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    np.testing.assert_array_equal(x, x0)  # inputs left alone
+    np.testing.assert_array_equal(R, R0)
+    loss = lambda: float(np.sum(layer.forward(x) * R))  # noqa: E731
+    assert rel_err(dx, numeric_grad(loss, x)) < tol
+    for name, p in params.items():
+        assert rel_err(grads[name], numeric_grad(loss, p)) < tol, name
 
 
 def import_torch():

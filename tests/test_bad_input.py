@@ -2,7 +2,6 @@
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 from distbp.config import ConfigError, load_config
 from distbp.data import DataError, Dataset, digits_path, write_dataset
-from conftest import MPIRUN, job_env
+from conftest import run_distbp
 
 LAYERS_8X8 = '[model]\nlayers = [{type = "reshape", shape = [1, 8, 8]}, {type = "flatten"}, {type = "linear", out = 3}]\n'
 
@@ -23,11 +22,9 @@ LAYERS_8X8 = '[model]\nlayers = [{type = "reshape", shape = [1, 8, 8]}, {type = 
 def train(tmp: Path, args: list[str], ranks: int = 0, debug: bool = False,
           fault: str = "") -> tuple[subprocess.CompletedProcess, float]:
     """`distbp train ARGS` in tmp (under mpirun -n ranks if ranks), with its wall time."""
-    env = job_env(**({"DISTBP_FAULT": fault} if fault else {}))
-    cmd = ([MPIRUN, "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp"]
-    cmd += ["--debug"] * debug + ["train", *args]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=50)
+    proc = run_distbp(["--debug"] * debug + ["train", *args], ranks, cwd=tmp, timeout=50,
+                      env={"DISTBP_FAULT": fault} if fault else {})
     return proc, time.monotonic() - start
 
 
@@ -154,6 +151,7 @@ def check_one_message(proc, fragments):
         assert fragment in message, message
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_clear_message(tmp_path, case):
     make, fragments = CASES[case]
@@ -169,6 +167,7 @@ def test_malformed_fault_plan_is_a_usage_error(tmp_path):
     check_one_message(proc, ["DISTBP_FAULT", "rank=1,step=5,kind=raise", "HINT"])
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", MPI_CASES)
 def test_bad_input_under_mpirun_prints_once(tmp_path, case):
     make, fragments = CASES[case]

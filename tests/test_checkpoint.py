@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from distbp import atomic
 from distbp import checkpoint as ckpt
 
 
@@ -123,13 +124,14 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(ckpt, "_fsync_path", full)
+    monkeypatch.setattr(atomic, "fsync_path", full)
     with pytest.raises(OSError):
         write(tmp_path, 20)
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.checkpoint_name(10)]
     assert ckpt.load(tmp_path / ckpt.checkpoint_name(10)).attrs["step"] == 10
 
 
+@pytest.mark.timing  # a ratio in one test, but the background writer competes with other load for the cores
 def test_save_time_close_to_plain_h5py(tmp_path, capsys):
     rng = np.random.default_rng(0)
     shapes = {"0.linear.W": (784, 1024), "0.linear.b": (1024,), "2.linear.W": (1024, 1024),

@@ -15,7 +15,7 @@ from distbp.comm import SerialComm
 from distbp.config import config_from_dict
 from distbp.data import Dataset, digits_path, write_dataset
 from distbp.train import run
-from conftest import MPIRUN, job_env
+from conftest import run_distbp
 
 LAYERS = [{"type": "linear", "out": 32}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "dropout", "p": 0.2},
           {"type": "linear", "out": 10}]
@@ -38,9 +38,7 @@ def newest(run_dir) -> Path:
 
 def distbp(*args, n: int = 1) -> subprocess.CompletedProcess:
     """python -m distbp ARGS on n ranks (n == 1: no launcher)."""
-    launch = [MPIRUN, "-n", str(n)] if n > 1 else []
-    return subprocess.run([*launch, sys.executable, "-m", "distbp", *args], capture_output=True, text=True,
-                          timeout=60, env=job_env())
+    return run_distbp(args, n if n > 1 else 0, timeout=60)
 
 
 def summary(run_dir) -> dict:

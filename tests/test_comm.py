@@ -1,8 +1,4 @@
 """distbp.comm: collectives on one body run serial and on the world, launcher check, abort, threads."""
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,6 +10,7 @@ from threadpoolctl import threadpool_info
 from distbp import comm as commlib
 from distbp.comm import CommError, SerialComm, check_launcher, launcher_size, node_shared_array
 from distbp.data import Dataset
+from conftest import run_distbp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,24 +175,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def mpirun(comm):
-    """The venv's mpirun, for tests that launch their own jobs (only from a serial session)."""
-    exe = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    if comm.size > 1 or exe is None:
-        pytest.skip("launches its own mpirun jobs: run in the serial session with mpirun installed")
-    return exe
-
-
+@pytest.mark.timing
 @pytest.mark.parametrize("mode, code", [("raise", 1), ("hook", 1), ("exit", 3), ("ok", 0)])
-def test_one_failing_rank_ends_the_job(mpirun, tmp_path, mode, code):
+def test_one_failing_rank_ends_the_job(comm, tmp_path, mode, code):
+    if comm.size > 1:
+        pytest.skip("launches its own mpirun jobs: run in the serial session")
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "OMPI_", "SLURM_"))}
-    env["PYTHONPATH"] = str(ROOT)
     start = time.monotonic()
-    proc = subprocess.run([mpirun, "-n", "3", sys.executable, str(script), mode], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = run_distbp([mode], 3, script=script, env={"PYTHONPATH": str(ROOT)}, timeout=60)
     assert time.monotonic() - start < 30
     assert proc.returncode == code, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("distbp: rank")]

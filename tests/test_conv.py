@@ -5,33 +5,7 @@ import pytest
 
 from distbp.nn.conv import Conv2D, MaxPool2D
 from distbp.nn.reshape import Flatten
-from conftest import numeric_grad, rel_err
-
-
-def bind_random(layer, rng, dtype=np.float64, around_one=False):
-    """Bind random parameters (around 1 if asked) and zero gradients; return (params, grads)."""
-    params = {n: (around_one + 0.5 * rng.standard_normal(s)).astype(dtype) for n, s in layer.param_shapes()}
-    grads = {n: np.zeros(s, dtype) for n, s in layer.param_shapes()}
-    layer.bind(params, grads)
-    return params, grads
-
-
-def check_grads(layer, x, params, grads, rng, tol=1e-6):
-    """Compare backward's dx and parameter gradients of sum(y * R) with central differences."""
-    R = rng.standard_normal((x.shape[0], *layer.out_shape))
-    for g in grads.values():
-        g[...] = 0
-    x0, R0 = x.copy(), R.copy()
-    y = layer.forward(x)
-    assert y.shape == R.shape
-    dx = layer.backward(R)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    np.testing.assert_array_equal(x, x0)  # inputs left alone
-    np.testing.assert_array_equal(R, R0)
-    loss = lambda: float(np.sum(layer.forward(x) * R))  # noqa: E731
-    assert rel_err(dx, numeric_grad(loss, x)) < tol
-    for name, p in params.items():
-        assert rel_err(grads[name], numeric_grad(loss, p)) < tol, name
+from conftest import bind_random, check_grads, numeric_grad, rel_err
 
 
 def conv_naive(x, W, b, stride, padding):

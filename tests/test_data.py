@@ -1,4 +1,4 @@
-"""distbp.data: the sampler's index math, dataset validation messages, reads, the shipped digits."""
+"""distbp.data: dataset validation messages, reads, the shipped digits."""
 import h5py
 import numpy as np
 import pytest
@@ -7,73 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distbp import data
-from distbp.data import (DataError, Dataset, batch_rows, digits_path, epoch_order, shard, steps_per_epoch,
-                         synthetic, write_dataset)
-
-# --- sampler -----------------------------------------------------------------------------------
-
-
-def test_epoch_order_depends_on_seed_and_epoch_alone():
-    a = epoch_order(7, 3, 100)
-    np.testing.assert_array_equal(a, epoch_order(7, 3, 100))
-    np.testing.assert_array_equal(np.sort(a), np.arange(100))
-    assert not np.array_equal(a, epoch_order(7, 4, 100)) and not np.array_equal(a, epoch_order(8, 3, 100))
-    with pytest.raises(ValueError, match="non-negative"):
-        epoch_order(-1, 0, 10)
-
-
-def test_steps_per_epoch():
-    assert steps_per_epoch(100, 32) == 3 and steps_per_epoch(100, 32, drop_last=False) == 4
-    assert steps_per_epoch(64, 64) == 1 and steps_per_epoch(63, 64) == 0 and steps_per_epoch(63, 64, False) == 1
-    with pytest.raises(ValueError, match="batch_size=0"):
-        steps_per_epoch(10, 0)
-
-
-def test_shard_is_near_equal_with_larger_slices_first():
-    assert [shard(64, r, 3) for r in range(3)] == [(0, 22), (22, 43), (43, 64)]
-    assert [shard(2, r, 4) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
-
-
-@settings(deadline=None)
-@given(batch=st.integers(0, 300), size=st.integers(1, 17))
-def test_shard_covers_the_batch_contiguously(batch, size):
-    slices = [shard(batch, r, size) for r in range(size)]
-    assert slices[0][0] == 0 and slices[-1][1] == batch
-    assert all(slices[r][1] == slices[r + 1][0] for r in range(size - 1))
-    lengths = [hi - lo for lo, hi in slices]
-    assert lengths == sorted(lengths, reverse=True) and max(lengths) - min(lengths) <= 1
-
-
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 200), batch=st.integers(1, 70), size=st.integers(1, 9), seed=st.integers(0, 2**32),
-       drop_last=st.booleans())
-def test_batch_rows_split_the_global_batch_exactly(n, batch, size, seed, drop_last):
-    order = epoch_order(seed, 0, n)
-    seen = []
-    for step in range(steps_per_epoch(n, batch, drop_last)):
-        whole, whole_pos = batch_rows(order, step, batch, 0, 1)  # the global batch, as one rank sees it
-        np.testing.assert_array_equal(whole, order[step * batch:(step + 1) * batch])
-        np.testing.assert_array_equal(whole_pos, np.arange(len(whole)))
-        parts = [batch_rows(order, step, batch, r, size) for r in range(size)]
-        for rows, pos in parts:
-            np.testing.assert_array_equal(rows, whole[pos])  # positions locate each row in the global batch
-        np.testing.assert_array_equal(np.concatenate([p for _, p in parts]), whole_pos)  # no overlap, no gap
-        seen.append(whole)
-    seen = np.concatenate(seen) if seen else np.array([], np.int64)
-    assert len(np.unique(seen)) == len(seen) == (n // batch * batch if drop_last else n)
-
-
-def test_batch_rows_last_partial_batch_and_file_order():
-    order = epoch_order(0, 0, 10)
-    rows, pos = batch_rows(order, 2, 4, 1, 2)  # rows 8..9 of the order, one each
-    np.testing.assert_array_equal(rows, order[9:10])
-    np.testing.assert_array_equal(pos, [1])
-    rows, pos = batch_rows(None, 1, 64, 2, 3, n=200)  # eval in file order: rows 64..127, third slice
-    np.testing.assert_array_equal(rows, np.arange(64 + 43, 128))
-    np.testing.assert_array_equal(pos, np.arange(43, 64))
-    with pytest.raises(ValueError, match="past the 10 rows"):
-        batch_rows(order, 3, 4, 0, 1)
-
+from distbp.data import DataError, Dataset, digits_path, synthetic, write_dataset
 
 # --- writing and reading -----------------------------------------------------------------------
 

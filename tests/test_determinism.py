@@ -2,7 +2,6 @@
 bitwise-identical training on 1, 2, 3, 4 and 8 ranks (dropout on, SGD and Adam, resume 4 -> 3)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +12,17 @@ from hypothesis import strategies as st
 from distbp import checkpoint as ckpt
 from distbp.comm import SerialComm
 from distbp.config import ConfigError, load_config
-from distbp.data import shard, write_dataset
-from distbp.determinism import (DeterministicStep, DivergenceError, TreeStack, aligned_blocks, check_consistent,
-                                is_left_sibling, num_shards, param_hash, rank_blocks, rank_groups, shard_rows)
+from distbp.data import write_dataset
+from distbp.determinism import TreeStack, aligned_blocks, is_left_sibling, rank_blocks
+from distbp.sampler import shard
+from distbp.state import DivergenceError, check_consistent, param_hash, rank_groups
+from distbp.step import DeterministicStep, StepScalars
 from distbp.nn import Sequential, make_loss, mlp_specs
-from conftest import MPIRUN, job_env
+from conftest import run_distbp
 
 
 
 # ---- index math ----
-
-def test_shards_cover_the_batch_with_a_short_last_one():
-    assert num_shards(50, 8) == 7 and num_shards(48, 8) == 6 and num_shards(1, 8) == 1
-    assert [shard_rows(j, 50, 8) for j in (0, 5, 6)] == [(0, 8), (40, 48), (48, 50)]
-
 
 @given(st.integers(0, 300), st.integers(0, 300))
 def test_aligned_blocks_are_the_maximal_tree_nodes_of_a_run(a, b):
@@ -173,10 +169,12 @@ def step_gradient(comm, rows: int, micro_batch: int) -> tuple[np.ndarray, np.nda
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((rows, 12)).astype(np.float32), rng.integers(0, 3, rows)
     det = DeterministicStep(model, make_loss("classification"), comm, micro_batch)
-    idx, positions = det.batch_rows(np.arange(rows), 0, rows, rows)
-    scalars = np.array([len(idx), 0, det.forward_backward(x[idx], y[idx], positions, rows), 0, 0], float)
-    det.allreduce(model.grads, scalars)
-    return model.grads.copy(), scalars
+    positions = det.positions(rows)
+    scalars = StepScalars()
+    scalars.loss_sum, scalars.correct = det.forward_backward(x[positions], y[positions], positions, rows)
+    scalars.rows = len(positions)
+    det.reduce(model.grads, scalars)
+    return model.grads.copy(), scalars.buf
 
 
 @pytest.mark.mpi(min_size=2)
@@ -210,7 +208,7 @@ def test_step_writes_into_few_reused_vectors_and_rebinds_the_layers_to_model_gra
     x, y = rng.standard_normal((32, 12)).astype(np.float32), rng.integers(0, 3, 32)
     for _ in range(2):
         det.forward_backward(x, y, np.arange(32), 32)
-        det.allreduce(model.grads, np.zeros(5))
+        det.reduce(model.grads, StepScalars())
     assert len(det.targets.made) == 3  # 8 shards: the tree is 3 deep, model.grads holds the root
     assert all(np.shares_memory(layer.dW, model.grads) for layer in model.layers if hasattr(layer, "dW"))
 
@@ -242,10 +240,10 @@ def train(run_dir: Path, data: Path, ranks: int, optim: str, steps: int, *extra:
             "train.batch_size=48", "train.micro_batch=7", "train.drop_last=false", "train.epochs=5",
             f"train.max_steps={steps}", "train.deterministic=true", "train.check_every=2",
             f"optim.name={json.dumps(optim)}", "optim.lr=0.01", "train.stall_timeout=0", *extra]
-    cmd = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir)]
+    args = ["train", "--run-dir", run_dir]
     for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=job_env())
+        args += ["--set", s]
+    proc = run_distbp(args, ranks, timeout=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
@@ -307,11 +305,10 @@ sys.exit(main(sys.argv[1:]))
 def test_check_every_stops_a_diverged_run_naming_step_and_rank(tmp_path, data_file, mode):
     script = tmp_path / "diverge.py"
     script.write_text(DIVERGE)
-    cmd = [MPIRUN, "-n", "3", sys.executable, str(script), "train", "--run-dir", str(tmp_path / "run"),
-           "--set", f"data.path={json.dumps(str(data_file))}", "--set", "model.hidden=[8]",
-           "--set", "train.batch_size=48", "--set", "train.check_every=2", "--set", f"train.deterministic={mode}",
-           "--set", "train.max_steps=10"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50, env=job_env())
+    args = ["train", "--run-dir", tmp_path / "run", "--set", f"data.path={json.dumps(str(data_file))}",
+            "--set", "model.hidden=[8]", "--set", "train.batch_size=48", "--set", "train.check_every=2",
+            "--set", f"train.deterministic={mode}", "--set", "train.max_steps=10"]
+    proc = run_distbp(args, 3, script=script, timeout=50)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.count("parameters differ across ranks after step 4: rank(s) 0, 1 have crc32") == 1
     assert "rank(s) 2 have crc32" in proc.stderr

@@ -1,9 +1,6 @@
 """Failures during training: one rank fails or stalls, non-finite values, disk faults while saving."""
 import os
 import re
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pytest
 from distbp import checkpoint as ckpt
 from distbp import faults
 from distbp.errors import UserError
-from conftest import MPIRUN, job_env
+from conftest import run_distbp
 
 DIGITS_FAST = ["--set", "train.epochs=3", "--set", "train.log_every=1000"]
 
@@ -21,28 +18,18 @@ DIGITS_FAST = ["--set", "train.epochs=3", "--set", "train.log_every=1000"]
 class Job:
     """A distbp job run to completion, with the time from the first fault line to its exit."""
 
-    def __init__(self, ranks: int, args: list[str], fault: str = "", cwd=None, timeout: float = 55, **popen):
-        cmd = ([MPIRUN, "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "distbp", *args]
-        env = job_env(**({faults.ENV: fault} if fault else {}))
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, **popen)
-        self.fault_at, err_lines, out = None, [], []
-        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-        reader.start()
-        for line in proc.stderr:  # timestamps as lines arrive
+    def __init__(self, ranks: int, args: list[str], fault: str = "", cwd=None, timeout: float = 55):
+        self.fault_at = None
+
+        def stamp(line):  # the first fault line's time, as it arrives
             if self.fault_at is None and "fault injection" in line:
                 self.fault_at = time.monotonic()
-            err_lines.append(line)
-        try:
-            self.rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        reader.join(5)
+        start = time.monotonic()
+        proc = run_distbp(args, ranks, cwd=cwd, timeout=timeout, env={faults.ENV: fault} if fault else {},
+                          on_stderr_line=stamp)
         self.wall = time.monotonic() - start
         self.to_exit = time.monotonic() - self.fault_at if self.fault_at else None
-        self.stderr, self.stdout = "".join(err_lines), "".join(out)
+        self.rc, self.stderr, self.stdout = proc.returncode, proc.stderr, proc.stdout
         print(f"\n[{' '.join(args[:1])} {fault or ''}] rc={self.rc} wall={self.wall:.1f}s "
               f"fault->exit={self.to_exit and round(self.to_exit, 1)}s")
 
@@ -76,6 +63,7 @@ def test_inject_is_inert_unless_planned(monkeypatch):
         faults.inject(0, 3, grads)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind", ["raise", "exit", "kill", "oom"])
 def test_one_failing_rank_ends_the_job_fast(tmp_path, kind):
     job = Job(4, ["train", *DIGITS_FAST, "--run-dir", str(tmp_path / "run")], f"rank=1,step=5,kind={kind}")
@@ -91,6 +79,7 @@ def test_one_failing_rank_ends_the_job_fast(tmp_path, kind):
         assert {"exit": "exited with code 1", "raise": "InjectedFault", "oom": "MemoryError"}[kind] in named[0]
 
 
+@pytest.mark.timing
 def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
     job = Job(4, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=5", "--run-dir", str(tmp_path / "run")],
               "rank=2,step=5,kind=stop")

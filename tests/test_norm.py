@@ -6,8 +6,7 @@ import pytest
 from distbp.comm import SerialComm
 from distbp.nn.layers import Context
 from distbp.nn.norm import BatchNorm, LayerNorm
-from conftest import numeric_grad, rel_err
-from test_conv import bind_random, check_grads
+from conftest import bind_random, check_grads, numeric_grad, rel_err
 
 
 def make_bn(in_shape, comm=None, rng=None, dtype=np.float64, momentum=0.1):

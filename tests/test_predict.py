@@ -1,5 +1,7 @@
 """distbp predict: outputs equal the model's, .npy inputs, regression, and n ranks equal 1 rank."""
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -74,3 +76,8 @@ def test_predictions_on_n_ranks_equal_one_rank(comm, shared_tmp, make_dataset):
         assert np.allclose(got["probabilities"], want["probabilities"], atol=1e-6)
     else:
         assert out is None
+
+
+def test_inference_does_not_import_the_training_loop():
+    code = "import sys, distbp.predict, distbp.evaluate; sys.exit('distbp.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -17,9 +17,9 @@ from distbp import checkpoint as ckpt
 from distbp import train as trainlib
 from distbp.comm import SerialComm
 from distbp.config import config_from_dict, load_config
-from distbp.data import epoch_order
+from distbp.sampler import epoch_order
 from distbp.errors import UserError
-from conftest import MPIRUN, job_env
+from conftest import job_env, run_distbp
 
 PER_EPOCH = 22  # the shipped digits: 1437 train rows // batch 64
 VARIANTS = {
@@ -278,12 +278,12 @@ def test_every_seconds_decision_is_shared_by_all_ranks(wcomm, run_root, monkeypa
     if wcomm.is_root:
         monkeypatch.setattr(trainlib, "time", FakeClock())
     calls = []
-    real = trainlib.save_checkpoint
+    real = trainlib.Trainer.save
 
-    def recording(saver, run_dir, model, opt, pos, *args, final):
-        calls.append((pos.step, final))
-        return real(saver, run_dir, model, opt, pos, *args, final=final)
-    monkeypatch.setattr(trainlib, "save_checkpoint", recording)
+    def recording(self, final):
+        calls.append((self.pos.step, final))
+        return real(self, final)
+    monkeypatch.setattr(trainlib.Trainer, "save", recording)
     assert train(wcomm, run_root, "train.max_steps=10", f"checkpoint.every_seconds={seconds}",
                  "checkpoint.keep=20") == 0
     everyone = wcomm.bcast_obj(wcomm.gather_obj(calls))
@@ -323,9 +323,7 @@ def test_checkpoint_records_position_config_and_rng_streams(wcomm, run_root):
 
 def distbp(n: int, *args, timeout=60) -> subprocess.CompletedProcess:
     """python -m distbp ARGS on n ranks (n == 1: no launcher)."""
-    launch = [MPIRUN, "-n", str(n)] if n > 1 else []
-    return subprocess.run([*launch, sys.executable, "-m", "distbp", *args], capture_output=True, text=True,
-                          timeout=timeout, env=job_env())
+    return run_distbp(args, n if n > 1 else 0, timeout=timeout)
 
 
 def cli_train(n: int, run_dir, steps: int, *sets, resume="auto") -> subprocess.CompletedProcess:

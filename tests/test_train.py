@@ -1,10 +1,7 @@
 """distbp train end to end: identical ranks, n-rank vs 1-rank equivalence, exact global metrics,
 one failing rank, the default digits run, metrics.jsonl and config.toml, and `distbp data`."""
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +14,10 @@ from distbp.checkpoint import checkpoint_name, load
 from distbp.comm import SerialComm
 from distbp.config import load_config
 from distbp.data import Dataset, synthetic, write_dataset
+from distbp.evaluate import evaluate
 from distbp.nn import make_loss
-from conftest import MPIRUN, job_env
+from distbp.state import build_model
+from conftest import run_distbp
 
 
 
@@ -29,18 +28,7 @@ def launch(comm):
         pytest.skip("launches its own mpirun jobs: run in the serial session")
 
     def run(args, n=None, cwd=None, env=None, timeout=55, script=None):
-        prefix = [MPIRUN, "-n", str(n)] if n else []
-        program = [str(script)] if script else ["-m", "distbp"]
-        argv = [*prefix, sys.executable, *program, *map(str, args)]
-        with subprocess.Popen(argv, cwd=cwd, env=job_env(**(env or {})), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank it started
-                out, err = proc.communicate()
-                pytest.fail(f"{' '.join(argv)} still running after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        return run_distbp(args, n or 0, cwd=cwd, env=env, timeout=timeout, script=script)
     return run
 
 
@@ -90,15 +78,15 @@ def test_parameters_bitwise_identical_on_every_rank(comm, make_dataset, shared_t
     cfg = load_config(None, [f'data.path="{path}"', "train.batch_size=16", "train.max_steps=9",
                              "model.hidden=[8, 8]", "model.dropout=0.25", 'optim.name="adam"'])
     kept = {}
-    save = train.save_checkpoint
+    save = train.Trainer.save
 
-    def keep_final(saver, run_dir, model, opt, pos, *args, final: bool):
+    def keep_final(self, final: bool):
         if final:  # every rank calls it, rank 0 alone writes
-            kept["params"] = by_name(model.views(model.params))
-            kept["state"] = np.concatenate([model.params, *opt.state_arrays().values()])
-        return save(saver, run_dir, model, opt, pos, *args, final=final)
+            kept["params"] = by_name(self.model.views(self.model.params))
+            kept["state"] = np.concatenate([self.model.params, *self.opt.state_arrays().values()])
+        return save(self, final)
 
-    monkeypatch.setattr(train, "save_checkpoint", keep_final)
+    monkeypatch.setattr(train.Trainer, "save", keep_final)
     assert train.run(cfg, comm, shared_tmp / "run", resume="never") == 0
     states = comm.gather_obj(kept["state"])
     problems = None
@@ -130,7 +118,7 @@ def test_same_parameters_on_1_2_3_and_4_ranks(launch, tmp_path, dtype, rtol, ext
         params[n], attrs = final_params(run_dir, steps)
         assert (attrs["world_size"], attrs["step"], params[n].dtype) == (n, steps, np.dtype(dtype))
     with Dataset(data) as ds:
-        model = train.build_model(load_config(None, sets), ds)
+        model = build_model(load_config(None, sets), ds)
         init = by_name(model.views(model.params))
     assert np.abs(params[1] - init).max() > 100 * rtol * np.abs(init).max()  # training moved them
     scale = np.abs(params[1]).max()
@@ -159,10 +147,10 @@ def test_evaluate_is_exact_over_uneven_slices(comm, make_dataset, val_rows, dtyp
     cfg = load_config(None, [f'data.path="{path}"', "model.hidden=[8]", "model.dropout=0.5",
                              f'train.dtype="{dtype}"', "train.batch_size=8"])
     with Dataset(path) as ds:
-        model, split = train.build_model(cfg, ds), ds.split("val")
+        model, split = build_model(cfg, ds), ds.split("val")
         loss = make_loss(ds.task)
-        world = train.evaluate(model, loss, split, comm, classification=True)
-        alone = train.evaluate(model, loss, split, SerialComm(), classification=True)
+        world = evaluate(model, loss, split, comm, classification=True)
+        alone = evaluate(model, loss, split, SerialComm(), classification=True)
         ref_loss, ref_acc = reference_metrics(model, split)
     assert world["val_accuracy"] == alone["val_accuracy"] == ref_acc  # counts, so exactly equal
     assert world["val_loss"] == pytest.approx(alone["val_loss"], rel=rtol)
@@ -191,6 +179,7 @@ def test_distbp_eval_on_3_ranks_equals_1_rank(launch, tmp_path):
 # --- invariant 4: one failing rank ends the whole job, fast ------------------------------------
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind, what", [("raise", "failed: InjectedFault: injected fault on rank 1 at step 5"),
                                         ("exit", "exited with code 1")])
 def test_one_failing_rank_ends_mpirun_of_4_within_seconds(launch, tmp_path, kind, what):
@@ -225,6 +214,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("command", ["train", "eval", "predict"])
 def test_a_read_error_on_one_rank_ends_the_job(launch, tmp_path, command):
     (tmp_path / "job.py").write_text(FAILING_READ)

@@ -4,8 +4,6 @@ import gzip
 import importlib.util
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,19 +14,16 @@ from distbp import cli
 from distbp.config import load_config, named_configs
 from distbp.data import Dataset, digits_path
 from distbp.nn import Sequential
-from distbp.train import build_model
-from conftest import MPIRUN, job_env
+from distbp.state import build_model
+from conftest import run_distbp
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def distbp(*args, ranks: int = 0, cwd=None, timeout: float = 50) -> str:
     """Run `distbp ARGS` (under mpirun -n ranks when ranks > 0); its output; fail on a non-zero exit."""
-    cmd = [sys.executable, "-m", "distbp", *map(str, args)]
-    if ranks:
-        cmd = [MPIRUN, "-n", str(ranks), *cmd]
-    p = subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    p = run_distbp(args, ranks, cwd=cwd, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(p.args)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     return p.stdout + p.stderr
 
 

@@ -1,0 +1,130 @@
+"""One training step's gradient: which rows this rank reads, forward+backward, the reduction.
+
+A step object has three methods the loop calls in order: `positions` (this rank's
+places in the global batch), `forward_backward` (the gradient of the global mean loss
+over those rows into model.grads) and `reduce` (sum gradients and the step's scalars
+over the ranks), then `apply` takes the optimizer step. DataParallelStep does each in
+one piece; DeterministicStep cuts the batch into fixed micro-shards summed in a fixed
+tree (determinism.py). Gradient accumulation would loop micro-batches inside
+`forward_backward` before one `reduce`, as DeterministicStep does; a sharded optimizer
+(ZeRO-1) would reduce-scatter in `reduce` and update its slice then allgather in `apply`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .determinism import GradTargets, TreeExchange, TreeStack, rank_blocks
+from .sampler import micro_shard_slice, num_shards, shard, shard_rows
+
+
+def _field(i: int) -> property:
+    """A named float of StepScalars.buf."""
+    return property(lambda self: self.buf[i], lambda self, v: self.buf.__setitem__(i, v))
+
+
+class StepScalars:
+    """The step's scalars, named, over one float64 buffer so they ride one allreduce."""
+    rows, loss_sum, correct, stop, checkpoint_due = (_field(i) for i in range(5))
+
+    def __init__(self):
+        self.buf = np.zeros(5)
+
+
+def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, after_forward=None) -> tuple[float, int]:
+    """Forward, loss (a sum over the rows), backward of it / batch_rows into the bound gradient; (loss sum, correct)."""
+    model.ctx.rows, model.ctx.global_rows = positions, batch_rows
+    out = model.forward(x)
+    loss_sum, correct = loss.forward(out, y), loss.correct(out, y)
+    if after_forward:
+        after_forward()
+    dout = loss.backward()
+    dout /= batch_rows  # the global mean, folded into the gradient before the reduction
+    model.backward(dout, need_dx=False)
+    return loss_sum, correct
+
+
+class DataParallelStep:
+    """Each rank one contiguous slice of the global batch, one backward, one allreduce of the flat gradient."""
+
+    def __init__(self, model, loss, comm, lap=lambda phase: None):
+        self.model, self.loss, self.comm, self.lap = model, loss, comm, lap
+
+    def describe(self, batch_size: int) -> list[str]:
+        """Log lines about how the step splits a batch of batch_size rows."""
+        return []
+
+    def positions(self, batch_rows: int) -> np.ndarray:
+        """This rank's positions in a global batch of batch_rows rows."""
+        return np.arange(*shard(batch_rows, self.comm.rank, self.comm.size), dtype=np.int64)
+
+    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int) -> tuple[float, int]:
+        """This rank's part of the gradient of the global mean loss in model.grads; (loss sum, correct rows)."""
+        self.model.zero_grad(skip_written=True)  # the backward writes what it skips
+        return grad_of(self.model, self.loss, x, y, positions, batch_rows, lambda: self.lap("forward"))
+
+    def reduce(self, grads: np.ndarray, scalars: StepScalars):
+        """Sum gradient and scalars over the ranks."""
+        self.comm.allreduce_sum(grads)
+        self.comm.allreduce_sum(scalars.buf)
+
+    def apply(self, opt, params: np.ndarray, grads: np.ndarray, lr: float):
+        """The optimizer step, the same on every rank."""
+        opt.step(params, grads, lr)
+
+
+class DeterministicStep(DataParallelStep):
+    """The same gradient bits on any number of ranks: fixed micro-shards summed in a fixed tree."""
+
+    def __init__(self, model, loss, comm, micro_batch: int, lap=lambda phase: None):
+        super().__init__(model, loss, comm, lap)
+        self.m = micro_batch
+        self.targets, self.exchange = GradTargets(model), TreeExchange(comm)
+        self.local = TreeStack()
+        self.shards = 0
+        self.shard_loss = np.zeros(0)
+
+    def describe(self, batch_size: int) -> list[str]:
+        """One log line: shards per batch and how they are split over the ranks."""
+        s, size = num_shards(batch_size, self.m), self.comm.size
+        runs = [b - a for a, b in (shard(s, r, size) for r in range(size))]
+        idle = f"; {runs.count(0)} rank(s) idle: use train.micro_batch <= {batch_size // size}" if 0 in runs else ""
+        return [f"deterministic: {s} micro-shards of {self.m} rows per batch of {batch_size}, "
+                f"{min(runs)}-{max(runs)} per rank, summed in a fixed tree{idle}"]
+
+    def positions(self, batch_rows: int) -> np.ndarray:
+        """This rank's whole micro-shards, so each shard's math is the same on any rank."""
+        return np.arange(*micro_shard_slice(batch_rows, self.m, self.comm.rank, self.comm.size), dtype=np.int64)
+
+    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int) -> tuple[float, int]:
+        """Sum this rank's shard gradients into its tree blocks; keep shard losses; (loss sum, correct rows)."""
+        m, targets = self.m, self.targets
+        self.shards = num_shards(batch_rows, m)
+        if self.shard_loss.size != self.shards:
+            self.shard_loss = np.zeros(self.shards)
+        self.shard_loss[:] = 0
+        self.local = TreeStack()
+        targets.reset()
+        a = int(positions[0]) // m if len(positions) else 0
+        correct = 0
+        try:
+            for j in range(a, a + num_shards(len(positions), m)):
+                lo, hi = shard_rows(j, batch_rows, m)
+                rows = slice(lo - a * m, hi - a * m)
+                g = targets.take()  # the backward writes straight into a vector of the tree
+                self.shard_loss[j], c = grad_of(self.model, self.loss, x[rows], y[rows], positions[rows], batch_rows)
+                correct += c
+                targets.release(self.local.push((j, 1), g))
+        finally:
+            targets.bind(self.model.grads)
+        return math.fsum(self.shard_loss), correct
+
+    def reduce(self, grads: np.ndarray, scalars: StepScalars):
+        """grads = the tree sum over all shards; scalars summed, with loss_sum the correctly rounded sum."""
+        comm = self.comm
+        blocks = rank_blocks(self.shards, comm.size)
+        self.exchange(self.local, grads, blocks)
+        comm.allgatherv(self.shard_loss, [sum(n for _, n in bl) for bl in blocks])
+        comm.allreduce_sum(scalars.buf)  # rows, correct rows and flags: integers, exact in any order
+        scalars.loss_sum = math.fsum(self.shard_loss)  # correctly rounded, so order-free
