@@ -4,18 +4,21 @@ from __future__ import annotations
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import faults
 from .config import config_from_dict
 from .data import Dataset, digits_path
 from .errors import agree, on_root
 from .nn import make_loss
 from .sampler import shard
 from .state import build_model, load_params
+from .watchdog import configure as configure_watchdog
 
 
 def evaluate(model, loss, split, comm, classification: bool, chunk: int = 1024) -> dict:
     """Exact global loss (and accuracy) over a split, each rank on a contiguous slice."""
     lo, hi = shard(split.n, comm.rank, comm.size)
     sums = np.zeros(3)  # loss sum, correct, rows
+    faults.inject_at(comm.rank, "eval")  # inert unless DISTBP_FAULT is set (tests)
     model.eval()
     for a in range(lo, hi, chunk):
         indices = np.arange(a, min(a + chunk, hi))
@@ -35,6 +38,8 @@ def load_model(path: str, comm, data_path: str | None = None):
     ck = on_root(comm, ckpt.load, path)
     config = comm.bcast_obj(ck.config if comm.is_root else None)
     cfg = agree(comm, config_from_dict, config)
+    configure_watchdog(comm, timeout=cfg.train.stall_timeout)  # the run's, from here on
+    faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
         cfg.data.path = data_path
     data = agree(comm, Dataset, cfg.data.path or digits_path())

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from .errors import UserError
+from .atomic import AtomicFile
+from .safeio import check_output
 
 
 def read_metrics(run_dir) -> dict:
@@ -78,14 +80,18 @@ def _legend(fig, names, colors):
     fig.legend(handles=runs + styles, loc="outside right upper", fontsize="small", frameon=False)
 
 
-def plot_runs(run_dirs, out) -> Path:
-    """Write make_figure's PNG."""
+def plot_runs(run_dirs, out, force: bool = False) -> Path:
+    """Write make_figure's image (PNG, or PDF/SVG by the suffix) atomically, never over an input."""
+    out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
     fig = make_figure(run_dirs)
-    out = Path(out)
     try:
-        fig.savefig(out, dpi=100)
+        with AtomicFile(out) as target:
+            fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")
+            target.commit(durable=True)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); HINT: choose a writable -o OUT.png") from None
+    except ValueError as e:  # a suffix matplotlib has no writer for
+        raise UserError(f"cannot write {out}: {e}; HINT: name it .png, .pdf or .svg") from None
     return out
 
 

@@ -168,21 +168,22 @@ def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log)
 
 
 def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool):
-    """Rank 0 writes make() at path (sealed in the background) and prunes; only a failed final save raises."""
+    """Rank 0 writes make() at path (to disk in the background) and prunes; only a failed final save raises."""
     errors = []
     try:
         errors.append(saver.wait())  # the previous save's error, reported even if this write fails too
         errors.append(saver.save(path, make(), then=lambda: ckpt.prune(path.parent, keep, path)))
         if final:
             errors.append(saver.wait())
-    except (OSError, RuntimeError) as e:  # h5py reports a write that failed at close as RuntimeError
+    except (OSError, RuntimeError) as e:  # h5py reports some failures as RuntimeError
         errors.append(e)
-    if final and errors[-1]:
-        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({errors[-1]}); "
-                                   "the previous checkpoint is intact")
+    final_error = errors.pop() if final else None
     for e in filter(None, errors):
         log(f"WARNING: a checkpoint could not be written ({e}); the previous one is intact, "
             "training continues")
+    if final_error:
+        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
+                                   "the previous checkpoint is intact")
 
 
 # ---- the cross-rank check (train.check_every) ----
