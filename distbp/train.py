@@ -16,7 +16,7 @@ from . import trackers
 from .comm import set_thread_budget
 from .config import Config, config_from_dict, config_to_dict, config_to_toml
 from .data import Dataset, digits_path
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
 from .nn import make_loss
