@@ -106,7 +106,8 @@ class Trainer:
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
         self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
-        self.runlog = RunLog(run_dir, comm.is_root, self._progress(progress))
+        agree(comm, rundir.check_seen, run_dir)
+        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self._progress(progress))
         self.log = self.runlog.info
         for note in notes:
             self.log(note)

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -388,7 +389,7 @@ def memory_sweep(args, base: list) -> list[dict]:
                     if mem == args.memory_mb and mb > mem:
                         continue
                     rec, = launch(base + ["--memory", "--data", str(path), "--memory-mb", str(mem)], ranks, 1,
-                                  args.timeout)
+                                  args.timeout, args.mpirun)
                     print(json.dumps(rec), flush=True)
                     records.append(rec)
     return records
@@ -421,13 +422,13 @@ def worker(args) -> int:
 
 # ---------------------------------------------------------------- launching (no MPI here)
 
-def launch(argv: list[str], ranks: int, threads: int, timeout: float) -> list[dict]:
-    """Run this script as an mpirun worker; its JSON records."""
-    mpirun = Path(sys.executable).parent / "mpirun"
-    if not mpirun.exists():
-        mpirun = Path(shutil.which("mpirun") or "mpirun")
+def launch(argv: list[str], ranks: int, threads: int, timeout: float, mpirun: str = "") -> list[dict]:
+    """Run this script as an mpirun worker (mpirun: a launcher command line, default this venv's); its JSON records."""
+    if not mpirun:
+        path = Path(sys.executable).parent / "mpirun"
+        mpirun = str(path if path.exists() else shutil.which("mpirun") or "mpirun")
     env = {**os.environ, WORKER_ENV: "1", **{k: str(threads) for k in THREAD_ENV}}
-    cmd = [str(mpirun), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, *argv,
+    cmd = [*shlex.split(mpirun), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, *argv,
            "--threads", str(threads)]
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -516,6 +517,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help="folder for the temporary datasets (default: the system's)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per mpirun launch")
+    p.add_argument("--mpirun", default="", help="launcher command the workers start under, e.g. an mpiexec "
+                   "with -hosts for several nodes (default: this venv's mpirun)")
     args = p.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
@@ -544,7 +547,7 @@ def main(argv=None) -> int:
             if chosen and name not in chosen:
                 continue
             base = [a for a in base if a not in WORKLOADS]
-            for rec in launch([name, *base], ranks, threads, args.timeout):
+            for rec in launch([name, *base], ranks, threads, args.timeout, args.mpirun):
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
         print(table(records))
@@ -553,7 +556,7 @@ def main(argv=None) -> int:
                 print(f"{r['workload']} at {r['ranks']} x {r['threads']}: step time {r['step_time_vs_default']}x "
                       f"the default mode's, measured in the same rounds")
         return 0
-    for rec in launch(argv, args.ranks, args.threads, args.timeout):
+    for rec in launch(argv, args.ranks, args.threads, args.timeout, args.mpirun):
         print(json.dumps(rec), flush=True)
     return 0
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: serial tests, timing tests (retried), MPI tests at 2 and 4 ranks, and the SLURM test.
-# Installs what it needs into ./.venv first. Exits non-zero on any failure on any rank,
-# and ends with one verdict line over every phase (saying whether the SLURM tests ran).
+# The whole test suite: serial tests (as root also the SLURM tests on a one-node cluster and the
+# multi-node tests on an emulated 2-node cluster, which start and stop their clusters), timing
+# tests (retried), then the MPI tests at 2 and 4 ranks.
+# Installs what it needs into ./.venv first. Exits non-zero on any failure on any rank, and ends
+# with one verdict line over every phase (saying whether the SLURM tests ran).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "mpich,test" || exit 1
