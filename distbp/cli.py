@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import shutil
 import sys
@@ -12,25 +13,49 @@ import traceback
 from . import __version__
 from .atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
+from .progress import MODES
 from .safeio import check_output
 
-EPILOG_TRAIN = """examples:
+EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
+is in docs/CONFIG.md):
+  {sections}
+examples:
   distbp train                                  the default MLP on the shipped digits
   mpirun -n 8 distbp train digits --set train.epochs=50
   distbp train my.toml --set optim.lr=0.01 --run-dir runs/a --resume never
 exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal (resumable)"""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that suggests the closest choice ("did you mean ...?") for a mistyped command."""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            close = difflib.get_close_matches(value, list(action.choices), n=1)
+            if close:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r} (did you mean {close[0]!r}?)")
+        super()._check_value(action, value)
+
+    def error_unknown(self, extras: list[str]):
+        """Exit 2 with this (sub)command's usage, naming unknown arguments and the closest option."""
+        options = [o for a in self._actions for o in a.option_strings]
+        hints = [f"{x!r}: did you mean {close[0]!r}?" for x in extras if x.startswith("-")
+                 for close in [difflib.get_close_matches(x.split("=", 1)[0], options, n=1)] if close]
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + ("; " + "; ".join(hints) if hints else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
-    p = argparse.ArgumentParser(prog="distbp", description="Data-parallel backprop on CPUs with MPI and HDF5.")
+    from .config import SECTIONS
+    p = Parser(prog="distbp", description="Data-parallel backprop on CPUs with MPI and HDF5.")
     p.add_argument("--version", action="version", version=f"distbp {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                          help="distbp COMMAND --help shows its options")
 
     t = sub.add_parser("train", help="train a model (under mpirun/srun: data-parallel)",
-                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG_TRAIN.format(sections=", ".join(SECTIONS)),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...; default: digits)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
@@ -39,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: newest valid checkpoint in the run dir (default); never; or a file")
     t.add_argument("--force", action="store_true",
                    help="with --resume never: move an earlier run's checkpoints and logs to RUN_DIR/old-<time>/")
+    t.add_argument("--progress", default="auto", choices=MODES,
+                   help="auto: a bar when the terminal you launched from (mpirun/srun included) is a terminal, "
+                   "else lines with epoch, percent, samples/s and ETA every train.log_every steps (default)")
 
     e = sub.add_parser("eval", help="loss and accuracy of a checkpoint on a split")
     e.add_argument("checkpoint", help="checkpoint file (RUN_DIR/checkpoints/step-*.h5)")
@@ -195,7 +223,7 @@ def cmd_train(args, comm) -> int:
     from .train import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-    return run(cfg, comm, run_dir, args.resume, args.force)
+    return run(cfg, comm, run_dir, args.resume, args.force, args.progress)
 
 
 def cmd_eval(args, comm) -> int:
@@ -362,12 +390,26 @@ class QuietPipe:
         return getattr(self.stream, name)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; unknown arguments are reported with the usage of the (sub)command they were given to."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        for dest in ("command", "data_command", "ckpt_command"):  # down to the innermost subcommand
+            sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            if sub is None or getattr(args, dest, None) not in sub.choices:
+                break
+            parser = sub.choices[getattr(args, dest)]
+        parser.error_unknown(extras)
+    return args
+
+
 def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
     """The parsed command line; usage errors, --help and --version print on rank 0 only."""
     if comm.is_root:
-        return build_parser().parse_args(argv)
+        return _parse(argv)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        return build_parser().parse_args(argv)  # every rank exits alike, the others silently
+        return _parse(argv)  # every rank exits alike, the others silently
 
 
 def main(argv: list[str] | None = None) -> int:

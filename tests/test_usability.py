@@ -150,3 +150,24 @@ def test_reshape_layer_round_trip_and_errors():
         Sequential([{"type": "reshape", "shape": [4, 2]}], (6,))
     with pytest.raises(ValueError, match="needs 'shape'"):
         Sequential([{"type": "reshape"}], (6,))
+
+
+def test_typos_get_a_suggestion_and_the_usage_of_their_subcommand(capsys):
+    for argv, usage, hint in ((["trian"], "usage: distbp [", "invalid choice: 'trian' (did you mean 'train'?)"),
+                              (["ckpt", "inspct", "x.h5"], "usage: distbp ckpt [", "(did you mean 'inspect'?)"),
+                              (["train", "--sett", "train.epochs=1"], "usage: distbp train [",
+                               "unrecognized arguments: --sett; '--sett': did you mean '--set'?"),
+                              (["data", "convert", "a.npz", "b.h5", "--val-fration", "0.2"], "usage: distbp data convert [",
+                               "did you mean '--val-fraction'?")):
+        with pytest.raises(SystemExit) as e:
+            cli._parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(usage) and hint in err, (argv, err)
+
+
+def test_train_help_points_to_the_config_docs_and_lists_the_sections(capsys):
+    from distbp.config import SECTIONS
+    with pytest.raises(SystemExit):
+        cli._parse(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "docs/CONFIG.md" in text and ", ".join(SECTIONS) in text and "--progress {auto,bar,lines,none}" in text
