@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -120,6 +121,8 @@ class OptimConfig:
                                      "torch.nn.utils.clip_grad_norm_ (0 = off)", within="[0, inf)")
     clip_grad_value: float = key(0.0, "clip every gradient entry to [-v, v], as torch.nn.utils.clip_grad_value_ "
                                       "(0 = off)", within="[0, inf)")
+    schedule_steps: int = key(0, "steps the schedule spans (0 = the run's total steps); fix it to keep the "
+                                 "horizon when train.epochs is raised on resume", within="[0, inf)")
 
     def __post_init__(self):
         """Resolve unset optimizer keys to the chosen optimizer's own default (None if it has none)."""
@@ -157,6 +160,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment trackers fed from the records of metrics.jsonl (rank 0)."""
+    tensorboard: bool = key(False, "write TensorBoard event files into the run dir (pip install "
+                                   "'distbp[tensorboard]')")
+    mlflow: bool = key(False, "log params, metrics and the final checkpoint to MLflow (pip install "
+                              "'distbp[mlflow]')")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,6 +177,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -242,8 +255,10 @@ def _check_key(key: str, value, f: dataclasses.Field):
 
 
 def _unknown(key: str, known) -> ConfigError:
-    """An error for an unknown key that lists the known ones."""
-    return ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(known))}")
+    """An error for an unknown key that suggests the closest known one and lists them all."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}")
 
 
 def _section(section: str, values) -> object:

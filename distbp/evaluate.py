@@ -32,8 +32,9 @@ def evaluate(model, loss, split, comm, classification: bool, chunk: int = 1024) 
     return result
 
 
-def load_model(path: str, comm, data_path: str | None = None):
-    """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast."""
+def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "data.path"):
+    """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast; data_arg names the
+    dataset's argument in messages."""
     ck = on_root(comm, ckpt.load, path)
     config = comm.bcast_obj(ck.config if comm.is_root else None)
     cfg = agree(comm, config_from_dict, config)
@@ -41,7 +42,7 @@ def load_model(path: str, comm, data_path: str | None = None):
     faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
         cfg.data.path = data_path
-    data = agree(comm, Dataset, cfg.data.path or digits_path())
+    data = agree(comm, Dataset, cfg.data.path or digits_path(), data_arg)
     model = agree(comm, build_model, cfg, data)
     on_root(comm, load_params, ck, model)
     comm.bcast(model.params)

@@ -29,6 +29,11 @@ class Position:
     samples_seen: int = 0
     micro_steps: int = 0
 
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based number of the epoch the last step belonged to, as logs, metrics and ckpt inspect count."""
+        return self.epoch + 1
+
 
 def build_model(cfg: Config, data: Dataset) -> Sequential:
     """The model the config describes, sized for the dataset, initialised from the seed."""
@@ -189,8 +194,10 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
     return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path}
 
 
-def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm, log) -> Position:
-    """Load (rank 0), check and broadcast the resume state into model, opt and early; a fresh Position if none."""
+def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm,
+                 log) -> tuple[Position, dict | None]:
+    """Load (rank 0), check and broadcast the resume state into model, opt and early: its Position and the
+    checkpoint's config (fresh: Position(), None)."""
     flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
     def load():
@@ -198,21 +205,21 @@ def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, c
         return None if found is None else restore_root(found, model, opt, flats, cfg, log)
     info = comm.bcast_obj(on_root(comm, load))
     if info is None:
-        return Position()
+        return Position(), None
     for a in (model.params, model.buffers, *flats.values()):
         comm.bcast(a)
     if info["scalars"] is not None:
         agree(comm, opt.load_state, flats, info["scalars"])
     a = info["attrs"]
-    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch']}, "
-        f"step {a['step_in_epoch']} of it), written by {a['world_size']} rank(s), now {comm.size}")
+    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch'] + 1}, "
+        f"{a['step_in_epoch']} steps into it), written by {a['world_size']} rank(s), now {comm.size}")
     changes = config_changes(info["config"], config_to_dict(cfg))
     if a["world_size"] != comm.size:
         changes.append(f"world_size: {a['world_size']} -> {comm.size}")
     for line in changes:
         log(f"config changed on resume: {line}")
     early.load(a)
-    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"], a["micro_steps"])
+    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"], a["micro_steps"]), info["config"]
 
 
 def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool):

@@ -13,14 +13,16 @@ from . import faults
 from . import rundir
 from . import slurm
 from .clip import clip_by_norm, clip_by_value
+from . import trackers
 from .comm import set_thread_budget
-from .config import Config, config_to_toml
+from .config import Config, config_from_dict, config_to_dict, config_to_toml
 from .data import Dataset, digits_path
 from .early_stop import EarlyStopping, best_metric
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
 from .optim import make_schedule
+from .progress import Progress
 from .sampler import GlobalBatches
 from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
     resume_state, save_checkpoint
@@ -31,12 +33,35 @@ from .zero import state_bytes
 
 
 def schedule_of(cfg: Config, total: int):
-    """The learning rate as a function of the step."""
+    """The learning rate as a function of the step, over optim.schedule_steps if set, else the run's total."""
     o = cfg.optim
     try:
-        return make_schedule(o.schedule, o.lr, total_steps=total, **o.schedule_options())
+        return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, **o.schedule_options())
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
+
+
+def total_steps(cfg: Config, per_epoch: int) -> int:
+    """Optimizer steps of the whole run: train.epochs of per_epoch steps, capped by train.max_steps."""
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps >= 0 else total
+
+
+def schedule_change(old_config: dict, cfg: Config, per_epoch: int, step: int) -> str | None:
+    """A warning when a resume moves the schedule's horizon: the learning rate at step before and now."""
+    try:
+        old = config_from_dict(old_config)
+        old_total, total = total_steps(old, per_epoch), total_steps(cfg, per_epoch)
+        before, now = schedule_of(old, old_total)(step), schedule_of(cfg, total)(step)
+    except UserError:  # the checkpoint's settings make no schedule here (say, another dataset size)
+        return None
+    if math.isclose(before, now, rel_tol=1e-6):
+        return None
+    was, span = old.optim.schedule_steps or old_total, cfg.optim.schedule_steps or total
+    return (f"WARNING: the {cfg.optim.schedule} learning-rate schedule now spans {span} steps instead of {was}, "
+            f"so the rate at the resumed step {step} changes from {before:.3g} to {now:.3g}; HINT: "
+            f"--set optim.schedule_steps={was} keeps the original horizon (the rate then stays at its final "
+            "value after it)")
 
 
 def open_data(cfg: Config) -> tuple[Dataset, object, object]:
@@ -48,12 +73,16 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     return data, train, val
 
 
-def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
+        progress: str = "auto") -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
-        trainer = Trainer(cfg, comm, run_dir, resume, force)
+        trainer = Trainer(cfg, comm, run_dir, resume, force, progress)
         try:
             return trainer.train()
+        except BaseException:
+            trainer.runlog.close()  # the trackers end their runs as failed
+            raise
         finally:
             if trainer.lock:
                 trainer.lock.release()
@@ -62,7 +91,8 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: boo
 class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
-    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False):
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
+                 progress: str = "auto"):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -73,33 +103,42 @@ class Trainer:
         self.early = EarlyStopping(*best_metric(self.data.task), t.early_stop_patience, t.early_stop_min_delta)
         self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
-        self.total = self.per_epoch * cfg.train.epochs
-        if cfg.train.max_steps >= 0:
-            self.total = min(self.total, cfg.train.max_steps)
+        self.total = total_steps(cfg, self.per_epoch)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
         self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
         agree(comm, rundir.check_seen, run_dir)
-        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self.total, cfg.train.log_every)
+        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self._progress(progress))
         self.log = self.runlog.info
         for note in notes:
             self.log(note)
         self._describe()
-        self.pos = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm, self.log)
+        self.pos, old_config = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm, self.log)
         self.best = None  # best val_accuracy of the run, resumes included
         if self.pos.step:
             self.best = self.runlog.best("val_accuracy", self.pos.step)
-            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch, world_size=comm.size)
-            self.runlog.resume_bar(self.pos.step)
+            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch_number, world_size=comm.size)
+            if comm.is_root and (warning := schedule_change(old_config, cfg, self.per_epoch, self.pos.step)):
+                self.log(warning)
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+        # the trackers last: a run that fails to start leaves no tracker run behind
+        self.runlog.trackers = on_root(comm, trackers.open_trackers, cfg.log, run_dir, config_to_dict(cfg),
+                                       config_to_toml(cfg)) or []
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
         self.norm, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time = time.monotonic()
+
+    def _progress(self, mode: str) -> Progress | None:
+        """Rank 0's progress display in the given mode (auto, bar, lines, none)."""
+        if not self.comm.is_root:
+            return None
+        return Progress(mode, self.total, self.per_epoch, self.cfg.train.log_every, lambda msg: self.log(msg))
 
     def _describe(self):
         """The run's first log lines: ranks, threads, SLURM, data, model."""
@@ -140,6 +179,7 @@ class Trainer:
         exit_code = EXIT_OK
         if self.stopped_early:
             self.log(f"{self.early.reason()}: the run had stopped; raise train.early_stop_patience to train on")
+        self.runlog.start_progress(pos.step, pos.samples_seen)
         try:
             while pos.step < self.total and not self.stopped_early:
                 t_step = time.perf_counter()
@@ -227,13 +267,13 @@ class Trainer:
     def report(self, train_loss: float, skipped: bool):
         """Progress and metrics records; evaluation at the end of an epoch, of the run, or when due."""
         pos, cfg, timer, s = self.pos, self.cfg, self.timer, self.scalars
-        self.runlog.progress(pos.step, {"loss": train_loss, "lr": self.lr})
+        self.runlog.progress(pos.step, pos.epoch_number, pos.samples_seen, {"loss": train_loss, "lr": self.lr})
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
             extra = {"accuracy": s.correct / s.rows} if self.data.task == "classification" else {}
             if skipped:
                 extra["skipped"] = True
-            self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr, grad_norm=self.grad_norm,
-                               samples_per_s=timer.samples_per_s(), **extra)
+            self.runlog.record(step=pos.step, epoch=pos.epoch_number, loss=train_loss, lr=self.lr,
+                               grad_norm=self.grad_norm, samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
             return
@@ -241,8 +281,8 @@ class Trainer:
         self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.data.task == "classification")
         timer.lap("eval")
         self.best = max(self.best or 0.0, self.result.get("val_accuracy", 0.0))
-        self.runlog.record(step=pos.step, epoch=pos.epoch, **self.result)
-        self.log(f"eval step {pos.step} epoch {pos.epoch}: "
+        self.runlog.record(step=pos.step, epoch=pos.epoch_number, **self.result)
+        self.log(f"eval step {pos.step} epoch {pos.epoch_number}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
         if self.early.patience:  # rank 0 decides, so every rank stops after the same step
             stop = self.early.update(self.result[self.early.metric], pos.step)
@@ -277,11 +317,13 @@ class Trainer:
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
                    "params_crc32": f"{param_hash(self.model.params):08x}",
+                   "checkpoint": str(self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)),
                    "stopped": self.early.reason() if self.stopped_early else None}
+        self.runlog.end_progress()
         self.runlog.record(**summary)
         self.log("summary:\n" + "\n".join(format_summary(summary)))
         self.log(f"parameters crc32: {summary['params_crc32']}")
-        self.runlog.close()
+        self.runlog.close(exit_code)
         return exit_code
 
 
