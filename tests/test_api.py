@@ -21,7 +21,7 @@ EXAMPLE = ROOT / "examples" / "custom_layer.py"
 
 PUBLIC = ["Config", "ConfigError", "Model", "NonFiniteError", "UserError", "__version__", "load", "load_config",
           "nn", "rank", "train", "world_size"]
-PUBLIC_NN = ["Activation", "BCEWithLogits", "BatchNorm", "Context", "Conv2D", "Dropout", "Flatten", "GELU", "Layer",
+PUBLIC_NN = ["Activation", "AvgPool2D", "BCEWithLogits", "BatchNorm", "Context", "Conv2D", "Dropout", "Flatten", "GELU", "GlobalAvgPool", "Layer",
              "LayerNorm", "LeakyReLU", "Linear", "Loss", "MSE", "MaxPool2D", "ReLU", "Reshape", "Sequential",
              "Sigmoid", "SoftmaxCrossEntropy", "Softplus", "Tanh", "WeightLayer", "check_gradients", "check_spec",
              "register", "register_loss", "spec_value"]

@@ -3,7 +3,7 @@
 Public: the names in ``__all__`` (docs/API.md); the submodules and other names are internal.
 """
 
-from . import conv, init, layers, losses, norm, reshape  # noqa: F401  (conv, norm, reshape register their layers)
+from . import conv, init, layers, losses, norm, pool, reshape  # noqa: F401  (conv, norm, pool, reshape register)
 from .conv import Conv2D, MaxPool2D
 from .gradcheck import check_gradients
 from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, LeakyReLU, Linear,  # noqa: F401
@@ -12,9 +12,10 @@ from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, Lea
 from .losses import MSE, BCEWithLogits, Loss, SoftmaxCrossEntropy, make_loss, register_loss  # noqa: F401
 from .model import Sequential, mlp_specs  # noqa: F401
 from .norm import BatchNorm, LayerNorm
+from .pool import AvgPool2D, GlobalAvgPool
 from .reshape import Flatten, Reshape
 
 __all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "register", "check_spec", "spec_value",
-           "Linear", "Conv2D", "MaxPool2D", "BatchNorm", "LayerNorm", "Flatten", "Reshape", "Dropout",
-           "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
+           "Linear", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "LayerNorm", "Flatten",
+           "Reshape", "Dropout", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
            "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "check_gradients"]
