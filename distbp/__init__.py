@@ -1,24 +1,32 @@
 """distbp: data-parallel NumPy backpropagation over MPI with HDF5 datasets and checkpoints.
 
 The public API (docs/API.md) is what ``__all__`` names here and in ``distbp.nn``; every other
-module and name is internal and may change.
+module and name is internal and may change. The names load on first use, so importing one
+internal module (say distbp.sampler) stays light.
 """
+import importlib
 import sys
 import types
 
 __version__ = "0.1.0"
 
-from . import nn  # noqa: E402
-from .api import Model, load, rank, train, world_size  # noqa: E402
-from .config import Config, ConfigError, load_config  # noqa: E402
-from .errors import NonFiniteError, UserError  # noqa: E402
+_HOME = {"Config": "config", "ConfigError": "config", "load_config": "config", "Model": "api", "load": "api",
+         "rank": "api", "train": "api", "world_size": "api", "NonFiniteError": "errors", "UserError": "errors"}
 
-__all__ = ["Config", "ConfigError", "Model", "NonFiniteError", "UserError", "__version__", "load", "load_config",
-           "nn", "rank", "train", "world_size"]
+__all__ = sorted([*_HOME, "__version__", "nn"])
+
+
+def __getattr__(name):
+    """A public name, imported from its module on first use."""
+    if name == "nn":
+        return importlib.import_module("distbp.nn")
+    if name not in _HOME:
+        raise AttributeError(f"module 'distbp' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"distbp.{_HOME[name]}"), name)
 
 
 class _Package(types.ModuleType):
-    """distbp itself: importing the internal module distbp.train keeps distbp.train the function."""
+    """distbp itself: importing the internal module distbp.train leaves distbp.train the API function."""
 
     def __setattr__(self, name, value):
         if not (name == "train" and isinstance(value, types.ModuleType)):  # the import system binds submodules

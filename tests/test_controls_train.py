@@ -202,7 +202,7 @@ def test_resume_needs_the_same_rows_per_step_in_any_split(tmp_path):
     np.testing.assert_allclose(resumed.model.params, straight.model.params, rtol=1e-10, atol=1e-13)
     with pytest.raises(UserError, match=r"8 \* 2 differs from 16 \* 2 .*--set train.batch_size=16 --set "
                                         "train.accumulate_steps=2"):
-        train.Trainer(config(path, "train.batch_size=8", "train.accumulate_steps=2", "train.max_steps=9"),
+        Trainer(config(path, "train.batch_size=8", "train.accumulate_steps=2", "train.max_steps=9"),
                       SerialComm(), tmp_path / "run", "auto")
 
 
@@ -282,14 +282,14 @@ def test_bad_class_weights_name_the_key_and_the_fix(tmp_path, sets, match):
     if "data.train_split='empty2'" in sets:
         path = tmp_path / "two.h5"
     with pytest.raises(UserError, match=match):
-        train.Trainer(config(path, "train.batch_size=10", *sets), SerialComm(), tmp_path / "run", "never")
+        Trainer(config(path, "train.batch_size=10", *sets), SerialComm(), tmp_path / "run", "never")
 
 
 def test_loss_options_on_a_regression_dataset_are_an_error(tmp_path):
     x, _ = synthetic(60, 4, 2, 0)
     path = write_dataset(tmp_path / "reg.h5", {"train": (x, x[:, :1]), "val": (x, x[:, :1])}, task="regression")
     with pytest.raises(UserError, match="apply to classification, but .* is a regression dataset"):
-        train.Trainer(load_config(None, [f'data.path="{path}"', "train.batch_size=10",
+        Trainer(load_config(None, [f'data.path="{path}"', "train.batch_size=10",
                                                      "loss.label_smoothing=0.1"]), SerialComm(),
                       tmp_path / "run", "never")
 
