@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: newest valid checkpoint in the run dir (default); never; or a file")
 
-    e = sub.add_parser("eval", help="loss and accuracy of a checkpoint on a split")
-    e.add_argument("checkpoint", help="checkpoint file (RUN_DIR/checkpoints/step-*.h5)")
+    e = sub.add_parser("eval", help="loss and metrics of a checkpoint on a split (per-class report, confusion "
+                       "matrix)")
+    add_checkpoint_argument(e)
     e.add_argument("--data", help="dataset file (default: the one the run trained on)")
     e.add_argument("--split", default="val", help="split to evaluate (val, test, train)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
     d = sub.add_parser("data", help="make, convert and inspect dataset files")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="what to do")
@@ -59,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("ckpt", help="inspect, verify and export checkpoints")
     csub = c.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION", help="what to do")
     ci = csub.add_parser("inspect", help="step, epoch, config, shapes and sizes")
-    ci.add_argument("file", help="checkpoint file")
+    add_checkpoint_argument(ci)
     cv = csub.add_parser("verify", help="check the checksum (exit 0 valid, 1 damaged)")
-    cv.add_argument("file", help="checkpoint file")
+    add_checkpoint_argument(cv)
     ce = csub.add_parser("export", help="parameters as a plain .npz")
-    ce.add_argument("file", help="checkpoint file")
+    add_checkpoint_argument(ce)
     ce.add_argument("out", help=".npz file to write (one array per parameter)")
     add_plot_predict_parsers(sub)
     return p
@@ -110,6 +112,20 @@ def add_convert_parser(dsub):
     dc.add_argument("--y-key", default="y", help=".npz array holding y (default: %(default)s)")
 
 
+def add_checkpoint_argument(p):
+    """A checkpoint given as a file or as a run directory, and --best."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR",
+                   help="checkpoint file, or a run directory: its newest valid checkpoint")
+    p.add_argument("--best", action="store_true",
+                   help="the run directory's best checkpoint (checkpoints/best.h5, from checkpoint.keep_best)")
+
+
+def checkpoint_path(args, comm) -> str:
+    """The checkpoint file args name (a file, a run directory's newest valid one, or its best), on every rank."""
+    from .checkpoint import find
+    return comm.bcast_obj(on_root(comm, lambda: str(find(args.checkpoint, args.best))))
+
+
 def add_plot_predict_parsers(sub):
     """distbp plot's and distbp predict's arguments."""
     pl = sub.add_parser("plot", help="PNG of loss and accuracy curves of one or more runs",
@@ -122,7 +138,7 @@ def add_plot_predict_parsers(sub):
                         description="Predict with a checkpoint's model: class and probabilities for "
                         "classification, outputs for regression, written to an HDF5 file by rank 0. "
                         "Under mpirun every rank predicts a contiguous slice of the rows.")
-    pr.add_argument("checkpoint", help="checkpoint file, e.g. runs/a/checkpoints/step-00000440.h5")
+    add_checkpoint_argument(pr)
     pr.add_argument("input", help="a distbp dataset file (with --split) or an .npy array of inputs")
     pr.add_argument("out", metavar="OUT.h5", help="predictions file to write")
     pr.add_argument("--split", default="val", help="split of a dataset input (default: %(default)s)")
@@ -140,10 +156,17 @@ def cmd_train(args, comm) -> int:
 
 def cmd_eval(args, comm) -> int:
     """distbp eval."""
+    import json
     from .evaluate import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, comm, data_path=args.data, split=args.split)
-    if comm.is_root:
+    from .scores import format_report
+    result = evaluate_checkpoint(checkpoint_path(args, comm), comm, data_path=args.data, split=args.split)
+    if comm.is_root and args.json:
+        print(json.dumps(result))
+    elif comm.is_root:
+        report = result.pop("report", None)
         print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        if report:
+            print("\n" + "\n".join(format_report(report)))
     return 0
 
 
@@ -187,15 +210,16 @@ def cmd_data(args, comm) -> int:
 def cmd_ckpt(args, comm) -> int:
     """distbp ckpt inspect | verify | export."""
     from . import checkpoint as ckpt
+    path = ckpt.find(args.checkpoint, args.best)
     if args.ckpt_command == "verify":
         try:
-            ck = ckpt.load(args.file)
+            ck = ckpt.load(path)
         except ckpt.CheckpointError as e:
             print(f"INVALID: {e}")
             return 1
-        print(f"OK: {args.file} step {ck.attrs['step']} checksum {ck.attrs['checksum']}")
+        print(f"OK: {path} step {ck.attrs['step']} checksum {ck.attrs['checksum']}")
         return 0
-    ck = ckpt.load(args.file)
+    ck = ckpt.load(path)
     if args.ckpt_command == "inspect":
         print("\n".join(ckpt.describe(ck)))
     else:
@@ -218,7 +242,7 @@ def cmd_plot(args, comm) -> int:
 def cmd_predict(args, comm) -> int:
     """distbp predict."""
     from .predict import predict
-    out = predict(args.checkpoint, args.input, args.out, comm, split=args.split, batch=args.batch)
+    out = predict(checkpoint_path(args, comm), args.input, args.out, comm, split=args.split, batch=args.batch)
     if comm.is_root:
         print(f"wrote {out}")
     return 0

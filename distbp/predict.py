@@ -120,7 +120,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if batch < 1:
         raise DataError(f"--batch {batch} must be at least 1")
     npy = str(source).endswith(".npy")
-    model, data, _ = load_model(checkpoint, comm, data_path=None if npy else source)
+    model, data, _, norm = load_model(checkpoint, comm, data_path=None if npy else source)
     rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
                  else SplitRows(data.split(split)))
     lo, hi = shard(rows.n, comm.rank, comm.size)
@@ -135,7 +135,8 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         chunk = None
         if b > a:
             x, y = rows.read(a, b, model.params.dtype)
-            chunk = outputs(data.task, model.forward(x))
+            out = model.forward(norm.x(x))
+            chunk = outputs(data.task, norm.y_original(out) if data.task == "regression" else out)
             if y is not None:
                 chunk["y"] = y
         pieces = comm.gather_obj((a, chunk))

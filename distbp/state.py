@@ -13,6 +13,7 @@ from .config import Config, ConfigError, config_to_dict, config_to_json
 from .data import Dataset
 from .errors import UserError, agree, on_root
 from .nn import Sequential, mlp_specs
+from .normalize import Normalizer
 from .optim import make_optimizer
 
 
@@ -51,7 +52,8 @@ def build_optimizer(cfg: Config, model: Sequential):
     return make_optimizer(o.name, model.params.size, model.params.dtype, **o.optimizer_options())
 
 
-def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr: float) -> ckpt.Checkpoint:
+def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr: float,
+                    norm: Normalizer) -> ckpt.Checkpoint:
     """The full training state as a Checkpoint (views, no copies)."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
              "samples_seen": pos.samples_seen, "world_size": world_size, "lr": lr,
@@ -66,6 +68,7 @@ def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr:
                            opt_arrays={k: model.views(a) for k, a in opt.state_arrays().items()},
                            opt_scalars=opt.state_scalars(),
                            buffers=model.buffer_views(model.buffers),
+                           normalization=norm.arrays,
                            attrs=attrs)
 
 
@@ -119,9 +122,23 @@ def check_same_batch(ck: ckpt.Checkpoint, cfg: Config):
             "or start fresh with --resume never")
 
 
+def check_same_normalization(ck: ckpt.Checkpoint, cfg: Config):
+    """Raise unless data.normalize and data.normalize_targets are those the checkpoint was trained with."""
+    old = ck.config.get("data", {})  # a version-1 checkpoint has neither key: it had no normalization
+    was = (old.get("normalize", "none"), old.get("normalize_targets", False))
+    now = (cfg.data.normalize, cfg.data.normalize_targets)
+    if was != now:
+        raise ckpt.CheckpointError(
+            f"data.normalize={now[0]!r}, data.normalize_targets={str(now[1]).lower()} differ from "
+            f"{was[0]!r}, {str(was[1]).lower()} that {ck.path} was trained with; HINT: resume with --set "
+            f"data.normalize={was[0]} --set data.normalize_targets={str(was[1]).lower()}, or start fresh "
+            "with --resume never")
+
+
 def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log) -> dict:
     """Copy a checkpoint's parameters into model and its optimizer state into flats (rank 0); what to broadcast."""
     check_same_batch(ck, cfg)
+    check_same_normalization(ck, cfg)
     load_params(ck, model)
     scalars = None
     if ck.opt_name == cfg.optim.name and set(ck.opt_arrays) == set(flats):
@@ -133,11 +150,11 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
         log(f"optimizer changed from {ck.opt_name} {sorted(ck.opt_arrays)} to {cfg.optim.name} "
             f"{sorted(flats)}: its state starts fresh")
     return {"scalars": scalars, "attrs": {k: ck.attrs[k] for k in ckpt.POSITION_KEYS},
-            "config": ck.config, "path": ck.path}
+            "config": ck.config, "path": ck.path, "normalization": ck.normalization}
 
 
-def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log) -> Position:
-    """Load (rank 0), check and broadcast the resume state into model and opt; a fresh Position if none."""
+def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log) -> tuple[Position, Normalizer | None]:
+    """Load (rank 0), check and broadcast the resume state: (position, stored normalization), or (Position(), None)."""
     flats = {k: np.zeros_like(a) for k, a in opt.state_arrays().items()}
 
     def load():
@@ -145,7 +162,7 @@ def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log)
         return None if found is None else restore_root(found, model, opt, flats, cfg, log)
     info = comm.bcast_obj(on_root(comm, load))
     if info is None:
-        return Position()
+        return Position(), None
     for a in (model.params, model.buffers, *flats.values()):
         comm.bcast(a)
     if info["scalars"] is not None:
@@ -158,15 +175,21 @@ def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log)
         changes.append(f"world_size: {a['world_size']} -> {comm.size}")
     for line in changes:
         log(f"config changed on resume: {line}")
-    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"])
+    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"]), Normalizer(info["normalization"])
 
 
-def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool):
-    """Rank 0 writes make() at path (sealed in the background) and prunes; only a failed final save raises."""
+def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: bool = False):
+    """Rank 0 writes make() at path (sealed in the background), marks it best if so, prunes; only a failed
+    final save raises."""
+    def after_seal():
+        if best:
+            ckpt.mark_best(path)
+        ckpt.prune(path.parent, keep, path)
+
     errors = []
     try:
         errors.append(saver.wait())  # the previous save's error, reported even if this write fails too
-        errors.append(saver.save(path, make(), then=lambda: ckpt.prune(path.parent, keep, path)))
+        errors.append(saver.save(path, make(), then=after_seal))
         if final:
             errors.append(saver.wait())
     except (OSError, RuntimeError) as e:  # h5py reports a write that failed at close as RuntimeError

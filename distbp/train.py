@@ -17,8 +17,10 @@ from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, o
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
 from .nn import make_loss
+from .normalize import fit as fit_normalizer
 from .optim import make_schedule
 from .sampler import GlobalBatches
+from .scores import improved, monitored
 from .state import build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, resume_state, \
     save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
@@ -67,7 +69,9 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
-        self.loss = make_loss(self.data.task)
+        self.task = self.data.task
+        self.loss = make_loss(self.task)
+        self.metric, self.mode = agree(comm, monitored, cfg.train.best_metric, self.task)
         self.opt = build_optimizer(cfg, model)
         self.batches = GlobalBatches(self.train_split.n, cfg.train.batch_size, cfg.train.seed, cfg.train.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
@@ -79,19 +83,23 @@ class Trainer:
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
         self._describe()
-        self.pos = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
-        self.best = None  # best val_accuracy of the run, resumes included
+        self.pos, self.norm = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
+        self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
         if self.pos.step:
-            self.best = self.runlog.best("val_accuracy", self.pos.step)
+            self.best = comm.bcast_obj(self.runlog.best(self.metric, self.pos.step, self.mode))
             self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch, world_size=comm.size)
             self.runlog.resume_bar(self.pos.step)
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+        if self.norm is None:  # fresh: statistics of the train split; resumed: those stored in the checkpoint
+            self.norm = fit_normalizer(self.train_split, comm, cfg.data.normalize, cfg.data.normalize_targets,
+                                       self.task == "regression")
+        self.log(self.norm.describe())
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
-        self._last_ckpt_time = time.monotonic()
+        self._last_ckpt_time, self._saved_step = time.monotonic(), None
 
     def _describe(self):
         """The run's first log lines: ranks, threads, SLURM, data, model."""
@@ -166,7 +174,7 @@ class Trainer:
         indices = self.batches.indices(pos.epoch, pos.step_in_epoch)
         positions = self.step.positions(len(indices))
         x, y = self.train_split.read(indices[positions], self.model.params.dtype)
-        return x, y, positions, len(indices)
+        return self.norm.x(x), self.norm.y(y), positions, len(indices)
 
     def checkpoint_clock_due(self) -> bool:
         """Rank 0's clock says checkpoint.every_seconds have passed (the reduction tells every rank)."""
@@ -196,7 +204,7 @@ class Trainer:
         pos, cfg, timer, s = self.pos, self.cfg, self.timer, self.scalars
         self.runlog.progress(pos.step, {"loss": train_loss, "lr": self.lr})
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
-            extra = {"accuracy": s.correct / s.rows} if self.data.task == "classification" else {}
+            extra = {"accuracy": s.correct / s.rows} if self.task != "regression" else {}
             if skipped:
                 extra["skipped"] = True
             self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr,
@@ -205,17 +213,21 @@ class Trainer:
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
             return
         timer.start()
-        self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.data.task == "classification")
+        self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.task, self.norm)
         timer.lap("eval")
-        self.best = max(self.best or 0.0, self.result.get("val_accuracy", 0.0))
         self.runlog.record(step=pos.step, epoch=pos.epoch, **self.result)
         self.log(f"eval step {pos.step} epoch {pos.epoch}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
+        if improved(self.result[self.metric], self.best and self.best[0], self.mode):
+            self.best = (self.result[self.metric], pos.step)
+            if cfg.checkpoint.keep_best and pos.step < self.total:  # the final save marks a best last step
+                self.save(final=False)
 
     def checkpoint_if_due(self):
         """A periodic checkpoint every checkpoint.every_steps, or when rank 0's clock said every_seconds."""
         every = self.cfg.checkpoint.every_steps
-        if ((every and self.pos.step % every == 0) or self.scalars.checkpoint_due > 0) and self.pos.step < self.total:
+        due = (every and self.pos.step % every == 0) or self.scalars.checkpoint_due > 0
+        if due and self.pos.step < self.total and self._saved_step != self.pos.step:
             self.save(final=False)
             self._last_ckpt_time = time.monotonic()
 
@@ -225,17 +237,20 @@ class Trainer:
             return
         self.timer.start()
         pos, cfg = self.pos, self.cfg
+        best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
         save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
-                        lambda: make_checkpoint(self.model, self.opt, pos, cfg, self.comm.size, self.lr),
-                        cfg.checkpoint.keep, self.log, final)
+                        lambda: make_checkpoint(self.model, self.opt, pos, cfg, self.comm.size, self.lr, self.norm),
+                        cfg.checkpoint.keep, self.log, final, best)
+        self._saved_step = pos.step
         self.timer.lap("checkpoint")
 
     def finish(self, exit_code: int) -> int:
         """The summary record and table; returns exit_code."""
         pos, result = self.pos, self.result
+        best = {} if self.best is None else {"best_metric": self.metric, f"best_{self.metric}": self.best[0],
+                                             "best_step": self.best[1]}
         summary = {"summary": True, "steps": pos.step, "epochs": pos.step / self.per_epoch,
-                   "samples_per_s": self.timer.samples_per_s(), "val_loss": result.get("val_loss"),
-                   "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": self.best,
+                   "samples_per_s": self.timer.samples_per_s(), **result, **best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
                    "params_crc32": f"{param_hash(self.model.params):08x}"}
