@@ -37,8 +37,8 @@ class Checkpoint:
     opt_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     opt_scalars: dict[str, float] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
-    normalization: dict[str, np.ndarray] = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
+    normalization: dict[str, np.ndarray] = field(default_factory=dict)
     path: str = ""
 
     @property

@@ -210,16 +210,16 @@ def cmd_data(args, comm) -> int:
 def cmd_ckpt(args, comm) -> int:
     """distbp ckpt inspect | verify | export."""
     from . import checkpoint as ckpt
-    path = ckpt.find(args.checkpoint, args.best)
     if args.ckpt_command == "verify":
         try:
+            path = ckpt.find(args.checkpoint, args.best)
             ck = ckpt.load(path)
         except ckpt.CheckpointError as e:
             print(f"INVALID: {e}")
             return 1
         print(f"OK: {path} step {ck.attrs['step']} checksum {ck.attrs['checksum']}")
         return 0
-    ck = ckpt.load(path)
+    ck = ckpt.load(ckpt.find(args.checkpoint, args.best))
     if args.ckpt_command == "inspect":
         print("\n".join(ckpt.describe(ck)))
     else:

@@ -73,5 +73,5 @@ def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: st
     part = agree(comm, data.split, split)
     part.load(cfg.data.memory_mb * 2**20, comm)
     result = evaluate(model, make_loss(data.task), part, comm, data.task, norm, data.class_names)
-    return {"checkpoint": str(path), "split": split, "rows": part.n,
-            **{k.replace("val_", ""): v for k, v in result.items()}}
+    return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()},
+            "checkpoint": str(path)}

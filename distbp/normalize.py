@@ -133,12 +133,13 @@ def fit(split, comm, kind: str, targets: bool, regression: bool) -> Normalizer:
     if kind == "none" and not regression:
         return Normalizer()
     sums, lo, hi, n = _first_pass(split, comm)
+    n_x = n * math.prod(split.x_shape[1:]) if len(split.x_shape) > 1 else n  # values per channel of images
     mean = _Moments(split)
-    mean.x, mean.y = sums.x / n, sums.y / n
+    mean.x, mean.y = sums.x / n_x, sums.y / n
     arrays = {"y_mean": mean.y} if regression else {}
     ss = _squared_deviations(split, comm, mean.x, mean.y) if kind == "standard" or targets else None
     if kind == "standard":
-        arrays.update(x_shift=mean.x, x_scale=np.where(hi.x > lo.x, np.sqrt(ss.x / n), 1.0))
+        arrays.update(x_shift=mean.x, x_scale=np.where(hi.x > lo.x, np.sqrt(ss.x / n_x), 1.0))
     elif kind == "minmax":
         arrays.update(x_shift=lo.x, x_scale=np.where(hi.x > lo.x, hi.x - lo.x, 1.0))
     if regression and targets:

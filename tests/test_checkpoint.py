@@ -38,7 +38,7 @@ def test_round_trip_is_plain_hdf5(tmp_path):
         assert ck.params[name].shape == a.shape
     np.testing.assert_array_equal(ck.opt_arrays["exp_avg_sq"]["0.linear.W"], make(30).opt_arrays["exp_avg_sq"]["0.linear.W"])
     assert ck.opt_name == "adam" and ck.opt_scalars == {"t": 30}
-    assert ck.attrs["step"] == 30 and ck.attrs["distbp_format"] == "checkpoint" and ck.attrs["version"] == 1
+    assert ck.attrs["step"] == 30 and ck.attrs["distbp_format"] == "checkpoint" and ck.attrs["version"] == 2
     with h5py.File(path, "r") as f:
         kinds = set()
         f.visititems(lambda n, o: kinds.add(type(o).__name__))
