@@ -80,13 +80,13 @@ def format_report(report: dict, digits: int = 2) -> list[str]:
     classes = [n for n in report if n not in ("accuracy", "confusion_matrix", "macro avg", "weighted avg")]
     width = max(len("weighted avg"), *(len(n) for n in classes))
     head = ["precision", "recall", "f1-score", "support"]
-    lines = [f"{'':>{width}} " + " ".join(f"{h:>9}" for h in head), ""]
+    lines = [f"{'':>{width}} " + "".join(f" {h:>9}" for h in head), ""]
     row = "{:>{w}} " + " {:>9.{d}f}" * 3 + " {:>9}"
     for n in classes:
         r = report[n]
         lines.append(row.format(n, r["precision"], r["recall"], r["f1-score"], r["support"], w=width, d=digits))
     total = report["macro avg"]["support"]
-    lines += ["", f"{'accuracy':>{width}} {'':>9} {'':>9} {report['accuracy']:>9.{digits}f} {total:>9}"]
+    lines += ["", f"{'accuracy':>{width}} " + f" {'':>9}" * 2 + f" {report['accuracy']:>9.{digits}f} {total:>9}"]
     for n in ("macro avg", "weighted avg"):
         r = report[n]
         lines.append(row.format(n, r["precision"], r["recall"], r["f1-score"], r["support"], w=width, d=digits))
