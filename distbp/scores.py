@@ -18,7 +18,7 @@ def monitored(best_metric: str, task: str) -> tuple[str, str]:
     name = BEST_DEFAULT[task] if best_metric == "auto" else best_metric
     if name not in TASK_METRICS[task]:
         raise UserError(f"train.best_metric={best_metric!r} is not reported for a {task} task; "
-                         f"use one of auto, {', '.join(TASK_METRICS[task])}")
+                         f"HINT: set it to auto or one of {', '.join(TASK_METRICS[task])}")
     return name, "max" if name in MAXIMIZED else "min"
 
 
