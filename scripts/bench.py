@@ -135,7 +135,8 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
     """One run of distbp.train.run on the workload; steady-state rate and step split."""
     import distbp.train
     from distbp.config import load_config
-    sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""',
+    # inputs as stored (data.normalize="none"): the PyTorch peer and the matmul floor read them raw too
+    sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""', 'data.normalize="none"',
             f"model.hidden={list(wl.hidden)}", "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
             f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={WARMUP + wl.steps}", "train.epochs=100000",
             "optim.name=\"sgd\"", "optim.lr=0.01", "optim.momentum=0.9", *wl.extra, *overrides]
