@@ -17,10 +17,11 @@ import numpy as np
 from . import __version__
 from .atomic import TMP_MARK, AtomicFile
 from .errors import UserError
+from .safeio import hdf5_bytes, memory_hdf5, write_bytes
 
 FORMAT, VERSION = "checkpoint", 2
 READABLE = (1, 2)  # version 1 has no normalization group: it means no normalization
-NAME_RE = re.compile(r"^step-(\d{8})\.h5$")
+NAME_RE = re.compile(r"^step-(\d{8,})\.h5$")
 BEST = "best.h5"  # checkpoint.keep_best: the best checkpoint, beside the step-*.h5 files and never pruned
 POSITION_KEYS = ("step", "epoch", "step_in_epoch", "samples_seen", "world_size")
 
@@ -48,8 +49,14 @@ class Checkpoint:
 
 
 def checkpoint_name(step: int) -> str:
-    """File name of the checkpoint written after `step` optimizer steps."""
+    """File name of the checkpoint written after `step` optimizer steps (8 digits, more from 10^8 on)."""
     return f"step-{step:08d}.h5"
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint file name stands for, or None if it is not one checkpoint_name makes."""
+    m = NAME_RE.match(Path(path).name)
+    return int(m[1]) if m and Path(path).name == checkpoint_name(int(m[1])) else None
 
 
 def _arrays_in_order(ck: Checkpoint):
@@ -83,65 +90,66 @@ def checksum(ck: Checkpoint) -> str:
     return f"crc32:{zlib.crc32(json.dumps(meta, sort_keys=True, default=_jsonable).encode(), crc):08x}"
 
 
-def write_temp(path: str | os.PathLike, ck: Checkpoint) -> Path:
-    """Write ck, without its checksum, to a temporary file beside path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = AtomicFile(path)
+def _write(f: h5py.File, ck: Checkpoint):
+    """Store ck's arrays, optimizer state and attributes (with format and provenance) in f."""
     attrs = dict(ck.attrs, distbp_format=FORMAT, version=VERSION, distbp_version=__version__,
                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    try:
-        with h5py.File(out.tmp, "w") as f:
-            for key, a in _arrays_in_order(ck):
-                f.create_dataset(key, data=a)
-            opt = f.require_group("optimizer")
-            opt.attrs["name"] = ck.opt_name
-            for k, v in ck.opt_scalars.items():
-                opt.attrs[k] = v
-            f.require_group("params")
-            f.require_group("buffers")
-            f.require_group("normalization")
-            for k, v in attrs.items():
-                f.attrs[k] = v
-    except BaseException:
-        out.discard()
-        raise
-    return out.tmp
+    for key, a in _arrays_in_order(ck):
+        f.create_dataset(key, data=a)
+    opt = f.require_group("optimizer")
+    opt.attrs["name"] = ck.opt_name
+    for k, v in ck.opt_scalars.items():
+        opt.attrs[k] = v
+    f.require_group("params")
+    f.require_group("buffers")
+    f.require_group("normalization")
+    for k, v in attrs.items():
+        f.attrs[k] = v
 
 
-def seal(tmp: Path, path: str | os.PathLike) -> Path:
-    """Checksum what tmp holds, fsync it, and rename it to path atomically."""
-    with AtomicFile(path, tmp) as out:
-        ck = load(tmp, verify=False)
-        with h5py.File(tmp, "r+") as f:
-            f.attrs["checksum"] = checksum(ck)
-        return out.commit(durable=True)
+def _memory_file(ck: Checkpoint) -> h5py.File:
+    """A new HDF5 file in memory holding a copy of ck, not yet checksummed."""
+    f = memory_hdf5()
+    _write(f, ck)
+    return f
+
+
+def _sealed_bytes(f: h5py.File) -> bytes:
+    """Store the checksum of what f holds as a reader will find it; f's bytes (f is closed)."""
+    f.attrs["checksum"] = checksum(_read(f, "(in memory)"))
+    return hdf5_bytes(f)
+
+
+def _write_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a checkpoint file's bytes to path atomically (its folder created if need be)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes(path, data)
 
 
 def save(path: str | os.PathLike, ck: Checkpoint) -> Path:
-    """Write ck to path atomically: temp file in the same folder, checksum, fsync, rename."""
-    return seal(write_temp(path, ck), path)
+    """Write ck to path atomically: temp file in the same folder, fsync, rename."""
+    return _write_file(path, _sealed_bytes(_memory_file(ck)))
 
 
 class BackgroundSaver:
-    """Writes a checkpoint's arrays at once, then seals it (checksum, fsync, rename) in a thread."""
+    """Copies a checkpoint into a file in memory at once, then checksums it and writes it to disk in a thread."""
 
     def __init__(self):
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def save(self, path: str | os.PathLike, ck: Checkpoint, then=None) -> BaseException | None:
-        """Wait for the previous save, write ck's arrays, start sealing; return the previous error."""
+        """Wait for the previous save, copy ck into a file in memory, start writing it; return the previous error."""
         previous = self.wait()
-        tmp = write_temp(path, ck)
-        self.thread = threading.Thread(target=self._seal, args=(tmp, path, then), daemon=True)
+        f = _memory_file(ck)
+        self.thread = threading.Thread(target=self._write, args=(f, path, then), daemon=True)
         self.thread.start()
         return previous
 
-    def _seal(self, tmp, path, then):
-        """Thread body: seal, then run the follow-up (pruning)."""
+    def _write(self, f, path, then):
+        """Thread body: checksum the file in memory and write its bytes to path; then the follow-up (pruning)."""
         try:
-            seal(tmp, path)
+            _write_file(path, _sealed_bytes(f))
             if then:
                 then()
         except BaseException as e:
@@ -170,6 +178,24 @@ def _plain(v):
     return v
 
 
+def _read(f: h5py.File, path) -> Checkpoint:
+    """The checkpoint stored in the open file f (read from path), unverified."""
+    attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    if attrs.get("distbp_format") != FORMAT:
+        raise CheckpointError(f"{path} is not a distbp checkpoint (distbp_format={attrs.get('distbp_format')!r})")
+    if attrs.get("version") not in READABLE:
+        raise CheckpointError(f"{path} has checkpoint version {attrs.get('version')}; "
+                              f"this distbp reads versions {', '.join(map(str, READABLE))}")
+    opt = f.get("optimizer")
+    return Checkpoint(params=_read_group(f["params"]),
+                      opt_name=_plain(opt.attrs.get("name", "")) if opt else "",
+                      opt_arrays={k: _read_group(g) for k, g in opt.items()} if opt else {},
+                      opt_scalars={k: _plain(v) for k, v in opt.attrs.items() if k != "name"} if opt else {},
+                      buffers=_read_group(f["buffers"]) if "buffers" in f else {},
+                      normalization=_read_group(f["normalization"]) if "normalization" in f else {},
+                      attrs=attrs, path=str(path))
+
+
 def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     """Read a checkpoint (arrays and attributes only) and check its checksum."""
     path = Path(path)
@@ -177,39 +203,24 @@ def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            if attrs.get("distbp_format") != FORMAT:
-                raise CheckpointError(f"{path} is not a distbp checkpoint (distbp_format="
-                                      f"{attrs.get('distbp_format')!r})")
-            if attrs.get("version") not in READABLE:
-                raise CheckpointError(f"{path} has checkpoint version {attrs.get('version')}; "
-                                      f"this distbp reads versions {', '.join(map(str, READABLE))}")
-            opt = f.get("optimizer")
-            ck = Checkpoint(
-                params=_read_group(f["params"]),
-                opt_name=_plain(opt.attrs.get("name", "")) if opt else "",
-                opt_arrays={k: _read_group(g) for k, g in opt.items()} if opt else {},
-                opt_scalars={k: _plain(v) for k, v in opt.attrs.items() if k != "name"} if opt else {},
-                buffers=_read_group(f["buffers"]) if "buffers" in f else {},
-                normalization=_read_group(f["normalization"]) if "normalization" in f else {},
-                attrs=attrs, path=str(path))
+            ck = _read(f, path)
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e}); "
                               "delete it or resume from an older one") from None
-    if verify and checksum(ck) != attrs.get("checksum"):
-        raise CheckpointError(f"checkpoint {path} fails its checksum (stored {attrs.get('checksum')}, "
+    if verify and checksum(ck) != ck.attrs.get("checksum"):
+        raise CheckpointError(f"checkpoint {path} fails its checksum (stored {ck.attrs.get('checksum')}, "
                               f"computed {checksum(ck)}): the file is damaged")
     return ck
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Checkpoint files in a folder, oldest step first."""
+    """Checkpoint files in a folder, oldest step first (by step number, not name)."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if NAME_RE.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in d.iterdir() if step_of(p) is not None), key=step_of)
 
 
 def latest_valid(directory: str | os.PathLike, log=print) -> Checkpoint | None:

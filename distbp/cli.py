@@ -10,7 +10,9 @@ import time
 import traceback
 
 from . import __version__
+from .atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
+from .safeio import check_output
 
 EPILOG_TRAIN = """examples:
   distbp train                                  the default MLP on the shipped digits
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="run directory (default runs/<timestamp>)")
     t.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: newest valid checkpoint in the run dir (default); never; or a file")
+    t.add_argument("--force", action="store_true",
+                   help="with --resume never: move an earlier run's checkpoints and logs to RUN_DIR/old-<time>/")
 
     e = sub.add_parser("eval", help="loss and metrics of a checkpoint on a split (per-class report, confusion "
                        "matrix)")
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="what to do")
     dg = dsub.add_parser("digits", help="write the shipped 8x8 digits dataset to a file")
     dg.add_argument("out", help="dataset file to write")
+    add_force(dg)
     ds = dsub.add_parser("synthetic", help="write a learnable synthetic classification dataset")
     ds.add_argument("out", help="dataset file to write")
     ds.add_argument("--rows", type=int, default=10000, help="rows in all (default: %(default)s)")
@@ -54,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--classes", type=int, default=10, help="classes (default: %(default)s)")
     ds.add_argument("--val-fraction", type=float, default=0.2, help="share of rows in val (default: %(default)s)")
     ds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_force(ds)
     add_convert_parser(dsub)
     di = dsub.add_parser("inspect", help="splits, shapes, dtypes, class balance, value ranges")
     di.add_argument("file", help="a distbp dataset file (.h5)")
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("export", help="parameters as a plain .npz")
     add_checkpoint_argument(ce)
     ce.add_argument("out", help=".npz file to write (one array per parameter)")
+    add_force(ce)
     add_plot_predict_parsers(sub)
     return p
 
@@ -93,7 +100,8 @@ def add_convert_parser(dsub):
                          "(inputs larger than memory work), and validate the result.",
                          epilog=EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
     dc.add_argument("inputs", nargs="+", metavar="INPUT", help="input file(s) of the training data")
-    dc.add_argument("out", metavar="OUT.h5", help="dataset file to write (replaced atomically)")
+    dc.add_argument("out", metavar="OUT.h5", help="dataset file to write")
+    add_force(dc)
     dc.add_argument("--test", nargs="+", default=[], metavar="INPUT",
                     help="input file(s) of a test split, same format (put this option last)")
     dc.add_argument("--task", default="classification", choices=("classification", "regression", "binary"),
@@ -134,6 +142,7 @@ def add_plot_predict_parsers(sub):
                         "pip install 'distbp[plot]'.")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
     pl.add_argument("-o", "--out", default="runs.png", help="PNG file to write (default: %(default)s)")
+    add_force(pl)
     pr = sub.add_parser("predict", help="write predictions of a checkpoint (data-parallel under mpirun)",
                         description="Predict with a checkpoint's model: class and probabilities for "
                         "classification, outputs for regression, written to an HDF5 file by rank 0. "
@@ -143,6 +152,13 @@ def add_plot_predict_parsers(sub):
     pr.add_argument("out", metavar="OUT.h5", help="predictions file to write")
     pr.add_argument("--split", default="val", help="split of a dataset input (default: %(default)s)")
     pr.add_argument("--batch", type=int, default=1024, help="rows per forward pass (default: %(default)s)")
+    add_force(pr)
+
+
+def add_force(parser):
+    """The --force option of a command that writes an output file."""
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output file (atomically; never one of the inputs)")
 
 
 def cmd_train(args, comm) -> int:
@@ -151,7 +167,7 @@ def cmd_train(args, comm) -> int:
     from .train import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-    return run(cfg, comm, run_dir, args.resume)
+    return run(cfg, comm, run_dir, args.resume, args.force)
 
 
 def cmd_eval(args, comm) -> int:
@@ -190,13 +206,16 @@ def cmd_data(args, comm) -> int:
         on_root(comm, lambda: convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
-            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key))
+            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key, force=args.force))
         if comm.is_root:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
         return 0
+    check_output(args.out, [], args.force)
     if args.data_command == "digits":
-        shutil.copyfile(data.digits_path(), args.out)
+        with AtomicFile(args.out) as out:
+            shutil.copyfile(data.digits_path(), out.tmp)
+            out.commit(durable=True)
     elif args.data_command == "synthetic":
         x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
         n_val = int(round(args.rows * args.val_fraction))
@@ -210,6 +229,8 @@ def cmd_data(args, comm) -> int:
 def cmd_ckpt(args, comm) -> int:
     """distbp ckpt inspect | verify | export."""
     from . import checkpoint as ckpt
+    if comm.size > 1:
+        return alone_on_root(cmd_ckpt, args, comm)
     if args.ckpt_command == "verify":
         try:
             path = ckpt.find(args.checkpoint, args.best)
@@ -219,13 +240,20 @@ def cmd_ckpt(args, comm) -> int:
             return 1
         print(f"OK: {path} step {ck.attrs['step']} checksum {ck.attrs['checksum']}")
         return 0
-    ck = ckpt.load(ckpt.find(args.checkpoint, args.best))
+    path = ckpt.find(args.checkpoint, args.best)
+    ck = ckpt.load(path)
     if args.ckpt_command == "inspect":
         print("\n".join(ckpt.describe(ck)))
     else:
         import numpy as np
-        out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"
-        np.savez(out, **ck.params)
+        out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [path], args.force)
+        try:
+            with AtomicFile(out) as target:
+                with open(target.tmp, "wb") as f:
+                    np.savez(f, **ck.params)
+                target.commit(durable=True)
+        except OSError as e:
+            raise UserError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact") from None
         print(f"wrote {len(ck.params)} arrays to {out}")
     return 0
 
@@ -233,7 +261,7 @@ def cmd_ckpt(args, comm) -> int:
 def cmd_plot(args, comm) -> int:
     """distbp plot."""
     from .plot import plot_runs
-    out = on_root(comm, plot_runs, args.run_dirs, args.out)
+    out = on_root(comm, plot_runs, args.run_dirs, args.out, args.force)
     if comm.is_root:
         print(f"wrote {out}")
     return 0
@@ -242,7 +270,8 @@ def cmd_plot(args, comm) -> int:
 def cmd_predict(args, comm) -> int:
     """distbp predict."""
     from .predict import predict
-    out = predict(checkpoint_path(args, comm), args.input, args.out, comm, split=args.split, batch=args.batch)
+    out = predict(checkpoint_path(args, comm), args.input, args.out, comm, split=args.split, batch=args.batch,
+                  force=args.force)
     if comm.is_root:
         print(f"wrote {out}")
     return 0
@@ -281,6 +310,8 @@ def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
     from .comm import install_abort_on_error, run_guarded, world
+    from .config import TrainConfig
+    from .watchdog import watching
     try:
         comm = world()
     except UserError as e:
@@ -288,4 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     args = parse_args(argv, comm)
     install_abort_on_error(comm)
-    return run_guarded(dispatch, comm, args, comm)
+    # Every collective of every command is watched: a rank frozen anywhere ends the job with its
+    # name (train.stall_timeout once the command knows the run's config, the default until then).
+    # In data, ckpt and plot the other ranks wait while rank 0 works alone: a rank that answers is alive.
+    strict = args.command in ("train", "eval", "predict")
+    with watching(comm, TrainConfig.stall_timeout, args.command, strict) as comm:
+        code = run_guarded(dispatch, comm, args, comm)
+        comm.barrier()  # no rank exits while another is frozen short of the end
+    return code

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -19,6 +21,7 @@ LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _WORLD = None
 _LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
 _WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
+ABORT_GRACE = 3.0  # s MPI_Abort gets before the process ends itself: a launcher out of reach never answers
 
 
 class CommError(UserError):
@@ -120,10 +123,18 @@ class Comm:
         self._comm.Barrier()
 
     def abort(self, code: int = 1):
-        """End every rank of the job now with exit code `code`."""
+        """End every rank of the job now with exit code `code`; this process ends within seconds in any case."""
         _flush()
+        _exit_after(ABORT_GRACE, code)
         time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
         self._mpi.COMM_WORLD.Abort(code)
+        os._exit(code)  # MPICH's MPI_Abort returned when its launcher was out of reach
+
+    def allocate_shared(self, nbytes: int, itemsize: int):
+        """A buffer of nbytes held once per node in MPI shared memory (collective over the node)."""
+        win = self._mpi.Win.Allocate_shared(nbytes if self.local_rank == 0 else 0, itemsize, comm=self._node)
+        _WINDOWS.append(win)
+        return win.Shared_query(0)[0]
 
     def private_channel(self):
         """(mpi4py.MPI, a duplicate communicator) for a helper's own messages (collective over the world)."""
@@ -245,6 +256,17 @@ def world():
     return _WORLD
 
 
+def _exit_after(seconds: float, code: int):
+    """End this process with exit code `code` after `seconds`, whatever its threads are doing."""
+    signal.alarm(int(seconds) + 2)  # if the interpreter itself is stuck, the kernel's SIGALRM ends it
+    timer = threading.Timer(seconds, os._exit, (code,))
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # no thread to be had (out of memory): the alarm ends it
+        pass
+
+
 def _flush():
     """Flush stdout and stderr before the process is ended from outside Python's exit path."""
     for stream in (sys.stdout, sys.stderr):
@@ -340,11 +362,7 @@ def node_shared_array(comm, shape, dtype) -> np.ndarray:
     # pages. Fill it on local rank 0 only, then synchronise (comm.barrier) before reading.
     shape, dtype = tuple(int(s) for s in np.atleast_1d(shape)), np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    node = getattr(comm, "_node", None)
-    if node is None or comm.local_size == 1 or nbytes == 0:
+    if comm.local_size == 1 or nbytes == 0:
         return np.empty(shape, dtype)
-    mpi = comm._mpi
-    win = mpi.Win.Allocate_shared(nbytes if comm.local_rank == 0 else 0, dtype.itemsize, comm=node)
-    _WINDOWS.append(win)
-    buf, _ = win.Shared_query(0)
+    buf = comm.allocate_shared(nbytes, dtype.itemsize)
     return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)

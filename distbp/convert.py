@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .atomic import AtomicFile
 from .data import FORMAT, TASKS, VERSION, Dataset, DataError
+from .safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)
@@ -440,8 +441,9 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
 def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classification",
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
-            x_key: str = "x", y_key: str = "y") -> Path:
+            x_key: str = "x", y_key: str = "y", force: bool = False) -> Path:
     """Convert input files to the dataset file `out` (see the module docstring); returns its path."""
+    out = check_output(out, [*inputs, *test_inputs], force)
     if task not in TASKS:
         raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key)
@@ -462,7 +464,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
     routes = _routes(tables, n_val, seed)
     shapes = _out_shapes(tables, routes, n_val, task)
-    out = Path(out)
+    # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
+    # fill the disk meanwhile; the old file stays whole in any case)
+    check_space(out, sum(n * (math.prod(xr) * np.dtype(xd).itemsize + math.prod(yr) * np.dtype(yd).itemsize)
+                         for n, xr, xd, yr, yd in shapes.values()))
     total = sum(t.n for t in tables.values())
     big = sum(t.n * t.x_dtype.itemsize * math.prod(t.x_shape) for t in tables.values()) > PROGRESS_BYTES
     with AtomicFile(out) as result:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import faults
 from .config import config_from_dict
 from .data import Dataset, digits_path
 from .errors import agree, on_root
@@ -12,6 +13,7 @@ from .normalize import Normalizer
 from .sampler import shard
 from .scores import RegressionSums, class_report, confusion
 from .state import build_model, load_params
+from .watchdog import configure as configure_watchdog
 
 
 def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names: list[str] | None = None,
@@ -26,6 +28,7 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
     k = model.out_shape[0]
     reg = RegressionSums(k, norm.y_mean) if task == "regression" else None
     cm = np.zeros((k, k)) if class_names and task == "classification" else None
+    faults.inject_at(comm.rank, "eval")  # inert unless DISTBP_FAULT is set (tests)
     model.eval()
     for a in range(lo, hi, chunk):
         x, y = split.read(np.arange(a, min(a + chunk, hi)), model.params.dtype)
@@ -56,6 +59,8 @@ def load_model(path: str, comm, data_path: str | None = None):
     ck = on_root(comm, ckpt.load, path)
     config, norm = comm.bcast_obj((ck.config, ck.normalization) if comm.is_root else None)
     cfg = agree(comm, config_from_dict, config)
+    configure_watchdog(comm, timeout=cfg.train.stall_timeout)  # the run's, from here on
+    faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
         cfg.data.path = data_path
     data = agree(comm, Dataset, cfg.data.path or digits_path())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,17 +12,53 @@ from tqdm import tqdm
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer", "eval", "checkpoint")
 
 
+class LineFile:
+    """A text file lines are appended to, one unbuffered write each; a failed write warns and never raises."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.f = open(self.path, "ab", buffering=0)
+        self.cut = self.f.tell() > 0 and _last_byte(self.path) != b"\n"  # a line cut short by a crash
+        self.failing = False
+
+    def write(self, line: str):
+        """Append line (and a newline); on a full disk, warn once on stderr and lose the line."""
+        data = (("\n" if self.cut else "") + line + "\n").encode()
+        try:
+            written = self.f.write(data)
+        except OSError as e:  # nothing written: the file is as it was
+            return self._failed(e.strerror)
+        self.cut = written < len(data)  # a partial write stays apart from the next line
+        if self.cut:
+            return self._failed("partial write, the disk is full")
+        self.failing = False
+
+    def _failed(self, why: str):
+        """Warn on stderr once per stretch of failures (a full disk fails every write)."""
+        if not self.failing:
+            print(f"distbp: WARNING: cannot append to {self.path} ({why}); its lines are lost until "
+                  "it can be written again", file=sys.stderr, flush=True)
+        self.failing = True
+
+    def close(self):
+        """Close the file."""
+        self.f.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    """The last byte of a file."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 class RunLog:
     """Log lines, metrics records and progress, written by rank 0 only."""
 
     def __init__(self, run_dir: Path | None, master: bool, total_steps: int, log_every: int):
         self.master, self.log_every = master, log_every
-        self.metrics = open(run_dir / "metrics.jsonl", "a+") if master and run_dir else None
-        if self.metrics and self.metrics.tell():
-            self.metrics.seek(self.metrics.tell() - 1)
-            if self.metrics.read(1) != "\n":  # a line cut short by a crash stays apart from the next
-                self.metrics.write("\n")
-        self.logfile = open(run_dir / "train.log", "a") if master and run_dir else None
+        self.metrics = LineFile(run_dir / "metrics.jsonl") if master and run_dir else None
+        self.logfile = LineFile(run_dir / "train.log") if master and run_dir else None
         use_bar = master and sys.stdout.isatty()
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True) if use_bar else None
 
@@ -34,21 +71,19 @@ class RunLog:
         else:
             print(msg, flush=True)
         if self.logfile:
-            self.logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-            self.logfile.flush()
+            self.logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
 
     def record(self, **fields):
         """Append one JSON object to metrics.jsonl."""
         if self.metrics:
-            self.metrics.write(json.dumps(fields) + "\n")
-            self.metrics.flush()
+            self.metrics.write(json.dumps(fields))
 
     def best(self, key: str, up_to_step: int, mode: str = "max") -> tuple[float, int] | None:
         """Rank 0: the best (value, step) of `key` ("max" or "min") in metrics.jsonl at steps <= up_to_step."""
         if not self.metrics:
             return None
         values = []
-        with open(self.metrics.name) as f:
+        with open(self.metrics.path) as f:
             for line in f:
                 try:
                     r = json.loads(line)

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .atomic import AtomicFile
+from .safeio import check_output
 
 
 SCORES = ("val_accuracy", "val_r2")  # higher is better, at most 1
@@ -56,8 +58,9 @@ def _plot_eval(axes, name: str, color: str, x: list, metrics: list[dict]):
                 ax.plot(x, ys, color=color, linestyle=style, marker=".", label=f"{name} {key[4:]}")
 
 
-def plot_runs(run_dirs, out) -> Path:
+def plot_runs(run_dirs, out, force: bool = False) -> Path:
     """Write a PNG: loss, val scores and (regression) val errors against steps (top) and epochs (bottom)."""
+    out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
     runs = {str(d): read_metrics(d) for d in run_dirs}
     errors = any(k in m for r in runs.values() for *_, m in r["eval"] for k in ERRORS)
     fig = _pyplot_free_figure()
@@ -84,9 +87,12 @@ def plot_runs(run_dirs, out) -> Path:
         axes[row][0].set(yscale="log")
         if not axes[row][1].has_data():
             axes[row][1].text(0.5, 0.5, "no val scores (no val split)", ha="center", transform=axes[row][1].transAxes)
-    out = Path(out)
     try:
-        fig.savefig(out, dpi=100)
+        with AtomicFile(out) as target:
+            fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")
+            target.commit(durable=True)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); HINT: choose a writable -o OUT.png") from None
+    except ValueError as e:  # a suffix matplotlib has no writer for
+        raise UserError(f"cannot write {out}: {e}; HINT: name it .png, .pdf or .svg") from None
     return out

@@ -1,8 +1,8 @@
 """Predictions of a checkpoint's model, data-parallel: each rank a contiguous slice, rank 0 writes.
 
 Every rank predicts its slice in chunks of `batch` rows; chunk r of every rank is
-gathered to rank 0 in one round, which writes the rows into preallocated datasets,
-so no rank holds more than world size x batch rows of outputs at a time.
+gathered to rank 0 in one round, which writes the rows into preallocated datasets of
+a file it holds in memory (the predictions of all rows) and writes to OUT at the end.
 
 The output file (`distbp_format = "predictions"`, `version = 1`) holds, for
 classification, `class` (N,) int64 and `probabilities` (N, K) float32; for binary,
@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from .atomic import AtomicFile
+from . import faults
 from .data import DataError
-from .sampler import shard
 from .errors import agree, on_root
 from .evaluate import load_model
+from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
+from .sampler import shard
 
 FORMAT, VERSION = "predictions", 1
 
@@ -78,15 +78,10 @@ def outputs(task: str, logits: np.ndarray) -> dict:
 
 
 class Writer:
-    """Rank 0's predictions file: preallocated datasets filled by row ranges, renamed into place at the end."""
+    """Rank 0's predictions file, built in memory: preallocated datasets filled by row ranges."""
 
-    def __init__(self, path, n: int, template: dict, attrs: dict):
-        self.path = Path(path)
-        self.file = AtomicFile(self.path)
-        try:
-            self.f = h5py.File(self.file.tmp, "w")
-        except OSError as e:
-            raise DataError(f"cannot write {path} ({e}); HINT: choose a writable OUT.h5") from None
+    def __init__(self, n: int, template: dict, attrs: dict):
+        self.f = memory_hdf5()
         self.f.attrs.update(attrs)
         for name, a in template.items():
             self.f.create_dataset(name, (n, *a.shape[1:]), a.dtype, track_times=False)
@@ -96,10 +91,13 @@ class Writer:
         for name, a in arrays.items():
             self.f[name][lo:lo + len(a)] = a
 
-    def close(self) -> Path:
-        """Finish the file and move it to its name."""
-        self.f.close()
-        return self.file.commit()
+    def save(self, out) -> Path:
+        """Write the file to out atomically (the old file stays whole if that fails)."""
+        try:
+            return write_bytes(out, hdf5_bytes(self.f))
+        except OSError as e:
+            raise DataError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact; "
+                            "HINT: free space or choose another OUT.h5") from None
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -115,12 +113,14 @@ def _attrs(checkpoint, source, split, data) -> dict:
     return attrs
 
 
-def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024) -> Path | None:
+def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024,
+            force: bool = False) -> Path | None:
     """Write the model's predictions on a dataset split or an .npy array to `out`; returns its path on rank 0."""
     if batch < 1:
         raise DataError(f"--batch {batch} must be at least 1")
     npy = str(source).endswith(".npy")
     model, data, _, norm = load_model(checkpoint, comm, data_path=None if npy else source)
+    on_root(comm, check_output, out, [checkpoint, source, data.path], force)
     rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
                  else SplitRows(data.split(split)))
     lo, hi = shard(rows.n, comm.rank, comm.size)
@@ -129,18 +129,19 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     if not npy:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if npy else split, data)
-    writer = on_root(comm, Writer, out, rows.n, template, attrs)
+    writer = on_root(comm, Writer, rows.n, template, attrs)
+    faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
         chunk = None
         if b > a:
             x, y = rows.read(a, b, model.params.dtype)
-            out = model.forward(norm.x(x))
-            chunk = outputs(data.task, norm.y_original(out) if data.task == "regression" else out)
+            logits = model.forward(norm.x(x))
+            chunk = outputs(data.task, norm.y_original(logits) if data.task == "regression" else logits)
             if y is not None:
                 chunk["y"] = y
         pieces = comm.gather_obj((a, chunk))
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
-    return on_root(comm, lambda: writer.close())
+    return on_root(comm, lambda: writer.save(out))

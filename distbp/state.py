@@ -179,7 +179,7 @@ def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log)
 
 
 def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: bool = False):
-    """Rank 0 writes make() at path (sealed in the background), marks it best if so, prunes; only a failed
+    """Rank 0 writes make() at path (to disk in the background), marks it best if so, prunes; only a failed
     final save raises."""
     def after_seal():
         if best:
@@ -192,14 +192,15 @@ def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: 
         errors.append(saver.save(path, make(), then=after_seal))
         if final:
             errors.append(saver.wait())
-    except (OSError, RuntimeError) as e:  # h5py reports a write that failed at close as RuntimeError
+    except (OSError, RuntimeError) as e:  # h5py reports some failures as RuntimeError
         errors.append(e)
-    if final and errors[-1]:
-        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({errors[-1]}); "
-                                   "the previous checkpoint is intact")
+    final_error = errors.pop() if final else None
     for e in filter(None, errors):
         log(f"WARNING: a checkpoint could not be written ({e}); the previous one is intact, "
             "training continues")
+    if final_error:
+        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
+                                   "the previous checkpoint is intact")
 
 
 # ---- the cross-rank check (train.check_every) ----

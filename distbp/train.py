@@ -9,11 +9,12 @@ import numpy as np
 from . import __version__
 from . import checkpoint as ckpt
 from . import faults
+from . import rundir
 from . import slurm
 from .comm import set_thread_budget
 from .config import Config, config_to_toml
 from .data import Dataset, digits_path
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
 from .nn import make_loss
@@ -24,7 +25,8 @@ from .scores import improved, monitored
 from .state import build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, resume_state, \
     save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
-from .watchdog import Watchdog, rank_table
+from .watchdog import configure as configure_watchdog
+from .watchdog import rank_table, watching
 
 
 def schedule_of(cfg: Config, total: int):
@@ -45,26 +47,21 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     return data, train, val
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config):
-    """Create the run directory, its checkpoints folder and config.toml (rank 0)."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(run_dir / "checkpoints")
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
-    except OSError as e:
-        raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
-                        "choose another with --run-dir") from None
-
-
-def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto") -> int:
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return Trainer(cfg, comm, run_dir, resume).train()
+    with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
+        trainer = Trainer(cfg, comm, run_dir, resume, force)
+        try:
+            return trainer.train()
+        finally:
+            if trainer.lock:
+                trainer.lock.release()
 
 
 class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
-    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str):
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -79,9 +76,13 @@ class Trainer:
         if cfg.train.max_steps >= 0:
             self.total = min(self.total, cfg.train.max_steps)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
-        on_root(comm, prepare_run_dir, run_dir, cfg)  # after the input checks: a bad input leaves no run dir
+        faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
+        # after the input checks (a bad input leaves no run dir); the lock before any write
+        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
         self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
+        for note in notes:
+            self.log(note)
         self._describe()
         self.pos, self.norm = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
         self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
@@ -127,8 +128,7 @@ class Trainer:
         """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
         cfg, pos, timer, s = self.cfg, self.pos, self.timer, self.scalars
         stop = slurm.StopRequest().install()
-        stall = Watchdog(self.comm, cfg.train.stall_timeout, lambda: pos.step).start()
-        self.comm = stall.watched()  # a rank that never arrives at the loop's collectives ends the job
+        configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
         self.step = self.make_step()
         for line in self.step.describe(cfg.train.batch_size):
@@ -158,10 +158,13 @@ class Trainer:
                     exit_code = EXIT_RESUMABLE
                     break
                 self.checkpoint_if_due()
+        except BaseException:
+            self.saver.wait()  # a checkpoint being written completes; the final save reports its error otherwise
+            raise
         finally:
-            stall.stop()
+            configure_watchdog(self.comm, step_of=lambda: -1)
             stop.restore()
-            self.saver.wait()
+        faults.inject_at(self.comm.rank, "final")
         agree(self.comm, self.save, final=True)
         return self.finish(exit_code)
 

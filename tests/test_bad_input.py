@@ -253,6 +253,7 @@ def test_random_config_files_and_overrides_give_a_config_error(lines, overrides)
 
 def test_faults_doc_lists_every_case():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "FAULTS.md").read_text()
-    from distbp.faults import KINDS
-    missing = [f"kind={k}" for k in KINDS if f"kind={k}" not in doc] + [c for c in CASES if f"| {c} " not in doc]
+    from distbp.faults import KINDS, POINTS
+    missing = ([f"kind={k}" for k in KINDS if f"kind={k}" not in doc] + [f"at={p}" for p in POINTS if f"at={p}" not in doc]
+               + [c for c in CASES if f"| {c} " not in doc])
     assert not missing, f"docs/FAULTS.md lacks rows for {missing}"

@@ -1,0 +1,99 @@
+"""The run directory: one run at a time (a lock naming its holder), an earlier run's files archived on request."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from . import slurm
+from .errors import UserError
+
+LOCK_NAME = "distbp.lock"
+RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "config.toml")  # what --force archives
+UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # no locks on this file system
+
+
+class RunDirBusy(UserError):
+    """Another distbp train holds the run directory."""
+
+
+def holder_line() -> str:
+    """'host H, pid P, SLURM job J, since T' of this process."""
+    return (f"host {socket.gethostname()}, pid {os.getpid()}, SLURM job {slurm.job_id() or 'none'}, "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+
+class RunLock:
+    """An exclusive POSIX lock (fcntl) on RUN_DIR/distbp.lock; the kernel drops it when the holder exits."""
+
+    def __init__(self, run_dir: Path, log=print):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in UNSUPPORTED:
+                log(f"WARNING: {self.path}: the file system does not support locks ({e.strerror}); "
+                    "nothing stops a second run from using this run directory at the same time")
+                return
+            self.release()
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise UserError(f"run directory lock {self.path} cannot be taken ({e.strerror}); "
+                                "HINT: choose another --run-dir") from None
+            holder = self.path.read_text(errors="replace").strip() or "unknown holder"
+            raise RunDirBusy(f"run directory {run_dir} is in use by another distbp train ({holder}); "
+                             "HINT: wait for it to end or stop it, or choose another --run-dir") from None
+        os.ftruncate(self.fd, 0)
+        try:  # who holds it, for the message of a second run; a full disk only loses the name
+            os.write(self.fd, (holder_line() + "\n").encode())
+        except OSError:
+            pass
+
+    def release(self):
+        """Drop the lock (closing the file releases it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def archive_earlier_run(run_dir: Path, force: bool) -> str | None:
+    """For --resume never: refuse a folder holding checkpoints, or with force move the earlier run's files aside."""
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        return None
+    if not force:
+        raise UserError(f"--resume never, but run directory {run_dir} holds checkpoints of an earlier run "
+                        f"(newest {found[-1].name}) that a new run would mix with its own; HINT: --resume auto "
+                        f"to continue that run, --force to move its files to {run_dir}/old-<time>/, or "
+                        "another --run-dir")
+    dest = run_dir / f"old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dest.exists():
+        dest = dest.with_name(f"{dest.name}-{os.getpid()}")
+    dest.mkdir()
+    moved = [name for name in RUN_FILES if (run_dir / name).exists()]
+    for name in moved:
+        os.rename(run_dir / name, dest / name)
+    return f"--resume never --force: moved the earlier run's {', '.join(moved)} to {dest}"
+
+
+def prepare(run_dir: Path, config_toml: str, resume: str, force: bool, comm, log=print):
+    """Rank 0: create and lock the run directory, archive an earlier run if asked, write config.toml.
+
+    Returns the RunLock (None on other ranks) and the notes to log once the run log is open."""
+    if not comm.is_root:
+        return None, []
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir, log)
+        notes = [archive_earlier_run(run_dir, force)] if resume == "never" else []
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        ckpt.clean_stale(run_dir / "checkpoints")  # only now: the lock says no other writer is running
+        (run_dir / "config.toml").write_text(config_toml)
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
+                        "choose another with --run-dir") from None
+    return lock, [n for n in notes if n]

@@ -1,0 +1,96 @@
+"""One run per run directory (a lock naming its holder), --resume never on an earlier run's checkpoints,
+and checkpoints ordered by step number."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from distbp import checkpoint as ckpt
+from distbp import faults
+from distbp.rundir import LOCK_NAME
+from conftest import job_env
+from test_faults import Job
+
+SHORT = ["--set", "train.max_steps=8", "--set", "checkpoint.every_steps=4", "--set", "train.log_every=1"]
+SLOW = ";".join(f"rank=0,step={s},kind=slow" for s in range(2, 6))  # 4 x 2 s: a run that lasts a while
+
+
+def start(run_dir, fault: str = SLOW) -> subprocess.Popen:
+    """A serial distbp train in the background; returns once it is past set-up (its first fault line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", *SHORT, "--run-dir", str(run_dir)],
+                            env=job_env(**{faults.ENV: fault}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stderr:
+        if "fault injection" in line:
+            return proc
+    raise AssertionError(f"the first run ended early: {proc.wait()} {proc.stdout.read()}")
+
+
+@pytest.mark.timing
+def test_second_run_on_a_busy_directory_stops_at_once_and_the_first_is_unharmed(tmp_path):
+    run = tmp_path / "run"
+    startup = Job(0, ["--version"]).wall  # interpreter and import time, which no lock can shorten
+    first = start(run)
+    second = Job(0, ["train", *SHORT, "--run-dir", str(run)])
+    assert second.rc == 2, second.stderr
+    errors = [line for line in second.stderr.splitlines() if line.startswith("distbp: error:")]
+    assert len(errors) == 1, second.stderr
+    assert re.search(rf"run directory {re.escape(str(run))} is in use by another distbp train \(host \S+, "
+                     rf"pid {first.pid}, SLURM job none, since .*\); HINT: wait for it", errors[0]), errors[0]
+    assert second.wall < 5 + startup, (second.wall, startup)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert [ckpt.load(p).attrs["step"] for p in ckpt.list_checkpoints(run / "checkpoints")] == [4, 8]
+    log = (run / "train.log").read_text()
+    assert log.count("rank(s), run dir") == 1 and "resumed" not in log  # nothing from the second run
+
+
+def test_lock_of_a_killed_run_is_stale(tmp_path):
+    run = tmp_path / "run"
+    first = start(run)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert f"pid {first.pid}," in (run / LOCK_NAME).read_text()  # the dead holder's name stays in the file
+    again = Job(0, ["train", *SHORT, "--run-dir", str(run)])
+    assert again.rc == 0, again.stderr
+    assert f"pid {first.pid}," not in (run / LOCK_NAME).read_text()
+
+
+def test_resume_never_refuses_an_earlier_runs_checkpoints_unless_forced(tmp_path):
+    run = tmp_path / "run"
+    assert Job(0, ["train", *SHORT, "--run-dir", str(run)]).rc == 0
+    old = {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run / "checkpoints")}
+    refused = Job(0, ["train", *SHORT, "--set", "train.max_steps=4", "--run-dir", str(run), "--resume", "never"])
+    assert refused.rc == 2
+    assert re.search(r"distbp: error: --resume never, but run directory \S+ holds checkpoints of an earlier run "
+                     r"\(newest step-00000008.h5\) .*HINT: --resume auto to continue that run, --force to move",
+                     refused.stderr), refused.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run / "checkpoints")} == old
+    forced = Job(0, ["train", *SHORT, "--set", "train.max_steps=4", "--run-dir", str(run), "--resume", "never",
+                     "--force"])
+    assert forced.rc == 0, forced.stderr
+    moved = re.search(r"--resume never --force: moved the earlier run's checkpoints, metrics.jsonl, train.log, "
+                      r"config.toml to (\S+)", forced.stdout)
+    assert moved, forced.stdout
+    archive = run / os.path.basename(moved[1])
+    assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(archive / "checkpoints")} == old
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [ckpt.checkpoint_name(4)]
+    assert '"resume"' not in (run / "metrics.jsonl").read_text()
+
+
+def test_checkpoints_are_ordered_by_step_number_beyond_eight_digits(tmp_path):
+    def write(step):
+        ck = ckpt.Checkpoint({"w": np.full(3, step, np.float32)}, attrs={"step": step})
+        return ckpt.save(tmp_path / ckpt.checkpoint_name(step), ck)
+    assert ckpt.checkpoint_name(123_456_789) == "step-123456789.h5"
+    paths = [write(s) for s in (100_000_000, 7, 99_999_999, 1_000_000_000)]
+    (tmp_path / "step-000000007.h5").write_bytes(paths[1].read_bytes())  # not a name distbp writes
+    (tmp_path / "step-123.h5").write_bytes(paths[1].read_bytes())
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path)] == [7, 99_999_999, 100_000_000, 1_000_000_000]
+    assert ckpt.latest_valid(tmp_path).attrs["step"] == 1_000_000_000
+    ckpt.prune(tmp_path, 2, paths[3])
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path)] == [100_000_000, 1_000_000_000]
