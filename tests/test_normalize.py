@@ -36,8 +36,19 @@ def chunked(monkeypatch):
     monkeypatch.setattr(normalize, "CHUNK_BYTES", 64)
 
 
+@pytest.mark.parametrize("rows", [3, 101])
+def test_standard_statistics_are_exact_over_chunks(comm, tmp_path, chunked, rows):
+    check_standard(SerialComm(), comm, tmp_path, rows)
+
+
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("rows", [3, 101])  # 3: ranks without rows at 4
-def test_standard_statistics_are_exact_over_ranks_and_chunks(any_comm, comm, tmp_path, chunked, rows):
+def test_standard_statistics_are_exact_over_ranks_and_chunks(comm, tmp_path, chunked, rows):
+    check_standard(comm, comm, tmp_path, rows)
+
+
+def check_standard(any_comm, comm, tmp_path, rows):
+    """Standard statistics of tabular(rows) fitted on any_comm equal NumPy's over the whole array."""
     x, y = tabular(rows)
     path = shared_dataset(comm, comm.bcast_obj(str(tmp_path)) + "/t.h5",
                           {"train": (x, y), "val": (x[:2], y[:2])}, task="regression")
@@ -55,7 +66,17 @@ def test_standard_statistics_are_exact_over_ranks_and_chunks(any_comm, comm, tmp
     assert np.all(np.isfinite(z)) and np.allclose(norm.y_original(norm.y(y64)), y64, rtol=1e-12)
 
 
-def test_minmax_per_channel_of_images(any_comm, comm, tmp_path, chunked):
+def test_minmax_per_channel_of_images(comm, tmp_path, chunked):
+    check_images(SerialComm(), comm, tmp_path)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_minmax_per_channel_of_images_over_ranks(comm, tmp_path, chunked):
+    check_images(comm, comm, tmp_path)
+
+
+def check_images(any_comm, comm, tmp_path):
+    """Min-max and standard statistics per channel of (N, 3, 4, 5) uint8 images equal NumPy's."""
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (20, 3, 4, 5)).astype(np.uint8)
     x[:, 2] = 9  # a constant channel
@@ -139,7 +160,8 @@ def test_best_metric_by_task_and_bad_choices():
         monitored("val_accuracy", "regression")
 
 
-def test_serial_and_world_agree_bitwise_on_a_small_file(comm, tmp_path):
+@pytest.mark.mpi(min_size=2)
+def test_serial_and_world_agree_on_a_small_file(comm, tmp_path):
     x, y = tabular(37, seed=5)
     path = shared_dataset(comm, comm.bcast_obj(str(tmp_path)) + "/w.h5", {"train": (x, y)}, task="regression")
     with Dataset(path) as ds:
