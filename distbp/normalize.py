@@ -67,63 +67,66 @@ class Normalizer:
         return "normalization (train split statistics): " + "; ".join(parts)
 
 
+def _blocks(split) -> tuple[int, int]:
+    """(rows per block, blocks): the split cut into fixed blocks of at most CHUNK_BYTES as float64."""
+    rows = max(1, CHUNK_BYTES // (8 * math.prod(split.x_shape)))
+    return rows, -(-split.n // rows)
+
+
 def _rows(split, comm):
-    """(x, y (rows, k)) float64 chunks of this rank's contiguous slice of the split."""
-    lo, hi = shard(split.n, comm.rank, comm.size)
-    chunk = max(1, CHUNK_BYTES // (8 * math.prod(split.x_shape)))
-    for a in range(lo, hi, chunk):
-        x, y = split.read(np.arange(a, min(a + chunk, hi)), np.float64)
-        yield x, y.reshape(len(y), -1)
+    """(block index, x, y (rows, k)) in float64 for this rank's share of the split's fixed blocks."""
+    rows, blocks = _blocks(split)
+    for b in range(*shard(blocks, comm.rank, comm.size)):
+        x, y = split.read(np.arange(b * rows, min((b + 1) * rows, split.n)), np.float64)
+        yield b, x, y.reshape(len(y), -1)
 
 
-class _Moments:
-    """Per-feature global sums of one pass over the split, for x (per feature/channel) and y (per column)."""
+class _Sums:
+    """Per-feature sums of one pass, for x (per feature/channel) and y (per column), block by block."""
+    # Each fixed block's sum has its own row, filled by the one rank that reads the block, so the
+    # allreduce adds only zeros to it; the rows are then summed in block order. The totals are thus
+    # the same bits at any rank count, which deterministic mode relies on.
 
     def __init__(self, split):
         self.x_axes = feature_axes(1 + len(split.x_shape))
         y = split.read(np.arange(0), np.float64)[1]
-        self.x = np.zeros(_stat_shape(split.x_shape))
-        self.y = np.zeros(y.shape[1] if y.ndim == 2 else 1)
+        blocks = _blocks(split)[1]
+        self.x = np.zeros((blocks, *_stat_shape(split.x_shape)))
+        self.y = np.zeros((blocks, y.shape[1] if y.ndim == 2 else 1))
 
-    def add(self, x, y):
-        """Add one chunk's sums."""
-        self.x += x.sum(axis=self.x_axes).reshape(self.x.shape)
-        self.y += y.sum(axis=0)
+    def add(self, b: int, x, y):
+        """Block b's sums."""
+        self.x[b] = x.sum(axis=self.x_axes).reshape(self.x.shape[1:])
+        self.y[b] = y.sum(axis=0)
 
-    def reduce(self, comm):
-        """Sum over the ranks (float64)."""
+    def totals(self, comm) -> tuple[np.ndarray, np.ndarray]:
+        """(x sums, y sums) over every block of every rank."""
         comm.allreduce_sum(self.x)
         comm.allreduce_sum(self.y)
+        return self.x.sum(axis=0), self.y.sum(axis=0)
 
 
 def _first_pass(split, comm):
-    """Global (sums, minima, maxima, rows) of x and y; minima and maxima are exact in any order."""
-    sums, lows, highs = _Moments(split), _Moments(split), _Moments(split)
-    lows.x[...] = lows.y[...] = highs.x[...] = highs.y[...] = -np.inf  # lows hold -min
-    n = np.zeros(1)
-    for x, y in _rows(split, comm):
-        sums.add(x, y)
-        np.maximum(lows.x, (-x).max(axis=sums.x_axes).reshape(lows.x.shape), out=lows.x)
-        np.maximum(highs.x, x.max(axis=sums.x_axes).reshape(highs.x.shape), out=highs.x)
-        np.maximum(lows.y, (-y).max(axis=0), out=lows.y)
-        np.maximum(highs.y, y.max(axis=0), out=highs.y)
-        n += len(x)
-    sums.reduce(comm)
-    comm.allreduce_sum(n)
-    for m in (lows, highs):
-        comm.allreduce_max(m.x)
-        comm.allreduce_max(m.y)
-    lows.x, lows.y = -lows.x, -lows.y
-    return sums, lows, highs, n[0]
+    """Global (x sums, y sums, minima (x, y), maxima (x, y)); minima and maxima are exact in any order."""
+    sums = _Sums(split)
+    neg_lo = [np.full(sums.x.shape[1:], -np.inf), np.full(sums.y.shape[1:], -np.inf)]  # -min
+    hi = [a.copy() for a in neg_lo]
+    for b, x, y in _rows(split, comm):
+        sums.add(b, x, y)
+        for m, v, axes in ((0, x, sums.x_axes), (1, y, (0,))):
+            np.maximum(neg_lo[m], (-v).max(axis=axes).reshape(neg_lo[m].shape), out=neg_lo[m])
+            np.maximum(hi[m], v.max(axis=axes).reshape(hi[m].shape), out=hi[m])
+    for a in (*neg_lo, *hi):
+        comm.allreduce_max(a)
+    return (*sums.totals(comm), [-a for a in neg_lo], hi)
 
 
-def _squared_deviations(split, comm, x_mean, y_mean) -> _Moments:
+def _squared_deviations(split, comm, x_mean, y_mean) -> tuple[np.ndarray, np.ndarray]:
     """Global sums of (x - x_mean)^2 and (y - y_mean)^2: the second pass of the two-pass variance."""
-    ss = _Moments(split)
-    for x, y in _rows(split, comm):
-        ss.add(np.square(x - x_mean), np.square(y - y_mean))
-    ss.reduce(comm)
-    return ss
+    ss = _Sums(split)
+    for b, x, y in _rows(split, comm):
+        ss.add(b, np.square(x - x_mean), np.square(y - y_mean))
+    return ss.totals(comm)
 
 
 def fit(split, comm, kind: str, targets: bool, regression: bool) -> Normalizer:
@@ -132,16 +135,17 @@ def fit(split, comm, kind: str, targets: bool, regression: bool) -> Normalizer:
         raise ValueError(f"normalize kind {kind!r} is not one of {KINDS}")
     if kind == "none" and not regression:
         return Normalizer()
-    sums, lo, hi, n = _first_pass(split, comm)
+    x_sum, y_sum, lo, hi = _first_pass(split, comm)
+    n = split.n
     n_x = n * math.prod(split.x_shape[1:]) if len(split.x_shape) > 1 else n  # values per channel of images
-    mean = _Moments(split)
-    mean.x, mean.y = sums.x / n_x, sums.y / n
-    arrays = {"y_mean": mean.y} if regression else {}
-    ss = _squared_deviations(split, comm, mean.x, mean.y) if kind == "standard" or targets else None
+    x_mean, y_mean = x_sum / n_x, y_sum / n
+    arrays = {"y_mean": y_mean} if regression else {}
+    if kind == "standard" or targets:
+        x_ss, y_ss = _squared_deviations(split, comm, x_mean, y_mean)
     if kind == "standard":
-        arrays.update(x_shift=mean.x, x_scale=np.where(hi.x > lo.x, np.sqrt(ss.x / n_x), 1.0))
+        arrays.update(x_shift=x_mean, x_scale=np.where(hi[0] > lo[0], np.sqrt(x_ss / n_x), 1.0))
     elif kind == "minmax":
-        arrays.update(x_shift=lo.x, x_scale=np.where(hi.x > lo.x, hi.x - lo.x, 1.0))
+        arrays.update(x_shift=lo[0], x_scale=np.where(hi[0] > lo[0], hi[0] - lo[0], 1.0))
     if regression and targets:
-        arrays.update(y_shift=mean.y, y_scale=np.where(hi.y > lo.y, np.sqrt(ss.y / n), 1.0))
+        arrays.update(y_shift=y_mean, y_scale=np.where(hi[1] > lo[1], np.sqrt(y_ss / n), 1.0))
     return Normalizer(arrays)
