@@ -104,11 +104,31 @@ class Comm:
         self._mpi.Request.Waitall(requests)
 
     def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
-        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank."""
+        """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank.
+
+        By point-to-point messages: MPICH's Allgatherv took 4-60x longer for 7 MB on one node
+        (docs/PERFORMANCE.md, "Choices in the code")."""
         _check_buffer(buf, "allgatherv")
         if self.size > 1:
-            self._comm.Allgatherv(self._mpi.IN_PLACE, [buf, (list(counts), _displacements(counts))])
+            flat, ends = buf.reshape(-1), np.cumsum(counts)
+            pieces = [flat[e - c:e] for c, e in zip(counts, ends)]
+            others = [q for q in range(self.size) if q != self.rank]
+            self.exchange([(q, pieces[self.rank]) for q in others], [(q, pieces[q]) for q in others])
         return buf
+
+    def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
+        """out = rank q's piece (counts[q] items, after those of ranks < q) of buf summed over the ranks."""
+        _check_buffer(buf, "reduce_scatter_sum")
+        _check_buffer(out, "reduce_scatter_sum")
+        self._comm.Reduce_scatter(buf, out, list(counts), op=self._mpi.SUM)
+        return out
+
+    def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
+        """Every rank's piece (counts[q] items each) into out on root, in rank order (out unused elsewhere)."""
+        _check_buffer(piece, "gatherv")
+        recv = [out, (list(counts), _displacements(counts))] if self.rank == root else None
+        self._comm.Gatherv(piece, recv, root=root)
+        return out
 
     def bcast_obj(self, obj, root: int = 0):
         """Root's small picklable object on every rank (setup only, never the hot path)."""
@@ -182,6 +202,17 @@ class SerialComm:
         """Gather from the only rank: checks buf and returns it unchanged."""
         _check_buffer(buf, "allgatherv")
         return buf
+
+    def reduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts) -> np.ndarray:
+        """The only rank's piece: out = buf."""
+        _check_buffer(out, "reduce_scatter_sum")
+        out[...] = buf
+        return out
+
+    def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
+        """The only rank's piece into out."""
+        out[...] = piece
+        return out
 
     def bcast_obj(self, obj, root: int = 0):
         """The object itself."""

@@ -86,6 +86,8 @@ class TrainConfig:
     log_every: int = key(50, "print a progress line every N steps when not on a terminal", within="[1, inf)")
     deterministic: bool = key(False, "bitwise-identical results on any number of ranks")
     micro_batch: int = key(64, "rows per fixed micro-shard in deterministic mode", within="[1, inf)")
+    shard_optimizer: bool = key(False, "ZeRO-1: each rank keeps and updates 1/N of the optimizer state "
+                                "(reduce-scatter, update, allgather)")
     check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
                            within="[0, inf)")
     stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off)",

@@ -57,6 +57,7 @@ class Optimizer:
     """Flat state arrays, the step counter t and the cache-blocked step loop."""
 
     name = ""
+    owned = None  # updates the whole vector (zero.ShardedOptimizer: one rank's slice)
 
     def __init__(self, n: int, dtype, state_names: tuple[str, ...]):
         _require(isinstance(n, (int, np.integer)) and n > 0,
@@ -84,6 +85,10 @@ class Optimizer:
     def state_scalars(self) -> dict[str, int]:
         """The scalar state: steps taken."""
         return {"t": self.t}
+
+    def full_state(self, comm) -> dict[str, np.ndarray]:
+        """The state arrays over the whole vector: all of them live here (zero.ShardedOptimizer gathers)."""
+        return self.state_arrays()
 
     def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, int]):
         """Copy saved state in, after checking names and shapes."""

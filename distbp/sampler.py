@@ -30,6 +30,11 @@ def shard(count: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
+def shard_counts(count: int, size: int) -> list[int]:
+    """The length of every rank's slice of count items (shard's split)."""
+    return [b - a for a, b in (shard(count, q, size) for q in range(size))]
+
+
 def num_shards(count: int, micro_batch: int) -> int:
     """Micro-shards of a batch of count rows: ceil(count / micro_batch)."""
     return -(-count // micro_batch)

@@ -15,6 +15,7 @@ from .errors import UserError, agree, on_root
 from .nn import Sequential, mlp_specs
 from .normalize import Normalizer
 from .optim import make_optimizer
+from .zero import ShardedOptimizer
 
 
 @dataclass
@@ -46,15 +47,20 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     return model
 
 
-def build_optimizer(cfg: Config, model: Sequential):
-    """The optimizer the config names, on the flat vectors."""
-    o = cfg.optim
-    return make_optimizer(o.name, model.params.size, model.params.dtype, **o.optimizer_options())
+def build_optimizer(cfg: Config, model: Sequential, comm):
+    """The optimizer the config names, on the flat vectors: whole, or this rank's slice (train.shard_optimizer)."""
+    o, n, dtype = cfg.optim, model.params.size, model.params.dtype
+
+    def make(size: int):
+        return make_optimizer(o.name, size, dtype, **o.optimizer_options())
+    if cfg.train.shard_optimizer and 1 < comm.size <= n:
+        return ShardedOptimizer(make, n, dtype, comm.rank, comm.size)
+    return make(n)
 
 
-def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr: float,
+def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int, lr: float,
                     norm: Normalizer) -> ckpt.Checkpoint:
-    """The full training state as a Checkpoint (views, no copies)."""
+    """The full training state as a Checkpoint (views, no copies); states are opt's whole state arrays."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
              "samples_seen": pos.samples_seen, "world_size": world_size, "lr": lr,
              "config": config_to_json(cfg),
@@ -65,7 +71,7 @@ def make_checkpoint(model, opt, pos: Position, cfg: Config, world_size: int, lr:
                                             "step": pos.step}})}
     return ckpt.Checkpoint(params=model.views(model.params),
                            opt_name=cfg.optim.name,
-                           opt_arrays={k: model.views(a) for k, a in opt.state_arrays().items()},
+                           opt_arrays={k: model.views(a) for k, a in states.items()},
                            opt_scalars=opt.state_scalars(),
                            buffers=model.buffer_views(model.buffers),
                            normalization=norm.arrays,
@@ -155,7 +161,7 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
 
 def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log) -> tuple[Position, Normalizer | None]:
     """Load (rank 0), check and broadcast the resume state: (position, stored normalization), or (Position(), None)."""
-    flats = {k: np.zeros_like(a) for k, a in opt.state_arrays().items()}
+    flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
     def load():
         found = find_resume(resume, run_dir / "checkpoints", log)

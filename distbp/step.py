@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .determinism import GradTargets, TreeExchange, TreeStack, rank_blocks
-from .sampler import micro_shard_slice, num_shards, shard, shard_rows
+from .sampler import micro_shard_slice, num_shards, shard, shard_counts, shard_rows
 
 
 def _field(i: int) -> property:
@@ -25,11 +25,20 @@ def _field(i: int) -> property:
 
 
 class StepScalars:
-    """The step's scalars, named, over one float64 buffer so they ride one allreduce."""
-    rows, loss_sum, correct, stop, checkpoint_due = (_field(i) for i in range(5))
+    """The step's scalars, named, over one float64 buffer so they ride one allreduce.
+
+    grad_sq is the squared L2 norm of the summed gradient, set by the step's reduction
+    (the finite check and gradient clipping read it; a sharded step sums its slices' parts)."""
+    rows, loss_sum, correct, stop, checkpoint_due, grad_sq = (_field(i) for i in range(6))
 
     def __init__(self):
-        self.buf = np.zeros(5)
+        self.buf = np.zeros(6)
+
+
+def sum_sq(g: np.ndarray) -> float:
+    """g.g: one BLAS pass, cheaper than np.sum(g) (docs/PERFORMANCE.md, "Choices in the code"); not finite
+    iff an entry is NaN/Inf or the squares overflow."""
+    return float(np.dot(g, g))
 
 
 def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, after_forward=None) -> tuple[float, int]:
@@ -48,8 +57,11 @@ def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, after_for
 class DataParallelStep:
     """Each rank one contiguous slice of the global batch, one backward, one allreduce of the flat gradient."""
 
-    def __init__(self, model, loss, comm, lap=lambda phase: None):
+    def __init__(self, model, loss, comm, lap=lambda phase: None, owned: slice | None = None):
         self.model, self.loss, self.comm, self.lap = model, loss, comm, lap
+        self.owned = owned  # this rank's slice of the vectors when the optimizer is sharded, else None
+        # what the optimizer steps from after reduce: the whole sum, or the sum of the owned slice
+        self.grad = model.grads if owned is None else np.empty(owned.stop - owned.start, model.grads.dtype)
 
     def describe(self, batch_size: int) -> list[str]:
         """Log lines about how the step splits a batch of batch_size rows."""
@@ -65,20 +77,38 @@ class DataParallelStep:
         return grad_of(self.model, self.loss, x, y, positions, batch_rows, lambda: self.lap("forward"))
 
     def reduce(self, grads: np.ndarray, scalars: StepScalars):
-        """Sum gradient and scalars over the ranks."""
-        self.comm.allreduce_sum(grads)
+        """Sum gradient (or only this rank's owned slice of it) and scalars over the ranks."""
+        if self.owned is None:
+            self.comm.allreduce_sum(grads)
+            self.comm.allreduce_sum(scalars.buf)
+            scalars.grad_sq = sum_sq(grads)
+            return
+        self.comm.reduce_scatter_sum(grads, self.grad, shard_counts(grads.size, self.comm.size))
+        scalars.grad_sq = sum_sq(self.grad)  # this slice's part, summed with the other scalars
         self.comm.allreduce_sum(scalars.buf)
 
-    def apply(self, opt, params: np.ndarray, grads: np.ndarray, lr: float):
-        """The optimizer step, the same on every rank."""
-        opt.step(params, grads, lr)
+    def whole_grad(self) -> np.ndarray:
+        """The summed gradient over the whole vector on every rank (gathered if sharded; the rare non-finite path)."""
+        grads = self.model.grads
+        if not np.shares_memory(self.grad, grads):
+            grads[self.owned] = self.grad
+            self.comm.allgatherv(grads, shard_counts(grads.size, self.comm.size))
+        return grads
+
+    def apply(self, opt, params: np.ndarray, lr: float):
+        """The optimizer step from the reduced gradient, the same on every rank; then the slices meet if sharded."""
+        opt.step(params, self.grad, lr)
+        if self.owned is not None:
+            self.comm.allgatherv(params, shard_counts(params.size, self.comm.size))
 
 
 class DeterministicStep(DataParallelStep):
     """The same gradient bits on any number of ranks: fixed micro-shards summed in a fixed tree."""
 
-    def __init__(self, model, loss, comm, micro_batch: int, lap=lambda phase: None):
-        super().__init__(model, loss, comm, lap)
+    def __init__(self, model, loss, comm, micro_batch: int, lap=lambda phase: None, owned: slice | None = None):
+        super().__init__(model, loss, comm, lap, owned)
+        if owned is not None:  # the tree sum is whole on every rank: the optimizer takes its slice
+            self.grad = model.grads[owned]
         self.m = micro_batch
         self.targets, self.exchange = GradTargets(model), TreeExchange(comm)
         self.local = TreeStack()
@@ -128,3 +158,4 @@ class DeterministicStep(DataParallelStep):
         comm.allgatherv(self.shard_loss, [sum(n for _, n in bl) for bl in blocks])
         comm.allreduce_sum(scalars.buf)  # rows, correct rows and flags: integers, exact in any order
         scalars.loss_sum = math.fsum(self.shard_loss)  # correctly rounded, so order-free
+        scalars.grad_sq = sum_sq(grads)  # the same bits on every rank and any rank count

@@ -27,6 +27,7 @@ from .state import build_model, build_optimizer, check_consistent, make_checkpoi
 from .step import DataParallelStep, DeterministicStep, StepScalars
 from .watchdog import configure as configure_watchdog
 from .watchdog import rank_table, watching
+from .zero import state_bytes
 
 
 def schedule_of(cfg: Config, total: int):
@@ -69,7 +70,7 @@ class Trainer:
         self.task = self.data.task
         self.loss = make_loss(self.task)
         self.metric, self.mode = agree(comm, monitored, cfg.train.best_metric, self.task)
-        self.opt = build_optimizer(cfg, model)
+        self.opt = build_optimizer(cfg, model, comm)
         self.batches = GlobalBatches(self.train_split.n, cfg.train.batch_size, cfg.train.seed, cfg.train.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
         self.total = self.per_epoch * cfg.train.epochs
@@ -116,13 +117,15 @@ class Trainer:
             f"task {self.data.task}")
         log(f"model: {self.model.num_params} parameters ({self.cfg.train.dtype})\n  "
             + "\n  ".join(self.model.describe()))
+        shared = f", 1/{comm.size} of it (train.shard_optimizer)" if self.opt.owned is not None else ""
+        log(f"optimizer {self.opt.name}: {state_bytes(self.opt) / 2**20:.1f} MB of state per rank{shared}")
 
     def make_step(self):
         """The step object train.deterministic chooses, on the (watched) comm."""
         cfg, lap = self.cfg, self.timer.lap
         if cfg.train.deterministic:
-            return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap)
-        return DataParallelStep(self.model, self.loss, self.comm, lap)
+            return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap, self.opt.owned)
+        return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned)
 
     def train(self) -> int:
         """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
@@ -186,11 +189,13 @@ class Trainer:
 
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
-        train_loss = self.scalars.loss_sum / self.scalars.rows
-        skipped = not check_finite(train_loss, self.model, self.pos.step, self.cfg.train.nonfinite, self.log)
+        s = self.scalars
+        train_loss = s.loss_sum / s.rows
+        skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
+                                   self.cfg.train.nonfinite, self.log)
         self.lr = self.lr_at(self.pos.step)
         if not skipped:
-            self.step.apply(self.opt, self.model.params, self.model.grads, self.lr)
+            self.step.apply(self.opt, self.model.params, self.lr)
         return train_loss, skipped
 
     def advance(self):
@@ -236,15 +241,17 @@ class Trainer:
 
     def save(self, final: bool):
         """Checkpoint the current state: rank 0 writes (see state.save_checkpoint)."""
+        states = self.opt.full_state(self.comm)  # a sharded optimizer's slices meet on rank 0
+        self._saved_step = self.pos.step  # on every rank: checkpoint_if_due's collective decision
         if not self.comm.is_root:
             return
         self.timer.start()
         pos, cfg = self.pos, self.cfg
         best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
         save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
-                        lambda: make_checkpoint(self.model, self.opt, pos, cfg, self.comm.size, self.lr, self.norm),
+                        lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
+                                                self.norm),
                         cfg.checkpoint.keep, self.log, final, best)
-        self._saved_step = pos.step
         self.timer.lap("checkpoint")
 
     def finish(self, exit_code: int) -> int:
@@ -264,15 +271,16 @@ class Trainer:
         return exit_code
 
 
-def check_finite(train_loss: float, model, step: int, policy: str, log) -> bool:
+def check_finite(train_loss: float, grad_sq: float, whole_grad, model, step: int, policy: str, log) -> bool:
     """True if loss and gradient are finite; else abort or (policy 'skip') warn."""
-    # g.g is finite unless an entry is NaN/Inf or the squares overflow (then the exact test
-    # decides): one BLAS pass, cheaper than np.sum(g) (docs/PERFORMANCE.md, "Choices in the code")
-    g = model.grads
-    grads_ok = np.isfinite(np.dot(g, g)) or np.isfinite(g).all()
-    if np.isfinite(train_loss) and grads_ok:
+    # grad_sq = g.g (from the step's reduction) is finite unless an entry is NaN/Inf or the squares
+    # overflow; only then is the whole gradient looked at (gathered first if sharded)
+    if np.isfinite(train_loss) and np.isfinite(grad_sq):
         return True
-    bad = [n for n, g in model.views(model.grads).items() if not np.isfinite(g).all()]
+    g = whole_grad()
+    if np.isfinite(train_loss) and np.isfinite(g).all():
+        return True
+    bad = [n for n, v in model.views(g).items() if not np.isfinite(v).all()]
     where = f"gradient of {', '.join(bad)}" if bad else "loss"
     msg = f"non-finite {where} at step {step} (loss {train_loss})"
     if policy == "skip":

@@ -198,8 +198,8 @@ def configure(comm, timeout: float | None = None, step_of=None):
             comm.watchdog.step_of = step_of
 
 
-WATCHED = ("allreduce_sum", "allreduce_max", "bcast", "barrier", "exchange", "allgatherv", "bcast_obj",
-           "gather_obj", "node_cpus", "allocate_shared")
+WATCHED = ("allreduce_sum", "allreduce_max", "bcast", "barrier", "exchange", "allgatherv", "reduce_scatter_sum",
+           "gatherv", "bcast_obj", "gather_obj", "node_cpus", "allocate_shared")
 
 
 class WatchedComm:

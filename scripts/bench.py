@@ -62,9 +62,11 @@ WORKLOADS = {
                        extra=("train.deterministic=true",), default_of="W1"),
     "W1-det32": Workload("W1 with train.deterministic=true, micro_batch 32",
                          extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
+    "W1-zero": Workload("W1 with train.shard_optimizer=true (ZeRO-1)", extra=("train.shard_optimizer=true",),
+                        default_of="W1"),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
-       ("W1", 1, 2)]
+       ("W1-zero", 2, 1), ("W1", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
