@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, bounded
 from .atomic import TMP_MARK, AtomicFile
 from .errors import UserError
 from .safeio import hdf5_bytes, memory_hdf5, write_bytes
@@ -84,7 +84,7 @@ def checksum(ck: Checkpoint) -> str:
     crc = 0
     for path, a in _arrays_in_order(ck):
         crc = zlib.crc32(f"{path}{a.shape}{a.dtype.str}".encode(), crc)
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+        crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8), crc)  # empty arrays too
     meta = {"attrs": {k: v for k, v in ck.attrs.items() if k != "checksum"},
             "optimizer": {"name": ck.opt_name, "scalars": ck.opt_scalars}}
     return f"crc32:{zlib.crc32(json.dumps(meta, sort_keys=True, default=_jsonable).encode(), crc):08x}"
@@ -165,8 +165,14 @@ class BackgroundSaver:
 
 
 def _read_group(g: h5py.Group) -> dict[str, np.ndarray]:
-    """Every dataset directly in group g, by name."""
-    return {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
+    """Every dataset directly in group g, by name; one claiming more bytes than the file holds is damage."""
+    arrays = {}
+    for k, v in g.items():
+        if isinstance(v, h5py.Dataset):
+            if v.dtype.itemsize * v.size > g.file.id.get_filesize():  # checkpoints are uncompressed
+                raise ValueError(f"{v.name} claims {v.shape} {v.dtype}, more bytes than the file holds")
+            arrays[k] = v[()]
+    return arrays
 
 
 def _plain(v):
@@ -176,6 +182,24 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def _check_attrs(path: Path, attrs: dict):
+    """Raise a CheckpointError unless the position is non-negative integers and the config a JSON table."""
+    for key in POSITION_KEYS:
+        value = attrs.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= (key == "world_size")):
+            raise CheckpointError(f"checkpoint {path}: attribute {key}={value!r} is not a "
+                                  f"{'positive' if key == 'world_size' else 'non-negative'} integer; "
+                                  "the file is damaged or was not written by distbp")
+    try:
+        config = json.loads(attrs.get("config", "{}"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: attribute config is not JSON ({e}); "
+                              "the file is damaged or was not written by distbp") from None
+    if not (isinstance(config, dict) and all(isinstance(v, dict) for v in config.values())):
+        raise CheckpointError(f"checkpoint {path}: attribute config is not a table of config sections; "
+                              "the file is damaged or was not written by distbp")
 
 
 def _read(f: h5py.File, path) -> Checkpoint:
@@ -196,23 +220,41 @@ def _read(f: h5py.File, path) -> Checkpoint:
                       attrs=attrs, path=str(path))
 
 
-def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
-    """Read a checkpoint (arrays and attributes only) and check its checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def _load(path: Path, verify: bool) -> Checkpoint:
+    """load() without the time bound: open, read every array and attribute, check."""
     try:
         with h5py.File(path, "r") as f:
             ck = _read(f, path)
+            computed = checksum(ck) if verify else None
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e}); "
+    except Exception as e:  # noqa: BLE001 - damage makes h5py raise RuntimeError, AttributeError, RecursionError...
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); "
                               "delete it or resume from an older one") from None
-    if verify and checksum(ck) != ck.attrs.get("checksum"):
-        raise CheckpointError(f"checkpoint {path} fails its checksum (stored {ck.attrs.get('checksum')}, "
-                              f"computed {checksum(ck)}): the file is damaged")
+    if verify:
+        if computed != ck.attrs.get("checksum"):
+            raise CheckpointError(f"checkpoint {path} fails its checksum (stored {ck.attrs.get('checksum')!r}, "
+                                  f"computed {computed}): the file is damaged")
+        _check_attrs(path, ck.attrs)
     return ck
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint (arrays and attributes only), check its checksum and position, within a time bound."""
+    # A file distbp did not just write is first read in a child with a time limit (bounded.py):
+    # damage that makes HDF5 loop or crash rejects the file; then the same bytes are read here.
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} " + ("is a directory, not a checkpoint file" if path.is_dir()
+                                                       else "does not exist"))
+    bounded.call(lambda: _check(path, verify), "checkpoint", path, CheckpointError,
+                 "delete it or resume from an older one")
+    return _load(path, verify)
+
+
+def _check(path: Path, verify: bool):
+    """Read and check a checkpoint, keeping nothing (the bounded child's work)."""
+    _load(path, verify)
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

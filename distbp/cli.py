@@ -297,6 +297,42 @@ def dispatch(args, comm) -> int:
         if comm.is_root:
             print(f"distbp: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except OSError as e:
+        if e.filename is None or (comm.size > 1 and not getattr(e, "agreed", False)):
+            raise  # not about a named file, or one rank's: abort all with the report
+        if comm.is_root:
+            print(f"distbp: error: {e.filename2 or e.filename}: {e.strerror}; HINT: give a path to a readable "
+                  "input or a writable output (not a directory)", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+class QuietPipe:
+    """A stdout/stderr that drops further output once its reader is gone (`distbp ... | head`)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            return self._drop(len(text))
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._drop(0)
+
+    def _drop(self, result: int) -> int:
+        """Point the stream's file descriptor at /dev/null; the command goes on silently."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
@@ -312,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import install_abort_on_error, run_guarded, world
     from .config import TrainConfig
     from .watchdog import watching
+    sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
     try:
         comm = world()
     except UserError as e:

@@ -156,10 +156,6 @@ class Comm:
         _WINDOWS.append(win)
         return win.Shared_query(0)[0]
 
-    def private_channel(self):
-        """(mpi4py.MPI, a duplicate communicator) for a helper's own messages (collective over the world)."""
-        return self._mpi, self._comm.Dup()
-
     def node_cpus(self) -> int:
         """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""
         return len(set().union(*self._node.allgather(_own_cpus())))
@@ -229,10 +225,6 @@ class SerialComm:
         """End this process now with exit code `code`."""
         _flush()
         os._exit(code)
-
-    def private_channel(self):
-        """None: one process has no one to message."""
-        return None
 
     def node_cpus(self) -> int:
         """Number of CPUs this process may run on."""

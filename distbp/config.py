@@ -291,9 +291,13 @@ def _read_toml(source: str) -> dict:
         text = (resources.files("distbp") / "configs" / f"{source}.toml").read_text()
     else:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file {source}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {source} is not UTF-8 text (byte {e.start}), so not a TOML "
+                              "config; HINT: give a .toml file, e.g. one written by `distbp train` as "
+                              "RUN_DIR/config.toml") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -9,12 +9,14 @@ temporary name, reopened with data.Dataset to validate it, then renamed into pla
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -22,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .atomic import AtomicFile
-from .data import FORMAT, TASKS, VERSION, Dataset, DataError
+from .data import FORMAT, MAX_CLASSES, TASKS, VERSION, Dataset, DataError
 from .safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
@@ -35,6 +37,19 @@ NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.forma
 
 class ConvertError(DataError):
     """An input file cannot be converted; the message names the file and the fix."""
+
+
+@contextlib.contextmanager
+def _reading(where: str, what: str):
+    """Turn the errors of reading binary, cut-short or non-UTF-8 input into one ConvertError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{where}: byte {e.start} is not UTF-8 text, so this is not a {what}; HINT: give "
+                           "a text CSV file (or NumPy/IDX files for binary data)") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ConvertError(f"{where}: the gzip stream is cut short or damaged ({e}); HINT: download or "
+                           "copy the file again") from None
 
 
 def _open_binary(path: Path):
@@ -63,7 +78,7 @@ class ArrayFile:
 
     def blocks(self, rows: int):
         """Arrays of up to `rows` consecutive rows, in order."""
-        with self._opener() as f:
+        with _reading(self.where, "binary array file"), self._opener() as f:
             self._skip_header(f)
             for lo in range(0, self.shape[0], rows):
                 yield _read_rows(f, self.where, self.dtype, self.shape[1:], min(rows, self.shape[0] - lo))
@@ -110,7 +125,11 @@ def _idx_header(f, where: str):
     if len(magic) != 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_DTYPES or not 1 <= magic[3] <= 4:
         raise ConvertError(f"{where}: not an IDX file (magic {magic.hex()}; expected 00000803 for images, "
                            "00000801 for labels); HINT: give the MNIST-style image and label files")
-    shape = tuple(int(d) for d in np.frombuffer(f.read(4 * magic[3]), ">u4"))
+    sizes = f.read(4 * magic[3])
+    if len(sizes) != 4 * magic[3]:
+        raise ConvertError(f"{where}: the IDX header ends early ({len(sizes)} of {4 * magic[3]} size bytes); "
+                           "HINT: the file is truncated, download or copy it again")
+    shape = tuple(int(d) for d in np.frombuffer(sizes, ">u4"))
     return shape, np.dtype(IDX_DTYPES[magic[2]])
 
 
@@ -126,7 +145,7 @@ def is_idx(path: Path) -> bool:
 
 def idx_array(path: Path) -> ArrayFile:
     """An IDX file (MNIST, Fashion-MNIST; raw or gzipped) as an ArrayFile."""
-    with _open_binary(path) as f:
+    with _reading(str(path), "IDX file"), _open_binary(path) as f:
         shape, dtype = _idx_header(f, str(path))
     return ArrayFile(str(path), lambda: _open_binary(path), dtype, shape, lambda f: _idx_header(f, str(path)))
 
@@ -167,7 +186,7 @@ class CsvTable:
     def __init__(self, path: Path, label=None, header: bool | None = None, delimiter: str | None = None,
                  classification: bool = True):
         self.path, self.where = path, str(path)
-        with self._open() as f:
+        with _reading(self.where, "CSV file"), self._open() as f:
             sample = f.read(1 << 16)
         self.delimiter = delimiter or self._sniff(sample)
         first = list(csv.reader(io.StringIO(sample), delimiter=self.delimiter))[:2]
@@ -234,7 +253,7 @@ class CsvTable:
     def _scan(self, header: bool, width: int) -> tuple[int, set]:
         """First pass: row count, every row's width, and the label values if they are text (class names)."""
         self._header, n, texts, numbers = header, 0, set(), 0
-        with self._open() as f:
+        with _reading(self.where, "CSV file"), self._open() as f:
             for line, row in self._rows(f, header):
                 if len(row) != width:
                     raise ConvertError(f"{self.path}: line {line} has {len(row)} columns, the first row {width};"
@@ -256,7 +275,7 @@ class CsvTable:
     def blocks(self, rows: int):
         """(x, y) blocks of up to `rows` rows; y as float64, or class indices for text labels."""
         index = {name: i for i, name in enumerate(self.class_names or [])}
-        with self._open() as f:
+        with _reading(self.where, "CSV file"), self._open() as f:
             block, lines = [], []
             for line, row in self._rows(f, self._header):
                 block.append(row)
@@ -493,6 +512,10 @@ def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes
     names = next(iter(tables.values())).class_names
     if task == "classification":
         needed = max(top + 1, len(names or ()), 2)
+        if max(needed, num_classes or 0) > MAX_CLASSES:
+            raise ConvertError(f"{max(needed, num_classes or 0):,} classes (largest label {top}), more than "
+                               f"{MAX_CLASSES:,}; HINT: labels must be class indices 0..K-1 (map them), or "
+                               "use --task regression for numeric targets")
         if num_classes is not None and num_classes < top + 1:
             raise ConvertError(f"--num-classes {num_classes} but a label is {top}; HINT: use --num-classes "
                                f">= {top + 1} or leave it out")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -10,6 +11,7 @@ from typing import NoReturn
 import h5py
 import numpy as np
 
+from . import bounded
 from .atomic import AtomicFile
 from .comm import node_shared_array
 from .errors import UserError
@@ -20,6 +22,7 @@ X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
 SPLIT_ORDER = ("train", "val", "test")
 DEFAULT_MEMORY_BYTES = 2 << 30  # per node, as data.memory_mb's default
 BLOCK_BYTES = 64 << 20  # value checks read at most this much at a time
+MAX_CLASSES = 1_000_000  # num_classes above this is damage or a mistake, refused before any allocation
 DAMAGED = "the file is damaged: re-create or re-copy it"
 
 
@@ -80,8 +83,8 @@ def _check_header(where: str, attrs) -> tuple[str, int | None, float | None]:
         _fail(where, f"root attribute task={task!r} is not one of {', '.join(TASKS)}",
               "set the root attribute task, e.g. task='classification'")
     num_classes = _attr(attrs, "num_classes") if task == "classification" else None
-    if task == "classification" and not (_is_int(num_classes) and num_classes >= 2):
-        _fail(where, f"root attribute num_classes={num_classes!r} must be an integer >= 2",
+    if task == "classification" and not (_is_int(num_classes) and 2 <= num_classes <= MAX_CLASSES):
+        _fail(where, f"root attribute num_classes={num_classes!r} must be an integer from 2 to {MAX_CLASSES:,}",
               "set num_classes to the number of classes (labels are 0..num_classes-1)")
     x_scale = _attr(attrs, "x_scale")
     if x_scale is not None and not (isinstance(x_scale, (int, float)) and not isinstance(x_scale, bool)
@@ -115,6 +118,33 @@ def _check_shapes(path, split: str, x, y, task: str, x_scale: float | None):
               f"store {task} targets as float32 or float64")
 
 
+def _has_source(path: Path, file_name: str, dset_name: str) -> bool:
+    """True if a virtual dataset's source file (searched as HDF5 does) holds the source dataset."""
+    if file_name == ".":
+        return True  # the source is in the file itself
+    prefix = os.environ.get("HDF5_VDS_PREFIX")
+    candidates = [Path(file_name)] if os.path.isabs(file_name) else [
+        *([Path(prefix) / file_name] if prefix else []), path.parent / file_name, Path(file_name)]
+    found = next((c for c in candidates if c.is_file()), None)
+    try:
+        with h5py.File(found, "r") as f:
+            return isinstance(f.get(dset_name), h5py.Dataset)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _check_virtual(path: Path, split: str, key: str, d: h5py.Dataset):
+    """Fail if a virtual dataset maps rows to a missing source, which HDF5 would read as fill values."""
+    if not d.is_virtual:
+        return
+    for source in d.virtual_sources():
+        if not _has_source(path, source.file_name, source.dset_name):
+            _fail(_where(path, split, key), f"a virtual dataset whose source {source.file_name}:"
+                  f"{source.dset_name} is missing, so its rows would read as fill values (zeros)",
+                  "put the source file back where the virtual dataset points (or set HDF5_VDS_PREFIX), "
+                  "or write the rows into the dataset file itself")
+
+
 def _check_same_shapes(path, arrays: dict):
     """Every split's x and y have the first split's per-row shapes."""
     first, (x0, y0) = next(iter(arrays.items()))
@@ -132,7 +162,7 @@ def _blocks(a):
         yield lo, a[lo:lo + step]
 
 
-def _first_bad(where: str, a, bad_rows, problem: str, fix: str):
+def first_bad(where: str, a, bad_rows, problem: str, fix: str):
     """Fail naming the first row of a for which bad_rows(block) is True."""
     for lo, block in _blocks(a):
         bad = np.flatnonzero(bad_rows(np.asarray(block).reshape(len(block), -1)))
@@ -142,7 +172,7 @@ def _first_bad(where: str, a, bad_rows, problem: str, fix: str):
             _fail(where, problem.format(row=lo + int(bad[0]), value=value), fix)
 
 
-def _not_finite(b):
+def not_finite(b):
     """Rows of a (rows, -1) block holding NaN or Inf."""
     return ~np.isfinite(b).all(axis=1)
 
@@ -152,18 +182,18 @@ def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
     where_y = _where(path, split, "y")
     try:
         if x.dtype.kind == "f":
-            _first_bad(_where(path, split, "x"), x, _not_finite, "NaN or Inf features, first at row {row}",
+            first_bad(_where(path, split, "x"), x, not_finite, "NaN or Inf features, first at row {row}",
                        "clean or impute the features, or drop those rows, before writing the file")
         if task == "classification":
-            _first_bad(where_y, y, lambda b: ((b < 0) | (b >= num_classes)).any(axis=1),
+            first_bad(where_y, y, lambda b: ((b < 0) | (b >= num_classes)).any(axis=1),
                        f"label {{value}} at row {{row}} is outside [0, {num_classes})",
                        f"labels must be 0..{num_classes - 1}; fix them or the root attribute num_classes")
         elif task == "binary":
-            _first_bad(where_y, y, lambda b: _not_finite(b) | ((b < 0) | (b > 1)).any(axis=1),
+            first_bad(where_y, y, lambda b: not_finite(b) | ((b < 0) | (b > 1)).any(axis=1),
                        "target {value} at row {row} is not in [0, 1]",
                        "binary targets are probabilities in [0, 1]; clean them before writing the file")
         else:
-            _first_bad(where_y, y, _not_finite, "target {value} at row {row} is NaN or Inf",
+            first_bad(where_y, y, not_finite, "target {value} at row {row} is NaN or Inf",
                        "clean the targets before writing the file")
     except OSError as e:
         _fail(_where(path, split), f"cannot read the data ({e})", DAMAGED)
@@ -272,8 +302,10 @@ class Split:
 class Dataset:
     """A dataset file opened read-only with its format, splits and shapes validated."""
 
-    def __init__(self, path):
+    def __init__(self, path, bounded_read: bool = True):
         self.path = Path(path)
+        if bounded_read:  # header, splits and attributes first read in a child with a time limit
+            self._bounded(lambda: Dataset(self.path, bounded_read=False).attrs)
         self._file = _open(self.path)
         self._splits: dict[str, Split] = {}
         try:
@@ -302,10 +334,15 @@ class Dataset:
                 if not isinstance(obj, h5py.Dataset):
                     _fail(_where(self.path, name, key), f"no dataset '{name}/{key}'",
                           "each split needs datasets x (N, features...) and y (N,) or (N, k)")
+                _check_virtual(self.path, name, key, obj)
             _check_shapes(self.path, name, x, y, self.task, self.x_scale)
             arrays[name] = (x, y)
         _check_same_shapes(self.path, arrays)
         return arrays
+
+    def _bounded(self, fn):
+        """fn() run in a child with a time limit (bounded.py): a read that loops or crashes is a DataError."""
+        return bounded.call(fn, "dataset", self.path, DataError, "re-create or re-copy it")
 
     @property
     def splits(self) -> list[str]:
@@ -337,13 +374,19 @@ class Dataset:
                 _fail(_where(self.path, name), f"no such split (the file has: {', '.join(self.splits)})",
                       "choose one of those (data.train_split / data.val_split), or add the split to the file")
             x, y = self._arrays[name]
-            if check_values:
-                _check_values(self.path, name, x, y, self.task, self.num_classes)
+            if check_values:  # every byte of the split, read in a child with a time limit
+                self._bounded(lambda: _check_values(self.path, name, x, y, self.task, self.num_classes))
             self._splits[name] = Split(self, name, x, y)
         return self._splits[name]
 
     def describe(self, values: bool = False) -> list[str]:
         """Human-readable lines: task, shapes, splits and attributes; with values, ranges and class balance."""
+        if values:  # reads every byte: in a child with a time limit
+            return self._bounded(lambda: self._describe(True))
+        return self._describe(False)
+
+    def _describe(self, values: bool) -> list[str]:
+        """describe() without the time bound."""
         lines = [f"{self.path}: task {self.task}, input {self.input_shape}, output {self.output_dim}"]
         for name, (x, y) in self._arrays.items():
             lines.append(f"  {name:8s} x {x.shape} {x.dtype}  y {y.shape} {y.dtype}")

@@ -9,7 +9,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer", "eval", "checkpoint")
+
+
+def _open_log(path: Path, mode: str, **kwargs):
+    """open(path, mode), with a UserError naming the file when it cannot be (a directory, no permission)."""
+    try:
+        return open(path, mode, **kwargs)
+    except OSError as e:
+        raise UserError(f"run directory {path.parent}: cannot open {path.name} ({e.strerror}); HINT: "
+                        "remove or rename what is there, or choose another --run-dir") from None
 
 
 class LineFile:
@@ -17,7 +28,7 @@ class LineFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.f = open(self.path, "ab", buffering=0)
+        self.f = _open_log(self.path, "ab", buffering=0)
         self.cut = self.f.tell() > 0 and _last_byte(self.path) != b"\n"  # a line cut short by a crash
         self.failing = False
 

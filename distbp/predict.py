@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
-from .data import DataError
+from .data import DataError, first_bad, not_finite
 from .errors import agree, on_root
 from .evaluate import load_model
 from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
@@ -35,10 +35,16 @@ class NpyRows:
         except (OSError, ValueError) as e:
             raise DataError(f"input {path}: not a readable .npy array ({e}); HINT: save it with "
                             "numpy.save(path, x)") from None
+        if self.x.dtype.kind not in "fiu":
+            raise DataError(f"input {path}: dtype {self.x.dtype} is not a real number type; HINT: give float32, "
+                            "float64 or integer inputs (complex, boolean, text and record arrays are not inputs)")
         n = self.x.shape[0] if self.x.ndim else 0
         if self.x.ndim == 0 or math.prod(self.x.shape[1:]) != math.prod(input_shape) or n == 0:
             raise DataError(f"input {path}: shape {self.x.shape} does not hold rows of the model's input "
                             f"{input_shape}; HINT: give an array of shape (N, {', '.join(map(str, input_shape))})")
+        if self.x.dtype.kind == "f":
+            first_bad(f"input {path}", self.x, not_finite, "NaN or Inf inputs, first at row {row}",
+                      "clean or impute the inputs, or drop those rows, before predicting")
         self.n, self.input_shape, self.y = n, input_shape, None
         self.scale = (x_scale or 1 / 255) if self.x.dtype == np.uint8 else None
 

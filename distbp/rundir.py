@@ -97,3 +97,11 @@ def prepare(run_dir: Path, config_toml: str, resume: str, force: bool, comm, log
         raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
                         "choose another with --run-dir") from None
     return lock, [n for n in notes if n]
+
+
+def check_seen(run_dir: Path):
+    """Raise on a rank that does not see the run directory rank 0 prepared (it is not on a shared file system)."""
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"run directory {run_dir}, written by rank 0, is missing here: every node must see it "
+                        "(a resume reads the checkpoints on whichever node runs rank 0). HINT: choose a --run-dir "
+                        "on a file system all nodes share")

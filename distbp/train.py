@@ -80,7 +80,8 @@ class Trainer:
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
         self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
-        self.runlog = RunLog(run_dir, comm.is_root, self.total, cfg.train.log_every)
+        agree(comm, rundir.check_seen, run_dir)
+        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self.total, cfg.train.log_every)
         self.log = self.runlog.info
         for note in notes:
             self.log(note)

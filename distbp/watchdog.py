@@ -4,24 +4,34 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 
 import numpy as np
 
 from .errors import EXIT_CRASH
 
-QUERY, ANSWER = 1, 2  # message tags on the watchdog's own communicator
+STATE_BYTES = 3 * 8  # a state is 3 float64 (see Watchdog._state)
 SIGNAL_GRACE = 2.0  # s a rank waits in a collective after a stop signal before it checks its peers are alive
-TICK = 0.05  # s between the thread's looks at its mailbox: MPI moves a message only while some call polls
+TICK = 0.05  # s between the thread's looks for queries
 
 
 def rank_table(comm) -> str:
     """'rank=pid@host' for every rank (collective), so a launcher's 'PID P at HOST' names a rank."""
     where = comm.gather_obj(f"{comm.rank}={os.getpid()}@{comm.host}")
     return "ranks (rank=pid@host): " + " ".join(where) if comm.is_root else ""
+
+
+def on_hosts(ranks, hosts) -> str:
+    """'2, 3 on n2, 4 on n3': the ranks grouped by the host they run on."""
+    groups = {}
+    for r in ranks:
+        groups.setdefault(hosts[r], []).append(str(r))
+    return ", ".join(f"{', '.join(rs)} on {host}" for host, rs in groups.items())
 
 
 class Watchdog:
@@ -42,12 +52,16 @@ class Watchdog:
         self._done = threading.Event()
         self._thread = None
         self._pipe = None
-        # Collective: every rank creates it at the same point. Queries travel on their own
-        # communicator so they never match the training's messages.
-        channel = comm.private_channel() if comm.size > 1 else None
-        self.active = channel is not None
+        self.active = comm.size > 1
         if self.active:
-            self._mpi, self._wcomm = channel
+            # Collective: every rank creates it at the same point. Queries go over plain TCP, not
+            # MPI: MPI may be wedged by the very failure (MPICH over UCX crashed when a rank
+            # queried a peer whose node had died), and a refused connection tells a dead process
+            # from a silent one.
+            self._server = socket.create_server(("", 0), backlog=comm.size)
+            self._server.setblocking(False)
+            where = comm.bcast_obj(comm.gather_obj((comm.host, self._server.getsockname()[1])))
+            self.hosts, self._ports = [h for h, _ in where], [p for _, p in where]
         self.set_timeout(timeout)
 
     def set_timeout(self, timeout: float):
@@ -75,13 +89,15 @@ class Watchdog:
             signal.set_wakeup_fd(self._old_wakeup)
             for fd in self._pipe:
                 os.close(fd)
+        if self.active:
+            self._server.close()
 
     def watched(self):
         """The comm to use while watching: its collectives mark this rank as waiting."""
         return WatchedComm(self.comm, self) if self.active else self.comm
 
     def _watch(self):
-        """Thread body (see _check); an MPI error in it (a network gone) ends this rank rather than the watching."""
+        """Thread body (see _check); an error in it ends this rank rather than the watching."""
         try:
             self._check()
         except Exception as e:
@@ -119,23 +135,41 @@ class Watchdog:
 
     def _answer_queries(self):
         """Reply with our state to every query that has arrived."""
-        status = self._mpi.Status()
-        while self._wcomm.Iprobe(source=self._mpi.ANY_SOURCE, tag=QUERY, status=status):
-            self._wcomm.Recv(np.empty(1), source=status.Get_source(), tag=QUERY)
-            self._wcomm.Send(self._state(), dest=status.Get_source(), tag=ANSWER)
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # none waiting (or the socket was closed)
+                return
+            with conn:
+                try:
+                    conn.sendall(self._state().tobytes())
+                except OSError:  # the asking rank gave up
+                    pass
 
-    def _query(self) -> dict[int, np.ndarray]:
-        """Ask every other rank for its state; {rank: state} of those that answer within a grace period."""
+    def _ask(self, r: int) -> tuple[str, np.ndarray | None]:
+        """('answered', state) of rank r, or ('gone', None) if its process is dead, or ('silent', None)."""
+        data = b""
+        try:
+            with socket.create_connection((self.hosts[r], self._ports[r]), timeout=2 * self.poll + 1.0) as s:
+                while len(data) < STATE_BYTES and (chunk := s.recv(STATE_BYTES - len(data))):
+                    data += chunk
+        except ConnectionRefusedError:  # its host answers but nothing listens: the process is gone
+            return "gone", None
+        except OSError:  # timed out, or its host cannot be reached
+            pass
+        return ("answered", np.frombuffer(data)) if len(data) == STATE_BYTES else ("silent", None)
+
+    def _query(self) -> tuple[dict[int, np.ndarray], set[int]]:
+        """Ask every other rank for its state: ({rank: state} of those that answer, ranks whose process is gone)."""
         others = [r for r in range(self.comm.size) if r != self.comm.rank]
-        for r in others:
-            self._wcomm.Isend(np.zeros(1), dest=r, tag=QUERY)
-        replies = {r: np.full(3, np.nan) for r in others}
-        recvs = {r: self._wcomm.Irecv(replies[r], source=r, tag=ANSWER) for r in others}
-        deadline = monotonic() + 2 * self.poll + 1.0
-        while monotonic() < deadline and not all(req.Test() for req in recvs.values()):
-            self._answer_queries()
-            time.sleep(0.01)
-        return {r: replies[r] for r in others if recvs[r].Test()}
+        with ThreadPoolExecutor(max_workers=min(64, len(others))) as pool:
+            asked = {r: pool.submit(self._ask, r) for r in others}
+            while not all(f.done() for f in asked.values()):
+                self._answer_queries()  # the other waiting ranks are asking us at the same time
+                time.sleep(0.01)
+        replies = {r: f.result() for r, f in asked.items()}
+        return ({r: state for r, (kind, state) in replies.items() if kind == "answered"},
+                {r for r, (kind, _) in replies.items() if kind == "gone"})
 
     def _where(self, step: int) -> str:
         """'the collective of step S', or of the command outside the training loop."""
@@ -144,7 +178,7 @@ class Watchdog:
     def _diagnose_and_abort(self, step: int):
         """Ask every rank for its state, wait a grace period, report the ranks that did not answer."""
         me, size = self.comm.rank, self.comm.size
-        states = self._query()
+        states, gone = self._query()
         waiting = sorted([me] + [r for r, s in states.items() if s[1] and s[0] == step])
         missing = [r for r in range(size) if r not in waiting]
         if not self.strict and all(r in states for r in missing):  # alive and busy (rank 0 working alone)
@@ -152,25 +186,26 @@ class Watchdog:
             return
         if me != waiting[0]:  # the lowest waiting rank reports; the others back it up a little later
             self._done.wait(3 * self.poll + 2.0)
-        detail = "; ".join(f"rank {r} " + (f"is at step {int(states[r][0])}, not in this collective"
-                                           if r in states else "did not answer (frozen, dead or busy)")
+        detail = "; ".join(f"rank {r} " + (f"is at step {int(states[r][0])}, not in this collective" if r in states
+                                           else "is gone (its process ended)" if r in gone
+                                           else "did not answer (frozen, cut off or its node is down)")
                            for r in missing)
-        print(f"distbp: stall: rank(s) {', '.join(map(str, missing)) or 'none'} did not arrive at "
+        print(f"distbp: stall: rank(s) {on_hosts(missing, self.hosts) or 'none'} did not arrive at "
               f"{self._where(step)} within train.stall_timeout={self.timeout:g} s; ranks "
-              f"{', '.join(map(str, waiting))} waited ({detail}); aborting the job. HINT: check those "
-              f"ranks' host (file system, memory, signals), or raise train.stall_timeout if steps "
-              f"legitimately take that long", file=sys.stderr, flush=True)
+              f"{on_hosts(waiting, self.hosts)} waited ({detail}); aborting the job. HINT: check those "
+              f"ranks' host (network link, file system, memory, signals), or raise train.stall_timeout if "
+              f"steps legitimately take that long", file=sys.stderr, flush=True)
         self.comm.abort(EXIT_CRASH)
 
     def _exit_if_peers_silent(self, waited: float):
         """After a stop signal: end this rank now if a peer does not answer (it cannot end the collective)."""
-        silent = sorted(set(range(self.comm.size)) - {self.comm.rank} - set(self._query()))
+        silent = sorted(set(range(self.comm.size)) - {self.comm.rank} - set(self._query()[0]))
         if not silent:
             self.signalled = (self.signalled[0], monotonic())  # peers alive (say writing a checkpoint): ask later
             return
         signum = self.signalled[0]
         print(f"distbp: rank {self.comm.rank} got {signal.Signals(signum).name} while waiting {waited:.0f} s in "
-              f"{self._where(self.step_of())}, and rank(s) {', '.join(map(str, silent))} do not answer "
+              f"{self._where(self.step_of())}, and rank(s) {on_hosts(silent, self.hosts)} do not answer "
               "(frozen, dead or cut off): exiting now without a checkpoint", file=sys.stderr, flush=True)
         self.comm.abort(128 + signum)
 

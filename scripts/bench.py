@@ -1,8 +1,9 @@
 """Benchmark distbp's own training loop beside PyTorch and the matmul-only floor; memory per rank.
 
     python scripts/bench.py W1 --ranks 2 --threads 1     one JSON line per workload
-    python scripts/bench.py --all                         the README table (W1 1x1, 1x2, 2x1; W2 1x1, 2x1)
+    python scripts/bench.py --all                         the README table (W1, W2, W5, W6 at 1x1, 2x1, 1x2 ...)
     python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
+    python scripts/bench.py W5 --layers                   forward and backward ms of each layer, one process
 
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
 Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -32,15 +34,17 @@ import numpy as np
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 WORKER_ENV = "DISTBP_BENCH_WORKER"
-WARMUP = 10  # steps before the steady state (distbp's StepTimer warm-up)
+WARMUP = 10  # steps before the steady state (distbp's StepTimer warm-up), unless the workload sets fewer
 
 
 @dataclass(frozen=True)
 class Workload:
-    """An MLP, its data and how many steady-state steps to time per round."""
+    """A network (an MLP of `hidden` widths, or explicit layers), its data and steady-state steps per round."""
     what: str
     features: int = 784
     hidden: tuple = (1024, 1024)
+    layers: tuple = ()  # model.layers specs; () = the MLP of `hidden`
+    image: tuple = ()  # (C, H, W) of each input row when the layers take images; () = flat `features`
     classes: int = 10
     batch: int = 256
     dtype: str = "float32"
@@ -49,7 +53,30 @@ class Workload:
     torch_steps: int = 40
     extra: tuple = field(default=())  # --set overrides that are part of the workload
     default_of: str | None = None  # a workload whose default-mode run each round times too, for the cost
+    warmup: int = WARMUP  # steps before the steady state
 
+    @property
+    def input_shape(self) -> tuple:
+        """Shape of one input row."""
+        return self.image or (self.features,)
+
+    def specs(self) -> list[dict]:
+        """The layer specs distbp builds: `layers`, or the MLP distbp's train builds from `hidden`."""
+        from distbp.nn import mlp_specs
+        return [dict(s) for s in self.layers] or mlp_specs([self.features, *self.hidden, self.classes])
+
+
+def conv_block(channels: int, kernel: int, batchnorm: bool = False) -> tuple:
+    """conv (padding keeps H, W), [BatchNorm,] ReLU."""
+    conv = {"type": "conv2d", "out_channels": channels, "kernel": kernel, "padding": kernel // 2}
+    return (conv, *([{"type": "batchnorm"}] if batchnorm else []), {"type": "relu"})
+
+
+POOL, FLATTEN, RELU = {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "relu"}
+LENET = (*conv_block(16, 5), POOL, *conv_block(32, 5), POOL, FLATTEN,
+         {"type": "linear", "out": 128}, RELU, {"type": "linear", "out": 10})
+CIFAR = (*conv_block(32, 3, True) * 2, POOL, *conv_block(64, 3, True) * 2, POOL, FLATTEN,
+         {"type": "linear", "out": 256}, RELU, {"type": "linear", "out": 10})
 
 WORKLOADS = {
     "W1": Workload("MLP 784-1024-1024-10 ReLU, batch 256, float32, SGD momentum 0.9"),
@@ -64,9 +91,15 @@ WORKLOADS = {
                          extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
     "W1-zero": Workload("W1 with train.shard_optimizer=true (ZeRO-1)", extra=("train.shard_optimizer=true",),
                         default_of="W1"),
+    "W5": Workload("LeNet-style CNN on (1, 28, 28): conv5x5 16, pool, conv5x5 32, pool, 128, 10; batch 128",
+                   layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20, warmup=5),
+    "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
+                   "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
+                   steps=5, torch_steps=5, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
-       ("W1-zero", 2, 1), ("W1", 1, 2)]
+       ("W1-zero", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
+       ("W6", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -87,31 +120,31 @@ def pss_mb() -> float:
     return float("nan")
 
 
-def write_synthetic(path: Path, rows: int, features: int, classes: int, dtype=np.float32, block=1 << 16):
-    """A distbp dataset file of random rows, written block by block (memory independent of rows)."""
+def write_synthetic(path: Path, rows: int, shape: tuple, classes: int, dtype=np.float32, block=1 << 16):
+    """A distbp dataset file of random rows of the given shape, written block by block (memory independent of rows)."""
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f.attrs.update({"distbp_format": "dataset", "version": 1, "task": "classification",
                         "num_classes": classes})
         g = f.create_group("train")
-        x = g.create_dataset("x", (rows, features), dtype=dtype)
+        x = g.create_dataset("x", (rows, *shape), dtype=dtype)
         y = g.create_dataset("y", (rows,), dtype=np.int64)
         for lo in range(0, rows, block):
             n = min(block, rows - lo)
-            x[lo:lo + n] = rng.standard_normal((n, features), dtype=np.float32)
+            x[lo:lo + n] = rng.standard_normal((n, *shape), dtype=np.float32)
             y[lo:lo + n] = rng.integers(0, classes, n)
     return path
 
 
-def steady_timer_class():
-    """distbp's StepTimer, also keeping phase totals and wall time from the end of the warm-up."""
+def steady_timer_class(warmup: int):
+    """distbp's StepTimer with `warmup` steps, also keeping phase totals and wall time from the end of the warm-up."""
     from distbp.metrics import StepTimer
 
     class SteadyTimer(StepTimer):
         last = None
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self):
+            super().__init__(warmup)
             SteadyTimer.last, self.mark, self.end = self, None, None
 
         def step_done(self, step_seconds, samples):
@@ -133,17 +166,24 @@ def steady_timer_class():
     return SteadyTimer
 
 
+def toml_specs(specs) -> str:
+    """Layer specs as a TOML array of inline tables (their values are ints, strings and int lists)."""
+    return "[" + ", ".join("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.items()) + " }"
+                           for s in specs) + "]"
+
+
 def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path, r: int) -> dict:
     """One run of distbp.train.run on the workload; steady-state rate and step split."""
     import distbp.train
     from distbp.config import load_config
     # inputs as stored (data.normalize="none"): the PyTorch peer and the matmul floor read them raw too
     sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""', 'data.normalize="none"',
-            f"model.hidden={list(wl.hidden)}", "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
-            f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={WARMUP + wl.steps}", "train.epochs=100000",
+            f"model.layers={toml_specs(wl.layers)}", f"model.hidden={list(wl.hidden)}",
+            "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
+            f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={wl.warmup + wl.steps}", "train.epochs=100000",
             "optim.name=\"sgd\"", "optim.lr=0.01", "optim.momentum=0.9", *wl.extra, *overrides]
     cfg = load_config(None, sets)
-    timer_cls = steady_timer_class()
+    timer_cls = steady_timer_class(wl.warmup)
     distbp.train.StepTimer = timer_cls
     run_dir = tmp / f"run-{r}"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -155,33 +195,77 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
     return timer_cls.last.steady(wl.batch)
 
 
+def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
+    """(m, k, p) of each weight layer's forward product X (m, k) @ W (k, p) at n local rows.
+
+    A linear layer is (n, d_in, d_out); a convolution is its im2col form (n Ho Wo, C kh kw, F).
+    """
+    from distbp.nn import Sequential
+    shapes = []
+    for layer in Sequential(wl.specs(), wl.input_shape).layers:
+        if layer.kind == "linear":
+            shapes.append((n, layer.d_in, layer.d_out))
+        elif layer.kind == "conv2d":
+            shapes.append((n * layer.Ho * layer.Wo, layer.C * layer.kh * layer.kw, layer.F))
+    return shapes
+
+
 def floor_round(wl: Workload, comm, steps: int) -> float:
-    """samples/s if a step were only its matrix products (forward, dW, dx), all ranks at once."""
+    """samples/s if a step were only its matrix products (forward, dW, dx but the first), all ranks at once."""
     from distbp.sampler import shard
     lo, hi = shard(wl.batch, comm.rank, comm.size)
-    n, dt, rng = hi - lo, np.dtype(wl.dtype), np.random.default_rng(comm.rank)
-    dims = [wl.features, *wl.hidden, wl.classes]
-    W = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(dt) for a, b in zip(dims, dims[1:])]
-    acts = [rng.standard_normal((n, d)).astype(dt) for d in dims]
-    dW = [np.empty_like(w) for w in W]
-    dx = [rng.standard_normal((n, d)).astype(dt) for d in dims]  # finite values: no NaN/denormal slow paths
+    dt, rng = np.dtype(wl.dtype), np.random.default_rng(comm.rank)
+
+    def rand(*shape):  # finite values: no NaN/denormal slow paths
+        return rng.standard_normal(shape, dtype=np.float32).astype(dt)
+
+    shapes = products(wl, hi - lo)
+    X, W, dY = ([rand(m, k) for m, k, _ in shapes], [rand(k, p) for _, k, p in shapes],
+                [rand(m, p) for m, _, p in shapes])
+    Y, dW, dX = [np.empty_like(d) for d in dY], [np.empty_like(w) for w in W], [np.empty_like(x) for x in X]
     elapsed = np.zeros(1)
-    for i in range(WARMUP + steps):
-        if i == WARMUP:
+    for i in range(wl.warmup + steps):
+        if i == wl.warmup:
             comm.barrier()
             t0 = time.perf_counter()
-        for k, w in enumerate(W):
-            np.matmul(acts[k], w, out=acts[k + 1])
+        for k in range(len(W)):
+            np.matmul(X[k], W[k], out=Y[k])
         for k in reversed(range(len(W))):
-            np.matmul(acts[k].T, dx[k + 1], out=dW[k])
+            np.matmul(X[k].T, dY[k], out=dW[k])
             if k:
-                np.matmul(dx[k + 1], W[k].T, out=dx[k])
+                np.matmul(dY[k], W[k].T, out=dX[k])
     elapsed[0] = time.perf_counter() - t0
     comm.allreduce_max(elapsed)
     return wl.batch * steps / elapsed[0]
 
 
 _TORCH_GROUP = []
+
+
+def torch_model(wl: Workload, dtype):
+    """The workload's network in torch.nn, layer for layer.
+
+    BatchNorm normalizes with each rank's own batch statistics under DDP: torch's SyncBatchNorm
+    (distbp's semantics) works only on GPU, so the peer skips the statistics allreduce distbp does.
+    """
+    import torch
+    from distbp.nn import Sequential
+    model = Sequential(wl.specs(), wl.input_shape)
+    layers = []
+    for layer, (shape, _) in zip(model.layers, model.shapes_io):
+        if layer.kind == "linear":
+            layers.append(torch.nn.Linear(layer.d_in, layer.d_out, bias=layer.bias, dtype=dtype))
+        elif layer.kind == "conv2d":
+            layers.append(torch.nn.Conv2d(layer.C, layer.F, (layer.kh, layer.kw), (layer.sh, layer.sw),
+                                          (layer.ph, layer.pw), bias=layer.bias, dtype=dtype))
+        elif layer.kind == "batchnorm":
+            norm = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
+            layers.append(norm(layer.C, eps=layer.eps, momentum=layer.momentum, dtype=dtype))
+        elif layer.kind == "maxpool2d":
+            layers.append(torch.nn.MaxPool2d((layer.kh, layer.kw), (layer.sh, layer.sw)))
+        else:
+            layers.append({"relu": torch.nn.ReLU, "flatten": torch.nn.Flatten}[layer.kind]())
+    return torch.nn.Sequential(*layers)
 
 
 def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, seed: int) -> float | None:
@@ -199,18 +283,15 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
         _TORCH_GROUP.append(True)
     dt = {"float32": torch.float32, "float64": torch.float64}[wl.dtype]
     torch.manual_seed(seed)
-    dims, layers = [wl.features, *wl.hidden, wl.classes], []
-    for a, b in zip(dims, dims[1:]):
-        layers += [torch.nn.Linear(a, b, dtype=dt), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
+    model = torch_model(wl, dt)
     if comm.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     X, Y = torch.from_numpy(x.astype(wl.dtype, copy=False)), torch.from_numpy(y.astype(np.int64, copy=False))
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     per_epoch, order = len(x) // wl.batch, None
-    for i in range(WARMUP + wl.torch_steps):
-        if i == WARMUP:
+    for i in range(wl.warmup + wl.torch_steps):
+        if i == wl.warmup:
             comm.barrier()
             t0 = time.perf_counter()
         epoch, k = divmod(i, per_epoch)
@@ -248,7 +329,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
         wl = Workload(**{**wl.__dict__, "steps": args.steps, "torch_steps": args.steps})
     path = str(digits_path()) if wl.rows == 0 else str(tmp / f"{name}.h5")
     if wl.rows and comm.is_root:
-        write_synthetic(Path(path), wl.rows, wl.features, wl.classes)
+        write_synthetic(Path(path), wl.rows, wl.input_shape, wl.classes)
     comm.barrier()
     runs, floors, torches, defaults, rss, pss, xy = [], [], [], [], None, None, None
     for r in range(args.rounds):
@@ -303,13 +384,13 @@ def memory_sweep(args, base: list) -> list[dict]:
     for mb in map(float, args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="distbp-bench-mem-", dir=args.tmp) as tmp:
             path = Path(tmp) / "memory.h5"
-            write_synthetic(path, int(mb * 2**20) // (256 * 4 + 8), 256, 10, block=1 << 14)
+            write_synthetic(path, int(mb * 2**20) // (256 * 4 + 8), (256,), 10, block=1 << 14)
             for ranks in map(int, args.memory_ranks.split(",")):
                 for mem in (args.memory_mb, 64):  # in memory when it fits, then streamed in blocks
                     if mem == args.memory_mb and mb > mem:
                         continue
                     rec, = launch(base + ["--memory", "--data", str(path), "--memory-mb", str(mem)], ranks, 1,
-                                  args.timeout)
+                                  args.timeout, args.mpirun)
                     print(json.dumps(rec), flush=True)
                     records.append(rec)
     return records
@@ -342,13 +423,13 @@ def worker(args) -> int:
 
 # ---------------------------------------------------------------- launching (no MPI here)
 
-def launch(argv: list[str], ranks: int, threads: int, timeout: float) -> list[dict]:
-    """Run this script as an mpirun worker; its JSON records."""
-    mpirun = Path(sys.executable).parent / "mpirun"
-    if not mpirun.exists():
-        mpirun = Path(shutil.which("mpirun") or "mpirun")
+def launch(argv: list[str], ranks: int, threads: int, timeout: float, mpirun: str = "") -> list[dict]:
+    """Run this script as an mpirun worker (mpirun: a launcher command line, default this venv's); its JSON records."""
+    if not mpirun:
+        path = Path(sys.executable).parent / "mpirun"
+        mpirun = str(path if path.exists() else shutil.which("mpirun") or "mpirun")
     env = {**os.environ, WORKER_ENV: "1", **{k: str(threads) for k in THREAD_ENV}}
-    cmd = [str(mpirun), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, *argv,
+    cmd = [*shlex.split(mpirun), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, *argv,
            "--threads", str(threads)]
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -359,7 +440,7 @@ def launch(argv: list[str], ranks: int, threads: int, timeout: float) -> list[di
 def table(records: list[dict]) -> str:
     """The README's markdown table from bench records."""
     def k(v):
-        return "-" if v is None else f"{v / 1000:,.1f}k"
+        return "-" if v is None else f"{v:,.0f}" if v < 1000 else f"{v / 1000:,.1f}k"
 
     rows = ["| workload | ranks x threads | distbp | PyTorch | matmul floor | distbp / PyTorch | distbp / floor |"
             " step ms: data, fwd, bwd, allreduce, optim, other |",
@@ -370,6 +451,40 @@ def table(records: list[dict]) -> str:
         torch = f"{k(r['torch_samples_per_s'])} ({r['torch']})" if r["torch"] else "-"
         rows.append(f"| {r['workload']} | {r['ranks']} x {r['threads']} | {k(r['samples_per_s'])} | {torch} | "
                     f"{k(r['floor_samples_per_s'])} | {r['vs_torch'] or '-'} | {r['vs_floor']} | {split} |")
+    return "\n".join(rows)
+
+
+def layer_table(name: str, rounds: int, threads: int) -> str:
+    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
+    from threadpoolctl import threadpool_limits
+    from distbp.nn import Sequential
+    wl = WORKLOADS[name]
+    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
+    first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
+    model.layers[first].need_dx = False  # as in training: no gradient for the input
+    x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    times = np.zeros((rounds, len(model.layers), 2))
+    with threadpool_limits(threads, user_api="blas"):
+        for r in range(-1, rounds):  # round -1 warms up
+            model.zero_grad(skip_written=True)
+            h = x
+            for i, layer in enumerate(model.layers):
+                t0 = time.perf_counter()
+                h = layer.forward(h)
+                times[r, i, 0] = time.perf_counter() - t0
+            dy = np.full_like(h, 1 / len(h))
+            for i in reversed(range(first, len(model.layers))):
+                t0 = time.perf_counter()
+                dy = model.layers[i].backward(dy)
+                times[r, i, 1] = time.perf_counter() - t0
+    med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
+    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
+            "| layer | out shape | forward | backward |", "|---|---|---|---|"]
+    for i, layer in enumerate(model.layers):
+        rows.append(f"| {i} {layer.kind} | {model.shapes_io[i][1]} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
+                    f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
+    total = times.sum(axis=(1, 2))
+    rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
     return "\n".join(rows)
 
 
@@ -393,15 +508,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="steady-state steps per round (0: the workload's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="distbp config override")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--all", action="store_true", help="the README table: " +
+    p.add_argument("--all", action="store_true", help="the README table (only the named workloads' rows if any): " +
                    ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
     p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
+    p.add_argument("--layers", action="store_true", help="ms per layer of each workload's forward and backward")
     p.add_argument("--sizes", default="100,800,3200", help="--memory dataset sizes, MB")
     p.add_argument("--memory-ranks", default="1,2,4", help="--memory rank counts")
     p.add_argument("--memory-mb", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help="folder for the temporary datasets (default: the system's)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per mpirun launch")
+    p.add_argument("--mpirun", default="", help="launcher command the workers start under, e.g. an mpiexec "
+                   "with -hosts for several nodes (default: this venv's mpirun)")
     args = p.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
@@ -420,11 +538,17 @@ def main(argv=None) -> int:
     if args.memory:
         print(memory_table(memory_sweep(args, base)))
         return 0
+    if args.layers:
+        print("\n\n".join(layer_table(name, args.rounds, args.threads) for name in args.workloads))
+        return 0
     if args.all:
         records = []
+        chosen = [w for w in argv if w in WORKLOADS]  # `--all W5 W6`: only those workloads' rows
         for name, ranks, threads in ALL:
+            if chosen and name not in chosen:
+                continue
             base = [a for a in base if a not in WORKLOADS]
-            for rec in launch([name, *base], ranks, threads, args.timeout):
+            for rec in launch([name, *base], ranks, threads, args.timeout, args.mpirun):
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
         print(table(records))
@@ -433,7 +557,7 @@ def main(argv=None) -> int:
                 print(f"{r['workload']} at {r['ranks']} x {r['threads']}: step time {r['step_time_vs_default']}x "
                       f"the default mode's, measured in the same rounds")
         return 0
-    for rec in launch(argv, args.ranks, args.threads, args.timeout):
+    for rec in launch(argv, args.ranks, args.threads, args.timeout, args.mpirun):
         print(json.dumps(rec), flush=True)
     return 0
 

@@ -11,79 +11,22 @@
 # the config goes to /etc/slurm/slurm.conf, where the slurm clients look for it.
 # Environment: DISTBP_SLURM_CPUS (default 8, may exceed the real cores),
 # DISTBP_SLURM_TIMEOUT (seconds to wait for the node to become idle, default 60).
+# scripts/cluster.sh runs several emulated nodes instead; only one of the two can run.
 set -euo pipefail
 
+PROG=slurm_cluster
 STATE_DIR=${DISTBP_SLURM_DIR:-/var/tmp/distbp-slurm}
 CPUS=${DISTBP_SLURM_CPUS:-8}
 TIMEOUT=${DISTBP_SLURM_TIMEOUT:-60}
-CONF=/etc/slurm/slurm.conf
 MARKER="# written by distbp scripts/slurm_cluster.sh"
-MUNGE_KEY=/etc/munge/munge.key
-MUNGE_DIR=/run/munge
 PACKAGES=(munge slurmctld slurmd slurm-client)
 NODE=$(hostname -s)
-
-log() { echo "slurm_cluster: $*"; }
-die() { echo "slurm_cluster: ERROR: $*" >&2; exit 1; }
-
-need_root() {
-    [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons); HINT: sudo $0 $*"
-}
-
-# A pid is alive if its process exists and is not a zombie (PID 1 may reap late here).
-alive() {
-    local pid=$1 stat
-    [[ -n $pid ]] || return 1
-    stat=$(ps -o stat= -p "$pid" 2>/dev/null) || return 1
-    [[ $stat != Z* ]]
-}
-
-pid_of() { [[ -s $1 ]] && cat "$1" || true; }
-
-MUNGE_PID=$MUNGE_DIR/munged.pid
 CTLD_PID=$STATE_DIR/slurmctld.pid
 SLURMD_PID=$STATE_DIR/slurmd.pid
-
-cmd_install() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [[ ${#missing[@]} -eq 0 ]]; then
-        log "packages already installed"
-        return 0
-    fi
-    command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} by hand"
-    log "installing ${missing[*]}"
-    # Keep the packages' init scripts from starting daemons we have not configured yet.
-    local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
-    fi
-    local rc=0
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" > "$STATE_DIR/apt.log" 2>&1; then
-        # A fresh machine may have no package lists yet.
-        apt-get update -qq >> "$STATE_DIR/apt.log" 2>&1 &&
-            apt-get install -y -qq --no-install-recommends "${missing[@]}" >> "$STATE_DIR/apt.log" 2>&1 || rc=$?
-    fi
-    [[ $made_policy -eq 1 ]] && rm -f "$policy"
-    [[ $rc -eq 0 ]] || { tail -n 20 "$STATE_DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $STATE_DIR/apt.log)"; }
-    log "installed"
-}
-
-write_munge_key() {
-    if [[ ! -s $MUNGE_KEY ]]; then
-        mkdir -p /etc/munge
-        dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
-    fi
-    chown munge:munge /etc/munge "$MUNGE_KEY"
-    chmod 700 /etc/munge
-    chmod 400 "$MUNGE_KEY"
-}
+source "$(dirname "$0")/slurm_common.sh"
 
 slurm_conf() {
-    cat <<EOF
+    cat <<CONF
 $MARKER
 ClusterName=distbp
 SlurmctldHost=$NODE(127.0.0.1)
@@ -115,53 +58,14 @@ JobCompType=jobcomp/none
 FirstJobId=$(first_job_id)
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=7-00:00:00 State=UP
-EOF
-}
-
-# slurmctld starts clean (-c), which would restart job ids at 1 and make run
-# directories named by job id collide with older ones: continue the numbering.
-first_job_id() {
-    local next
-    next=$(cat "$STATE_DIR/next_job_id" 2>/dev/null || true)
-    [[ $next =~ ^[0-9]+$ ]] && echo "$next" || echo 1
-}
-
-write_slurm_conf() {
-    if [[ -e $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
-        die "$CONF exists and was not written by this script; move it away to use the test cluster"
-    fi
-    mkdir -p /etc/slurm
-    slurm_conf > "$CONF.tmp"
-    mv "$CONF.tmp" "$CONF"
-}
-
-start_munged() {
-    if alive "$(pid_of "$MUNGE_PID")" && munge -n </dev/null | unmunge >/dev/null 2>&1; then
-        return 0
-    fi
-    mkdir -p "$MUNGE_DIR" /var/lib/munge /var/log/munge
-    chown munge:munge "$MUNGE_DIR" /var/lib/munge /var/log/munge
-    chmod 755 "$MUNGE_DIR"
-    # munged refuses to run as root with this key, so run it as its own user.
-    runuser -u munge -- /usr/sbin/munged 9>&-
-    local i
-    for i in $(seq 50); do
-        munge -n </dev/null | unmunge >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    die "munged did not start; see /var/log/munge/munged.log"
-}
-
-save_next_job_id() {
-    local next
-    next=$(scontrol show config 2>/dev/null | awk '$1 == "NEXT_JOB_ID" {print $3}') || true
-    [[ $next =~ ^[0-9]+$ ]] && echo "$next" > "$STATE_DIR/next_job_id" || true
+CONF
 }
 
 node_state() { timeout 5 sinfo -h -o %T 2>/dev/null | head -n 1 || true; }
 
 cmd_start() {
-    cmd_install
+    refuse_other_slurmctld "$(pid_of "$CTLD_PID")"
+    install_packages "${PACKAGES[@]}"
     local state=""
     if alive "$(pid_of "$CTLD_PID")" && alive "$(pid_of "$SLURMD_PID")"; then
         state=$(node_state)
@@ -169,8 +73,7 @@ cmd_start() {
     fi
     stop_daemons    # leftovers of a half-started or crashed cluster
     mkdir -p "$STATE_DIR/ctld" "$STATE_DIR/slurmd"
-    write_munge_key
-    write_slurm_conf
+    write_slurm_conf "$(slurm_conf)"
     start_munged
     local t0=$SECONDS
     # 9>&-: the daemons must not inherit (and so hold forever) the command lock.
@@ -189,19 +92,6 @@ cmd_start() {
     die "node not idle after $TIMEOUT s (state '${state:-no answer}'); logs in $STATE_DIR"
 }
 
-# Send TERM, wait up to 10 s for the process to go, then KILL.
-stop_pid() {
-    local name=$1 pid=$2 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do
-        alive "$pid" || { log "stopped $name ($pid)"; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    log "killed $name ($pid)"
-}
-
 stop_daemons() {
     stop_pid slurmd "$(pid_of "$SLURMD_PID")"
     stop_pid slurmctld "$(pid_of "$CTLD_PID")"
@@ -212,15 +102,7 @@ stop_daemons() {
 cmd_stop() {
     if alive "$(pid_of "$CTLD_PID")"; then
         save_next_job_id
-        # Cancel jobs first so slurmd can clean up their steps before it goes.
-        if [[ -n $(squeue -h -o %i 2>/dev/null) ]]; then
-            scancel $(squeue -h -o %i) 2>/dev/null || true
-            local i
-            for i in $(seq 50); do
-                [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
-                sleep 0.2
-            done
-        fi
+        cancel_all_jobs
     fi
     stop_daemons
 }
@@ -244,17 +126,9 @@ cmd_status() {
 
 # One command at a time per state directory (tests in several shells share the cluster).
 case ${1:-} in
-    install | start | stop)
-        need_root "$1"
-        mkdir -p "$STATE_DIR"
-        exec 9> "$STATE_DIR/.lock"
-        flock 9 ;;
-esac
-
-case ${1:-} in
-    install) cmd_install ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    install) need_root "$1"; with_lock install_packages "${PACKAGES[@]}" ;;
+    start) need_root "$1"; with_lock cmd_start ;;
+    stop) need_root "$1"; with_lock cmd_stop ;;
     status) cmd_status ;;
     *) echo "usage: $0 {install|start|stop|status}" >&2; exit 2 ;;
 esac

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: serial tests, timing tests (retried), MPI tests at 2 and 4 ranks, and the SLURM test.
+# The whole test suite: serial tests (as root also the SLURM tests on a one-node cluster and the
+# multi-node tests on an emulated 2-node cluster, which start and stop their clusters), timing
+# tests (retried), then the MPI tests at 2 and 4 ranks.
 # Installs what it needs into ./.venv first. Exits non-zero on any failure on any rank.
 set -uo pipefail
 cd "$(dirname "$0")/.."

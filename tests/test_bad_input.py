@@ -186,7 +186,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 # Property-based: random malformed files and configs give a DataError/ConfigError, never another exception.
 
 DTYPES = ["f4", "f8", "u1", "i4", "i8", "b1", "S3", "f2"]
-ATTR_VALUES = st.one_of(st.none(), st.integers(-3, 12), st.floats(allow_nan=True),
+ATTR_VALUES = st.one_of(st.none(), st.integers(-3, 12), st.integers(2**20, 2**62), st.floats(allow_nan=True),
                         st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12),  # storable in HDF5
                         st.sampled_from(["dataset", "checkpoint", "classification", "regression", "binary"]))
 ARRAY = st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3),

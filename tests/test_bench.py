@@ -44,3 +44,20 @@ def test_bench_two_ranks_two_rounds_with_config_overrides():
                        "--set", "optim.lr=0.02")
     check_record(rec, 2)
     assert rec["set"] == ["optim.lr=0.02"] and rec["torch"] is None and rec["vs_torch"] is None
+
+
+def test_bench_conv_workload_and_its_floor_run():
+    (rec,) = run_bench("W5", "--steps", "1", "--rounds", "1", "--no-torch")
+    assert rec["workload"] == "W5" and rec["samples_per_s"] > 0 and rec["floor_samples_per_s"] > 0
+    assert rec["step_ms"]["forward"] > 0 and rec["step_ms"]["backward"] > 0
+
+
+def test_bench_layers_times_every_layer():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "DISTBP_BENCH"))}
+    p = subprocess.run([sys.executable, str(BENCH), "W5", "--layers", "--rounds", "1"], env=env,
+                       capture_output=True, text=True, timeout=55)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split()[2] for r in rows] == ["conv2d", "relu", "maxpool2d", "conv2d", "relu", "maxpool2d",
+                                           "flatten", "linear", "relu", "linear"]
+    assert "| all |" in p.stdout

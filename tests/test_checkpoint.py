@@ -137,7 +137,7 @@ def test_save_time_close_to_plain_h5py(tmp_path, capsys):
     shapes = {"0.linear.W": (784, 1024), "0.linear.b": (1024,), "2.linear.W": (1024, 1024),
               "2.linear.b": (1024,), "4.linear.W": (1024, 10), "4.linear.b": (10,)}
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    ck = ckpt.Checkpoint(params, "sgd", {"momentum": params}, {}, {}, {"step": 1, "config": "{}"})
+    ck = ckpt.Checkpoint(params, "sgd", {"momentum": params}, {}, {}, make(1).attrs)
 
     def plain(i):
         with h5py.File(tmp_path / f"plain{i}.h5", "w") as f:

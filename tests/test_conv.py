@@ -5,7 +5,7 @@ import pytest
 
 from distbp.nn.conv import Conv2D, MaxPool2D
 from distbp.nn.reshape import Flatten
-from conftest import bind_random, check_grads, numeric_grad, rel_err
+from conftest import bind_random, check_grads, import_torch, numeric_grad, rel_err
 
 
 def conv_naive(x, W, b, stride, padding):
@@ -41,6 +41,8 @@ CONV_CASES = [  # spec, in_shape
     ({"out_channels": 2, "kernel": [3, 2], "stride": [2, 1], "padding": [1, 2]}, (2, 7, 5)),
     ({"out_channels": 3, "kernel": 2, "stride": 2}, (1, 5, 5)),
     ({"out_channels": 2, "kernel": 1, "bias": False}, (3, 3, 4)),
+    ({"out_channels": 3, "kernel": [2, 3], "padding": [2, 1]}, (2, 4, 5)),  # padding wider than the kernel
+    ({"out_channels": 2, "kernel": 3, "stride": [1, 3], "padding": 1}, (2, 5, 8)),
 ]
 
 
@@ -102,6 +104,14 @@ def test_maxpool2d_routes_gradient_to_the_max_only():
     layer.forward(np.array([[[[1.0, 5.0], [3.0, 2.0]]]]))
     dx = layer.backward(np.array([[[[7.0]]]]))
     np.testing.assert_array_equal(dx, [[[[0.0, 7.0], [0.0, 0.0]]]])
+
+
+def test_maxpool2d_2x2_ties_go_to_the_first_in_row_order():
+    layer = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, (1, 2, 6), 0, 0)
+    x = np.array([[[[3.0, 3.0, 1.0, 4.0, 0.0, 2.0], [3.0, 3.0, 4.0, 2.0, 0.0, 2.0]]]])
+    np.testing.assert_array_equal(layer.forward(x), [[[[3.0, 4.0, 2.0]]]])
+    dx = layer.backward(np.array([[[[5.0, 6.0, 7.0]]]]))
+    np.testing.assert_array_equal(dx, [[[[5.0, 0.0, 0.0, 6.0, 0.0, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]]])
 
 
 def test_flatten_shapes_and_gradients():
@@ -190,3 +200,59 @@ def test_cnn_zero_local_rows():
     assert out.shape == (0, 4)
     assert model.backward(np.zeros((0, 4), np.float32)).shape == (0, 2, 6, 6)
     assert not model.grads.any()
+
+
+TORCH_CNN = [  # W5/W6's layer kinds at small sizes, plus a strided and an unpadded convolution
+    {"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, {"type": "batchnorm"}, {"type": "relu"},
+    {"type": "conv2d", "out_channels": 5, "kernel": 5, "padding": 2}, {"type": "relu"},
+    {"type": "maxpool2d", "kernel": 2},
+    {"type": "conv2d", "out_channels": 6, "kernel": 3, "stride": 2, "padding": 1}, {"type": "batchnorm"},
+    {"type": "relu"}, {"type": "conv2d", "out_channels": 3, "kernel": 2}, {"type": "maxpool2d", "kernel": 2},
+    {"type": "flatten"}, {"type": "linear", "out": 7}]
+
+
+def torch_twin(model, torch):
+    """The same network in torch.nn with model's parameters (float64)."""
+    modules = []
+    for layer, (shape, _) in zip(model.layers, model.shapes_io):
+        if layer.kind == "conv2d":
+            m = torch.nn.Conv2d(layer.C, layer.F, (layer.kh, layer.kw), (layer.sh, layer.sw), (layer.ph, layer.pw),
+                                dtype=torch.float64)
+            m.weight.data, m.bias.data = torch.tensor(layer.W.copy()), torch.tensor(layer.b.copy())
+        elif layer.kind == "batchnorm":
+            m = torch.nn.BatchNorm2d(layer.C, dtype=torch.float64)
+            m.weight.data, m.bias.data = torch.tensor(layer.W.copy()), torch.tensor(layer.b.copy())
+        elif layer.kind == "linear":
+            m = torch.nn.Linear(layer.d_in, layer.d_out, dtype=torch.float64)
+            m.weight.data, m.bias.data = torch.tensor(layer.W.T.copy()), torch.tensor(layer.b.copy())
+        elif layer.kind == "maxpool2d":
+            m = torch.nn.MaxPool2d((layer.kh, layer.kw), (layer.sh, layer.sw))
+        else:
+            m = {"relu": torch.nn.ReLU, "flatten": torch.nn.Flatten}[layer.kind]()
+        modules.append(m)
+    return torch.nn.Sequential(*modules)
+
+
+def test_cnn_matches_torch_on_the_same_weights():
+    torch = import_torch()
+    from distbp.nn import Sequential
+
+    model = Sequential(TORCH_CNN, (3, 18, 18), dtype=np.float64, seed=3)
+    rng = np.random.default_rng(7)
+    model.params += 0.1 * rng.standard_normal(model.num_params)  # non-trivial BatchNorm gamma and beta
+    x, R = rng.standard_normal((6, 3, 18, 18)), rng.standard_normal((6, 7))
+    reference = torch_twin(model, torch)
+    t_x = torch.tensor(x, requires_grad=True)
+    t_y = reference(t_x)
+    (t_y * torch.tensor(R)).sum().backward()
+    model.zero_grad()
+    y = model.forward(x)
+    dx = model.backward(R)
+    np.testing.assert_allclose(y, t_y.detach().numpy(), rtol=1e-6, atol=1e-12)
+    assert rel_err(dx, t_x.grad.numpy()) < 1e-6
+    modules = [m for m in reference if any(True for _ in m.parameters())]
+    for (i, layer), m in zip([(i, l) for i, l in enumerate(model.layers) if l.param_shapes()], modules, strict=True):
+        dW = layer.dW.T if layer.kind == "linear" else layer.dW
+        assert rel_err(dW, m.weight.grad.numpy()) < 1e-6, (i, layer.kind)
+        # a bias before BatchNorm has a zero gradient: compare it up to rounding
+        np.testing.assert_allclose(layer.db, m.bias.grad.numpy(), rtol=1e-6, atol=1e-12, err_msg=f"{i} {layer.kind}")

@@ -313,3 +313,16 @@ def test_check_every_stops_a_diverged_run_naming_step_and_rank(tmp_path, data_fi
     assert proc.stderr.count("parameters differ across ranks after step 4: rank(s) 0, 1 have crc32") == 1
     assert "rank(s) 2 have crc32" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints" / ckpt.checkpoint_name(10)).exists()
+
+
+def test_a_conv_model_is_bitwise_identical_on_1_2_and_3_ranks(tmp_path, data_file):
+    layers = ('model.layers=[{type="reshape", shape=[1, 2, 5]}, {type="conv2d", out_channels=4, kernel=[2, 3], '
+              'padding=1}, {type="relu"}, {type="maxpool2d", kernel=2}, {type="conv2d", out_channels=3, kernel=1}, '
+              '{type="flatten"}, {type="linear", out=4}]')
+    runs = {n: tmp_path / f"conv{n}" for n in (1, 2, 3)}
+    for n, run_dir in runs.items():
+        train(run_dir, data_file, n, "sgd", 4, layers)
+    want = state_bytes(runs[1], 4)
+    assert "params/1.conv2d.W" in want["arrays"]
+    for n in (2, 3):
+        assert state_bytes(runs[n], 4) == want, f"{n} ranks differ from 1 rank"

@@ -86,8 +86,9 @@ def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
     assert job.rc != 0
     stall = [line for line in job.stderr.splitlines() if line.startswith("distbp: stall:")]
     assert len(stall) == 1, job.stderr
-    assert "rank(s) 2 did not arrive at the collective of step 5" in stall[0]
-    assert "ranks 0, 1, 3 waited" in stall[0]
+    host = re.search(r"rank\(s\) 2 on (\S+) did not arrive at the collective of step 5", stall[0])
+    assert host, stall[0]
+    assert f"ranks 0, 1, 3 on {host[1]} waited" in stall[0]
     assert 5 <= job.to_exit < 15
 
 
@@ -166,7 +167,7 @@ def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_pa
 
 @pytest.mark.mpi(min_size=2)
 def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
-    from distbp.watchdog import ANSWER, QUERY, Watchdog
+    from distbp.watchdog import Watchdog
     step = [7]
     dog = Watchdog(comm, 4.0, lambda: step[0]).start()
     watched = dog.watched()
@@ -178,12 +179,9 @@ def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
         watched.allreduce_sum(buf)
         assert dog.since is None
     if comm.rank == 0:  # ask every other rank, as the watchdog does on a timeout
-        replies = {r: np.zeros(3) for r in range(1, comm.size)}
-        for r in replies:
-            dog._wcomm.Send(np.zeros(1), dest=r, tag=QUERY)
-        for r, reply in replies.items():
-            dog._wcomm.Recv(reply, source=r, tag=ANSWER)
-        assert all(reply[0] == 7 and reply[1] == 1 for reply in replies.values())  # waiting at step 7
+        states, gone = dog._query()
+        assert sorted(states) == list(range(1, comm.size)) and not gone
+        assert all(state[0] == 7 and state[1] == 1 for state in states.values()), states  # waiting at step 7
     watched.barrier()
     dog.stop()
     np.testing.assert_array_equal(buf, comm.size ** 3)

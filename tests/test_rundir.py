@@ -84,7 +84,8 @@ def test_resume_never_refuses_an_earlier_runs_checkpoints_unless_forced(tmp_path
 
 def test_checkpoints_are_ordered_by_step_number_beyond_eight_digits(tmp_path):
     def write(step):
-        ck = ckpt.Checkpoint({"w": np.full(3, step, np.float32)}, attrs={"step": step})
+        ck = ckpt.Checkpoint({"w": np.full(3, step, np.float32)}, attrs={"step": step, "epoch": 0, "step_in_epoch": 0,
+                                                                   "samples_seen": 0, "world_size": 1})
         return ckpt.save(tmp_path / ckpt.checkpoint_name(step), ck)
     assert ckpt.checkpoint_name(123_456_789) == "step-123456789.h5"
     paths = [write(s) for s in (100_000_000, 7, 99_999_999, 1_000_000_000)]

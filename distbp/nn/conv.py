@@ -1,15 +1,15 @@
-"""Convolutional layers on NCHW arrays: Conv2D (im2col + BLAS) and MaxPool2D.
+"""Convolutional layers on NCHW arrays: Conv2D (implicit GEMM: BLAS on views, no im2col copy) and MaxPool2D.
 
-Shapes are NCHW. Conv2D works on a (C, H, W, N) copy of its input, so that each
-window slice is a run of W*N contiguous values rather than W (im2col and col2im
-of small images are otherwise bound by numpy's per-row overhead), and returns an
-NCHW-shaped view of its (F, Ho, Wo, N) result; MaxPool2D does the same, and the
-element-wise layers keep the memory order they get, so a conv stack stays
-N-innermost in memory until Flatten copies to (N, C*H*W).
+Shapes are NCHW, but the memory of a conv stack is N-innermost: Conv2D returns an
+NCHW-shaped view of its (F, Ho, Wo, N) result, MaxPool2D does the same, and the
+element-wise layers keep the memory order they get, until Flatten copies to
+(N, C*H*W). Conv2D pads its input into (H, C, W, N) order, where the kh*C input
+values one kernel column sees for a whole output row form a (kh*C, Wo*N) matrix
+view with evenly spaced rows: an output row is kw matmuls with those views (see
+_correlate), small enough to stay in cache, with no im2col matrix in memory.
 """
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .layers import Layer, WeightLayer, check_spec, register
 
@@ -72,38 +72,103 @@ class Conv2D(WeightLayer):
         return cls(in_shape, F, kernel, stride, padding, *cls.read_options(spec, index), out_hw)
 
     def forward(self, x):
-        """y = W * x + b on every window, as one BLAS matmul with the im2col matrix."""
-        N, (C, H, W) = x.shape[0], self.in_shape
-        if self.ph or self.pw:
-            xp = np.zeros((C, H + 2 * self.ph, W + 2 * self.pw, N), x.dtype)  # padded, N innermost
-            xp[:, self.ph : self.ph + H, self.pw : self.pw + W] = x.transpose(1, 2, 3, 0)
-        else:
-            xp = x.transpose(1, 2, 3, 0)  # (C, H, W, N)
-        win = sliding_window_view(xp, (self.kh, self.kw), axis=(1, 2))  # (C, Hp-kh+1, Wp-kw+1, N, kh, kw)
-        win = win[:, : self.sh * self.Ho : self.sh, : self.sw * self.Wo : self.sw]  # (C, Ho, Wo, N, kh, kw)
-        K, P = self.kh * self.kw * C, self.Ho * self.Wo * N
-        self.cols = win.transpose(4, 5, 0, 1, 2, 3).reshape(K, P)  # im2col copy: (kh*kw*C, Ho*Wo*N)
-        self.Wk = self.W.transpose(0, 2, 3, 1).reshape(self.F, K)  # (F, kh*kw*C), rows match cols
-        self.xp_shape = xp.shape
-        y = self.Wk @ self.cols  # (F, Ho*Wo*N)
-        if self.b is not None:
-            y += self.b[:, None]
+        """y = W * x + b, one output row at a time from views of the padded input (see _correlate)."""
+        N = x.shape[0]
+        self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
+        self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
+        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), self.b)
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
     def backward(self, dy):
-        """dW += dy cols^T, db += sum(dy), return dx = col2im(W^T dy) (None if need_dx is off)."""
-        N, (C, H, W) = dy.shape[0], self.in_shape
-        dy = dy.transpose(1, 2, 3, 0).reshape(self.F, self.Ho * self.Wo * N)  # (F, Ho*Wo*N)
-        self.dW += (dy @ self.cols.T).reshape(self.F, self.kh, self.kw, C).transpose(0, 3, 1, 2)
+        """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
+        N, kh, C = dy.shape[0], self.kh, self.C
+        dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(self.F, self.Ho, self.Wo * N)
+        dWj = np.zeros((self.kw, kh * C, self.F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
+        tmp = np.empty_like(dWj[0])
+        for r in range(self.Ho):
+            for j in range(self.kw):
+                np.matmul(_window(self.xq, r, j, kh, (self.sh, self.sw), self.Wo), dy[:, r].T, out=tmp)
+                dWj[j] += tmp  # x dy^T runs faster in BLAS than dy x^T
+        self.dW += dWj.reshape(self.kw, kh, C, self.F).transpose(3, 2, 1, 0)
         if self.b is not None:
-            self.db += dy.sum(axis=1)
+            self.db += dy.sum(axis=(1, 2))
         if not self.need_dx:
             return None
-        dcols = (self.Wk.T @ dy).reshape(self.kh * self.kw, C, self.Ho, self.Wo, N)
-        dxp = np.zeros(self.xp_shape, dy.dtype)  # (C, Hp, Wp, N)
-        for dwin, (rows, cols) in zip(dcols, _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
-            dxp[:, rows, cols] += dwin  # col2im: one strided add per window offset
-        return dxp[:, self.ph : self.ph + H, self.pw : self.pw + W].transpose(3, 0, 1, 2)  # (N, C, H, W) view
+        dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
+        return dx.transpose(3, 0, 1, 2)
+
+    def _dx_flipped(self, dy):
+        """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
+        (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
+        dyq = np.zeros((H + kh - 1, self.F, 1, W + kw - 1, N), dy.dtype)  # dyq[u, :, 0, v] = dy[:, u - oh, v - ow]
+        oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
+        rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
+        dyq[oh + rows.start : oh + rows.stop, :, 0, ow + cols.start : ow + cols.stop] = \
+            dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
+        Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
+        return _correlate(dyq, Wt, kh, (1, 1), (H, W)).reshape(C, H, W, N)
+
+    def _dx_col2im(self, dy):
+        """dx of a strided convolution: W^T dy for each window, added back where the window read x."""
+        N, kh, C, s = dy.shape[-1] // self.Wo, self.kh, self.C, (self.sh, self.sw)
+        dxq = np.zeros_like(self.xq)
+        dcols = np.empty((self.kw, kh * C, self.Wo * N), dy.dtype)
+        for r in range(self.Ho):
+            np.matmul(self.Wj.transpose(0, 2, 1), dy[:, r], out=dcols)  # W[:, :, :, j]^T dy for every j
+            for j in range(self.kw):
+                _window(dxq, r, j, kh, s, self.Wo, flat=False)[...] += dcols[j].reshape(kh, C, self.Wo, N)
+        return self._scatter(dxq)
+
+    def _gather(self, x):
+        """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
+        N, (C, H, W), sw = x.shape[0], self.in_shape, self.sw
+        Hp, Wp = H + 2 * self.ph, W + 2 * self.pw
+        xp = np.zeros((Hp, C, Wp, N), x.dtype)
+        xp[self.ph : self.ph + H, :, self.pw : self.pw + W] = x.transpose(2, 1, 3, 0)
+        if sw == 1:
+            return xp[:, :, None]
+        xq = np.zeros((Hp, C, sw, -(-Wp // sw), N), x.dtype)
+        for p in range(sw):
+            xq[:, :, p, : len(range(p, Wp, sw))] = xp[:, :, p::sw]
+        return xq
+
+    def _scatter(self, dxq):
+        """The inverse of _gather: dx as a C-contiguous (C, H, W, N) array."""
+        (C, H, W), sw = self.in_shape, self.sw
+        dxp = np.empty((dxq.shape[0], C, W + 2 * self.pw, dxq.shape[-1]), dxq.dtype)
+        for p in range(sw):
+            dxp[:, :, p::sw] = dxq[:, :, p, : len(range(p, dxp.shape[2], sw))]
+        return np.ascontiguousarray(dxp[self.ph : self.ph + H, :, self.pw : self.pw + W].transpose(1, 0, 2, 3))
+
+
+def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
+    """What kernel column j sees for output row r: q[sh*r + i, c, j % sw, j // sw + w, n] over (i, c, w, n).
+
+    q is a (rows, C, sw, cols, N) array as Conv2D._gather makes. A (kh*C, width*N) view when flat
+    (the rows i*C + c are evenly spaced in q), else (kh, C, width, N).
+    """
+    (sh, sw), lo = stride, j // stride[1]
+    win = q[sh * r : sh * r + kh, :, j % sw, lo : lo + width]
+    return win.reshape(kh * q.shape[1], -1) if flat else win
+
+
+def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
+    """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, one output row at a time.
+
+    Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
+    partial sums stay in cache.
+    """
+    (Ho, Wo), N = out_hw, q.shape[-1]
+    y = np.empty((Wj.shape[1], Ho, Wo * N), q.dtype)
+    tmp = np.empty_like(y[:, 0])
+    for r in range(Ho):
+        for j in range(len(Wj)):
+            np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
+            if j:
+                y[:, r] += tmp
+        if b is not None:
+            y[:, r] += b[:, None]
+    return y
 
 
 @register("maxpool2d")
@@ -118,6 +183,7 @@ class MaxPool2D(Layer):
         (self.kh, self.kw), (self.sh, self.sw) = kernel, stride
         self.Ho, self.Wo = out_hw
         self.out_shape = (in_shape[0], self.Ho, self.Wo)
+        self.pairs = kernel == stride == (2, 2)  # the common case, with a faster path
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
@@ -130,6 +196,8 @@ class MaxPool2D(Layer):
     def forward(self, x):
         """y = max of each window (the first one on ties); keeps which window offset won."""
         x = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N): no copy after a conv
+        if self.pairs:
+            return self._forward_pairs(x).transpose(3, 0, 1, 2)
         offsets = _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
         y = x[:, offsets[0][0], offsets[0][1]].copy()  # (C, Ho, Wo, N)
         argmax = np.zeros(y.shape, np.min_scalar_type(len(offsets) - 1))
@@ -144,7 +212,36 @@ class MaxPool2D(Layer):
         """dx = dy added at each window's argmax."""
         N, (C, H, W) = dy.shape[0], self.in_shape
         dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0))  # (C, Ho, Wo, N)
+        if self.pairs:
+            return self._backward_pairs(dy).transpose(3, 0, 1, 2)
         dx = np.zeros((C, H, W, N), dy.dtype)
         for k, (rows, cols) in enumerate(_offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
             dx[:, rows, cols] += dy * (self.argmax == k)
         return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
+
+    def _quarters(self, x):
+        """The 2x2 windows' (top left, top right, bottom left, bottom right) values: (C, Ho, Wo, N) views of x."""
+        C, N = x.shape[0], x.shape[-1]
+        q = x[:, : 2 * self.Ho, : 2 * self.Wo].reshape(C, self.Ho, 2, self.Wo, 2, N)
+        return q[:, :, 0, :, 0], q[:, :, 0, :, 1], q[:, :, 1, :, 0], q[:, :, 1, :, 1]
+
+    def _forward_pairs(self, x):
+        """2x2 windows, stride 2, as a tournament: top pair, bottom pair, then the winners (ties: first)."""
+        a, b, c, d = self._quarters(x)
+        top, bottom = np.maximum(a, b), np.maximum(c, d)
+        self.b_wins, self.d_wins, self.top_wins = b > a, d > c, top >= bottom
+        return np.maximum(top, bottom, out=top)
+
+    def _backward_pairs(self, dy):
+        """Route dy down the tournament of _forward_pairs, writing each quarter of dx once."""
+        C, N, (H, W) = dy.shape[0], dy.shape[-1], self.in_shape[1:]
+        dx = np.empty((C, H, W, N), dy.dtype)
+        dx[:, 2 * self.Ho :] = 0  # rows and columns no window covers
+        dx[:, :, 2 * self.Wo :] = 0
+        a, b, c, d = self._quarters(dx)
+        top = dy * self.top_wins
+        bottom = np.subtract(dy, top, out=dy if self.overwrite_dy else None)
+        np.subtract(top, np.multiply(top, self.b_wins, out=b), out=a)
+        np.subtract(bottom, np.multiply(bottom, self.d_wins, out=d), out=c)
+        return dx
+

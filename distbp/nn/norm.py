@@ -93,15 +93,21 @@ class BatchNorm(Layer):
         return y
 
     def _batch_stats(self, x, axes):
-        """Global mean and biased variance per channel in two passes (float64): var = mean((x - mean)^2)."""
+        """Global mean and biased variance per channel in two passes, summed in float64: var = mean((x - mean)^2).
+
+        x is centered on the mean rounded to x.dtype (a float64 copy of a float32 x costs several times
+        more), and var corrects for that rounding d exactly: mean((x - mean + d)^2) = var + d^2.
+        """
         sums = np.empty(self.C + 1)  # [sum x (C), count]
         sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
         sums[-1] = x.size // self.C
         self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
         mean = sums[: self.C] / max(M, 1)
-        centered = x - mean.reshape((1, self.C) + (1,) * (x.ndim - 2))  # float64
-        squares = np.square(centered).sum(axis=axes, dtype=np.float64)  # sum (x - mean)^2, (C,)
-        return mean, _allreduce(self.ctx, squares) / max(M, 1)
+        shift = mean.astype(x.dtype)
+        centered = x - self._channel(shift, x)
+        squares = np.square(centered, out=centered).sum(axis=axes, dtype=np.float64)  # sum (x - shift)^2, (C,)
+        d = mean - shift
+        return mean, np.maximum(_allreduce(self.ctx, squares) / max(M, 1) - d * d, 0)
 
     def _update_running(self, mean, var, M):
         """Exponential moving averages, unbiased variance like torch."""
