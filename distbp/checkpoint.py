@@ -327,6 +327,9 @@ def prune(directory: str | os.PathLike, keep: int, newest_valid: Path) -> list[P
 def describe(ck: Checkpoint) -> list[str]:
     """Human-readable lines: position, config, and each array's shape and size."""
     lines = [f"{k}: {ck.attrs.get(k)}" for k in (*POSITION_KEYS, "created", "distbp_version", "checksum")]
+    a = ck.attrs  # the stored epoch is the 0-based index of the data position; people count epochs from 1
+    lines[POSITION_KEYS.index("epoch")] = (f"epoch: {a.get('epoch', 0) + 1} ({a.get('step_in_epoch')} steps into "
+                                           f"it; stored 0-based as epoch={a.get('epoch')})")
     lines.append(f"optimizer: {ck.opt_name} {ck.opt_scalars}")
     for key, a in _arrays_in_order(ck):
         lines.append(f"{key:40s} {str(a.shape):16s} {a.dtype} {a.nbytes / 1024:.1f} KiB")

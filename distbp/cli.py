@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import shutil
 import sys
@@ -12,25 +13,49 @@ import traceback
 from . import __version__
 from .atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
+from .progress import MODES
 from .safeio import check_output
 
-EPILOG_TRAIN = """examples:
+EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
+is in docs/CONFIG.md):
+  {sections}
+examples:
   distbp train                                  the default MLP on the shipped digits
   mpirun -n 8 distbp train digits --set train.epochs=50
   distbp train my.toml --set optim.lr=0.01 --run-dir runs/a --resume never
 exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal (resumable)"""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that suggests the closest choice ("did you mean ...?") for a mistyped command."""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            close = difflib.get_close_matches(value, list(action.choices), n=1)
+            if close:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r} (did you mean {close[0]!r}?)")
+        super()._check_value(action, value)
+
+    def error_unknown(self, extras: list[str]):
+        """Exit 2 with this (sub)command's usage, naming unknown arguments and the closest option."""
+        options = [o for a in self._actions for o in a.option_strings]
+        hints = [f"{x!r}: did you mean {close[0]!r}?" for x in extras if x.startswith("-")
+                 for close in [difflib.get_close_matches(x.split("=", 1)[0], options, n=1)] if close]
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + ("; " + "; ".join(hints) if hints else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
-    p = argparse.ArgumentParser(prog="distbp", description="Data-parallel backprop on CPUs with MPI and HDF5.")
+    from .config import SECTIONS
+    p = Parser(prog="distbp", description="Data-parallel backprop on CPUs with MPI and HDF5.")
     p.add_argument("--version", action="version", version=f"distbp {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                          help="distbp COMMAND --help shows its options")
 
     t = sub.add_parser("train", help="train a model (under mpirun/srun: data-parallel)",
-                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG_TRAIN.format(sections=", ".join(SECTIONS)),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...; default: digits)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
@@ -39,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: newest valid checkpoint in the run dir (default); never; or a file")
     t.add_argument("--force", action="store_true",
                    help="with --resume never: move an earlier run's checkpoints and logs to RUN_DIR/old-<time>/")
+    t.add_argument("--progress", default="auto", choices=MODES,
+                   help="auto: a bar when the terminal you launched from (mpirun/srun included) is a terminal, "
+                   "else lines with epoch, percent, samples/s and ETA every train.log_every steps (default)")
 
     e = sub.add_parser("eval", help="loss and metrics of a checkpoint on a split (per-class report, confusion "
                        "matrix)")
@@ -61,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add_force(ds)
     add_convert_parser(dsub)
+    add_fetch_parser(dsub)
     di = dsub.add_parser("inspect", help="splits, shapes, dtypes, class balance, value ranges")
     di.add_argument("file", help="a distbp dataset file (.h5)")
 
@@ -84,12 +113,14 @@ EPILOG_CONVERT = """formats (told apart by name and content; .gz files are read 
   one CSV           numeric feature columns and one label column (--label; header row detected)
   two IDX files     MNIST/Fashion-MNIST images and labels, raw or gzipped, in either order
 uint8 inputs stay uint8 with x_scale 1/255 (--x-scale); other inputs become float32. (N, H, W) images
-are stored as (N, 1, H, W). Without a val split in the input, --val-fraction 0.1 of train becomes val.
+are stored as (N, 1, H, W). Without a val split in the input, --val-fraction 0.1 of train becomes val
+(stratified by class for classification).
 examples:
   distbp data convert train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz mnist.h5 \\
       --test t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
   distbp data convert iris.csv iris.h5 --label species --val-fraction 0.2 --seed 1
   distbp data convert houses.csv houses.h5 --label -1 --task regression
+  distbp data convert wine_data.csv wine.h5 --skip-rows 1 --label -1
   distbp data convert x.npy y.npy data.h5"""
 
 
@@ -104,16 +135,22 @@ def add_convert_parser(dsub):
     add_force(dc)
     dc.add_argument("--test", nargs="+", default=[], metavar="INPUT",
                     help="input file(s) of a test split, same format (put this option last)")
-    dc.add_argument("--task", default="classification", choices=("classification", "regression", "binary"),
-                    help="classification: integer or text labels; regression: float targets (default: %(default)s)")
+    dc.add_argument("--task", choices=("classification", "regression", "binary"),
+                    help="classification: integer or text labels; regression: float targets (default: "
+                    "classification; numeric labels that would make over 100 classes stop with a hint "
+                    "unless it is given)")
     dc.add_argument("--label", help="CSV label column: name or 0-based index, -1 = last "
                     "(default: a column named label, target, class or y)")
     dc.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
                     help="CSV: the first row is (not) a header (default: detected)")
     dc.add_argument("--delimiter", help="CSV delimiter (default: detected among , ; tab |)")
+    dc.add_argument("--skip-rows", type=int, default=0, metavar="N",
+                    help="CSV: skip the first N lines, e.g. a 'n_samples,n_features,...' line (default: 0)")
     dc.add_argument("--val-fraction", type=float, default=None,
                     help="fraction of train rows drawn into a val split (default 0.1; 0 if the input has val)")
     dc.add_argument("--seed", type=int, default=0, help="seed of the val split draw (default: %(default)s)")
+    dc.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=None,
+                    help="draw the val split per class, keeping class shares (default: on for classification)")
     dc.add_argument("--num-classes", type=int, help="number of classes (default: largest label + 1)")
     dc.add_argument("--x-scale", type=float, help="scale of uint8 inputs (default: 1/255)")
     dc.add_argument("--x-key", default="x", help=".npz array holding x (default: %(default)s)")
@@ -134,6 +171,38 @@ def checkpoint_path(args, comm) -> str:
     return comm.bcast_obj(on_root(comm, lambda: str(find(args.checkpoint, args.best))))
 
 
+EPILOG_FETCH = """datasets:
+  mnist, fashion-mnist   28x28 grayscale digits / clothes: 54,000 train, 6,000 val, 10,000 test
+  cifar10                32x32 RGB images (the binary version): 45,000 train, 5,000 val, 10,000 test
+  iris                   UCI iris, 4 measurements, 3 species: 120 train, 30 val
+val splits are stratified draws from the published train files (seed 0). Every file is checked
+against its size and SHA-256 pinned in distbp; raw files are kept in DIR/NAME/, the dataset is DIR/NAME.h5.
+A mirror serves MIRROR/NAME/FILE (the publisher's file names); --from DIR takes DIR/FILE.
+examples:
+  distbp data fetch mnist
+  distbp data fetch cifar10 --mirror http://mirror.example.org/datasets/
+  distbp data fetch fashion-mnist --from /shared/downloads/fashion-mnist"""
+
+
+def add_fetch_parser(dsub):
+    """distbp data fetch's arguments."""
+    from .fetch import CATALOG, MIRROR_ENV
+    df = dsub.add_parser("fetch", help="download, verify and convert a public dataset (mnist, cifar10, ...)",
+                         description="Download a public dataset (resuming partial downloads, with retries), "
+                         "verify every file's SHA-256, and convert it to DIR/NAME.h5.",
+                         epilog=EPILOG_FETCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    df.add_argument("name", choices=sorted(CATALOG), metavar="NAME", help=f"one of {', '.join(sorted(CATALOG))}")
+    df.add_argument("--dir", default="data", help="folder for the dataset and its raw files (default: %(default)s)")
+    df.add_argument("--mirror", metavar="URL", help=f"base URL of a mirror serving URL/NAME/FILE (default: "
+                    f"${MIRROR_ENV} if set, else the publishers' sites)")
+    df.add_argument("--from", dest="source", metavar="DIR", help="take the files from this folder (copied by "
+                    "hand) instead of downloading them")
+    df.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds without data before a download attempt gives up (default: %(default)s)")
+    df.add_argument("--retries", type=int, default=5,
+                    help="download attempts per file, resuming, with backoff 1, 2, 4, ... s (default: %(default)s)")
+
+
 def add_plot_predict_parsers(sub):
     """distbp plot's and distbp predict's arguments."""
     pl = sub.add_parser("plot", help="PNG of loss and accuracy curves of one or more runs",
@@ -148,9 +217,12 @@ def add_plot_predict_parsers(sub):
                         "classification, outputs for regression, written to an HDF5 file by rank 0. "
                         "Under mpirun every rank predicts a contiguous slice of the rows.")
     add_checkpoint_argument(pr)
-    pr.add_argument("input", help="a distbp dataset file (with --split) or an .npy array of inputs")
-    pr.add_argument("out", metavar="OUT.h5", help="predictions file to write")
+    pr.add_argument("input", metavar="INPUT", help="a distbp dataset file (with --split), an .npy array or a CSV file of inputs "
+                    "(feature columns only; header detected)")
+    pr.add_argument("out", metavar="OUT", help="predictions file to write: HDF5, or CSV if the name ends in .csv")
     pr.add_argument("--split", default="val", help="split of a dataset input (default: %(default)s)")
+    pr.add_argument("--data", help="for .npy/.csv inputs: the dataset giving the task, classes and x_scale "
+                    "(default: the one the run trained on)")
     pr.add_argument("--batch", type=int, default=1024, help="rows per forward pass (default: %(default)s)")
     add_force(pr)
 
@@ -167,7 +239,7 @@ def cmd_train(args, comm) -> int:
     from .train import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-    return run(cfg, comm, run_dir, args.resume, args.force)
+    return run(cfg, comm, run_dir, args.resume, args.force, args.progress)
 
 
 def cmd_eval(args, comm) -> int:
@@ -193,7 +265,7 @@ def alone_on_root(cmd, args, comm) -> int:
 
 
 def cmd_data(args, comm) -> int:
-    """distbp data digits | synthetic | convert | inspect."""
+    """distbp data digits | synthetic | convert | fetch | inspect."""
     from . import data
     if comm.size > 1 and args.data_command != "convert":
         return alone_on_root(cmd_data, args, comm)
@@ -206,10 +278,18 @@ def cmd_data(args, comm) -> int:
         on_root(comm, lambda: convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
-            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key, force=args.force))
+            header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key,
+            skip_rows=args.skip_rows, stratify=args.stratify, force=args.force))
         if comm.is_root:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
+        return 0
+    if args.data_command == "fetch":
+        from .fetch import fetch
+        out = fetch(args.name, args.dir, mirror=args.mirror, source=args.source, timeout=args.timeout,
+                    retries=args.retries)
+        with data.Dataset(out) as ds:
+            print("\n".join(ds.describe()))
         return 0
     check_output(args.out, [], args.force)
     if args.data_command == "digits":
@@ -271,7 +351,7 @@ def cmd_predict(args, comm) -> int:
     """distbp predict."""
     from .predict import predict
     out = predict(checkpoint_path(args, comm), args.input, args.out, comm, split=args.split, batch=args.batch,
-                  force=args.force)
+                  data_path=args.data, force=args.force)
     if comm.is_root:
         print(f"wrote {out}")
     return 0
@@ -335,12 +415,26 @@ class QuietPipe:
         return getattr(self.stream, name)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; unknown arguments are reported with the usage of the (sub)command they were given to."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        for dest in ("command", "data_command", "ckpt_command"):  # down to the innermost subcommand
+            sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            if sub is None or getattr(args, dest, None) not in sub.choices:
+                break
+            parser = sub.choices[getattr(args, dest)]
+        parser.error_unknown(extras)
+    return args
+
+
 def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
     """The parsed command line; usage errors, --help and --version print on rank 0 only."""
     if comm.is_root:
-        return build_parser().parse_args(argv)
+        return _parse(argv)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        return build_parser().parse_args(argv)  # every rank exits alike, the others silently
+        return _parse(argv)  # every rank exits alike, the others silently
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -355,7 +355,9 @@ def _own_cpus() -> set[int]:
 
 
 def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
-    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them)."""
+    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them).
+
+    Warns once (rank 0) when its node has more ranks than CPUs."""
     # Collective over the node. More BLAS threads than CPUs is much slower; a user's
     # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is, except in deterministic mode: BLAS results depend on the
     # thread count (docs/DETERMINISM.md), and the default budget differs with the ranks per node.
@@ -376,6 +378,10 @@ def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
         msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
     if comm.is_root:
         log(f"distbp: {msg}")
+        if comm.local_size > cpus:
+            log(f"WARNING: {comm.local_size} ranks share {cpus} core{'s' * (cpus > 1)} on this node: oversubscribed ranks "
+                f"wait for each other and communication can take most of the step time; HINT: mpirun -n {cpus} "
+                "(or spread the ranks over more nodes)")
     return n
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -97,6 +98,12 @@ class TrainConfig:
                                    "regression", choices=BEST_CHOICES)
     nonfinite: str = key("abort", "on a NaN/Inf loss or gradient: abort, or skip the step",
                          choices=("abort", "skip"))
+    accumulate_steps: int = key(1, "forward/backward passes of batch_size rows each per optimizer step: "
+                                   "a step's batch is batch_size * accumulate_steps rows", within="[1, inf)")
+    early_stop_patience: int = key(0, "stop after this many evaluations without improvement of the best "
+                                      "metric (0 = off)", within="[0, inf)")
+    early_stop_min_delta: float = key(0.0, "an evaluation improves only if it beats the best by more than "
+                                           "this", within="[0, inf)")
 
 
 @dataclass
@@ -120,6 +127,12 @@ class OptimConfig:
     gamma: float = key(0.1, "decay factor (step schedule)", within="(0, inf)", schedule=True)
     min_lr: float = key(0.0, "final learning rate (cosine schedule; at most optim.lr)", within="[0, inf)",
                         schedule=True)
+    clip_grad_norm: float = key(0.0, "scale the gradient down to this global L2 norm when above it, as "
+                                     "torch.nn.utils.clip_grad_norm_ (0 = off)", within="[0, inf)")
+    clip_grad_value: float = key(0.0, "clip every gradient entry to [-v, v], as torch.nn.utils.clip_grad_value_ "
+                                      "(0 = off)", within="[0, inf)")
+    schedule_steps: int = key(0, "steps the schedule spans (0 = the run's total steps); fix it to keep the "
+                                 "horizon when train.epochs is raised on resume", within="[0, inf)")
 
     def __post_init__(self):
         """Resolve unset optimizer keys to the chosen optimizer's own default (None if it has none)."""
@@ -140,6 +153,15 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    """Options of the classification loss (softmax cross-entropy), as torch.nn.CrossEntropyLoss."""
+    label_smoothing: float = key(0.0, "mix eps of the uniform distribution into the targets", within="[0, 1]")
+    class_weights: list[float] | str = key([], "per-class weights: a list with one weight per class, or "
+                                               "\"balanced\" (rows / (classes * rows of the class), from the "
+                                               "train split); [] = none", within="[0, inf)")
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
     every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
@@ -150,13 +172,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment trackers fed from the records of metrics.jsonl (rank 0)."""
+    tensorboard: bool = key(False, "write TensorBoard event files into the run dir (pip install "
+                                   "'distbp[tensorboard]')")
+    mlflow: bool = key(False, "log params, metrics and the final checkpoint to MLflow (pip install "
+                              "'distbp[mlflow]')")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -171,10 +204,18 @@ def _check_type(key: str, value, tp):
     """Return value converted to tp, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):  # `float | None`: None means unset
-        (tp,) = [t for t in typing.get_args(tp) if t is not type(None)]
-        if value is None:
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
             return None
-        origin = typing.get_origin(tp)
+        if len(options) == 1:
+            return _check_type(key, value, options[0])
+        for option in options:  # `list[float] | str`: the first type that fits
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {names}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -218,7 +259,7 @@ def _check_key(key: str, value, f: dataclasses.Field):
     """Raise ConfigError unless value is in the key's declared range or choices."""
     within, choices = f.metadata["within"], _choices(f)
     items = value if isinstance(value, list) else [value]
-    if within and any(v is not None and not _in_range(v, within) for v in items):
+    if within and any(isinstance(v, int | float) and not _in_range(v, within) for v in items):
         what = "hold values" if isinstance(value, list) else "be"
         raise ConfigError(f"{key}={value!r} must {what} {_range_phrase(within)}")
     if choices and value not in choices:
@@ -226,8 +267,10 @@ def _check_key(key: str, value, f: dataclasses.Field):
 
 
 def _unknown(key: str, known) -> ConfigError:
-    """An error for an unknown key that lists the known ones."""
-    return ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(known))}")
+    """An error for an unknown key that suggests the closest known one and lists them all."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}")
 
 
 def _section(section: str, values) -> object:
@@ -265,6 +308,13 @@ def validate(cfg: Config) -> None:
     for i, spec in enumerate(m.layers):
         _require(spec.get("type") in LAYER_TYPES, f"model.layers[{i}].type={spec.get('type')!r} is not one "
                  f"of {', '.join(sorted(LAYER_TYPES))}")
+    _require(isinstance(cfg.loss.class_weights, list) or cfg.loss.class_weights == "balanced",
+             f"loss.class_weights={cfg.loss.class_weights!r} must be a list of weights, one per class, or \"balanced\"")
+    _require(not (o.clip_grad_norm and o.clip_grad_value),
+             f"optim.clip_grad_norm={o.clip_grad_norm} and optim.clip_grad_value={o.clip_grad_value} are both "
+             "set: choose one of them (set the other to 0)")
+    _require(not (t.early_stop_patience and not cfg.data.val_split),
+             f"train.early_stop_patience={t.early_stop_patience} needs evaluations: set data.val_split")
     _require(not (t.deterministic and any(s.get("type") == "batchnorm" for s in m.layers)),
              "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
              "tie the micro-shards together; use layernorm, or train.deterministic=false")
@@ -379,6 +429,6 @@ def describe_keys() -> list[tuple[str, str, object, str, str]]:
             if default is None:
                 doc += f"; unset = the optimizer's own default ({_optimizer_defaults(f.name)})"
             allowed = f.metadata["within"] or ", ".join(_choices(f))
-            tp = str(types_[f.name]).replace("typing.", "").replace(" | None", "")
+            tp = str(types_[f.name]).replace("typing.", "").replace(" | None", "").replace(" | ", " or ")
             rows.append((f"{section}.{f.name}", tp, default, allowed, doc))
     return rows

@@ -4,7 +4,8 @@ Nothing is read whole: .npy/.npz arrays and IDX files are read a block of rows a
 time from the (possibly gzipped) file, CSV files in two passes (layout and labels,
 then values). The output's datasets are preallocated, contiguous and uncompressed,
 and filled block by block; the validation split is drawn by a seeded, exact random
-subset that is also generated block by block (SplitMask). The result is written to a
+subset that is also generated block by block (SplitMask), per class for classification
+(StratifiedMask: every class keeps its share in both splits). The result is written to a
 temporary name, reopened with data.Dataset to validate it, then renamed into place.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the 
 PROGRESS_BYTES = 64 << 20  # show a progress bar (on a terminal) for inputs larger than this
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LABEL_NAMES = ("label", "labels", "target", "class", "y")
+MAX_GUESSED_CLASSES = 100  # more classes than this from numeric labels needs an explicit --task
 NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -161,6 +163,10 @@ class ArrayPair:
         self.n, self.x_shape, self.x_dtype = x.shape[0], x.shape[1:], x.dtype
         self.class_names = None
 
+    def labels(self, rows: int):
+        """Blocks of y alone."""
+        return self.y.blocks(rows)
+
     def blocks(self, rows: int):
         """(x, y) blocks of up to `rows` rows, in order."""
         xs, ys = self.x.blocks(rows), self.y.blocks(rows)
@@ -184,28 +190,37 @@ class CsvTable:
     """A CSV file of numeric feature columns and one label column, read in row blocks."""
 
     def __init__(self, path: Path, label=None, header: bool | None = None, delimiter: str | None = None,
-                 classification: bool = True):
-        self.path, self.where = path, str(path)
+                 classification: bool = True, skip_rows: int = 0, features_only: bool = False):
+        self.path, self.where, self.skip_rows = path, str(path), skip_rows
         with _reading(self.where, "CSV file"), self._open() as f:
             sample = f.read(1 << 16)
         self.delimiter = delimiter or self._sniff(sample)
-        first = list(csv.reader(io.StringIO(sample), delimiter=self.delimiter))[:2]
+        first = [row for row in csv.reader(io.StringIO(sample), delimiter=self.delimiter) if row][:2]
         if not first:
-            raise ConvertError(f"{path}: the CSV file is empty; HINT: give a file with one row per sample")
+            raise ConvertError(f"{path}: the CSV file is empty{f' after {skip_rows} skipped lines' * bool(skip_rows)}"
+                               "; HINT: give a file with one row per sample")
+        if len(first) == 2 and len(first[0]) != len(first[1]):
+            raise ConvertError(f"{path}: the first line{f' after {skip_rows} skipped' * bool(skip_rows)} has "
+                               f"{len(first[0])} cells, the next {len(first[1])}: it is not a header of this "
+                               "table (some files start with a line such as 'n_samples,n_features,class names'); "
+                               f"HINT: pass --skip-rows {skip_rows + 1} to skip it")
         if header is None:  # a header row has a text cell where the next row has a number
             header = len(first) < 2 or any(not _number(a) and _number(b) for a, b in zip(*first))
         self.names = [c.strip() for c in first[0]] if header else None
-        self.label = self._label_column(label, len(first[0]))
+        self.label = None if features_only else self._label_column(label, len(first[0]))
         self.n, texts = self._scan(header, len(first[0]))
-        self.x_shape, self.x_dtype = (len(first[0]) - 1,), np.dtype(np.float32)
+        self.x_shape, self.x_dtype = (len(first[0]) - (not features_only),), np.dtype(np.float32)
         self.class_names = sorted(texts) if texts else None
         if texts and not classification:
             raise ConvertError(f"{path}: label column {self._label_name()} holds text; HINT: regression "
                                "targets must be numbers (or use --task classification)")
 
     def _open(self):
-        """The file as text (gzip-aware)."""
-        return io.TextIOWrapper(_open_binary(self.path), encoding="utf-8-sig", newline="")
+        """The file as text (gzip-aware), past the first skip_rows lines."""
+        f = io.TextIOWrapper(_open_binary(self.path), encoding="utf-8-sig", newline="")
+        for _ in range(self.skip_rows):
+            f.readline()
+        return f
 
     @staticmethod
     def _sniff(sample: str) -> str:
@@ -248,7 +263,7 @@ class CsvTable:
             next(reader, None)
         for row in reader:
             if row and any(c.strip() for c in row):
-                yield reader.line_num, row
+                yield reader.line_num + self.skip_rows, row
 
     def _scan(self, header: bool, width: int) -> tuple[int, set]:
         """First pass: row count, every row's width, and the label values if they are text (class names)."""
@@ -258,12 +273,14 @@ class CsvTable:
                 if len(row) != width:
                     raise ConvertError(f"{self.path}: line {line} has {len(row)} columns, the first row {width};"
                                        " HINT: fix that line, or pass --delimiter if it was guessed wrong")
+                n += 1
+                if self.label is None:
+                    continue
                 value = row[self.label].strip()
                 if _number(value):
                     numbers += 1
                 else:
                     texts.add(value)
-                n += 1
         if n == 0:
             raise ConvertError(f"{self.path}: no data rows; HINT: give a file with one row per sample")
         if texts and numbers:
@@ -286,9 +303,14 @@ class CsvTable:
             if block:
                 yield self._parse(block, lines, index)
 
-    def _parse(self, block, lines, index) -> tuple[np.ndarray, np.ndarray]:
-        """Numeric x and y of a block of rows of cells."""
-        labels = [row.pop(self.label).strip() for row in block]
+    def labels(self, rows: int):
+        """Blocks of the label column alone (parsed as blocks() does)."""
+        for _, y in self.blocks(rows):
+            yield y
+
+    def _parse(self, block, lines, index) -> tuple[np.ndarray, np.ndarray | None]:
+        """Numeric x and y (None for a features-only table) of a block of rows of cells."""
+        labels = [] if self.label is None else [row.pop(self.label).strip() for row in block]
         try:
             x = np.array(block, dtype=np.float32)
             y = np.array([index[v] for v in labels] if index else labels, dtype=np.float64)
@@ -300,11 +322,11 @@ class CsvTable:
                                            "HINT: fill or drop that row, or choose the label column "
                                            "with --label") from None
             raise
-        return x, y
+        return x, None if self.label is None else y
 
 
 def open_inputs(inputs, label=None, header=None, delimiter=None, task="classification",
-                x_key="x", y_key="y") -> dict:
+                x_key="x", y_key="y", skip_rows=0) -> dict:
     """{split: table} from one .npz, an x/y pair of .npy files, a CSV file, or IDX images + labels."""
     paths = [Path(p) for p in inputs]
     for p in paths:
@@ -319,7 +341,7 @@ def open_inputs(inputs, label=None, header=None, delimiter=None, task="classific
         images, labels = sorted((idx_array(p) for p in paths), key=lambda a: -len(a.shape))
         return {"train": ArrayPair(images, labels)}
     if len(paths) == 1 and not is_idx(paths[0]) and not names[0].endswith(".npy"):
-        return {"train": CsvTable(paths[0], label, header, delimiter, task == "classification")}
+        return {"train": CsvTable(paths[0], label, header, delimiter, task == "classification", skip_rows)}
     raise ConvertError(f"cannot tell the format of {', '.join(map(str, paths))}; HINT: give one .npz (arrays "
                        f"{x_key}, {y_key} or x_train, y_train, ...), two .npy files (x then y), one CSV file, "
                        "or two IDX files (images and labels, gzipped or not)")
@@ -344,8 +366,8 @@ def _npz_splits(path: Path, x_key: str, y_key: str) -> dict:
 class SplitMask:
     """Which rows go to the validation split: an exact, seeded random subset of n_val of n rows, made in blocks."""
 
-    def __init__(self, n: int, n_val: int, seed: int):
-        self.rng = np.random.default_rng([seed, n])
+    def __init__(self, n: int, n_val: int, seed: int, stream: tuple = ()):
+        self.rng = np.random.default_rng([seed, n, *stream])
         self.rows_left, self.val_left = n, n_val
         self.buf = np.zeros(0, bool)
 
@@ -363,6 +385,35 @@ class SplitMask:
         while len(self.buf) < rows:
             self.buf = np.concatenate([self.buf, self._next_block()])
         out, self.buf = self.buf[:rows], self.buf[rows:]
+        return out
+
+    def flags(self, y: np.ndarray) -> np.ndarray:
+        """Flags of the next len(y) rows (their labels do not matter here)."""
+        return self.take(len(y))
+
+
+def stratified_counts(counts: np.ndarray, n_val: int) -> np.ndarray:
+    """Val rows per class: each class's share of n_val, remainders to the largest fractions (sum = n_val)."""
+    exact = counts * (n_val / counts.sum())
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(quota - exact, kind="stable")  # largest fractional part first
+    quota[order[:n_val - quota.sum()]] += 1
+    return quota
+
+
+class StratifiedMask:
+    """Which rows go to the validation split, drawn per class: an exact seeded subset of each class's rows."""
+
+    def __init__(self, counts: np.ndarray, n_val: int, seed: int):
+        self.masks = [SplitMask(int(c), int(q), seed, (k,))
+                      for k, (c, q) in enumerate(zip(counts, stratified_counts(counts, n_val)))]
+
+    def flags(self, y: np.ndarray) -> np.ndarray:
+        """Flags (True = val) of the next rows, whose class labels are y."""
+        out = np.zeros(len(y), bool)
+        for k in np.unique(y):
+            rows = y == k
+            out[rows] = self.masks[k].take(int(rows.sum()))
         return out
 
 
@@ -401,11 +452,41 @@ def _y_rows(y: np.ndarray, task: str, where: str, row0: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _routes(tables: dict, n_val: int, seed: int) -> dict:
-    """{source split: SplitMask, or None to copy it whole}: the train source feeds train and val when n_val > 0."""
+def _routes(tables: dict, n_val: int, seed: int, train_counts: np.ndarray | None) -> dict:
+    """{source split: mask, or None to copy it whole}: the train source feeds train and val when n_val > 0;
+    stratified when train_counts (rows per class) are given."""
     if n_val and "val" in tables:
         raise ConvertError("the input already has a val split; HINT: drop --val-fraction")
-    return {name: (SplitMask(t.n, n_val, seed) if n_val and name == "train" else None) for name, t in tables.items()}
+    mask = SplitMask(tables["train"].n, n_val, seed) if train_counts is None else \
+        StratifiedMask(train_counts, n_val, seed)
+    return {name: (mask if n_val and name == "train" else None) for name in tables}
+
+
+def _block_rows(t) -> int:
+    """Rows per block of a table: BLOCK_BYTES of x and y rows."""
+    y_bytes = t.y.dtype.itemsize * math.prod(t.y.shape[1:]) if isinstance(t, ArrayPair) else 8
+    return max(1, BLOCK_BYTES // (t.x_dtype.itemsize * math.prod(t.x_shape) + y_bytes))
+
+
+def _class_counts(tables: dict, task_given: bool) -> dict:
+    """{split: rows per class} from a pass over the labels; refuses numeric labels that would make
+    more than MAX_GUESSED_CLASSES classes unless --task classification was given."""
+    counts = {}
+    for name, t in tables.items():
+        total, row0 = np.zeros(0, np.int64), 0
+        for y in t.labels(_block_rows(t)):
+            numeric = y.dtype.kind == "f" and t.class_names is None and (y.ndim == 1 or y.shape[1] == 1)
+            y = _y_rows(y, "classification", t.where, row0)
+            if len(y) and numeric and not task_given and y.max() >= MAX_GUESSED_CLASSES:
+                raise ConvertError(f"{t.where}: the labels are numbers up to {int(y.max())}, which would make "
+                                   f"{int(y.max()) + 1} classes; HINT: pass --task regression for numeric "
+                                   "targets, or --task classification if they really are classes")
+            block = np.bincount(y)
+            total = np.pad(total, (0, max(0, len(block) - len(total))))
+            total[:len(block)] += block
+            row0 += len(y)
+        counts[name] = total
+    return counts
 
 
 def _out_shapes(tables: dict, routes: dict, n_val: int, task: str) -> dict:
@@ -431,21 +512,17 @@ def _out_shapes(tables: dict, routes: dict, n_val: int, task: str) -> dict:
     return out
 
 
-def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar) -> int:
-    """Stream every table into the preallocated splits; returns the largest class index seen (-1 if none)."""
+def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar):
+    """Stream every table into the preallocated splits."""
     pos = dict.fromkeys(shapes, 0)
-    top = -1
     for name, t in tables.items():
-        row_bytes = max(1, t.x_dtype.itemsize * math.prod(t.x_shape))
         row0 = 0
-        for x, y in t.blocks(max(1, BLOCK_BYTES // row_bytes)):
+        for x, y in t.blocks(_block_rows(t)):
             x, y = _x_rows(x, t.where, row0), _y_rows(y, task, t.where, row0)
-            if task == "classification" and len(y):
-                top = max(top, int(y.max()))
             if routes[name] is None:
                 parts = [(name, slice(None))]
             else:
-                val = routes[name].take(len(x))
+                val = routes[name].flags(y)
                 parts = [("val", val), ("train", ~val)]
             for split, sel in parts:
                 xs, ys = x[sel], y[sel]
@@ -454,19 +531,30 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
                 pos[split] += len(xs)
             row0 += len(x)
             bar.update(len(x))
-    return top
 
 
-def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classification",
+def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
-            x_key: str = "x", y_key: str = "y", force: bool = False) -> Path:
-    """Convert input files to the dataset file `out` (see the module docstring); returns its path."""
+            x_key: str = "x", y_key: str = "y", skip_rows: int = 0, stratify: bool | None = None,
+            attrs: dict | None = None, force: bool = False) -> Path:
+    """Convert input files to the dataset file `out` (see the module docstring); returns its path.
+
+    task None means classification, guessed (numeric labels making over MAX_GUESSED_CLASSES classes are
+    refused); stratify None means stratified for classification; attrs are extra root attributes."""
     out = check_output(out, [*inputs, *test_inputs], force)
+    task_given, task = task is not None, task or "classification"
     if task not in TASKS:
         raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
-    kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key)
+    if stratify and task != "classification":
+        raise ConvertError(f"--stratify needs class labels, not --task {task}; HINT: drop --stratify")
+    if skip_rows < 0:
+        raise ConvertError(f"--skip-rows {skip_rows} must be 0 or more")
+    kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key,
+              skip_rows=skip_rows)
     tables = open_inputs(inputs, **kw)
+    if skip_rows and not isinstance(tables["train"], CsvTable):
+        raise ConvertError(f"--skip-rows applies to CSV inputs, not {', '.join(map(str, inputs))}; HINT: drop it")
     if test_inputs:
         tables["test"] = open_inputs(test_inputs, **kw)["train"]
     names = sorted(set().union(*(t.class_names or () for t in tables.values())))
@@ -481,8 +569,11 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
     if not 0 <= val_fraction < 1 or (val_fraction and not 0 < n_val < tables["train"].n):
         raise ConvertError(f"--val-fraction {val_fraction} of {tables['train'].n} rows leaves an empty split; "
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
-    routes = _routes(tables, n_val, seed)
+    counts = _class_counts(tables, task_given) if task == "classification" else {}
+    stratify = task == "classification" if stratify is None else stratify
+    routes = _routes(tables, n_val, seed, counts["train"] if stratify else None)
     shapes = _out_shapes(tables, routes, n_val, task)
+    top = max((len(c) - 1 for c in counts.values()), default=-1)
     # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
     # fill the disk meanwhile; the old file stays whole in any case)
     check_space(out, sum(n * (math.prod(xr) * np.dtype(xd).itemsize + math.prod(yr) * np.dtype(yd).itemsize)
@@ -498,16 +589,18 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str = "classificat
                 group = f.create_group(name)
                 group.create_dataset("x", (n, *x_row), x_dtype, track_times=False)
                 group.create_dataset("y", (n, *y_row), y_dtype, track_times=False)
-            top = _fill(f, tables, routes, shapes, task, bar)
+            _fill(f, tables, routes, shapes, task, bar)
             f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes,
-                                   n_val, val_fraction, seed))
+                                   n_val, val_fraction, seed, stratify))
+            f.attrs.update(attrs or {})
         with Dataset(result.tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
                 ds.split(name)
         return result.commit()
 
 
-def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes, n_val, val_fraction, seed):
+def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes, n_val, val_fraction, seed,
+            stratify):
     """The root attributes of the converted file."""
     names = next(iter(tables.values())).class_names
     if task == "classification":
@@ -533,5 +626,6 @@ def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes
         raise ConvertError("--x-scale applies only to uint8 inputs (stored as is and scaled when read); "
                            "HINT: scale float inputs before converting, or drop --x-scale")
     if n_val:
-        attrs["split"] = f"val: {n_val} rows ({val_fraction:g}) drawn from train by --seed {seed}"
+        attrs["split"] = (f"val: {n_val} rows ({val_fraction:g}) drawn from train by --seed {seed}"
+                          + ", stratified by class" * stratify)
     return attrs

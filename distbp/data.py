@@ -62,15 +62,15 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_header(where: str, attrs) -> tuple[str, int | None, float | None]:
-    """Validate the root attributes; returns (task, num_classes, x_scale)."""
+def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int | None, float | None]:
+    """Validate the root attributes; returns (task, num_classes, x_scale); hints name the argument `arg`."""
     fmt = _attr(attrs, "distbp_format")
     if fmt is None:
         _fail(where, "no distbp_format attribute, so this is not a distbp dataset",
               "write datasets with distbp.data.write_dataset or `distbp data convert`")
     if fmt == "checkpoint":
         _fail(where, "this is a distbp checkpoint, not a dataset",
-              "set data.path to a dataset file; checkpoints go to --resume or `distbp eval`")
+              f"set {arg} to a dataset file; checkpoints go to --resume or `distbp eval`")
     if fmt != FORMAT:
         _fail(where, f"distbp_format={fmt!r}, expected {FORMAT!r}",
               "write the file with distbp.data.write_dataset")
@@ -199,13 +199,13 @@ def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
         _fail(_where(path, split), f"cannot read the data ({e})", DAMAGED)
 
 
-def _open(path: Path) -> h5py.File:
-    """h5py.File(path, 'r') with a DataError for every way that fails."""
+def _open(path: Path, arg: str = "data.path") -> h5py.File:
+    """h5py.File(path, 'r') with a DataError for every way that fails; hints name the argument `arg`."""
     if not path.exists():
-        _fail(_where(path), "no such file", "check data.path, or create a dataset with "
+        _fail(_where(path), "no such file", f"check {arg}, or create a dataset with "
               "`distbp data digits OUT.h5` or `distbp data synthetic OUT.h5`")
     if path.is_dir():
-        _fail(_where(path), "is a directory, not a file", "set data.path to an .h5 dataset file")
+        _fail(_where(path), "is a directory, not a file", f"set {arg} to an .h5 dataset file")
     try:
         return h5py.File(path, "r")  # file locking as HDF5 decides (HDF5_USE_FILE_LOCKING)
     except PermissionError:
@@ -216,7 +216,7 @@ def _open(path: Path) -> h5py.File:
                   "to finish, or set HDF5_USE_FILE_LOCKING=FALSE on file systems without locking")
         if not h5py.is_hdf5(path):
             _fail(_where(path), "not an HDF5 file",
-                  "give data.path a distbp dataset; convert other data with `distbp data convert`")
+                  f"give {arg} a distbp dataset; convert other data with `distbp data convert`")
         _fail(_where(path), f"cannot be opened, it is truncated or damaged ({e})", DAMAGED)
 
 
@@ -256,6 +256,18 @@ class Split:
             x = np.multiply(x, np.dtype(dtype).type(self._ds.x_scale), dtype=dtype)
         y_dtype = np.int64 if self._ds.task == "classification" else dtype
         return x.astype(dtype, copy=False), y.astype(y_dtype, copy=False)
+
+    def labels(self, indices) -> np.ndarray:
+        """Class labels (int64) of these rows in this order, without reading x."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.in_memory or idx.size == 0:
+            return np.asarray(self._y[:0] if idx.size == 0 else self._y.take(idx), dtype=np.int64)
+        rows, inverse = np.unique(idx, return_inverse=True)
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == rows.size else rows
+        try:
+            return np.asarray(self._y[sel], dtype=np.int64)[inverse]
+        except OSError as e:
+            _fail(_where(self._ds.path, self.name), f"cannot read labels ({e})", DAMAGED)
 
     def _read_file(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows idx from the file: sort, read once (one slice when contiguous), un-permute."""
@@ -302,14 +314,14 @@ class Split:
 class Dataset:
     """A dataset file opened read-only with its format, splits and shapes validated."""
 
-    def __init__(self, path, bounded_read: bool = True):
+    def __init__(self, path, arg: str = "data.path", bounded_read: bool = True):
         self.path = Path(path)
         if bounded_read:  # header, splits and attributes first read in a child with a time limit
-            self._bounded(lambda: Dataset(self.path, bounded_read=False).attrs)
-        self._file = _open(self.path)
+            self._bounded(lambda: Dataset(self.path, arg, bounded_read=False).attrs)
+        self._file = _open(self.path, arg)
         self._splits: dict[str, Split] = {}
         try:
-            self.task, self.num_classes, self.x_scale = _check_header(_where(self.path), self._file.attrs)
+            self.task, self.num_classes, self.x_scale = _check_header(_where(self.path), self._file.attrs, arg)
             self._arrays = self._scan_splits()
         except BaseException:
             self._file.close()

@@ -8,23 +8,23 @@ from . import faults
 from .config import config_from_dict
 from .data import Dataset, digits_path
 from .errors import agree, on_root
-from .nn import make_loss
 from .normalize import Normalizer
 from .sampler import shard
 from .scores import RegressionSums, class_report, confusion
-from .state import build_model, load_params
+from .state import build_loss, build_model, load_params
 from .watchdog import configure as configure_watchdog
 
 
 def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names: list[str] | None = None,
              chunk: int = 1024) -> dict:
-    """Exact global loss and the task's metrics over a split, each rank on a contiguous slice.
+    """Exact global loss (the mean of the training loss) and the task's metrics over a split, each rank on a
+    contiguous slice.
 
     The loss is in the units the model is trained in; RMSE, MAE and R^2 in the original target units.
     With class_names (classification), adds the per-class report and confusion matrix as "report".
     """
     lo, hi = shard(split.n, comm.rank, comm.size)
-    sums = np.zeros(3)  # loss sum, correct, rows
+    sums = np.zeros(4)  # loss sum, correct, rows, what the loss mean divides by (rows or summed class weights)
     k = model.out_shape[0]
     reg = RegressionSums(k, norm.y_mean) if task == "regression" else None
     cm = np.zeros((k, k)) if class_names and task == "classification" else None
@@ -34,7 +34,7 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
         x, y = split.read(np.arange(a, min(a + chunk, hi)), model.params.dtype)
         out = model.forward(norm.x(x))
         y_model = norm.y(y)
-        sums += (loss.forward(out, y_model), loss.correct(out, y_model), len(y))
+        sums += (loss.forward(out, y_model), loss.correct(out, y_model), len(y), loss.total_weight(y_model))
         if reg is not None:
             reg.add(norm.y_original(out).astype(np.float64), y.reshape(len(y), -1).astype(np.float64))
         if cm is not None:
@@ -44,7 +44,7 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
         if buf is not None:
             comm.allreduce_sum(buf)
     rows = max(sums[2], 1)
-    result = {"val_loss": sums[0] / rows}
+    result = {"val_loss": sums[0] / sums[3] if sums[3] else 0.0}
     if task in ("classification", "binary"):
         result["val_accuracy"] = sums[1] / rows
     if reg is not None:
@@ -54,8 +54,9 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
     return result
 
 
-def load_model(path: str, comm, data_path: str | None = None):
-    """(model, dataset, config, normalizer) from a checkpoint: rank 0 reads, the rest is broadcast."""
+def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "data.path"):
+    """(model, dataset, config, normalizer) from a checkpoint: rank 0 reads, the rest is broadcast; data_arg
+    names the dataset's argument in messages."""
     ck = on_root(comm, ckpt.load, path)
     config, norm = comm.bcast_obj((ck.config, ck.normalization) if comm.is_root else None)
     cfg = agree(comm, config_from_dict, config)
@@ -63,7 +64,7 @@ def load_model(path: str, comm, data_path: str | None = None):
     faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
         cfg.data.path = data_path
-    data = agree(comm, Dataset, cfg.data.path or digits_path())
+    data = agree(comm, Dataset, cfg.data.path or digits_path(), data_arg)
     model = agree(comm, build_model, cfg, data)
     on_root(comm, load_params, ck, model)
     comm.bcast(model.params)
@@ -77,6 +78,6 @@ def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: st
     model, data, cfg, norm = load_model(path, comm, data_path)
     part = agree(comm, data.split, split)
     part.load(cfg.data.memory_mb * 2**20, comm)
-    result = evaluate(model, make_loss(data.task), part, comm, data.task, norm, data.class_names)
+    result = evaluate(model, build_loss(cfg, data, comm), part, comm, data.task, norm, data.class_names)
     return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()},
             "checkpoint": str(path)}

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from .progress import Progress
 
 from .errors import UserError
 
@@ -64,30 +64,36 @@ def _last_byte(path: Path) -> bytes:
 
 
 class RunLog:
-    """Log lines, metrics records and progress, written by rank 0 only."""
+    """Log lines, metrics records (also fed to the trackers) and progress, written by rank 0 only."""
 
-    def __init__(self, run_dir: Path | None, master: bool, total_steps: int, log_every: int):
-        self.master, self.log_every = master, log_every
+    def __init__(self, run_dir: Path | None, master: bool, progress: Progress | None = None, trackers=()):
+        self.master, self.trackers = master, list(trackers)
         self.metrics = LineFile(run_dir / "metrics.jsonl") if master and run_dir else None
         self.logfile = LineFile(run_dir / "train.log") if master and run_dir else None
-        use_bar = master and sys.stdout.isatty()
-        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True) if use_bar else None
+        self.display = progress if master else None
 
     def info(self, msg: str):
         """One log line on rank 0: terminal (above the bar) and train.log."""
         if not self.master:
             return
-        if self.bar:
-            self.bar.write(msg)
+        if self.display and self.display.bar:
+            self.display.bar.write(msg)
         else:
             print(msg, flush=True)
         if self.logfile:
             self.logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
 
     def record(self, **fields):
-        """Append one JSON object to metrics.jsonl."""
+        """Append one JSON object to metrics.jsonl and hand the same record to each tracker."""
         if self.metrics:
             self.metrics.write(json.dumps(fields))
+        for tracker in list(self.trackers):
+            try:
+                tracker.record(fields)
+            except Exception as e:  # a tracker that fails mid-run (say its server went away) never stops training
+                self.trackers.remove(tracker)
+                self.info(f"WARNING: {type(tracker).__name__} tracking stopped ({type(e).__name__}: {e}); "
+                          "metrics.jsonl keeps every record")
 
     def best(self, key: str, up_to_step: int, mode: str = "max") -> tuple[float, int] | None:
         """Rank 0: the best (value, step) of `key` ("max" or "min") in metrics.jsonl at steps <= up_to_step."""
@@ -105,24 +111,31 @@ class RunLog:
         best = max(values, default=None)  # the earliest step among equal values
         return None if best is None else (best[0] if mode == "max" else -best[0], -best[1])
 
-    def progress(self, step: int, fields: dict):
-        """Advance the bar, or print a plain line every log_every steps."""
-        if not self.master:
-            return
-        if self.bar:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in fields.items()}, refresh=True)
-        elif step % self.log_every == 0:
-            self.info(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in fields.items()))
+    def progress(self, step: int, epoch: int, samples: int, fields: dict):
+        """Advance the bar or print a progress line (see progress.Progress)."""
+        if self.display:
+            self.display.update(step, epoch, samples, fields)
 
-    def resume_bar(self, step: int):
-        """Start the bar at a resumed step."""
-        if self.bar:
-            self.bar.n = self.bar.last_print_n = step
+    def start_progress(self, step: int, samples: int):
+        """Count progress (rates, ETA) from the first step of this invocation, a resumed one included."""
+        if self.display:
+            self.display.start(step, samples)
 
-    def close(self):
-        """Close files and the bar."""
-        for f in (self.bar, self.metrics, self.logfile):
+    def end_progress(self):
+        """Close the bar, so that its last line comes before what is logged next (the summary)."""
+        if self.display:
+            self.display.close()
+
+    def close(self, exit_code: int | None = None):
+        """Close the bar, the trackers (with the run's exit code) and the files."""
+        self.end_progress()
+        for tracker in self.trackers:
+            try:
+                tracker.close(exit_code)
+            except Exception as e:
+                self.info(f"WARNING: {type(tracker).__name__} did not close cleanly ({type(e).__name__}: {e})")
+        self.trackers = []
+        for f in (self.metrics, self.logfile):
             if f:
                 f.close()
 
@@ -196,6 +209,7 @@ def format_summary(summary: dict) -> list[str]:
             *_metric_rows(summary),
             ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
-            *_time_rows(summary.get("time_s", {}))]
+            ("stopped", summary.get("stopped"))]
+    rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}))
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import UserError
@@ -35,9 +36,34 @@ def read_metrics(run_dir) -> dict:
     if not train and not evals:
         raise UserError(f"{path}: no train or eval records yet; HINT: plot after the run has logged steps")
     records = [*train.values(), *evals.values()]
-    # a step s of epoch e has s <= (e + 1) P, with equality at the epoch's end
-    per_epoch = per_epoch or max(r[0] / (r[1] + 1) for r in records)
+    # a step s of (1-based) epoch e has s <= e P, with equality at the epoch's end
+    per_epoch = per_epoch or max(r[0] / max(r[1], 1) for r in records)
     return {"train": sorted(train.values()), "eval": sorted(evals.values()), "steps_per_epoch": per_epoch}
+
+
+def ema(values, weight: float | None = None) -> list[float]:
+    """Exponential moving average with the start-up bias removed (TensorBoard's smoothing).
+
+    The default weight averages over about 5% of the points (0.6 to 0.98)."""
+    weight = min(0.98, max(0.6, 1 - 20 / max(len(values), 1))) if weight is None else weight
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def short_names(run_dirs) -> list[str]:
+    """Run directories without the leading and trailing text they all share (cut at / - _), e.g. lr0.1, lr0.01."""
+    names = [Path(d).resolve().as_posix() for d in run_dirs]
+    if len(names) == 1:
+        return [Path(names[0]).name]
+    prefix = os.path.commonprefix(names)
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    cut_front = max(prefix.rfind(c) for c in "/-_") + 1
+    cut_back = min([i for i in (suffix.find(c) for c in "/-_") if i >= 0] or [len(suffix)])
+    short = [n[cut_front:len(n) - len(suffix) + cut_back] for n in names]
+    return short if all(short) and len(set(short)) == len(short) else names
 
 
 def _pyplot_free_figure():
@@ -46,47 +72,33 @@ def _pyplot_free_figure():
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("distbp plot needs matplotlib; HINT: pip install 'distbp[plot]'") from None
-    return Figure(figsize=(11, 7.5), layout="constrained")
+    return Figure(figsize=(13, 7.5), layout="constrained")
 
 
-def _plot_eval(axes, name: str, color: str, x: list, metrics: list[dict]):
+def _legend(fig, names, colors):
+    """One legend outside the axes: a colour per run, a line style per curve."""
+    from matplotlib.lines import Line2D
+    runs = [Line2D([], [], color=c, lw=2, label=n) for n, c in zip(names, colors)]
+    styles = [Line2D([], [], color="0.3", lw=1.6, label="train loss (EMA)"),
+              Line2D([], [], color="0.3", lw=0.8, alpha=0.3, label="train loss (raw)"),
+              Line2D([], [], color="0.3", lw=1.2, ls="--", label="val loss / val accuracy")]
+    fig.legend(handles=runs + styles, loc="outside right upper", fontsize="small", frameon=False)
+
+
+def _plot_eval(axes, color: str, x: list, metrics: list[dict]):
     """Val scores (accuracy, R^2) on axes[0], regression errors (RMSE, MAE, baseline RMSE) on axes[1]."""
     for ax, keys in zip(axes, (SCORES, ERRORS)):
         for style, key in zip(("-", "--", ":"), keys):
             ys = [m.get(key) for m in metrics]
             if any(v is not None for v in ys):
-                ax.plot(x, ys, color=color, linestyle=style, marker=".", label=f"{name} {key[4:]}")
+                ax.plot(x, ys, color=color, linestyle=style, marker="." if len(x) <= 40 else None,
+                        label=key[4:])
 
 
 def plot_runs(run_dirs, out, force: bool = False) -> Path:
-    """Write a PNG: loss, val scores and (regression) val errors against steps (top) and epochs (bottom)."""
+    """Write make_figure's image (PNG, or PDF/SVG by the suffix) atomically, never over an input."""
     out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
-    runs = {str(d): read_metrics(d) for d in run_dirs}
-    errors = any(k in m for r in runs.values() for *_, m in r["eval"] for k in ERRORS)
-    fig = _pyplot_free_figure()
-    axes = fig.subplots(2, 3 if errors else 2)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    for (name, m), color in zip(runs.items(), colors):
-        for row, scale in enumerate((1.0, 1.0 / m["steps_per_epoch"])):
-            loss_ax = axes[row][0]
-            if m["train"]:
-                steps, _, loss = zip(*m["train"])
-                loss_ax.plot([s * scale for s in steps], loss, color=color, label=f"{name} train")
-            if m["eval"]:
-                steps, _, val_loss, metrics = zip(*m["eval"])
-                x = [s * scale for s in steps]
-                loss_ax.plot(x, val_loss, color=color, linestyle="--", marker=".", label=f"{name} val")
-                _plot_eval(axes[row][1:], name, color, x, metrics)
-    for row, xlabel in enumerate(("step", "epoch")):
-        titles = ("loss", "val accuracy / R^2", "val RMSE, MAE, baseline RMSE")
-        for ax, title in zip(axes[row], titles):
-            ax.set(xlabel=xlabel, ylabel=title, title=f"{title} by {xlabel}")
-            ax.grid(True, alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize="small")
-        axes[row][0].set(yscale="log")
-        if not axes[row][1].has_data():
-            axes[row][1].text(0.5, 0.5, "no val scores (no val split)", ha="center", transform=axes[row][1].transAxes)
+    fig = make_figure(run_dirs)
     try:
         with AtomicFile(out) as target:
             fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")
@@ -96,3 +108,38 @@ def plot_runs(run_dirs, out, force: bool = False) -> Path:
     except ValueError as e:  # a suffix matplotlib has no writer for
         raise UserError(f"cannot write {out}: {e}; HINT: name it .png, .pdf or .svg") from None
     return out
+
+
+def make_figure(run_dirs):
+    """Loss, val scores (accuracy, R^2) and, for regression, val errors against steps (top row) and epochs
+    (bottom row), runs overlaid, legend outside."""
+    runs = [read_metrics(d) for d in run_dirs]
+    names = short_names(run_dirs)
+    errors = any(k in m for r in runs for *_, m in r["eval"] for k in ERRORS)
+    fig = _pyplot_free_figure()
+    axes = fig.subplots(2, 3 if errors else 2)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for m, color in zip(runs, colors):
+        for row, scale in enumerate((1.0, 1.0 / m["steps_per_epoch"])):
+            loss_ax = axes[row][0]
+            if m["train"]:
+                steps, _, loss = zip(*m["train"])
+                x = [s * scale for s in steps]
+                loss_ax.plot(x, loss, color=color, lw=0.8, alpha=0.3)
+                loss_ax.plot(x, ema(loss), color=color, lw=1.6)
+            if m["eval"]:
+                steps, _, val_loss, metrics = zip(*m["eval"])
+                x = [s * scale for s in steps]
+                marker = "." if len(x) <= 40 else None  # 200 epochs of dots hide the line
+                loss_ax.plot(x, val_loss, color=color, lw=1.2, ls="--", marker=marker)
+                _plot_eval(axes[row][1:], color, x, metrics)
+    for row, xlabel in enumerate(("step", "epoch")):
+        titles = ("loss", "val accuracy / R^2", "val RMSE, MAE, baseline RMSE")
+        for ax, title in zip(axes[row], titles):
+            ax.set(xlabel=xlabel, ylabel=title, title=f"{title} against {xlabel}s")
+            ax.grid(True, alpha=0.3)
+        axes[row][0].set(yscale="log")
+        if not axes[row][1].has_data():
+            axes[row][1].text(0.5, 0.5, "no val scores (no val split)", ha="center", transform=axes[row][1].transAxes)
+    _legend(fig, names, colors)
+    return fig

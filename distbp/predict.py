@@ -7,16 +7,25 @@ a file it holds in memory (the predictions of all rows) and writes to OUT at the
 The output file (`distbp_format = "predictions"`, `version = 1`) holds, for
 classification, `class` (N,) int64 and `probabilities` (N, K) float32; for binary,
 `probability` and `class` (N, k); for regression, `output` (N, k) float32, or (N,)
-when k = 1. A dataset input adds its labels `y` (N, ...) for scoring.
+when k = 1. A dataset input adds its labels `y` (N, ...) for scoring. An output name ending
+in `.csv` gives a CSV file instead: one column per 1-D array, `name_j` per column of a 2-D
+one, in that order, with a header row.
+
+Inputs: a dataset split, an .npy array (memory-mapped) or a CSV file of feature columns
+(read in order, in blocks, with convert.CsvTable: header and delimiter detected).
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from . import faults
+from .convert import CsvTable
 from .data import DataError, first_bad, not_finite
 from .errors import agree, on_root
 from .evaluate import load_model
@@ -24,6 +33,8 @@ from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
 from .sampler import shard
 
 FORMAT, VERSION = "predictions", 1
+CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt")
+CSV_BLOCK = 4096  # rows per block of a CSV input or output
 
 
 class NpyRows:
@@ -52,6 +63,32 @@ class NpyRows:
         """(x, None) of rows [lo, hi)."""
         x = np.asarray(self.x[lo:hi]).reshape(hi - lo, *self.input_shape)
         return (x * dtype.type(self.scale) if self.scale else x).astype(dtype, copy=False), None
+
+
+class CsvRows:
+    """Rows of a CSV input of feature columns, read in order (each rank's reads move forward)."""
+
+    def __init__(self, path: str, input_shape: tuple):
+        self.table = CsvTable(Path(path), features_only=True)
+        if self.table.x_shape[0] != math.prod(input_shape):
+            raise DataError(f"input {path}: {self.table.x_shape[0]} columns but the model takes "
+                            f"{math.prod(input_shape)} features {input_shape}; HINT: give only the feature "
+                            "columns (drop a label column), in the order of training")
+        self.n, self.input_shape = self.table.n, input_shape
+        self._blocks, self._lo, self._x = None, 0, np.zeros((0, math.prod(input_shape)), np.float32)
+
+    def read(self, lo: int, hi: int, dtype) -> tuple[np.ndarray, None]:
+        """(x, None) of rows [lo, hi), lo at or past the previous read's."""
+        if self._blocks is None or lo < self._lo:
+            self._blocks, self._lo, self._x = self.table.blocks(CSV_BLOCK), 0, self._x[:0]
+        while True:  # the buffer holds rows [self._lo, self._lo + len(self._x))
+            cut = min(max(0, lo - self._lo), len(self._x))  # drop rows before lo
+            self._lo, self._x = self._lo + cut, self._x[cut:]
+            if self._lo + len(self._x) >= hi:
+                break
+            self._x = np.concatenate([self._x, next(self._blocks)[0]])
+        x = self._x[lo - self._lo:hi - self._lo]
+        return x.reshape(hi - lo, *self.input_shape).astype(dtype, copy=False), None
 
 
 class SplitRows:
@@ -98,12 +135,29 @@ class Writer:
             self.f[name][lo:lo + len(a)] = a
 
     def save(self, out) -> Path:
-        """Write the file to out atomically (the old file stays whole if that fails)."""
+        """Write the file to out atomically (the old file stays whole if that fails); CSV if out ends in .csv."""
         try:
-            return write_bytes(out, hdf5_bytes(self.f))
+            return write_bytes(out, csv_bytes(self.f) if str(out).lower().endswith(".csv") else hdf5_bytes(self.f))
         except OSError as e:
             raise DataError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact; "
-                            "HINT: free space or choose another OUT.h5") from None
+                            "HINT: free space or choose another OUT") from None
+
+
+def csv_bytes(f) -> bytes:
+    """The arrays of the in-memory predictions file f as CSV columns (name, or name_j of a 2-D array) under a
+    header row; f is closed."""
+    with f:
+        arrays = list(f.values())
+        widths = [math.prod(a.shape[1:]) for a in arrays]
+        names = [a.name[1:] if a.ndim == 1 else f"{a.name[1:]}_{j}" for a, w in zip(arrays, widths) for j in range(w)]
+        formats = ["%d" if a.dtype.kind in "iu" else "%.9g" for a, w in zip(arrays, widths) for _ in range(w)]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(names)
+        for lo in range(0, len(arrays[0]), CSV_BLOCK):
+            block = np.hstack([np.asarray(a[lo:lo + CSV_BLOCK], np.float64).reshape(-1, w)
+                               for a, w in zip(arrays, widths)])
+            np.savetxt(text, block, fmt=formats, delimiter=",")
+    return text.getvalue().encode()
 
 
 def _attrs(checkpoint, source, split, data) -> dict:
@@ -119,22 +173,43 @@ def _attrs(checkpoint, source, split, data) -> dict:
     return attrs
 
 
+def _input_rows(source, split: str, model, data):
+    """The rows to predict: an .npy array, a CSV file, or a split of the dataset `data`."""
+    name = str(source).lower()
+    if name.endswith(".npy"):
+        return NpyRows(source, model.input_shape, data.x_scale)
+    if name.endswith(CSV_SUFFIXES):
+        return CsvRows(source, model.input_shape)
+    if split not in data.splits:
+        raise DataError(f"--split {split}: input {source} has no such split (it has: {', '.join(data.splits)}); "
+                        "HINT: pass --split with one of those")
+    return SplitRows(data.split(split))
+
+
 def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024,
-            force: bool = False) -> Path | None:
-    """Write the model's predictions on a dataset split or an .npy array to `out`; returns its path on rank 0."""
+            data_path: str | None = None, force: bool = False) -> Path | None:
+    """Write the model's predictions on a dataset split, an .npy array or a CSV file to `out`; returns its
+    path on rank 0. data_path: the dataset giving task, classes and x_scale for array inputs (default: the
+    run's)."""
     if batch < 1:
         raise DataError(f"--batch {batch} must be at least 1")
-    npy = str(source).endswith(".npy")
-    model, data, _, norm = load_model(checkpoint, comm, data_path=None if npy else source)
+    array = str(source).lower().endswith((".npy", *CSV_SUFFIXES))
+    if not agree(comm, os.path.isfile, source):
+        raise DataError(f"input {source}: no such file; HINT: give INPUT as a dataset file (.h5 with --split), "
+                        "an .npy array or a .csv file of inputs")
+    if data_path and not array:
+        raise DataError(f"--data {data_path} applies to .npy and .csv inputs; a dataset INPUT {source} is its "
+                        "own; HINT: drop --data")
+    arg = "--data (default: the run's data.path, stored in the checkpoint)" if array else "INPUT"
+    model, data, _, norm = load_model(checkpoint, comm, data_path=data_path if array else source, data_arg=arg)
     on_root(comm, check_output, out, [checkpoint, source, data.path], force)
-    rows = agree(comm, lambda: NpyRows(source, model.input_shape, data.x_scale) if npy
-                 else SplitRows(data.split(split)))
+    rows = agree(comm, _input_rows, source, split, model, data)
     lo, hi = shard(rows.n, comm.rank, comm.size)
     rounds = math.ceil(math.ceil(rows.n / comm.size) / batch)  # chunks in the largest slice, the same on every rank
     template = outputs(data.task, np.zeros((1, *model.out_shape), model.params.dtype))
-    if not npy:
+    if not array:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
-    attrs = _attrs(checkpoint, source, None if npy else split, data)
+    attrs = _attrs(checkpoint, source, None if array else split, data)
     writer = on_root(comm, Writer, rows.n, template, attrs)
     faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
     for r in range(rounds):

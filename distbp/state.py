@@ -11,20 +11,29 @@ import numpy as np
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, config_to_json
 from .data import Dataset
+from .early_stop import EARLY_STOP_KEYS, EarlyStopping
 from .errors import UserError, agree, on_root
-from .nn import Sequential, mlp_specs
+from .nn import Sequential, make_loss, mlp_specs
+from .nn.losses import balanced_weights
 from .normalize import Normalizer
 from .optim import make_optimizer
+from .sampler import shard
 from .zero import ShardedOptimizer
 
 
 @dataclass
 class Position:
-    """Where a run is: optimizer steps taken and the global data position."""
+    """Where a run is: optimizer steps taken, the global data position, forward/backward passes taken."""
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     samples_seen: int = 0
+    micro_steps: int = 0
+
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based number of the epoch the last step belonged to, as logs, metrics and ckpt inspect count."""
+        return self.epoch + 1
 
 
 def build_model(cfg: Config, data: Dataset) -> Sequential:
@@ -47,6 +56,43 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     return model
 
 
+def label_counts(split, num_classes: int, rank: int, size: int, block: int = 1 << 20) -> np.ndarray:
+    """Rows per class in this rank's contiguous part of a split, read block by block (sum them over the ranks)."""
+    lo, hi = shard(split.n, rank, size)
+    counts = np.zeros(num_classes, np.int64)
+    for a in range(lo, hi, block):
+        counts += np.bincount(split.labels(np.arange(a, min(a + block, hi))), minlength=num_classes)
+    return counts
+
+
+def build_loss(cfg: Config, data: Dataset, comm):
+    """The loss of the dataset's task with loss.* applied; "balanced" class weights counted over the train split."""
+    lc, where = cfg.loss, f"{data.path} is a {data.task} dataset"
+    if data.task != "classification":
+        agree(comm, _require, not (lc.label_smoothing or lc.class_weights),
+              f"loss.label_smoothing and loss.class_weights apply to classification, but {where}: remove them")
+        return make_loss(data.task)
+    weights = lc.class_weights or None
+    if weights == "balanced":
+        split = agree(comm, data.split, cfg.data.train_split)
+        counts = comm.allreduce_sum(agree(comm, label_counts, split, data.num_classes, comm.rank, comm.size))
+        empty = [int(c) for c in np.flatnonzero(counts == 0)]
+        agree(comm, _require, not empty, f'loss.class_weights="balanced": class(es) {empty[:5]} have no rows in '
+              f"split '{cfg.data.train_split}' of {data.path}; give the weights as a list, one per class")
+        weights = balanced_weights(counts)
+    elif weights is not None:
+        agree(comm, _require, len(weights) == data.num_classes and any(weights),
+              f"loss.class_weights has {len(weights)} weights (sum {sum(weights):g}) but {data.path} has "
+              f"{data.num_classes} classes: give one weight per class, not all 0")
+    return make_loss("classification", label_smoothing=lc.label_smoothing, class_weights=weights)
+
+
+def _require(ok: bool, msg: str):
+    """Raise UserError(msg) unless ok."""
+    if not ok:
+        raise UserError(msg)
+
+
 def build_optimizer(cfg: Config, model: Sequential, comm):
     """The optimizer the config names, on the flat vectors: whole, or this rank's slice (train.shard_optimizer)."""
     o, n, dtype = cfg.optim, model.params.size, model.params.dtype
@@ -58,11 +104,12 @@ def build_optimizer(cfg: Config, model: Sequential, comm):
     return make(n)
 
 
-def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int, lr: float,
-                    norm: Normalizer) -> ckpt.Checkpoint:
+def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int,
+                    lr: float, early: EarlyStopping, norm: Normalizer) -> ckpt.Checkpoint:
     """The full training state as a Checkpoint (views, no copies); states are opt's whole state arrays."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
-             "samples_seen": pos.samples_seen, "world_size": world_size, "lr": lr,
+             "samples_seen": pos.samples_seen, "micro_steps": pos.micro_steps, **early.state(),
+             "world_size": world_size, "lr": lr,
              "config": config_to_json(cfg),
              "rng": json.dumps({"init": {"seed": cfg.train.seed},
                                 "sampler": {"seed": cfg.train.seed, "epoch": pos.epoch,
@@ -119,13 +166,15 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def check_same_batch(ck: ckpt.Checkpoint, cfg: Config):
-    """Raise unless the global batch size is the one the checkpoint's data position counts in."""
-    old = ck.config.get("train", {}).get("batch_size", cfg.train.batch_size)
-    if old != cfg.train.batch_size:
+    """Raise unless batch_size * accumulate_steps is the step size the checkpoint's data position counts in."""
+    t, old = cfg.train, ck.config.get("train", {})
+    old_b, old_k = old.get("batch_size", t.batch_size), old.get("accumulate_steps", 1)
+    if old_b * old_k != t.batch_size * t.accumulate_steps:
         raise ckpt.CheckpointError(
-            f"train.batch_size={cfg.train.batch_size} differs from {old} in {ck.path}, whose data "
-            f"position counts steps of {old} rows; HINT: resume with --set train.batch_size={old}, "
-            "or start fresh with --resume never")
+            f"train.batch_size * train.accumulate_steps = {t.batch_size} * {t.accumulate_steps} differs from "
+            f"{old_b} * {old_k} in {ck.path}, whose data position counts steps of {old_b * old_k} rows; HINT: "
+            f"resume with --set train.batch_size={old_b} --set train.accumulate_steps={old_k} (or another split "
+            f"of {old_b * old_k} rows), or start fresh with --resume never")
 
 
 def check_same_normalization(ck: ckpt.Checkpoint, cfg: Config):
@@ -155,12 +204,17 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
     else:
         log(f"optimizer changed from {ck.opt_name} {sorted(ck.opt_arrays)} to {cfg.optim.name} "
             f"{sorted(flats)}: its state starts fresh")
-    return {"scalars": scalars, "attrs": {k: ck.attrs[k] for k in ckpt.POSITION_KEYS},
-            "config": ck.config, "path": ck.path, "normalization": ck.normalization}
+    attrs = {k: ck.attrs[k] for k in ckpt.POSITION_KEYS}
+    attrs["micro_steps"] = ck.attrs.get("micro_steps", attrs["step"])  # one pass per step before accumulation
+    attrs.update({k: ck.attrs[k] for k in EARLY_STOP_KEYS if k in ck.attrs})
+    return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path,
+            "normalization": ck.normalization}
 
 
-def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log) -> tuple[Position, Normalizer | None]:
-    """Load (rank 0), check and broadcast the resume state: (position, stored normalization), or (Position(), None)."""
+def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm,
+                 log) -> tuple[Position, dict | None, Normalizer | None]:
+    """Load (rank 0), check and broadcast the resume state into model, opt and early: its Position, the
+    checkpoint's config and its stored normalization (fresh: Position(), None, None)."""
     flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
     def load():
@@ -168,20 +222,22 @@ def resume_state(resume: str, run_dir: Path, model, opt, cfg: Config, comm, log)
         return None if found is None else restore_root(found, model, opt, flats, cfg, log)
     info = comm.bcast_obj(on_root(comm, load))
     if info is None:
-        return Position(), None
+        return Position(), None, None
     for a in (model.params, model.buffers, *flats.values()):
         comm.bcast(a)
     if info["scalars"] is not None:
         agree(comm, opt.load_state, flats, info["scalars"])
     a = info["attrs"]
-    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch']}, "
-        f"step {a['step_in_epoch']} of it), written by {a['world_size']} rank(s), now {comm.size}")
+    log(f"resumed from {info['path']} at step {a['step']} (epoch {a['epoch'] + 1}, "
+        f"{a['step_in_epoch']} steps into it), written by {a['world_size']} rank(s), now {comm.size}")
     changes = config_changes(info["config"], config_to_dict(cfg))
     if a["world_size"] != comm.size:
         changes.append(f"world_size: {a['world_size']} -> {comm.size}")
     for line in changes:
         log(f"config changed on resume: {line}")
-    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"]), Normalizer(info["normalization"])
+    early.load(a)
+    return (Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"], a["micro_steps"]), info["config"],
+            Normalizer(info["normalization"]))
 
 
 def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: bool = False):

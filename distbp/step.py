@@ -1,13 +1,16 @@
 """One training step's gradient: which rows this rank reads, forward+backward, the reduction.
 
-A step object has three methods the loop calls in order: `positions` (this rank's
-places in the global batch), `forward_backward` (the gradient of the global mean loss
-over those rows into model.grads) and `reduce` (sum gradients and the step's scalars
-over the ranks), then `apply` takes the optimizer step. DataParallelStep does each in
-one piece; DeterministicStep cuts the batch into fixed micro-shards summed in a fixed
-tree (determinism.py). Gradient accumulation would loop micro-batches inside
-`forward_backward` before one `reduce`, as DeterministicStep does; a sharded optimizer
-(ZeRO-1) would reduce-scatter in `reduce` and update its slice then allgather in `apply`.
+A step object has the methods the loop calls in order: `pass_positions` (this rank's
+places in the global batch, one array per forward/backward pass: train.accumulate_steps
+passes of at most train.batch_size rows), `forward_backward` once per pass (the passes
+add up the gradient of the global mean loss in model.grads), `reduce` (sum gradients and
+the step's scalars over the ranks, grad_sq among them: the squared norm of the whole
+summed gradient, for the finite check, clipping and metrics), then `apply` takes the
+optimizer step from `grad`. DataParallelStep splits each pass over the ranks;
+DeterministicStep cuts the batch into fixed micro-shards summed in a fixed tree
+(determinism.py), a rank running its shards in as many groups as there are passes. With
+a sharded optimizer (ZeRO-1, `owned`) `reduce` reduce-scatters, each rank's part of
+grad_sq rides the scalars' allreduce, and `apply` updates the owned slice then allgathers.
 """
 from __future__ import annotations
 
@@ -41,17 +44,23 @@ def sum_sq(g: np.ndarray) -> float:
     return float(np.dot(g, g))
 
 
-def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, after_forward=None) -> tuple[float, int]:
-    """Forward, loss (a sum over the rows), backward of it / batch_rows into the bound gradient; (loss sum, correct)."""
+def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, divisor: float,
+            after_forward=None) -> tuple[float, int]:
+    """Forward, loss (a sum over the rows), backward of it / divisor into the bound gradient; (loss sum, correct)."""
     model.ctx.rows, model.ctx.global_rows = positions, batch_rows
     out = model.forward(x)
     loss_sum, correct = loss.forward(out, y), loss.correct(out, y)
     if after_forward:
         after_forward()
     dout = loss.backward()
-    dout /= batch_rows  # the global mean, folded into the gradient before the reduction
+    dout /= divisor  # the global mean (rows, or their summed class weights), folded in before the reduction
     model.backward(dout, need_dx=False)
     return loss_sum, correct
+
+
+def pass_bounds(batch_rows: int, pass_rows: int) -> list[tuple[int, int]]:
+    """Positions [lo, hi) of each forward/backward pass: consecutive slices of pass_rows rows."""
+    return [(lo, min(lo + pass_rows, batch_rows)) for lo in range(0, batch_rows, pass_rows)]
 
 
 class DataParallelStep:
@@ -71,10 +80,18 @@ class DataParallelStep:
         """This rank's positions in a global batch of batch_rows rows."""
         return np.arange(*shard(batch_rows, self.comm.rank, self.comm.size), dtype=np.int64)
 
-    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int) -> tuple[float, int]:
-        """This rank's part of the gradient of the global mean loss in model.grads; (loss sum, correct rows)."""
-        self.model.zero_grad(skip_written=True)  # the backward writes what it skips
-        return grad_of(self.model, self.loss, x, y, positions, batch_rows, lambda: self.lap("forward"))
+    def pass_positions(self, batch_rows: int, pass_rows: int) -> list[np.ndarray]:
+        """This rank's part of each pass: every pass is a slice of pass_rows rows split over the ranks."""
+        # the same passes on every rank, so BatchNorm's per-pass statistics see the same rows at any rank count
+        return [lo + self.positions(hi - lo) for lo, hi in pass_bounds(batch_rows, pass_rows)]
+
+    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, divisor: float | None = None,
+                         first: bool = True) -> tuple[float, int]:
+        """Add this pass's part of the gradient of the global mean (sum / divisor) to model.grads, zeroed if first."""
+        if first:
+            self.model.zero_grad(skip_written=True)  # the backward writes what it skips
+        return grad_of(self.model, self.loss, x, y, positions, batch_rows, batch_rows if divisor is None else divisor,
+                       lambda: self.lap("forward"))
 
     def reduce(self, grads: np.ndarray, scalars: StepScalars):
         """Sum gradient (or only this rank's owned slice of it) and scalars over the ranks."""
@@ -127,15 +144,25 @@ class DeterministicStep(DataParallelStep):
         """This rank's whole micro-shards, so each shard's math is the same on any rank."""
         return np.arange(*micro_shard_slice(batch_rows, self.m, self.comm.rank, self.comm.size), dtype=np.int64)
 
-    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int) -> tuple[float, int]:
-        """Sum this rank's shard gradients into its tree blocks; keep shard losses; (loss sum, correct rows)."""
+    def pass_positions(self, batch_rows: int, pass_rows: int) -> list[np.ndarray]:
+        """This rank's micro-shards of the whole batch in as many consecutive groups as there are passes."""
+        # the tree is that of the whole batch whatever the grouping, so the bits equal one large pass
+        m, (a, b) = self.m, micro_shard_slice(batch_rows, self.m, self.comm.rank, self.comm.size)
+        mine, passes = num_shards(b - a, m), len(pass_bounds(batch_rows, pass_rows))
+        groups = (shard(mine, k, passes) for k in range(passes))
+        return [np.arange(a + lo * m, min(a + hi * m, b), dtype=np.int64) for lo, hi in groups]
+
+    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, divisor: float | None = None,
+                         first: bool = True) -> tuple[float, int]:
+        """Sum this pass's shard gradients into the tree blocks (a new tree if first); keep shard losses."""
         m, targets = self.m, self.targets
-        self.shards = num_shards(batch_rows, m)
-        if self.shard_loss.size != self.shards:
-            self.shard_loss = np.zeros(self.shards)
-        self.shard_loss[:] = 0
-        self.local = TreeStack()
-        targets.reset()
+        if first:
+            self.shards = num_shards(batch_rows, m)
+            if self.shard_loss.size != self.shards:
+                self.shard_loss = np.zeros(self.shards)
+            self.shard_loss[:] = 0
+            self.local = TreeStack()
+            targets.reset()
         a = int(positions[0]) // m if len(positions) else 0
         correct = 0
         try:
@@ -143,12 +170,13 @@ class DeterministicStep(DataParallelStep):
                 lo, hi = shard_rows(j, batch_rows, m)
                 rows = slice(lo - a * m, hi - a * m)
                 g = targets.take()  # the backward writes straight into a vector of the tree
-                self.shard_loss[j], c = grad_of(self.model, self.loss, x[rows], y[rows], positions[rows], batch_rows)
+                self.shard_loss[j], c = grad_of(self.model, self.loss, x[rows], y[rows], positions[rows], batch_rows,
+                                                batch_rows if divisor is None else divisor)
                 correct += c
                 targets.release(self.local.push((j, 1), g))
         finally:
             targets.bind(self.model.grads)
-        return math.fsum(self.shard_loss), correct
+        return math.fsum(self.shard_loss[a:a + num_shards(len(positions), m)]), correct
 
     def reduce(self, grads: np.ndarray, scalars: StepScalars):
         """grads = the tree sum over all shards; scalars summed, with loss_sum the correctly rounded sum."""

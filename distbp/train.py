@@ -1,6 +1,7 @@
 """The training loop: run(cfg, comm) reads in the order of DESIGN.md's data flow."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -11,19 +12,22 @@ from . import checkpoint as ckpt
 from . import faults
 from . import rundir
 from . import slurm
+from .clip import clip_by_norm, clip_by_value
+from . import trackers
 from .comm import set_thread_budget
-from .config import Config, config_to_toml
+from .config import Config, config_from_dict, config_to_dict, config_to_toml
 from .data import Dataset, digits_path
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree
+from .early_stop import EarlyStopping
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
-from .nn import make_loss
 from .normalize import fit as fit_normalizer
 from .optim import make_schedule
+from .progress import Progress
 from .sampler import GlobalBatches
 from .scores import improved, monitored
-from .state import build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, resume_state, \
-    save_checkpoint
+from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
+    resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
 from .watchdog import configure as configure_watchdog
 from .watchdog import rank_table, watching
@@ -31,12 +35,35 @@ from .zero import state_bytes
 
 
 def schedule_of(cfg: Config, total: int):
-    """The learning rate as a function of the step."""
+    """The learning rate as a function of the step, over optim.schedule_steps if set, else the run's total."""
     o = cfg.optim
     try:
-        return make_schedule(o.schedule, o.lr, total_steps=total, **o.schedule_options())
+        return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, **o.schedule_options())
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
+
+
+def total_steps(cfg: Config, per_epoch: int) -> int:
+    """Optimizer steps of the whole run: train.epochs of per_epoch steps, capped by train.max_steps."""
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps >= 0 else total
+
+
+def schedule_change(old_config: dict, cfg: Config, per_epoch: int, step: int) -> str | None:
+    """A warning when a resume moves the schedule's horizon: the learning rate at step before and now."""
+    try:
+        old = config_from_dict(old_config)
+        old_total, total = total_steps(old, per_epoch), total_steps(cfg, per_epoch)
+        before, now = schedule_of(old, old_total)(step), schedule_of(cfg, total)(step)
+    except UserError:  # the checkpoint's settings make no schedule here (say, another dataset size)
+        return None
+    if math.isclose(before, now, rel_tol=1e-6):
+        return None
+    was, span = old.optim.schedule_steps or old_total, cfg.optim.schedule_steps or total
+    return (f"WARNING: the {cfg.optim.schedule} learning-rate schedule now spans {span} steps instead of {was}, "
+            f"so the rate at the resumed step {step} changes from {before:.3g} to {now:.3g}; HINT: "
+            f"--set optim.schedule_steps={was} keeps the original horizon (the rate then stays at its final "
+            "value after it)")
 
 
 def open_data(cfg: Config) -> tuple[Dataset, object, object]:
@@ -44,16 +71,20 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     data = Dataset(cfg.data.path or digits_path())
     train = data.split(cfg.data.train_split)
     val = data.split(cfg.data.val_split) if cfg.data.val_split else None
-    train.check_batch_size(cfg.train.batch_size, cfg.train.drop_last)
+    train.check_batch_size(cfg.train.batch_size * cfg.train.accumulate_steps, cfg.train.drop_last)
     return data, train, val
 
 
-def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False) -> int:
+def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
+        progress: str = "auto") -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
-        trainer = Trainer(cfg, comm, run_dir, resume, force)
+        trainer = Trainer(cfg, comm, run_dir, resume, force, progress)
         try:
             return trainer.train()
+        except BaseException:
+            trainer.runlog.close()  # the trackers end their runs as failed
+            raise
         finally:
             if trainer.lock:
                 trainer.lock.release()
@@ -62,36 +93,40 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: boo
 class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
-    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False):
+    def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
+                 progress: str = "auto"):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
         self.task = self.data.task
-        self.loss = make_loss(self.task)
+        self.loss = build_loss(cfg, self.data, comm)
         self.metric, self.mode = agree(comm, monitored, cfg.train.best_metric, self.task)
         self.opt = build_optimizer(cfg, model, comm)
-        self.batches = GlobalBatches(self.train_split.n, cfg.train.batch_size, cfg.train.seed, cfg.train.drop_last)
+        t = cfg.train
+        self.early = EarlyStopping(self.metric, self.mode, t.early_stop_patience, t.early_stop_min_delta)
+        self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
-        self.total = self.per_epoch * cfg.train.epochs
-        if cfg.train.max_steps >= 0:
-            self.total = min(self.total, cfg.train.max_steps)
+        self.total = total_steps(cfg, self.per_epoch)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
         self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
         agree(comm, rundir.check_seen, run_dir)
-        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self.total, cfg.train.log_every)
+        self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self._progress(progress))
         self.log = self.runlog.info
         for note in notes:
             self.log(note)
         self._describe()
-        self.pos, self.norm = resume_state(resume, run_dir, model, self.opt, cfg, comm, self.log)
+        self.pos, old_config, self.norm = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm,
+                                                       self.log)
         self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
         if self.pos.step:
             self.best = comm.bcast_obj(self.runlog.best(self.metric, self.pos.step, self.mode))
-            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch, world_size=comm.size)
-            self.runlog.resume_bar(self.pos.step)
+            self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch_number, world_size=comm.size)
+            if comm.is_root and (warning := schedule_change(old_config, cfg, self.per_epoch, self.pos.step)):
+                self.log(warning)
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
@@ -99,10 +134,20 @@ class Trainer:
             self.norm = fit_normalizer(self.train_split, comm, cfg.data.normalize, cfg.data.normalize_targets,
                                        self.task == "regression")
         self.log(self.norm.describe())
+        # the trackers last: a run that fails to start leaves no tracker run behind
+        self.runlog.trackers = on_root(comm, trackers.open_trackers, cfg.log, run_dir, config_to_dict(cfg),
+                                       config_to_toml(cfg)) or []
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
+        self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time, self._saved_step = time.monotonic(), None
+
+    def _progress(self, mode: str) -> Progress | None:
+        """Rank 0's progress display in the given mode (auto, bar, lines, none)."""
+        if not self.comm.is_root:
+            return None
+        return Progress(mode, self.total, self.per_epoch, self.cfg.train.log_every, lambda msg: self.log(msg))
 
     def _describe(self):
         """The run's first log lines: ranks, threads, SLURM, data, model."""
@@ -135,20 +180,23 @@ class Trainer:
         configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
         self.step = self.make_step()
-        for line in self.step.describe(cfg.train.batch_size):
+        for line in self.step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
             self.log(line)
+        if cfg.train.accumulate_steps > 1:
+            self.log(f"accumulation: steps of {cfg.train.batch_size * cfg.train.accumulate_steps} rows in "
+                     f"{cfg.train.accumulate_steps} forward/backward passes of {cfg.train.batch_size}")
         exit_code = EXIT_OK
+        if self.stopped_early:
+            self.log(f"{self.early.reason()}: the run had stopped; raise train.early_stop_patience to train on")
+        self.runlog.start_progress(pos.step, pos.samples_seen)
         try:
-            while pos.step < self.total:
+            while pos.step < self.total and not self.stopped_early:
                 t_step = time.perf_counter()
                 timer.start()
-                x, y, positions, batch_rows = self.read_batch()
-                timer.lap("data")
-                s.loss_sum, s.correct = self.step.forward_backward(x, y, positions, batch_rows)
+                s.loss_sum, s.correct, s.rows = self.forward_backward()
                 faults.inject(self.comm.rank, pos.step, self.model.grads)  # inert unless DISTBP_FAULT is set
-                timer.lap("backward")
                 # the step's scalars, flags included, ride on the step's reduction
-                s.rows, s.stop, s.checkpoint_due = len(y), stop.requested, self.checkpoint_clock_due()
+                s.stop, s.checkpoint_due = stop.requested, self.checkpoint_clock_due()
                 self.step.reduce(self.model.grads, s)
                 timer.lap("allreduce")
                 train_loss, skipped = self.optimizer_step()
@@ -161,6 +209,9 @@ class Trainer:
                              "(resumable)")
                     exit_code = EXIT_RESUMABLE
                     break
+                if self.stopped_early:
+                    self.log(f"{self.early.reason()}: final checkpoint at step {pos.step}")
+                    break
                 self.checkpoint_if_due()
         except BaseException:
             self.saver.wait()  # a checkpoint being written completes; the final save reports its error otherwise
@@ -172,16 +223,26 @@ class Trainer:
         agree(self.comm, self.save, final=True)
         return self.finish(exit_code)
 
-    def read_batch(self):
-        """(x, y, positions in the global batch, global batch rows) of this rank's slice of the step's batch."""
-        pos = self.pos
+    def forward_backward(self) -> tuple[float, int, int]:
+        """Each pass of the step's batch on this rank: read, forward, backward into the summed gradient."""
+        pos, timer = self.pos, self.timer
         if pos.step_in_epoch >= self.per_epoch:
             pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
         self.model.ctx.step = pos.step  # the dropout counter's step
         indices = self.batches.indices(pos.epoch, pos.step_in_epoch)
-        positions = self.step.positions(len(indices))
-        x, y = self.train_split.read(indices[positions], self.model.params.dtype)
-        return self.norm.x(x), self.norm.y(y), positions, len(indices)
+        # the mean divides by the batch's rows, or by their summed class weights (the same on every rank)
+        self.divisor = self.loss.total_weight(self.train_split.labels(indices)) if self.loss.weighted else len(indices)
+        loss_sum, correct, rows = 0.0, 0, 0
+        passes = self.step.pass_positions(len(indices), self.cfg.train.batch_size)
+        for k, positions in enumerate(passes):
+            x, y = self.train_split.read(indices[positions], self.model.params.dtype)
+            x, y = self.norm.x(x), self.norm.y(y)
+            timer.lap("data")
+            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
+            timer.lap("backward")
+            loss_sum, correct, rows = loss_sum + pass_loss, correct + pass_correct, rows + len(y)
+        pos.micro_steps += len(passes)
+        return loss_sum, correct, rows
 
     def checkpoint_clock_due(self) -> bool:
         """Rank 0's clock says checkpoint.every_seconds have passed (the reduction tells every rank)."""
@@ -190,12 +251,17 @@ class Trainer:
 
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
-        s = self.scalars
-        train_loss = s.loss_sum / s.rows
+        s, o = self.scalars, self.cfg.optim
+        train_loss = s.loss_sum / self.divisor
+        self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
         skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
                                    self.cfg.train.nonfinite, self.log)
         self.lr = self.lr_at(self.pos.step)
         if not skipped:
+            if o.clip_grad_norm:  # on what this rank steps from (a slice if sharded), by the global norm
+                clip_by_norm(self.step.grad, o.clip_grad_norm, self.grad_norm)
+            if o.clip_grad_value:
+                clip_by_value(self.step.grad, o.clip_grad_value)
             self.step.apply(self.opt, self.model.params, self.lr)
         return train_loss, skipped
 
@@ -211,26 +277,29 @@ class Trainer:
     def report(self, train_loss: float, skipped: bool):
         """Progress and metrics records; evaluation at the end of an epoch, of the run, or when due."""
         pos, cfg, timer, s = self.pos, self.cfg, self.timer, self.scalars
-        self.runlog.progress(pos.step, {"loss": train_loss, "lr": self.lr})
+        self.runlog.progress(pos.step, pos.epoch_number, pos.samples_seen, {"loss": train_loss, "lr": self.lr})
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
             extra = {"accuracy": s.correct / s.rows} if self.task != "regression" else {}
             if skipped:
                 extra["skipped"] = True
-            self.runlog.record(step=pos.step, epoch=pos.epoch, loss=train_loss, lr=self.lr,
-                               samples_per_s=timer.samples_per_s(), **extra)
+            self.runlog.record(step=pos.step, epoch=pos.epoch_number, loss=train_loss, lr=self.lr,
+                               grad_norm=self.grad_norm, samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
             return
         timer.start()
         self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.task, self.norm)
         timer.lap("eval")
-        self.runlog.record(step=pos.step, epoch=pos.epoch, **self.result)
-        self.log(f"eval step {pos.step} epoch {pos.epoch}: "
+        self.runlog.record(step=pos.step, epoch=pos.epoch_number, **self.result)
+        self.log(f"eval step {pos.step} epoch {pos.epoch_number}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
         if improved(self.result[self.metric], self.best and self.best[0], self.mode):
             self.best = (self.result[self.metric], pos.step)
             if cfg.checkpoint.keep_best and pos.step < self.total:  # the final save marks a best last step
                 self.save(final=False)
+        if self.early.patience:  # rank 0 decides, so every rank stops after the same step
+            stop = self.early.update(self.result[self.early.metric], pos.step)
+            self.stopped_early = self.comm.bcast_obj(stop if self.comm.is_root else None)
 
     def checkpoint_if_due(self):
         """A periodic checkpoint every checkpoint.every_steps, or when rank 0's clock said every_seconds."""
@@ -251,7 +320,7 @@ class Trainer:
         best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
         save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
                         lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
-                                                self.norm),
+                                                self.early, self.norm),
                         cfg.checkpoint.keep, self.log, final, best)
         self.timer.lap("checkpoint")
 
@@ -264,11 +333,14 @@ class Trainer:
                    "samples_per_s": self.timer.samples_per_s(), **result, **best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
-                   "params_crc32": f"{param_hash(self.model.params):08x}"}
+                   "params_crc32": f"{param_hash(self.model.params):08x}",
+                   "checkpoint": str(self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)),
+                   "stopped": self.early.reason() if self.stopped_early else None}
+        self.runlog.end_progress()
         self.runlog.record(**summary)
         self.log("summary:\n" + "\n".join(format_summary(summary)))
         self.log(f"parameters crc32: {summary['params_crc32']}")
-        self.runlog.close()
+        self.runlog.close(exit_code)
         return exit_code
 
 

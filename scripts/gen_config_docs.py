@@ -37,13 +37,15 @@ LAYERS_HEAD = """
 
 `model.layers` is a TOML array of tables, one per layer, applied in order; each needs
 `type`. Input shapes follow the dataset's `x` rows, e.g. `(64,)` for the digits or
-`(1, 28, 28)` for converted MNIST; a `reshape` layer views flat rows as images. The
-output layer must have as many outputs as the dataset needs (classes, or targets).
+`(1, 28, 28)` for converted MNIST; a `reshape` layer views flat rows as images (`-1`
+sizes are inferred: `shape = [1, -1, -1]` views 64 values as `(1, 8, 8)` and leaves
+`(1, 28, 28)` images as they are, so one config serves both). The output layer must
+have as many outputs as the dataset needs (classes, or targets).
 
 ```toml
 [model]
 layers = [
-    {{ type = "reshape", shape = [1, 8, 8] }},
+    {{ type = "reshape", shape = [1, -1, -1] }},
     {{ type = "conv2d", out_channels = 16, kernel = 3, padding = 1 }},
     {{ type = "relu" }},
     {{ type = "flatten" }},

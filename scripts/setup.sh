@@ -13,5 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[$extras]"
+# setuptools warns on every editable install that folders named like the package may shadow
+# it; that is how an editable install works, so the warning is filtered (only that one)
+PYTHONWARNINGS="ignore:Editable installation" "$venv/bin/python" -m pip install -q -e ".[$extras]"
 echo "distbp installed in $venv (extras: $extras)"

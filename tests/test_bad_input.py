@@ -134,6 +134,13 @@ CASES = {
                               ["model.layers", "out=10.9 must be an int"]),
     "bias a string": (lambda t: ["--set", 'model.layers=[{type = "linear", out = 10, bias = "false"}]'],
                       ["model.layers", "bias='false' must be a bool"]),
+    "class weights of the wrong length": (lambda t: ["--set", "loss.class_weights=[1, 2]"],
+                                          ["loss.class_weights has 2 weights", "digits.h5 has 10 classes"]),
+    "both clipping kinds": (lambda t: ["--set", "optim.clip_grad_norm=1", "--set", "optim.clip_grad_value=1"],
+                            ["optim.clip_grad_norm=1.0 and optim.clip_grad_value=1.0", "choose one"]),
+    "early stopping without evaluations": (lambda t: ["--set", "train.early_stop_patience=3",
+                                                      "--set", "data.val_split=''"],
+                                           ["train.early_stop_patience=3", "data.val_split"]),
     "dropout p a list": (lambda t: ["--set", 'model.layers=[{type = "dropout", p = [0.1]}, '
                                              '{type = "linear", out = 10}]'],
                          ["model.layers", "p=[0.1] must be a float in [0, 1)"]),

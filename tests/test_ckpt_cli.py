@@ -60,7 +60,7 @@ def test_inspect_shows_position_config_shapes_and_sizes(trained):
     done = distbp("ckpt", "inspect", str(newest(trained)))
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for line in ("step: 40", "epoch: 1", "step_in_epoch: 18", "samples_seen: 2560", "world_size: 1",
+    for line in ("step: 40", "epoch: 2 (18 steps into it; stored 0-based as epoch=1)", "step_in_epoch: 18", "samples_seen: 2560", "world_size: 1",
                  "optimizer: adam {'t': 40}"):
         assert line in out.splitlines()
     for name, shape, kib in (("params/0.linear.W", "(64, 32)", "8.0"), ("params/4.linear.b", "(10,)", "0.0"),

@@ -26,8 +26,9 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("train.epoch=3", "unknown config key 'train.epoch'"),
-    ("trian.epochs=3", "unknown config key 'trian'"),
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("trian.epochs=3", "unknown config key 'trian' (did you mean 'train'?)"),
+    ("optim.schedule_step=3", "(did you mean 'optim.schedule_steps'?)"),
     ("train.batch_size=abc", "train.batch_size='abc' has the wrong type"),
     ("train.batch_size=0", "train.batch_size=0 must be at least 1"),
     ("optim.lr=-0.1", "optim.lr=-0.1 must be positive"),

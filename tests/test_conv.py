@@ -202,6 +202,23 @@ def test_cnn_zero_local_rows():
     assert not model.grads.any()
 
 
+@pytest.mark.parametrize("shape,in_shape,out", [([1, -1, -1], (64,), (1, 8, 8)), ([1, 8, 8], (64,), (1, 8, 8)),
+                                                ([1, -1, -1], (1, 28, 28), (1, 28, 28)), ([-1, 4], (1, 28, 28), (196, 4))])
+def test_reshape_infers_minus_one_sizes(shape, in_shape, out):
+    from distbp.nn.reshape import Reshape
+    layer = Reshape.build({"type": "reshape", "shape": shape}, in_shape, 0, 0)
+    x = np.arange(2 * np.prod(in_shape)).reshape(2, *in_shape)
+    assert layer.out_shape == out and np.array_equal(layer.backward(layer.forward(x)), x)
+
+
+@pytest.mark.parametrize("shape,match", [([1, -1, -1], "cannot hold the 3072 values.*square"),
+                                         ([-1, -1, -1], "at most two -1"), ([0, 8], "positive ints")])
+def test_reshape_refuses_sizes_it_cannot_infer(shape, match):
+    from distbp.nn.reshape import Reshape
+    with pytest.raises(ValueError, match=match):
+        Reshape.build({"type": "reshape", "shape": shape}, (3, 32, 32), 0, 0)
+
+
 TORCH_CNN = [  # W5/W6's layer kinds at small sizes, plus a strided and an unpadded convolution
     {"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, {"type": "batchnorm"}, {"type": "relu"},
     {"type": "conv2d", "out_channels": 5, "kernel": 5, "padding": 2}, {"type": "relu"},

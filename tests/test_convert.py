@@ -53,15 +53,16 @@ def test_idx_images_and_labels_convert_to_uint8_with_a_seeded_val_split(tmp_path
     assert np.array_equal(again["val"][0], xv) and not np.array_equal(other["val"][0], xv)
 
 
-def test_streaming_in_small_blocks_gives_the_same_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stratify", [False, True])
+def test_streaming_in_small_blocks_gives_the_same_file(tmp_path, monkeypatch, stratify):
     x, y = images(500, seed=1)
     img, lab = write_idx(tmp_path / "i", x), write_idx(tmp_path / "l", y)
-    whole, _ = read_all(cv.convert([img, lab], tmp_path / "a.h5", val_fraction=0.3))
-    monkeypatch.setattr(cv, "BLOCK_BYTES", 7 * 30)  # 7 rows per block
-    monkeypatch.setattr(cv, "MASK_BLOCK", 64)
-    streamed, _ = read_all(cv.convert([img, lab], tmp_path / "b.h5", val_fraction=0.3))
-    monkeypatch.setattr(cv, "BLOCK_BYTES", 64 * 30)
-    again, _ = read_all(cv.convert([img, lab], tmp_path / "c.h5", val_fraction=0.3))
+    whole, _ = read_all(cv.convert([img, lab], tmp_path / "a.h5", val_fraction=0.3, stratify=stratify))
+    monkeypatch.setattr(cv, "BLOCK_BYTES", 7 * 31)  # 7 rows per block (30 bytes of x, 1 of y)
+    monkeypatch.setattr(cv, "MASK_BLOCK", 64 if not stratify else 16)  # classes have ~50 rows here
+    streamed, _ = read_all(cv.convert([img, lab], tmp_path / "b.h5", val_fraction=0.3, stratify=stratify))
+    monkeypatch.setattr(cv, "BLOCK_BYTES", 64 * 31)
+    again, _ = read_all(cv.convert([img, lab], tmp_path / "c.h5", val_fraction=0.3, stratify=stratify))
     assert len(streamed["val"][0]) == 150
     assert rows_of(np.concatenate([streamed["train"][0], streamed["val"][0]])) == rows_of(x[:, None])
     assert all(np.array_equal(streamed[s][i], again[s][i]) for s in streamed for i in (0, 1))  # io blocks don't matter
@@ -191,3 +192,67 @@ def test_inspect_summarizes_many_classes_in_one_line(tmp_path):
     with Dataset(out) as ds:
         text = "\n".join(ds.describe(values=True))
     assert "classes: 30, rows per class 3 (class 0) to 3 (class 0), empty classes 0" in text
+
+
+def sklearn_csv(name):
+    """A CSV file that ships with scikit-learn (real data nobody in this project wrote), found without importing it."""
+    import importlib.util
+    from pathlib import Path
+    return Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "data" / name
+
+
+@pytest.mark.parametrize("name,rows,features,classes", [("wine_data.csv", 178, 13, 3),
+                                                        ("breast_cancer.csv", 569, 30, 2)])
+def test_real_csv_with_a_count_line_first_converts_with_skip_rows(tmp_path, name, rows, features, classes):
+    path = sklearn_csv(name)
+    with pytest.raises(DataError, match=r"first line has \d+ cells, the next \d+.*HINT: pass --skip-rows 1"):
+        cv.convert([path], tmp_path / "o.h5", label="-1")
+    assert not list(tmp_path.iterdir())
+    splits, attrs = read_all(cv.convert([path], tmp_path / "o.h5", label="-1", skip_rows=1, val_fraction=0.2))
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    assert len(xt) + len(xv) == rows and xt.shape[1] == features and attrs["num_classes"] == classes
+    first = np.loadtxt(path, delimiter=",", skiprows=1, max_rows=1)
+    assert any(np.array_equal(r, first[:-1].astype(np.float32)) for r in np.concatenate([xt, xv]))
+    assert "stratified" in attrs["split"]
+    # every class keeps its share in val to within one row (the largest-remainder rounding)
+    counts = np.bincount(np.concatenate([yt, yv]), minlength=classes)
+    assert np.all(np.abs(np.bincount(yv, minlength=classes) - counts * len(yv) / rows) < 1)
+
+
+def test_stratified_split_keeps_class_shares_and_plain_split_does_not_need_to(tmp_path):
+    y = np.repeat(np.arange(3), [700, 250, 50]).astype(np.int64)
+    np.random.default_rng(0).shuffle(y)
+    np.save(tmp_path / "x.npy", np.arange(1000.0)[:, None])
+    np.save(tmp_path / "y.npy", y)
+    inputs = [tmp_path / "x.npy", tmp_path / "y.npy"]
+    for seed in range(3):
+        splits, _ = read_all(cv.convert(inputs, tmp_path / f"s{seed}.h5", val_fraction=0.1, seed=seed))
+        assert np.bincount(splits["val"][1]).tolist() == [70, 25, 5]
+        assert np.bincount(splits["train"][1]).tolist() == [630, 225, 45]
+    shares = [np.bincount(read_all(cv.convert(inputs, tmp_path / f"p{seed}.h5", val_fraction=0.1, seed=seed,
+                                              stratify=False))[0]["val"][1], minlength=3).tolist()
+              for seed in range(5)]
+    assert all(sum(s) == 100 for s in shares) and any(s != [70, 25, 5] for s in shares)
+    assert cv.stratified_counts(np.array([5, 3, 3]), 4).tolist() == [2, 1, 1]
+    with pytest.raises(DataError, match="--skip-rows applies to CSV inputs"):
+        cv.convert(inputs, tmp_path / "r.h5", skip_rows=1)
+    with pytest.raises(DataError, match="--stratify needs class labels"):
+        cv.convert(inputs, tmp_path / "r.h5", task="regression", stratify=True)
+
+
+def test_numeric_targets_that_would_make_hundreds_of_classes_need_an_explicit_task(tmp_path):
+    data = sklearn_csv("diabetes_data_raw.csv.gz")
+    target = sklearn_csv("diabetes_target.csv.gz")
+    x = np.loadtxt(gzip.open(data, "rt"))
+    y = np.loadtxt(gzip.open(target, "rt"))
+    path = write_csv(tmp_path / "diabetes.csv", [f"f{i}" for i in range(x.shape[1])] + ["target"],
+                     [[*row, t] for row, t in zip(x, y)])
+    with pytest.raises(DataError, match=r"numbers up to 346, which would make 347 classes; HINT: pass --task "
+                                        r"regression.*or --task classification"):
+        cv.convert([path], tmp_path / "d.h5")
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob(".d.h5*"))
+    splits, attrs = read_all(cv.convert([path], tmp_path / "d.h5", task="regression"))
+    assert attrs["task"] == "regression" and sorted(np.concatenate([splits["train"][1], splits["val"][1]])) \
+        == sorted(y.astype(np.float32))
+    _, attrs = read_all(cv.convert([path], tmp_path / "c.h5", task="classification", stratify=False))
+    assert attrs["num_classes"] == 347

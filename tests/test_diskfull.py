@@ -81,7 +81,7 @@ def test_output_on_a_full_disk_keeps_the_old_file(small_disk, tmp_path, command)
     assert job.rc == 2, job.stderr  # not 139: HDF5 never writes to the full disk itself
     errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
     assert errors == [f"distbp: error: cannot write {old} (No space left on device); the old file, if any, is "
-                      "intact" + ("" if command == "ckpt export" else "; HINT: free space or choose another OUT.h5")]
+                      "intact" + ("" if command == "ckpt export" else "; HINT: free space or choose another OUT")]
     assert old.read_bytes() == b"the old output"
     assert sorted(p.name for p in small_disk.iterdir()) == sorted([faults.FILL_NAME, old.name])
 

@@ -1,4 +1,5 @@
 """distbp plot: metrics.jsonl read back (resumes, epochs) and a real PNG written."""
+import io
 import json
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from distbp.errors import UserError
-from distbp.plot import plot_runs, read_metrics
+from distbp.plot import ema, make_figure, plot_runs, read_metrics, short_names
 
 
 def write_run(run_dir, per_epoch=10, epochs=3, resume_at=None, summary=True):
@@ -14,13 +15,14 @@ def write_run(run_dir, per_epoch=10, epochs=3, resume_at=None, summary=True):
     run_dir.mkdir()
     lines = []
     for step in range(1, per_epoch * epochs + 1):
-        epoch = (step - 1) // per_epoch
+        epoch = (step - 1) // per_epoch + 1
         lines.append({"step": step, "epoch": epoch, "loss": 2.0 / step, "lr": 0.1, "samples_per_s": 1000.0})
         if step % per_epoch == 0:
             lines.append({"step": step, "epoch": epoch, "val_loss": 1.0 / step, "val_accuracy": step / 40})
         if resume_at and step == resume_at + 5:  # killed here, resumed from the checkpoint at resume_at
-            lines.append({"resume": True, "step": resume_at, "epoch": resume_at // per_epoch, "world_size": 2})
-            lines += [{"step": s, "epoch": (s - 1) // per_epoch, "loss": 9.0, "lr": 0.1, "samples_per_s": 1.0}
+            lines.append({"resume": True, "step": resume_at, "epoch": (resume_at - 1) // per_epoch + 1,
+                          "world_size": 2})
+            lines += [{"step": s, "epoch": (s - 1) // per_epoch + 1, "loss": 9.0, "lr": 0.1, "samples_per_s": 1.0}
                       for s in range(resume_at + 1, resume_at + 3)]
     if summary:
         lines.append({"summary": True, "steps": per_epoch * epochs, "epochs": float(epochs)})
@@ -54,3 +56,36 @@ def test_plot_errors_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(UserError, match=r"pip install 'distbp\[plot\]'"):
         plot_runs([write_run(tmp_path / "a")], tmp_path / "x.png")
+
+
+def test_ema_smooths_noise_and_starts_at_the_first_value():
+    noisy = 1.0 + np.where(np.arange(400) % 2, 0.5, -0.5)
+    smooth = np.array(ema(noisy))
+    assert smooth[0] == noisy[0]  # no bias toward 0 at the start
+    assert np.ptp(smooth[200:]) < 0.1 * np.ptp(noisy) and abs(smooth[-1] - 1.0) < 0.05
+    assert ema([3.0, 3.0, 3.0], weight=0.9) == pytest.approx([3.0, 3.0, 3.0])
+
+
+def test_run_names_keep_their_distinct_parts():
+    assert short_names(["runs/2026-12-01-lr0.1", "runs/2026-12-01-lr0.01"]) == ["lr0.1", "lr0.01"]
+    assert short_names(["exp/mnist/seed0", "exp/cifar/seed0"]) == ["mnist", "cifar"]
+    assert short_names(["runs/a"]) == ["a"]
+    same = short_names(["runs/a", "runs/a"])
+    assert same[0] == same[1] and same[0].endswith("runs/a")  # nothing distinct: the full paths
+
+
+def test_200_epochs_of_several_runs_legend_outside_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / f"2026-lr{lr}", per_epoch=22, epochs=200) for lr in ("0.1", "0.01", "0.03")]
+    fig = make_figure(runs)
+    fig.savefig(io.BytesIO(), dpi=100)  # lays the figure out as plot_runs does
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:3] == ["lr0.1", "lr0.01", "lr0.03"] and "train loss (EMA)" in labels
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    loss_ax = fig.axes[2]  # loss against epochs: raw (faint) and smoothed train loss, val loss without markers
+    raw, smooth, val = loss_ax.get_lines()[:3]
+    assert raw.get_alpha() < 0.5 and smooth.get_alpha() in (None, 1.0) and val.get_marker() in ("None", None, "")
+    assert max(smooth.get_xdata()) == pytest.approx(200)  # epochs run 1..200, the last ending at 200
+    assert np.std(np.diff(smooth.get_ydata())) < np.std(np.diff(raw.get_ydata()))

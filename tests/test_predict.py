@@ -1,4 +1,6 @@
-"""distbp predict: outputs equal the model's, .npy inputs, regression, and n ranks equal 1 rank."""
+"""distbp predict: outputs equal the model's, .npy and CSV inputs, CSV outputs, regression, errors that
+name predict's own arguments, and n ranks equal 1 rank."""
+import csv
 import json
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 
 from distbp.comm import SerialComm
 from distbp.config import load_config
-from distbp.data import Dataset
+from distbp.data import Dataset, DataError
 from distbp.evaluate import load_model
 from distbp.predict import predict, softmax
 from distbp.train import run
@@ -64,19 +66,80 @@ def test_regression_outputs_and_bad_npy_shape(tmp_path, make_dataset):
         predict(ck, tmp_path / "bad.npy", tmp_path / "b.h5", comm)
 
 
+def read_csv(path):
+    """(header, rows as float64) of a CSV file."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], np.array(rows[1:], dtype=np.float64)
+
+
+def write_features_csv(path, x, header=True):
+    """x as a CSV file of feature columns, with a header row of names or without."""
+    lines = ([",".join(f"f{j}" for j in range(x.shape[1]))] if header else []) + \
+        [",".join(repr(float(v)) for v in row) for row in x]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_input_and_csv_output_equal_the_hdf5_predictions(tmp_path, make_dataset, header):
+    comm = SerialComm()
+    data = make_dataset(train=48, val=30, features=5, classes=4)
+    ck = trained(comm, tmp_path, data)
+    want, _ = read(predict(ck, data, tmp_path / "p.h5", comm, split="val"))
+    with Dataset(data) as ds:
+        x, _ = ds.split("val").read(np.arange(30))
+    got, _ = read(predict(ck, write_features_csv(tmp_path / "x.csv", x, header), tmp_path / "q.h5", comm, batch=7))
+    assert np.array_equal(got["class"], want["class"]) and np.allclose(got["probabilities"], want["probabilities"])
+    names, rows = read_csv(predict(ck, data, tmp_path / "p.csv", comm, split="val"))
+    assert names == ["class", "probabilities_0", "probabilities_1", "probabilities_2", "probabilities_3", "y"]
+    assert np.array_equal(rows[:, 0], want["class"]) and np.allclose(rows[:, 1:5], want["probabilities"], atol=1e-7)
+    assert np.array_equal(rows[:, 5], want["y"]) and sorted(p.name for p in tmp_path.glob("p.*")) == ["p.csv", "p.h5"]
+    write_features_csv(tmp_path / "wide.csv", np.hstack([x, x[:, :1]]))
+    with pytest.raises(DataError, match=r"input .*wide.csv: 6 columns but the model takes 5 features.*drop a label"):
+        predict(ck, tmp_path / "wide.csv", tmp_path / "w.csv", comm)
+    assert not (tmp_path / "w.csv").exists()
+
+
+def test_errors_name_predicts_own_arguments(tmp_path, make_dataset):
+    comm = SerialComm()
+    data = make_dataset(train=48, val=30, features=5, classes=4)
+    ck = trained(comm, tmp_path, data)
+    with pytest.raises(DataError, match=r"input .*nope.h5: no such file; HINT: give INPUT"):
+        predict(ck, tmp_path / "nope.h5", tmp_path / "o.h5", comm)
+    with pytest.raises(DataError, match=r"this is a distbp checkpoint.*HINT: set INPUT to a dataset file"):
+        predict(ck, ck, tmp_path / "o.h5", comm)
+    with pytest.raises(DataError, match=r"--split test: input .* has no such split \(it has: train, val\)"):
+        predict(ck, data, tmp_path / "o.h5", comm, split="test")
+    with Dataset(data) as ds:
+        x, _ = ds.split("val").read(np.arange(30))
+    np.save(tmp_path / "x.npy", x)
+    data.rename(tmp_path / "moved.h5")  # the run's dataset is gone: --data names another
+    with pytest.raises(DataError, match=r"no such file; HINT: check --data \(default: the run's data.path"):
+        predict(ck, tmp_path / "x.npy", tmp_path / "o.h5", comm)
+    out, _ = read(predict(ck, tmp_path / "x.npy", tmp_path / "o.h5", comm, data_path=tmp_path / "moved.h5"))
+    assert out["class"].shape == (30,) and not list(tmp_path.glob(".o.*"))
+
+
 @pytest.mark.mpi(min_size=2)
 def test_predictions_on_n_ranks_equal_one_rank(comm, shared_tmp, make_dataset):
     data = make_dataset(train=48, val=37, features=5, classes=3)
     ck = trained(comm, shared_tmp, data)
     out = predict(ck, data, shared_tmp / "n.h5", comm, split="val", batch=4)
     if comm.is_root:
+        with Dataset(data) as ds:
+            write_features_csv(shared_tmp / "x.csv", ds.split("val").read(np.arange(37))[0])
+    comm.barrier()
+    from_csv = predict(ck, shared_tmp / "x.csv", shared_tmp / "n.csv", comm, batch=4)  # each rank reads its rows
+    if comm.is_root:
         assert out == shared_tmp / "n.h5"
         one = predict(ck, data, shared_tmp / "1.h5", SerialComm(), split="val")
         (got, _), (want, _) = read(out), read(one)
         assert np.array_equal(got["class"], want["class"]) and np.array_equal(got["y"], want["y"])
         assert np.allclose(got["probabilities"], want["probabilities"], atol=1e-6)
+        assert np.array_equal(read_csv(from_csv)[1][:, 0], want["class"])
     else:
-        assert out is None
+        assert out is None and from_csv is None
 
 
 def test_inference_does_not_import_the_training_loop():

@@ -125,9 +125,9 @@ def straight_run(comm, root: Path, variant: str, steps: int = 60) -> Path:
 
 
 @pytest.mark.parametrize("variant, stop", [
-    ("adam-dropout", 30),  # starts mid-epoch (epoch 1, step 8) and crosses the end of epoch 1
-    ("adam-dropout", 22),  # stops exactly at the end of epoch 0
-    ("adam-dropout", 50),  # starts mid-epoch 2 and ends inside it
+    ("adam-dropout", 30),  # starts mid-epoch (epoch 2, step 8) and crosses the end of epoch 2
+    ("adam-dropout", 22),  # stops exactly at the end of epoch 1
+    ("adam-dropout", 50),  # starts mid-epoch 3 and ends inside it
     ("sgd-nesterov-batchnorm", 30),
     ("rmsprop-step-schedule", 30),
 ])
@@ -147,7 +147,7 @@ def test_resume_is_bitwise_exact(wcomm, run_root, tmp_path_factory, variant, sto
     diff, same_history, marks, said = on_root(wcomm, check)
     assert diff == []
     assert same_history, "losses after the resume differ from the straight run's"
-    assert marks == [{"resume": True, "step": stop, "epoch": (stop - 1) // PER_EPOCH, "world_size": wcomm.size}]
+    assert marks == [{"resume": True, "step": stop, "epoch": (stop - 1) // PER_EPOCH + 1, "world_size": wcomm.size}]
     assert said
 
 
@@ -162,7 +162,7 @@ def test_best_val_accuracy_counts_the_history_before_the_resume(wcomm, run_root)
     on_root(wcomm, add_history)
     assert train(wcomm, run_root, "train.max_steps=40") == 0
     lines = on_root(wcomm, lambda: metrics_lines(run_root))
-    assert {"resume": True, "step": 30, "epoch": 1, "world_size": wcomm.size} in lines
+    assert {"resume": True, "step": 30, "epoch": 2, "world_size": wcomm.size} in lines
     assert lines[-1]["best_val_accuracy"] == 0.9991 and lines[-1]["val_accuracy"] < 0.9991
 
 
@@ -177,7 +177,7 @@ def test_metrics_continue_and_config_changes_are_logged(wcomm, run_root):
         return text.startswith(first), rest, log_text(run_root)
     kept, rest, log = on_root(wcomm, check)
     assert kept, "metrics.jsonl was not appended to"
-    assert rest[0] == {"resume": True, "step": 30, "epoch": 1, "world_size": wcomm.size}
+    assert rest[0] == {"resume": True, "step": 30, "epoch": 2, "world_size": wcomm.size}
     assert [m["step"] for m in rest if "loss" in m] == list(range(31, 41))
     assert rest[-1]["summary"] and rest[-1]["steps"] == 40
     for line in ("train.max_steps: 30 -> 40", "train.epochs: 5 -> 6", "optim.lr: 0.01 -> 0.02"):

@@ -51,12 +51,17 @@ def test_srun_pmi2_gives_one_mpi_world(cluster, tmp_path):
     assert lines == ["rank 0 of 2", "rank 1 of 2"], log_text(out)
 
 
-def test_train_sbatch_rejects_run_dir_argument(cluster, tmp_path):
+def test_train_sbatch_takes_run_dir_and_refuses_resume(cluster, tmp_path):
     out = tmp_path / "job.out"
-    job = sbatch("-n", 1, "-o", out, TRAIN_SBATCH, "--run-dir", tmp_path / "x", cwd=tmp_path)
+    job = sbatch("-n", 1, "-o", out, TRAIN_SBATCH, "--run-dir", "mine", "--set", "train.max_steps=5", cwd=tmp_path,
+                 env=job_env(DISTBP_RUN_DIR=str(tmp_path / "not-this")))  # the argument wins over the variable
     info = wait_done(job, 60, out)
-    assert info["ExitCode"] == "2:0", log_text(out)
-    assert "DISTBP_RUN_DIR" in log_text(out)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_text(out)
+    assert checkpoint_steps(tmp_path / "mine") == [5] and not (tmp_path / "not-this").exists()
+    out = tmp_path / "resume.out"
+    job = sbatch("-n", 1, "-o", out, TRAIN_SBATCH, "--resume", "never", cwd=tmp_path)
+    info = wait_done(job, 60, out)
+    assert info["ExitCode"] == "2:0" and "this script resumes by itself" in log_text(out), log_text(out)
 
 
 def test_train_sbatch_runs_the_default_training_on_4_tasks(cluster, tmp_path):
@@ -77,9 +82,8 @@ def test_preempt_requeue_resume_matches_uninterrupted_run(cluster, tmp_path):
     ref_dir, ref_out = tmp_path / "ref", tmp_path / "ref.out"
     ref = sbatch("-n", RANKS, "-o", ref_out, TRAIN_SBATCH, *args, cwd=tmp_path,
                  env=job_env(DISTBP_RUN_DIR=str(ref_dir)))
-    out = tmp_path / "preempted.out"
-    job = sbatch("-n", RANKS, "-o", out, TRAIN_SBATCH, *args, cwd=tmp_path)
-    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    out, run_dir = tmp_path / "preempted.out", tmp_path / "preempted"  # the requeue re-runs --run-dir preempted
+    job = sbatch("-n", RANKS, "-o", out, TRAIN_SBATCH, *args, "--run-dir", run_dir, cwd=tmp_path)
 
     # Preempt: SIGUSR1 to the batch shell once the first checkpoint exists.
     wait_for(lambda: checkpoint_steps(run_dir), 90, f"a first checkpoint in {run_dir}; log:\n{log_text(out)}")

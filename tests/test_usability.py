@@ -71,14 +71,15 @@ def test_walkthrough_csv_and_the_regression_example(tmp_path):
     names = np.array(["low", "mid", "high"])[np.digitize(x[:, 0] + x[:, 1], [-1, 1])]
     lines = ["a,b,c,kind"] + [f"{r[0]},{r[1]},{r[2]},{k}" for r, k in zip(x, names)]
     (tmp_path / "my.csv").write_text("\n".join(lines) + "\n")
-    distbp("data", "convert", "my.csv", "data.h5", "--label", "kind", cwd=tmp_path)
+    (tmp_path / "data").mkdir()  # in a clone, the repository's data/ folder
+    distbp("data", "convert", "my.csv", "data/my.h5", "--label", "kind", cwd=tmp_path)
     out = distbp("train", ROOT / "examples" / "classification.toml", "--set", "train.epochs=3",
-                 "--run-dir", "c", ranks=2, cwd=tmp_path)
+                 "--set", "data.path='data/my.h5'", "--run-dir", "c", ranks=2, cwd=tmp_path)
     assert "val_accuracy" in out
     x = rng.uniform(-2, 2, (3000, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", np.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2])
-    distbp("data", "convert", "x.npy", "y.npy", "regression.h5", "--task", "regression", cwd=tmp_path)
+    distbp("data", "convert", "x.npy", "y.npy", "data/regression.h5", "--task", "regression", cwd=tmp_path)
     distbp("train", ROOT / "examples" / "regression.toml", "--set", "train.epochs=5", "--run-dir", "r",
            cwd=tmp_path)
     summary = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -149,3 +150,24 @@ def test_reshape_layer_round_trip_and_errors():
         Sequential([{"type": "reshape", "shape": [4, 2]}], (6,))
     with pytest.raises(ValueError, match="needs 'shape'"):
         Sequential([{"type": "reshape"}], (6,))
+
+
+def test_typos_get_a_suggestion_and_the_usage_of_their_subcommand(capsys):
+    for argv, usage, hint in ((["trian"], "usage: distbp [", "invalid choice: 'trian' (did you mean 'train'?)"),
+                              (["ckpt", "inspct", "x.h5"], "usage: distbp ckpt [", "(did you mean 'inspect'?)"),
+                              (["train", "--sett", "train.epochs=1"], "usage: distbp train [",
+                               "unrecognized arguments: --sett; '--sett': did you mean '--set'?"),
+                              (["data", "convert", "a.npz", "b.h5", "--val-fration", "0.2"], "usage: distbp data convert [",
+                               "did you mean '--val-fraction'?")):
+        with pytest.raises(SystemExit) as e:
+            cli._parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(usage) and hint in err, (argv, err)
+
+
+def test_train_help_points_to_the_config_docs_and_lists_the_sections(capsys):
+    from distbp.config import SECTIONS
+    with pytest.raises(SystemExit):
+        cli._parse(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "docs/CONFIG.md" in text and ", ".join(SECTIONS) in text and "--progress {auto,bar,lines,none}" in text

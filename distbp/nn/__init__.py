@@ -1,6 +1,6 @@
 """NumPy backprop core: layers, losses, initialisation and the Sequential model."""
 
-from . import conv, init, layers, losses, norm, reshape  # conv, norm, reshape register their layers
+from . import conv, init, layers, losses, norm, pool, reshape  # conv, norm, pool, reshape register their layers
 from .layers import LAYER_TYPES, Context, Layer, WeightLayer, activation_names, register
 from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy, make_loss
 from .model import Sequential, mlp_specs

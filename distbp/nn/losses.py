@@ -1,7 +1,9 @@
 """Losses on the model output: forward returns the SUM over rows, backward d(sum)/d(out).
 
 The per-row loss of MSE and BCEWithLogits is the mean over output columns, so dividing
-the sum by the global row count gives PyTorch's ``reduction="mean"`` for all three.
+the sum by the global row count gives PyTorch's ``reduction="mean"`` for all three. With
+class weights the mean divides by the rows' summed weights instead (``total_weight``), as
+torch's CrossEntropyLoss(weight=...) does.
 """
 
 import math
@@ -22,6 +24,8 @@ def _targets(out: np.ndarray, y, name: str) -> np.ndarray:
 class Loss:
     """Shared parts: the cached gradient and the default correct count."""
 
+    weighted = False  # whether rows weigh differently in the mean (total_weight needs the labels)
+
     def backward(self) -> np.ndarray:
         """Gradient of the last forward's loss sum w.r.t. out (same dtype as out)."""
         if self.dout is None:
@@ -33,14 +37,40 @@ class Loss:
         """Correct predictions; 0 for regression losses."""
         return 0
 
+    def total_weight(self, y) -> float:
+        """What the loss sum of rows y is divided by for the mean: the row count."""
+        return float(len(y))
+
 
 class SoftmaxCrossEntropy(Loss):
-    """Softmax + cross-entropy on logits (fused, log-sum-exp stable), integer labels."""
+    """Softmax + cross-entropy on logits (fused, log-sum-exp stable), integer labels.
+
+    As torch.nn.CrossEntropyLoss(weight=w, label_smoothing=eps): row i's loss is
+    (1 - eps) w[y_i] (-log p_i[y_i]) + eps/C sum_c w[c] (-log p_i[c]), and the mean
+    divides the sum by sum_i w[y_i] (``total_weight``).
+    """
 
     dout = None
 
+    def __init__(self, label_smoothing: float = 0.0, class_weights=None):
+        if not 0 <= label_smoothing <= 1:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
+        self.eps = float(label_smoothing)
+        self.w = None if class_weights is None else np.asarray(class_weights, dtype=np.float64)
+        if self.w is not None and (self.w.ndim != 1 or not np.isfinite(self.w).all() or (self.w < 0).any()):
+            raise ValueError(f"class weights {class_weights!r} must be a list of finite numbers >= 0")
+
+    @property
+    def weighted(self) -> bool:
+        """Class weights are set."""
+        return self.w is not None
+
+    def total_weight(self, y) -> float:
+        """sum_i w[y_i] over rows y (the row count without class weights)."""
+        return float(len(y)) if self.w is None else float(self.w[np.asarray(y)].sum())
+
     def forward(self, out: np.ndarray, y) -> float:
-        """Sum over rows of logsumexp(out_i) - out_i[y_i]."""
+        """Sum over rows of the (weighted, smoothed) cross-entropy; plain: logsumexp(out_i) - out_i[y_i]."""
         n, c = out.shape                               # (N, C)
         y = np.asarray(y)
         if y.shape != (n,) or y.dtype.kind not in "iu":
@@ -49,6 +79,10 @@ class SoftmaxCrossEntropy(Loss):
         # one pass for both bounds: as unsigned, a negative label is larger than any valid one
         if n and (y.view(np.uint64) if y.dtype.itemsize == 8 else y.astype(np.uint64)).max() >= c:
             raise ValueError(f"labels must be in [0, {c}), got range [{y.min()}, {y.max()}]")
+        if self.w is not None and len(self.w) != c:
+            raise ValueError(f"{len(self.w)} class weights for {c} classes")
+        if self.eps or self.w is not None:
+            return self._smoothed_weighted(out, y)
         z = out - out.max(axis=1, keepdims=True)       # (N, C), row max 0
         flat_y = np.arange(0, n * c, c) + y            # (N,) flat positions of z[i, y_i]: cheaper than 2-D fancy indexing
         z_flat = z.reshape(-1)
@@ -62,6 +96,23 @@ class SoftmaxCrossEntropy(Loss):
         z_flat[flat_y] -= 1
         self.dout = z                                  # p - onehot(y)
         return float(loss)
+
+    def _smoothed_weighted(self, out: np.ndarray, y: np.ndarray) -> float:
+        """The general row loss and its gradient p (a w_y + b W) - a w_y onehot(y) - b w, a = 1-eps, b = eps/C."""
+        n, c = out.shape
+        w = np.ones(c, out.dtype) if self.w is None else self.w.astype(out.dtype)  # (C,)
+        a, b = 1 - self.eps, self.eps / c
+        z = out - out.max(axis=1, keepdims=True)       # (N, C)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # (N, C) log-softmax
+        rows = np.arange(n)
+        w_y = w[y]                                     # (N,)
+        row_loss = -(a * w_y * log_p[rows, y] + b * (log_p @ w))
+        p = np.exp(log_p, out=log_p)                   # (N, C) softmax
+        p *= (a * w_y + b * w.sum())[:, None]
+        p[rows, y] -= a * w_y
+        p -= b * w
+        self.dout = p
+        return float(row_loss.sum(dtype=np.float64))
 
     def correct(self, out: np.ndarray, y) -> int:
         """Rows whose argmax equals the label."""
@@ -103,6 +154,14 @@ class BCEWithLogits(Loss):
         y = _targets(out, y, "bce")
         right = (out > 0) == (y > 0.5)
         return int(np.count_nonzero(right.all(axis=tuple(range(1, right.ndim)))))
+
+
+def balanced_weights(counts) -> np.ndarray:
+    """n / (C * count_c) per class from the label counts, as scikit-learn's class_weight="balanced"."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if (counts == 0).any():
+        raise ValueError(f"class {int(np.argmax(counts == 0))} has no rows, so it has no balanced weight")
+    return counts.sum() / (len(counts) * counts.astype(np.float64))
 
 
 LOSSES = {"classification": SoftmaxCrossEntropy, "regression": MSE, "binary": BCEWithLogits}
