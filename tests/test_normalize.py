@@ -105,7 +105,9 @@ def test_none_for_classification_is_the_identity():
 
 def test_version_1_checkpoint_reads_as_no_normalization(tmp_path):
     path = tmp_path / "old.h5"
-    ckpt.save(path, ckpt.Checkpoint({"0.linear.W": np.ones((2, 2))}, attrs={"step": 1, "config": "{}"},
+    ckpt.save(path, ckpt.Checkpoint({"0.linear.W": np.ones((2, 2))}, attrs={"step": 1, "epoch": 0, "step_in_epoch": 1,
+                                                                              "samples_seen": 8, "world_size": 1,
+                                                                              "config": "{}"},
                                     normalization={"x_shift": np.zeros(2), "x_scale": np.ones(2)}))
     with h5py.File(path, "r+") as f:  # what distbp wrote before version 2
         f.attrs["version"] = 1
