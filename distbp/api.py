@@ -70,10 +70,10 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 class Model:
     """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
 
-    def __init__(self, network, task: str, x_scale: float | None, config: Config, checkpoint: Path):
+    def __init__(self, network, task: str, x_scale: float | None, normalizer, config: Config, checkpoint: Path):
         self.network, self.task, self.config, self.checkpoint = network, task, config, checkpoint
         self.input_shape = network.input_shape
-        self._x_scale = x_scale
+        self._x_scale, self._normalizer = x_scale, normalizer
 
     def _outputs(self, x, batch: int) -> dict:
         """predict.outputs of the rows of x, computed batch rows at a time."""
@@ -86,9 +86,10 @@ class Model:
             first_bad("x", x, not_finite, "NaN or Inf inputs, first at row {row}", "clean or impute those rows")
         scale = (self._x_scale or 1 / 255) if x.dtype == np.uint8 else None  # as the dataset's uint8 rows
         dtype = self.network.params.dtype
-        chunks = [outputs(self.task, self.network.forward(model_inputs(x[a:a + batch], self.input_shape, scale,
-                                                                        dtype)))
-                  for a in range(0, len(x), batch)]
+        norm, chunks = self._normalizer, []
+        for a in range(0, len(x), batch):  # as distbp predict: the checkpoint's normalization in and out
+            out = self.network.forward(norm.x(model_inputs(x[a:a + batch], self.input_shape, scale, dtype)))
+            chunks.append(outputs(self.task, norm.y_original(out) if self.task == "regression" else out))
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
@@ -113,6 +114,6 @@ def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
             raise ckpt.CheckpointError(f"no valid checkpoint in {folder}")
         path = newest.path
     # this process alone (any rank may call it): rank 0 of a world of one reads and builds
-    network, data, cfg = load_model(str(path), SerialComm(), data_path)
+    network, data, cfg, normalizer = load_model(str(path), SerialComm(), data_path)
     with data:
-        return Model(network, data.task, data.x_scale, cfg, Path(path))
+        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path))

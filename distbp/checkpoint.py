@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -14,12 +15,14 @@ import h5py
 import numpy as np
 
 from . import __version__, bounded
-from .atomic import TMP_MARK
+from .atomic import TMP_MARK, AtomicFile
 from .errors import UserError
 from .safeio import hdf5_bytes, memory_hdf5, write_bytes
 
-FORMAT, VERSION = "checkpoint", 1
+FORMAT, VERSION = "checkpoint", 2
+READABLE = (1, 2)  # version 1 has no normalization group: it means no normalization
 NAME_RE = re.compile(r"^step-(\d{8,})\.h5$")
+BEST = "best.h5"  # checkpoint.keep_best: the best checkpoint, beside the step-*.h5 files and never pruned
 POSITION_KEYS = ("step", "epoch", "step_in_epoch", "samples_seen", "world_size")
 
 
@@ -36,6 +39,7 @@ class Checkpoint:
     opt_scalars: dict[str, float] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
+    normalization: dict[str, np.ndarray] = field(default_factory=dict)
     path: str = ""
 
     @property
@@ -64,6 +68,8 @@ def _arrays_in_order(ck: Checkpoint):
             yield f"optimizer/{state}/{name}", ck.opt_arrays[state][name]
     for name in sorted(ck.buffers):
         yield f"buffers/{name}", ck.buffers[name]
+    for name in sorted(ck.normalization):
+        yield f"normalization/{name}", ck.normalization[name]
 
 
 def _jsonable(v):
@@ -96,6 +102,7 @@ def _write(f: h5py.File, ck: Checkpoint):
         opt.attrs[k] = v
     f.require_group("params")
     f.require_group("buffers")
+    f.require_group("normalization")
     for k, v in attrs.items():
         f.attrs[k] = v
 
@@ -200,15 +207,16 @@ def _read(f: h5py.File, path) -> Checkpoint:
     attrs = {k: _plain(v) for k, v in f.attrs.items()}
     if attrs.get("distbp_format") != FORMAT:
         raise CheckpointError(f"{path} is not a distbp checkpoint (distbp_format={attrs.get('distbp_format')!r})")
-    if attrs.get("version") != VERSION:
+    if attrs.get("version") not in READABLE:
         raise CheckpointError(f"{path} has checkpoint version {attrs.get('version')}; "
-                              f"this distbp reads version {VERSION}")
+                              f"this distbp reads versions {', '.join(map(str, READABLE))}")
     opt = f.get("optimizer")
     return Checkpoint(params=_read_group(f["params"]),
                       opt_name=_plain(opt.attrs.get("name", "")) if opt else "",
                       opt_arrays={k: _read_group(g) for k, g in opt.items()} if opt else {},
                       opt_scalars={k: _plain(v) for k, v in opt.attrs.items() if k != "name"} if opt else {},
                       buffers=_read_group(f["buffers"]) if "buffers" in f else {},
+                      normalization=_read_group(f["normalization"]) if "normalization" in f else {},
                       attrs=attrs, path=str(path))
 
 
@@ -265,6 +273,37 @@ def latest_valid(directory: str | os.PathLike, log=print) -> Checkpoint | None:
         except CheckpointError as e:
             log(f"skipping damaged checkpoint: {e}")
     return None
+
+
+def mark_best(path: Path) -> Path:
+    """Make BEST in path's folder the same checkpoint as path (a hard link, else a copy), atomically."""
+    with AtomicFile(path.parent / BEST) as out:
+        try:
+            os.link(path, out.tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, out.tmp)
+        return out.commit(durable=True)
+
+
+def find(path: str | os.PathLike, best: bool = False) -> Path:
+    """A checkpoint file given as itself, or as a run directory: its newest valid one, or with best its BEST."""
+    path = Path(path)
+    if path.is_file() and not best:
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist" + (
+            "; HINT: --best takes a run directory" if best and path.is_file() else ""))
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if best:
+        if not (folder / BEST).is_file():
+            raise CheckpointError(f"{folder} has no {BEST}; HINT: train with checkpoint.keep_best=true, "
+                                  "or leave out --best for the newest checkpoint")
+        return folder / BEST
+    found = latest_valid(folder, log=lambda msg: None)
+    if found is None:
+        raise CheckpointError(f"{folder} holds no valid checkpoint (step-*.h5); HINT: give a checkpoint "
+                              "file, or a run directory written by `distbp train`")
+    return Path(found.path)
 
 
 def clean_stale(directory: str | os.PathLike) -> list[Path]:

@@ -67,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a bar when the terminal you launched from (mpirun/srun included) is a terminal, "
                    "else lines with epoch, percent, samples/s and ETA every train.log_every steps (default)")
 
-    e = sub.add_parser("eval", help="loss and accuracy of a checkpoint on a split")
-    e.add_argument("checkpoint", help="checkpoint file (RUN_DIR/checkpoints/step-*.h5)")
+    e = sub.add_parser("eval", help="loss and metrics of a checkpoint on a split (per-class report, confusion "
+                       "matrix)")
+    add_checkpoint_argument(e)
     e.add_argument("--data", help="dataset file (default: the one the run trained on)")
     e.add_argument("--split", default="val", help="split to evaluate (val, test, train)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
     d = sub.add_parser("data", help="make, convert and inspect dataset files")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="what to do")
@@ -93,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("ckpt", help="inspect, verify and export checkpoints")
     csub = c.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION", help="what to do")
     ci = csub.add_parser("inspect", help="step, epoch, config, shapes and sizes")
-    ci.add_argument("file", help="checkpoint file")
+    add_checkpoint_argument(ci)
     cv = csub.add_parser("verify", help="check the checksum (exit 0 valid, 1 damaged)")
-    cv.add_argument("file", help="checkpoint file")
+    add_checkpoint_argument(cv)
     ce = csub.add_parser("export", help="parameters as a plain .npz")
-    ce.add_argument("file", help="checkpoint file")
+    add_checkpoint_argument(ce)
     ce.add_argument("out", help=".npz file to write (one array per parameter)")
     add_force(ce)
     add_plot_predict_parsers(sub)
@@ -154,6 +156,20 @@ def add_convert_parser(dsub):
     dc.add_argument("--y-key", default="y", help=".npz array holding y (default: %(default)s)")
 
 
+def add_checkpoint_argument(p):
+    """A checkpoint given as a file or as a run directory, and --best."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR",
+                   help="checkpoint file, or a run directory: its newest valid checkpoint")
+    p.add_argument("--best", action="store_true",
+                   help="the run directory's best checkpoint (checkpoints/best.h5, from checkpoint.keep_best)")
+
+
+def checkpoint_path(args, comm) -> str:
+    """The checkpoint file args name (a file, a run directory's newest valid one, or its best), on every rank."""
+    from .checkpoint import find
+    return comm.bcast_obj(on_root(comm, lambda: str(find(args.checkpoint, args.best))))
+
+
 EPILOG_FETCH = """datasets:
   mnist, fashion-mnist   28x28 grayscale digits / clothes: 54,000 train, 6,000 val, 10,000 test
   cifar10                32x32 RGB images (the binary version): 45,000 train, 5,000 val, 10,000 test
@@ -199,7 +215,7 @@ def add_plot_predict_parsers(sub):
                         description="Predict with a checkpoint's model: class and probabilities for "
                         "classification, outputs for regression, written to an HDF5 file by rank 0. "
                         "Under mpirun every rank predicts a contiguous slice of the rows.")
-    pr.add_argument("checkpoint", help="checkpoint file, e.g. runs/a/checkpoints/step-00000440.h5")
+    add_checkpoint_argument(pr)
     pr.add_argument("input", metavar="INPUT", help="a distbp dataset file (with --split), an .npy array or a CSV file of inputs "
                     "(feature columns only; header detected)")
     pr.add_argument("out", metavar="OUT", help="predictions file to write: HDF5, or CSV if the name ends in .csv")
@@ -227,10 +243,17 @@ def cmd_train(args, comm) -> int:
 
 def cmd_eval(args, comm) -> int:
     """distbp eval."""
+    import json
     from .evaluate import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, comm, data_path=args.data, split=args.split)
-    if comm.is_root:
+    from .scores import format_report
+    result = evaluate_checkpoint(checkpoint_path(args, comm), comm, data_path=args.data, split=args.split)
+    if comm.is_root and args.json:
+        print(json.dumps(result))
+    elif comm.is_root:
+        report = result.pop("report", None)
         print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        if report:
+            print("\n" + "\n".join(format_report(report)))
     return 0
 
 
@@ -289,18 +312,20 @@ def cmd_ckpt(args, comm) -> int:
         return alone_on_root(cmd_ckpt, args, comm)
     if args.ckpt_command == "verify":
         try:
-            ck = ckpt.load(args.file)
+            path = ckpt.find(args.checkpoint, args.best)
+            ck = ckpt.load(path)
         except ckpt.CheckpointError as e:
             print(f"INVALID: {e}")
             return 1
-        print(f"OK: {args.file} step {ck.attrs['step']} checksum {ck.attrs['checksum']}")
+        print(f"OK: {path} step {ck.attrs['step']} checksum {ck.attrs['checksum']}")
         return 0
-    ck = ckpt.load(args.file)
+    path = ckpt.find(args.checkpoint, args.best)
+    ck = ckpt.load(path)
     if args.ckpt_command == "inspect":
         print("\n".join(ckpt.describe(ck)))
     else:
         import numpy as np
-        out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [args.file], args.force)
+        out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [path], args.force)
         try:
             with AtomicFile(out) as target:
                 with open(target.tmp, "wb") as f:
@@ -324,7 +349,7 @@ def cmd_plot(args, comm) -> int:
 def cmd_predict(args, comm) -> int:
     """distbp predict."""
     from .predict import predict
-    out = predict(args.checkpoint, args.input, args.out, comm, split=args.split, batch=args.batch,
+    out = predict(checkpoint_path(args, comm), args.input, args.out, comm, split=args.split, batch=args.batch,
                   data_path=args.data, force=args.force)
     if comm.is_root:
         print(f"wrote {out}")

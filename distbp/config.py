@@ -19,6 +19,8 @@ from . import optim
 from .errors import UserError
 from .nn.layers import activation_names, layer_class
 from .nn.losses import loss_class
+from .normalize import KINDS as NORMALIZE_KINDS
+from .scores import BEST_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +68,11 @@ class DataConfig:
     val_split: str = key("val", "split evaluated after each epoch (empty = none)")
     memory_mb: int = key(2048, "splits up to this size are held in memory once per node; larger ones "
                                "stream", within="[0, inf)")
+    normalize: str = key("standard", "input normalization with train split statistics: standard (zero mean, "
+                                     "unit variance per feature, per channel for images), minmax ([0, 1]) or "
+                                     "none; constant features get scale 1", choices=NORMALIZE_KINDS)
+    normalize_targets: bool = key(True, "regression: standardize targets for training; metrics and "
+                                        "predictions stay in the original units")
 
 
 @dataclass
@@ -87,6 +94,9 @@ class TrainConfig:
                            within="[0, inf)")
     stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off)",
                                within="[0, inf)")
+    best_metric: str = key("auto", "the metric that makes a checkpoint or epoch the best: auto = "
+                                   "val_accuracy (max) for classification and binary, val_loss (min) for "
+                                   "regression", choices=BEST_CHOICES)
     nonfinite: str = key("abort", "on a NaN/Inf loss or gradient: abort, or skip the step",
                          choices=("abort", "skip"))
     accumulate_steps: int = key(1, "forward/backward passes of batch_size rows each per optimizer step: "
@@ -161,6 +171,8 @@ class CheckpointConfig:
     every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
     every_seconds: float = key(0.0, "write a checkpoint every N seconds (0 = off)", within="[0, inf)")
     keep: int = key(3, "keep the newest K checkpoints", within="[1, inf)")
+    keep_best: bool = key(False, "also keep the best checkpoint (train.best_metric) as checkpoints/best.h5, "
+                                 "never pruned; `--best` of eval, predict and ckpt selects it")
 
 
 @dataclass

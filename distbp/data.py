@@ -1,6 +1,7 @@
 """Dataset files: read-only, validated, in memory once per node or streamed; the shipped digits."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from importlib import resources
@@ -365,6 +366,19 @@ class Dataset:
         """Every root attribute as plain Python values (source, license, ...)."""
         return {k: _attr(self._file.attrs, k) for k in self._file.attrs}
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names of a classification dataset: its class_names attribute (a JSON list), else '0'..'K-1'."""
+        if self.task != "classification":
+            return None
+        try:
+            names = json.loads(self.attrs.get("class_names") or "null")
+        except (TypeError, ValueError):
+            names = None
+        if isinstance(names, list) and len(names) == self.num_classes:
+            return [str(n) for n in names]
+        return [str(i) for i in range(self.num_classes)]
+
     def split(self, name: str, check_values: bool = True) -> Split:
         """The named split; its values (finite x, labels in range) are checked on first access."""
         if name not in self._splits:
@@ -405,15 +419,38 @@ class Dataset:
         self.close()
 
 
+RANGE_RATIO_WARNING = 100  # feature ranges this many times apart slow or stall training on raw inputs
+
+
+def range_warning(lo: np.ndarray, hi: np.ndarray) -> list[str]:
+    """A warning line when the per-feature ranges of tabular x differ by more than RANGE_RATIO_WARNING."""
+    ranges = hi - lo
+    varied = np.flatnonzero(ranges > 0)
+    if varied.size < 2:
+        return []
+    small, large = varied[ranges[varied].argmin()], varied[ranges[varied].argmax()]
+    ratio = ranges[large] / ranges[small]
+    if ratio <= RANGE_RATIO_WARNING:
+        return []
+    return [f"WARNING: feature ranges differ by {ratio:.3g}x (feature {small}: [{lo[small]:.4g}, {hi[small]:.4g}], "
+            f"feature {large}: [{lo[large]:.4g}, {hi[large]:.4g}]); HINT: train with data.normalize = "
+            "\"standard\" (the default) or \"minmax\", not \"none\""]
+
+
 def value_summary(x, y, task: str, num_classes: int | None, x_scale: float | None) -> list[str]:
-    """Lines with the range and mean of x (as the model sees it) and the class balance or target range of y."""
-    lo, hi, total = np.inf, -np.inf, 0.0
+    """Lines with the range and mean of x (as the model sees it), a feature-range warning, and the class
+    balance or target range of y."""
+    lo = np.full(math.prod(x.shape[1:]), np.inf)
+    hi, total = -lo, 0.0
     for _, block in _blocks(x):
-        block = np.asarray(block, dtype=np.float64)
-        lo, hi, total = min(lo, block.min()), max(hi, block.max()), total + block.sum()
+        block = np.asarray(block, dtype=np.float64).reshape(len(block), -1)
+        lo, hi, total = np.minimum(lo, block.min(0)), np.maximum(hi, block.max(0)), total + block.sum()
     scale = x_scale if x.dtype == np.uint8 else 1.0
-    lines = [f"x range [{lo * scale:.4g}, {hi * scale:.4g}], mean {total * scale / max(x.size, 1):.4g}"
-             + (f" (stored uint8 [{lo:g}, {hi:g}] times x_scale {x_scale:.4g})" if x.dtype == np.uint8 else "")]
+    lines = [f"x range [{lo.min() * scale:.4g}, {hi.max() * scale:.4g}], mean {total * scale / max(x.size, 1):.4g}"
+             + (f" (stored uint8 [{lo.min():g}, {hi.max():g}] times x_scale {x_scale:.4g})"
+                if x.dtype == np.uint8 else "")]
+    if x.ndim == 2:  # tabular features; image pixels share one scale
+        lines += range_warning(lo * scale, hi * scale)
     if task == "classification":
         counts = np.zeros(num_classes, np.int64)
         for _, block in _blocks(y):

@@ -1,4 +1,4 @@
-"""Evaluation: a split's exact global loss and accuracy, and a trained model back from its checkpoint."""
+"""Evaluation: a split's exact global loss and task metrics, and a trained model back from its checkpoint."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,35 +9,57 @@ from .config import config_from_dict
 from .data import Dataset, digits_path
 from .errors import agree, on_root
 from .nn.refs import no_imports
+from .normalize import Normalizer
 from .sampler import shard
+from .scores import RegressionSums, class_report, confusion
 from .state import build_loss, build_model, load_params
 from .watchdog import configure as configure_watchdog
 
 
-def evaluate(model, loss, split, comm, classification: bool, chunk: int = 1024) -> dict:
-    """Exact global loss (the mean of the training loss) and accuracy over a split, each rank on a contiguous slice."""
+def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names: list[str] | None = None,
+             chunk: int = 1024) -> dict:
+    """Exact global loss (the mean of the training loss) and the task's metrics over a split, each rank on a
+    contiguous slice.
+
+    The loss is in the units the model is trained in; RMSE, MAE and R^2 in the original target units.
+    With class_names (classification), adds the per-class report and confusion matrix as "report".
+    """
     lo, hi = shard(split.n, comm.rank, comm.size)
     sums = np.zeros(4)  # loss sum, correct, rows, what the loss mean divides by (rows or summed class weights)
+    k = model.out_shape[0]
+    reg = RegressionSums(k, norm.y_mean) if task == "regression" else None
+    cm = np.zeros((k, k)) if class_names and task == "classification" else None
     faults.inject_at(comm.rank, "eval")  # inert unless DISTBP_FAULT is set (tests)
     model.eval()
     for a in range(lo, hi, chunk):
-        indices = np.arange(a, min(a + chunk, hi))
-        x, y = split.read(indices, model.params.dtype)
-        out = model.forward(x)
-        sums += (loss.forward(out, y), loss.correct(out, y), len(indices), loss.total_weight(y))
+        x, y = split.read(np.arange(a, min(a + chunk, hi)), model.params.dtype)
+        out = model.forward(norm.x(x))
+        y_model = norm.y(y)
+        sums += (loss.forward(out, y_model), loss.correct(out, y_model), len(y), loss.total_weight(y_model))
+        if reg is not None:
+            reg.add(norm.y_original(out).astype(np.float64), y.reshape(len(y), -1).astype(np.float64))
+        if cm is not None:
+            cm += confusion(out.argmax(axis=1), y, k)
     model.train()
-    comm.allreduce_sum(sums)
+    for buf in (sums, reg.buf if reg else None, cm):
+        if buf is not None:
+            comm.allreduce_sum(buf)
+    rows = max(sums[2], 1)
     result = {"val_loss": sums[0] / sums[3] if sums[3] else 0.0}
-    if classification:
-        result["val_accuracy"] = sums[1] / max(sums[2], 1)
+    if task in ("classification", "binary"):
+        result["val_accuracy"] = sums[1] / rows
+    if reg is not None:
+        result.update(reg.metrics(sums[2]))
+    if cm is not None:
+        result["report"] = class_report(cm, class_names)
     return result
 
 
 def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "data.path"):
-    """(model, dataset, config) from a checkpoint: rank 0 reads, parameters broadcast; data_arg names the
-    dataset's argument in messages."""
+    """(model, dataset, config, normalizer) from a checkpoint: rank 0 reads, the rest is broadcast; data_arg
+    names the dataset's argument in messages."""
     ck = on_root(comm, ckpt.load, path)
-    config = comm.bcast_obj(ck.config if comm.is_root else None)
+    config, norm = comm.bcast_obj((ck.config, ck.normalization) if comm.is_root else None)
     with no_imports(path):  # a checkpoint naming module:Class layers finds them only if already imported
         cfg = agree(comm, config_from_dict, config)
     configure_watchdog(comm, timeout=cfg.train.stall_timeout)  # the run's, from here on
@@ -50,13 +72,14 @@ def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "d
     comm.bcast(model.params)
     comm.bcast(model.buffers)
     model.eval()
-    return model, data, cfg
+    return model, data, cfg, Normalizer(norm)
 
 
 def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: str = "val") -> dict:
-    """Global loss (and accuracy) of a checkpoint's model on one split."""
-    model, data, cfg = load_model(path, comm, data_path)
+    """Global loss and metrics of a checkpoint's model on one split (with the class report)."""
+    model, data, cfg, norm = load_model(path, comm, data_path)
     part = agree(comm, data.split, split)
     part.load(cfg.data.memory_mb * 2**20, comm)
-    result = evaluate(model, build_loss(cfg, data, comm), part, comm, data.task == "classification")
-    return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()}}
+    result = evaluate(model, build_loss(cfg, data, comm), part, comm, data.task, norm, data.class_names)
+    return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()},
+            "checkpoint": str(path)}

@@ -95,8 +95,8 @@ class RunLog:
                 self.info(f"WARNING: {type(tracker).__name__} tracking stopped ({type(e).__name__}: {e}); "
                           "metrics.jsonl keeps every record")
 
-    def best(self, key: str, up_to_step: int) -> float | None:
-        """Rank 0: the largest `key` recorded in metrics.jsonl at steps <= up_to_step (None elsewhere)."""
+    def best(self, key: str, up_to_step: int, mode: str = "max") -> tuple[float, int] | None:
+        """Rank 0: the best (value, step) of `key` ("max" or "min") in metrics.jsonl at steps <= up_to_step."""
         if not self.metrics:
             return None
         values = []
@@ -107,8 +107,9 @@ class RunLog:
                 except ValueError:  # a line cut short by a crash
                     continue
                 if key in r and not r.get("summary") and r.get("step", 0) <= up_to_step:
-                    values.append(r[key])
-        return max(values, default=None)
+                    values.append((r[key] if mode == "max" else -r[key], -r["step"]))
+        best = max(values, default=None)  # the earliest step among equal values
+        return None if best is None else (best[0] if mode == "max" else -best[0], -best[1])
 
     def progress(self, step: int, epoch: int, samples: int, fields: dict):
         """Advance the bar or print a progress line (see progress.Progress)."""
@@ -176,11 +177,15 @@ TIME_GROUPS = {"data": ("data",), "compute": ("forward", "backward", "optimizer"
                "communication": ("allreduce",), "eval": ("eval",), "checkpoint": ("checkpoint",)}
 
 
-def _metric(final, best=None) -> str | None:
-    """'final F, best B' of a metric (None when there is no final value)."""
-    if final is None:
-        return None
-    return f"final {final:.4f}" + (f", best {best:.4f}" if best is not None else "")
+def _metric_rows(summary: dict) -> list[tuple[str, str]]:
+    """One row per final validation metric, the best one's with its best value and step."""
+    rows = []
+    for k, v in summary.items():
+        if k.startswith("val_") and v is not None:
+            best = summary.get(f"best_{k}") if summary.get("best_metric") == k else None
+            rows.append((k, f"final {v:.4f}" + (f", best {best:.4f} (step {summary['best_step']})"
+                                                 if best is not None else "")))
+    return rows
 
 
 def _time_rows(t: dict) -> list[tuple[str, str]]:
@@ -201,8 +206,7 @@ def _time_rows(t: dict) -> list[tuple[str, str]]:
 def format_summary(summary: dict) -> list[str]:
     """The end-of-run summary as a small table: progress, metrics, throughput, where the time went."""
     rows = [("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs) on {summary['world_size']} rank(s)"),
-            ("val_loss", _metric(summary.get("val_loss"))),
-            ("val_accuracy", _metric(summary.get("val_accuracy"), summary.get("best_val_accuracy"))),
+            *_metric_rows(summary),
             ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
             ("stopped", summary.get("stopped"))]

@@ -10,8 +10,12 @@ from .atomic import AtomicFile
 from .safeio import check_output
 
 
+SCORES = ("val_accuracy", "val_r2")  # higher is better, at most 1
+ERRORS = ("val_rmse", "val_mae", "val_baseline_rmse")  # regression errors in the original target units
+
+
 def read_metrics(run_dir) -> dict:
-    """{"train": [(step, epoch, loss)], "eval": [(step, epoch, val_loss, val_accuracy)], "steps_per_epoch": P}."""
+    """{"train": [(step, epoch, loss)], "eval": [(step, epoch, val_loss, {val metric: value})], "steps_per_epoch": P}."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl; HINT: give a run directory written by `distbp train` "
@@ -27,7 +31,8 @@ def read_metrics(run_dir) -> dict:
         elif "loss" in rec and "step" in rec:
             train[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["loss"])  # a resumed run's
         elif "val_loss" in rec and "step" in rec:                                # later lines win
-            evals[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["val_loss"], rec.get("val_accuracy"))
+            evals[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["val_loss"],
+                                  {k: v for k, v in rec.items() if k in SCORES + ERRORS})
     if not train and not evals:
         raise UserError(f"{path}: no train or eval records yet; HINT: plot after the run has logged steps")
     records = [*train.values(), *evals.values()]
@@ -80,6 +85,16 @@ def _legend(fig, names, colors):
     fig.legend(handles=runs + styles, loc="outside right upper", fontsize="small", frameon=False)
 
 
+def _plot_eval(axes, color: str, x: list, metrics: list[dict]):
+    """Val scores (accuracy, R^2) on axes[0], regression errors (RMSE, MAE, baseline RMSE) on axes[1]."""
+    for ax, keys in zip(axes, (SCORES, ERRORS)):
+        for style, key in zip(("-", "--", ":"), keys):
+            ys = [m.get(key) for m in metrics]
+            if any(v is not None for v in ys):
+                ax.plot(x, ys, color=color, linestyle=style, marker="." if len(x) <= 40 else None,
+                        label=key[4:])
+
+
 def plot_runs(run_dirs, out, force: bool = False) -> Path:
     """Write make_figure's image (PNG, or PDF/SVG by the suffix) atomically, never over an input."""
     out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
@@ -96,35 +111,35 @@ def plot_runs(run_dirs, out, force: bool = False) -> Path:
 
 
 def make_figure(run_dirs):
-    """Loss and val accuracy against steps (top row) and epochs (bottom row), runs overlaid, legend outside."""
+    """Loss, val scores (accuracy, R^2) and, for regression, val errors against steps (top row) and epochs
+    (bottom row), runs overlaid, legend outside."""
     runs = [read_metrics(d) for d in run_dirs]
     names = short_names(run_dirs)
+    errors = any(k in m for r in runs for *_, m in r["eval"] for k in ERRORS)
     fig = _pyplot_free_figure()
-    axes = fig.subplots(2, 2)
+    axes = fig.subplots(2, 3 if errors else 2)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for m, color in zip(runs, colors):
         for row, scale in enumerate((1.0, 1.0 / m["steps_per_epoch"])):
-            loss_ax, acc_ax = axes[row]
+            loss_ax = axes[row][0]
             if m["train"]:
                 steps, _, loss = zip(*m["train"])
                 x = [s * scale for s in steps]
                 loss_ax.plot(x, loss, color=color, lw=0.8, alpha=0.3)
                 loss_ax.plot(x, ema(loss), color=color, lw=1.6)
             if m["eval"]:
-                steps, _, val_loss, acc = zip(*m["eval"])
+                steps, _, val_loss, metrics = zip(*m["eval"])
                 x = [s * scale for s in steps]
                 marker = "." if len(x) <= 40 else None  # 200 epochs of dots hide the line
                 loss_ax.plot(x, val_loss, color=color, lw=1.2, ls="--", marker=marker)
-                if any(a is not None for a in acc):
-                    acc_ax.plot(x, acc, color=color, lw=1.2, ls="--", marker=marker)
+                _plot_eval(axes[row][1:], color, x, metrics)
     for row, xlabel in enumerate(("step", "epoch")):
-        loss_ax, acc_ax = axes[row]
-        loss_ax.set(xlabel=xlabel, ylabel="loss", yscale="log", title=f"loss against {xlabel}s")
-        acc_ax.set(xlabel=xlabel, ylabel="val accuracy", title=f"val accuracy against {xlabel}s")
-        for ax in (loss_ax, acc_ax):
+        titles = ("loss", "val accuracy / R^2", "val RMSE, MAE, baseline RMSE")
+        for ax, title in zip(axes[row], titles):
+            ax.set(xlabel=xlabel, ylabel=title, title=f"{title} against {xlabel}s")
             ax.grid(True, alpha=0.3)
-        if not acc_ax.has_data():
-            acc_ax.text(0.5, 0.5, "no val accuracy (regression, or no val split)", ha="center",
-                        transform=acc_ax.transAxes)
+        axes[row][0].set(yscale="log")
+        if not axes[row][1].has_data():
+            axes[row][1].text(0.5, 0.5, "no val scores (no val split)", ha="center", transform=axes[row][1].transAxes)
     _legend(fig, names, colors)
     return fig

@@ -206,7 +206,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         raise DataError(f"--data {data_path} applies to .npy and .csv inputs; a dataset INPUT {source} is its "
                         "own; HINT: drop --data")
     arg = "--data (default: the run's data.path, stored in the checkpoint)" if array else "INPUT"
-    model, data, _ = load_model(checkpoint, comm, data_path=data_path if array else source, data_arg=arg)
+    model, data, _, norm = load_model(checkpoint, comm, data_path=data_path if array else source, data_arg=arg)
     on_root(comm, check_output, out, [checkpoint, source, data.path], force)
     rows = agree(comm, _input_rows, source, split, model, data)
     lo, hi = shard(rows.n, comm.rank, comm.size)
@@ -222,7 +222,8 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         chunk = None
         if b > a:
             x, y = rows.read(a, b, model.params.dtype)
-            chunk = outputs(data.task, model.forward(x))
+            logits = model.forward(norm.x(x))
+            chunk = outputs(data.task, norm.y_original(logits) if data.task == "regression" else logits)
             if y is not None:
                 chunk["y"] = y
         pieces = comm.gather_obj((a, chunk))

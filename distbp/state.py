@@ -15,6 +15,7 @@ from .early_stop import EARLY_STOP_KEYS, EarlyStopping
 from .errors import UserError, agree, on_root
 from .nn import Sequential, make_loss, mlp_specs
 from .nn.losses import balanced_weights, loss_class
+from .normalize import Normalizer
 from .optim import make_optimizer
 from .sampler import shard
 from .zero import ShardedOptimizer
@@ -106,7 +107,7 @@ def build_optimizer(cfg: Config, model: Sequential, comm):
 
 
 def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int,
-                    lr: float, early: EarlyStopping) -> ckpt.Checkpoint:
+                    lr: float, early: EarlyStopping, norm: Normalizer) -> ckpt.Checkpoint:
     """The full training state as a Checkpoint (views, no copies); states are opt's whole state arrays."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
              "samples_seen": pos.samples_seen, "micro_steps": pos.micro_steps, **early.state(),
@@ -122,6 +123,7 @@ def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_
                            opt_arrays={k: model.views(a) for k, a in states.items()},
                            opt_scalars=opt.state_scalars(),
                            buffers=model.buffer_views(model.buffers),
+                           normalization=norm.arrays,
                            attrs=attrs)
 
 
@@ -177,9 +179,23 @@ def check_same_batch(ck: ckpt.Checkpoint, cfg: Config):
             f"of {old_b * old_k} rows), or start fresh with --resume never")
 
 
+def check_same_normalization(ck: ckpt.Checkpoint, cfg: Config):
+    """Raise unless data.normalize and data.normalize_targets are those the checkpoint was trained with."""
+    old = ck.config.get("data", {})  # a version-1 checkpoint has neither key: it had no normalization
+    was = (old.get("normalize", "none"), old.get("normalize_targets", False))
+    now = (cfg.data.normalize, cfg.data.normalize_targets)
+    if was != now:
+        raise ckpt.CheckpointError(
+            f"data.normalize={now[0]!r}, data.normalize_targets={str(now[1]).lower()} differ from "
+            f"{was[0]!r}, {str(was[1]).lower()} that {ck.path} was trained with; HINT: resume with --set "
+            f"data.normalize={was[0]} --set data.normalize_targets={str(was[1]).lower()}, or start fresh "
+            "with --resume never")
+
+
 def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log) -> dict:
     """Copy a checkpoint's parameters into model and its optimizer state into flats (rank 0); what to broadcast."""
     check_same_batch(ck, cfg)
+    check_same_normalization(ck, cfg)
     load_params(ck, model)
     scalars = None
     if ck.opt_name == cfg.optim.name and set(ck.opt_arrays) == set(flats):
@@ -193,13 +209,14 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
     attrs = {k: ck.attrs[k] for k in ckpt.POSITION_KEYS}
     attrs["micro_steps"] = ck.attrs.get("micro_steps", attrs["step"])  # one pass per step before accumulation
     attrs.update({k: ck.attrs[k] for k in EARLY_STOP_KEYS if k in ck.attrs})
-    return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path}
+    return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path,
+            "normalization": ck.normalization}
 
 
 def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm,
-                 log) -> tuple[Position, dict | None]:
-    """Load (rank 0), check and broadcast the resume state into model, opt and early: its Position and the
-    checkpoint's config (fresh: Position(), None)."""
+                 log) -> tuple[Position, dict | None, Normalizer | None]:
+    """Load (rank 0), check and broadcast the resume state into model, opt and early: its Position, the
+    checkpoint's config and its stored normalization (fresh: Position(), None, None)."""
     flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
     def load():
@@ -207,7 +224,7 @@ def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, c
         return None if found is None else restore_root(found, model, opt, flats, cfg, log)
     info = comm.bcast_obj(on_root(comm, load))
     if info is None:
-        return Position(), None
+        return Position(), None, None
     for a in (model.params, model.buffers, *flats.values()):
         comm.bcast(a)
     if info["scalars"] is not None:
@@ -221,15 +238,22 @@ def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, c
     for line in changes:
         log(f"config changed on resume: {line}")
     early.load(a)
-    return Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"], a["micro_steps"]), info["config"]
+    return (Position(a["step"], a["epoch"], a["step_in_epoch"], a["samples_seen"], a["micro_steps"]), info["config"],
+            Normalizer(info["normalization"]))
 
 
-def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool):
-    """Rank 0 writes make() at path (to disk in the background) and prunes; only a failed final save raises."""
+def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: bool = False):
+    """Rank 0 writes make() at path (to disk in the background), marks it best if so, prunes; only a failed
+    final save raises."""
+    def after_seal():
+        if best:
+            ckpt.mark_best(path)
+        ckpt.prune(path.parent, keep, path)
+
     errors = []
     try:
         errors.append(saver.wait())  # the previous save's error, reported even if this write fails too
-        errors.append(saver.save(path, make(), then=lambda: ckpt.prune(path.parent, keep, path)))
+        errors.append(saver.save(path, make(), then=after_seal))
         if final:
             errors.append(saver.wait())
     except (OSError, RuntimeError) as e:  # h5py reports some failures as RuntimeError

@@ -44,16 +44,16 @@ def sum_sq(g: np.ndarray) -> float:
     return float(np.dot(g, g))
 
 
-def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, norm: float,
+def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, divisor: float,
             after_forward=None) -> tuple[float, int]:
-    """Forward, loss (a sum over the rows), backward of it / norm into the bound gradient; (loss sum, correct)."""
+    """Forward, loss (a sum over the rows), backward of it / divisor into the bound gradient; (loss sum, correct)."""
     model.ctx.rows, model.ctx.global_rows = positions, batch_rows
     out = model.forward(x)
     loss_sum, correct = loss.forward(out, y), loss.correct(out, y)
     if after_forward:
         after_forward()
     dout = loss.backward()
-    dout /= norm  # the global mean (rows, or their summed class weights), folded in before the reduction
+    dout /= divisor  # the global mean (rows, or their summed class weights), folded in before the reduction
     model.backward(dout, need_dx=False)
     return loss_sum, correct
 
@@ -85,12 +85,12 @@ class DataParallelStep:
         # the same passes on every rank, so BatchNorm's per-pass statistics see the same rows at any rank count
         return [lo + self.positions(hi - lo) for lo, hi in pass_bounds(batch_rows, pass_rows)]
 
-    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, norm: float | None = None,
+    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, divisor: float | None = None,
                          first: bool = True) -> tuple[float, int]:
-        """Add this pass's part of the gradient of the global mean (sum / norm) to model.grads, zeroed if first."""
+        """Add this pass's part of the gradient of the global mean (sum / divisor) to model.grads, zeroed if first."""
         if first:
             self.model.zero_grad(skip_written=True)  # the backward writes what it skips
-        return grad_of(self.model, self.loss, x, y, positions, batch_rows, batch_rows if norm is None else norm,
+        return grad_of(self.model, self.loss, x, y, positions, batch_rows, batch_rows if divisor is None else divisor,
                        lambda: self.lap("forward"))
 
     def reduce(self, grads: np.ndarray, scalars: StepScalars):
@@ -152,7 +152,7 @@ class DeterministicStep(DataParallelStep):
         groups = (shard(mine, k, passes) for k in range(passes))
         return [np.arange(a + lo * m, min(a + hi * m, b), dtype=np.int64) for lo, hi in groups]
 
-    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, norm: float | None = None,
+    def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, divisor: float | None = None,
                          first: bool = True) -> tuple[float, int]:
         """Sum this pass's shard gradients into the tree blocks (a new tree if first); keep shard losses."""
         m, targets = self.m, self.targets
@@ -171,7 +171,7 @@ class DeterministicStep(DataParallelStep):
                 rows = slice(lo - a * m, hi - a * m)
                 g = targets.take()  # the backward writes straight into a vector of the tree
                 self.shard_loss[j], c = grad_of(self.model, self.loss, x[rows], y[rows], positions[rows], batch_rows,
-                                                batch_rows if norm is None else norm)
+                                                batch_rows if divisor is None else divisor)
                 correct += c
                 targets.release(self.local.push((j, 1), g))
         finally:

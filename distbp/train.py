@@ -17,13 +17,15 @@ from . import trackers
 from .comm import set_thread_budget
 from .config import Config, config_from_dict, config_to_dict, config_to_toml
 from .data import Dataset, digits_path
-from .early_stop import EarlyStopping, best_metric
+from .early_stop import EarlyStopping
 from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
+from .normalize import fit as fit_normalizer
 from .optim import make_schedule
 from .progress import Progress
 from .sampler import GlobalBatches
+from .scores import improved, monitored
 from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
     resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
@@ -104,10 +106,12 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
+        self.task = self.data.task
         self.loss = build_loss(cfg, self.data, comm)
+        self.metric, self.mode = agree(comm, monitored, cfg.train.best_metric, self.task)
         self.opt = build_optimizer(cfg, model, comm)
         t = cfg.train
-        self.early = EarlyStopping(*best_metric(self.data.task), t.early_stop_patience, t.early_stop_min_delta)
+        self.early = EarlyStopping(self.metric, self.mode, t.early_stop_patience, t.early_stop_min_delta)
         self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
         self.total = total_steps(cfg, self.per_epoch)
@@ -122,24 +126,29 @@ class Trainer:
         for note in notes:
             self.log(note)
         self._describe()
-        self.pos, old_config = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm, self.log)
-        self.best = None  # best val_accuracy of the run, resumes included
+        self.pos, old_config, self.norm = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm,
+                                                       self.log)
+        self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
         if self.pos.step:
-            self.best = self.runlog.best("val_accuracy", self.pos.step)
+            self.best = comm.bcast_obj(self.runlog.best(self.metric, self.pos.step, self.mode))
             self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch_number, world_size=comm.size)
             if comm.is_root and (warning := schedule_change(old_config, cfg, self.per_epoch, self.pos.step)):
                 self.log(warning)
         for split in (self.train_split, self.val_split):
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
+        if self.norm is None:  # fresh: statistics of the train split; resumed: those stored in the checkpoint
+            self.norm = fit_normalizer(self.train_split, comm, cfg.data.normalize, cfg.data.normalize_targets,
+                                       self.task == "regression")
+        self.log(self.norm.describe())
         # the trackers last: a run that fails to start leaves no tracker run behind
         self.runlog.trackers = on_root(comm, trackers.open_trackers, cfg.log, run_dir, config_to_dict(cfg),
                                        config_to_toml(cfg)) or []
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
-        self.norm, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
-        self._last_ckpt_time = time.monotonic()
+        self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
+        self._last_ckpt_time, self._saved_step = time.monotonic(), None
 
     def _progress(self, mode: str) -> Progress | None:
         """Rank 0's progress display in the given mode (auto, bar, lines, none)."""
@@ -229,13 +238,14 @@ class Trainer:
         self.model.ctx.step = pos.step  # the dropout counter's step
         indices = self.batches.indices(pos.epoch, pos.step_in_epoch)
         # the mean divides by the batch's rows, or by their summed class weights (the same on every rank)
-        self.norm = self.loss.total_weight(self.train_split.labels(indices)) if self.loss.weighted else len(indices)
+        self.divisor = self.loss.total_weight(self.train_split.labels(indices)) if self.loss.weighted else len(indices)
         loss_sum, correct, rows = 0.0, 0, 0
         passes = self.step.pass_positions(len(indices), self.cfg.train.batch_size)
         for k, positions in enumerate(passes):
             x, y = self.train_split.read(indices[positions], self.model.params.dtype)
+            x, y = self.norm.x(x), self.norm.y(y)
             timer.lap("data")
-            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.norm, k == 0)
+            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
             timer.lap("backward")
             loss_sum, correct, rows = loss_sum + pass_loss, correct + pass_correct, rows + len(y)
         pos.micro_steps += len(passes)
@@ -249,7 +259,7 @@ class Trainer:
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
         s, o = self.scalars, self.cfg.optim
-        train_loss = s.loss_sum / self.norm
+        train_loss = s.loss_sum / self.divisor
         self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
         skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
                                    self.cfg.train.nonfinite, self.log)
@@ -276,7 +286,7 @@ class Trainer:
         pos, cfg, timer, s = self.pos, self.cfg, self.timer, self.scalars
         self.runlog.progress(pos.step, pos.epoch_number, pos.samples_seen, {"loss": train_loss, "lr": self.lr})
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
-            extra = {"accuracy": s.correct / s.rows} if self.data.task == "classification" else {}
+            extra = {"accuracy": s.correct / s.rows} if self.task != "regression" else {}
             if skipped:
                 extra["skipped"] = True
             self.runlog.record(step=pos.step, epoch=pos.epoch_number, loss=train_loss, lr=self.lr,
@@ -285,12 +295,15 @@ class Trainer:
         if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
             return
         timer.start()
-        self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.data.task == "classification")
+        self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.task, self.norm)
         timer.lap("eval")
-        self.best = max(self.best or 0.0, self.result.get("val_accuracy", 0.0))
         self.runlog.record(step=pos.step, epoch=pos.epoch_number, **self.result)
         self.log(f"eval step {pos.step} epoch {pos.epoch_number}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
+        if improved(self.result[self.metric], self.best and self.best[0], self.mode):
+            self.best = (self.result[self.metric], pos.step)
+            if cfg.checkpoint.keep_best and pos.step < self.total:  # the final save marks a best last step
+                self.save(final=False)
         if self.early.patience:  # rank 0 decides, so every rank stops after the same step
             stop = self.early.update(self.result[self.early.metric], pos.step)
             self.stopped_early = self.comm.bcast_obj(stop if self.comm.is_root else None)
@@ -298,29 +311,33 @@ class Trainer:
     def checkpoint_if_due(self):
         """A periodic checkpoint every checkpoint.every_steps, or when rank 0's clock said every_seconds."""
         every = self.cfg.checkpoint.every_steps
-        if ((every and self.pos.step % every == 0) or self.scalars.checkpoint_due > 0) and self.pos.step < self.total:
+        due = (every and self.pos.step % every == 0) or self.scalars.checkpoint_due > 0
+        if due and self.pos.step < self.total and self._saved_step != self.pos.step:
             self.save(final=False)
             self._last_ckpt_time = time.monotonic()
 
     def save(self, final: bool):
         """Checkpoint the current state: rank 0 writes (see state.save_checkpoint)."""
         states = self.opt.full_state(self.comm)  # a sharded optimizer's slices meet on rank 0
+        self._saved_step = self.pos.step  # on every rank: checkpoint_if_due's collective decision
         if not self.comm.is_root:
             return
         self.timer.start()
         pos, cfg = self.pos, self.cfg
+        best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
         save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
                         lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
-                                                self.early),
-                        cfg.checkpoint.keep, self.log, final)
+                                                self.early, self.norm),
+                        cfg.checkpoint.keep, self.log, final, best)
         self.timer.lap("checkpoint")
 
     def finish(self, exit_code: int) -> int:
         """The summary record and table; returns exit_code."""
         pos, result = self.pos, self.result
+        best = {} if self.best is None else {"best_metric": self.metric, f"best_{self.metric}": self.best[0],
+                                             "best_step": self.best[1]}
         summary = {"summary": True, "steps": pos.step, "epochs": pos.step / self.per_epoch,
-                   "samples_per_s": self.timer.samples_per_s(), "val_loss": result.get("val_loss"),
-                   "val_accuracy": result.get("val_accuracy"), "best_val_accuracy": self.best,
+                   "samples_per_s": self.timer.samples_per_s(), **result, **best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
                    "params_crc32": f"{param_hash(self.model.params):08x}",

@@ -177,7 +177,8 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
     import importlib
     from distbp.config import load_config
     loop = importlib.import_module("distbp.train")  # the module: distbp.train is the API function
-    sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""',
+    # inputs as stored (data.normalize="none"): the PyTorch peer and the matmul floor read them raw too
+    sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""', 'data.normalize="none"',
             f"model.layers={toml_specs(wl.layers)}", f"model.hidden={list(wl.hidden)}",
             "model.activation=\"relu\"", f"train.batch_size={wl.batch}",
             f"train.dtype=\"{wl.dtype}\"", f"train.max_steps={wl.warmup + wl.steps}", "train.epochs=100000",

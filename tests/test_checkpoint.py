@@ -38,7 +38,7 @@ def test_round_trip_is_plain_hdf5(tmp_path):
         assert ck.params[name].shape == a.shape
     np.testing.assert_array_equal(ck.opt_arrays["exp_avg_sq"]["0.linear.W"], make(30).opt_arrays["exp_avg_sq"]["0.linear.W"])
     assert ck.opt_name == "adam" and ck.opt_scalars == {"t": 30}
-    assert ck.attrs["step"] == 30 and ck.attrs["distbp_format"] == "checkpoint" and ck.attrs["version"] == 1
+    assert ck.attrs["step"] == 30 and ck.attrs["distbp_format"] == "checkpoint" and ck.attrs["version"] == 2
     with h5py.File(path, "r") as f:
         kinds = set()
         f.visititems(lambda n, o: kinds.add(type(o).__name__))
@@ -164,3 +164,28 @@ def test_save_time_close_to_plain_h5py(tmp_path, capsys):
               f"durable (checksum + fsync + rename) {t_durable * 1e3:.1f} ms")
     assert t_block <= 1.5 * t_plain
     assert ckpt.load(tmp_path / ckpt.checkpoint_name(8)).attrs["step"] == 1
+
+
+def test_best_survives_pruning_and_run_dirs_resolve(tmp_path):
+    d = tmp_path / "run" / "checkpoints"
+    for step in (10, 20, 30, 40):
+        path = write(d, step)
+        if step == 20:
+            ckpt.mark_best(path)
+        ckpt.prune(d, 1, path)
+    assert sorted(p.name for p in d.iterdir()) == [ckpt.BEST, "step-00000040.h5"]
+    assert ckpt.load(d / ckpt.BEST).attrs["step"] == 20  # the pruned step-20 file lives on as best.h5
+    assert ckpt.find(tmp_path / "run") == ckpt.find(d) == d / "step-00000040.h5"
+    assert ckpt.find(tmp_path / "run", best=True) == d / ckpt.BEST
+    assert ckpt.find(d / "step-00000040.h5") == d / "step-00000040.h5"
+    write(d, 50)
+    with open(d / "step-00000050.h5", "r+b") as f:  # a damaged newest: the newest valid one is meant
+        f.truncate(100)
+    assert ckpt.find(tmp_path / "run") == d / "step-00000040.h5"
+    (d / ckpt.BEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no best.h5; HINT: train with checkpoint.keep_best=true"):
+        ckpt.find(tmp_path / "run", best=True)
+    with pytest.raises(ckpt.CheckpointError, match="holds no valid checkpoint"):
+        ckpt.find(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.find(tmp_path / "nothing")

@@ -111,8 +111,8 @@ def test_export_gives_plain_arrays_by_name(trained, tmp_path):
 
 
 def parse_eval(stdout: str) -> dict:
-    """'split=val rows=360 loss=... accuracy=...' as a dict."""
-    return dict(item.split("=", 1) for item in stdout.split())
+    """The first line 'split=val rows=360 loss=... accuracy=... checkpoint=...' as a dict."""
+    return dict(item.split("=", 1) for item in stdout.splitlines()[0].split())
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

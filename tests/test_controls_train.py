@@ -30,8 +30,9 @@ def imbalanced_file(path, rows=232, classes=3, val=40, seed=0) -> Path:
 
 
 def config(path, *sets):
-    """A float64 MLP config on path, logging every step, no periodic checkpoints."""
-    return load_config(None, [f'data.path="{path}"', 'train.dtype="float64"', "model.hidden=[8]",
+    """A float64 MLP config on path, logging every step, no periodic checkpoints; inputs as stored (the
+    PyTorch reference reads them so)."""
+    return load_config(None, [f'data.path="{path}"', 'data.normalize="none"', 'train.dtype="float64"', "model.hidden=[8]",
                               "train.log_every=1", f"train.max_steps={STEPS}", *sets])
 
 

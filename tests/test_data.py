@@ -230,3 +230,15 @@ def test_random_malformed_files_raise_data_error_or_open(tmp_path, attrs, splits
                 split.read(np.arange(split.n)[::-1])
     except DataError as e:
         assert str(e).startswith(f"dataset {path}") and "HINT" in str(e)
+
+
+def test_inspect_warns_when_feature_ranges_differ_over_100x(tmp_path):
+    x, y = tiny_arrays(30, 3, 2, 0)
+    close = write_dataset(tmp_path / "close.h5", {"train": (x, y)}, num_classes=2)
+    x[:, 2] *= 1000
+    apart = write_dataset(tmp_path / "apart.h5", {"train": (x, y)}, num_classes=2)
+    with Dataset(close) as ds:
+        assert not any("WARNING" in line for line in ds.describe(values=True))
+    with Dataset(apart) as ds:
+        (line,) = [line for line in ds.describe(values=True) if "WARNING" in line]
+    assert "feature ranges differ by" in line and "feature 2" in line and 'data.normalize = "standard"' in line

@@ -37,10 +37,10 @@ def test_classification_predictions_match_the_model_and_npy_input(tmp_path, make
     data = make_dataset(train=48, val=30, features=5, classes=4)
     ck = trained(comm, tmp_path, data)
     out, attrs = read(predict(ck, data, tmp_path / "p.h5", comm, split="val", batch=7))
-    model, _, _ = load_model(str(ck), comm)
+    model, _, _, norm = load_model(str(ck), comm)
     with Dataset(data) as ds:
         x, y = ds.split("val").read(np.arange(30))
-    p = softmax(model.forward(x))
+    p = softmax(model.forward(norm.x(x)))
     assert attrs["distbp_format"] == "predictions" and attrs["num_classes"] == 4 and attrs["split"] == "val"
     assert np.allclose(out["probabilities"], p, atol=1e-6) and np.allclose(out["probabilities"].sum(1), 1)
     assert np.array_equal(out["class"], p.argmax(1)) and np.array_equal(out["y"], y)
@@ -57,9 +57,10 @@ def test_regression_outputs_and_bad_npy_shape(tmp_path, make_dataset):
     data = make_dataset(splits=splits, task="regression", num_classes=None)
     ck = trained(comm, tmp_path, data)
     out, attrs = read(predict(ck, data, tmp_path / "p.h5", comm))
-    model, _, _ = load_model(str(ck), comm)
+    model, _, _, norm = load_model(str(ck), comm)
     assert attrs["task"] == "regression" and out["output"].shape == (10,)
-    assert np.allclose(out["output"], model.forward(x[:10])[:, 0], atol=1e-6)
+    assert norm.y_shift is not None  # targets standardized in training, outputs in the original units
+    assert np.allclose(out["output"], norm.y_original(model.forward(norm.x(x[:10])))[:, 0], atol=1e-5)
     np.save(tmp_path / "bad.npy", x[:, :2])
     with pytest.raises(Exception, match=r"does not hold rows of the model's input \(3,\)"):
         predict(ck, tmp_path / "bad.npy", tmp_path / "b.h5", comm)

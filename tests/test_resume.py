@@ -417,3 +417,11 @@ def test_cli_writer_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path
     assert f"resumed from {sealed[-1]} at step {newest}" in done.stdout
     assert not [p for p in ckpts.iterdir() if ckpt.TMP_MARK in p.name]
     assert ckpt.load(final(run_dir, newest + 1)).attrs["step"] == newest + 1
+
+
+def test_resume_keeps_the_normalization_it_was_trained_with(wcomm, run_root):
+    assert train(wcomm, run_root, "train.max_steps=10", 'data.normalize="none"') == 0
+    with pytest.raises(UserError, match=r"data.normalize='standard', data.normalize_targets=true differ from "
+                                        r"'none', true that .* HINT: resume with --set data.normalize=none"):
+        train(wcomm, run_root, "train.max_steps=20")
+    assert train(wcomm, run_root, "train.max_steps=20", 'data.normalize="none"') == 0

@@ -13,6 +13,7 @@ from distbp import cli
 from distbp.train import Trainer, run
 from distbp.checkpoint import checkpoint_name, load
 from distbp.comm import SerialComm
+from distbp.normalize import Normalizer
 from distbp.config import load_config
 from distbp.data import Dataset, synthetic, write_dataset
 from distbp.evaluate import evaluate
@@ -150,8 +151,8 @@ def test_evaluate_is_exact_over_uneven_slices(comm, make_dataset, val_rows, dtyp
     with Dataset(path) as ds:
         model, split = build_model(cfg, ds), ds.split("val")
         loss = make_loss(ds.task)
-        world = evaluate(model, loss, split, comm, classification=True)
-        alone = evaluate(model, loss, split, SerialComm(), classification=True)
+        world = evaluate(model, loss, split, comm, "classification", Normalizer())
+        alone = evaluate(model, loss, split, SerialComm(), "classification", Normalizer())
         ref_loss, ref_acc = reference_metrics(model, split)
     assert world["val_accuracy"] == alone["val_accuracy"] == ref_acc  # counts, so exactly equal
     assert world["val_loss"] == pytest.approx(alone["val_loss"], rel=rtol)

@@ -1,0 +1,98 @@
+"""Task metrics from global sums (exact over ranks): accuracy, RMSE/MAE/R^2 with the constant baseline,
+the per-class report and confusion matrix, and which metric "best" means."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+
+TASK_METRICS = {"classification": ("val_loss", "val_accuracy"), "binary": ("val_loss", "val_accuracy"),
+                "regression": ("val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse")}
+MAXIMIZED = ("val_accuracy", "val_r2")
+BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2")
+BEST_DEFAULT = {"classification": "val_accuracy", "binary": "val_accuracy", "regression": "val_loss"}
+
+
+def monitored(best_metric: str, task: str) -> tuple[str, str]:
+    """(metric name, "max" or "min"): what train.best_metric makes "best" for this task."""
+    name = BEST_DEFAULT[task] if best_metric == "auto" else best_metric
+    if name not in TASK_METRICS[task]:
+        raise UserError(f"train.best_metric={best_metric!r} is not reported for a {task} task; "
+                         f"HINT: set it to auto or one of {', '.join(TASK_METRICS[task])}")
+    return name, "max" if name in MAXIMIZED else "min"
+
+
+def improved(value: float, best: float | None, mode: str) -> bool:
+    """Whether value beats best (None = nothing yet) in direction mode."""
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+class RegressionSums:
+    """Per-output sums of squared and absolute errors and of target deviations from the train mean."""
+
+    def __init__(self, k: int, y_mean: np.ndarray):
+        self.y_mean = y_mean
+        self.buf = np.zeros((4, k))  # squared error, absolute error, y - mean, (y - mean)^2
+
+    def add(self, pred: np.ndarray, y: np.ndarray):
+        """Add one chunk: predictions and targets (rows, k) in the original units."""
+        d, dev = pred - y, y - self.y_mean
+        self.buf += (np.square(d).sum(0), np.abs(d).sum(0), dev.sum(0), np.square(dev).sum(0))
+
+    def metrics(self, rows: float) -> dict:
+        """RMSE, MAE, R^2 (mean over outputs, as scikit-learn's r2_score) and the train-mean baseline's RMSE."""
+        sse, sae, dev, ss_mean = self.buf
+        n, k = max(rows, 1), self.buf.shape[1]
+        ss_tot = ss_mean - np.square(dev) / n  # sum (y - val mean)^2, from deviations about the train mean
+        r2 = np.where(ss_tot > 0, 1 - sse / np.where(ss_tot > 0, ss_tot, 1), np.where(sse == 0, 1.0, 0.0))
+        return {"val_rmse": float(np.sqrt(sse.sum() / (n * k))), "val_mae": float(sae.sum() / (n * k)),
+                "val_r2": float(r2.mean()), "val_baseline_rmse": float(np.sqrt(ss_mean.sum() / (n * k)))}
+
+
+def confusion(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) counts: row = true class, column = predicted class."""
+    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
+
+
+def class_report(cm: np.ndarray, names: list[str] | None = None) -> dict:
+    """Per-class precision, recall, F1 and support, accuracy, macro and weighted averages (zero_division 0)."""
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    pr = precision + recall
+    f1 = np.divide(2 * precision * recall, pr, out=np.zeros_like(tp), where=pr > 0)
+    names = names or [str(i) for i in range(len(tp))]
+    total = support.sum()
+    rows = {n: {"precision": p, "recall": r, "f1-score": f, "support": int(s)}
+            for n, p, r, f, s in zip(names, precision, recall, f1, support)}
+    avg = {"macro avg": np.ones_like(support) / len(support), "weighted avg": support / max(total, 1)}
+    for name, w in avg.items():
+        rows[name] = {"precision": float(w @ precision), "recall": float(w @ recall), "f1-score": float(w @ f1),
+                      "support": int(total)}
+    report = {n: {k: float(v) if k != "support" else v for k, v in r.items()} for n, r in rows.items()}
+    report["accuracy"] = float(tp.sum() / max(total, 1))
+    report["confusion_matrix"] = cm.astype(np.int64).tolist()
+    return report
+
+
+def format_report(report: dict, digits: int = 2) -> list[str]:
+    """scikit-learn's classification_report layout, then the confusion matrix (rows true, columns predicted)."""
+    classes = [n for n in report if n not in ("accuracy", "confusion_matrix", "macro avg", "weighted avg")]
+    width = max(len("weighted avg"), *(len(n) for n in classes))
+    head = ["precision", "recall", "f1-score", "support"]
+    lines = [f"{'':>{width}} " + "".join(f" {h:>9}" for h in head), ""]
+    row = "{:>{w}} " + " {:>9.{d}f}" * 3 + " {:>9}"
+    for n in classes:
+        r = report[n]
+        lines.append(row.format(n, r["precision"], r["recall"], r["f1-score"], r["support"], w=width, d=digits))
+    total = report["macro avg"]["support"]
+    lines += ["", f"{'accuracy':>{width}} " + f" {'':>9}" * 2 + f" {report['accuracy']:>9.{digits}f} {total:>9}"]
+    for n in ("macro avg", "weighted avg"):
+        r = report[n]
+        lines.append(row.format(n, r["precision"], r["recall"], r["f1-score"], r["support"], w=width, d=digits))
+    cm = np.asarray(report["confusion_matrix"])
+    cell = max(len(str(cm.max())), *(len(n) for n in classes))
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class)",
+              f"{'':>{width}} " + " ".join(f"{n:>{cell}}" for n in classes)]
+    lines += [f"{n:>{width}} " + " ".join(f"{v:>{cell}}" for v in r) for n, r in zip(classes, cm)]
+    return lines

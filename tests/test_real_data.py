@@ -1,0 +1,119 @@
+"""scikit-learn's bundled CSVs, converted as shipped, trained with distbp's defaults, next to scikit-learn's MLP
+on the same split (median of 3 seeds); and every task's metrics equal at 1 and 4 ranks in every place they show."""
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import r2_score
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from conftest import run_distbp
+from distbp import cli
+from distbp.data import synthetic, write_dataset
+
+SKLEARN_DATA = Path(str(resources.files("sklearn.datasets") / "data"))
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture
+def alone(comm):
+    """Skip in multi-rank sessions: the test calls cli.main in-process and launches its own jobs."""
+    if comm.size > 1:
+        pytest.skip("calls cli.main in-process: run in the serial session")
+
+
+def splits(path) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_val, y_val) of a dataset file, as scikit-learn gets them."""
+    with h5py.File(path, "r") as f:
+        return tuple(f[k][()] for k in ("train/x", "train/y", "val/x", "val/y"))
+
+
+def train_final(run_dir, *args) -> dict:
+    """distbp train ARGS in-process; the run's summary record."""
+    assert cli.main(["train", *map(str, args), "--run-dir", str(run_dir), "--resume", "never"]) == 0
+    return json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("csv", ["wine_data.csv", "breast_cancer.csv"])
+def test_csv_as_shipped_reaches_scikit_learn_mlp_accuracy(alone, tmp_path, csv):
+    data = tmp_path / "data.h5"
+    assert cli.main(["data", "convert", str(SKLEARN_DATA / csv), str(data), "--skip-rows", "1", "--label", "-1",
+                     "--val-fraction", "0.25"]) == 0
+    x, y, xv, yv = splits(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        theirs = [make_pipeline(StandardScaler(), MLPClassifier(random_state=s)).fit(x, y).score(xv, yv)
+                  for s in SEEDS]
+    ours = [train_final(tmp_path / f"run-{s}", "--set", f"data.path='{data}'", "--set", f"train.seed={s}")
+            ["val_accuracy"] for s in SEEDS]
+    assert np.median(ours) >= np.median(theirs) - 0.01, (ours, theirs)
+
+
+def test_diabetes_regression_example_beats_scikit_learn_mlp_r2(alone, tmp_path):
+    for name, what in (("x", "data_raw"), ("y", "target")):
+        np.save(tmp_path / f"{name}.npy", np.loadtxt(SKLEARN_DATA / f"diabetes_{what}.csv.gz"))
+    data = tmp_path / "diabetes.h5"
+    assert cli.main(["data", "convert", str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(data),
+                     "--task", "regression", "--val-fraction", "0.25"]) == 0
+    x, y, xv, yv = splits(data)
+    # scikit-learn's default 200 iterations stop before convergence here (R^2 < 0); 2000 converge
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        theirs = [r2_score(yv, make_pipeline(StandardScaler(), MLPRegressor(random_state=s, max_iter=2000))
+                           .fit(x, y).predict(xv)) for s in SEEDS]
+    ours = [train_final(tmp_path / f"run-{s}", ROOT / "examples" / "regression.toml", "--set",
+                        f"data.path='{data}'", "--set", f"train.seed={s}")["val_r2"] for s in SEEDS]
+    assert np.median(ours) >= np.median(theirs), (ours, theirs)
+
+
+def task_dataset(path, task: str) -> Path:
+    """A small learnable dataset of the task: 3 classes, one 0/1 target, or two float targets."""
+    x, c = synthetic(300, 6, 3, seed=4)
+    x = x * np.array([1, 10, 100, 1, 0.1, 1000], np.float32)  # ranges apart, as real tables
+    y = {"classification": c, "binary": (c == 1).astype(np.float32),
+         "regression": np.stack([x[:, 0] * 3 + 200, np.tanh(x[:, 1] / 10)], 1).astype(np.float32)}[task]
+    return write_dataset(path, {"train": (x[60:], y[60:]), "val": (x[:60], y[:60])}, task=task,
+                         num_classes=3 if task == "classification" else None)
+
+
+@pytest.mark.parametrize("task", ["classification", "binary", "regression"])
+def test_task_metrics_agree_at_1_and_4_ranks_in_summary_jsonl_eval_and_plot(alone, tmp_path, task):
+    data = task_dataset(tmp_path / "d.h5", task)
+    want = {"classification": {"val_loss", "val_accuracy"}, "binary": {"val_loss", "val_accuracy"},
+            "regression": {"val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse"}}[task]
+    runs = {}
+    for n in (1, 4):
+        run = tmp_path / f"run{n}"
+        done = run_distbp(["train", "--set", f"data.path='{data}'", "--set", "train.epochs=15", "--set",
+                           "train.deterministic=true", "--set", "train.micro_batch=16", "--set",
+                           "checkpoint.keep_best=true", "--run-dir", run], n if n > 1 else 0, timeout=90)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+        evals, summary = [r for r in lines if "val_loss" in r and not r.get("summary")], lines[-1]
+        assert len(evals) == 15 and all(want == {k for k in r if k.startswith("val_")} for r in evals)
+        assert {k: summary[k] for k in want} == {k: evals[-1][k] for k in want}
+        assert all(k in done.stdout for k in want)  # the summary table
+        got = run_distbp(["eval", run, "--json"], n if n > 1 else 0, timeout=60)
+        assert got.returncode == 0, got.stderr[-3000:]
+        result = json.loads(got.stdout)
+        assert all(result[k.replace("val_", "")] == pytest.approx(summary[k], rel=1e-6, abs=1e-9) for k in want)
+        runs[n] = summary
+    for k in want:
+        assert runs[4][k] == pytest.approx(runs[1][k], rel=1e-6, abs=1e-9), k
+    if task == "regression":
+        assert runs[1]["val_r2"] > 0.3 and runs[1]["val_rmse"] < runs[1]["val_baseline_rmse"]
+    else:
+        assert runs[1]["val_accuracy"] > 0.7
+    best = run_distbp(["eval", tmp_path / "run1", "--best", "--json"], timeout=60)
+    assert json.loads(best.stdout)["checkpoint"].endswith("checkpoints/best.h5")
+    png = tmp_path / "curves.png"
+    assert cli.main(["plot", str(tmp_path / "run1"), str(tmp_path / "run4"), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
