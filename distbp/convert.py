@@ -489,6 +489,21 @@ def _class_counts(tables: dict, task_given: bool) -> dict:
     return counts
 
 
+def _num_classes(counts: dict, names: list | None, given: int | None) -> int:
+    """The dataset's class count: `given` (--num-classes) or what the labels and names need, at least 2;
+    refused above MAX_CLASSES."""
+    top = max((len(c) - 1 for c in counts.values()), default=-1)
+    needed = max(top + 1, len(names or ()), 2)
+    if max(needed, given or 0) > MAX_CLASSES:
+        raise ConvertError(f"{max(needed, given or 0):,} classes (largest label {top}), more than "
+                           f"{MAX_CLASSES:,}; HINT: labels must be class indices 0..K-1 (map them), or "
+                           "use --task regression for numeric targets")
+    if given is not None and given < top + 1:
+        raise ConvertError(f"--num-classes {given} but a label is {top}; HINT: use --num-classes "
+                           f">= {top + 1} or leave it out")
+    return given or needed
+
+
 def _out_shapes(tables: dict, routes: dict, n_val: int, task: str) -> dict:
     """{split: (rows, x row shape, x dtype, y row shape, y dtype)} of the output file."""
     y_dtype = np.int64 if task == "classification" else np.float32
@@ -570,10 +585,11 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
         raise ConvertError(f"--val-fraction {val_fraction} of {tables['train'].n} rows leaves an empty split; "
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
     counts = _class_counts(tables, task_given) if task == "classification" else {}
+    if task == "classification":  # before anything is done per class
+        num_classes = _num_classes(counts, tables["train"].class_names, num_classes)
     stratify = task == "classification" if stratify is None else stratify
     routes = _routes(tables, n_val, seed, counts["train"] if stratify else None)
     shapes = _out_shapes(tables, routes, n_val, task)
-    top = max((len(c) - 1 for c in counts.values()), default=-1)
     # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
     # fill the disk meanwhile; the old file stays whole in any case)
     check_space(out, sum(n * (math.prod(xr) * np.dtype(xd).itemsize + math.prod(yr) * np.dtype(yd).itemsize)
@@ -590,7 +606,7 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
                 group.create_dataset("x", (n, *x_row), x_dtype, track_times=False)
                 group.create_dataset("y", (n, *y_row), y_dtype, track_times=False)
             _fill(f, tables, routes, shapes, task, bar)
-            f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes,
+            f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, x_scale, shapes,
                                    n_val, val_fraction, seed, stratify))
             f.attrs.update(attrs or {})
         with Dataset(result.tmp) as ds:  # the result must read back as a valid dataset, values included
@@ -599,20 +615,9 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
         return result.commit()
 
 
-def _header(tables, inputs, test_inputs, task, num_classes, top, x_scale, shapes, n_val, val_fraction, seed,
-            stratify):
+def _header(tables, inputs, test_inputs, task, num_classes, x_scale, shapes, n_val, val_fraction, seed, stratify):
     """The root attributes of the converted file."""
     names = next(iter(tables.values())).class_names
-    if task == "classification":
-        needed = max(top + 1, len(names or ()), 2)
-        if max(needed, num_classes or 0) > MAX_CLASSES:
-            raise ConvertError(f"{max(needed, num_classes or 0):,} classes (largest label {top}), more than "
-                               f"{MAX_CLASSES:,}; HINT: labels must be class indices 0..K-1 (map them), or "
-                               "use --task regression for numeric targets")
-        if num_classes is not None and num_classes < top + 1:
-            raise ConvertError(f"--num-classes {num_classes} but a label is {top}; HINT: use --num-classes "
-                               f">= {top + 1} or leave it out")
-        num_classes = num_classes or needed
     files = " ".join(Path(p).name for p in (*inputs, *test_inputs))
     attrs = {"distbp_format": FORMAT, "version": VERSION, "task": task,
              "source": f"distbp data convert {files}"}
