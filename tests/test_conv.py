@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from distbp.nn import conv
 from distbp.nn.conv import Conv2D, MaxPool2D
 from distbp.nn.reshape import Flatten
 from conftest import bind_random, check_grads, import_torch, numeric_grad, rel_err
@@ -46,8 +47,16 @@ CONV_CASES = [  # spec, in_shape
 ]
 
 
+@pytest.fixture(params=["views", "row copies"])
+def conv_path(request, monkeypatch):
+    """Run a test on both ways Conv2D multiplies: kw matmuls on views of the input per output row,
+    and one matmul on a copy of the row's windows (what thin windows, kh*C < THIN_DEPTH, take)."""
+    monkeypatch.setattr(conv, "THIN_DEPTH", 0 if request.param == "views" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("spec,in_shape", CONV_CASES)
-def test_conv2d_forward_matches_naive_loops(spec, in_shape):
+def test_conv2d_forward_matches_naive_loops(spec, in_shape, conv_path):
     rng = np.random.default_rng(0)
     layer = Conv2D.build({"type": "conv2d", **spec}, in_shape, 0, 0)
     params, _ = bind_random(layer, rng)
@@ -60,14 +69,14 @@ def test_conv2d_forward_matches_naive_loops(spec, in_shape):
 
 
 @pytest.mark.parametrize("spec,in_shape", CONV_CASES)
-def test_conv2d_gradients_match_finite_differences(spec, in_shape):
+def test_conv2d_gradients_match_finite_differences(spec, in_shape, conv_path):
     rng = np.random.default_rng(1)
     layer = Conv2D.build({"type": "conv2d", **spec}, in_shape, 0, 0)
     params, grads = bind_random(layer, rng)
     check_grads(layer, rng.standard_normal((2, *in_shape)), params, grads, rng)
 
 
-def test_conv2d_backward_adds_into_grads():
+def test_conv2d_backward_adds_into_grads(conv_path):
     rng = np.random.default_rng(2)
     layer = Conv2D.build({"type": "conv2d", "out_channels": 2, "kernel": 3}, (1, 4, 4), 0, 0)
     params, grads = bind_random(layer, rng)
@@ -123,7 +132,7 @@ def test_flatten_shapes_and_gradients():
     check_grads(layer, x, {}, {}, rng)
 
 
-def test_conv_stack_float32_matches_float64():
+def test_conv_stack_float32_matches_float64(conv_path):
     rng = np.random.default_rng(5)
     conv = Conv2D.build({"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, (2, 6, 6), 0, 0)
     pool = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, conv.out_shape, 1, 0)
@@ -250,7 +259,7 @@ def torch_twin(model, torch):
     return torch.nn.Sequential(*modules)
 
 
-def test_cnn_matches_torch_on_the_same_weights():
+def test_cnn_matches_torch_on_the_same_weights(conv_path):
     torch = import_torch()
     from distbp.nn import Sequential
 

@@ -128,7 +128,7 @@ def test_batchnorm_split_across_ranks_equals_whole_batch(comm, N, in_shape):
     np.testing.assert_allclose(y2, y1[lo:hi], rtol=1e-10, atol=1e-12)
     for name in ("running_mean", "running_var"):
         np.testing.assert_allclose(getattr(part, name), getattr(whole, name), rtol=1e-12)
-    dx_sum = np.zeros_like(dx1)
+    dx_sum = np.zeros(dx1.shape)  # C-contiguous for the allreduce, whatever layout dx1 has
     dx_sum[lo:hi] = dx2
     comm.allreduce_sum(dx_sum)
     np.testing.assert_allclose(dx_sum, dx1, rtol=1e-10, atol=1e-12)

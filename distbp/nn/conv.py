@@ -6,12 +6,17 @@ element-wise layers keep the memory order they get, until Flatten copies to
 (N, C*H*W). Conv2D pads its input into (H, C, W, N) order, where the kh*C input
 values one kernel column sees for a whole output row form a (kh*C, Wo*N) matrix
 view with evenly spaced rows: an output row is kw matmuls with those views (see
-_correlate), small enough to stay in cache, with no im2col matrix in memory.
+_correlate), small enough to stay in cache, with no im2col matrix in memory. When those
+views are thin (kh*C below THIN_DEPTH rows: the first layer of an image network, C = 1
+or 3), BLAS runs them slowly, so the row's kw views are copied into one (kw*kh*C, Wo*N)
+buffer, an im2col of one output row, and multiplied at once.
 """
 
 import numpy as np
 
 from .layers import Layer, WeightLayer, check_spec, register
+
+THIN_DEPTH = 64  # kh*C below this: one matmul per output row over a copied row of windows (see _row_windows)
 
 
 def _pair(spec: dict, index: int, key: str, default=None, low: int = 1) -> tuple[int, int]:
@@ -84,11 +89,18 @@ class Conv2D(WeightLayer):
         N, kh, C = dy.shape[0], self.kh, self.C
         dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(self.F, self.Ho, self.Wo * N)
         dWj = np.zeros((self.kw, kh * C, self.F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
-        tmp = np.empty_like(dWj[0])
-        for r in range(self.Ho):
-            for j in range(self.kw):
-                np.matmul(_window(self.xq, r, j, kh, (self.sh, self.sw), self.Wo), dy[:, r].T, out=tmp)
-                dWj[j] += tmp  # x dy^T runs faster in BLAS than dy x^T
+        stride, thin = (self.sh, self.sw), kh * C < THIN_DEPTH
+        tmp = np.empty_like(dWj if thin else dWj[0])
+        windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
+        for r in range(self.Ho):  # x dy^T runs faster in BLAS than dy x^T
+            if thin:
+                np.matmul(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r].T,
+                          out=tmp.reshape(-1, self.F))
+                dWj += tmp
+            else:
+                for j in range(self.kw):
+                    np.matmul(_window(self.xq, r, j, kh, stride, self.Wo), dy[:, r].T, out=tmp)
+                    dWj[j] += tmp
         self.dW += dWj.reshape(self.kw, kh, C, self.F).transpose(3, 2, 1, 0)
         if self.b is not None:
             self.db += dy.sum(axis=(1, 2))
@@ -152,20 +164,33 @@ def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = 
     return win.reshape(kh * q.shape[1], -1) if flat else win
 
 
+def _row_windows(q, r: int, kw: int, kh: int, stride: tuple, width: int, out):
+    """The kw windows of output row r (see _window) copied into out, returned as one (kw*kh*C, width*N) matrix."""
+    for j in range(kw):
+        out[j] = _window(q, r, j, kh, stride, width)
+    return out.reshape(out.shape[0] * out.shape[1], out.shape[2])
+
+
 def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
     """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, one output row at a time.
 
     Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
-    partial sums stay in cache.
+    partial sums stay in cache; thin windows (kh*C < THIN_DEPTH) are copied into one buffer per
+    row instead and take a single matmul.
     """
-    (Ho, Wo), N = out_hw, q.shape[-1]
-    y = np.empty((Wj.shape[1], Ho, Wo * N), q.dtype)
-    tmp = np.empty_like(y[:, 0])
+    (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
+    y = np.empty((F, Ho, Wo * N), q.dtype)
+    thin = depth < THIN_DEPTH
+    tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
+    Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth)  # W[f, (j, i, c)]
     for r in range(Ho):
-        for j in range(len(Wj)):
-            np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
-            if j:
-                y[:, r] += tmp
+        if thin:
+            np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
+        else:
+            for j in range(kw):
+                np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
+                if j:
+                    y[:, r] += tmp
         if b is not None:
             y[:, r] += b[:, None]
     return y

@@ -73,39 +73,39 @@ class BatchNorm(Layer):
         """running_mean = 0, running_var = 1."""
         self.running_mean[...], self.running_var[...] = 0, 1
 
-    def _channel(self, v, like):
-        """Per-channel vector (C,) in like's dtype, shaped to broadcast over like (N, C, ...)."""
-        return v.astype(like.dtype, copy=False).reshape((1, self.C) + (1,) * (like.ndim - 2))
-
     def forward(self, x):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta; batch stats in train, running in eval."""
-        axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channel
+        self.perm = _channels_first(x)
+        x2 = _channel_rows(x, self.perm)
         if self.training:
-            mean, var = self._batch_stats(x, axes)
+            mean, var = self._batch_stats(x2)
             self._update_running(mean, var, self.M)
         else:
-            mean, var = self.running_mean, self.running_var
-        self.inv_std = self._channel(1 / np.sqrt(var + self.eps), x)
-        self.xhat = x - self._channel(mean, x)  # (N, C, ...)
-        self.xhat *= self.inv_std
-        y = self.xhat * self._channel(self.W, x)
-        y += self._channel(self.b, x)
-        return y
+            mean, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
+        # kept for backward: x (its producer's fresh output, a view), the mean rounded to x's dtype, 1 / std
+        self.x2, self.shift, self.d = x2, mean.astype(x.dtype), mean - mean.astype(x.dtype)
+        self.inv_std = 1 / np.sqrt(var + self.eps)
+        scale = self.W * self.inv_std  # y = (x - shift) * scale + (beta - d * scale)
+        y2 = _centered(x2, self.shift)
+        y2 *= scale.astype(x.dtype)[:, None]
+        y2 += (self.b - self.d * scale).astype(x.dtype)[:, None]
+        return _from_rows(y2, x.shape, self.perm)
 
-    def _batch_stats(self, x, axes):
-        """Global mean and biased variance per channel in two passes, summed in float64: var = mean((x - mean)^2).
+    def _batch_stats(self, x2):
+        """Global mean and biased variance per channel in two passes: var = mean((x - mean)^2), each row
+        summed pairwise, the rows' sums and the ranks' in float64.
 
         x is centered on the mean rounded to x.dtype (a float64 copy of a float32 x costs several times
         more), and var corrects for that rounding d exactly: mean((x - mean + d)^2) = var + d^2.
         """
         sums = np.empty(self.C + 1)  # [sum x (C), count]
-        sums[: self.C] = x.sum(axis=axes, dtype=np.float64)
-        sums[-1] = x.size // self.C
+        sums[: self.C] = _row_sums(x2)
+        sums[-1] = x2.shape[1]
         self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
         mean = sums[: self.C] / max(M, 1)
-        shift = mean.astype(x.dtype)
-        centered = x - self._channel(shift, x)
-        squares = np.square(centered, out=centered).sum(axis=axes, dtype=np.float64)  # sum (x - shift)^2, (C,)
+        shift = mean.astype(x2.dtype)
+        centered = _centered(x2, shift)
+        squares = _row_sums(np.square(centered, out=centered))  # sum (x - shift)^2, (C,)
         d = mean - shift
         return mean, np.maximum(_allreduce(self.ctx, squares) / max(M, 1) - d * d, 0)
 
@@ -120,24 +120,55 @@ class BatchNorm(Layer):
 
     def backward(self, dy):
         """Add local dW, db; return dx of the global sum loss (global sums of dy, dy*xhat), or None."""
-        axes = (0,) + tuple(range(2, dy.ndim))
+        dy2 = _channel_rows(dy, self.perm)
         sums = np.empty(2 * self.C)  # [sum dy (C), sum dy*xhat (C)] in float64
-        sums[: self.C] = dy.sum(axis=axes, dtype=np.float64)
-        sums[self.C :] = (dy * self.xhat).sum(axis=axes, dtype=np.float64)
+        sums[: self.C] = _row_sums(dy2)
+        # x - mean = (x - shift) - d, so sum dy*xhat = (sum dy*(x - shift) - d sum dy) / std
+        centered = _centered(self.x2, self.shift)
+        sums[self.C :] = (_row_sums(dy2 * centered) - self.d * sums[: self.C]) * self.inv_std
         self.db += sums[: self.C].astype(self.db.dtype)  # local sums: the trainer's allreduce adds ranks
         self.dW += sums[self.C :].astype(self.dW.dtype)
         if not self.need_dx:  # the same on every rank, so every rank skips the allreduce
             return None
-        g = self._channel(self.W, dy) * self.inv_std  # gamma / sqrt(var + eps)
-        if not self.training:
-            return dy * g  # running stats are constants
-        means = _allreduce(self.ctx, sums) / max(self.M, 1)  # global means of dy and dy*xhat
-        # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch
-        dx = self.xhat * self._channel(-means[self.C :], dy)
-        dx += dy
-        dx -= self._channel(means[: self.C], dy)
-        dx *= g
-        return dx
+        g = self.W * self.inv_std  # gamma / sqrt(var + eps)
+        if not self.training:  # running stats are constants
+            return _from_rows(dy2 * g.astype(dy.dtype)[:, None], dy.shape, self.perm)
+        mean_dy, mean_dyxhat = np.split(_allreduce(self.ctx, sums) / max(self.M, 1), 2)  # global means
+        # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)) = g dy + k (x - shift) + c per channel
+        k = -g * mean_dyxhat * self.inv_std
+        centered *= k.astype(dy.dtype)[:, None]
+        centered += (-g * mean_dy - k * self.d).astype(dy.dtype)[:, None]
+        centered += dy2 * g.astype(dy.dtype)[:, None]
+        return _from_rows(centered, dy.shape, self.perm)
+
+
+def _channels_first(x) -> tuple:
+    """The axis order (channel first) BatchNorm works in: x's own memory order when that already has the
+    channel outermost, as a conv's output (C, H, W, N) does, else (C, N, ...)."""
+    if x.ndim == 4 and x.transpose(1, 2, 3, 0).flags.c_contiguous:
+        return (1, 2, 3, 0)
+    return (1, 0) + tuple(range(2, x.ndim))
+
+
+def _channel_rows(a, perm):
+    """a in axis order perm as a C-contiguous (C, M) array: a view when that is a's memory order, else a copy."""
+    t = np.ascontiguousarray(a.transpose(perm))
+    return t.reshape(t.shape[0], -1)
+
+
+def _from_rows(a2, shape, perm):
+    """The inverse of _channel_rows: a (C, M) array as a view of the given shape."""
+    return a2.reshape([shape[p] for p in perm]).transpose(np.argsort(perm))
+
+
+def _centered(x2, shift):
+    """x - shift per row (a fresh array)."""
+    return np.subtract(x2, shift[:, None])
+
+
+def _row_sums(a2):
+    """Sum of each row as float64 (numpy sums a contiguous row pairwise: error ~ log2(M) ulps)."""
+    return a2.sum(axis=1).astype(np.float64, copy=False)
 
 
 @register("layernorm")
