@@ -96,7 +96,9 @@ def _plot_eval(axes, color: str, x: list, metrics: list[dict]):
 
 
 def plot_runs(run_dirs, out, force: bool = False) -> Path:
-    """Write make_figure's image (PNG, or PDF/SVG by the suffix) atomically, never over an input."""
+    """Write make_figure's image (PNG, or PDF/SVG by the suffix; a name without one gets .png, as in
+    matplotlib) atomically, never over an input."""
+    out = Path(out) if Path(out).suffix else Path(f"{out}.png")
     out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
     fig = make_figure(run_dirs)
     try:

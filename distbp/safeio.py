@@ -1,6 +1,7 @@
 """Output files: never the same file as an input, never over an existing file unless forced, HDF5 built in memory."""
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 from pathlib import Path
@@ -36,6 +37,10 @@ def check_output(out, inputs, force: bool) -> Path:
                               "HINT: choose another output name")
     if out.is_dir():
         raise OutputError(f"output {out} is a directory; HINT: give a file name inside it")
+    if not out.parent.is_dir():
+        why = os.strerror(errno.ENOTDIR if out.parent.exists() else errno.ENOENT)
+        raise OutputError(f"output {out}: its folder {out.parent} cannot be used ({why}); HINT: create the "
+                          "folder first, or choose a writable output path")
     if os.path.lexists(out) and not force:
         raise OutputError(f"output {out} exists; HINT: add --force to replace it, or choose another name")
     return out

@@ -259,10 +259,10 @@ class Trainer:
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
         s, o = self.scalars, self.cfg.optim
-        train_loss = s.loss_sum / self.divisor
+        train_loss = s.loss_sum / self.divisor if self.divisor else math.nan
         self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
         skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
-                                   self.cfg.train.nonfinite, self.log)
+                                   self.cfg.train.nonfinite, self.log, self.divisor == 0)
         self.lr = self.lr_at(self.pos.step)
         if not skipped:
             if o.clip_grad_norm:  # on what this rank steps from (a slice if sharded), by the global norm
@@ -352,8 +352,10 @@ class Trainer:
         return exit_code
 
 
-def check_finite(train_loss: float, grad_sq: float, whole_grad, model, step: int, policy: str, log) -> bool:
-    """True if loss and gradient are finite; else abort or (policy 'skip') warn."""
+def check_finite(train_loss: float, grad_sq: float, whole_grad, model, step: int, policy: str, log,
+                 weightless: bool = False) -> bool:
+    """True if loss and gradient are finite; else abort or (policy 'skip') warn. weightless: the batch's
+    rows have class weights summing to 0, so its mean loss is 0/0."""
     # grad_sq = g.g (from the step's reduction) is finite unless an entry is NaN/Inf or the squares
     # overflow; only then is the whole gradient looked at (gathered first if sharded)
     if np.isfinite(train_loss) and np.isfinite(grad_sq):
@@ -364,8 +366,10 @@ def check_finite(train_loss: float, grad_sq: float, whole_grad, model, step: int
     bad = [n for n, v in model.views(g).items() if not np.isfinite(v).all()]
     where = f"gradient of {', '.join(bad)}" if bad else "loss"
     msg = f"non-finite {where} at step {step} (loss {train_loss})"
+    if weightless:
+        msg += ": every row of the batch is of a class weighted 0 in loss.class_weights, so its mean loss is 0/0"
     if policy == "skip":
         log(f"WARNING: {msg}: step skipped (train.nonfinite=skip)")
         return False
-    raise NonFiniteError(f"{msg}; the last checkpoint is kept. HINT: lower optim.lr, or set "
-                         "train.nonfinite=skip")
+    hint = ("give those classes a weight > 0 or use a larger train.batch_size" if weightless else "lower optim.lr")
+    raise NonFiniteError(f"{msg}; the last checkpoint is kept. HINT: {hint}, or set train.nonfinite=skip")

@@ -130,15 +130,11 @@ wait_links() {
 slurm_conf() {
     local k=$1 n list
     list=$(nodes "$k" | paste -sd,)
+    echo "$MARKER"
+    slurm_conf_common
     cat <<CONF
-$MARKER
-ClusterName=distbp
 SlurmctldHost=$HEAD
 SlurmctldPort=$CTLD_PORT
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 StateSaveLocation=$STATE_DIR/$HEAD/state
 SlurmctldPidFile=$STATE_DIR/$HEAD/slurmctld.pid
 SlurmctldLogFile=$STATE_DIR/$HEAD/slurmctld.log
@@ -146,25 +142,10 @@ SlurmctldLogFile=$STATE_DIR/$HEAD/slurmctld.log
 SlurmdSpoolDir=$STATE_DIR/%n/spool
 SlurmdPidFile=$STATE_DIR/%n/slurmd.pid
 SlurmdLogFile=$STATE_DIR/%n/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-# CPUs as configured, even more than the machine has (DISTBP_CLUSTER_CPUS)
-SlurmdParameters=config_overrides
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=pmi2
-EnforcePartLimits=ALL
-ReturnToService=2
 # a node that stops answering is DOWN after 10 s (default 300): a job on a dead node ends soon
 SlurmdTimeout=10
 # srun waits KillWait + 2 s for the tasks of an aborted step (those of a dead node never answer)
 KillWait=10
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-FirstJobId=$(first_job_id)
 CONF
     for n in $(nodes "$k"); do
         echo "NodeName=$n NodeAddr=$(addr_of "$n") CPUs=$CPUS State=UNKNOWN"

@@ -26,36 +26,17 @@ SLURMD_PID=$STATE_DIR/slurmd.pid
 source "$(dirname "$0")/slurm_common.sh"
 
 slurm_conf() {
+    echo "$MARKER"
+    slurm_conf_common
     cat <<CONF
-$MARKER
-ClusterName=distbp
 SlurmctldHost=$NODE(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/slurmd
 SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$STATE_DIR/slurmctld.log
 SlurmdLogFile=$STATE_DIR/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-# One node that claims $CPUS CPUs whatever the real core count.
-SlurmdParameters=config_overrides
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=pmi2
-# Reject jobs that can never run instead of leaving them pending forever.
-EnforcePartLimits=ALL
-ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-FirstJobId=$(first_job_id)
+# one node that claims $CPUS CPUs whatever the real core count
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=7-00:00:00 State=UP
 CONF

@@ -89,6 +89,32 @@ refuse_other_slurmctld() {
     done
 }
 
+# The settings both test clusters share: root daemons, munge, CPUs as configured (even more than
+# the machine has), no cgroups, pmi2, jobs that can never run rejected, no accounting.
+slurm_conf_common() {
+    cat <<CONF
+ClusterName=distbp
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldDebug=info
+SlurmdDebug=info
+SlurmdParameters=config_overrides
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=pmi2
+EnforcePartLimits=ALL
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+FirstJobId=$(first_job_id)
+CONF
+}
+
 # Write slurm.conf; refuse to overwrite one the site wrote.
 write_slurm_conf() {
     if [[ -e $SLURM_CONF ]] && ! grep -q '^# written by distbp' "$SLURM_CONF"; then

@@ -107,6 +107,23 @@ def start_requeued_now(job):
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
 
 
+def preempt_and_requeue(job, run_dir, log, wait_checkpoint):
+    """Preempt a training job as SLURM would: SIGUSR1 to its batch shell once a first checkpoint is in
+    run_dir (waiting up to wait_checkpoint s), wait until it is requeued, start it again now; return
+    the step of the newest checkpoint at that point (the one written at the signal)."""
+    wait_for(lambda: checkpoint_steps(run_dir), wait_checkpoint, f"a first checkpoint in {run_dir}; log:\n{log_text(log)}")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+
+    def requeued():
+        info = job_info(job)
+        assert info["JobState"] not in FINAL, f"job ended before it was requeued:\n{log_text(log)}"
+        return info["Restarts"] == "1" and info["JobState"] == "PENDING"
+    wait_for(requeued, 60, f"job {job} to be requeued; log:\n{log_text(log)}")
+    stop_step = max(checkpoint_steps(run_dir))
+    start_requeued_now(job)
+    return stop_step
+
+
 def checkpoint_steps(run_dir):
     """Steps of the checkpoint files in a run directory, ascending."""
     return sorted(int(p.stem.split("-")[1]) for p in (Path(run_dir) / "checkpoints").glob("step-*.h5"))

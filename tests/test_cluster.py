@@ -23,8 +23,8 @@ import pytest
 from conftest import MPIRUN, job_env as mpi_env
 from distbp import checkpoint as ckpt
 from distbp.data import digits_path, write_dataset
-from slurm_jobs import (FINAL, REPO, TRAIN_SBATCH, checkpoint_steps, cluster_lock, job_env, job_info, log_text,
-                        read_arrays, require_root_and_apt, sbatch, start_requeued_now, unavailable, wait_done,
+from slurm_jobs import (REPO, TRAIN_SBATCH, checkpoint_steps, cluster_lock, job_env, job_info, log_text,
+                        preempt_and_requeue, read_arrays, require_root_and_apt, sbatch, unavailable, wait_done,
                         wait_for)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
@@ -218,17 +218,8 @@ def test_sbatch_two_nodes_preempt_requeue_resume_matches_uninterrupted_run(share
     assert (ref_info["JobState"], ref_info["ExitCode"]) == ("COMPLETED", "0:0"), log_text(ref_out)
     assert hosts_of(log_text(ref_out)) == ["n1", "n1", "n2", "n2"]  # 2 tasks per node
 
-    wait_for(lambda: checkpoint_steps(run_dir), 120, f"a first checkpoint in {run_dir}; log:\n{log_text(out)}")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-
-    def requeued():
-        info = job_info(job)
-        assert info["JobState"] not in FINAL, f"job ended before it was requeued:\n{log_text(out)}"
-        return info["Restarts"] == "1" and info["JobState"] == "PENDING"
-    wait_for(requeued, 60, f"job {job} to be requeued; log:\n{log_text(out)}")
-    stop_step = max(checkpoint_steps(run_dir))
+    stop_step = preempt_and_requeue(job, run_dir, out, 120)
     assert EVERY < stop_step < STEPS, f"no checkpoint at the signal ({checkpoint_steps(run_dir)})"
-    start_requeued_now(job)
     info = wait_done(job, 180, out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log_text(out)
     assert f"resumed from {run_dir}/checkpoints/{ckpt.checkpoint_name(stop_step)}" in log_text(out)

@@ -50,6 +50,12 @@ def test_plot_writes_a_png_matplotlib_can_read(tmp_path):
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600 and np.ptp(pixels) > 0.5
 
 
+def test_plot_output_without_a_suffix_gets_png_as_in_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = plot_runs([write_run(tmp_path / "a")], tmp_path / "curves")
+    assert out == tmp_path / "curves.png" and out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no metrics.jsonl.*--run-dir"):
         plot_runs([tmp_path], tmp_path / "x.png")

@@ -11,9 +11,8 @@ import sys
 
 import pytest
 
-from slurm_jobs import (FINAL, REPO, TRAIN_SBATCH, checkpoint_steps, cluster_lock, job_env, job_info, log_text,
-                        read_arrays, require_root_and_apt, sbatch, start_requeued_now, unavailable, wait_done,
-                        wait_for)
+from slurm_jobs import (REPO, TRAIN_SBATCH, checkpoint_steps, cluster_lock, job_env, log_text, preempt_and_requeue,
+                        read_arrays, require_root_and_apt, sbatch, unavailable, wait_done)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -86,17 +85,8 @@ def test_preempt_requeue_resume_matches_uninterrupted_run(cluster, tmp_path):
     job = sbatch("-n", RANKS, "-o", out, TRAIN_SBATCH, *args, "--run-dir", run_dir, cwd=tmp_path)
 
     # Preempt: SIGUSR1 to the batch shell once the first checkpoint exists.
-    wait_for(lambda: checkpoint_steps(run_dir), 90, f"a first checkpoint in {run_dir}; log:\n{log_text(out)}")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-
-    def requeued():
-        info = job_info(job)
-        assert info["JobState"] not in FINAL, f"job ended before it was requeued:\n{log_text(out)}"
-        return info["Restarts"] == "1" and info["JobState"] == "PENDING"
-    wait_for(requeued, 60, f"job {job} to be requeued; log:\n{log_text(out)}")
-    stop_step = max(checkpoint_steps(run_dir))
+    stop_step = preempt_and_requeue(job, run_dir, out, 90)
     assert EVERY < stop_step < STEPS, f"no checkpoint at the signal ({checkpoint_steps(run_dir)})"
-    start_requeued_now(job)
 
     info = wait_done(job, 120, out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log_text(out)
