@@ -78,22 +78,21 @@ class BatchNorm(Layer):
         self.perm = _channels_first(x)
         x2 = _channel_rows(x, self.perm)
         if self.training:
-            mean, var = self._batch_stats(x2)
+            mean, var, self.centered = self._batch_stats(x2)
             self._update_running(mean, var, self.M)
         else:
             mean, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
-        # kept for backward: x (its producer's fresh output, a view), the mean rounded to x's dtype, 1 / std
-        self.x2, self.shift, self.d = x2, mean.astype(x.dtype), mean - mean.astype(x.dtype)
-        self.inv_std = 1 / np.sqrt(var + self.eps)
+            self.centered = _centered(x2, mean.astype(x.dtype))
+        # kept for backward: x - shift (the mean rounded to x's dtype), the rounding d = mean - shift, 1 / std
+        self.d, self.inv_std = mean - mean.astype(x.dtype), 1 / np.sqrt(var + self.eps)
         scale = self.W * self.inv_std  # y = (x - shift) * scale + (beta - d * scale)
-        y2 = _centered(x2, self.shift)
-        y2 *= scale.astype(x.dtype)[:, None]
+        y2 = np.multiply(self.centered, scale.astype(x.dtype)[:, None])
         y2 += (self.b - self.d * scale).astype(x.dtype)[:, None]
         return _from_rows(y2, x.shape, self.perm)
 
     def _batch_stats(self, x2):
         """Global mean and biased variance per channel in two passes: var = mean((x - mean)^2), each row
-        summed pairwise, the rows' sums and the ranks' in float64.
+        summed pairwise, the rows' sums and the ranks' in float64; also x - shift (kept for backward).
 
         x is centered on the mean rounded to x.dtype (a float64 copy of a float32 x costs several times
         more), and var corrects for that rounding d exactly: mean((x - mean + d)^2) = var + d^2.
@@ -105,9 +104,9 @@ class BatchNorm(Layer):
         mean = sums[: self.C] / max(M, 1)
         shift = mean.astype(x2.dtype)
         centered = _centered(x2, shift)
-        squares = _row_sums(np.square(centered, out=centered))  # sum (x - shift)^2, (C,)
+        squares = _row_sums(np.square(centered))  # sum (x - shift)^2, (C,)
         d = mean - shift
-        return mean, np.maximum(_allreduce(self.ctx, squares) / max(M, 1) - d * d, 0)
+        return mean, np.maximum(_allreduce(self.ctx, squares) / max(M, 1) - d * d, 0), centered
 
     def _update_running(self, mean, var, M):
         """Exponential moving averages, unbiased variance like torch."""
@@ -124,8 +123,8 @@ class BatchNorm(Layer):
         sums = np.empty(2 * self.C)  # [sum dy (C), sum dy*xhat (C)] in float64
         sums[: self.C] = _row_sums(dy2)
         # x - mean = (x - shift) - d, so sum dy*xhat = (sum dy*(x - shift) - d sum dy) / std
-        centered = _centered(self.x2, self.shift)
-        sums[self.C :] = (_row_sums(dy2 * centered) - self.d * sums[: self.C]) * self.inv_std
+        tmp = np.multiply(dy2, self.centered)
+        sums[self.C :] = (_row_sums(tmp) - self.d * sums[: self.C]) * self.inv_std
         self.db += sums[: self.C].astype(self.db.dtype)  # local sums: the trainer's allreduce adds ranks
         self.dW += sums[self.C :].astype(self.dW.dtype)
         if not self.need_dx:  # the same on every rank, so every rank skips the allreduce
@@ -136,10 +135,10 @@ class BatchNorm(Layer):
         mean_dy, mean_dyxhat = np.split(_allreduce(self.ctx, sums) / max(self.M, 1), 2)  # global means
         # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)) = g dy + k (x - shift) + c per channel
         k = -g * mean_dyxhat * self.inv_std
-        centered *= k.astype(dy.dtype)[:, None]
-        centered += (-g * mean_dy - k * self.d).astype(dy.dtype)[:, None]
-        centered += dy2 * g.astype(dy.dtype)[:, None]
-        return _from_rows(centered, dy.shape, self.perm)
+        dx2 = np.multiply(dy2, g.astype(dy.dtype)[:, None])
+        dx2 += np.multiply(self.centered, k.astype(dy.dtype)[:, None], out=tmp)
+        dx2 += (-g * mean_dy - k * self.d).astype(dy.dtype)[:, None]
+        return _from_rows(dx2, dy.shape, self.perm)
 
 
 def _channels_first(x) -> tuple:
