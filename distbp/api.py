@@ -62,7 +62,7 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 
     def go():
         cfg = agree(comm, _config, config)
-        summary = run_summary(cfg, comm, run_dir or default_path(), str(resume), force)
+        summary = run_summary(cfg, comm, run_dir or default_path(comm), str(resume), force)
         return comm.bcast_obj(summary)  # rank 0's record, as in metrics.jsonl, on every rank
     return _collective(comm, go)
 

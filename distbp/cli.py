@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="config TOML file or shipped name (digits, digits-cnn, ...; default: digits)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    t.add_argument("--run-dir", help="run directory (default runs/<timestamp>)")
+    t.add_argument("--run-dir", help="run directory (default: a new runs/<timestamp>)")
     t.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: newest valid checkpoint in the run dir (default); never; or a file")
     t.add_argument("--force", action="store_true",
@@ -238,7 +238,7 @@ def cmd_train(args, comm) -> int:
     from .rundir import default_path
     from .train import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    return run(cfg, comm, args.run_dir or default_path(), args.resume, args.force, args.progress)
+    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)
 
 
 def cmd_eval(args, comm) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import socket
 import time
@@ -10,16 +11,28 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import slurm
-from .errors import UserError
+from .errors import UserError, on_root
 
 LOCK_NAME = "distbp.lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "config.toml")  # what --force archives
 UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # no locks on this file system
 
 
-def default_path() -> str:
-    """runs/<local time>: the run directory when none is given."""
-    return f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+def default_path(comm) -> str:
+    """A new run directory when none is given: runs/<local time>, or runs/<local time>-2, -3, ... when
+    that is taken (two runs started in one second); rank 0 creates it, every rank gets its name."""
+    def claim() -> str:
+        stamp = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        for path in itertools.chain([stamp], (f"{stamp}-{k}" for k in itertools.count(2))):
+            try:
+                os.makedirs(path)  # atomic: another process cannot claim the same name
+                return path
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UserError(f"cannot create the run directory {path} ({e.strerror}); HINT: run in a "
+                                "writable folder, or give --run-dir") from None
+    return comm.bcast_obj(on_root(comm, claim))
 
 
 class RunDirBusy(UserError):

@@ -15,15 +15,15 @@ from . import slurm
 from .clip import clip_by_norm, clip_by_value
 from . import trackers
 from .comm import set_thread_budget
-from .config import Config, config_from_dict, config_to_dict, config_to_toml
+from .config import Config, config_to_dict, config_to_toml
 from .data import Dataset, digits_path
 from .early_stop import EarlyStopping
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, UserError, agree, on_root
+from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
 from .evaluate import evaluate
 from .metrics import RunLog, StepTimer, format_summary
 from .normalize import fit as fit_normalizer
-from .optim import make_schedule
 from .progress import Progress
+from .schedule import schedule_change, schedule_of, total_steps
 from .sampler import GlobalBatches
 from .scores import improved, monitored
 from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
@@ -32,38 +32,6 @@ from .step import DataParallelStep, DeterministicStep, StepScalars
 from .watchdog import configure as configure_watchdog
 from .watchdog import rank_table, watching
 from .zero import state_bytes
-
-
-def schedule_of(cfg: Config, total: int):
-    """The learning rate as a function of the step, over optim.schedule_steps if set, else the run's total."""
-    o = cfg.optim
-    try:
-        return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, **o.schedule_options())
-    except ValueError as e:
-        raise UserError(f"optim schedule settings: {e}") from None
-
-
-def total_steps(cfg: Config, per_epoch: int) -> int:
-    """Optimizer steps of the whole run: train.epochs of per_epoch steps, capped by train.max_steps."""
-    total = per_epoch * cfg.train.epochs
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps >= 0 else total
-
-
-def schedule_change(old_config: dict, cfg: Config, per_epoch: int, step: int) -> str | None:
-    """A warning when a resume moves the schedule's horizon: the learning rate at step before and now."""
-    try:
-        old = config_from_dict(old_config)
-        old_total, total = total_steps(old, per_epoch), total_steps(cfg, per_epoch)
-        before, now = schedule_of(old, old_total)(step), schedule_of(cfg, total)(step)
-    except UserError:  # the checkpoint's settings make no schedule here (say, another dataset size)
-        return None
-    if math.isclose(before, now, rel_tol=1e-6):
-        return None
-    was, span = old.optim.schedule_steps or old_total, cfg.optim.schedule_steps or total
-    return (f"WARNING: the {cfg.optim.schedule} learning-rate schedule now spans {span} steps instead of {was}, "
-            f"so the rate at the resumed step {step} changes from {before:.3g} to {now:.3g}; HINT: "
-            f"--set optim.schedule_steps={was} keeps the original horizon (the rate then stays at its final "
-            "value after it)")
 
 
 def open_data(cfg: Config) -> tuple[Dataset, object, object]:

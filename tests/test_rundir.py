@@ -11,6 +11,8 @@ import pytest
 
 from distbp import checkpoint as ckpt
 from distbp import faults
+from distbp import rundir
+from distbp.comm import SerialComm
 from distbp.rundir import LOCK_NAME
 from conftest import job_env
 from test_faults import Job
@@ -95,3 +97,11 @@ def test_checkpoints_are_ordered_by_step_number_beyond_eight_digits(tmp_path):
     assert ckpt.latest_valid(tmp_path).attrs["step"] == 1_000_000_000
     ckpt.prune(tmp_path, 2, paths[3])
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path)] == [100_000_000, 1_000_000_000]
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20261201-120000")
+    names = [rundir.default_path(SerialComm()) for _ in range(3)]
+    assert names == ["runs/20261201-120000", "runs/20261201-120000-2", "runs/20261201-120000-3"]
+    assert all((tmp_path / n).is_dir() for n in names)  # claimed when chosen: no other process gets them
