@@ -88,8 +88,9 @@ class TrainConfig:
     log_every: int = key(50, "print a progress line every N steps when not on a terminal", within="[1, inf)")
     deterministic: bool = key(False, "bitwise-identical results on any number of ranks")
     micro_batch: int = key(64, "rows per fixed micro-shard in deterministic mode", within="[1, inf)")
-    shard_optimizer: bool = key(False, "ZeRO-1: each rank keeps and updates 1/N of the optimizer state "
-                                "(reduce-scatter, update, allgather)")
+    shard_optimizer: bool | str = key("auto", "ZeRO-1: each rank keeps and updates 1/N of the optimizer state "
+                                      "(reduce-scatter, update, allgather); \"auto\": at 2 or more ranks for "
+                                      "models of 1M parameters or more, where it was measured to win")
     check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
                            within="[0, inf)")
     stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off)",
@@ -338,6 +339,8 @@ def validate(cfg: Config) -> None:
              f"loss.name={cfg.loss.name!r}: remove them, or loss.name")
     _require(isinstance(cfg.loss.class_weights, list) or cfg.loss.class_weights == "balanced",
              f"loss.class_weights={cfg.loss.class_weights!r} must be a list of weights, one per class, or \"balanced\"")
+    _require(t.shard_optimizer in (True, False, "auto"),
+             f"train.shard_optimizer={t.shard_optimizer!r} must be true, false or \"auto\"")
     _require(not (o.clip_grad_norm and o.clip_grad_value),
              f"optim.clip_grad_norm={o.clip_grad_norm} and optim.clip_grad_value={o.clip_grad_value} are both "
              "set: choose one of them (set the other to 0)")

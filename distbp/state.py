@@ -18,7 +18,7 @@ from .nn.losses import balanced_weights, loss_class
 from .normalize import Normalizer
 from .optim import make_optimizer
 from .sampler import shard
-from .zero import ShardedOptimizer
+from .zero import ShardedOptimizer, sharded
 
 
 @dataclass
@@ -101,7 +101,7 @@ def build_optimizer(cfg: Config, model: Sequential, comm):
 
     def make(size: int):
         return make_optimizer(o.name, size, dtype, **o.optimizer_options())
-    if cfg.train.shard_optimizer and 1 < comm.size <= n:
+    if sharded(cfg.train.shard_optimizer, comm.size, n):
         return ShardedOptimizer(make, n, dtype, comm.rank, comm.size)
     return make(n)
 

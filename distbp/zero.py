@@ -15,6 +15,16 @@ import numpy as np
 from .sampler import shard, shard_counts
 
 
+AUTO_PARAMS = 1_000_000  # train.shard_optimizer="auto" shards models this large (docs/PERFORMANCE.md)
+
+
+def sharded(setting: bool | str, ranks: int, params: int) -> bool:
+    """Whether the optimizer is sharded: train.shard_optimizer at this rank count and model size (every rank
+    needs a slice, so never with more ranks than parameters)."""
+    wanted = params >= AUTO_PARAMS if setting == "auto" else setting
+    return bool(wanted) and 1 < ranks <= params
+
+
 class ShardedOptimizer:
     """An optimizer over this rank's slice of the flat vectors, with Optimizer's state interface."""
 

@@ -89,8 +89,9 @@ WORKLOADS = {
                        extra=("train.deterministic=true",), default_of="W1"),
     "W1-det32": Workload("W1 with train.deterministic=true, micro_batch 32",
                          extra=("train.deterministic=true", "train.micro_batch=32"), default_of="W1"),
-    "W1-zero": Workload("W1 with train.shard_optimizer=true (ZeRO-1)", extra=("train.shard_optimizer=true",),
-                        default_of="W1"),
+    "W1-rep": Workload("W1 with train.shard_optimizer=false: the optimizer step replicated on every rank "
+                       "(the default, \"auto\", shards W1 at 2+ ranks)", extra=("train.shard_optimizer=false",),
+                       default_of="W1"),
     "W5": Workload("LeNet-style CNN on (1, 28, 28): conv5x5 16, pool, conv5x5 32, pool, 128, 10; batch 128",
                    layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20, warmup=5),
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
@@ -98,7 +99,7 @@ WORKLOADS = {
                    steps=5, torch_steps=5, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
-       ("W1-zero", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
+       ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
        ("W6", 1, 2)]
 
 

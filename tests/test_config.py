@@ -35,6 +35,8 @@ def test_overrides_are_typed():
     ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
     ("optim.name=sgdx", "optim.name='sgdx' is not one of"),
     ("train.epochs=true", "train.epochs=True has the wrong type"),
+    ("train.shard_optimizer=yes", 'train.shard_optimizer=\'yes\' must be true, false or "auto"'),
+    ("train.shard_optimizer=1", "train.shard_optimizer=1 has the wrong type: expected bool or str"),
     ("epochs=3", "must look like section.key=value"),
 ])
 def test_bad_values_name_the_key(override, fragment):

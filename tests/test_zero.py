@@ -5,7 +5,7 @@ import pytest
 from conftest import run_distbp
 from distbp.optim import make_optimizer
 from distbp.sampler import shard_counts
-from distbp.zero import ShardedOptimizer, state_bytes
+from distbp.zero import AUTO_PARAMS, ShardedOptimizer, sharded, state_bytes
 from test_train import final_params, synthetic_file
 
 OPTIONS = [("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
@@ -78,7 +78,7 @@ def test_sharded_runs_equal_replicated_runs_after_100_steps(serial, tmp_path, op
     sets = [f'data.path="{data}"', "train.batch_size=32", "model.hidden=[16]", f'train.dtype="{dtype}"',
             f'optim.name="{optim}"', "optim.lr=0.01", "optim.momentum=0.9", "train.epochs=100"]
     for n in (1, 2, 3, 4):
-        replicated, _ = train(tmp_path, f"rep{n}", n, sets, 100)
+        replicated, _ = train(tmp_path, f"rep{n}", n, [*sets, "train.shard_optimizer=false"], 100)
         sharded, log = train(tmp_path, f"zero{n}", n, [*sets, "train.shard_optimizer=true"], 100)
         if n > 1:
             assert f"1/{n} of it (train.shard_optimizer)" in log
@@ -91,7 +91,7 @@ def test_sharded_deterministic_runs_are_bitwise_equal_and_resume_on_another_rank
     sets = [f'data.path="{data}"', "train.batch_size=32", "model.hidden=[16]", 'optim.name="adam"',
             "optim.lr=0.01", "train.epochs=100", "train.deterministic=true", "train.micro_batch=8"]
     zero = [*sets, "train.shard_optimizer=true", "checkpoint.every_steps=40"]
-    reference, _ = train(tmp_path, "rep1", 1, sets, 100)
+    reference, _ = train(tmp_path, "rep1", 1, [*sets, "train.shard_optimizer=false"], 100)
     for n in (2, 3):
         sharded, _ = train(tmp_path, f"zero{n}", n, zero, 100)
         assert sharded.tobytes() == reference.tobytes(), f"{n} ranks"
@@ -99,3 +99,18 @@ def test_sharded_deterministic_runs_are_bitwise_equal_and_resume_on_another_rank
     resumed, log = train(tmp_path, "resumed", 3, zero, 100, resume="auto")
     assert "resumed from" in log and "written by 2 rank(s), now 3" in log
     assert resumed.tobytes() == reference.tobytes()
+
+
+def test_auto_shards_large_models_at_two_ranks_or_more():
+    assert [sharded("auto", ranks, AUTO_PARAMS) for ranks in (1, 2, 8)] == [False, True, True]
+    assert not sharded("auto", 8, AUTO_PARAMS - 1)  # a small model: the extra collective call costs more
+    assert sharded(True, 2, 10) and not sharded(True, 11, 10) and not sharded(False, 8, 10**9)
+
+
+def test_auto_is_the_default_and_shards_a_1m_parameter_model(serial, tmp_path):
+    data = synthetic_file(tmp_path / "data.h5")
+    sets = [f'data.path="{data}"', "train.batch_size=32", "model.hidden=[1024, 1024]"]  # 1.06M parameters
+    _, log = train(tmp_path, "big", 2, sets, 2)
+    assert "1/2 of it (train.shard_optimizer)" in log
+    _, log = train(tmp_path, "small", 2, [f'data.path="{data}"', "train.batch_size=32", "model.hidden=[16]"], 2)
+    assert "of it (train.shard_optimizer)" not in log
