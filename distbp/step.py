@@ -53,8 +53,7 @@ def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, divisor: 
     if after_forward:
         after_forward()
     dout = loss.backward()
-    with np.errstate(divide="ignore", invalid="ignore"):  # divisor 0 (weightless batch): the trainer says so
-        dout /= divisor  # the global mean (rows, or their summed class weights), folded in before the reduction
+    dout /= divisor  # the global mean (rows, or their summed class weights), folded in before the reduction
     model.backward(dout, need_dx=False)
     return loss_sum, correct
 

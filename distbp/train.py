@@ -206,7 +206,9 @@ class Trainer:
         self.model.ctx.step = pos.step  # the dropout counter's step
         indices = self.batches.indices(pos.epoch, pos.step_in_epoch)
         # the mean divides by the batch's rows, or by their summed class weights (the same on every rank)
-        self.divisor = self.loss.total_weight(self.train_split.labels(indices)) if self.loss.weighted else len(indices)
+        # a batch whose class weights sum to 0 has no mean: NaN (no warnings), and check_finite says why
+        self.divisor = (self.loss.total_weight(self.train_split.labels(indices)) or math.nan) \
+            if self.loss.weighted else len(indices)
         loss_sum, correct, rows = 0.0, 0, 0
         passes = self.step.pass_positions(len(indices), self.cfg.train.batch_size)
         for k, positions in enumerate(passes):
@@ -227,10 +229,10 @@ class Trainer:
     def optimizer_step(self) -> tuple[float, bool]:
         """The same step on every rank unless the gradient is not finite; (train loss, skipped)."""
         s, o = self.scalars, self.cfg.optim
-        train_loss = s.loss_sum / self.divisor if self.divisor else math.nan
+        train_loss = s.loss_sum / self.divisor
         self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
         skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
-                                   self.cfg.train.nonfinite, self.log, self.divisor == 0)
+                                   self.cfg.train.nonfinite, self.log, math.isnan(self.divisor))
         self.lr = self.lr_at(self.pos.step)
         if not skipped:
             if o.clip_grad_norm:  # on what this rank steps from (a slice if sharded), by the global norm
