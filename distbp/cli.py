@@ -180,7 +180,7 @@ A mirror serves MIRROR/NAME/FILE (the publisher's file names); --from DIR takes 
 examples:
   distbp data fetch mnist
   distbp data fetch cifar10 --mirror http://mirror.example.org/datasets/
-  distbp data fetch fashion-mnist --from /shared/downloads/fashion-mnist"""
+  distbp data fetch fashion-mnist --from ~/Downloads/fashion-mnist"""
 
 
 def add_fetch_parser(dsub):

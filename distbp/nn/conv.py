@@ -182,7 +182,7 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
     y = np.empty((F, Ho, Wo * N), q.dtype)
     thin = depth < THIN_DEPTH
     tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
-    Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth)  # W[f, (j, i, c)]
+    Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth) if thin else None  # W[f, (j, i, c)], a copy
     for r in range(Ho):
         if thin:
             np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
