@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from .comm import SerialComm, run_guarded, world
+from .files import checkpoint as ckpt
+from .parallel.comm import SerialComm, run_guarded, world
 from .config import Config, config_to_dict, load_config
-from .data import first_bad, not_finite
+from .datasets.dataset import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree
-from .evaluate import load_model
-from .predict import model_inputs, outputs
-from .rundir import default_path
+from .inference.evaluate import load_model
+from .inference.predict import model_inputs, outputs
+from .files.rundir import default_path
 
 
 def rank() -> int:
@@ -57,7 +57,7 @@ def _collective(comm, fn, *args):
 
 def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto", force: bool = False) -> dict:
     """Train data-parallel on every rank of the launcher (one without); return the run's summary record."""
-    from .train import run_summary  # here: inference (load) does not import the training loop
+    from .training.loop import run_summary  # here: inference (load) does not import the training loop
     comm = world()
 
     def go():

@@ -10,10 +10,10 @@ import sys
 import traceback
 
 from . import __version__
-from .atomic import AtomicFile
+from .files.atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
-from .progress import MODES
-from .safeio import check_output
+from .reporting.progress import MODES
+from .files.safeio import check_output
 
 EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
 is in docs/CONFIG.md):
@@ -166,7 +166,7 @@ def add_checkpoint_argument(p):
 
 def checkpoint_path(args, comm) -> str:
     """The checkpoint file args name (a file, a run directory's newest valid one, or its best), on every rank."""
-    from .checkpoint import find
+    from .files.checkpoint import find
     return comm.bcast_obj(on_root(comm, lambda: str(find(args.checkpoint, args.best))))
 
 
@@ -185,7 +185,7 @@ examples:
 
 def add_fetch_parser(dsub):
     """distbp data fetch's arguments."""
-    from .fetch import CATALOG, MIRROR_ENV
+    from .datasets.fetch import CATALOG, MIRROR_ENV
     df = dsub.add_parser("fetch", help="download, verify and convert a public dataset (mnist, cifar10, ...)",
                          description="Download a public dataset (resuming partial downloads, with retries), "
                          "verify every file's SHA-256, and convert it to DIR/NAME.h5.",
@@ -235,8 +235,8 @@ def add_force(parser):
 def cmd_train(args, comm) -> int:
     """distbp train."""
     from .config import load_config
-    from .rundir import default_path
-    from .train import run
+    from .files.rundir import default_path
+    from .training.loop import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)
 
@@ -244,8 +244,8 @@ def cmd_train(args, comm) -> int:
 def cmd_eval(args, comm) -> int:
     """distbp eval."""
     import json
-    from .evaluate import evaluate_checkpoint
-    from .scores import format_report
+    from .inference.evaluate import evaluate_checkpoint
+    from .reporting.scores import format_report
     result = evaluate_checkpoint(checkpoint_path(args, comm), comm, data_path=args.data, split=args.split)
     if comm.is_root and args.json:
         print(json.dumps(result))
@@ -259,13 +259,13 @@ def cmd_eval(args, comm) -> int:
 
 def alone_on_root(cmd, args, comm) -> int:
     """cmd run by rank 0 alone as a world of one (one writer, one printout); its exit code on every rank."""
-    from .comm import SerialComm
+    from .parallel.comm import SerialComm
     return comm.bcast_obj(on_root(comm, cmd, args, SerialComm()))
 
 
 def cmd_data(args, comm) -> int:
     """distbp data digits | synthetic | convert | fetch | inspect."""
-    from . import data
+    from .datasets import dataset as data
     if comm.size > 1 and args.data_command != "convert":
         return alone_on_root(cmd_data, args, comm)
     if args.data_command == "inspect":
@@ -273,7 +273,7 @@ def cmd_data(args, comm) -> int:
             print("\n".join(ds.describe(values=True)))
         return 0
     if args.data_command == "convert":
-        from .convert import convert
+        from .datasets.convert import convert
         on_root(comm, lambda: convert(  # one writer under mpirun
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
@@ -284,7 +284,7 @@ def cmd_data(args, comm) -> int:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
         return 0
     if args.data_command == "fetch":
-        from .fetch import fetch
+        from .datasets.fetch import fetch
         out = fetch(args.name, args.dir, mirror=args.mirror, source=args.source, timeout=args.timeout,
                     retries=args.retries)
         with data.Dataset(out) as ds:
@@ -307,7 +307,7 @@ def cmd_data(args, comm) -> int:
 
 def cmd_ckpt(args, comm) -> int:
     """distbp ckpt inspect | verify | export."""
-    from . import checkpoint as ckpt
+    from .files import checkpoint as ckpt
     if comm.size > 1:
         return alone_on_root(cmd_ckpt, args, comm)
     if args.ckpt_command == "verify":
@@ -339,7 +339,7 @@ def cmd_ckpt(args, comm) -> int:
 
 def cmd_plot(args, comm) -> int:
     """distbp plot."""
-    from .plot import plot_runs
+    from .reporting.plot import plot_runs
     out = on_root(comm, plot_runs, args.run_dirs, args.out, args.force)
     if comm.is_root:
         print(f"wrote {out}")
@@ -348,7 +348,7 @@ def cmd_plot(args, comm) -> int:
 
 def cmd_predict(args, comm) -> int:
     """distbp predict."""
-    from .predict import predict
+    from .inference.predict import predict
     out = predict(checkpoint_path(args, comm), args.input, args.out, comm, split=args.split, batch=args.batch,
                   data_path=args.data, force=args.force)
     if comm.is_root:
@@ -438,9 +438,9 @@ def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
-    from .comm import install_abort_on_error, run_guarded, world
+    from .parallel.comm import install_abort_on_error, run_guarded, world
     from .config import TrainConfig
-    from .watchdog import watching
+    from .parallel.watchdog import watching
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
     try:
         comm = world()

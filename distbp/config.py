@@ -19,8 +19,8 @@ from . import optim
 from .errors import UserError
 from .nn.layers import activation_names, layer_class
 from .nn.losses import loss_class
-from .normalize import KINDS as NORMALIZE_KINDS
-from .scores import BEST_CHOICES
+from .datasets.normalize import KINDS as NORMALIZE_KINDS
+from .reporting.scores import BEST_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,7 +8,7 @@
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
 Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
 medians, and the ratios as medians of the per-round ratios (the machine is noisy: compare
-only numbers measured in the same run). distbp runs through distbp.train.run on a dataset
+only numbers measured in the same run). distbp runs through distbp.training.loop.run on a dataset
 file written to a temporary folder; PyTorch is used only here, and only if importable.
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def write_synthetic(path: Path, rows: int, shape: tuple, classes: int, dtype=np.
 
 def steady_timer_class(warmup: int):
     """distbp's StepTimer with `warmup` steps, also keeping phase totals and wall time from the end of the warm-up."""
-    from distbp.metrics import StepTimer
+    from distbp.reporting.metrics import StepTimer
 
     class SteadyTimer(StepTimer):
         last = None
@@ -174,10 +174,10 @@ def toml_specs(specs) -> str:
 
 
 def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path, r: int) -> dict:
-    """One run of distbp.train.run on the workload; steady-state rate and step split."""
+    """One run of distbp.training.loop.run on the workload; steady-state rate and step split."""
     import importlib
     from distbp.config import load_config
-    loop = importlib.import_module("distbp.train")  # the module: distbp.train is the API function
+    loop = importlib.import_module("distbp.training.loop")  # the module: distbp.train is the API function
     # inputs as stored (data.normalize="none"): the PyTorch peer and the matmul floor read them raw too
     sets = [f"data.path={json.dumps(data_path)}", 'data.val_split=""', 'data.normalize="none"',
             f"model.layers={toml_specs(wl.layers)}", f"model.hidden={list(wl.hidden)}",
@@ -214,7 +214,7 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
 
 def floor_round(wl: Workload, comm, steps: int) -> float:
     """samples/s if a step were only its matrix products (forward, dW, dx but the first), all ranks at once."""
-    from distbp.sampler import shard
+    from distbp.parallel.sampler import shard
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     dt, rng = np.dtype(wl.dtype), np.random.default_rng(comm.rank)
 
@@ -276,7 +276,7 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
         import torch
     except ImportError:
         return None
-    from distbp.sampler import epoch_order, shard
+    from distbp.parallel.sampler import epoch_order, shard
     torch.set_num_threads(threads)
     if comm.size > 1 and not _TORCH_GROUP:
         port = comm.bcast_obj(_free_port() if comm.is_root else None)
@@ -325,7 +325,7 @@ def _median_ratio(a: list, b: list) -> float | None:
 
 def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     """Interleaved rounds of distbp, floor and PyTorch on one workload; the JSON record."""
-    from distbp.data import Dataset, digits_path
+    from distbp.datasets.dataset import Dataset, digits_path
     wl = WORKLOADS[name]
     if args.steps:
         wl = Workload(**{**wl.__dict__, "steps": args.steps, "torch_steps": args.steps})
@@ -404,7 +404,7 @@ def worker(args) -> int:
     for k in THREAD_ENV:  # distbp keeps a user's thread setting as it is
         os.environ[k] = str(args.threads)
     limiter = threadpool_limits(limits=args.threads, user_api="blas")
-    from distbp.comm import world
+    from distbp.parallel.comm import world
     comm = world()
     tmp = Path(comm.bcast_obj(tempfile.mkdtemp(prefix="distbp-bench-", dir=args.tmp) if comm.is_root else None))
     try:

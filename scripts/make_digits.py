@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from distbp.data import Dataset, write_dataset
+from distbp.datasets.dataset import Dataset, write_dataset
 
 ATTRS = {
     "source": "UCI ML Optical Recognition of Handwritten Digits (optdigits), the 1797-image test set "

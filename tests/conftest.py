@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp.comm import SerialComm, world
-from distbp.data import write_dataset
+from distbp.parallel.comm import SerialComm, world
+from distbp.datasets.dataset import write_dataset
 from distbp.nn import check_gradients
 from distbp.nn.gradcheck import numeric_grad, rel_err  # noqa: F401 (the tests' finite differences)
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distbp.config import ConfigError, load_config
-from distbp.data import DataError, Dataset, digits_path, write_dataset
+from distbp.datasets.dataset import DataError, Dataset, digits_path, write_dataset
 from conftest import run_distbp
 
 LAYERS_8X8 = '[model]\nlayers = [{type = "reshape", shape = [1, 8, 8]}, {type = "flatten"}, {type = "linear", out = 3}]\n'
@@ -187,7 +187,7 @@ def test_bad_input_under_mpirun_prints_once(tmp_path, case):
 def test_debug_flag_shows_the_traceback(tmp_path):
     proc, _ = train(tmp_path, with_data(tmp_path / "nope.h5"), debug=True)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
-    assert "distbp.data.DataError: dataset" in proc.stderr and "data.py" in proc.stderr, proc.stderr
+    assert "distbp.datasets.dataset.DataError: dataset" in proc.stderr and "dataset.py" in proc.stderr, proc.stderr
 
 
 # Property-based: random malformed files and configs give a DataError/ConfigError, never another exception.
@@ -260,7 +260,7 @@ def test_random_config_files_and_overrides_give_a_config_error(lines, overrides)
 
 def test_faults_doc_lists_every_case():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "FAULTS.md").read_text()
-    from distbp.faults import KINDS, POINTS
+    from distbp.parallel.faults import KINDS, POINTS
     missing = ([f"kind={k}" for k in KINDS if f"kind={k}" not in doc] + [f"at={p}" for p in POINTS if f"at={p}" not in doc]
                + [c for c in CASES if f"| {c} " not in doc])
     assert not missing, f"docs/FAULTS.md lacks rows for {missing}"

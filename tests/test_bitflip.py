@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distbp import bounded
-from distbp import checkpoint as ckpt
+from distbp.files import bounded
+from distbp.files import checkpoint as ckpt
 from conftest import job_env
 
 BOUND = 30  # seconds any command or read may take on a damaged file
@@ -235,7 +235,7 @@ def test_crafted_checkpoints_load_or_give_a_checkpoint_error(tmp_path, monkeypat
 
 def test_flipped_dataset_heaps_open_or_give_a_data_error_in_bounded_time(tmp_path, monkeypatch):
     """The same heap flips in a dataset file (its task, source and class-name strings live in a global heap)."""
-    from distbp.data import DataError, Dataset, write_dataset
+    from distbp.datasets.dataset import DataError, Dataset, write_dataset
     monkeypatch.setenv(bounded.TIMEOUT_ENV, TEST_TIMEOUT)
     rng = np.random.default_rng(0)
     good = write_dataset(tmp_path / "good.h5", {s: (rng.standard_normal((40, 4)).astype(np.float32),

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from distbp import atomic
-from distbp import checkpoint as ckpt
+from distbp.files import atomic
+from distbp.files import checkpoint as ckpt
 
 
 def make(step: int, seed: int = 0) -> ckpt.Checkpoint:
@@ -90,7 +90,7 @@ def test_prune_keeps_newest_and_the_valid_one(tmp_path):
 
 WRITER = textwrap.dedent("""
     import os, sys, time
-    from distbp import checkpoint as ckpt
+    from distbp.files import checkpoint as ckpt
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make
     real = os.write

@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
-from distbp import checkpoint as ckpt
+from distbp.files import checkpoint as ckpt
 from distbp.cli import main
-from distbp.comm import SerialComm
+from distbp.parallel.comm import SerialComm
 from distbp.config import config_from_dict
-from distbp.data import Dataset, digits_path, write_dataset
-from distbp.train import run
+from distbp.datasets.dataset import Dataset, digits_path, write_dataset
+from distbp.training.loop import run
 from conftest import run_distbp
 
 LAYERS = [{"type": "linear", "out": 32}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "dropout", "p": 0.2},

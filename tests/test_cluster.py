@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import MPIRUN, job_env as mpi_env
-from distbp import checkpoint as ckpt
-from distbp.data import digits_path, write_dataset
+from distbp.files import checkpoint as ckpt
+from distbp.datasets.dataset import digits_path, write_dataset
 from slurm_jobs import (REPO, TRAIN_SBATCH, checkpoint_steps, cluster_lock, job_env, job_info, log_text,
                         preempt_and_requeue, read_arrays, require_root_and_apt, sbatch, unavailable, wait_done,
                         wait_for)
@@ -146,8 +146,8 @@ PROBE = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from distbp.comm import set_thread_budget, world, _own_cpus
-from distbp.data import Dataset
+from distbp.parallel.comm import set_thread_budget, world, _own_cpus
+from distbp.datasets.dataset import Dataset
 
 def pss_kb(lo, hi):
     '''Proportional set size of this process's mappings overlapping [lo, hi).'''

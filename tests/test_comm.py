@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from distbp import comm as commlib
-from distbp.comm import CommError, SerialComm, check_launcher, launcher_size, node_shared_array
-from distbp.data import Dataset
+from distbp.parallel import comm as commlib
+from distbp.parallel.comm import CommError, SerialComm, check_launcher, launcher_size, node_shared_array
+from distbp.datasets.dataset import Dataset
 from conftest import run_distbp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_report_failure_names_rank_host_and_error(capsys):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from distbp.comm import world, install_abort_on_error, run_guarded
+    from distbp.parallel.comm import world, install_abort_on_error, run_guarded
     comm = world()
     install_abort_on_error(comm)
     mode = sys.argv[1]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from distbp.clip import clip_by_norm, clip_by_value
-from distbp.early_stop import EarlyStopping
+from distbp.training.clip import clip_by_norm, clip_by_value
+from distbp.training.early_stop import EarlyStopping
 from conftest import import_torch
 
 

@@ -6,15 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp.train import Trainer
-from distbp.checkpoint import checkpoint_name, load
-from distbp.comm import SerialComm
+from distbp.training.loop import Trainer
+from distbp.files.checkpoint import checkpoint_name, load
+from distbp.parallel.comm import SerialComm
 from distbp.config import load_config
-from distbp.data import Dataset, synthetic, write_dataset
+from distbp.datasets.dataset import Dataset, synthetic, write_dataset
 from distbp.errors import UserError
-from distbp.evaluate import evaluate_checkpoint
-from distbp.sampler import GlobalBatches
-from distbp.state import build_model
+from distbp.inference.evaluate import evaluate_checkpoint
+from distbp.parallel.sampler import GlobalBatches
+from distbp.training.state import build_model
 from conftest import import_torch
 
 ROOT = Path(__file__).resolve().parents[1]

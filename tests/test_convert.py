@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from distbp import convert as cv
-from distbp.data import Dataset, DataError
+from distbp.datasets import convert as cv
+from distbp.datasets.dataset import Dataset, DataError
 
 
 def write_idx(path, a: np.ndarray, gz: bool = False):

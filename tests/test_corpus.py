@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 import pytest
 
-from distbp import bounded
-from distbp import checkpoint as ckpt
-from distbp.data import MAX_CLASSES, write_dataset
+from distbp.files import bounded
+from distbp.files import checkpoint as ckpt
+from distbp.datasets.dataset import MAX_CLASSES, write_dataset
 from conftest import MPIRUN, job_env
 
 WALL = 30  # seconds any corpus command may take

@@ -6,8 +6,8 @@ from conftest import tiny_arrays
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distbp import data
-from distbp.data import DataError, Dataset, digits_path, synthetic, write_dataset
+from distbp.datasets import dataset as data
+from distbp.datasets.dataset import DataError, Dataset, digits_path, synthetic, write_dataset
 
 # --- writing and reading -----------------------------------------------------------------------
 

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from distbp import checkpoint as ckpt
-from distbp.comm import SerialComm
+from distbp.files import checkpoint as ckpt
+from distbp.parallel.comm import SerialComm
 from distbp.config import ConfigError, load_config
-from distbp.data import write_dataset
-from distbp.determinism import TreeStack, aligned_blocks, is_left_sibling, rank_blocks
-from distbp.sampler import shard
-from distbp.state import DivergenceError, check_consistent, param_hash, rank_groups
-from distbp.step import DeterministicStep, StepScalars
+from distbp.datasets.dataset import write_dataset
+from distbp.parallel.determinism import TreeStack, aligned_blocks, is_left_sibling, rank_blocks
+from distbp.parallel.sampler import shard
+from distbp.training.state import DivergenceError, check_consistent, param_hash, rank_groups
+from distbp.training.step import DeterministicStep, StepScalars
 from distbp.nn import Sequential, make_loss, mlp_specs
 from conftest import run_distbp
 
@@ -289,7 +289,7 @@ DIVERGE = """
 import sys
 import numpy as np
 import importlib
-train = importlib.import_module("distbp.train")  # the loop's module: distbp.train is the API function
+train = importlib.import_module("distbp.training.loop")  # the loop's module: distbp.train is the API function
 from distbp.cli import main
 
 check = train.check_consistent

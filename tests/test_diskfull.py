@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from distbp import checkpoint as ckpt
-from distbp import faults
+from distbp.files import checkpoint as ckpt
+from distbp.parallel import faults
 from test_faults import Job, assert_intact
 
 # a 2.4 MB checkpoint every 2 steps; rank 0 fills the disk at step 25, then logs 75 more steps, so the

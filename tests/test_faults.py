@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp import checkpoint as ckpt
-from distbp import faults
+from distbp.files import checkpoint as ckpt
+from distbp.parallel import faults
 from distbp.errors import UserError
 from conftest import run_distbp
 
@@ -167,7 +167,7 @@ def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_pa
 
 @pytest.mark.mpi(min_size=2)
 def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
-    from distbp.watchdog import Watchdog
+    from distbp.parallel.watchdog import Watchdog
     step = [7]
     dog = Watchdog(comm, 4.0, lambda: step[0]).start()
     watched = dog.watched()

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp import fetch as fe
+from distbp.datasets import fetch as fe
 from distbp.cli import main
-from distbp.data import Dataset
+from distbp.datasets.dataset import Dataset
 from conftest import MPIRUN, job_env
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distbp.comm import SerialComm
+from distbp.parallel.comm import SerialComm
 from distbp.nn.layers import Context
 from distbp.nn.norm import BatchNorm, LayerNorm
 from conftest import bind_random, check_grads, numeric_grad, rel_err

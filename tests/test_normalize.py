@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from distbp import checkpoint as ckpt
-from distbp import normalize
-from distbp.comm import SerialComm
-from distbp.data import Dataset, write_dataset
-from distbp.normalize import Normalizer, fit
-from distbp.scores import RegressionSums, class_report, confusion, format_report, monitored
+from distbp.files import checkpoint as ckpt
+from distbp.datasets import normalize
+from distbp.parallel.comm import SerialComm
+from distbp.datasets.dataset import Dataset, write_dataset
+from distbp.datasets.normalize import Normalizer, fit
+from distbp.reporting.scores import RegressionSums, class_report, confusion, format_report, monitored
 from distbp.errors import UserError
 
 

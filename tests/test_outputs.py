@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from distbp import checkpoint as ckpt
-from distbp import safeio
+from distbp.files import checkpoint as ckpt
+from distbp.files import safeio
 from distbp.cli import main
-from distbp.data import Dataset
+from distbp.datasets.dataset import Dataset
 from test_faults import Job
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from distbp.errors import UserError
-from distbp.plot import ema, make_figure, plot_runs, read_metrics, short_names
+from distbp.reporting.plot import ema, make_figure, plot_runs, read_metrics, short_names
 
 
 def write_run(run_dir, per_epoch=10, epochs=3, resume_at=None, summary=True):

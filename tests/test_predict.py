@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
-from distbp.comm import SerialComm
+from distbp.parallel.comm import SerialComm
 from distbp.config import load_config
-from distbp.data import Dataset, DataError
-from distbp.evaluate import load_model
-from distbp.predict import predict, softmax
-from distbp.train import run
+from distbp.datasets.dataset import Dataset, DataError
+from distbp.inference.evaluate import load_model
+from distbp.inference.predict import predict, softmax
+from distbp.training.loop import run
 
 
 def trained(comm, shared_tmp, data_path):
@@ -143,5 +143,5 @@ def test_predictions_on_n_ranks_equal_one_rank(comm, shared_tmp, make_dataset):
 
 
 def test_inference_does_not_import_the_training_loop():
-    code = "import sys, distbp.predict, distbp.evaluate; sys.exit('distbp.train' in sys.modules)"
+    code = "import sys, distbp.inference.predict, distbp.inference.evaluate; sys.exit('distbp.training.loop' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

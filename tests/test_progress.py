@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from distbp.progress import Progress, terminal_columns
+from distbp.reporting.progress import Progress, terminal_columns
 from conftest import MPIRUN, job_env
 
 TRAIN = [sys.executable, "-m", "distbp", "train", "--set", "train.epochs=2", "--set", "train.log_every=10",
@@ -113,7 +113,7 @@ def test_auto_under_open_mpi_asks_the_launcher_not_the_ranks_own_terminal(serial
                         "with open(os.environ['RANK_TTY'], 'w') as tty:\n"
                         "    sys.exit(subprocess.run(sys.argv[1:], stderr=tty).returncode)\n")
     launcher.chmod(0o755)
-    probe = [sys.executable, "-c", "from distbp.progress import terminal_columns as t; print('columns', t())"]
+    probe = [sys.executable, "-c", "from distbp.reporting.progress import terminal_columns as t; print('columns', t())"]
     master, slave = open_terminal(columns=97)
     try:
         env = job_env(OMPI_COMM_WORLD_RANK="0", RANK_TTY=os.ttyname(slave))
@@ -130,7 +130,7 @@ def test_auto_under_open_mpi_asks_the_launcher_not_the_ranks_own_terminal(serial
 def test_auto_under_srun_pty_reads_slurm_environment(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.delenv("SLURM_PTY_PORT", raising=False)
-    monkeypatch.setattr("distbp.progress.launcher_pid", lambda: None)  # ranks run under slurmstepd, not srun
+    monkeypatch.setattr("distbp.reporting.progress.launcher_pid", lambda: None)  # ranks run under slurmstepd, not srun
     assert terminal_columns() is None
     monkeypatch.setenv("SLURM_PTY_PORT", "40123")  # srun --pty: task 0's output is the user's terminal
     monkeypatch.setenv("SLURM_PTY_WIN_COL", "132")

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from conftest import run_distbp
 from distbp import cli
-from distbp.data import synthetic, write_dataset
+from distbp.datasets.dataset import synthetic, write_dataset
 
 SKLEARN_DATA = Path(str(resources.files("sklearn.datasets") / "data"))
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from distbp import __version__
-from distbp import checkpoint as ckpt
-from distbp.comm import SerialComm
+from distbp.files import checkpoint as ckpt
+from distbp.parallel.comm import SerialComm
 from distbp.config import config_from_dict, load_config
-from distbp.sampler import epoch_order
+from distbp.parallel.sampler import epoch_order
 from distbp.errors import UserError
 from conftest import job_env, run_distbp
 
-trainlib = importlib.import_module("distbp.train")  # the loop's module: distbp.train is the API function
+trainlib = importlib.import_module("distbp.training.loop")  # the loop's module: distbp.train is the API function
 
 PER_EPOCH = 22  # the shipped digits: 1437 train rows // batch 64
 VARIANTS = {

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distbp.optim import make_schedule
-from distbp.plot import read_metrics
+from distbp.reporting.plot import read_metrics
 from conftest import MPIRUN, job_env
 
 

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from distbp import checkpoint as ckpt
-from distbp import faults
-from distbp import rundir
-from distbp.comm import SerialComm
-from distbp.rundir import LOCK_NAME
+from distbp.files import checkpoint as ckpt
+from distbp.parallel import faults
+from distbp.files import rundir
+from distbp.parallel.comm import SerialComm
+from distbp.files.rundir import LOCK_NAME
 from conftest import job_env
 from test_faults import Job
 

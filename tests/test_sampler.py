@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distbp.sampler import (GlobalBatches, epoch_order, micro_shard_slice, num_shards, shard, shard_rows,
+from distbp.parallel.sampler import (GlobalBatches, epoch_order, micro_shard_slice, num_shards, shard, shard_rows,
                             steps_per_epoch)
 
 
@@ -84,5 +84,5 @@ def test_micro_shard_slices_are_whole_shards_covering_the_batch(count, micro, si
 
 
 def test_the_sampler_needs_no_hdf5_or_mpi():
-    code = "import sys, distbp.sampler; sys.exit(bool({'h5py', 'mpi4py'} & set(sys.modules)))"
+    code = "import sys, distbp.parallel.sampler; sys.exit(bool({'h5py', 'mpi4py'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

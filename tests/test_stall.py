@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from distbp import checkpoint as ckpt
-from distbp import faults
+from distbp.files import checkpoint as ckpt
+from distbp.parallel import faults
 from conftest import MPIRUN, job_env
 from test_faults import Job
 
@@ -130,7 +130,7 @@ def test_stuck_rank_exits_by_itself_when_its_abort_cannot_reach_the_launcher(tmp
 @pytest.mark.mpi(min_size=2)
 def test_lenient_watchdog_waits_for_a_rank_that_works_alone(comm):
     # as in data, ckpt and plot under mpirun: rank 0 works 3 s alone, 3x the timeout, and answers queries
-    from distbp.watchdog import watching
+    from distbp.parallel.watchdog import watching
     with watching(comm, 1.0, "data", strict=False) as watched:
         if comm.rank == 0:
             time.sleep(3.0)

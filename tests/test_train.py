@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from distbp import cli
-from distbp.train import Trainer, run
-from distbp.checkpoint import checkpoint_name, load
-from distbp.comm import SerialComm
-from distbp.normalize import Normalizer
+from distbp.training.loop import Trainer, run
+from distbp.files.checkpoint import checkpoint_name, load
+from distbp.parallel.comm import SerialComm
+from distbp.datasets.normalize import Normalizer
 from distbp.config import load_config
-from distbp.data import Dataset, synthetic, write_dataset
-from distbp.evaluate import evaluate
+from distbp.datasets.dataset import Dataset, synthetic, write_dataset
+from distbp.inference.evaluate import evaluate
 from distbp.nn import make_loss
-from distbp.state import build_model
+from distbp.training.state import build_model
 from conftest import run_distbp
 
 
@@ -200,8 +200,9 @@ def test_one_failing_rank_ends_mpirun_of_4_within_seconds(launch, tmp_path, kind
 
 FAILING_READ = """
 import os, sys
-from distbp import cli, data
-from distbp.comm import world
+from distbp import cli
+from distbp.datasets import dataset as data
+from distbp.parallel.comm import world
 
 read, calls = data.Split.read, []
 

@@ -12,9 +12,9 @@ import pytest
 
 from distbp import cli
 from distbp.config import load_config, named_configs
-from distbp.data import Dataset, digits_path
+from distbp.datasets.dataset import Dataset, digits_path
 from distbp.nn import Sequential
-from distbp.state import build_model
+from distbp.training.state import build_model
 from conftest import run_distbp
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,8 +4,8 @@ import pytest
 
 from conftest import run_distbp
 from distbp.optim import make_optimizer
-from distbp.sampler import shard_counts
-from distbp.zero import AUTO_PARAMS, ShardedOptimizer, sharded, state_bytes
+from distbp.parallel.sampler import shard_counts
+from distbp.parallel.zero import AUTO_PARAMS, ShardedOptimizer, sharded, state_bytes
 from test_train import final_params, synthetic_file
 
 OPTIONS = [("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from .config import Config, config_from_dict
-from .errors import UserError
-from .optim import make_schedule
+from ..config import Config, config_from_dict
+from ..errors import UserError
+from ..optim import make_schedule
 
 
 def schedule_of(cfg: Config, total: int):

@@ -13,7 +13,7 @@ from time import monotonic
 
 import numpy as np
 
-from .errors import EXIT_CRASH
+from ..errors import EXIT_CRASH
 
 STATE_BYTES = 3 * 8  # a state is 3 float64 (see Watchdog._state)
 SIGNAL_GRACE = 2.0  # s a rank waits in a collective after a stop signal before it checks its peers are alive

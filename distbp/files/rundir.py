@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from . import slurm
-from .errors import UserError, on_root
+from ..parallel import slurm
+from ..errors import UserError, on_root
 
 LOCK_NAME = "distbp.lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "config.toml")  # what --force archives

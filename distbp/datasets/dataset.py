@@ -11,10 +11,10 @@ from typing import NoReturn
 import h5py
 import numpy as np
 
-from . import bounded
-from .atomic import AtomicFile
-from .comm import node_shared_array
-from .errors import UserError
+from ..files import bounded
+from ..files.atomic import AtomicFile
+from ..parallel.comm import node_shared_array
+from ..errors import UserError
 
 FORMAT, VERSION = "dataset", 1
 TASKS = ("classification", "regression", "binary")
@@ -67,13 +67,13 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
     fmt = _attr(attrs, "distbp_format")
     if fmt is None:
         _fail(where, "no distbp_format attribute, so this is not a distbp dataset",
-              "write datasets with distbp.data.write_dataset or `distbp data convert`")
+              "write datasets with distbp.datasets.dataset.write_dataset or `distbp data convert`")
     if fmt == "checkpoint":
         _fail(where, "this is a distbp checkpoint, not a dataset",
               f"set {arg} to a dataset file; checkpoints go to --resume or `distbp eval`")
     if fmt != FORMAT:
         _fail(where, f"distbp_format={fmt!r}, expected {FORMAT!r}",
-              "write the file with distbp.data.write_dataset")
+              "write the file with distbp.datasets.dataset.write_dataset")
     version = _attr(attrs, "version")
     if version != VERSION:
         _fail(where, f"format version {version!r} is not supported (this distbp reads version {VERSION})",

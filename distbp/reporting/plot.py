@@ -5,9 +5,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
-from .atomic import AtomicFile
-from .safeio import check_output
+from ..errors import UserError
+from ..files.atomic import AtomicFile
+from ..files.safeio import check_output
 
 
 SCORES = ("val_accuracy", "val_r2")  # higher is better, at most 1

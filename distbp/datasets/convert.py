@@ -24,9 +24,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicFile
-from .data import FORMAT, MAX_CLASSES, TASKS, VERSION, Dataset, DataError
-from .safeio import check_output, check_space
+from ..files.atomic import AtomicFile
+from .dataset import FORMAT, MAX_CLASSES, TASKS, VERSION, Dataset, DataError
+from ..files.safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
 MASK_BLOCK = 1 << 16  # rows per block of the validation-split draw (fixed: the split depends on the seed only)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import faults
-from .convert import CsvTable
-from .data import DataError, first_bad, not_finite
-from .errors import agree, on_root
+from ..parallel import faults
+from ..datasets.convert import CsvTable
+from ..datasets.dataset import DataError, first_bad, not_finite
+from ..errors import agree, on_root
 from .evaluate import load_model
-from .safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
-from .sampler import shard
+from ..files.safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
+from ..parallel.sampler import shard
 
 FORMAT, VERSION = "predictions", 1
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt")

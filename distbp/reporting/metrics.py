@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .progress import Progress
 
-from .errors import UserError
+from ..errors import UserError
 
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer", "eval", "checkpoint")
 

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError, config_to_dict, config_to_json
-from .data import Dataset
+from ..files import checkpoint as ckpt
+from ..config import Config, ConfigError, config_to_dict, config_to_json
+from ..datasets.dataset import Dataset
 from .early_stop import EARLY_STOP_KEYS, EarlyStopping
-from .errors import UserError, agree, on_root
-from .nn import Sequential, make_loss, mlp_specs
-from .nn.losses import balanced_weights, loss_class
-from .normalize import Normalizer
-from .optim import make_optimizer
-from .sampler import shard
-from .zero import ShardedOptimizer, sharded
+from ..errors import UserError, agree, on_root
+from ..nn import Sequential, make_loss, mlp_specs
+from ..nn.losses import balanced_weights, loss_class
+from ..datasets.normalize import Normalizer
+from ..optim import make_optimizer
+from ..parallel.sampler import shard
+from ..parallel.zero import ShardedOptimizer, sharded
 
 
 @dataclass

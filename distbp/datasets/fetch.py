@@ -30,10 +30,10 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
+from .. import __version__
 from .convert import StratifiedMask, convert
-from .data import write_dataset
-from .errors import UserError
+from .dataset import write_dataset
+from ..errors import UserError
 
 MIRROR_ENV = "DISTBP_DATA_MIRROR"  # base URL of a local mirror laid out as MIRROR/NAME/FILE
 CHECKSUMS_ENV = "DISTBP_FETCH_CHECKSUMS"  # tests only: a file of "FILE SIZE SHA256" lines replacing the pins

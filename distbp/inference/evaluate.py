@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from . import faults
-from .config import config_from_dict
-from .data import Dataset, digits_path
-from .errors import agree, on_root
-from .nn.refs import no_imports
-from .normalize import Normalizer
-from .sampler import shard
-from .scores import RegressionSums, class_report, confusion
-from .state import build_loss, build_model, load_params
-from .watchdog import configure as configure_watchdog
+from ..files import checkpoint as ckpt
+from ..parallel import faults
+from ..config import config_from_dict
+from ..datasets.dataset import Dataset, digits_path
+from ..errors import agree, on_root
+from ..nn.refs import no_imports
+from ..datasets.normalize import Normalizer
+from ..parallel.sampler import shard
+from ..reporting.scores import RegressionSums, class_report, confusion
+from ..training.state import build_loss, build_model, load_params
+from ..parallel.watchdog import configure as configure_watchdog
 
 
 def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names: list[str] | None = None,

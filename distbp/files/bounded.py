@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import signal
 
-from .errors import UserError
+from ..errors import UserError
 
 BASE_SECONDS = 10.0  # plus one second per READ_BYTES_PER_SECOND of file
 READ_BYTES_PER_SECOND = 20e6

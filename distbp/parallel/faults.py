@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 ENV = "DISTBP_FAULT"
 KINDS = ("raise", "exit", "kill", "stop", "slow", "nan", "oom", "diskfull", "readonly", "fill")

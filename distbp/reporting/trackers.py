@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 
 from .atomic import AtomicFile
-from .errors import UserError
+from ..errors import UserError
 
 _MEMORY_FILES = itertools.count()  # names of HDF5 files in memory, unique in this process
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .sampler import shard
+from ..parallel.sampler import shard
 
 KINDS = ("none", "standard", "minmax")
 CHUNK_BYTES = 16 << 20  # rows read per pass are at most this many float64 bytes

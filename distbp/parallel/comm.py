@@ -12,7 +12,7 @@ import traceback
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from .errors import EXIT_USAGE, UserError
+from ..errors import EXIT_USAGE, UserError
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Launcher variables holding the number of processes it started, most specific first.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 TASK_METRICS = {"classification": ("val_loss", "val_accuracy"), "binary": ("val_loss", "val_accuracy"),
                 "regression": ("val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse")}

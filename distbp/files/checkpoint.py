@@ -14,9 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__, bounded
+from .. import __version__
+from . import bounded
 from .atomic import TMP_MARK, AtomicFile
-from .errors import UserError
+from ..errors import UserError
 from .safeio import hdf5_bytes, memory_hdf5, write_bytes
 
 FORMAT, VERSION = "checkpoint", 2

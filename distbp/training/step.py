@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from .determinism import GradTargets, TreeExchange, TreeStack, rank_blocks
-from .sampler import micro_shard_slice, num_shards, shard, shard_counts, shard_rows
+from ..parallel.determinism import GradTargets, TreeExchange, TreeStack, rank_blocks
+from ..parallel.sampler import micro_shard_slice, num_shards, shard, shard_counts, shard_rows
 
 
 def _field(i: int) -> property:

@@ -7,31 +7,31 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import checkpoint as ckpt
-from . import faults
-from . import rundir
-from . import slurm
+from .. import __version__
+from ..files import checkpoint as ckpt
+from ..parallel import faults
+from ..files import rundir
+from ..parallel import slurm
 from .clip import clip_by_norm, clip_by_value
-from . import trackers
-from .comm import set_thread_budget
-from .config import Config, config_to_dict, config_to_toml
-from .data import Dataset, digits_path
+from ..reporting import trackers
+from ..parallel.comm import set_thread_budget
+from ..config import Config, config_to_dict, config_to_toml
+from ..datasets.dataset import Dataset, digits_path
 from .early_stop import EarlyStopping
-from .errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
-from .evaluate import evaluate
-from .metrics import RunLog, StepTimer, format_summary
-from .normalize import fit as fit_normalizer
-from .progress import Progress
+from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
+from ..inference.evaluate import evaluate
+from ..reporting.metrics import RunLog, StepTimer, format_summary
+from ..datasets.normalize import fit as fit_normalizer
+from ..reporting.progress import Progress
 from .schedule import schedule_change, schedule_of, total_steps
-from .sampler import GlobalBatches
-from .scores import improved, monitored
+from ..parallel.sampler import GlobalBatches
+from ..reporting.scores import improved, monitored
 from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
     resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
-from .watchdog import configure as configure_watchdog
-from .watchdog import rank_table, watching
-from .zero import state_bytes
+from ..parallel.watchdog import configure as configure_watchdog
+from ..parallel.watchdog import rank_table, watching
+from ..parallel.zero import state_bytes
 
 
 def open_data(cfg: Config) -> tuple[Dataset, object, object]:
