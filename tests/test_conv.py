@@ -1,10 +1,11 @@
-"""Conv2D, MaxPool2D, Flatten: naive-loop references and finite-difference gradients."""
+"""Conv2D and Flatten (MaxPool2D in a conv stack): naive-loop references and finite-difference gradients."""
 
 import numpy as np
 import pytest
 
 from distbp.nn import conv
-from distbp.nn.conv import Conv2D, MaxPool2D
+from distbp.nn.conv import Conv2D
+from distbp.nn.pool import MaxPool2D
 from distbp.nn.reshape import Flatten
 from conftest import bind_random, check_grads, import_torch, numeric_grad, rel_err
 
@@ -22,18 +23,6 @@ def conv_naive(x, W, b, stride, padding):
             for i in range(Ho):
                 for j in range(Wo):
                     y[n, f, i, j] = np.sum(xp[n, :, i * sh : i * sh + kh, j * sw : j * sw + kw] * W[f]) + b[f]
-    return y
-
-
-def maxpool_naive(x, kernel, stride):
-    """Direct loop max pooling for reference."""
-    (kh, kw), (sh, sw) = kernel, stride
-    N, C, H, Wd = x.shape
-    Ho, Wo = (H - kh) // sh + 1, (Wd - kw) // sw + 1
-    y = np.zeros((N, C, Ho, Wo))
-    for i in range(Ho):
-        for j in range(Wo):
-            y[:, :, i, j] = x[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw].max(axis=(2, 3))
     return y
 
 
@@ -87,40 +76,6 @@ def test_conv2d_backward_adds_into_grads(conv_path):
     layer.backward(dy)
     for n in grads:
         np.testing.assert_allclose(grads[n], 2 * once[n])
-
-
-POOL_CASES = [  # spec, in_shape
-    ({"kernel": 2}, (3, 6, 5)),
-    ({"kernel": 3, "stride": 2}, (2, 7, 7)),
-    ({"kernel": [2, 3], "stride": [1, 2]}, (1, 4, 7)),
-]
-
-
-@pytest.mark.parametrize("spec,in_shape", POOL_CASES)
-def test_maxpool2d_forward_and_gradients(spec, in_shape):
-    rng = np.random.default_rng(3)
-    layer = MaxPool2D.build({"type": "maxpool2d", **spec}, in_shape, 0, 0)
-    assert layer.param_shapes() == []
-    x = rng.standard_normal((2, *in_shape))
-    y = layer.forward(x)
-    np.testing.assert_array_equal(y, maxpool_naive(x, (layer.kh, layer.kw), (layer.sh, layer.sw)))
-    assert y.shape[1:] == layer.out_shape
-    check_grads(layer, x, {}, {}, rng)
-
-
-def test_maxpool2d_routes_gradient_to_the_max_only():
-    layer = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, (1, 2, 2), 0, 0)
-    layer.forward(np.array([[[[1.0, 5.0], [3.0, 2.0]]]]))
-    dx = layer.backward(np.array([[[[7.0]]]]))
-    np.testing.assert_array_equal(dx, [[[[0.0, 7.0], [0.0, 0.0]]]])
-
-
-def test_maxpool2d_2x2_ties_go_to_the_first_in_row_order():
-    layer = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, (1, 2, 6), 0, 0)
-    x = np.array([[[[3.0, 3.0, 1.0, 4.0, 0.0, 2.0], [3.0, 3.0, 4.0, 2.0, 0.0, 2.0]]]])
-    np.testing.assert_array_equal(layer.forward(x), [[[[3.0, 4.0, 2.0]]]])
-    dx = layer.backward(np.array([[[[5.0, 6.0, 7.0]]]]))
-    np.testing.assert_array_equal(dx, [[[[5.0, 0.0, 0.0, 6.0, 0.0, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]]])
 
 
 def test_flatten_shapes_and_gradients():

@@ -1,12 +1,57 @@
-"""AvgPool2D and GlobalAvgPool: naive loops, finite differences, and torch on the same inputs."""
+"""MaxPool2D, AvgPool2D and GlobalAvgPool: naive loops, finite differences, and torch on the same inputs."""
 
 import numpy as np
 import pytest
 
 from distbp.nn import Sequential
-from distbp.nn.pool import AvgPool2D, GlobalAvgPool
-from conftest import import_torch, numeric_grad, rel_err
-from test_conv import check_grads
+from distbp.nn.pool import AvgPool2D, GlobalAvgPool, MaxPool2D
+from conftest import check_grads, import_torch, numeric_grad, rel_err
+
+
+def maxpool_naive(x, kernel, stride):
+    """Direct loop max pooling for reference."""
+    (kh, kw), (sh, sw) = kernel, stride
+    N, C, H, Wd = x.shape
+    Ho, Wo = (H - kh) // sh + 1, (Wd - kw) // sw + 1
+    y = np.zeros((N, C, Ho, Wo))
+    for i in range(Ho):
+        for j in range(Wo):
+            y[:, :, i, j] = x[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw].max(axis=(2, 3))
+    return y
+
+
+POOL_CASES = [  # spec, in_shape
+    ({"kernel": 2}, (3, 6, 5)),
+    ({"kernel": 3, "stride": 2}, (2, 7, 7)),
+    ({"kernel": [2, 3], "stride": [1, 2]}, (1, 4, 7)),
+]
+
+
+@pytest.mark.parametrize("spec,in_shape", POOL_CASES)
+def test_maxpool2d_forward_and_gradients(spec, in_shape):
+    rng = np.random.default_rng(3)
+    layer = MaxPool2D.build({"type": "maxpool2d", **spec}, in_shape, 0, 0)
+    assert layer.param_shapes() == []
+    x = rng.standard_normal((2, *in_shape))
+    y = layer.forward(x)
+    np.testing.assert_array_equal(y, maxpool_naive(x, (layer.kh, layer.kw), (layer.sh, layer.sw)))
+    assert y.shape[1:] == layer.out_shape
+    check_grads(layer, x, {}, {}, rng)
+
+
+def test_maxpool2d_routes_gradient_to_the_max_only():
+    layer = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, (1, 2, 2), 0, 0)
+    layer.forward(np.array([[[[1.0, 5.0], [3.0, 2.0]]]]))
+    dx = layer.backward(np.array([[[[7.0]]]]))
+    np.testing.assert_array_equal(dx, [[[[0.0, 7.0], [0.0, 0.0]]]])
+
+
+def test_maxpool2d_2x2_ties_go_to_the_first_in_row_order():
+    layer = MaxPool2D.build({"type": "maxpool2d", "kernel": 2}, (1, 2, 6), 0, 0)
+    x = np.array([[[[3.0, 3.0, 1.0, 4.0, 0.0, 2.0], [3.0, 3.0, 4.0, 2.0, 0.0, 2.0]]]])
+    np.testing.assert_array_equal(layer.forward(x), [[[[3.0, 4.0, 2.0]]]])
+    dx = layer.backward(np.array([[[[5.0, 6.0, 7.0]]]]))
+    np.testing.assert_array_equal(dx, [[[[5.0, 0.0, 0.0, 6.0, 0.0, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]]])
 
 
 def avgpool_naive(x, kernel, stride, padding):

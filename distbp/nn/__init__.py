@@ -4,7 +4,7 @@ Public: the names in ``__all__`` (docs/API.md); the submodules and other names a
 """
 
 from . import conv, init, layers, losses, norm, pool, reshape  # noqa: F401  (conv, norm, pool, reshape register)
-from .conv import Conv2D, MaxPool2D
+from .conv import Conv2D
 from .gradcheck import check_gradients
 from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, LeakyReLU, Linear,  # noqa: F401
                      ReLU, Sigmoid, Softplus, Tanh, WeightLayer, activation_names, check_spec, register,
@@ -12,7 +12,7 @@ from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, Lea
 from .losses import MSE, BCEWithLogits, Loss, SoftmaxCrossEntropy, make_loss, register_loss  # noqa: F401
 from .model import Sequential, mlp_specs  # noqa: F401
 from .norm import BatchNorm, LayerNorm
-from .pool import AvgPool2D, GlobalAvgPool
+from .pool import AvgPool2D, GlobalAvgPool, MaxPool2D
 from .reshape import Flatten, Reshape
 
 __all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "register", "check_spec", "spec_value",

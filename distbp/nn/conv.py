@@ -1,7 +1,7 @@
-"""Convolutional layers on NCHW arrays: Conv2D (implicit GEMM: BLAS on views, no im2col copy) and MaxPool2D.
+"""The convolutional layer on NCHW arrays: Conv2D (implicit GEMM: BLAS on views, no im2col copy).
 
 Shapes are NCHW, but the memory of a conv stack is N-innermost: Conv2D returns an
-NCHW-shaped view of its (F, Ho, Wo, N) result, MaxPool2D does the same, and the
+NCHW-shaped view of its (F, Ho, Wo, N) result, the pooling layers do the same, and the
 element-wise layers keep the memory order they get, until Flatten copies to
 (N, C*H*W). Conv2D pads its input into (H, C, W, N) order, where the kh*C input
 values one kernel column sees for a whole output row form a (kh*C, Wo*N) matrix
@@ -14,37 +14,10 @@ buffer, an im2col of one output row, and multiplied at once.
 
 import numpy as np
 
-from .layers import Layer, WeightLayer, check_spec, register
+from .layers import WeightLayer, check_spec, register
+from . import windows
 
 THIN_DEPTH = 64  # kh*C below this: one matmul per output row over a copied row of windows (see _row_windows)
-
-
-def _pair(spec: dict, index: int, key: str, default=None, low: int = 1) -> tuple[int, int]:
-    """Read spec[key] as an int or an [h, w] pair of ints >= low."""
-    value = spec.get(key, default)
-    pair = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
-        raise ValueError(f"layer {index} ({spec['type']}): {key}={value!r} must be an int >= {low} "
-                         f"or a pair [h, w] of them, e.g. {key} = {max(low, 2)}")
-    return pair
-
-
-def _out_hw(spec: dict, index: int, in_shape: tuple, kernel, stride, padding=(0, 0)) -> tuple[int, int]:
-    """Output (Ho, Wo) of (kh, kw) windows sliding with stride over the padded (H, W)."""
-    if len(in_shape) != 3:
-        raise ValueError(f"layer {index} ({spec['type']}) needs a (C, H, W) input but gets shape "
-                         f"{tuple(in_shape)}; use it before any flatten or linear layer")
-    out = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(in_shape[1:], kernel, stride, padding))
-    if min(out) < 1:
-        raise ValueError(f"layer {index} ({spec['type']}): kernel {list(kernel)} does not fit the "
-                         f"input {tuple(in_shape)} with padding {list(padding)}; "
-                         "use a smaller kernel or more padding")
-    return out
-
-
-def _offsets(kh, kw, sh, sw, Ho, Wo):
-    """For each window offset (i, j): the (rows, cols) slices of the input it reads for all outputs."""
-    return [(slice(i, i + sh * Ho, sh), slice(j, j + sw * Wo, sw)) for i in range(kh) for j in range(kw)]
 
 
 @register("conv2d")
@@ -71,9 +44,9 @@ class Conv2D(WeightLayer):
         F = spec.get("out_channels")
         if not isinstance(F, int) or isinstance(F, bool) or F < 1:
             raise ValueError(f"layer {index} (conv2d) needs a positive int 'out_channels', got {F!r}")
-        kernel, stride = _pair(spec, index, "kernel"), _pair(spec, index, "stride", 1)
-        padding = _pair(spec, index, "padding", 0, low=0)
-        out_hw = _out_hw(spec, index, in_shape, kernel, stride, padding)
+        kernel, stride = windows.pair(spec, index, "kernel"), windows.pair(spec, index, "stride", 1)
+        padding = windows.pair(spec, index, "padding", 0, low=0)
+        out_hw = windows.out_hw(spec, index, in_shape, kernel, stride, padding)
         return cls(in_shape, F, kernel, stride, padding, *cls.read_options(spec, index), out_hw)
 
     def forward(self, x):
@@ -194,79 +167,3 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
         if b is not None:
             y[:, r] += b[:, None]
     return y
-
-
-@register("maxpool2d")
-class MaxPool2D(Layer):
-    """Max over (kh, kw) windows (no padding, floor as torch); backward routes dy to each window's argmax."""
-
-    private_output = True
-    private_dx = True
-
-    def __init__(self, in_shape, kernel, stride, out_hw):
-        self.in_shape = tuple(in_shape)
-        (self.kh, self.kw), (self.sh, self.sw) = kernel, stride
-        self.Ho, self.Wo = out_hw
-        self.out_shape = (in_shape[0], self.Ho, self.Wo)
-        self.pairs = kernel == stride == (2, 2)  # the common case, with a faster path
-
-    @classmethod
-    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
-        """Build from {"type": "maxpool2d", "kernel": 2[, "stride": kernel]}, int or [h, w] each."""
-        check_spec(spec, index, ("kernel", "stride"))
-        kernel = _pair(spec, index, "kernel")
-        stride = _pair(spec, index, "stride", kernel)
-        return cls(in_shape, kernel, stride, _out_hw(spec, index, in_shape, kernel, stride))
-
-    def forward(self, x):
-        """y = max of each window (the first one on ties); keeps which window offset won."""
-        x = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N): no copy after a conv
-        if self.pairs:
-            return self._forward_pairs(x).transpose(3, 0, 1, 2)
-        offsets = _offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
-        y = x[:, offsets[0][0], offsets[0][1]].copy()  # (C, Ho, Wo, N)
-        argmax = np.zeros(y.shape, np.min_scalar_type(len(offsets) - 1))
-        for k, (rows, cols) in enumerate(offsets[1:], start=1):  # select, as masked writes are slow
-            v = x[:, rows, cols]
-            argmax = np.where(v > y, argmax.dtype.type(k), argmax)
-            np.maximum(y, v, out=y)
-        self.argmax = argmax
-        return y.transpose(3, 0, 1, 2)  # (N, C, Ho, Wo) view
-
-    def backward(self, dy):
-        """dx = dy added at each window's argmax."""
-        N, (C, H, W) = dy.shape[0], self.in_shape
-        dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0))  # (C, Ho, Wo, N)
-        if self.pairs:
-            return self._backward_pairs(dy).transpose(3, 0, 1, 2)
-        dx = np.zeros((C, H, W, N), dy.dtype)
-        for k, (rows, cols) in enumerate(_offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
-            dx[:, rows, cols] += dy * (self.argmax == k)
-        return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
-
-    def _quarters(self, x):
-        """The 2x2 windows' (top left, top right, bottom left, bottom right) values: (C, Ho, Wo, N) views of x."""
-        C, N = x.shape[0], x.shape[-1]
-        q = x[:, : 2 * self.Ho, : 2 * self.Wo].reshape(C, self.Ho, 2, self.Wo, 2, N)
-        return q[:, :, 0, :, 0], q[:, :, 0, :, 1], q[:, :, 1, :, 0], q[:, :, 1, :, 1]
-
-    def _forward_pairs(self, x):
-        """2x2 windows, stride 2, as a tournament: top pair, bottom pair, then the winners (ties: first)."""
-        a, b, c, d = self._quarters(x)
-        top, bottom = np.maximum(a, b), np.maximum(c, d)
-        self.b_wins, self.d_wins, self.top_wins = b > a, d > c, top >= bottom
-        return np.maximum(top, bottom, out=top)
-
-    def _backward_pairs(self, dy):
-        """Route dy down the tournament of _forward_pairs, writing each quarter of dx once."""
-        C, N, (H, W) = dy.shape[0], dy.shape[-1], self.in_shape[1:]
-        dx = np.empty((C, H, W, N), dy.dtype)
-        dx[:, 2 * self.Ho :] = 0  # rows and columns no window covers
-        dx[:, :, 2 * self.Wo :] = 0
-        a, b, c, d = self._quarters(dx)
-        top = dy * self.top_wins
-        bottom = np.subtract(dy, top, out=dy if self.overwrite_dy else None)
-        np.subtract(top, np.multiply(top, self.b_wins, out=b), out=a)
-        np.subtract(bottom, np.multiply(bottom, self.d_wins, out=d), out=c)
-        return dx
-
