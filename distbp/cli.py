@@ -238,7 +238,9 @@ def cmd_train(args, comm) -> int:
     from .files.rundir import default_path
     from .training.loop import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)
+    # keep_stop_handlers: a stop signal from the loop's start to the process's exit only sets a flag
+    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress,
+               keep_stop_handlers=True)
 
 
 def cmd_eval(args, comm) -> int:
@@ -438,23 +440,31 @@ def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
+    from .parallel import startup
+    # Before MPI is up nothing of MPI can watch the ranks: a watcher process keeps the deadline
+    # (the default stall timeout) until the stall watchdog is running.
+    timeout = startup.default_timeout(os.environ)
+    deadline = startup.Deadline(timeout)
+    from .parallel import faults
     from .parallel.comm import world
     from .parallel.guard import install_abort_on_error, run_guarded
-    from .config import TrainConfig
     from .parallel.watchdog import watching
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
     try:
+        faults.inject_at(startup.launcher_rank(os.environ), "startup")  # inert unless DISTBP_FAULT is set
         comm = world()
     except UserError as e:
         print(f"distbp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    deadline.phase(1)
     args = parse_args(argv, comm)
     install_abort_on_error(comm)
     # Every collective of every command is watched: a rank frozen anywhere ends the job with its
     # name (train.stall_timeout once the command knows the run's config, the default until then).
     # In data, ckpt and plot the other ranks wait while rank 0 works alone: a rank that answers is alive.
     strict = args.command in ("train", "eval", "predict")
-    with watching(comm, TrainConfig.stall_timeout, args.command, strict) as comm:
+    with watching(comm, timeout, args.command, strict) as comm:
+        deadline.disarm()
         code = run_guarded(dispatch, comm, args, comm)
         comm.barrier()  # no rank exits while another is frozen short of the end
     return code

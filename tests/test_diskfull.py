@@ -49,12 +49,12 @@ def test_full_disk_warns_then_fails_the_final_save_with_one_message(small_disk, 
     assert job.rc == 2, job.stderr  # not 1 (a traceback) nor 139 (a segfault)
     assert "Traceback" not in job.stderr + job.stdout
     warnings = re.findall(r"WARNING: a checkpoint could not be written \(\[Errno 28\] No space left on device\); "
-                          r"the previous one is intact, training continues", job.stdout)
+                          r"the previous checkpoint \(step-00000020.h5\) is intact, training continues", job.stdout)
     assert len(warnings) == 3, job.stdout  # the saves at steps 40, 60 and 80
     errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
     assert len(errors) == 1, job.stderr
     assert re.search(r"checkpoint \S+step-00000100.h5 could not be written \(\[Errno 28\] No space left on "
-                     r"device\); the previous checkpoint is intact", errors[0]), errors[0]
+                     r"device\); the previous checkpoint \(step-00000020.h5\) is intact", errors[0]), errors[0]
     for name in ("metrics.jsonl", "train.log"):  # logging went on without them, warning once each
         assert job.stderr.count(f"WARNING: cannot append to {run / name}") == 1, job.stderr
     assert job.stdout.count("eval step 100") == 1  # training continued to the end

@@ -45,23 +45,27 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-        progress: str = "auto") -> int:
+        progress: str = "auto", keep_stop_handlers: bool = False) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return run_summary(cfg, comm, run_dir, resume, force, progress)["exit_code"]
+    return run_summary(cfg, comm, run_dir, resume, force, progress, keep_stop_handlers)["exit_code"]
 
 
 def run_summary(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-                progress: str = "auto") -> dict:
-    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included)."""
+                progress: str = "auto", keep_stop_handlers: bool = False) -> dict:
+    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included).
+    keep_stop_handlers: a stop signal after the run only sets a flag until the process ends (the CLI)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
         trainer = Trainer(cfg, comm, run_dir, resume, force, progress)
+        stop = slurm.StopRequest()
         try:
-            trainer.train()
+            trainer.train(stop.install())
             return trainer.summary
         except BaseException:
             trainer.runlog.close()  # the trackers end their runs as failed
             raise
         finally:
+            if not keep_stop_handlers:
+                stop.restore()
             if trainer.lock:
                 trainer.lock.release()
 
@@ -149,10 +153,16 @@ class Trainer:
             return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap, self.opt.owned)
         return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned)
 
-    def train(self) -> int:
-        """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
+    def train(self, stop: slurm.StopRequest | None = None) -> int:
+        """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary. `stop`: the
+        installed stop-signal handlers, kept by the caller past the summary (else installed and restored here)."""
+        if stop is None:
+            stop = slurm.StopRequest().install()
+            try:
+                return self.train(stop)
+            finally:
+                stop.restore()
         cfg, pos, timer, s = self.cfg, self.pos, self.timer, self.scalars
-        stop = slurm.StopRequest().install()
         configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
         self.step = self.make_step()
@@ -194,9 +204,14 @@ class Trainer:
             raise
         finally:
             configure_watchdog(self.comm, step_of=lambda: -1)
-            stop.restore()
+        # the stop handlers are still in place: a signal now (a SLURM time limit arriving at the end)
+        # only sets the flag, so the final checkpoint is completed, never left as a temp file
         faults.inject_at(self.comm.rank, "final")
         agree(self.comm, self.save, final=True)
+        if stop.requested and exit_code == EXIT_OK:
+            self.log(f"stop signal received after the last step: the final checkpoint at step {pos.step} "
+                     f"is written and the run is complete, exit {EXIT_OK}")
+        faults.inject_at(self.comm.rank, "summary")
         return self.finish(exit_code)
 
     def forward_backward(self) -> tuple[float, int, int]:
