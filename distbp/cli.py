@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distbp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     deadline.phase(1)
+    faults.inject_at(comm.rank, "mpi")
     args = parse_args(argv, comm)
     install_abort_on_error(comm)
     # Every collective of every command is watched: a rank frozen anywhere ends the job with its
@@ -465,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     strict = args.command in ("train", "eval", "predict")
     with watching(comm, timeout, args.command, strict) as comm:
         deadline.disarm()
+        faults.inject_at(comm.rank, "command")
         code = run_guarded(dispatch, comm, args, comm)
         comm.barrier()  # no rank exits while another is frozen short of the end
     return code
