@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 from pathlib import Path
 
 import h5py
@@ -41,6 +42,9 @@ def check_output(out, inputs, force: bool) -> Path:
         why = os.strerror(errno.ENOTDIR if out.parent.exists() else errno.ENOENT)
         raise OutputError(f"output {out}: its folder {out.parent} cannot be used ({why}); HINT: create the "
                           "folder first, or choose a writable output path")
+    if os.path.exists(out) and not stat.S_ISREG(os.stat(out).st_mode):
+        raise OutputError(f"output {out} exists and is not a regular file (a FIFO, device or socket), which "
+                          "distbp never replaces, even with --force; HINT: choose a file name for the output")
     if os.path.lexists(out) and not force:
         raise OutputError(f"output {out} exists; HINT: add --force to replace it, or choose another name")
     return out

@@ -45,17 +45,18 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-        progress: str = "auto", keep_stop_handlers: bool = False) -> int:
+        progress: str = "auto", keep_stop_handlers: bool = False, config_file: str | None = None) -> int:
     """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return run_summary(cfg, comm, run_dir, resume, force, progress, keep_stop_handlers)["exit_code"]
+    return run_summary(cfg, comm, run_dir, resume, force, progress, keep_stop_handlers, config_file)["exit_code"]
 
 
 def run_summary(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-                progress: str = "auto", keep_stop_handlers: bool = False) -> dict:
+                progress: str = "auto", keep_stop_handlers: bool = False, config_file: str | None = None) -> dict:
     """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included).
-    keep_stop_handlers: a stop signal after the run only sets a flag until the process ends (the CLI)."""
+    keep_stop_handlers: a stop signal after the run only sets a flag until the process ends (the CLI);
+    config_file: the TOML file cfg was read from (never overwritten)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
-        trainer = Trainer(cfg, comm, run_dir, resume, force, progress)
+        trainer = Trainer(cfg, comm, run_dir, resume, force, progress, config_file)
         stop = slurm.StopRequest()
         try:
             trainer.train(stop.install())
@@ -74,7 +75,7 @@ class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
     def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
-                 progress: str = "auto"):
+                 progress: str = "auto", config_file: str | None = None):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -92,7 +93,8 @@ class Trainer:
         on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
-        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
+        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm,
+                                 config_file=config_file)
         agree(comm, rundir.check_seen, run_dir)
         self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self._progress(progress))
         self.log = self.runlog.info
