@@ -35,6 +35,21 @@ class ConfigError(UserError):
 _INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")  # "[0, 1)", "(0, inf)"
 
 
+class KeysOnly:
+    """A config (section) whose attributes are its keys only: setting another (a typo such as
+    c.train.epoch = 5) raises instead of being silently ignored."""
+
+    def __setattr__(self, name: str, value):
+        known = [f.name for f in dataclasses.fields(self)]
+        if name not in known:
+            section = next((n for n, c in SECTIONS.items() if c is type(self)), None)
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(f"unknown config key {f'{section}.{name}' if section else name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; known keys here: {', '.join(sorted(known))}")
+        object.__setattr__(self, name, value)
+
+
 def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tuple] = (),
         optimizer: bool = False, schedule: bool = False):
     """Declare a config key: default, doc, allowed range ("[0, 1)", "[1, inf)") or choices.
@@ -51,7 +66,7 @@ def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tu
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(KeysOnly):
     """The network: an MLP from `hidden` widths, or explicit `layers` specs."""
     hidden: list[int] = key([128], "hidden layer widths of the MLP", within="[1, inf)")
     activation: str = key("relu", "activation between layers", choices=activation_names)
@@ -61,7 +76,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(KeysOnly):
     """Where the data is and how it is held in memory."""
     path: str = key("", "dataset HDF5 file; empty = the digits dataset shipped with distbp")
     train_split: str = key("train", "split trained on")
@@ -76,7 +91,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(KeysOnly):
     """The loop: epochs, global batch, seed, precision, logging and safety."""
     epochs: int = key(30, "passes over the training split", within="[1, inf)")
     max_steps: int = key(-1, "stop after exactly this many optimizer steps (-1 = no limit)", within="[-1, inf)")
@@ -109,7 +124,7 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(KeysOnly):
     """The optimizer and its learning-rate schedule (PyTorch's names, equations and defaults)."""
     name: str = key("sgd", "optimizer", choices=lambda: tuple(_optim().OPTIMIZERS))
     lr: float = key(0.05, "peak learning rate", within="(0, inf)")
@@ -156,7 +171,7 @@ class OptimConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(KeysOnly):
     """The loss: the dataset task's own (with the options of the classification loss, softmax cross-entropy,
     as torch.nn.CrossEntropyLoss), or one of your own."""
     name: str = key("", "empty = the dataset task's (classification cross_entropy, regression mse, binary bce); "
@@ -168,7 +183,7 @@ class LossConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(KeysOnly):
     """When checkpoints are written and how many are kept."""
     every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
     every_seconds: float = key(0.0, "write a checkpoint every N seconds (0 = off)", within="[0, inf)")
@@ -178,7 +193,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(KeysOnly):
     """Experiment trackers fed from the records of metrics.jsonl (rank 0)."""
     tensorboard: bool = key(False, "write TensorBoard event files into the run dir (pip install "
                                    "'distbp[tensorboard]')")
@@ -187,7 +202,7 @@ class LogConfig:
 
 
 @dataclass(init=False)
-class Config:
+class Config(KeysOnly):
     """The whole resolved configuration of a run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -134,15 +134,36 @@ def _has_source(path: Path, file_name: str, dset_name: str) -> bool:
 
 
 def _check_virtual(path: Path, split: str, key: str, d: h5py.Dataset):
-    """Fail if a virtual dataset maps rows to a missing source, which HDF5 would read as fill values."""
+    """Fail if a virtual dataset maps rows to a missing source, or leaves rows unmapped: HDF5 would read
+    those rows as fill values."""
     if not d.is_virtual:
         return
-    for source in d.virtual_sources():
+    sources = d.virtual_sources()
+    for source in sources:
         if not _has_source(path, source.file_name, source.dset_name):
             _fail(_where(path, split, key), f"a virtual dataset whose source {source.file_name}:"
                   f"{source.dset_name} is missing, so its rows would read as fill values (zeros)",
                   "put the source file back where the virtual dataset points (or set HDF5_VDS_PREFIX), "
                   "or write the rows into the dataset file itself")
+    if (row := _first_unmapped(d.shape, [s.vspace for s in sources])) is not None:
+        _fail(_where(path, split, key), f"a virtual dataset that maps no source to row {row} (of {d.shape[0]}), "
+              "so those rows would read as fill values (zeros)",
+              "map every row to a source in the virtual layout, or write the rows into the dataset file itself")
+
+
+def _first_unmapped(shape: tuple, vspaces) -> int | None:
+    """The first row of a virtual dataset of this shape that its mappings' selections (vspaces) leave out."""
+    per_row = math.prod(shape[1:])
+    covered = np.zeros(shape[0], bool)
+    for space in vspaces:
+        lo, hi = space.get_select_bounds()  # the selection's bounding box, inclusive
+        box = math.prod(h - l + 1 for l, h in zip(lo, hi))
+        if space.get_select_npoints() == box and box == (hi[0] - lo[0] + 1) * per_row:  # whole rows lo..hi
+            covered[lo[0]:hi[0] + 1] = True
+        elif space.get_select_npoints() == math.prod(shape):  # everything, in any pattern
+            covered[:] = True
+    missing = np.flatnonzero(~covered)
+    return int(missing[0]) if missing.size else None
 
 
 def _check_same_shapes(path, arrays: dict):
