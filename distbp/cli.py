@@ -185,7 +185,7 @@ examples:
 
 def add_fetch_parser(dsub):
     """distbp data fetch's arguments."""
-    from .datasets.fetch import CATALOG, MIRROR_ENV
+    from .datasets.fetch import CATALOG, MAX_TIME_S, MIRROR_ENV
     df = dsub.add_parser("fetch", help="download, verify and convert a public dataset (mnist, cifar10, ...)",
                          description="Download a public dataset (resuming partial downloads, with retries), "
                          "verify every file's SHA-256, and convert it to DIR/NAME.h5.",
@@ -198,6 +198,9 @@ def add_fetch_parser(dsub):
                     "hand) instead of downloading them")
     df.add_argument("--timeout", type=float, default=30.0,
                     help="seconds without data before a download attempt gives up (default: %(default)s)")
+    df.add_argument("--max-time", type=float, default=MAX_TIME_S, metavar="SECONDS",
+                    help="seconds all the downloads may take together, however the server trickles "
+                    "(default: %(default)s)")
     df.add_argument("--retries", type=int, default=5,
                     help="download attempts per file, resuming, with backoff 1, 2, 4, ... s (default: %(default)s)")
 
@@ -288,7 +291,7 @@ def cmd_data(args, comm) -> int:
     if args.data_command == "fetch":
         from .datasets.fetch import fetch
         out = fetch(args.name, args.dir, mirror=args.mirror, source=args.source, timeout=args.timeout,
-                    retries=args.retries)
+                    retries=args.retries, max_time=args.max_time)
         with data.Dataset(out) as ds:
             print("\n".join(ds.describe()))
         return 0
