@@ -22,7 +22,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
                                     m.activation, m.dropout)
     try:
-        model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
+        model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed,
+                           rows=cfg.train.batch_size)
     except ValueError as e:
         key = "model.layers" if m.layers else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None

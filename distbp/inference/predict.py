@@ -43,8 +43,8 @@ class NpyRows:
     def __init__(self, path: str, input_shape: tuple, x_scale: float | None):
         try:
             self.x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"input {path}: not a readable .npy array ({e}); HINT: save it with "
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise DataError(f"input {path}: not a readable .npy array ({type(e).__name__}: {e}); HINT: save it with "
                             "numpy.save(path, x)") from None
         if self.x.dtype.kind not in "fiu":
             raise DataError(f"input {path}: dtype {self.x.dtype} is not a real number type; HINT: give float32, "
