@@ -301,6 +301,8 @@ def cmd_data(args, comm) -> int:
             shutil.copyfile(data.digits_path(), out.tmp)
             out.commit(durable=True)
     elif args.data_command == "synthetic":
+        from .datasets.convert import check_draw_options
+        check_draw_options(args.val_fraction, args.seed)
         x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
         n_val = int(round(args.rows * args.val_fraction))
         data.write_dataset(args.out, {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val])},
@@ -329,17 +331,26 @@ def cmd_ckpt(args, comm) -> int:
     if args.ckpt_command == "inspect":
         print("\n".join(ckpt.describe(ck)))
     else:
-        import numpy as np
         out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [path], args.force)
         try:
             with AtomicFile(out) as target:
-                with open(target.tmp, "wb") as f:
-                    np.savez(f, **ck.params)
+                save_npz(target.tmp, ck.params)
                 target.commit(durable=True)
         except OSError as e:
             raise UserError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact") from None
         print(f"wrote {len(ck.params)} arrays to {out}")
     return 0
+
+
+def save_npz(path, arrays: dict):
+    """arrays as an .npz file numpy.load reads, one member per name (any name: np.savez's own argument
+    names, such as 'file', cannot be keys of its **kwds)."""
+    import zipfile
+    import numpy as np
+    with zipfile.ZipFile(path, "w") as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
 def cmd_plot(args, comm) -> int:

@@ -96,7 +96,7 @@ class TrainConfig(KeysOnly):
     epochs: int = key(30, "passes over the training split", within="[1, inf)")
     max_steps: int = key(-1, "stop after exactly this many optimizer steps (-1 = no limit)", within="[-1, inf)")
     batch_size: int = key(64, "GLOBAL batch size, split over the ranks", within="[1, inf)")
-    seed: int = key(0, "seed of initialisation, data order and dropout")
+    seed: int = key(0, "seed of initialisation, data order and dropout", within="[0, inf)")
     dtype: str = key("float32", "precision of parameters and compute", choices=("float32", "float64"))
     drop_last: bool = key(True, "drop the last partial batch of each epoch")
     eval_every: int = key(0, "also evaluate every N steps (0 = end of epoch only)", within="[0, inf)")
@@ -265,6 +265,8 @@ def _check_type(key: str, value, tp):
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{key}={value!r} holds a NUL character, which no path or name can hold; HINT: remove it")
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
@@ -411,6 +413,16 @@ def _read_toml(source: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+    except (RecursionError, ValueError) as e:  # arrays nested thousands deep; an integer of over 4300 digits
+        raise ConfigError(f"config file {source}: {_unparsable(e)}") from None
+
+
+def _unparsable(e: Exception) -> str:
+    """Why valid-looking TOML could not be read: nesting too deep, or an integer too long."""
+    if isinstance(e, RecursionError):
+        return "a value nested too deeply to read (arrays or tables inside each other); HINT: no config key " \
+               "nests more than a list of tables"
+    return f"a value Python cannot read ({e}); HINT: integers of a config have at most a few digits"
 
 
 def parse_override(item: str) -> tuple[str, str, object]:
@@ -423,6 +435,8 @@ def parse_override(item: str) -> tuple[str, str, object]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except (RecursionError, ValueError) as e:
+        raise ConfigError(f"--set {dotted.strip()}=...: {_unparsable(e)}") from None
     return section, key, value
 
 

@@ -561,6 +561,14 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar
             bar.update(len(x))
 
 
+def check_draw_options(val_fraction: float | None, seed: int):
+    """Raise unless --val-fraction is a number in [0, 1) (or unset) and --seed a non-negative integer."""
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise ConvertError(f"--val-fraction {val_fraction} must be in [0, 1); HINT: e.g. 0.1, or 0 for no val split")
+    if seed < 0:
+        raise ConvertError(f"--seed {seed} must be 0 or more (it seeds numpy's generator); HINT: e.g. --seed 1")
+
+
 def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
@@ -578,6 +586,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
         raise ConvertError(f"--stratify needs class labels, not --task {task}; HINT: drop --stratify")
     if skip_rows < 0:
         raise ConvertError(f"--skip-rows {skip_rows} must be 0 or more")
+    check_draw_options(val_fraction, seed)
+    if delimiter is not None and len(delimiter) != 1:
+        raise ConvertError(f"--delimiter {delimiter!r} must be one character; HINT: e.g. --delimiter ';', or "
+                           "--delimiter $'\\t' for tabs, or leave it out to detect it")
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key,
               skip_rows=skip_rows)
     tables = open_inputs(inputs, **kw)

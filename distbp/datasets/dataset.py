@@ -22,6 +22,7 @@ X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
 SPLIT_ORDER = ("train", "val", "test")
 DEFAULT_MEMORY_BYTES = 2 << 30  # per node, as data.memory_mb's default
 BLOCK_BYTES = 64 << 20  # value checks read at most this much at a time
+SYNTHETIC_MAX_BYTES = 4 << 30  # data synthetic builds its rows in memory
 MAX_CLASSES = 1_000_000  # num_classes above this is damage or a mistake, refused before any allocation
 DAMAGED = "the file is damaged: re-create or re-copy it"
 
@@ -516,6 +517,13 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
 
 def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A learnable classification problem: Gaussian inputs labelled by a random teacher MLP."""
+    if not (rows >= 2 and features >= 1 and 2 <= classes <= MAX_CLASSES):
+        raise DataError(f"--rows {rows}, --features {features}, --classes {classes}: give at least 2 rows, 1 feature "
+                        f"and 2 to {MAX_CLASSES:,} classes")
+    if rows * (features + classes) * 4 > SYNTHETIC_MAX_BYTES:
+        raise DataError(f"--rows {rows} x --features {features} (and --classes {classes}) need about "
+                        f"{rows * (features + classes) * 4 / 2**30:,.1f} GiB in memory, more than "
+                        f"{SYNTHETIC_MAX_BYTES / 2**30:g} GiB; HINT: fewer rows or features")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, features), dtype=np.float32)  # (N, D)
     W1 = rng.standard_normal((features, 32), dtype=np.float32) / np.float32(np.sqrt(features))
