@@ -13,7 +13,7 @@ from . import __version__
 from .files.atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
 from .reporting.progress import MODES
-from .files.safeio import check_output
+from .files.safeio import check_output, unwritable
 
 EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
 is in docs/CONFIG.md):
@@ -297,9 +297,12 @@ def cmd_data(args, comm) -> int:
         return 0
     check_output(args.out, [], args.force)
     if args.data_command == "digits":
-        with AtomicFile(args.out) as out:
-            shutil.copyfile(data.digits_path(), out.tmp)
-            out.commit(durable=True)
+        try:
+            with AtomicFile(args.out) as out:
+                shutil.copyfile(data.digits_path(), out.tmp)
+                out.commit(durable=True)
+        except OSError as e:
+            raise unwritable(args.out, e) from None
     elif args.data_command == "synthetic":
         from .datasets.convert import check_draw_options
         check_draw_options(args.val_fraction, args.seed)
@@ -337,7 +340,7 @@ def cmd_ckpt(args, comm) -> int:
                 save_npz(target.tmp, ck.params)
                 target.commit(durable=True)
         except OSError as e:
-            raise UserError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact") from None
+            raise unwritable(out, e) from None
         print(f"wrote {len(ck.params)} arrays to {out}")
     return 0
 

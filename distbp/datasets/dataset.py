@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from ..files import bounded
-from ..files.atomic import AtomicFile
+from ..files.safeio import hdf5_bytes, memory_hdf5, unwritable, write_bytes
 from ..parallel.comm import node_shared_array
 from ..errors import UserError
 
@@ -504,15 +504,19 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
         _check_shapes(path, name, x, y, task, x_scale)
         _check_values(path, name, x, y, task, num_classes)
     _check_same_shapes(path, arrays)
-    with AtomicFile(path) as out:
-        with h5py.File(out.tmp, "w", track_order=True) as f:
-            f.attrs.update(header)
-            for name, (x, y) in arrays.items():
-                group = f.create_group(name)
-                # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
-                group.create_dataset("x", data=x, track_times=False)
-                group.create_dataset("y", data=y, track_times=False)
-        return out.commit()
+    # built in memory, then written by plain os.write calls: a full or read-only disk is an OSError
+    # naming the output (HDF5's own writes on a full disk name the temp file, or crash)
+    f = memory_hdf5(track_order=True)
+    f.attrs.update(header)
+    for name, (x, y) in arrays.items():
+        group = f.create_group(name)
+        # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
+        group.create_dataset("x", data=x, track_times=False)
+        group.create_dataset("y", data=y, track_times=False)
+    try:
+        return write_bytes(path, hdf5_bytes(f))
+    except OSError as e:
+        raise unwritable(path, e) from None
 
 
 def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

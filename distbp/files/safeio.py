@@ -50,6 +50,16 @@ def check_output(out, inputs, force: bool) -> Path:
     return out
 
 
+def unwritable(out, e: OSError) -> OutputError:
+    """The error for an output that could not be written (a full or read-only disk): names the output, not
+    the temporary file the writing went to."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    hint = ("free space on its file system (or raise the quota), or write it elsewhere" if full
+            else "its folder is not writable (a read-only file system, or no permission): choose an output in a "
+                 "writable folder")
+    return OutputError(f"cannot write {out} ({e.strerror or e}); the old file, if any, is intact; HINT: {hint}")
+
+
 def check_space(out: Path, nbytes: int):
     """Raise unless out's file system has room for about nbytes more (for outputs too large to build in memory)."""
     try:
@@ -81,9 +91,11 @@ def write_bytes(path, data: bytes) -> Path:
 # are built in memory and reach the disk through write_bytes' plain os.write, whose ENOSPC
 # is an ordinary OSError.
 
-def memory_hdf5() -> h5py.File:
-    """A new, empty HDF5 file held in memory only (h5py's core driver without a backing store)."""
-    return h5py.File(f"distbp-memory-{os.getpid()}-{next(_MEMORY_FILES)}", "w", driver="core", backing_store=False)
+def memory_hdf5(**options) -> h5py.File:
+    """A new, empty HDF5 file held in memory only (h5py's core driver without a backing store); options go to
+    h5py.File (track_order=True, ...)."""
+    return h5py.File(f"distbp-memory-{os.getpid()}-{next(_MEMORY_FILES)}", "w", driver="core", backing_store=False,
+                     **options)
 
 
 def hdf5_bytes(f: h5py.File) -> bytes:

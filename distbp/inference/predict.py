@@ -29,7 +29,7 @@ from ..datasets.convert import CsvTable
 from ..datasets.dataset import DataError, not_finite
 from ..errors import agree, on_root
 from .evaluate import load_model
-from ..files.safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
+from ..files.safeio import check_output, hdf5_bytes, memory_hdf5, unwritable, write_bytes
 from ..parallel.sampler import shard
 
 FORMAT, VERSION = "predictions", 1
@@ -158,8 +158,7 @@ class Writer:
         try:
             return write_bytes(out, csv_bytes(self.f) if str(out).lower().endswith(".csv") else hdf5_bytes(self.f))
         except OSError as e:
-            raise DataError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact; "
-                            "HINT: free space or choose another OUT") from None
+            raise unwritable(out, e) from None
 
 
 def csv_bytes(f) -> bytes:
