@@ -488,7 +488,8 @@ def _class_counts(tables: dict, task_given: bool) -> dict:
                                    f"{int(y.max()) + 1} classes; HINT: pass --task regression for numeric "
                                    "targets, or --task classification if they really are classes")
             if len(y) and y.max() >= MAX_CLASSES:  # before np.bincount allocates a count per label value
-                raise _too_many_classes(int(y.max()) + 1, int(y.max()), t.where)
+                raise _too_many_classes(int(y.max()) + 1, int(y.max()), t.y.where if isinstance(t, ArrayPair)
+                                        else t.where)
             block = np.bincount(y)
             total = np.pad(total, (0, max(0, len(block) - len(total))))
             total[:len(block)] += block

@@ -63,6 +63,12 @@ def build_loss(cfg: Config, data: Dataset, comm):
         agree(comm, require, len(weights) == data.num_classes and any(weights),
               f"loss.class_weights has {len(weights)} weights (sum {sum(weights):g}) but {data.path} has "
               f"{data.num_classes} classes: give one weight per class, not all 0")
+        rows = cfg.train.batch_size * cfg.train.accumulate_steps  # a batch's weights are summed in train.dtype
+        limit = float(np.finfo(cfg.train.dtype).max) / rows
+        agree(comm, require, max(weights) <= limit,
+              f"loss.class_weights holds {max(weights):g}, beyond what {cfg.train.dtype} can sum over a batch of "
+              f"{rows} rows (at most {limit:.3g} each); HINT: class weights are relative, so scale them all down, "
+              "e.g. divide them by the largest")
     return make_loss("classification", label_smoothing=lc.label_smoothing, class_weights=weights)
 
 
