@@ -148,6 +148,17 @@ def test_disk_full_while_saving_warns_then_fails_the_final_save(tmp_path):
     assert_intact(folder, 2, 4)  # step 4's may still be sealing in the background when the fault strikes
 
 
+def test_a_failed_final_save_says_when_no_earlier_checkpoint_exists(tmp_path):
+    # checkpoint.every_steps = 0 (the default): the final checkpoint is the first; from step 1 no file may grow
+    job = Job(0, ["train", "--run-dir", str(tmp_path / "run"), "--set", "model.hidden=[512, 512]", "--set",
+                  "train.max_steps=3"], "rank=0,step=1,kind=diskfull")
+    assert job.rc == 2, job.stderr
+    assert re.search(r"distbp: error: checkpoint \S+step-00000003.h5 could not be written .*File too large.*; "
+                     r"no earlier checkpoint exists \(checkpoint.every_steps=0 saves only at the end\); HINT: ",
+                     job.stderr), job.stderr
+    assert "is intact" not in job.stderr
+
+
 def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_path):
     if os.geteuid() == 0:  # root ignores file modes: from step 5 rank 0 acts as an unprivileged uid
         job, folder = run_with_checkpoints(tmp_path, 2, "rank=0,step=5,kind=readonly")
