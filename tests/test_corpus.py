@@ -344,7 +344,10 @@ def test_corpus(base, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["data output a directory", "output under a file", "metrics.jsonl a directory",
-                                  "checkpoint step negative"])
+                                  "checkpoint step negative", "predict CSV with NaN",
+                                  "predict .npy overflowing after normalization",
+                                  "virtual dataset mapping part of its rows", "model too large for memory",
+                                  "checkpoint config of a model too large for memory"])
 def test_corpus_under_mpirun_prints_once(base, tmp_path, case):
     make, code, fragments = CORPUS[case]
     proc, wall = distbp(make(tmp_path, base), tmp_path, ranks=2)
