@@ -243,7 +243,7 @@ def cmd_train(args, comm) -> int:
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     # keep_stop_handlers: a stop signal from the loop's start to the process's exit only sets a flag
     return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress,
-               keep_stop_handlers=True, config_file=args.config)
+               keep_stop_handlers=True, config_file=args.config)["exit_code"]
 
 
 def cmd_eval(args, comm) -> int:
