@@ -108,8 +108,9 @@ class TrainConfig(KeysOnly):
                                       "models of 1M parameters or more, where it was measured to win")
     check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
                            within="[0, inf)")
-    stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off)",
-                               within="[0, inf)")
+    stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off); "
+                                      "until a command has read its config, and before MPI is up, the bound is "
+                                      "$DISTBP_STALL_TIMEOUT (default 300)", within="[0, inf)")
     best_metric: str = key("auto", "the metric that makes a checkpoint or epoch the best: auto = "
                                    "val_accuracy (max) for classification and binary, val_loss (min) for "
                                    "regression", choices=BEST_CHOICES)

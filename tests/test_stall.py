@@ -53,7 +53,7 @@ COMMANDS = {"train": lambda tmp, ck, data: ["train", *FAST, "--set", "train.max_
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("command,point", [("train", "setup"), ("train", "eval"), ("train", "final"),
+@pytest.mark.parametrize("command,point", [("train", "setup"), ("train", "eval"), ("train", "final"), ("train", "summary"),
                                            ("eval", "setup"), ("eval", "eval"),
                                            ("predict", "setup"), ("predict", "predict")])
 def test_frozen_rank_anywhere_ends_the_job_naming_it(tmp_path, trained, command, point):
