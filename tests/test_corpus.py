@@ -195,7 +195,7 @@ CORPUS = {
                                         ["altered.h5", "optimizer attribute t='x'"]),
     "checkpoint config of a model too large for memory": (
         lambda t, b: ["eval", crafted(t, b, config=huge_config(b))], 2,
-        ["model.hidden", "2,000,000,003 parameters", "stored config of", "more than the", "GiB of memory available", "HINT"]),
+        ["model.hidden", "2,000,000,003 parameters", "stored config of", "GiB of memory available", "HINT"]),
     "convert delimiter of two characters": (lambda t, b: ["data", "convert", csv_file(t), str(t / "o.h5"),
                                                           "--delimiter", ",;"], 2,
                                             ["--delimiter ',;' must be one character"]),

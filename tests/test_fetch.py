@@ -430,7 +430,8 @@ def test_a_trickling_server_meets_the_total_deadline(tmp_path, server):
     print(f"\n[trickle] gave up after {took:.1f} s")
 
 
-@pytest.mark.parametrize("args, fragment", [(["--timeout", "nan"], "--timeout nan"), (["--timeout", "inf"], "--timeout inf"),
+@pytest.mark.parametrize("args, fragment", [(["--timeout", "nan"], "--timeout nan"),
+                                            (["--timeout", "inf"], "--timeout inf"),
                                             (["--max-time", "0"], "--max-time 0"),
                                             (["--mirror", "http://[::1/x"], "is not a valid URL"),
                                             (["--mirror", "http://"], "is not an http:// or https:// URL")])

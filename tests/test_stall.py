@@ -53,7 +53,8 @@ COMMANDS = {"train": lambda tmp, ck, data: ["train", *FAST, "--set", "train.max_
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("command,point", [("train", "setup"), ("train", "eval"), ("train", "final"), ("train", "summary"),
+@pytest.mark.parametrize("command,point", [("train", "setup"), ("train", "eval"), ("train", "final"),
+                                           ("train", "summary"),
                                            ("eval", "setup"), ("eval", "eval"),
                                            ("predict", "setup"), ("predict", "predict")])
 def test_frozen_rank_anywhere_ends_the_job_naming_it(tmp_path, trained, command, point):
@@ -151,7 +152,8 @@ def frozen_at(tmp_path, trained, command: str, point: str):
     job = run_distbp(args, 2, env={faults.ENV: f"rank=1,at={point},kind=stop", startup.TIMEOUT_ENV: str(STARTUP)},
                      on_stderr_line=lambda line: stamp.append(time.monotonic()) if "fault injection" in line else 0)
     to_exit = time.monotonic() - stamp[0]
-    print(f"\n[{command} at={point}] rc={job.returncode} wall={time.monotonic() - start:.1f}s fault->exit={to_exit:.1f}s")
+    print(f"\n[{command} at={point}] rc={job.returncode} wall={time.monotonic() - start:.1f}s "
+          f"fault->exit={to_exit:.1f}s")
     return job, to_exit
 
 
