@@ -13,7 +13,7 @@ from . import __version__
 from .files.atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
 from .reporting.progress import MODES
-from .files.safeio import check_output, unwritable
+from .files.safeio import check_output, save_npz, unwritable
 
 EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
 is in docs/CONFIG.md):
@@ -343,17 +343,6 @@ def cmd_ckpt(args, comm) -> int:
             raise unwritable(out, e) from None
         print(f"wrote {len(ck.params)} arrays to {out}")
     return 0
-
-
-def save_npz(path, arrays: dict):
-    """arrays as an .npz file numpy.load reads, one member per name (any name: np.savez's own argument
-    names, such as 'file', cannot be keys of its **kwds)."""
-    import zipfile
-    import numpy as np
-    with zipfile.ZipFile(path, "w") as z:
-        for name, a in arrays.items():
-            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
 def cmd_plot(args, comm) -> int:

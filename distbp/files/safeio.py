@@ -5,9 +5,11 @@ import errno
 import itertools
 import os
 import stat
+import zipfile
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from .atomic import AtomicFile
 from ..errors import UserError
@@ -84,6 +86,15 @@ def write_bytes(path, data: bytes) -> Path:
         finally:
             os.close(fd)
         return out.commit(durable=True)
+
+
+def save_npz(path, arrays: dict):
+    """arrays as an .npz file numpy.load reads, one member per name (any name: np.savez's own argument
+    names, such as 'file', cannot be keys of its **kwds)."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
 # On a real full disk HDF5's own failing writes raised while objects were released and then
