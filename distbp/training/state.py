@@ -187,6 +187,9 @@ def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: 
 
 def previous_checkpoint(path: Path) -> str:
     """'the previous checkpoint (NAME) is intact', or that there is none, for a failed save at path."""
-    earlier = [p for p in ckpt.list_checkpoints(path.parent) if p != path]
+    try:
+        earlier = [p for p in ckpt.list_checkpoints(path.parent) if p != path]
+    except OSError:  # the folder itself can no longer be read (the permission that failed the save)
+        return "the previous checkpoint, if any, is intact"
     return (f"the previous checkpoint ({earlier[-1].name}) is intact" if earlier
             else "no earlier checkpoint exists (checkpoint.every_steps=0 saves only at the end)")
