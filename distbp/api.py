@@ -11,10 +11,9 @@ from .files import checkpoint as ckpt
 from .parallel.comm import SerialComm, world
 from .parallel.guard import run_guarded
 from .config import Config, config_to_dict, load_config
-from .datasets.dataset import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree
 from .inference.evaluate import load_model
-from .inference.predict import model_inputs
+from .inference.predict import check_finite_inputs, model_inputs, normalized
 from .files.rundir import default_path
 
 
@@ -84,15 +83,17 @@ class Model:
             raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} does not hold rows of the model's input "
                              f"{self.input_shape}; give real numbers shaped (N, "
                              f"{', '.join(map(str, self.input_shape))}) or (N, {math.prod(self.input_shape)})")
-        if x.dtype.kind == "f":
-            first_bad("x", x, not_finite, "NaN or Inf inputs, first at row {row}", "clean or impute those rows")
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch={batch!r} must be a whole number of rows, at least 1")
         scale = (self._x_scale or 1 / 255) if x.dtype == np.uint8 else None  # as the dataset's uint8 rows
         dtype = self.network.params.dtype
-        norm, chunks = self._normalizer, []
+        norm, chunks = self._normalizer, [self._task.outputs(np.zeros((0, *self.network.out_shape), dtype))]
         for a in range(0, len(x), batch):  # as distbp predict: the checkpoint's normalization in and out
-            out = self.network.forward(norm.x(model_inputs(x[a:a + batch], self.input_shape, scale, dtype)))
+            rows, k = normalized(norm, model_inputs(x[a:a + batch], self.input_shape, scale, dtype))
+            check_finite_inputs("x", None if k is None else a + k)
+            out = self.network.forward(rows)
             chunks.append(self._task.outputs(self._task.target_units(out, norm)))
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}  # 0 rows: empty arrays
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
         """Class labels (classification, binary) or outputs (regression) for the rows of x."""

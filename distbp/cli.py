@@ -13,7 +13,7 @@ from . import __version__
 from .files.atomic import AtomicFile
 from .errors import EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError, agree, on_root
 from .reporting.progress import MODES
-from .files.safeio import check_output
+from .files.safeio import check_output, save_npz, unwritable
 
 EPILOG_TRAIN = """config sections (keys as section.key; every key with its type, default and meaning
 is in docs/CONFIG.md):
@@ -185,7 +185,7 @@ examples:
 
 def add_fetch_parser(dsub):
     """distbp data fetch's arguments."""
-    from .datasets.fetch import CATALOG, MIRROR_ENV
+    from .datasets.fetch import CATALOG, MAX_TIME_S, MIRROR_ENV
     df = dsub.add_parser("fetch", help="download, verify and convert a public dataset (mnist, cifar10, ...)",
                          description="Download a public dataset (resuming partial downloads, with retries), "
                          "verify every file's SHA-256, and convert it to DIR/NAME.h5.",
@@ -198,6 +198,9 @@ def add_fetch_parser(dsub):
                     "hand) instead of downloading them")
     df.add_argument("--timeout", type=float, default=30.0,
                     help="seconds without data before a download attempt gives up (default: %(default)s)")
+    df.add_argument("--max-time", type=float, default=MAX_TIME_S, metavar="SECONDS",
+                    help="seconds all the downloads may take together, however the server trickles "
+                    "(default: %(default)s)")
     df.add_argument("--retries", type=int, default=5,
                     help="download attempts per file, resuming, with backoff 1, 2, 4, ... s (default: %(default)s)")
 
@@ -238,7 +241,9 @@ def cmd_train(args, comm) -> int:
     from .files.rundir import default_path
     from .training.loop import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)["exit_code"]
+    # keep_stop_handlers: a stop signal from the loop's start to the process's exit only sets a flag
+    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress,
+               keep_stop_handlers=True, config_file=args.config)["exit_code"]
 
 
 def cmd_eval(args, comm) -> int:
@@ -286,16 +291,21 @@ def cmd_data(args, comm) -> int:
     if args.data_command == "fetch":
         from .datasets.fetch import fetch
         out = fetch(args.name, args.dir, mirror=args.mirror, source=args.source, timeout=args.timeout,
-                    retries=args.retries)
+                    retries=args.retries, max_time=args.max_time)
         with data.Dataset(out) as ds:
             print("\n".join(ds.describe()))
         return 0
     check_output(args.out, [], args.force)
     if args.data_command == "digits":
-        with AtomicFile(args.out) as out:
-            shutil.copyfile(data.digits_path(), out.tmp)
-            out.commit(durable=True)
+        try:
+            with AtomicFile(args.out) as out:
+                shutil.copyfile(data.digits_path(), out.tmp)
+                out.commit(durable=True)
+        except OSError as e:
+            raise unwritable(args.out, e) from None
     elif args.data_command == "synthetic":
+        from .datasets.convert import check_draw_options
+        check_draw_options(args.val_fraction, args.seed)
         x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
         n_val = int(round(args.rows * args.val_fraction))
         data.write_dataset(args.out, {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val])},
@@ -324,15 +334,13 @@ def cmd_ckpt(args, comm) -> int:
     if args.ckpt_command == "inspect":
         print("\n".join(ckpt.describe(ck)))
     else:
-        import numpy as np
         out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [path], args.force)
         try:
             with AtomicFile(out) as target:
-                with open(target.tmp, "wb") as f:
-                    np.savez(f, **ck.params)
+                save_npz(target.tmp, ck.params)
                 target.commit(durable=True)
         except OSError as e:
-            raise UserError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact") from None
+            raise unwritable(out, e) from None
         print(f"wrote {len(ck.params)} arrays to {out}")
     return 0
 
@@ -438,23 +446,33 @@ def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
+    from .parallel import startup
+    # Before MPI is up nothing of MPI can watch the ranks: a watcher process keeps the deadline
+    # (the default stall timeout) until the stall watchdog is running.
+    timeout = startup.default_timeout(os.environ)
+    deadline = startup.Deadline(timeout)
+    from .parallel import faults
     from .parallel.comm import world
     from .parallel.guard import install_abort_on_error, run_guarded
-    from .config import TrainConfig
     from .parallel.watchdog import watching
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
     try:
+        faults.inject_at(startup.launcher_rank(os.environ), "startup")  # inert unless DISTBP_FAULT is set
         comm = world()
     except UserError as e:
         print(f"distbp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    deadline.phase(1)
+    faults.inject_at(comm.rank, "mpi")
     args = parse_args(argv, comm)
     install_abort_on_error(comm)
     # Every collective of every command is watched: a rank frozen anywhere ends the job with its
     # name (train.stall_timeout once the command knows the run's config, the default until then).
     # In data, ckpt and plot the other ranks wait while rank 0 works alone: a rank that answers is alive.
     strict = args.command in ("train", "eval", "predict")
-    with watching(comm, TrainConfig.stall_timeout, args.command, strict) as comm:
+    with watching(comm, timeout, args.command, strict) as comm:
+        deadline.disarm()
+        faults.inject_at(comm.rank, "command")
         code = run_guarded(dispatch, comm, args, comm)
         comm.barrier()  # no rank exits while another is frozen short of the end
     return code

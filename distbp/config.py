@@ -35,6 +35,21 @@ class ConfigError(UserError):
 _INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")  # "[0, 1)", "(0, inf)"
 
 
+class KeysOnly:
+    """A config (section) whose attributes are its keys only: setting another (a typo such as
+    c.train.epoch = 5) raises instead of being silently ignored."""
+
+    def __setattr__(self, name: str, value):
+        known = [f.name for f in dataclasses.fields(self)]
+        if name not in known:
+            section = next((n for n, c in SECTIONS.items() if c is type(self)), None)
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(f"unknown config key {f'{section}.{name}' if section else name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; known keys here: {', '.join(sorted(known))}")
+        object.__setattr__(self, name, value)
+
+
 def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tuple] = (),
         optimizer: bool = False, schedule: bool = False):
     """Declare a config key: default, doc, allowed range ("[0, 1)", "[1, inf)") or choices.
@@ -51,7 +66,7 @@ def key(default, doc: str, *, within: str = "", choices: tuple | Callable[[], tu
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(KeysOnly):
     """The network: an MLP from `hidden` widths, or explicit `layers` specs."""
     hidden: list[int] = key([128], "hidden layer widths of the MLP", within="[1, inf)")
     activation: str = key("relu", "activation between layers", choices=activation_names)
@@ -61,7 +76,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(KeysOnly):
     """Where the data is and how it is held in memory."""
     path: str = key("", "dataset HDF5 file; empty = the digits dataset shipped with distbp")
     train_split: str = key("train", "split trained on")
@@ -76,12 +91,12 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(KeysOnly):
     """The loop: epochs, global batch, seed, precision, logging and safety."""
     epochs: int = key(30, "passes over the training split", within="[1, inf)")
     max_steps: int = key(-1, "stop after exactly this many optimizer steps (-1 = no limit)", within="[-1, inf)")
     batch_size: int = key(64, "GLOBAL batch size, split over the ranks", within="[1, inf)")
-    seed: int = key(0, "seed of initialisation, data order and dropout")
+    seed: int = key(0, "seed of initialisation, data order and dropout", within="[0, inf)")
     dtype: str = key("float32", "precision of parameters and compute", choices=("float32", "float64"))
     drop_last: bool = key(True, "drop the last partial batch of each epoch")
     eval_every: int = key(0, "also evaluate every N steps (0 = end of epoch only)", within="[0, inf)")
@@ -93,8 +108,9 @@ class TrainConfig:
                                       "models of 1M parameters or more, where it was measured to win")
     check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
                            within="[0, inf)")
-    stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off)",
-                               within="[0, inf)")
+    stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off); "
+                                      "until a command has read its config, and before MPI is up, the bound is "
+                                      "$DISTBP_STALL_TIMEOUT (default 300)", within="[0, inf)")
     best_metric: str = key("auto", "the metric that makes a checkpoint or epoch the best: auto = "
                                    "val_accuracy (max) for classification and binary, val_loss (min) for "
                                    "regression", choices=BEST_CHOICES)
@@ -109,7 +125,7 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(KeysOnly):
     """The optimizer and its learning-rate schedule (PyTorch's names, equations and defaults)."""
     name: str = key("sgd", "optimizer", choices=lambda: tuple(_optim().OPTIMIZERS))
     lr: float = key(0.05, "peak learning rate", within="(0, inf)")
@@ -156,7 +172,7 @@ class OptimConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(KeysOnly):
     """The loss: the dataset task's own (with the options of the classification loss, softmax cross-entropy,
     as torch.nn.CrossEntropyLoss), or one of your own."""
     name: str = key("", "empty = the dataset task's (classification cross_entropy, regression mse, binary bce); "
@@ -168,7 +184,7 @@ class LossConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(KeysOnly):
     """When checkpoints are written and how many are kept."""
     every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
     every_seconds: float = key(0.0, "write a checkpoint every N seconds (0 = off)", within="[0, inf)")
@@ -178,7 +194,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(KeysOnly):
     """Experiment trackers fed from the records of metrics.jsonl (rank 0)."""
     tensorboard: bool = key(False, "write TensorBoard event files into the run dir (pip install "
                                    "'distbp[tensorboard]')")
@@ -187,7 +203,7 @@ class LogConfig:
 
 
 @dataclass(init=False)
-class Config:
+class Config(KeysOnly):
     """The whole resolved configuration of a run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +266,8 @@ def _check_type(key: str, value, tp):
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{key}={value!r} holds a NUL character, which no path or name can hold; HINT: remove it")
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
@@ -396,6 +414,16 @@ def _read_toml(source: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+    except (RecursionError, ValueError) as e:  # arrays nested thousands deep; an integer of over 4300 digits
+        raise ConfigError(f"config file {source}: {_unparsable(e)}") from None
+
+
+def _unparsable(e: Exception) -> str:
+    """Why valid-looking TOML could not be read: nesting too deep, or an integer too long."""
+    if isinstance(e, RecursionError):
+        return "a value nested too deeply to read (arrays or tables inside each other); HINT: no config key " \
+               "nests more than a list of tables"
+    return f"a value Python cannot read ({e}); HINT: integers of a config have at most a few digits"
 
 
 def parse_override(item: str) -> tuple[str, str, object]:
@@ -408,6 +436,8 @@ def parse_override(item: str) -> tuple[str, str, object]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except (RecursionError, ValueError) as e:
+        raise ConfigError(f"--set {dotted.strip()}=...: {_unparsable(e)}") from None
     return section, key, value
 
 

@@ -139,6 +139,32 @@ def test_load_predicts_like_the_cli(serial, tmp_path, make_dataset):
         distbp.load(tmp_path)
 
 
+def test_predict_edge_cases_of_the_api(serial, tmp_path, make_dataset):
+    """0 rows give empty results; batch < 1 is refused; inputs overflowing after normalization are named."""
+    distbp.train(small_config(make_dataset), run_dir=tmp_path / "run")
+    model = distbp.load(tmp_path / "run")
+    empty = np.zeros((0, 6), np.float32)
+    assert model.predict(empty).shape == (0,) and model.predict(empty).dtype == np.int64
+    assert model.predict_proba(empty).shape == (0, 3)
+    for batch in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"batch={batch!r} must be a whole number of rows, at least 1"):
+            model.predict(np.zeros((4, 6)), batch=batch)
+    x = np.ones((9, 6))
+    x[7, 1] = 1e300  # finite in float64, Inf in the model's float32
+    with pytest.raises(distbp.UserError, match="x: NaN or Inf inputs, first at row 7"):
+        model.predict(x, batch=4)
+
+
+def test_a_typo_in_a_config_attribute_is_refused():
+    c = distbp.Config()
+    c.train.epochs = 5
+    with pytest.raises(distbp.ConfigError, match=r"unknown config key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        c.train.epoch = 5
+    with pytest.raises(distbp.ConfigError, match=r"unknown config key 'trian' \(did you mean 'train'\?\)"):
+        c.trian = {}
+    assert c.train.epochs == 5 and not hasattr(c.train, "epoch")
+
+
 SWISH_MODULE = EXAMPLE.read_text()
 
 

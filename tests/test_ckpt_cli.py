@@ -1,6 +1,7 @@
 """distbp ckpt inspect | verify | export and distbp eval on checkpoints of a real run; no pickles in them."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,20 @@ def test_export_gives_plain_arrays_by_name(trained, tmp_path):
                                                   "4.linear.W", "4.linear.b"]
     for name, a in stored.items():
         assert exported[name].dtype == a.dtype == np.float32 and exported[name].tobytes() == a.tobytes()
+
+
+def test_export_writes_a_parameter_of_any_name(trained, tmp_path):
+    crafted = tmp_path / "crafted.h5"  # np.savez(f, **params) failed on a name of its own arguments
+    shutil.copy(newest(trained), crafted)
+    with h5py.File(crafted, "r+") as f:
+        f.move("params/0.linear.W", "params/file")
+    ck = ckpt.load(crafted, verify=False)
+    with h5py.File(crafted, "r+") as f:
+        f.attrs["checksum"] = ckpt.checksum(ck)
+    done = distbp("ckpt", "export", str(crafted), str(tmp_path / "p.npz"))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    with np.load(tmp_path / "p.npz", allow_pickle=False) as npz:
+        assert "file" in npz.files and npz["file"].tobytes() == ck.params["file"].tobytes()
 
 
 def parse_eval(stdout: str) -> dict:

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from distbp.parallel.comm import CommError, SerialComm, check_launcher, launcher_size, node_shared_array
+from distbp.parallel.comm import CommError, SerialComm, check_launcher, node_shared_array
+from distbp.parallel.startup import launcher_size
 from distbp.datasets.dataset import Dataset
 
 

@@ -5,6 +5,7 @@ code and the fragments its one `distbp: error:` line (or `INVALID:` line) must h
 print a traceback, hang (each runs under a timeout) or leave a traceback from another rank.
 """
 import gzip
+import json
 import shutil
 import subprocess
 import sys
@@ -180,7 +181,128 @@ CORPUS = {
     "metrics.jsonl a directory": (lambda t, b: run_dir_with_dir(t, b, "metrics.jsonl"), 2,
                                   ["cannot open metrics.jsonl", "--run-dir"]),
     "train.log a directory": (lambda t, b: run_dir_with_dir(t, b, "train.log"), 2, ["cannot open train.log"]),
+    # issue 29: the probe's remaining tracebacks and wrong messages
+    "checkpoint micro_steps a string": (lambda t, b: train_on(str(b / "good.h5"), "--resume",
+                                                              crafted(t, b, micro_steps="x")), 2,
+                                        ["crafted.h5", "micro_steps='x' is not a non-negative integer"]),
+    "checkpoint x_scale missing": (lambda t, b: ["predict", altered(t, b, delete="normalization/x_scale"),
+                                                 str(b / "good.h5"), str(t / "p.h5")], 2,
+                                   ["altered.h5", "normalization holds x_shift without x_scale"]),
+    "checkpoint optimizer t negative": (lambda t, b: train_on(str(b / "good.h5"), "--resume",
+                                                              altered(t, b, opt={"t": -5})), 2,
+                                        ["altered.h5", "optimizer attribute t=-5"]),
+    "checkpoint optimizer t a string": (lambda t, b: ["eval", altered(t, b, opt={"t": "x"})], 2,
+                                        ["altered.h5", "optimizer attribute t='x'"]),
+    "checkpoint config of a model too large for memory": (
+        lambda t, b: ["eval", crafted(t, b, config=huge_config(b))], 2,
+        ["model.hidden", "2,000,000,003 parameters", "stored config of", "GiB of memory available", "HINT"]),
+    "convert delimiter of two characters": (lambda t, b: ["data", "convert", csv_file(t), str(t / "o.h5"),
+                                                          "--delimiter", ",;"], 2,
+                                            ["--delimiter ',;' must be one character"]),
+    "convert seed negative": (lambda t, b: ["data", "convert", csv_file(t), str(t / "o.h5"), "--seed", "-1"], 2,
+                              ["--seed -1 must be 0 or more"]),
+    "convert val fraction NaN": (lambda t, b: ["data", "convert", csv_file(t), str(t / "o.h5"), "--val-fraction",
+                                               "nan"], 2, ["--val-fraction nan must be in [0, 1)"]),
+    "synthetic rows negative": (lambda t, b: ["data", "synthetic", str(t / "s.h5"), "--rows", "-5"], 2,
+                                ["--rows -5", "at least 2 rows"]),
+    "synthetic beyond memory": (lambda t, b: ["data", "synthetic", str(t / "s.h5"), "--rows", "10000000000"], 2,
+                                ["--rows 10000000000", "GiB in memory"]),
+    "plot of a garbage metrics file": (lambda t, b: ["plot", garbage_metrics(t), "-o", str(t / "g.png")], 2,
+                                       ["metrics.jsonl: no train or eval records"]),
+    "predict empty .npy": (lambda t, b: ["predict", str(checkpoint(b)), str(touch(t / "in.npy")), str(t / "p.h5")],
+                           2, ["in.npy: not a readable .npy array (EOFError"]),
+    "predict CSV with NaN": (lambda t, b: ["predict", str(checkpoint(b)), nan_csv(t), str(t / "p.csv")], 2,
+                             ["in.csv: NaN or Inf inputs, first at row 3"]),
+    "predict .npy overflowing after normalization": (
+        lambda t, b: ["predict", str(checkpoint(b)), npy(t, np.where(np.arange(24).reshape(4, 6) == 13, 1e300, 1.0)),
+                      str(t / "p.h5")], 2, ["in.npy: NaN or Inf inputs, first at row 2", "normalization"]),
+    "fetch timeout NaN": (lambda t, b: ["data", "fetch", "iris", "--dir", str(t), "--timeout", "nan"], 2,
+                          ["--timeout nan", "must be positive finite numbers"]),
+    "fetch timeout Inf": (lambda t, b: ["data", "fetch", "iris", "--dir", str(t), "--timeout", "inf"], 2,
+                          ["--timeout inf", "must be positive finite numbers"]),
+    "fetch malformed IPv6 mirror": (lambda t, b: ["data", "fetch", "iris", "--dir", str(t), "--mirror",
+                                                  "http://[::1/datasets"], 2, ["is not a valid URL", "IPv6"]),
+    "--set 2,000-deep brackets": (lambda t, b: ["train", "--set", "model.hidden=" + "[" * 2000 + "]" * 2000], 2,
+                                  ["--set model.hidden=...", "nested too deeply"]),
+    "--set a NUL character": (lambda t, b: ["train", "--set", 'data.path="a\\u0000b"'], 2,
+                              ["data.path=", "NUL character"]),
+    "--set a 5,000-digit integer": (lambda t, b: ["train", "--set", "train.seed=" + "9" * 5000], 2,
+                                    ["--set train.seed=...", "4300 digits"]),
+    "config file nested too deeply": (lambda t, b: ["train", deep_toml(t)], 2, ["deep.toml", "nested too deeply"]),
+    "train.seed negative": (lambda t, b: train_on(str(b / "good.h5"), "--set", "train.seed=-1"), 2,
+                            ["train.seed=-1 must be at least 0"]),
+    "class weights beyond the dtype": (lambda t, b: train_on(str(b / "good.h5"), "--set",
+                                                             "loss.class_weights=[1e308, 1, 1]"), 2,
+                                       ["loss.class_weights holds 1e+308", "float32", "scale them all down"]),
+    "virtual dataset mapping part of its rows": (lambda t, b: train_on(virtual_part(t)), 2,
+                                                 ["v.h5", "maps no source to row 10 (of 32)", "fill values"]),
+    "model too large for memory": (lambda t, b: ["train", "--run-dir", "r", "--set", "model.hidden=[20000000]"], 2,
+                                   ["model.hidden", "1,500,000,010 parameters", "GiB of memory available"]),
+    "model of 1e9 units": (lambda t, b: ["train", "--run-dir", "r", "--set", "model.hidden=[1000000000]"], 2,
+                           ["model.hidden", "75,000,000,010 parameters"]),
+    "labels far beyond the class bound": (lambda t, b: ["data", "convert", *npy_pair(t, 10**15), str(t / "o.h5"),
+                                                        "--val-fraction", "0"], 2,
+                                          ["y.npy", "1,000,000,000,000,001 classes"]),
+    "IDX dimensions of petabytes": (lambda t, b: ["data", "convert", *idx_pair(t, b"\0\0\x08\x03" + bytes.fromhex(
+        "00000002" "7fffffff" "7fffffff")), str(t / "o.h5")], 2, ["images.idx", "makes rows of", "damaged"]),
 }
+
+
+def altered(t: Path, base: Path, opt=None, delete=None) -> str:
+    """The run's checkpoint with optimizer attributes replaced or an array deleted, checksum made to match."""
+    path = t / "altered.h5"
+    shutil.copy(checkpoint(base), path)
+    with h5py.File(path, "r+") as f:
+        for k, v in (opt or {}).items():
+            f["optimizer"].attrs[k] = v
+        if delete:
+            del f[delete]
+    ck = ckpt.load(path, verify=False)
+    with h5py.File(path, "r+") as f:
+        f.attrs["checksum"] = ckpt.checksum(ck)
+    return str(path)
+
+
+def huge_config(base: Path) -> str:
+    """The run's stored config with model.hidden=[200000000] (6 inputs, 3 classes: 2e9 parameters)."""
+    config = ckpt.load(checkpoint(base)).config
+    config["model"]["hidden"] = [200_000_000]
+    return json.dumps(config)
+
+
+def csv_file(t: Path) -> str:
+    (t / "t.csv").write_text("a,b,label\n" + "".join(f"{i},{i % 5},{i % 2}\n" for i in range(20)))
+    return str(t / "t.csv")
+
+
+def nan_csv(t: Path) -> str:
+    rows = [",".join("nan" if (i, j) == (3, 2) else "1" for j in range(6)) for i in range(8)]
+    (t / "in.csv").write_text("\n".join(rows) + "\n")
+    return str(t / "in.csv")
+
+
+def garbage_metrics(t: Path) -> str:
+    (t / "run").mkdir()
+    (t / "run" / "metrics.jsonl").write_text('[1, 2]\n{"step": "a", "loss": 1}\n{"step": 1, "loss": "x"}\n"s"\n')
+    return str(t / "run")
+
+
+def deep_toml(t: Path) -> str:
+    (t / "deep.toml").write_text("[model]\nhidden = " + "[" * 3000 + "]" * 3000 + "\n")
+    return str(t / "deep.toml")
+
+
+def virtual_part(t: Path) -> str:
+    """A dataset whose splits are virtual datasets mapping only their first 10 of 32 rows."""
+    dataset(t, "src.h5")
+    with h5py.File(t / "v.h5", "w") as f:
+        f.attrs.update({"distbp_format": "dataset", "version": 1, "task": "classification", "num_classes": 3})
+        for split in ("train", "val"):
+            for key, shape, dtype in (("x", (32, 6), "f4"), ("y", (32,), "i8")):
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                layout[:10] = h5py.VirtualSource("src.h5", f"{split}/{key}", shape=shape)[:10]
+                f.require_group(split).create_virtual_dataset(key, layout, fillvalue=0)
+    return str(t / "v.h5")
 
 
 def npy_pair(t: Path, label: int) -> list[str]:
@@ -222,7 +344,10 @@ def test_corpus(base, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["data output a directory", "output under a file", "metrics.jsonl a directory",
-                                  "checkpoint step negative"])
+                                  "checkpoint step negative", "predict CSV with NaN",
+                                  "predict .npy overflowing after normalization",
+                                  "virtual dataset mapping part of its rows", "model too large for memory",
+                                  "checkpoint config of a model too large for memory"])
 def test_corpus_under_mpirun_prints_once(base, tmp_path, case):
     make, code, fragments = CORPUS[case]
     proc, wall = distbp(make(tmp_path, base), tmp_path, ranks=2)

@@ -49,12 +49,12 @@ def test_full_disk_warns_then_fails_the_final_save_with_one_message(small_disk, 
     assert job.rc == 2, job.stderr  # not 1 (a traceback) nor 139 (a segfault)
     assert "Traceback" not in job.stderr + job.stdout
     warnings = re.findall(r"WARNING: a checkpoint could not be written \(\[Errno 28\] No space left on device\); "
-                          r"the previous one is intact, training continues", job.stdout)
+                          r"the previous checkpoint \(step-00000020.h5\) is intact, training continues", job.stdout)
     assert len(warnings) == 3, job.stdout  # the saves at steps 40, 60 and 80
     errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
     assert len(errors) == 1, job.stderr
     assert re.search(r"checkpoint \S+step-00000100.h5 could not be written \(\[Errno 28\] No space left on "
-                     r"device\); the previous checkpoint is intact", errors[0]), errors[0]
+                     r"device\); the previous checkpoint \(step-00000020.h5\) is intact", errors[0]), errors[0]
     for name in ("metrics.jsonl", "train.log"):  # logging went on without them, warning once each
         assert job.stderr.count(f"WARNING: cannot append to {run / name}") == 1, job.stderr
     assert job.stdout.count("eval step 100") == 1  # training continued to the end
@@ -81,7 +81,7 @@ def test_output_on_a_full_disk_keeps_the_old_file(small_disk, tmp_path, command)
     assert job.rc == 2, job.stderr  # not 139: HDF5 never writes to the full disk itself
     errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
     assert errors == [f"distbp: error: cannot write {old} (No space left on device); the old file, if any, is "
-                      "intact" + ("" if command == "ckpt export" else "; HINT: free space or choose another OUT")]
+                      "intact; HINT: free space on its file system (or raise the quota), or write it elsewhere"]
     assert old.read_bytes() == b"the old output"
     assert sorted(p.name for p in small_disk.iterdir()) == sorted([faults.FILL_NAME, old.name])
 
@@ -97,3 +97,32 @@ def test_convert_checks_the_room_before_it_writes(small_disk, tmp_path):
     assert re.search(rf"distbp: error: output {re.escape(str(old))} needs about 14\.\d MB but its file system has "
                      r"12\.\d MB free; HINT: free space", job.stderr), job.stderr
     assert old.read_bytes() == b"the old dataset" and [p.name for p in small_disk.iterdir()] == [old.name]
+
+
+def fill(disk):
+    """Fill what is left of the file system at disk with a file of zeros."""
+    fd = os.open(disk / faults.FILL_NAME, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        for size in (1 << 16, 512):
+            while True:
+                os.write(fd, bytes(size))
+    os.close(fd)
+
+
+@pytest.mark.parametrize("state", ["full", "read-only"])
+@pytest.mark.parametrize("command", [["data", "digits"], ["data", "synthetic", "--rows", "20000"]])
+def test_data_outputs_on_a_full_or_read_only_disk_name_the_output(small_disk, command, state):
+    out = small_disk / "d.h5"
+    if state == "full":
+        fill(small_disk)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    before = sorted(p.name for p in small_disk.iterdir())
+    job = Job(0, [*command[:2], str(out), *command[2:]])
+    assert job.rc == 2 and "Traceback" not in job.stderr, job.stderr
+    why, hint = (("No space left on device", "free space on its file system") if state == "full"
+                 else ("Read-only file system", "its folder is not writable"))
+    errors = [line for line in job.stderr.splitlines() if line.startswith("distbp: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"distbp: error: cannot write {out} ({why})"), job.stderr
+    assert hint in errors[0] and ".tmp-" not in job.stderr, errors[0]
+    assert sorted(p.name for p in small_disk.iterdir()) == before  # no temp file left

@@ -145,8 +145,19 @@ def test_disk_full_while_saving_warns_then_fails_the_final_save(tmp_path):
     warnings = re.findall(r"WARNING: a checkpoint could not be written \(.*File too large", job.stdout)
     assert len(warnings) in (2, 3), job.stdout  # the saves at steps 6 and 8 (and 4 if still sealing)
     assert re.search(r"distbp: error: checkpoint \S+step-00000010.h5 could not be written .*File too large.*"
-                     r"previous checkpoint is intact", job.stderr), job.stderr
+                     r"previous checkpoint \(step-0000000[24].h5\) is intact", job.stderr), job.stderr
     assert_intact(folder, 2, 4)  # step 4's may still be sealing in the background when the fault strikes
+
+
+def test_a_failed_final_save_says_when_no_earlier_checkpoint_exists(tmp_path):
+    # checkpoint.every_steps = 0 (the default): the final checkpoint is the first; from step 1 no file may grow
+    job = Job(0, ["train", "--run-dir", str(tmp_path / "run"), "--set", "model.hidden=[512, 512]", "--set",
+                  "train.max_steps=3"], "rank=0,step=1,kind=diskfull")
+    assert job.rc == 2, job.stderr
+    assert re.search(r"distbp: error: checkpoint \S+step-00000003.h5 could not be written .*File too large.*; "
+                     r"no earlier checkpoint exists \(checkpoint.every_steps=0 saves only at the end\); HINT: ",
+                     job.stderr), job.stderr
+    assert "is intact" not in job.stderr
 
 
 def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_path):

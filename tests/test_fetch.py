@@ -103,7 +103,7 @@ def catalog_for(files: dict, **recipe_changes) -> dict:
 class Server:
     """A loopback HTTP server of {path: bytes} with Range support; modes per path: ok, cut (send at most
     `cut` bytes of a response, then close), cut_once (cut the first response only), stall (send `cut` bytes,
-    then nothing until released)."""
+    then nothing until released), trickle (one byte every 0.5 s)."""
 
     def __init__(self):
         self.files, self.modes, self.requests, self.cut = {}, {}, [], 1000
@@ -136,6 +136,13 @@ class Server:
                     server.modes[path] = "ok"
                 if mode == "ok":
                     self.wfile.write(body[start:])
+                    return
+                if mode == "trickle":  # one byte every 0.5 s: never silent for a whole --timeout
+                    for k in range(start, len(body)):
+                        if server.release.wait(0.5):
+                            return
+                        self.wfile.write(body[k:k + 1])
+                        self.wfile.flush()
                     return
                 self.wfile.write(body[start:start + server.cut])
                 self.wfile.flush()
@@ -408,3 +415,27 @@ def test_faults_doc_lists_every_fetch_failure_test():
     tests = [name for name in globals() if name.startswith("test_") and "good_files" not in name
              and "trains" not in name and "faults_doc" not in name]
     assert not [t for t in tests if f"`{t}`" not in doc], "docs/FAULTS.md lacks rows for these fetch tests"
+
+
+@pytest.mark.timing
+def test_a_trickling_server_meets_the_total_deadline(tmp_path, server):
+    server.serve("iris", FILES["iris"], mode="trickle")
+    start = time.monotonic()
+    with pytest.raises(fe.FetchError) as e:
+        fe.fetch("iris", tmp_path, mirror=server.url, catalog=catalog_for(FILES), timeout=2, max_time=3)
+    took = time.monotonic() - start
+    assert "--max-time 3 s passed before the download completed (the server sends too slowly)" in str(e.value)
+    assert "raise --timeout or --max-time" in str(e.value) and "bytes received" in str(e.value)
+    assert 3 <= took < 3 + 2 + 1, took  # the deadline, at most one read's --timeout past it
+    print(f"\n[trickle] gave up after {took:.1f} s")
+
+
+@pytest.mark.parametrize("args, fragment", [(["--timeout", "nan"], "--timeout nan"),
+                                            (["--timeout", "inf"], "--timeout inf"),
+                                            (["--max-time", "0"], "--max-time 0"),
+                                            (["--mirror", "http://[::1/x"], "is not a valid URL"),
+                                            (["--mirror", "http://"], "is not an http:// or https:// URL")])
+def test_bad_fetch_options_are_one_error_line(tmp_path, capsys, args, fragment):
+    assert main(["data", "fetch", "iris", "--dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("distbp: error:") == 1 and fragment in err and "HINT" in err and "Traceback" not in err, err

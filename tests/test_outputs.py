@@ -2,6 +2,7 @@
 input (same name, symlink, hard link) or exists (unless --force, then replaced atomically)."""
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import h5py
@@ -114,3 +115,23 @@ def test_check_output_compares_files_not_names(tmp_path):
         safeio.check_output(tmp_path / "sub", [a], force=True)
     with pytest.raises(safeio.OutputError, match="the same file, through a link"):
         safeio.check_output(tmp_path / "b.csv", [a], force=True)
+
+
+@pytest.mark.parametrize("node", ["fifo", "device", "link to a device"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_force_never_replaces_a_fifo_or_a_device(tmp_path, files, capsys, command, node):
+    argv, _, _, _ = COMMANDS[command]
+    out = tmp_path / {"export": "out.npz", "plot": "out.png"}.get(command, "out.h5")
+    if node == "fifo":
+        os.mkfifo(out)
+    elif node == "device" and os.geteuid() == 0:
+        os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a second null device, as root
+    else:
+        out.symlink_to(os.devnull)
+    before = os.stat(out)
+    assert main([*argv(files, out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"output {out} exists and is not a regular file" in err and "HINT" in err, err
+    after = os.stat(out)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert os.stat(os.devnull).st_mode & stat.S_IFCHR

@@ -105,3 +105,37 @@ def test_runs_started_in_the_same_second_get_their_own_default_directories(tmp_p
     names = [rundir.default_path(SerialComm()) for _ in range(3)]
     assert names == ["runs/20261201-120000", "runs/20261201-120000-2", "runs/20261201-120000-3"]
     assert all((tmp_path / n).is_dir() for n in names)  # claimed when chosen: no other process gets them
+
+
+@pytest.mark.parametrize("lock", ["symlink", "hard link", "fifo"])
+def test_a_lock_that_is_not_a_plain_file_of_ours_is_refused_and_its_target_untouched(tmp_path, lock):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's data\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / LOCK_NAME
+    {"symlink": lambda: path.symlink_to(victim), "hard link": lambda: os.link(victim, path),
+     "fifo": lambda: os.mkfifo(path)}[lock]()
+    job = Job(0, ["train", *SHORT, "--run-dir", str(run_dir)])
+    assert job.rc == 2, job.stderr
+    what = {"symlink": "a symbolic link", "hard link": "a hard link to another file", "fifo": "not a regular file"}
+    assert f"distbp: error: run directory lock {path}" in job.stderr and what[lock] in job.stderr, job.stderr
+    assert victim.read_text() == "the user's data\n"
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_the_config_given_as_input_is_never_overwritten(tmp_path, ranks):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = run_dir / "config.toml"
+    text = "# my notes on this run\n[train]\nmax_steps = 3  # short\nlog_every = 1\n"
+    config.write_text(text)
+    job = Job(ranks, ["train", str(config), "--run-dir", str(run_dir), "--set", "train.max_steps=4"])
+    assert job.rc == 0, job.stderr
+    assert config.read_text() == text
+    assert f"config {config} is this run directory's config.toml: kept as given" in job.stdout
+    assert ckpt.load(run_dir / "checkpoints" / ckpt.checkpoint_name(4)).config["train"]["max_steps"] == 4
+    other = tmp_path / "other"  # another run directory still gets the resolved config
+    assert Job(ranks, ["train", str(config), "--run-dir", str(other)]).rc == 0
+    assert "max_steps = 3" in (other / "config.toml").read_text() and "#" not in (other / "config.toml").read_text()

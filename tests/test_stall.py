@@ -9,8 +9,9 @@ import time
 import pytest
 
 from distbp.files import checkpoint as ckpt
-from distbp.parallel import faults
-from conftest import MPIRUN, job_env
+from distbp.config import TrainConfig
+from distbp.parallel import faults, startup
+from conftest import MPIRUN, job_env, run_distbp
 from test_faults import Job
 
 TIMEOUT = 5  # train.stall_timeout of every job here
@@ -53,6 +54,7 @@ COMMANDS = {"train": lambda tmp, ck, data: ["train", *FAST, "--set", "train.max_
 
 @pytest.mark.timing
 @pytest.mark.parametrize("command,point", [("train", "setup"), ("train", "eval"), ("train", "final"),
+                                           ("train", "summary"),
                                            ("eval", "setup"), ("eval", "eval"),
                                            ("predict", "setup"), ("predict", "predict")])
 def test_frozen_rank_anywhere_ends_the_job_naming_it(tmp_path, trained, command, point):
@@ -137,3 +139,62 @@ def test_lenient_watchdog_waits_for_a_rank_that_works_alone(comm):
             time.sleep(3.0)
         watched.barrier()
         assert watched.watchdog.since is None
+
+
+STARTUP = 3  # DISTBP_STALL_TIMEOUT of the start-up tests: the bound before a command reads its config
+
+
+def frozen_at(tmp_path, trained, command: str, point: str):
+    """(job, seconds from the fault line to the job's end) of `command` at 2 ranks with rank 1 frozen at point."""
+    args = COMMANDS[command](tmp_path, *trained) if command in COMMANDS else ["data", "digits", str(tmp_path / "d.h5")]
+    stamp = []
+    start = time.monotonic()
+    job = run_distbp(args, 2, env={faults.ENV: f"rank=1,at={point},kind=stop", startup.TIMEOUT_ENV: str(STARTUP)},
+                     on_stderr_line=lambda line: stamp.append(time.monotonic()) if "fault injection" in line else 0)
+    to_exit = time.monotonic() - stamp[0]
+    print(f"\n[{command} at={point}] rc={job.returncode} wall={time.monotonic() - start:.1f}s "
+          f"fault->exit={to_exit:.1f}s")
+    return job, to_exit
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("command", ["train", "predict"])
+@pytest.mark.parametrize("point, waited", [("startup", "MPI initialisation"), ("mpi", "the first collective")])
+def test_rank_frozen_before_the_watchdog_runs_ends_the_job_at_the_startup_deadline(tmp_path, trained, command,
+                                                                                   point, waited):
+    job, to_exit = frozen_at(tmp_path, trained, command, point)
+    assert job.returncode != 0
+    lines = [line for line in job.stderr.splitlines() if line.startswith("distbp: start-up: rank 0 ")]
+    assert len(lines) == 1, job.stderr
+    assert f"waited {STARTUP} s for {waited}" in lines[0] and "not all 2 ranks (PMI_SIZE=2) arrived" in lines[0]
+    assert STARTUP <= to_exit < STARTUP + 15, job.stderr
+    assert gone(fault_pid(job.stderr)), "the frozen rank outlived the job"
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("command", ["train", "eval", "data"])
+def test_the_default_stall_timeout_before_the_config_is_read_comes_from_the_environment(tmp_path, trained, command):
+    job, to_exit = frozen_at(tmp_path, trained, command, "command")
+    stall = [line for line in job.stderr.splitlines() if line.startswith("distbp: stall:")]
+    assert job.returncode != 0 and len(stall) == 1, job.stderr
+    assert f"did not arrive at a collective of distbp {command} within train.stall_timeout={STARTUP} s" in stall[0]
+    assert STARTUP <= to_exit < STARTUP + 15, job.stderr
+    assert gone(fault_pid(job.stderr)), "the frozen rank outlived the job"
+
+
+def test_startup_deadline_is_off_in_a_world_of_one_and_reads_the_environment(monkeypatch):
+    assert startup.Deadline(5, {}).pid is None  # no launcher: nothing to wait for
+    assert startup.Deadline(0, {"PMI_SIZE": "2"}).pid is None  # 0 = off
+    assert startup.default_timeout({}) == startup.DEFAULT_TIMEOUT == TrainConfig.stall_timeout == 300
+    assert startup.default_timeout({startup.TIMEOUT_ENV: "2.5"}) == 2.5
+    for bad in ("x", "-1", "inf", "nan"):
+        with pytest.raises(SystemExit) as e:
+            startup.default_timeout({startup.TIMEOUT_ENV: bad})
+        assert e.value.code == 2
+    deadline = startup.Deadline(30, {"PMI_SIZE": "2", "PMI_RANK": "0"})
+    assert deadline.pid is not None
+    deadline.phase(1)
+    deadline.disarm()  # the watcher exits at once and is reaped
+    assert deadline._pipe is None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(deadline.pid, 0)

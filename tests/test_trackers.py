@@ -3,6 +3,8 @@ stops the run before it starts."""
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +95,33 @@ def test_a_missing_extra_is_named_and_nothing_starts(serial, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and f"pip install 'distbp[{extra}]'" in err and f"log.{key}=true" in err
     assert not (tmp_path / "run").exists()  # stopped before the run directory, let alone training
+
+
+class Blocking:
+    """A tracker whose close() never returns (a tracking server that stopped answering)."""
+
+    def __init__(self):
+        self.closing = threading.Event()
+
+    def record(self, record: dict):
+        pass
+
+    def close(self, exit_code):
+        self.closing.set()
+        threading.Event().wait()
+
+
+def test_a_tracker_that_blocks_in_close_is_left_behind_with_a_warning(tmp_path, monkeypatch):
+    from distbp.config import load_config
+    from distbp.parallel.comm import SerialComm
+    from distbp.reporting import trackers
+    from distbp.training.loop import run
+    blocking = Blocking()
+    monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(trackers, "open_trackers", lambda *args: [blocking])
+    start = time.monotonic()
+    assert run(load_config(None, ["train.max_steps=2"]), SerialComm(), tmp_path / "run", "never") == 0
+    assert blocking.closing.is_set() and time.monotonic() - start < 30
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "WARNING: Blocking did not close cleanly (still closing after 0.5 s" in log, log
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["summary"]

@@ -35,6 +35,7 @@ PROGRESS_BYTES = 64 << 20  # show a progress bar (on a terminal) for inputs larg
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LABEL_NAMES = ("label", "labels", "target", "class", "y")
 MAX_GUESSED_CLASSES = 100  # more classes than this from numeric labels needs an explicit --task
+MAX_ROW_BYTES = 1 << 28  # one example of an .npy, .npz or IDX input; a larger claimed row is a damaged header
 NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -78,6 +79,11 @@ class ArrayFile:
     def __init__(self, where: str, opener, dtype, shape, skip_header):
         self.where, self._opener, self._skip_header = where, opener, skip_header
         self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        if row_bytes > MAX_ROW_BYTES:  # checked before a block of rows is allocated
+            raise ConvertError(f"{where}: shape {self.shape} ({self.dtype}) makes rows of {row_bytes:,} bytes, "
+                               f"more than {MAX_ROW_BYTES:,}; the header is damaged or the array is not rows of "
+                               "examples; HINT: store one example per row, e.g. x.reshape(len(x), -1)")
 
     def blocks(self, rows: int):
         """Arrays of up to `rows` consecutive rows, in order."""
@@ -470,6 +476,9 @@ def _class_counts(tables: dict, task_given: bool) -> dict:
                 raise ConvertError(f"{t.where}: the labels are numbers up to {int(y.max())}, which would make "
                                    f"{int(y.max()) + 1} classes; HINT: pass --task regression for numeric "
                                    "targets, or --task classification if they really are classes")
+            if len(y) and y.max() >= MAX_CLASSES:  # before np.bincount allocates a count per label value
+                raise _too_many_classes(int(y.max()) + 1, int(y.max()), t.y.where if isinstance(t, ArrayPair)
+                                        else t.where)
             block = np.bincount(y)
             total = np.pad(total, (0, max(0, len(block) - len(total))))
             total[:len(block)] += block
@@ -478,15 +487,20 @@ def _class_counts(tables: dict, task_given: bool) -> dict:
     return counts
 
 
+def _too_many_classes(classes: int, top: int, where: str) -> ConvertError:
+    """The error for labels (of the input `where`) or --num-classes beyond MAX_CLASSES."""
+    return ConvertError(f"{where + ': ' if where else ''}{classes:,} classes (largest label {top}), more than "
+                        f"{MAX_CLASSES:,}; HINT: labels must be class indices 0..K-1 (map them), or use --task "
+                        "regression for numeric targets")
+
+
 def _num_classes(counts: dict, names: list | None, given: int | None) -> int:
     """The dataset's class count: `given` (--num-classes) or what the labels and names need, at least 2;
     refused above MAX_CLASSES."""
     top = max((len(c) - 1 for c in counts.values()), default=-1)
     needed = max(top + 1, len(names or ()), 2)
     if max(needed, given or 0) > MAX_CLASSES:
-        raise ConvertError(f"{max(needed, given or 0):,} classes (largest label {top}), more than "
-                           f"{MAX_CLASSES:,}; HINT: labels must be class indices 0..K-1 (map them), or "
-                           "use --task regression for numeric targets")
+        raise _too_many_classes(max(needed, given or 0), top, "--num-classes" if (given or 0) > needed else "")
     if given is not None and given < top + 1:
         raise ConvertError(f"--num-classes {given} but a label is {top}; HINT: use --num-classes "
                            f">= {top + 1} or leave it out")
@@ -537,6 +551,14 @@ def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: Task, ba
             bar.update(len(x))
 
 
+def check_draw_options(val_fraction: float | None, seed: int):
+    """Raise unless --val-fraction is a number in [0, 1) (or unset) and --seed a non-negative integer."""
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise ConvertError(f"--val-fraction {val_fraction} must be in [0, 1); HINT: e.g. 0.1, or 0 for no val split")
+    if seed < 0:
+        raise ConvertError(f"--seed {seed} must be 0 or more (it seeds numpy's generator); HINT: e.g. --seed 1")
+
+
 def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
@@ -555,6 +577,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
         raise ConvertError(f"--stratify needs class labels, not --task {task}; HINT: drop --stratify")
     if skip_rows < 0:
         raise ConvertError(f"--skip-rows {skip_rows} must be 0 or more")
+    check_draw_options(val_fraction, seed)
+    if delimiter is not None and len(delimiter) != 1:
+        raise ConvertError(f"--delimiter {delimiter!r} must be one character; HINT: e.g. --delimiter ';', or "
+                           "--delimiter $'\\t' for tabs, or leave it out to detect it")
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key,
               skip_rows=skip_rows)
     tables = open_inputs(inputs, **kw)

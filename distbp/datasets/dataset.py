@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from ..files import bounded
-from ..files.atomic import AtomicFile
+from ..files.safeio import hdf5_bytes, memory_hdf5, unwritable, write_bytes
 from ..parallel.comm import node_shared_array
 from ..errors import UserError
 from .task import TASKS, Task, TaskError, task_named
@@ -21,6 +21,7 @@ X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
 SPLIT_ORDER = ("train", "val", "test")
 DEFAULT_MEMORY_BYTES = 2 << 30  # per node, as data.memory_mb's default
 BLOCK_BYTES = 64 << 20  # value checks read at most this much at a time
+SYNTHETIC_MAX_BYTES = 4 << 30  # data synthetic builds its rows in memory
 MAX_CLASSES = 1_000_000  # num_classes above this is damage or a mistake, refused before any allocation
 DAMAGED = "the file is damaged: re-create or re-copy it"
 
@@ -131,15 +132,36 @@ def _has_source(path: Path, file_name: str, dset_name: str) -> bool:
 
 
 def _check_virtual(path: Path, split: str, key: str, d: h5py.Dataset):
-    """Fail if a virtual dataset maps rows to a missing source, which HDF5 would read as fill values."""
+    """Fail if a virtual dataset maps rows to a missing source, or leaves rows unmapped: HDF5 would read
+    those rows as fill values."""
     if not d.is_virtual:
         return
-    for source in d.virtual_sources():
+    sources = d.virtual_sources()
+    for source in sources:
         if not _has_source(path, source.file_name, source.dset_name):
             _fail(_where(path, split, key), f"a virtual dataset whose source {source.file_name}:"
                   f"{source.dset_name} is missing, so its rows would read as fill values (zeros)",
                   "put the source file back where the virtual dataset points (or set HDF5_VDS_PREFIX), "
                   "or write the rows into the dataset file itself")
+    if (row := _first_unmapped(d.shape, [s.vspace for s in sources])) is not None:
+        _fail(_where(path, split, key), f"a virtual dataset that maps no source to row {row} (of {d.shape[0]}), "
+              "so those rows would read as fill values (zeros)",
+              "map every row to a source in the virtual layout, or write the rows into the dataset file itself")
+
+
+def _first_unmapped(shape: tuple, vspaces) -> int | None:
+    """The first row of a virtual dataset of this shape that its mappings' selections (vspaces) leave out."""
+    per_row = math.prod(shape[1:])
+    covered = np.zeros(shape[0], bool)
+    for space in vspaces:
+        lo, hi = space.get_select_bounds()  # the selection's bounding box, inclusive
+        box = math.prod(h - l + 1 for l, h in zip(lo, hi))
+        if space.get_select_npoints() == box and box == (hi[0] - lo[0] + 1) * per_row:  # whole rows lo..hi
+            covered[lo[0]:hi[0] + 1] = True
+        elif space.get_select_npoints() == math.prod(shape):  # everything, in any pattern
+            covered[:] = True
+    missing = np.flatnonzero(~covered)
+    return int(missing[0]) if missing.size else None
 
 
 def _check_same_shapes(path, arrays: dict):
@@ -448,15 +470,19 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
         _check_shapes(path, name, x, y, task, x_scale)
         _check_values(path, name, x, y, task)
     _check_same_shapes(path, arrays)
-    with AtomicFile(path) as out:
-        with h5py.File(out.tmp, "w", track_order=True) as f:
-            f.attrs.update(header)
-            for name, (x, y) in arrays.items():
-                group = f.create_group(name)
-                # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
-                group.create_dataset("x", data=x, track_times=False)
-                group.create_dataset("y", data=y, track_times=False)
-        return out.commit()
+    # built in memory, then written by plain os.write calls: a full or read-only disk is an OSError
+    # naming the output (HDF5's own writes on a full disk name the temp file, or crash)
+    f = memory_hdf5(track_order=True)
+    f.attrs.update(header)
+    for name, (x, y) in arrays.items():
+        group = f.create_group(name)
+        # contiguous and uncompressed: random rows read fast; no timestamps: same bytes each time
+        group.create_dataset("x", data=x, track_times=False)
+        group.create_dataset("y", data=y, track_times=False)
+    try:
+        return write_bytes(path, hdf5_bytes(f))
+    except OSError as e:
+        raise unwritable(path, e) from None
 
 
 TEACHER_WIDTH = 32  # hidden units of the random MLP that labels synthetic data
@@ -464,6 +490,13 @@ TEACHER_WIDTH = 32  # hidden units of the random MLP that labels synthetic data
 
 def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A learnable classification problem: Gaussian inputs labelled by a random teacher MLP."""
+    if not (rows >= 2 and features >= 1 and 2 <= classes <= MAX_CLASSES):
+        raise DataError(f"--rows {rows}, --features {features}, --classes {classes}: give at least 2 rows, 1 feature "
+                        f"and 2 to {MAX_CLASSES:,} classes")
+    if rows * (features + classes) * 4 > SYNTHETIC_MAX_BYTES:
+        raise DataError(f"--rows {rows} x --features {features} (and --classes {classes}) need about "
+                        f"{rows * (features + classes) * 4 / 2**30:,.1f} GiB in memory, more than "
+                        f"{SYNTHETIC_MAX_BYTES / 2**30:g} GiB; HINT: fewer rows or features")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, features), dtype=np.float32)  # (N, D)
     W1 = rng.standard_normal((features, TEACHER_WIDTH), dtype=np.float32) / np.float32(np.sqrt(features))

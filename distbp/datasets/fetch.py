@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -40,11 +42,28 @@ CHECKSUMS_ENV = "DISTBP_FETCH_CHECKSUMS"  # tests only: a file of "FILE SIZE SHA
 CHUNK = 1 << 16  # bytes per read from the network or a file
 BACKOFF_S = 1.0  # first wait before a retry; doubled each time, at most BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
+MAX_TIME_S = 3600.0  # the whole fetch's deadline by default (--max-time): a server trickling bytes never stalls
 RETRYABLE_HTTP = (408, 425, 429, 500, 502, 503, 504)
 
 
 class FetchError(UserError):
     """A dataset cannot be fetched; the message names the file, what happened and the fix."""
+
+
+class Deadline:
+    """The whole fetch's deadline (--max-time): what is left of it, checked between reads and attempts."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left, 0 once it has passed."""
+        return max(0.0, self.end - time.monotonic())
+
+    def check(self):
+        """Raise Interrupted(TimeoutError) once the deadline has passed (a trickling server never stalls)."""
+        if not self.left():
+            raise Interrupted(TimeoutError(f"--max-time {self.seconds:g} s passed"))
 
 
 class Interrupted(Exception):
@@ -233,6 +252,8 @@ def _reason(e: BaseException, timeout: float) -> str:
     """A network failure in words."""
     if isinstance(e, urllib.error.URLError) and isinstance(e.reason, (TimeoutError, socket.timeout)):
         e = e.reason
+    if isinstance(e, TimeoutError) and "--max-time" in str(e):
+        return f"{e} before the download completed (the server sends too slowly)"
     if isinstance(e, (TimeoutError, socket.timeout)):
         return f"no data for {timeout:g} s (the server stalled)"
     if isinstance(e, urllib.error.HTTPError) and e.code == 416:
@@ -246,11 +267,12 @@ def _reason(e: BaseException, timeout: float) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _chunks(response):
-    """The response body in chunks; a broken transfer raises Interrupted."""
+def _chunks(response, deadline: Deadline):
+    """The response body in chunks; a broken transfer, or the deadline passing, raises Interrupted."""
     try:
         while chunk := response.read1(CHUNK):  # what arrived, so a stall keeps the bytes before it
             yield chunk
+            deadline.check()
     except (http.client.HTTPException, OSError) as e:  # socket timeouts and resets are OSErrors
         raise Interrupted(e) from e
 
@@ -279,34 +301,38 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _get(url: str, part: Path, remote: Remote, timeout: float, bar):
+def _get(url: str, part: Path, remote: Remote, timeout: float, bar, deadline: Deadline):
     """Append the rest of the file at url to part, from part's size on (HTTP Range)."""
     have = _size(part)
     headers = {"User-Agent": f"distbp/{__version__}", **({"Range": f"bytes={have}-"} if have else {})}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+    wait = min(timeout, deadline.left()) or 1e-3  # a connection may not outlast the deadline either
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=wait) as r:
         resumed = have and r.status == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
         bar.reset(remote.size)
         bar.update(have if resumed else 0)
-        _write(part, "ab" if resumed else "wb", _chunks(r), remote.size, bar)
+        _write(part, "ab" if resumed else "wb", _chunks(r, deadline), remote.size, bar)
 
 
-def download(remote: Remote, urls: list[str], part: Path, timeout: float, retries: int):
-    """Download to part (resuming it), retrying with backoff; raises FetchError when attempts run out."""
+def download(remote: Remote, urls: list[str], part: Path, timeout: float, retries: int, deadline: Deadline):
+    """Download to part (resuming it), retrying with backoff; raises FetchError when attempts or the deadline
+    run out."""
     with tqdm(total=remote.size, unit="B", unit_scale=True, unit_divisor=1024, desc=remote.name,
               file=sys.stderr, disable=None, leave=False) as bar:
         attempt, retryable = 0, True
-        while attempt < retries and retryable and _size(part) < remote.size:
+        while attempt < retries and retryable and _size(part) < remote.size and deadline.left():
             if attempt:
-                time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S))
+                time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S, deadline.left()))
             attempt, retryable = attempt + 1, False
             for url in urls:
                 try:
-                    _get(url, part, remote, timeout, bar)
+                    _get(url, part, remote, timeout, bar, deadline)
                     last, retryable = http.client.IncompleteRead(b""), True  # unless complete: a short body
                 except urllib.error.HTTPError as e:
                     last, retryable = e, retryable or e.code in RETRYABLE_HTTP
                 except (urllib.error.URLError, http.client.HTTPException, OSError, Interrupted) as e:
                     last, retryable = (e.cause if isinstance(e, Interrupted) else e), True
+                    if not deadline.left():
+                        last = TimeoutError(f"--max-time {deadline.seconds:g} s passed")
                 where = url
                 if _size(part) >= remote.size:
                     return
@@ -316,7 +342,8 @@ def download(remote: Remote, urls: list[str], part: Path, timeout: float, retrie
     kept = (f"; the {have} bytes received are kept in {part}: run the same command again to resume" if have
             else "")
     raise FetchError(f"{remote.name}: {_reason(last, timeout)} at {where} after {attempt} attempt(s), "
-                     f"{have} of {remote.size} bytes received{kept}; HINT: check the network, raise --timeout, "
+                     f"{have} of {remote.size} bytes received{kept}; HINT: check the network, raise --timeout "
+                     "or --max-time, "
                      f"or use --mirror URL ({MIRROR_ENV}) or --from DIR with the files copied by hand")
 
 
@@ -340,14 +367,19 @@ def _mirror_urls(name: str, remote: Remote, mirror: str | None) -> list[str]:
     """Where to download from: the mirror (MIRROR/NAME/FILE) if one is given, else the publisher's URLs."""
     if not mirror:
         return list(remote.urls)
-    if not mirror.startswith(("http://", "https://")):
+    try:
+        host = urllib.parse.urlsplit(mirror).hostname
+    except ValueError as e:  # a malformed address, such as an unclosed IPv6 bracket
+        raise FetchError(f"--mirror {mirror!r} is not a valid URL ({e}); HINT: give the mirror's base URL, e.g. "
+                         "http://[::1]:8000/datasets/ for an IPv6 address") from None
+    if not mirror.startswith(("http://", "https://")) or not host:
         raise FetchError(f"--mirror {mirror!r} is not an http:// or https:// URL; HINT: give the mirror's base "
                          "URL, or --from DIR for files in a folder")
     return [f"{mirror.rstrip('/')}/{name}/{remote.name}"]
 
 
 def fetch_file(name: str, remote: Remote, folder: Path, mirror: str | None, source: Path | None,
-               timeout: float, retries: int) -> Path:
+               timeout: float, retries: int, deadline: Deadline) -> Path:
     """folder/FILE, verified: kept from an earlier fetch, copied from source, or downloaded."""
     target, part = folder / remote.name, folder / f"{remote.name}.part"
     if target.exists():
@@ -369,20 +401,22 @@ def fetch_file(name: str, remote: Remote, folder: Path, mirror: str | None, sour
                              "--dir") from None
         _verify(part, remote, str(given))
     else:
-        download(remote, _mirror_urls(name, remote, mirror), part, timeout, retries)
+        download(remote, _mirror_urls(name, remote, mirror), part, timeout, retries, deadline)
         _verify(part, remote, mirror or remote.urls[0])
     os.replace(part, target)
     return target
 
 
 def fetch(name: str, directory="data", mirror: str | None = None, source=None, timeout: float = 30.0,
-          retries: int = 5, catalog: dict | None = None) -> Path:
-    """Fetch dataset `name` into directory/name.h5 (raw files kept in directory/name/); returns its path."""
+          retries: int = 5, catalog: dict | None = None, max_time: float = MAX_TIME_S) -> Path:
+    """Fetch dataset `name` into directory/name.h5 (raw files kept in directory/name/); returns its path.
+    timeout: seconds without data before an attempt gives up; max_time: seconds for all the downloads."""
     catalog = CATALOG if catalog is None else catalog
     if name not in catalog:
         raise FetchError(f"no dataset {name!r} to fetch; HINT: choose one of {', '.join(sorted(catalog))}")
-    if timeout <= 0 or retries < 1:
-        raise FetchError(f"--timeout {timeout:g} and --retries {retries} must be positive")
+    if not (0 < timeout < math.inf and 0 < max_time < math.inf) or retries < 1:
+        raise FetchError(f"--timeout {timeout:g}, --max-time {max_time:g} and --retries {retries} must be positive "
+                         "finite numbers; HINT: e.g. --timeout 30 --max-time 3600 --retries 5")
     recipe = _override_checksums(catalog[name])
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
     source = Path(source) if source else None
@@ -397,7 +431,9 @@ def fetch(name: str, directory="data", mirror: str | None = None, source=None, t
     except OSError as e:
         raise FetchError(f"cannot create {folder} ({e}); HINT: choose a writable --dir") from None
     try:
-        files = {r.name: fetch_file(name, r, folder, mirror, source, timeout, retries) for r in recipe.files}
+        deadline = Deadline(max_time)
+        files = {r.name: fetch_file(name, r, folder, mirror, source, timeout, retries, deadline)
+                 for r in recipe.files}
         recipe.make(files, out, recipe)
     finally:
         if not any(folder.iterdir()):

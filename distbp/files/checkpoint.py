@@ -17,6 +17,7 @@ import numpy as np
 from .. import __version__
 from . import bounded
 from .atomic import TMP_MARK, AtomicFile
+from ..datasets.normalize import Normalizer
 from ..errors import UserError
 from .safeio import hdf5_bytes, memory_hdf5, write_bytes
 
@@ -185,11 +186,39 @@ def _plain(v):
     return v
 
 
+def _count(value, least: int = 0) -> bool:
+    """True if value is an integer (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+NORMALIZATION_PAIRS = (("x_shift", "x_scale"), ("y_shift", "y_scale"))  # stored together or not at all
+
+
+def _check_structure(ck: Checkpoint):
+    """Raise a CheckpointError unless the counters are non-negative integers and the normalization is in pairs
+    (a crafted file with a valid checksum must not reach the loop, the optimizer or predict)."""
+    damaged = "the file is damaged or was not written by distbp"
+    if "micro_steps" in ck.attrs and not _count(ck.attrs["micro_steps"]):
+        raise CheckpointError(f"checkpoint {ck.path}: attribute micro_steps={ck.attrs['micro_steps']!r} is not a "
+                              f"non-negative integer; {damaged}")
+    if "t" in ck.opt_scalars and not _count(ck.opt_scalars["t"]):
+        raise CheckpointError(f"checkpoint {ck.path}: optimizer attribute t={ck.opt_scalars['t']!r} (steps taken) "
+                              f"is not a non-negative integer; {damaged}")
+    have = set(ck.normalization)
+    for pair in NORMALIZATION_PAIRS:
+        if len(have & set(pair)) == 1:
+            raise CheckpointError(f"checkpoint {ck.path}: normalization holds {', '.join(sorted(have & set(pair)))} "
+                                  f"without {', '.join(sorted(set(pair) - have))}; {damaged}")
+    unknown = have - set(Normalizer.NAMES)
+    if unknown:
+        raise CheckpointError(f"checkpoint {ck.path}: unknown normalization arrays {sorted(unknown)}; {damaged}")
+
+
 def _check_attrs(path: Path, attrs: dict):
     """Raise a CheckpointError unless the position is non-negative integers and the config a JSON table."""
     for key in POSITION_KEYS:
         value = attrs.get(key)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= (key == "world_size")):
+        if not _count(value, key == "world_size"):
             raise CheckpointError(f"checkpoint {path}: attribute {key}={value!r} is not a "
                                   f"{'positive' if key == 'world_size' else 'non-negative'} integer; "
                                   "the file is damaged or was not written by distbp")
@@ -237,6 +266,7 @@ def _load(path: Path, verify: bool) -> Checkpoint:
             raise CheckpointError(f"checkpoint {path} fails its checksum (stored {ck.attrs.get('checksum')!r}, "
                                   f"computed {computed}): the file is damaged")
         _check_attrs(path, ck.attrs)
+        _check_structure(ck)
     return ck
 
 

@@ -6,10 +6,12 @@ import fcntl
 import itertools
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .safeio import same_file, write_bytes
 from ..parallel import slurm
 from ..errors import UserError, on_root
 
@@ -45,12 +47,33 @@ def holder_line() -> str:
             f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
 
 
+def open_own_file(path: Path) -> int:
+    """A descriptor of path opened read-write (created if missing), refused unless it is a plain file of ours:
+    never a symlink (O_NOFOLLOW), a FIFO, a device or another user's or hard-linked file, which truncating
+    would damage."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        what = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"run directory lock {path} cannot be used ({what}); distbp writes only a regular "
+                        "file of its own there. HINT: remove it (it is not distbp's), or choose another "
+                        "--run-dir") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        os.close(fd)
+        what = ("not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link to another file"
+                if st.st_nlink != 1 else f"owned by uid {st.st_uid}, not this user")
+        raise UserError(f"run directory lock {path} is {what}; distbp writes only a regular file of its own "
+                        "there. HINT: remove it (it is not distbp's), or choose another --run-dir")
+    return fd
+
+
 class RunLock:
     """An exclusive POSIX lock (fcntl) on RUN_DIR/distbp.lock; the kernel drops it when the holder exits."""
 
     def __init__(self, run_dir: Path, log=print):
         self.path = Path(run_dir) / LOCK_NAME
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd: int | None = open_own_file(self.path)
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -98,8 +121,9 @@ def archive_earlier_run(run_dir: Path, force: bool) -> str | None:
     return f"--resume never --force: moved the earlier run's {', '.join(moved)} to {dest}"
 
 
-def prepare(run_dir: Path, config_toml: str, resume: str, force: bool, comm, log=print):
-    """Rank 0: create and lock the run directory, archive an earlier run if asked, write config.toml.
+def prepare(run_dir: Path, config_toml: str, resume: str, force: bool, comm, log=print, config_file=None):
+    """Rank 0: create and lock the run directory, archive an earlier run if asked, write config.toml (unless
+    it is config_file, the config given as input).
 
     Returns the RunLock (None on other ranks) and the notes to log once the run log is open."""
     if not comm.is_root:
@@ -110,7 +134,11 @@ def prepare(run_dir: Path, config_toml: str, resume: str, force: bool, comm, log
         notes = [archive_earlier_run(run_dir, force)] if resume == "never" else []
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         ckpt.clean_stale(run_dir / "checkpoints")  # only now: the lock says no other writer is running
-        (run_dir / "config.toml").write_text(config_toml)
+        if config_file and same_file(config_file, run_dir / "config.toml"):
+            notes.append(f"config {config_file} is this run directory's config.toml: kept as given (the "
+                         "resolved config, --set overrides included, is stored in every checkpoint)")
+        else:
+            write_bytes(run_dir / "config.toml", config_toml.encode())  # replaces, never writes through a link
     except OSError as e:
         raise UserError(f"run directory {run_dir} cannot be written ({e.strerror}); "
                         "choose another with --run-dir") from None

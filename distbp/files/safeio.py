@@ -4,9 +4,12 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
+import zipfile
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from .atomic import AtomicFile
 from ..errors import UserError
@@ -41,9 +44,22 @@ def check_output(out, inputs, force: bool) -> Path:
         why = os.strerror(errno.ENOTDIR if out.parent.exists() else errno.ENOENT)
         raise OutputError(f"output {out}: its folder {out.parent} cannot be used ({why}); HINT: create the "
                           "folder first, or choose a writable output path")
+    if os.path.exists(out) and not stat.S_ISREG(os.stat(out).st_mode):
+        raise OutputError(f"output {out} exists and is not a regular file (a FIFO, device or socket), which "
+                          "distbp never replaces, even with --force; HINT: choose a file name for the output")
     if os.path.lexists(out) and not force:
         raise OutputError(f"output {out} exists; HINT: add --force to replace it, or choose another name")
     return out
+
+
+def unwritable(out, e: OSError) -> OutputError:
+    """The error for an output that could not be written (a full or read-only disk): names the output, not
+    the temporary file the writing went to."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    hint = ("free space on its file system (or raise the quota), or write it elsewhere" if full
+            else "its folder is not writable (a read-only file system, or no permission): choose an output in a "
+                 "writable folder")
+    return OutputError(f"cannot write {out} ({e.strerror or e}); the old file, if any, is intact; HINT: {hint}")
 
 
 def check_space(out: Path, nbytes: int):
@@ -72,14 +88,25 @@ def write_bytes(path, data: bytes) -> Path:
         return out.commit(durable=True)
 
 
+def save_npz(path, arrays: dict):
+    """arrays as an .npz file numpy.load reads, one member per name (any name: np.savez's own argument
+    names, such as 'file', cannot be keys of its **kwds)."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
+
+
 # On a real full disk HDF5's own failing writes raised while objects were released and then
 # segfaulted the process. So distbp's HDF5 outputs of bounded size (checkpoints, predictions)
 # are built in memory and reach the disk through write_bytes' plain os.write, whose ENOSPC
 # is an ordinary OSError.
 
-def memory_hdf5() -> h5py.File:
-    """A new, empty HDF5 file held in memory only (h5py's core driver without a backing store)."""
-    return h5py.File(f"distbp-memory-{os.getpid()}-{next(_MEMORY_FILES)}", "w", driver="core", backing_store=False)
+def memory_hdf5(**options) -> h5py.File:
+    """A new, empty HDF5 file held in memory only (h5py's core driver without a backing store); options go to
+    h5py.File (track_order=True, ...)."""
+    return h5py.File(f"distbp-memory-{os.getpid()}-{next(_MEMORY_FILES)}", "w", driver="core", backing_store=False,
+                     **options)
 
 
 def hdf5_bytes(f: h5py.File) -> bytes:

@@ -23,7 +23,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
                                     m.activation, m.dropout)
     try:
-        model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
+        model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed,
+                           rows=cfg.train.batch_size)
     except ValueError as e:
         key = "model.layers" if m.layers else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
@@ -55,7 +56,15 @@ def build_loss(cfg: Config, data: Dataset, comm):
         agree(comm, require, not empty, f'loss.class_weights="balanced": class(es) {empty[:5]} have no rows in '
               f"split '{cfg.data.train_split}' of {data.path}; give the weights as a list, one per class")
         weights = balanced_weights(counts)
-    return agree(comm, _task_loss, data, lc.label_smoothing, weights)
+    loss = agree(comm, _task_loss, data, lc.label_smoothing, weights)
+    if isinstance(weights, list):  # a batch's weights are summed in train.dtype
+        rows = cfg.train.batch_size * cfg.train.accumulate_steps
+        limit = float(np.finfo(cfg.train.dtype).max) / rows
+        agree(comm, require, max(weights) <= limit,
+              f"loss.class_weights holds {max(weights):g}, beyond what {cfg.train.dtype} can sum over a batch of "
+              f"{rows} rows (at most {limit:.3g} each); HINT: class weights are relative, so scale them all down, "
+              "e.g. divide them by the largest")
+    return loss
 
 
 def _task_loss(data: Dataset, label_smoothing: float, class_weights):

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..files import checkpoint as ckpt
 from ..parallel import faults
-from ..config import config_from_dict
+from ..config import ConfigError, config_from_dict
 from ..datasets.dataset import Dataset, digits_path
 from ..errors import agree, on_root
 from ..nn.refs import no_imports
@@ -46,6 +46,15 @@ def evaluate(model, loss, split, comm, task, norm: Normalizer, class_names: list
     return result
 
 
+def build_stored_model(cfg, data, path: str):
+    """build_model of a checkpoint's stored config; a model the config cannot make (too large for memory, say)
+    is an error naming the checkpoint."""
+    try:
+        return build_model(cfg, data)
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"the stored config of checkpoint {path}: {e}") from None
+
+
 def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "data.path"):
     """(model, dataset, config, normalizer) from a checkpoint: rank 0 reads, the rest is broadcast; data_arg
     names the dataset's argument in messages."""
@@ -58,7 +67,7 @@ def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "d
     if data_path:
         cfg.data.path = data_path
     data = agree(comm, Dataset, cfg.data.path or digits_path(), data_arg)
-    model = agree(comm, build_model, cfg, data)
+    model = agree(comm, build_stored_model, cfg, data, path)
     on_root(comm, load_params, ck, model)
     comm.bcast(model.params)
     comm.bcast(model.buffers)

@@ -26,10 +26,10 @@ import numpy as np
 
 from ..parallel import faults
 from ..datasets.convert import CsvTable
-from ..datasets.dataset import DataError, first_bad, not_finite
+from ..datasets.dataset import DataError, not_finite
 from ..errors import agree, on_root
 from .evaluate import load_model
-from ..files.safeio import check_output, hdf5_bytes, memory_hdf5, write_bytes
+from ..files.safeio import check_output, hdf5_bytes, memory_hdf5, unwritable, write_bytes
 from ..parallel.sampler import shard
 
 FORMAT, VERSION = "predictions", 1
@@ -43,8 +43,8 @@ class NpyRows:
     def __init__(self, path: str, input_shape: tuple, x_scale: float | None):
         try:
             self.x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"input {path}: not a readable .npy array ({e}); HINT: save it with "
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise DataError(f"input {path}: not a readable .npy array ({type(e).__name__}: {e}); HINT: save it with "
                             "numpy.save(path, x)") from None
         if self.x.dtype.kind not in "fiu":
             raise DataError(f"input {path}: dtype {self.x.dtype} is not a real number type; HINT: give float32, "
@@ -53,9 +53,6 @@ class NpyRows:
         if self.x.ndim == 0 or math.prod(self.x.shape[1:]) != math.prod(input_shape) or n == 0:
             raise DataError(f"input {path}: shape {self.x.shape} does not hold rows of the model's input "
                             f"{input_shape}; HINT: give an array of shape (N, {', '.join(map(str, input_shape))})")
-        if self.x.dtype.kind == "f":
-            first_bad(f"input {path}", self.x, not_finite, "NaN or Inf inputs, first at row {row}",
-                      "clean or impute the inputs, or drop those rows, before predicting")
         self.n, self.input_shape, self.y = n, input_shape, None
         self.scale = (x_scale or 1 / 255) if self.x.dtype == np.uint8 else None
 
@@ -64,10 +61,27 @@ class NpyRows:
         return model_inputs(self.x[lo:hi], self.input_shape, self.scale, dtype), None
 
 
+def normalized(norm, x: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """(norm.x(x), index of its first row holding NaN or Inf, or None)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as Inf, which is reported
+        x = norm.x(x)
+    bad = np.flatnonzero(not_finite(x.reshape(len(x), -1)))
+    return x, (int(bad[0]) if bad.size else None)
+
+
+def check_finite_inputs(where: str, row: int | None):
+    """Raise naming the first row whose model inputs are not finite (row None: all are)."""
+    if row is not None:
+        raise DataError(f"{where}: NaN or Inf inputs, first at row {row} (NaN or Inf in the input, or a value "
+                        "beyond the model's float range after x_scale and normalization); HINT: clean or impute "
+                        "the inputs, or drop those rows, before predicting")
+
+
 def model_inputs(x, input_shape: tuple, scale: float | None, dtype) -> np.ndarray:
     """Rows of x shaped as the model's inputs, times scale if given, in dtype."""
     x = np.asarray(x).reshape(len(x), *input_shape)
-    return (x * dtype.type(scale) if scale else x).astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # a value beyond dtype's range becomes Inf, which normalized() reports
+        return (x * dtype.type(scale) if scale else x).astype(dtype, copy=False)
 
 
 class CsvRows:
@@ -126,8 +140,7 @@ class Writer:
         try:
             return write_bytes(out, csv_bytes(self.f) if str(out).lower().endswith(".csv") else hdf5_bytes(self.f))
         except OSError as e:
-            raise DataError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact; "
-                            "HINT: free space or choose another OUT") from None
+            raise unwritable(out, e) from None
 
 
 def csv_bytes(f) -> bytes:
@@ -197,12 +210,16 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     attrs = _attrs(checkpoint, source, None if array else split, data)
     writer = on_root(comm, Writer, rows.n, template, attrs)
     faults.inject_at(comm.rank, "predict")  # inert unless DISTBP_FAULT is set (tests)
+    bad = None  # this slice's first row of non-finite model inputs: no further rows are computed
     for r in range(rounds):
         a, b = min(lo + r * batch, hi), min(lo + (r + 1) * batch, hi)
         chunk = None
-        if b > a:
+        if b > a and bad is None:
             x, y = rows.read(a, b, model.params.dtype)
-            logits = model.forward(norm.x(x))
+            x, k = normalized(norm, x)
+            bad = None if k is None else a + k
+        if b > a and bad is None:
+            logits = model.forward(x)
             chunk = data.task.outputs(data.task.target_units(logits, norm))
             if y is not None:
                 chunk["y"] = y
@@ -210,4 +227,5 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         for start, arrays in pieces or ():
             if arrays is not None:
                 writer.write(start, arrays)
+    agree(comm, check_finite_inputs, f"input {source}", bad)  # slices in rank order: the lowest rank's is first
     return on_root(comm, lambda: writer.save(out))

@@ -8,6 +8,7 @@ statistics) lives the same way in the separate ``buffers`` vector.
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -35,6 +36,28 @@ def _shapes_of(layer, method: str) -> list:
     return list(get()) if get else []
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; the physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(num_params: int, num_buffers: int, activations: int, rows: int, dtype: np.dtype):
+    """Raise ValueError, before anything is allocated, if parameters, gradients and a pass of `rows` rows
+    (`activations` values per row, kept for backward and matched by their gradients) exceed the memory."""
+    itemsize = np.dtype(dtype).itemsize
+    need = (2 * num_params + num_buffers + 2 * rows * activations) * itemsize
+    memory = available_memory()
+    if need > memory:
+        raise ValueError(f"the model has {num_params:,} parameters and {activations:,} activations per row: "
+                         f"{need / 2**30:,.1f} GiB for parameters, gradients and a pass of {rows} rows in "
+                         f"{np.dtype(dtype).name}, more than the {memory / 2**30:,.1f} GiB of memory available; "
+                         "HINT: use fewer or narrower layers, or fewer rows per batch")
+
+
 class FlatLayout:
     """Names, shapes and (start, stop) offsets of named arrays packed in one flat vector."""
 
@@ -60,8 +83,10 @@ class FlatLayout:
 class Sequential:
     """Layers applied in order; one flat params, grads and buffers vector each."""
 
-    def __init__(self, specs, input_shape, dtype=np.float32, seed: int = 0):
-        self.dtype = np.dtype(dtype)
+    def __init__(self, specs, input_shape, dtype=np.float32, seed: int = 0, rows: int = 0):
+        """rows: the rows of a forward pass the model must fit in memory beside its parameters (checked before
+        any allocation)."""
+        self.dtype, self.rows = np.dtype(dtype), rows
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype={self.dtype} is not supported; use float32 or float64")
         self.specs = [dict(s) for s in specs]
@@ -98,6 +123,8 @@ class Sequential:
 
         self.layout = FlatLayout(entries("param_shapes"))
         self.buffer_layout = FlatLayout(entries("buffer_shapes"))
+        check_fits(self.layout.size, self.buffer_layout.size, sum(math.prod(o) for _, o in self.shapes_io),
+                   self.rows, self.dtype)
         self.params = np.zeros(self.layout.size, self.dtype)
         self.grads = np.zeros(self.layout.size, self.dtype)
         self.buffers = np.zeros(self.buffer_layout.size, self.dtype)

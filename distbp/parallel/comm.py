@@ -9,9 +9,7 @@ import numpy as np
 
 from ..errors import UserError
 from .guard import exit_after, flush
-
-# Launcher variables holding the number of processes it started, most specific first.
-LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+from .startup import launcher_size
 
 _WORLD = None
 _WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
@@ -232,18 +230,6 @@ def _displacements(counts) -> list[int]:
     for c in list(counts)[:-1]:
         starts.append(starts[-1] + int(c))
     return starts
-
-
-def launcher_size(environ) -> tuple[str, int] | None:
-    """(variable, processes) the launcher (mpirun, srun) says it started, or None."""
-    names = list(LAUNCHER_ENV)
-    if "SLURM_PROCID" in environ:  # inside an srun step, not merely inside an allocation
-        names.append("SLURM_STEP_NUM_TASKS")
-    for name in names:
-        value = environ.get(name, "")
-        if value.strip().isdigit():
-            return name, int(value)
-    return None
 
 
 def check_launcher(mpi_size: int, environ, have_mpi: bool = True):

@@ -16,11 +16,16 @@ import numpy as np
 from ..errors import UserError
 
 ENV = "DISTBP_FAULT"
-KINDS = ("raise", "exit", "kill", "stop", "slow", "nan", "oom", "diskfull", "readonly", "fill")
+KINDS = ("raise", "exit", "kill", "stop", "slow", "nan", "oom", "diskfull", "readonly", "fill", "term")
 FILL_NAME = "distbp-fill"  # kind=fill: the file of zeros that fills the working directory's file system
 POINTS = {"setup": "during set-up (train: before the run directory; eval, predict: after loading the model)",
           "eval": "in evaluation (train's and distbp eval's)", "predict": "in distbp predict's loop",
-          "final": "after the last training step, before the final checkpoint"}
+          "final": "after the last training step, before the final checkpoint",
+          "saving": "while rank 0 writes the final checkpoint (its bytes in memory, the file not yet on disk)",
+          "summary": "after the final checkpoint, before the summary",
+          "startup": "at process start, before MPI is initialised (mpi4py's import)",
+          "mpi": "after MPI initialisation, before the stall watchdog starts",
+          "command": "once the stall watchdog runs, before the command reads its config"}
 OOM_HEADROOM = 256 << 20  # kind=oom: address space allowed beyond what the process already maps
 DISKFULL_BYTES = 1 << 20  # kind=diskfull: no file this process writes may grow past this size
 SLOW_SECONDS = 2.0  # kind=slow: a late but live rank, which the stall watchdog must tolerate
@@ -31,7 +36,8 @@ WHAT = {"raise": "raise InjectedFault", "exit": "sys.exit(1)", "kill": "SIGKILL"
         "oom": f"allocating memory until it runs out (address space capped at +{OOM_HEADROOM >> 20} MiB)",
         "diskfull": f"files may no longer grow past {DISKFULL_BYTES >> 20} MiB (RLIMIT_FSIZE)",
         "readonly": f"write permission lost (effective uid {NOBODY}, which owns nothing)",
-        "fill": f"filling the working directory's file system ({FILL_NAME}: zeros until ENOSPC)"}
+        "fill": f"filling the working directory's file system ({FILL_NAME}: zeros until ENOSPC)",
+        "term": "SIGTERM to itself (as SLURM's preemption or time limit)"}
 
 
 class InjectedFault(RuntimeError):
@@ -102,8 +108,8 @@ def _do(fault: Fault, grads: np.ndarray | None):
         raise InjectedFault(f"injected fault on rank {fault.rank} at step {fault.step}")
     if kind == "exit":
         sys.exit(1)
-    if kind in ("kill", "stop"):
-        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    if kind in ("kill", "stop", "term"):
+        os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}[kind])
     elif kind == "slow":
         time.sleep(SLOW_SECONDS)
     elif kind == "nan":

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import trackers
 from .progress import Progress
 
 from ..errors import UserError
@@ -130,10 +131,8 @@ class RunLog:
         """Close the bar, the trackers (with the run's exit code) and the files."""
         self.end_progress()
         for tracker in self.trackers:
-            try:
-                tracker.close(exit_code)
-            except Exception as e:
-                self.info(f"WARNING: {type(tracker).__name__} did not close cleanly ({type(e).__name__}: {e})")
+            if problem := trackers.close_within(tracker, exit_code, trackers.CLOSE_TIMEOUT_S):
+                self.info(f"WARNING: {type(tracker).__name__} did not close cleanly ({problem})")
         self.trackers = []
         for f in (self.metrics, self.logfile):
             if f:

@@ -21,11 +21,13 @@ def read_metrics(run_dir) -> dict:
         raise UserError(f"{run_dir}: no metrics.jsonl; HINT: give a run directory written by `distbp train` "
                         "(its --run-dir)")
     train, evals, per_epoch = {}, {}, None
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, ValueError):
             continue  # a line cut short by a killed run
+        if not _plottable(rec):
+            continue  # not a record distbp writes (a foreign or damaged line)
         if rec.get("summary") and rec.get("epochs"):
             per_epoch = rec["steps"] / rec["epochs"]
         elif "loss" in rec and "step" in rec:
@@ -39,6 +41,18 @@ def read_metrics(run_dir) -> dict:
     # a step s of (1-based) epoch e has s <= e P, with equality at the epoch's end
     per_epoch = per_epoch or max(r[0] / max(r[1], 1) for r in records)
     return {"train": sorted(train.values()), "eval": sorted(evals.values()), "steps_per_epoch": per_epoch}
+
+
+def _number(v) -> bool:
+    """True for an int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _plottable(rec) -> bool:
+    """True if rec is a record whose fields the plot reads are numbers (steps, epochs and losses)."""
+    return isinstance(rec, dict) and all(_number(rec[k]) for k in ("step", "epoch", "loss", "val_loss", "steps",
+                                                                     "epochs") if k in rec) \
+        and all(_number(v) for k, v in rec.items() if k in SCORES + ERRORS)
 
 
 def ema(values, weight: float | None = None) -> list[float]:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import time
 from pathlib import Path
 
 from ..errors import UserError
 
+CLOSE_TIMEOUT_S = 60.0  # a tracker's close() (queued metrics, the run's end) may take this long, no longer
 EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
 
 
@@ -116,6 +118,24 @@ class MLflow:
             op.wait()
         status = {0: "FINISHED", 75: "KILLED"}.get(exit_code, "FAILED")
         self.client.set_terminated(self.run_id, status=status)
+
+
+def close_within(tracker, exit_code: int | None, seconds: float) -> str | None:
+    """Close a tracker in a daemon thread given `seconds`; None if it closed, else what went wrong (a tracker
+    blocked on an unreachable server is left behind: the run's files are complete and the process exits)."""
+    errors = []
+
+    def close():
+        try:
+            tracker.close(exit_code)
+        except Exception as e:  # noqa: BLE001 - any tracker library's failure is a warning, not a failed run
+            errors.append(f"{type(e).__name__}: {e}")
+    thread = threading.Thread(target=close, name=f"distbp-close-{type(tracker).__name__}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return f"still closing after {seconds:g} s (its server does not answer?); left behind"
+    return errors[0] if errors else None
 
 
 def open_trackers(log_cfg, run_dir: Path, config: dict, config_toml: str) -> list:

@@ -45,17 +45,22 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-        progress: str = "auto") -> dict:
-    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included)."""
+        progress: str = "auto", keep_stop_handlers: bool = False, config_file: str | None = None) -> dict:
+    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included).
+    keep_stop_handlers: a stop signal after the run only sets a flag until the process ends (the CLI);
+    config_file: the TOML file cfg was read from (never overwritten)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
-        trainer = Trainer(cfg, comm, run_dir, resume, force, progress)
+        trainer = Trainer(cfg, comm, run_dir, resume, force, progress, config_file)
+        stop = slurm.StopRequest()
         try:
-            trainer.train()
+            trainer.train(stop.install())
             return trainer.summary
         except BaseException:
             trainer.runlog.close()  # the trackers end their runs as failed
             raise
         finally:
+            if not keep_stop_handlers:
+                stop.restore()
             if trainer.lock:
                 trainer.lock.release()
 
@@ -64,7 +69,7 @@ class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
     def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
-                 progress: str = "auto"):
+                 progress: str = "auto", config_file: str | None = None):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -82,7 +87,8 @@ class Trainer:
         on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
-        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm)
+        self.lock, notes = agree(comm, rundir.prepare, run_dir, config_to_toml(cfg), resume, force, comm,
+                                 config_file=config_file)
         agree(comm, rundir.check_seen, run_dir)
         self.runlog = agree(comm, RunLog, run_dir, comm.is_root, self._progress(progress))
         self.log = self.runlog.info
@@ -143,10 +149,16 @@ class Trainer:
             return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap, self.opt.owned)
         return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned)
 
-    def train(self) -> int:
-        """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
+    def train(self, stop: slurm.StopRequest | None = None) -> int:
+        """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary. `stop`: the
+        installed stop-signal handlers, kept by the caller past the summary (else installed and restored here)."""
+        if stop is None:
+            stop = slurm.StopRequest().install()
+            try:
+                return self.train(stop)
+            finally:
+                stop.restore()
         cfg, pos, timer, s = self.cfg, self.pos, self.timer, self.scalars
-        stop = slurm.StopRequest().install()
         configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
         self.grad_step = self.make_step()
@@ -188,9 +200,14 @@ class Trainer:
             raise
         finally:
             configure_watchdog(self.comm, step_of=lambda: -1)
-            stop.restore()
+        # the stop handlers are still in place: a signal now (a SLURM time limit arriving at the end)
+        # only sets the flag, so the final checkpoint is completed, never left as a temp file
         faults.inject_at(self.comm.rank, "final")
         agree(self.comm, self.save, final=True)
+        if stop.requested and exit_code == EXIT_OK:
+            self.log(f"stop signal received after the last step: the final checkpoint at step {pos.step} "
+                     f"is written and the run is complete, exit {EXIT_OK}")
+        faults.inject_at(self.comm.rank, "summary")
         return self.finish(exit_code)
 
     def forward_backward(self) -> tuple[float, int, int]:

@@ -15,6 +15,7 @@ from ..inference.builders import load_params
 from ..nn import Sequential
 from ..datasets.normalize import Normalizer
 from ..optim import make_optimizer
+from ..parallel import faults
 from ..parallel.zero import ShardedOptimizer, sharded
 
 
@@ -171,13 +172,24 @@ def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: 
         errors.append(saver.wait())  # the previous save's error, reported even if this write fails too
         errors.append(saver.save(path, make(), then=after_seal))
         if final:
+            faults.inject_at(0, "saving")  # inert unless DISTBP_FAULT is set (tests)
             errors.append(saver.wait())
     except (OSError, RuntimeError) as e:  # h5py reports some failures as RuntimeError
         errors.append(e)
     final_error = errors.pop() if final else None
+    kept = previous_checkpoint(path)
     for e in filter(None, errors):
-        log(f"WARNING: a checkpoint could not be written ({e}); the previous one is intact, "
-            "training continues")
+        log(f"WARNING: a checkpoint could not be written ({e}); {kept}, training continues")
     if final_error:
-        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
-                                   "the previous checkpoint is intact")
+        raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); {kept}; "
+                                   "HINT: free space or make the run directory writable, then --resume auto")
+
+
+def previous_checkpoint(path: Path) -> str:
+    """'the previous checkpoint (NAME) is intact', or that there is none, for a failed save at path."""
+    try:
+        earlier = [p for p in ckpt.list_checkpoints(path.parent) if p != path]
+    except OSError:  # the folder itself can no longer be read (the permission that failed the save)
+        return "the previous checkpoint, if any, is intact"
+    return (f"the previous checkpoint ({earlier[-1].name}) is intact" if earlier
+            else "no earlier checkpoint exists (checkpoint.every_steps=0 saves only at the end)")
