@@ -15,6 +15,7 @@ from .early_stop import EARLY_STOP_KEYS, EarlyStopping
 from ..errors import UserError, agree, on_root
 from ..nn import Sequential, make_loss, mlp_specs
 from ..nn.losses import balanced_weights, loss_class
+from ..nn.resnet import resnet_specs
 from ..datasets.normalize import Normalizer
 from ..optim import make_optimizer
 from ..parallel.sampler import shard
@@ -41,6 +42,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     m = cfg.model
     if m.layers:
         specs = [dict(s) for s in m.layers]
+    elif m.resnet_depth:
+        specs = resnet_specs(m.resnet_depth, data.output_dim)
     else:
         flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
@@ -48,7 +51,7 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
-        key = "model.layers" if m.layers else "model.hidden"
+        key = "model.layers" if m.layers else "model.resnet_depth" if m.resnet_depth else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
