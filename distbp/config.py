@@ -20,6 +20,7 @@ from .errors import UserError, require
 from .nn.blocks import nested_specs
 from .nn.layers import activation_names, layer_class
 from .nn.losses import loss_class
+from .datasets.augment import KINDS as AUGMENT_KINDS
 from .datasets.normalize import KINDS as NORMALIZE_KINDS
 from .reporting.scores import BEST_CHOICES
 
@@ -77,6 +78,9 @@ class DataConfig:
                                      "none; constant features get scale 1", choices=NORMALIZE_KINDS)
     normalize_targets: bool = key(True, "regression: standardize targets for training; metrics and "
                                         "predictions stay in the original units")
+    augment: str = key("none", "training-time augmentation of image inputs: crop_flip (a random crop of the "
+                               "4-pixel zero-padded image and a horizontal flip, drawn from seed, epoch and "
+                               "row: the same at any rank count) or none", choices=AUGMENT_KINDS)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import import_torch, rel_err, run_distbp
 from distbp.config import _toml_value
+from distbp.datasets.augment import crop_flip
 from distbp.datasets.dataset import write_dataset
 from distbp.files import checkpoint as ckpt
 from distbp.nn import Sequential, resnet_specs
@@ -69,7 +70,8 @@ def test_resnet8_trains_like_pytorch_on_the_same_batches_at_1_and_2_ranks(serial
         order = epoch_order(0, k // per_epoch, len(x))
         rows = order[(k % per_epoch) * batch:(k % per_epoch + 1) * batch]
         opt.zero_grad()
-        out = reference(torch.tensor(x[rows].astype(np.float64)))
+        batch_x = crop_flip(x[rows].astype(np.float64), 0, k // per_epoch, rows)  # the shipped data.augment
+        out = reference(torch.tensor(batch_x))
         torch.nn.functional.cross_entropy(out, torch.tensor(y[rows])).backward()
         opt.step()
     want = flat(pairs, "data")
@@ -87,6 +89,7 @@ def small_resnet_sets(data) -> list:
     layers = resnet_specs(8, CLASSES, width=8, norm="layernorm")
     return [f"data.path={json.dumps(str(data))}", "model.resnet_depth=0", f"model.layers={_toml_value(layers)}",
             "train.batch_size=24", "train.deterministic=true", "train.micro_batch=5", 'optim.name="adam"',
+            'data.augment="crop_flip"',
             "optim.lr=0.01", "optim.schedule_steps=5", "checkpoint.every_steps=3"]  # one cosine horizon for every run
 
 
