@@ -187,3 +187,14 @@ def test_ckpt_inspect_shows_the_block_tree(serial, tmp_path):
     assert proc.returncode == 0, proc.stderr
     tree = proc.stdout.split("parameter tree", 1)[1].splitlines()
     assert "  5.residual" in tree and "      0.conv2d.W  (32, 16, 3, 3)" in tree and "    shortcut" in tree
+
+
+def test_synthetic_images_for_the_readme_recipe(serial, tmp_path):
+    out = tmp_path / "images.h5"
+    proc = run_distbp(["data", "synthetic", out, "--shape", "3,8,8", "--rows", "50", "--classes", "4"])
+    assert proc.returncode == 0, proc.stderr
+    from distbp.datasets.dataset import Dataset
+    with Dataset(out) as d:
+        assert d.input_shape == (3, 8, 8) and d.num_classes == 4 and d.split("train").n == 40
+    bad = run_distbp(["data", "synthetic", tmp_path / "bad.h5", "--shape", "3,8"])
+    assert bad.returncode == 2 and "must be C,H,W" in bad.stderr and not (tmp_path / "bad.h5").exists()
