@@ -514,7 +514,7 @@ def synthetic_images(rows: int, shape: tuple, classes: int, seed: int = 0) -> tu
     y = rng.integers(0, classes, rows)
     x = rng.standard_normal((rows, C, H, W), dtype=np.float32)
     top, left = rng.integers(0, H - k + 1, rows), rng.integers(0, W - k + 1, rows)
-    strength = rng.uniform(0.5, 1.5, rows).astype(np.float32)
+    strength = rng.uniform(1.0, 2.0, rows).astype(np.float32)
     for i in range(rows):
         x[i, :, top[i]:top[i] + k, left[i]:left[i] + k] += strength[i] * patterns[y[i]]
     return x, y.astype(np.int64)
