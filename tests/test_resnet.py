@@ -17,13 +17,6 @@ from torch_twin import flat, twin
 CLASSES = 10
 
 
-@pytest.fixture
-def serial(comm):
-    """Launches its own mpirun jobs: the serial session only."""
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
-
-
 def images(path, side=32, train=96, val=32, seed=0):
     """A learnable (3, side, side) set of 10 classes: a class-dependent brightness plus noise."""
     rng = np.random.default_rng(seed)
