@@ -78,6 +78,13 @@ LENET = (*conv_block(16, 5), POOL, *conv_block(32, 5), POOL, FLATTEN,
 CIFAR = (*conv_block(32, 3, True) * 2, POOL, *conv_block(64, 3, True) * 2, POOL, FLATTEN,
          {"type": "linear", "out": 256}, RELU, {"type": "linear", "out": 10})
 
+
+def resnet(depth: int) -> tuple:
+    """The shipped resnet's layers (distbp/configs/resnet.toml) for 10 classes."""
+    from distbp.nn import resnet_specs
+    return tuple(resnet_specs(depth, 10))
+
+
 WORKLOADS = {
     "W1": Workload("MLP 784-1024-1024-10 ReLU, batch 256, float32, SGD momentum 0.9"),
     "W2": Workload("MLP 64-128-10 ReLU on the shipped digits, batch 64, float32", features=64,
@@ -97,10 +104,13 @@ WORKLOADS = {
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
                    "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
                    steps=5, torch_steps=5, warmup=3),
+    "W7-resnet": Workload("ResNet-8 (the shipped resnet config, He et al. CIFAR style) on (3, 32, 32); batch 128",
+                          layers=resnet(8), image=(3, 32, 32), batch=128, rows=2048, steps=5, torch_steps=5,
+                          warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
-       ("W6", 1, 2)]
+       ("W6", 1, 2), ("W7-resnet", 1, 1), ("W7-resnet", 2, 1), ("W7-resnet", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -168,9 +178,9 @@ def steady_timer_class(warmup: int):
 
 
 def toml_specs(specs) -> str:
-    """Layer specs as a TOML array of inline tables (their values are ints, strings and int lists)."""
-    return "[" + ", ".join("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.items()) + " }"
-                           for s in specs) + "]"
+    """Layer specs (blocks' nested lists too) as a TOML array of inline tables."""
+    from distbp.config import _toml_value
+    return _toml_value(list(specs))
 
 
 def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path, r: int) -> dict:
@@ -204,7 +214,7 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
     """
     from distbp.nn import Sequential
     shapes = []
-    for layer in Sequential(wl.specs(), wl.input_shape).layers:
+    for _, _, layer in Sequential(wl.specs(), wl.input_shape).units:  # blocks' sub-layers too
         if layer.kind == "linear":
             shapes.append((n, layer.d_in, layer.d_out))
         elif layer.kind == "conv2d":
@@ -250,12 +260,31 @@ def torch_model(wl: Workload, dtype):
     BatchNorm normalizes with each rank's own batch statistics under DDP: torch's SyncBatchNorm
     (distbp's semantics) works only on GPU, so the peer skips the statistics allreduce distbp does.
     """
-    import torch
     from distbp.nn import Sequential
     model = Sequential(wl.specs(), wl.input_shape)
+    return _torch_chain(model.chain, dtype)
+
+
+def _torch_chain(chain, dtype):
+    """torch.nn.Sequential of a distbp Chain; a residual or concat block becomes a module over its chains' twins."""
+    import torch
+
+    class Fork(torch.nn.Module):
+        def __init__(self, kind, paths):
+            super().__init__()
+            self.kind, self.paths = kind, torch.nn.ModuleList(paths)
+
+        def forward(self, x):
+            outs = [p(x) for p in self.paths]
+            return outs[0] + outs[1] if self.kind == "residual" else torch.cat(outs, dim=1)
+
     layers = []
-    for layer, (shape, _) in zip(model.layers, model.shapes_io):
-        if layer.kind == "linear":
+    for layer, (shape, _) in zip(chain.layers, chain.shapes_io):
+        if layer.kind in ("residual", "concat"):
+            layers.append(Fork(layer.kind, [_torch_chain(c, dtype) for _, c in layer.chains()]))
+        elif layer.kind == "global_avgpool":
+            layers.append(torch.nn.AdaptiveAvgPool2d(1))
+        elif layer.kind == "linear":
             layers.append(torch.nn.Linear(layer.d_in, layer.d_out, bias=layer.bias, dtype=dtype))
         elif layer.kind == "conv2d":
             layers.append(torch.nn.Conv2d(layer.C, layer.F, (layer.kh, layer.kw), (layer.sh, layer.sw),
@@ -457,37 +486,46 @@ def table(records: list[dict]) -> str:
 
 
 def layer_table(name: str, rounds: int, threads: int) -> str:
-    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
+    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch;
+    a block's sub-layers get rows of their own (path-named) after the block's row, which includes them."""
     from threadpoolctl import threadpool_limits
     from distbp.nn import Sequential
     wl = WORKLOADS[name]
     model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
-    first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
-    model.layers[first].need_dx = False  # as in training: no gradient for the input
     x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
-    times = np.zeros((rounds, len(model.layers), 2))
+    times, r = np.zeros((rounds + 1, len(model.units), 2)), [0]
+    for i, (_, _, layer) in enumerate(model.units):
+        _time_layer(layer, times, r, i)
     with threadpool_limits(threads, user_api="blas"):
-        for r in range(-1, rounds):  # round -1 warms up
+        for r[0] in range(-1, rounds):  # round -1 (the last row of times) warms up
             model.zero_grad(skip_written=True)
-            h = x
-            for i, layer in enumerate(model.layers):
-                t0 = time.perf_counter()
-                h = layer.forward(h)
-                times[r, i, 0] = time.perf_counter() - t0
-            dy = np.full_like(h, 1 / len(h))
-            for i in reversed(range(first, len(model.layers))):
-                t0 = time.perf_counter()
-                dy = model.layers[i].backward(dy)
-                times[r, i, 1] = time.perf_counter() - t0
+            h = model.forward(x)
+            model.backward(np.full_like(h, 1 / len(h)), need_dx=False)  # as in training: no gradient for the input
+    times = times[:rounds]
     med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
     rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
             "| layer | out shape | forward | backward |", "|---|---|---|---|"]
-    for i, layer in enumerate(model.layers):
-        rows.append(f"| {i} {layer.kind} | {model.shapes_io[i][1]} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
+    for i, (path, _, layer) in enumerate(model.units):
+        rows.append(f"| {path} {layer.kind} | {tuple(layer.out_shape)} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
                     f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
-    total = times.sum(axis=(1, 2))
+    top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]
+    total = times[:, top].sum(axis=(1, 2))
     rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
     return "\n".join(rows)
+
+
+def _time_layer(layer, times, r: list, i: int) -> None:
+    """Wrap the layer's forward and backward so each adds its seconds into times[r[0], i]."""
+    forward, backward = layer.forward, layer.backward
+
+    def timed(f, phase):
+        def run(a):
+            t0 = time.perf_counter()
+            out = f(a)
+            times[r[0], i, phase] += time.perf_counter() - t0
+            return out
+        return run
+    layer.forward, layer.backward = timed(forward, 0), timed(backward, 1)
 
 
 def memory_table(records: list[dict]) -> str:

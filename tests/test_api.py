@@ -21,10 +21,11 @@ EXAMPLE = ROOT / "examples" / "custom_layer.py"
 
 PUBLIC = ["Config", "ConfigError", "Model", "NonFiniteError", "UserError", "__version__", "load", "load_config",
           "nn", "rank", "train", "world_size"]
-PUBLIC_NN = ["Activation", "AvgPool2D", "BCEWithLogits", "BatchNorm", "Context", "Conv2D", "Dropout", "Flatten", "GELU", "GlobalAvgPool", "Layer",
-             "LayerNorm", "LeakyReLU", "Linear", "Loss", "MSE", "MaxPool2D", "ReLU", "Reshape", "Sequential",
+PUBLIC_NN = ["Activation", "AvgPool2D", "BCEWithLogits", "BatchNorm", "Block", "Chain", "Concat", "Context", "Conv2D",
+             "Dropout", "Flatten", "Fork", "GELU", "GlobalAvgPool", "Layer",
+             "LayerNorm", "LeakyReLU", "Linear", "Loss", "MSE", "MaxPool2D", "ReLU", "Reshape", "Residual", "Sequential",
              "Sigmoid", "SoftmaxCrossEntropy", "Softplus", "Tanh", "WeightLayer", "check_gradients", "check_spec",
-             "register", "register_loss", "spec_value"]
+             "register", "register_loss", "resnet_specs", "spec_value"]
 
 
 @pytest.fixture(autouse=True)

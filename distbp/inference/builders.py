@@ -8,7 +8,7 @@ from ..datasets.dataset import Dataset
 from ..datasets.task import TaskError
 from ..errors import UserError, agree, require
 from ..files import checkpoint as ckpt
-from ..nn import Sequential, mlp_specs
+from ..nn import Sequential, mlp_specs, resnet_specs
 from ..nn.losses import balanced_weights, loss_class
 from ..parallel.sampler import shard
 
@@ -18,6 +18,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     m = cfg.model
     if m.layers:
         specs = [dict(s) for s in m.layers]
+    elif m.resnet_depth:
+        specs = resnet_specs(m.resnet_depth, data.output_dim)
     else:
         flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
@@ -26,7 +28,7 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed,
                            rows=cfg.train.batch_size)
     except ValueError as e:
-        key = "model.layers" if m.layers else "model.hidden"
+        key = "model.layers" if m.layers else "model.resnet_depth" if m.resnet_depth else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
     if model.out_shape != (data.output_dim,):
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "

@@ -3,7 +3,8 @@
 Public: the names in ``__all__`` (docs/API.md); the submodules and other names are internal.
 """
 
-from . import conv, init, layers, losses, norm, pool, reshape  # noqa: F401  (conv, norm, pool, reshape register)
+from . import blocks, conv, init, layers, losses, norm, pool, reshape  # noqa: F401  (blocks, conv, norm, pool, reshape register)
+from .blocks import Block, Chain, Concat, Fork, Residual
 from .conv import Conv2D
 from .gradcheck import check_gradients
 from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, LeakyReLU, Linear,  # noqa: F401
@@ -11,11 +12,13 @@ from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, Lea
                      spec_value)
 from .losses import MSE, BCEWithLogits, Loss, SoftmaxCrossEntropy, make_loss, register_loss  # noqa: F401
 from .model import Sequential, mlp_specs  # noqa: F401
+from .resnet import resnet_specs
 from .norm import BatchNorm, LayerNorm
 from .pool import AvgPool2D, GlobalAvgPool, MaxPool2D
 from .reshape import Flatten, Reshape
 
 __all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "register", "check_spec", "spec_value",
+           "Block", "Fork", "Chain", "Residual", "Concat",
            "Linear", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "LayerNorm", "Flatten",
            "Reshape", "Dropout", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
-           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "check_gradients"]
+           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "check_gradients", "resnet_specs"]
