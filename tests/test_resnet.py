@@ -191,3 +191,10 @@ def test_synthetic_images_for_the_readme_recipe(serial, tmp_path):
         assert d.input_shape == (3, 8, 8) and d.num_classes == 4 and d.split("train").n == 40
     bad = run_distbp(["data", "synthetic", tmp_path / "bad.h5", "--shape", "3,8"])
     assert bad.returncode == 2 and "must be C,H,W" in bad.stderr and not (tmp_path / "bad.h5").exists()
+
+
+def test_the_readme_command_before_the_fetch_says_how_to_get_cifar10(serial, tmp_path):
+    proc = run_distbp(["train", "resnet", "--run-dir", tmp_path / "run"], cwd=tmp_path)
+    assert proc.returncode == 2 and "dataset data/cifar10.h5: no such file" in proc.stderr, proc.stderr
+    assert "HINT: `distbp data fetch cifar10` downloads and writes it" in proc.stderr
+    assert not (tmp_path / "run").exists()
