@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add_force(ds)
     add_convert_parser(dsub)
+    add_text_parser(dsub)
     add_fetch_parser(dsub)
     di = dsub.add_parser("inspect", help="splits, shapes, dtypes, class balance, value ranges")
     di.add_argument("file", help="a distbp dataset file (.h5)")
@@ -154,6 +155,26 @@ def add_convert_parser(dsub):
     dc.add_argument("--x-scale", type=float, help="scale of uint8 inputs (default: 1/255)")
     dc.add_argument("--x-key", default="x", help=".npz array holding x (default: %(default)s)")
     dc.add_argument("--y-key", default="y", help=".npz array holding y (default: %(default)s)")
+
+
+def add_text_parser(dsub):
+    """distbp data text's arguments."""
+    dt = dsub.add_parser("text", help="a text file to a token dataset (character or byte vocabulary)",
+                         description="Cut a text into windows of --context tokens (x) and the same shifted by one "
+                         "(y, the next tokens). The validation split is the contiguous tail of the text; the "
+                         "vocabulary is stored in the file.")
+    dt.add_argument("file", metavar="FILE", help="the text (UTF-8 for --level char)")
+    dt.add_argument("out", metavar="OUT", help="dataset file to write")
+    dt.add_argument("--context", type=int, required=True, metavar="T", help="tokens per row (the model's context)")
+    dt.add_argument("--level", choices=("char", "byte"), default="char",
+                    help="one token per character (vocabulary: the text's characters) or per byte (256 ids) "
+                    "(default: %(default)s)")
+    dt.add_argument("--val-fraction", type=float, default=0.1, help="share of the text, from its end, in the "
+                    "val split (default: %(default)s)")
+    dt.add_argument("--stride", type=int, help="tokens between window starts (default: the context, no overlap)")
+    dt.add_argument("--dtype", choices=("auto", "uint8", "uint16", "int32"), default="auto",
+                    help="dtype of the stored ids (default: the smallest that holds the vocabulary)")
+    add_force(dt)
 
 
 def add_checkpoint_argument(p):
@@ -282,6 +303,13 @@ def cmd_data(args, comm) -> int:
         if comm.is_root:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
+        return 0
+    if args.data_command == "text":
+        from .datasets.text import text_dataset
+        text_dataset(args.file, args.out, args.context, args.level, args.val_fraction, args.stride, args.dtype,
+                     args.force)
+        with data.Dataset(args.out) as ds:
+            print("\n".join([f"wrote {args.out}", *ds.describe()]))
         return 0
     if args.data_command == "fetch":
         from .datasets.fetch import fetch

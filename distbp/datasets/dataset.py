@@ -17,7 +17,7 @@ from ..parallel.comm import node_shared_array
 from ..errors import UserError
 
 FORMAT, VERSION = "dataset", 1
-TASKS = ("classification", "regression", "binary")
+TASKS = ("classification", "regression", "binary", "sequence")
 X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
 SPLIT_ORDER = ("train", "val", "test")
 DEFAULT_MEMORY_BYTES = 2 << 30  # per node, as data.memory_mb's default
@@ -82,6 +82,12 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
     if task not in TASKS:
         _fail(where, f"root attribute task={task!r} is not one of {', '.join(TASKS)}",
               "set the root attribute task, e.g. task='classification'")
+    if task == "sequence":  # token ids: the vocabulary's size plays the part of num_classes
+        vocab = _attr(attrs, "vocab_size")
+        if not (_is_int(vocab) and 1 <= vocab <= 1 << 31):
+            _fail(where, f"root attribute vocab_size={vocab!r} must be a positive integer",
+                  "make token datasets with `distbp data text`, which stores the vocabulary")
+        return task, vocab, None
     num_classes = _attr(attrs, "num_classes") if task == "classification" else None
     if task == "classification" and not (_is_int(num_classes) and 2 <= num_classes <= MAX_CLASSES):
         _fail(where, f"root attribute num_classes={num_classes!r} must be an integer from 2 to {MAX_CLASSES:,}",
@@ -96,6 +102,12 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
 
 def _check_shapes(path, split: str, x, y, task: str, x_scale: float | None):
     """Shape and dtype checks of one split's x and y (metadata only, no reads)."""
+    if task == "sequence":
+        for key, a in (("x", x), ("y", y)):
+            if a.ndim != 2 or a.dtype.kind not in "iu" or a.shape != x.shape or 0 in a.shape:
+                _fail(_where(path, split, key), f"shape {a.shape} dtype {a.dtype} is not (N, T) integer token ids "
+                      f"like x {x.shape}", "make token datasets with `distbp data text`")
+        return
     if x.ndim < 2 or 0 in x.shape[1:]:
         _fail(_where(path, split, "x"), f"shape {x.shape} is not (rows, features...)",
               "store x as (N, D) or (N, C, H, W), e.g. x.reshape(len(x), -1)")
@@ -177,6 +189,17 @@ def not_finite(b):
     return ~np.isfinite(b).all(axis=1)
 
 
+def _check_ids(where: str, a, vocab: int):
+    """Fail naming the first token id outside [0, vocab) and its row and position."""
+    for lo, block in _blocks(a):
+        block = np.asarray(block)
+        bad = np.argwhere((block < 0) | (block >= vocab))
+        if len(bad):
+            r, t = (int(i) for i in bad[0])
+            _fail(where, f"token id {block[r, t]} at row {lo + r}, position {t} is outside [0, {vocab}), the "
+                  "vocabulary", "re-make the dataset with `distbp data text`, or fix its vocab_size")
+
+
 def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
     """Finite features, and labels or targets in range, read in blocks."""
     where_y = _where(path, split, "y")
@@ -184,7 +207,10 @@ def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
         if x.dtype.kind == "f":
             first_bad(_where(path, split, "x"), x, not_finite, "NaN or Inf features, first at row {row}",
                        "clean or impute the features, or drop those rows, before writing the file")
-        if task == "classification":
+        if task == "sequence":
+            for key, a in (("x", x), ("y", y)):
+                _check_ids(_where(path, split, key), a, num_classes)
+        elif task == "classification":
             first_bad(where_y, y, lambda b: ((b < 0) | (b >= num_classes)).any(axis=1),
                        f"label {{value}} at row {{row}} is outside [0, {num_classes})",
                        f"labels must be 0..{num_classes - 1}; fix them or the root attribute num_classes")
@@ -252,6 +278,8 @@ class Split:
             x, y = self._x.take(idx, axis=0), self._y.take(idx, axis=0)
         else:
             x, y = self._read_file(idx)
+        if self._ds.task == "sequence":  # token ids stay integers
+            return x.astype(np.int64), y.astype(np.int64)
         if x.dtype == np.uint8:
             x = np.multiply(x, np.dtype(dtype).type(self._ds.x_scale), dtype=dtype)
         y_dtype = np.int64 if self._ds.task == "classification" else dtype
@@ -328,7 +356,8 @@ class Dataset:
             raise
         x, y = next(iter(self._arrays.values()))
         self.input_shape = tuple(x.shape[1:])
-        self.output_dim = self.num_classes if self.task == "classification" else (y.shape[1] if y.ndim == 2 else 1)
+        self.output_dim = self.num_classes if self.task in ("classification", "sequence") else \
+            (y.shape[1] if y.ndim == 2 else 1)
 
     def _scan_splits(self) -> dict:
         """{split: (x, y)} h5py datasets of every root group, checked for shapes and dtypes."""
@@ -475,7 +504,7 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
     header = {"distbp_format": FORMAT, "version": VERSION, "task": task, "num_classes": num_classes,
               "x_scale": x_scale, **(attrs or {})}
     header = {k: v for k, v in header.items() if v is not None}
-    _check_header(_where(path), header)
+    num_classes = _check_header(_where(path), header)[1]  # a sequence's vocab_size from attrs
     if not arrays:
         _fail(_where(path), "no splits given", "pass splits={'train': (x, y), 'val': (x, y)}")
     for name, (x, y) in arrays.items():

@@ -1,6 +1,8 @@
 """Evaluation: a split's exact global loss and task metrics, and a trained model back from its checkpoint."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..files import checkpoint as ckpt
@@ -26,7 +28,7 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
     """
     lo, hi = shard(split.n, comm.rank, comm.size)
     sums = np.zeros(4)  # loss sum, correct, rows, what the loss mean divides by (rows or summed class weights)
-    k = model.out_shape[0]
+    k = model.out_shape[-1]
     reg = RegressionSums(k, norm.y_mean) if task == "regression" else None
     cm = np.zeros((k, k)) if class_names and task == "classification" else None
     faults.inject_at(comm.rank, "eval")  # inert unless DISTBP_FAULT is set (tests)
@@ -46,8 +48,10 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
             comm.allreduce_sum(buf)
     rows = max(sums[2], 1)
     result = {"val_loss": sums[0] / sums[3] if sums[3] else 0.0}
-    if task in ("classification", "binary"):
-        result["val_accuracy"] = sums[1] / rows
+    if task in ("classification", "binary", "sequence"):
+        result["val_accuracy"] = sums[1] / rows  # sequence: per token (the loss counts correct tokens / T)
+    if task == "sequence":
+        result["val_perplexity"] = math.exp(min(result["val_loss"], 700.0))  # nats per token; no overflow
     if reg is not None:
         result.update(reg.metrics(sums[2]))
     if cm is not None:

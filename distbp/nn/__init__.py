@@ -3,8 +3,10 @@
 Public: the names in ``__all__`` (docs/API.md); the submodules and other names are internal.
 """
 
-from . import conv, init, layers, losses, norm, pool, reshape  # noqa: F401  (conv, norm, pool, reshape register)
+from . import attention, conv, embedding, init, layers, losses, norm, pool, reshape, sequence_loss  # noqa: F401  (they register)
+from .attention import CausalSelfAttention
 from .conv import Conv2D
+from .embedding import Embedding, PositionEmbedding, TiedOutput
 from .gradcheck import check_gradients
 from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, LeakyReLU, Linear,  # noqa: F401
                      ReLU, Sigmoid, Softplus, Tanh, WeightLayer, activation_names, check_spec, register,
@@ -14,8 +16,9 @@ from .model import Sequential, mlp_specs  # noqa: F401
 from .norm import BatchNorm, LayerNorm
 from .pool import AvgPool2D, GlobalAvgPool, MaxPool2D
 from .reshape import Flatten, Reshape
+from .sequence_loss import SequenceCrossEntropy
 
 __all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "register", "check_spec", "spec_value",
            "Linear", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "LayerNorm", "Flatten",
-           "Reshape", "Dropout", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
-           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "check_gradients"]
+           "Reshape", "Dropout", "Embedding", "PositionEmbedding", "TiedOutput", "CausalSelfAttention", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
+           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "SequenceCrossEntropy", "check_gradients"]

@@ -85,6 +85,8 @@ class Sequential:
             except ValueError as e:
                 raise ValueError(f"layer {i}: type {spec.get('type')!r} {e}") from None
             layer = cls.build(spec, shape, i, self.seed)
+            if hasattr(layer, "tie"):  # a layer sharing an earlier layer's weight (tied_output)
+                layer.tie(layers)
             shapes_io.append((shape, tuple(layer.out_shape)))
             layers.append(layer)
             shape = tuple(layer.out_shape)
@@ -190,7 +192,9 @@ class Sequential:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Output for a batch x of shape (N, *input_shape); caches what backward needs."""
-        x = np.asarray(x, dtype=self.dtype)
+        x = np.asarray(x)
+        if not (x.dtype.kind in "iu" and self.layers and getattr(self.layers[0], "takes_ids", False)):
+            x = x.astype(self.dtype, copy=False)  # token ids stay integers for an embedding
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"input of shape {x.shape} does not match the model's input "
                              f"shape (N, {', '.join(map(str, self.input_shape))})")

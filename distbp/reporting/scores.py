@@ -7,10 +7,11 @@ import numpy as np
 from ..errors import UserError
 
 TASK_METRICS = {"classification": ("val_loss", "val_accuracy"), "binary": ("val_loss", "val_accuracy"),
-                "regression": ("val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse")}
+                "regression": ("val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse"),
+                "sequence": ("val_loss", "val_perplexity", "val_accuracy")}
 MAXIMIZED = ("val_accuracy", "val_r2")
-BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2")
-BEST_DEFAULT = {"classification": "val_accuracy", "binary": "val_accuracy", "regression": "val_loss"}
+BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "val_perplexity")
+BEST_DEFAULT = {"classification": "val_accuracy", "binary": "val_accuracy", "regression": "val_loss", "sequence": "val_loss"}
 
 
 def monitored(best_metric: str, task: str) -> tuple[str, str]:

@@ -107,7 +107,8 @@ class Trainer:
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
         if self.norm is None:  # fresh: statistics of the train split; resumed: those stored in the checkpoint
-            self.norm = fit_normalizer(self.train_split, comm, cfg.data.normalize, cfg.data.normalize_targets,
+            kind = "none" if self.task == "sequence" else cfg.data.normalize  # token ids are not features
+            self.norm = fit_normalizer(self.train_split, comm, kind, cfg.data.normalize_targets,
                                        self.task == "regression")
         self.log(self.norm.describe())
         # the trackers last: a run that fails to start leaves no tracker run behind
