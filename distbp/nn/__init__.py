@@ -3,8 +3,9 @@
 Public: the names in ``__all__`` (docs/API.md); the submodules and other names are internal.
 """
 
-from . import attention, conv, embedding, init, layers, losses, norm, pool, reshape, sequence_loss  # noqa: F401  (they register)
+from . import attention, blocks, conv, embedding, init, layers, losses, norm, pool, reshape, sequence_loss, transformer  # noqa: F401  (they register)
 from .attention import CausalSelfAttention
+from .blocks import Block, Chain, Concat, Fork, Residual
 from .conv import Conv2D
 from .embedding import Embedding, PositionEmbedding, TiedOutput
 from .gradcheck import check_gradients
@@ -17,8 +18,12 @@ from .norm import BatchNorm, LayerNorm
 from .pool import AvgPool2D, GlobalAvgPool, MaxPool2D
 from .reshape import Flatten, Reshape
 from .sequence_loss import SequenceCrossEntropy
+from .transformer import TransformerBlock
 
 __all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "register", "check_spec", "spec_value",
+           "Block", "Fork", "Chain", "Residual", "Concat",
            "Linear", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "LayerNorm", "Flatten",
-           "Reshape", "Dropout", "Embedding", "PositionEmbedding", "TiedOutput", "CausalSelfAttention", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
-           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "SequenceCrossEntropy", "check_gradients"]
+           "Reshape", "Dropout", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
+           "Embedding", "PositionEmbedding", "CausalSelfAttention", "TiedOutput", "TransformerBlock",
+           "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "SequenceCrossEntropy",
+           "check_gradients"]

@@ -4,6 +4,8 @@ The same (seed, step, layer index, global row, column) gives the same bits on an
 any order, so dropout masks do not depend on how the batch is split.
 """
 
+import hashlib
+
 import numpy as np
 
 _GAMMA = 0x9E3779B97F4A7C15
@@ -30,10 +32,17 @@ def _mix_array(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def dropout_bits(seed: int, step: int, index: int, rows: np.ndarray, width: int) -> np.ndarray:
+def _as_int(index) -> int:
+    """A layer index as an int: itself, or for a sub-layer's path ("3.residual.body.1") a hash of it."""
+    if isinstance(index, str):
+        return int.from_bytes(hashlib.blake2b(index.encode(), digest_size=8).digest(), "little")
+    return int(index)
+
+
+def dropout_bits(seed: int, step: int, index: int | str, rows: np.ndarray, width: int) -> np.ndarray:
     """Counter-based uint64 bits (len(rows), width) from (seed, step, index, row, column)."""
     key = 0
-    for v in (seed, step, index):
+    for v in (seed, step, _as_int(index)):
         key = _mix_int(((key ^ (int(v) & MASK64)) + _GAMMA) & MASK64)
     row_key = np.asarray(rows, dtype=np.int64).astype(np.uint64)  # (n,)
     row_key ^= np.uint64(key)

@@ -40,6 +40,6 @@ def default_init(next_kind: str | None) -> str:
     return "he_normal" if next_kind in RELU_FAMILY else "glorot_uniform"
 
 
-def layer_rng(seed: int, index: int) -> np.random.Generator:
-    """Generator for layer ``index`` derived from (seed, index) alone."""
-    return np.random.default_rng([int(seed), int(index)])
+def layer_rng(seed: int, index) -> np.random.Generator:
+    """Generator for layer ``index`` (an int, or a sub-layer's key tuple (i, c, ...)) from (seed, index) alone."""
+    return np.random.default_rng([int(seed), *(int(i) for i in np.atleast_1d(index))])

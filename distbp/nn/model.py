@@ -1,8 +1,10 @@
 """Sequential model whose parameters and gradients are views into one flat vector each.
 
 Layout: layers in spec order, and within a layer its ``param_shapes()`` order (Linear:
-W then b). Each parameter has the stable name ``"{layer index}.{kind}.{pname}"``
-(``0.linear.W``, ``0.linear.b``, ``2.linear.W``, ...) and occupies ``offsets[name]``
+W then b); a block's sub-layers follow depth-first in spec order (a residual's body before
+its shortcut, a concat's branches in order; see nn/blocks.py). Each parameter has the
+stable name ``"{layer path}.{kind}.{pname}"`` (``0.linear.W``, ``0.linear.b``,
+``2.linear.W``, ``3.residual.body.0.conv2d.W``, ...) and occupies ``offsets[name]``
 = (start, stop) of ``params`` and ``grads``. Non-trained state (BatchNorm running
 statistics) lives the same way in the separate ``buffers`` vector.
 """
@@ -11,8 +13,9 @@ import math
 
 import numpy as np
 
-from .init import default_init, layer_rng
-from .layers import Activation, Context, activation_names, layer_class
+from .blocks import Chain, walk
+from .init import layer_rng
+from .layers import Context, activation_names
 
 
 def mlp_specs(sizes, activation: str = "relu", dropout: float = 0.0) -> list[dict]:
@@ -30,7 +33,7 @@ def mlp_specs(sizes, activation: str = "relu", dropout: float = 0.0) -> list[dic
 
 
 def _shapes_of(layer, method: str) -> list:
-    """(name, shape) pairs from a layer's param_shapes/buffer_shapes, [] if it has none."""
+    """(name, shape) pairs from a layer's own param_shapes/buffer_shapes, [] if it has none."""
     get = getattr(layer, method, None)
     return list(get()) if get else []
 
@@ -69,33 +72,19 @@ class Sequential:
         self.input_shape = tuple(int(d) for d in shape)
         self.seed = seed
         self.ctx = Context()
-        self.layers, self.shapes_io = self._build()
-        self.out_shape = self.shapes_io[-1][1] if self.layers else self.input_shape
+        self.chain = Chain.build(self.specs, self.input_shape, seed)
+        self.layers, self.shapes_io, self.out_shape = self.chain.layers, self.chain.shapes_io, self.chain.out_shape
+        # every layer and sub-layer, depth-first: (path, key, layer); the flat vectors follow this order
+        self.units = [u for i, layer in enumerate(self.layers) for u in walk(layer, str(i), (i,))]
         self._bind()
-        self._link()
+        self.chain.link(False, False, None, self.ctx)  # the input is the caller's, dout the loss's: keep both
         self.init_params(seed)
         self.train()
 
-    def _build(self):
-        """Instantiate every layer, threading the shape through."""
-        layers, shapes_io, shape = [], [], self.input_shape
-        for i, spec in enumerate(self.specs):
-            try:
-                cls = layer_class(spec.get("type"))
-            except ValueError as e:
-                raise ValueError(f"layer {i}: type {spec.get('type')!r} {e}") from None
-            layer = cls.build(spec, shape, i, self.seed)
-            if hasattr(layer, "tie"):  # a layer sharing an earlier layer's weight (tied_output)
-                layer.tie(layers)
-            shapes_io.append((shape, tuple(layer.out_shape)))
-            layers.append(layer)
-            shape = tuple(layer.out_shape)
-        return layers, shapes_io
-
     def _bind(self):
-        """Allocate the flat vectors and hand every layer its views."""
+        """Allocate the flat vectors and hand every layer and sub-layer its views."""
         def entries(method):
-            return [(f"{i}.{layer.kind}.{p}", s) for i, layer in enumerate(self.layers)
+            return [(f"{path}.{layer.kind}.{p}", s) for path, _, layer in self.units
                     for p, s in _shapes_of(layer, method)]
 
         self.layout = FlatLayout(entries("param_shapes"))
@@ -103,51 +92,26 @@ class Sequential:
         self.params = np.zeros(self.layout.size, self.dtype)
         self.grads = np.zeros(self.layout.size, self.dtype)
         self.buffers = np.zeros(self.buffer_layout.size, self.dtype)
-        self._param_layers = [(i, layer) for i, layer in enumerate(self.layers) if self._has_params(i)]
+        self._param_layers = [(path, layer) for path, _, layer in self.units if _shapes_of(layer, "param_shapes")]
         self._param_views = self.layer_views(self.params)
         self.bind_grads(self.layer_views(self.grads))
         bv = self.buffer_views(self.buffers)
-        for i, layer in enumerate(self.layers):
+        for path, _, layer in self.units:
             bnames = [p for p, _ in _shapes_of(layer, "buffer_shapes")]
             if bnames:
-                layer.bind_buffers({p: bv[f"{i}.{layer.kind}.{p}"] for p in bnames})
+                layer.bind_buffers({p: bv[f"{path}.{layer.kind}.{p}"] for p in bnames})
 
     def layer_views(self, flat: np.ndarray) -> list[dict]:
-        """Views into a params-shaped flat vector: {parameter: view} for each layer with parameters."""
+        """Views into a params-shaped flat vector: {parameter: view} for each (sub-)layer with parameters."""
         v = self.views(flat)
-        return [{p: v[f"{i}.{layer.kind}.{p}"] for p, _ in _shapes_of(layer, "param_shapes")}
-                for i, layer in self._param_layers]
+        return [{p: v[f"{path}.{layer.kind}.{p}"] for p, _ in _shapes_of(layer, "param_shapes")}
+                for path, layer in self._param_layers]
 
     def bind_grads(self, grads: list[dict]) -> None:
         """Point the layers' gradients at grads (layer_views of a flat vector); backward writes there."""
         for (_, layer), params, g in zip(self._param_layers, self._param_views, grads, strict=True):
             layer.bind(params, g)
         self._grad_views = grads
-
-    def _link(self):
-        """Share the context, choose default inits and allow in-place work on temporaries."""
-        for i, layer in enumerate(self.layers):
-            layer.ctx = self.ctx
-            if getattr(layer, "init", "") is None:
-                layer.init = default_init(self._next_activation(i))
-            prev = self.layers[i - 1] if i > 0 else None
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            layer.overwrite_x = bool(getattr(prev, "private_output", False))
-            layer.overwrite_dy = bool(getattr(nxt, "private_dx", False))
-        self._first_param = self._param_layers[0][0] if self._param_layers else len(self.layers)
-
-    def _next_activation(self, i: int) -> str | None:
-        """Kind of the activation after layer i, before the next initialised layer."""
-        for layer in self.layers[i + 1:]:
-            if isinstance(layer, Activation):
-                return layer.kind
-            if hasattr(layer, "init"):
-                return None
-        return None
-
-    def _has_params(self, i: int) -> bool:
-        """Whether layer i owns any parameter."""
-        return bool(_shapes_of(self.layers[i], "param_shapes"))
 
     @property
     def names(self) -> list[str]:
@@ -183,10 +147,11 @@ class Sequential:
         return self.buffer_layout.views(flat)
 
     def init_params(self, seed: int) -> None:
-        """Fill params from seed alone (layer i draws from a generator of (seed, i)); reset buffers."""
-        for i, layer in enumerate(self.layers):
-            if self._has_params(i):
-                layer.init_params(layer_rng(seed, i))
+        """Fill params from seed alone (layer i draws from a generator of (seed, i), a block's
+        c-th sub-layer from (seed, i, c), and so on down); reset buffers."""
+        for _, key, layer in self.units:
+            if _shapes_of(layer, "param_shapes"):
+                layer.init_params(layer_rng(seed, key))
             if hasattr(layer, "init_buffers"):
                 layer.init_buffers()
 
@@ -199,19 +164,11 @@ class Sequential:
             raise ValueError(f"input of shape {x.shape} does not match the model's input "
                              f"shape (N, {', '.join(map(str, self.input_shape))})")
         self.ctx.local_rows = len(x)
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
+        return self.chain.forward(x)
 
     def backward(self, dout: np.ndarray, need_dx: bool = True):
         """Add d(loss)/d(params) into grads; return d(loss)/dx (None if need_dx is False)."""
-        dy = np.asarray(dout, dtype=self.dtype)
-        stop = 0 if need_dx else self._first_param
-        if self._first_param < len(self.layers):
-            self.layers[self._first_param].need_dx = need_dx
-        for layer in reversed(self.layers[stop:]):
-            dy = layer.backward(dy)
-        return dy if need_dx else None
+        return self.chain.backward(np.asarray(dout, dtype=self.dtype), need_dx)
 
     def zero_grad(self, skip_written: bool = False) -> None:
         """Set every gradient the layers are bound to to zero (backward adds); see skip_written below."""
@@ -234,18 +191,38 @@ class Sequential:
     def _set_mode(self, training: bool):
         """Set ``training`` on the model and its layers."""
         self.training = training
-        for layer in self.layers:
+        for _, _, layer in self.units:
             layer.training = training
         return self
 
     def describe(self) -> list[str]:
-        """One line per layer: index, kind, shapes, options and parameter count."""
-        lines = []
-        for i, (layer, spec) in enumerate(zip(self.layers, self.specs)):
-            (shape_in, shape_out) = self.shapes_io[i]
-            count = sum(math.prod(s) for _, s in layer.param_shapes())
-            opts = " ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
-            lines.append(f"{i:>3} {layer.kind:<11} {str(shape_in):>14} -> {str(shape_out):<14}"
-                         f" {count:>10,} params {opts}".rstrip())
+        """One line per layer, a block's sub-layers indented under it: index, kind, shapes, options, parameters."""
+        lines = _describe(self.chain, self.specs, "")
         lines.append(f"    total {self.num_params:,} params ({self.dtype.name})")
         return lines
+
+
+def _describe(chain, specs: list, indent: str) -> list[str]:
+    """describe()'s lines for a chain and, indented, the chains of its blocks."""
+    lines = []
+    for i, (layer, spec) in enumerate(zip(chain.layers, specs)):
+        (shape_in, shape_out) = chain.shapes_io[i]
+        count = sum(math.prod(s) for _, _, sub in walk(layer, "", ()) for _, s in _shapes_of(sub, "param_shapes"))
+        opts = " ".join(f"{k}={v}" for k, v in spec.items()
+                        if k != "type" and not (isinstance(v, list) and v and isinstance(v[0], list | dict)))
+        lines.append(f"{indent}{i:>3} {layer.kind:<11} {str(shape_in):>14} -> {str(shape_out):<14}"
+                     f" {count:>10,} params {opts}".rstrip())
+        for name, sub in getattr(layer, "chains", lambda: [])():
+            lines.append(f"{indent}      {name}:" + ("" if sub.layers else " identity"))
+            specs_of = getattr(layer, "chain_specs", {})  # a block that writes its own specs (transformer_block)
+            lines += _describe(sub, specs_of.get(name) or _specs_at(spec, name), indent + "      ")
+    return lines
+
+
+def _specs_at(spec: dict, name: str) -> list:
+    """The spec list of a block's chain by name: spec["body"], or spec["branches"][1] for "branches.1"."""
+    key, *rest = name.split(".")
+    value = spec.get(key, [])
+    for r in rest:
+        value = value[int(r)]
+    return value
