@@ -13,7 +13,9 @@ from .parallel.guard import run_guarded
 from .config import Config, config_to_dict, load_config
 from .datasets.dataset import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree
+from .datasets.text import Vocabulary
 from .inference.evaluate import load_model
+from .inference.generate import generate_text
 from .inference.predict import model_inputs, outputs
 from .files.rundir import default_path
 
@@ -71,8 +73,10 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 class Model:
     """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
 
-    def __init__(self, network, task: str, x_scale: float | None, normalizer, config: Config, checkpoint: Path):
+    def __init__(self, network, task: str, x_scale: float | None, normalizer, config: Config, checkpoint: Path,
+                 vocabulary=None):
         self.network, self.task, self.config, self.checkpoint = network, task, config, checkpoint
+        self.vocabulary = vocabulary  # a sequence model's (datasets.text.Vocabulary), else None
         self.input_shape = network.input_shape
         self._x_scale, self._normalizer = x_scale, normalizer
 
@@ -105,6 +109,15 @@ class Model:
         return self._outputs(x, batch)["probabilities" if self.task == "classification" else "probability"]
 
 
+    def generate(self, prompt: str = "", tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 0) -> str:
+        """The prompt and `tokens` sampled tokens of a sequence model, as text (the same seed, the same text)."""
+        if self.vocabulary is None:
+            raise ValueError(f"generate needs a sequence model (trained on `distbp data text` data); this one is "
+                             f"{self.task}")
+        return generate_text(self.network, self.vocabulary, prompt, tokens, temperature, top_k, seed)
+
+
 def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
     """The model of a checkpoint file, or of the newest valid checkpoint of a run directory."""
     path = Path(path)
@@ -117,4 +130,5 @@ def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
     # this process alone (any rank may call it): rank 0 of a world of one reads and builds
     network, data, cfg, normalizer = load_model(str(path), SerialComm(), data_path)
     with data:
-        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path))
+        vocab = Vocabulary.from_attrs(data.attrs, str(data.path)) if data.task == "sequence" else None
+        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path), vocab)

@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("out", help=".npz file to write (one array per parameter)")
     add_force(ce)
     add_plot_predict_parsers(sub)
+    g = sub.add_parser("generate", help="sample text from a sequence model's checkpoint",
+                       description="Continue a prompt with tokens sampled from a checkpoint's sequence model "
+                       "(trained on `distbp data text` data), decoded with the dataset's vocabulary. One rank "
+                       "is enough; the same seed gives the same text.")
+    add_checkpoint_argument(g)
+    g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    g.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits: below 1 surer, above 1 wilder, 0 always the likeliest (default: %(default)s)")
+    g.add_argument("--top-k", type=int, help="draw only among the k likeliest tokens (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    g.add_argument("--data", help="dataset holding the vocabulary (default: the one the run trained on)")
     return p
 
 
@@ -384,8 +396,21 @@ def cmd_predict(args, comm) -> int:
     return 0
 
 
+def cmd_generate(args, comm) -> int:
+    """distbp generate: rank 0 samples and prints."""
+    if comm.size > 1:
+        return alone_on_root(cmd_generate, args, comm)
+    from .api import load
+    model = load(checkpoint_path(args, comm), data_path=args.data)
+    if model.vocabulary is None:
+        raise UserError(f"{model.checkpoint}: a {model.task} model cannot generate text; HINT: give the checkpoint "
+                        "of a run on a `distbp data text` dataset (e.g. distbp train char-transformer)")
+    print(model.generate(args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt,
-            "plot": cmd_plot, "predict": cmd_predict}
+            "plot": cmd_plot, "predict": cmd_predict, "generate": cmd_generate}
 
 
 def dispatch(args, comm) -> int:

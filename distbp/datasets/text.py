@@ -127,7 +127,7 @@ def cut(path: Path, n: int, T: int, val_fraction: float, unit: str) -> int:
 
 
 def text_dataset(path, out, context: int, level: str = "char", val_fraction: float = 0.1,
-                 stride: int | None = None, dtype: str = "auto", force: bool = False) -> Path:
+                 stride: int | None = None, dtype: str = "auto", force: bool = False, about: dict | None = None) -> Path:
     """Write the token dataset of a text file; every check runs before anything is written."""
     path, out = Path(path), Path(out)
     if level not in LEVELS:
@@ -144,7 +144,7 @@ def text_dataset(path, out, context: int, level: str = "char", val_fraction: flo
     splits = {"train": windows(ids[:start], context, stride, dt)}
     if val_fraction > 0:
         splits["val"] = windows(ids[start:], context, stride, dt)
-    attrs = {**vocab.attrs(), "context": context, "stride": stride, "source": path.name,
+    attrs = {**(about or {}), **vocab.attrs(), "context": context, "stride": stride, "source": path.name,
              "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
              "split": f"val: the last {len(ids) - start} of {len(ids)} {unit} (a contiguous tail), "
                       f"train: the {start} before it; windows of {context + 1} every {stride}"}
