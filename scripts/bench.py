@@ -4,6 +4,7 @@
     python scripts/bench.py --all                         the README table (W1, W2, W5, W6 at 1x1, 2x1, 1x2 ...)
     python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
     python scripts/bench.py W5 --layers                   forward and backward ms of each layer, one process
+    python scripts/bench.py W7 --kinds                    forward and backward ms per layer kind (inside blocks too)
 
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
 Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
@@ -54,15 +55,23 @@ class Workload:
     extra: tuple = field(default=())  # --set overrides that are part of the workload
     default_of: str | None = None  # a workload whose default-mode run each round times too, for the cost
     warmup: int = WARMUP  # steps before the steady state
+    text: str = ""  # a token dataset of the repository (relative path) instead of synthetic rows
 
     @property
     def input_shape(self) -> tuple:
-        """Shape of one input row."""
+        """Shape of one input row: (T,) token ids of a text workload."""
+        if self.text:
+            with h5py.File(ROOT / self.text, "r") as f:
+                return f["train/x"].shape[1:]
         return self.image or (self.features,)
 
     def specs(self) -> list[dict]:
         """The layer specs distbp builds: `layers`, or the MLP distbp's train builds from `hidden`."""
         from distbp.nn import mlp_specs
+        if self.text:  # the embedding's vocab is the dataset's, as distbp train fills it in
+            with h5py.File(ROOT / self.text, "r") as f:
+                vocab = int(f.attrs["vocab_size"])
+            return [{**s, "vocab": vocab} if s["type"] == "embedding" else dict(s) for s in self.layers]
         return [dict(s) for s in self.layers] or mlp_specs([self.features, *self.hidden, self.classes])
 
 
@@ -77,6 +86,15 @@ LENET = (*conv_block(16, 5), POOL, *conv_block(32, 5), POOL, FLATTEN,
          {"type": "linear", "out": 128}, RELU, {"type": "linear", "out": 10})
 CIFAR = (*conv_block(32, 3, True) * 2, POOL, *conv_block(64, 3, True) * 2, POOL, FLATTEN,
          {"type": "linear", "out": 256}, RELU, {"type": "linear", "out": 10})
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def char_transformer() -> tuple:
+    """The layers of the shipped char-transformer config."""
+    from distbp.config import load_config
+    return tuple(load_config("char-transformer").model.layers)
+
 
 WORKLOADS = {
     "W1": Workload("MLP 784-1024-1024-10 ReLU, batch 256, float32, SGD momentum 0.9"),
@@ -97,10 +115,13 @@ WORKLOADS = {
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
                    "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
                    steps=5, torch_steps=5, warmup=3),
+    "W7": Workload("the shipped char-transformer (4 pre-LN blocks, d 128, 4 heads, tied head) on "
+                   "data/shakespeare.h5 (context 64); batch 32", layers=char_transformer(), batch=32, rows=0,
+                   text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
-       ("W6", 1, 2)]
+       ("W6", 1, 2), ("W7", 1, 1), ("W7", 2, 1), ("W7", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -201,14 +222,21 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
     """(m, k, p) of each weight layer's forward product X (m, k) @ W (k, p) at n local rows.
 
     A linear layer is (n, d_in, d_out); a convolution is its im2col form (n Ho Wo, C kh kw, F).
+    A linear layer on (T, D) rows and the attention's projections are (n T, D_in, D_out), the tied output
+    (n T, D, V); the attention's per-head products (q k^T, p v) are not counted.
     """
     from distbp.nn import Sequential
-    shapes = []
-    for layer in Sequential(wl.specs(), wl.input_shape).layers:
+    shapes, model = [], Sequential(wl.specs(), wl.input_shape)
+    T = model.input_shape[0] if wl.text else 1
+    for _, _, layer in model.units:
         if layer.kind == "linear":
-            shapes.append((n, layer.d_in, layer.d_out))
+            shapes.append((n * T, layer.d_in, layer.d_out))
         elif layer.kind == "conv2d":
             shapes.append((n * layer.Ho * layer.Wo, layer.C * layer.kh * layer.kw, layer.F))
+        elif layer.kind == "causal_self_attention":
+            shapes += [(n * T, layer.D, 3 * layer.D), (n * T, layer.D, layer.D)]
+        elif layer.kind == "tied_output":
+            shapes.append((n * T, layer.table.dim, layer.table.vocab))
     return shapes
 
 
@@ -253,6 +281,8 @@ def torch_model(wl: Workload, dtype):
     import torch
     from distbp.nn import Sequential
     model = Sequential(wl.specs(), wl.input_shape)
+    if wl.text:
+        return torch_gpt(model, dtype)
     layers = []
     for layer, (shape, _) in zip(model.layers, model.shapes_io):
         if layer.kind == "linear":
@@ -268,6 +298,40 @@ def torch_model(wl: Workload, dtype):
         else:
             layers.append({"relu": torch.nn.ReLU, "flatten": torch.nn.Flatten}[layer.kind]())
     return torch.nn.Sequential(*layers)
+
+
+def torch_gpt(model, dtype):
+    """nanoGPT's GPT (pre-LN blocks, fused q/k/v, causal scaled_dot_product_attention, tanh GELU, tied head)
+    shaped as a distbp model of embedding, position_embedding, transformer_blocks, layernorm, tied_output."""
+    import torch
+    nn, F = torch.nn, torch.nn.functional
+    emb, blocks = model.layers[0], [layer for layer in model.layers if layer.kind == "transformer_block"]
+    T, D, V = emb.T, emb.dim, emb.vocab
+    heads = blocks[0].chain.layers[0].paths[0][1].layers[1].H
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(D, dtype=dtype), nn.LayerNorm(D, dtype=dtype)
+            self.qkv, self.proj = nn.Linear(D, 3 * D, dtype=dtype), nn.Linear(D, D, dtype=dtype)
+            self.fc, self.out = nn.Linear(D, 4 * D, dtype=dtype), nn.Linear(4 * D, D, dtype=dtype)
+
+        def forward(self, x):
+            n = len(x)
+            q, k, v = (a.view(n, T, heads, D // heads).transpose(1, 2) for a in self.qkv(self.ln_1(x)).split(D, -1))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, T, D)
+            x = x + self.proj(a)
+            return x + self.out(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(V, D, dtype=dtype), nn.Parameter(torch.zeros(T, D, dtype=dtype))
+            self.blocks, self.ln_f = nn.Sequential(*(Block() for _ in blocks)), nn.LayerNorm(D, dtype=dtype)
+
+        def forward(self, ids):
+            return self.ln_f(self.blocks(self.wte(ids) + self.wpe)) @ self.wte.weight.T
+    return GPT()
 
 
 def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, seed: int) -> float | None:
@@ -289,7 +353,8 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
     if comm.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    X, Y = torch.from_numpy(x.astype(wl.dtype, copy=False)), torch.from_numpy(y.astype(np.int64, copy=False))
+    X = torch.from_numpy(x.astype(np.int64 if wl.text else wl.dtype, copy=False))  # token ids stay integers
+    Y = torch.from_numpy(y.astype(np.int64, copy=False))
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     per_epoch, order = len(x) // wl.batch, None
     for i in range(wl.warmup + wl.torch_steps):
@@ -301,7 +366,8 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
             order = torch.from_numpy(epoch_order(seed, epoch, len(x)))
         idx = order[k * wl.batch + lo:k * wl.batch + hi]
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(X[idx]), Y[idx])
+        out = model(X[idx])  # (n, C), or (n, T, V) for sequences: the mean over all tokens
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), Y[idx].reshape(-1))
         loss.backward()
         opt.step()
     elapsed = np.array([time.perf_counter() - t0])
@@ -329,7 +395,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     wl = WORKLOADS[name]
     if args.steps:
         wl = Workload(**{**wl.__dict__, "steps": args.steps, "torch_steps": args.steps})
-    path = str(digits_path()) if wl.rows == 0 else str(tmp / f"{name}.h5")
+    path = str(ROOT / wl.text if wl.text else digits_path()) if wl.rows == 0 else str(tmp / f"{name}.h5")
     if wl.rows and comm.is_root:
         write_synthetic(Path(path), wl.rows, wl.input_shape, wl.classes)
     comm.barrier()
@@ -464,7 +530,7 @@ def layer_table(name: str, rounds: int, threads: int) -> str:
     model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
     first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
     model.layers[first].need_dx = False  # as in training: no gradient for the input
-    x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    x = inputs(wl, model)
     times = np.zeros((rounds, len(model.layers), 2))
     with threadpool_limits(threads, user_api="blas"):
         for r in range(-1, rounds):  # round -1 warms up
@@ -487,6 +553,63 @@ def layer_table(name: str, rounds: int, threads: int) -> str:
                     f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
     total = times.sum(axis=(1, 2))
     rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
+    return "\n".join(rows)
+
+
+def inputs(wl: Workload, model) -> np.ndarray:
+    """A batch of random inputs of the workload: token ids for a text workload."""
+    rng = np.random.default_rng(0)
+    if wl.text:
+        return rng.integers(0, model.layers[0].vocab, (wl.batch, *wl.input_shape))
+    return rng.standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+
+
+def kind_table(name: str, rounds: int, threads: int) -> str:
+    """Markdown table of forward and backward ms per layer kind, sub-layers of blocks included (median over rounds)."""
+    from threadpoolctl import threadpool_limits
+    from distbp.nn import Block, Sequential
+    from distbp.nn.sequence_loss import SequenceCrossEntropy
+    from distbp.nn.losses import SoftmaxCrossEntropy
+    wl = WORKLOADS[name]
+    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
+    spent = {}
+
+    def timed(layer, method):
+        inner = getattr(layer, method)
+
+        def call(a):
+            t0 = time.perf_counter()
+            out = inner(a)
+            spent[(layer.kind, method)] = spent.get((layer.kind, method), 0.0) + time.perf_counter() - t0
+            return out
+        setattr(layer, method, call)
+    for _, _, layer in model.units:
+        if not isinstance(layer, Block):  # a block's time is its sub-layers'
+            timed(layer, "forward")
+            timed(layer, "backward")
+    x = inputs(wl, model)
+    y = np.random.default_rng(1).integers(0, model.out_shape[-1], (wl.batch, *model.out_shape[:-1]))
+    loss = SequenceCrossEntropy() if wl.text else SoftmaxCrossEntropy()
+    per_round, steps = [], []
+    with threadpool_limits(threads, user_api="blas"):
+        for r in range(-1, rounds):  # round -1 warms up
+            spent.clear()
+            t0 = time.perf_counter()
+            model.zero_grad(skip_written=True)
+            loss.forward(model.forward(x), y)
+            model.backward(loss.backward() / wl.batch, need_dx=False)
+            if r >= 0:
+                steps.append(time.perf_counter() - t0)
+                per_round.append(dict(spent))
+    kinds = sorted({k for k, _ in per_round[0]}, key=lambda k: -sum(v for (q, _), v in per_round[0].items() if q == k))
+    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per step by layer kind "
+            "(every layer of that kind, inside blocks too), median", "| layer kind | forward | backward | share of step |",
+            "|---|---|---|---|"]
+    step = 1e3 * statistics.median(steps)
+    for kind in kinds:
+        f, b = (1e3 * statistics.median(d.get((kind, m), 0.0) for d in per_round) for m in ("forward", "backward"))
+        rows.append(f"| {kind} | {f:.2f} | {b:.2f} | {100 * (f + b) / step:.0f}% |")
+    rows.append(f"| step (loss and the rest included) | | | {step:.1f} ms |")
     return "\n".join(rows)
 
 
@@ -514,6 +637,7 @@ def parse(argv=None) -> argparse.Namespace:
                    ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
     p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
     p.add_argument("--layers", action="store_true", help="ms per layer of each workload's forward and backward")
+    p.add_argument("--kinds", action="store_true", help="ms per layer kind of each workload, inside blocks too")
     p.add_argument("--sizes", default="100,800,3200", help="--memory dataset sizes, MB")
     p.add_argument("--memory-ranks", default="1,2,4", help="--memory rank counts")
     p.add_argument("--memory-mb", type=int, default=2048, help=argparse.SUPPRESS)
@@ -542,6 +666,9 @@ def main(argv=None) -> int:
         return 0
     if args.layers:
         print("\n\n".join(layer_table(name, args.rounds, args.threads) for name in args.workloads))
+        return 0
+    if args.kinds:
+        print("\n\n".join(kind_table(name, args.rounds, args.threads) for name in args.workloads))
         return 0
     if args.all:
         records = []
