@@ -33,7 +33,7 @@ def config(path, *sets):
     """The shipped char-transformer on path in float64, 10 steps of 8 rows, warm-up shortened to fit."""
     return load_config("char-transformer", [f'data.path="{path}"', 'train.dtype="float64"', "train.batch_size=8",
                                             f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=5",
-                                            "optim.warmup_steps=3", *sets])
+                                            "optim.warmup_steps=3", f"optim.schedule_steps={STEPS}", *sets])
 
 
 def run(cfg, comm, run_dir, resume="never") -> Trainer:
@@ -142,8 +142,9 @@ def test_world_matches_pytorch_and_one_rank_and_resumes_at_another_rank_count(ca
     comm.barrier()
     shutil.copytree(shared_tmp / "world-half", mine / "resumed")
     resumed = run(full, SerialComm(), mine / "resumed", resume="auto").model.params
-    for params in (world.params, resumed):
-        assert params.tobytes() == alone.tobytes() if bitwise else np.allclose(params, alone, rtol=1e-10, atol=1e-13)
+    for name, params in (("world", world.params), ("resumed", resumed)):
+        same = params.tobytes() == alone.tobytes() if bitwise else np.allclose(params, alone, rtol=1e-10, atol=1e-13)
+        assert same, f"{name} differs from one rank's run"
 
 
 TINY = """[model]

@@ -8,6 +8,7 @@ import pytest
 
 import distbp
 from conftest import run_distbp
+from distbp.cli import main
 from distbp.config import load_config
 from distbp.datasets.dataset import Dataset, DataError, write_dataset
 from distbp.datasets.text import Vocabulary, text_dataset
@@ -60,12 +61,12 @@ BAD = {  # (file bytes, extra arguments, words of the message)
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_text_exits_2_with_one_message_naming_the_file_and_writes_nothing(case, tmp_path):
+def test_bad_text_exits_2_with_one_message_naming_the_file_and_writes_nothing(case, tmp_path, capsys):
     raw, extra, words = BAD[case]
     (tmp_path / "in.txt").write_bytes(raw)
-    r = run_distbp(["data", "text", tmp_path / "in.txt", tmp_path / "out.h5", "--context", "32", *extra])
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("distbp: error: "), r.stderr
+    code = main(["data", "text", str(tmp_path / "in.txt"), str(tmp_path / "out.h5"), "--context", "32", *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("distbp: error: "), lines
     assert str(tmp_path / "in.txt") in lines[0] and all(w in lines[0] for w in words), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
 
@@ -97,19 +98,19 @@ def trained(tmp_path_factory):
 
 
 def test_generate_prints_text_and_the_same_seed_gives_the_same_text(trained):
-    args = ["generate", trained, "--prompt", "First", "--tokens", "40", "--top-k", "5", "--temperature", "0.8"]
-    a, b, c = (run_distbp([*args, "--seed", s]) for s in ("1", "1", "2"))
-    assert a.returncode == 0 and a.stdout == b.stdout != c.stdout, a.stderr
-    assert a.stdout.startswith("First") and len(a.stdout.rstrip("\n")) == len("First") + 40
+    r = run_distbp(["generate", trained, "--prompt", "First", "--tokens", "40", "--top-k", "5", "--temperature",
+                    "0.8", "--seed", "1"])
+    assert r.returncode == 0 and r.stdout.startswith("First") and len(r.stdout) == len("First") + 41, r.stderr
     model = distbp.load(trained)
-    assert model.generate("First", 40, temperature=0.8, top_k=5, seed=1) + "\n" == a.stdout
+    again = model.generate("First", 40, temperature=0.8, top_k=5, seed=1)
+    assert again + "\n" == r.stdout != model.generate("First", 40, temperature=0.8, top_k=5, seed=2) + "\n"
 
 
-def test_generate_refuses_characters_outside_the_vocabulary_and_bad_options(trained):
-    r = run_distbp(["generate", trained, "--prompt", "~~", "--tokens", "5"])
-    assert r.returncode == 2 and "'~' of the prompt is not in the model's vocabulary" in r.stderr
-    r = run_distbp(["generate", trained, "--tokens", "5", "--top-k", "0"])
-    assert r.returncode == 2 and "--top-k 0 must be >= 1" in r.stderr
+def test_generate_refuses_characters_outside_the_vocabulary_and_bad_options(trained, capsys):
+    assert main(["generate", str(trained), "--prompt", "~~", "--tokens", "5"]) == 2
+    assert "'~' of the prompt is not in the model's vocabulary" in capsys.readouterr().err
+    assert main(["generate", str(trained), "--tokens", "5", "--top-k", "0"]) == 2
+    assert "--top-k 0 must be >= 1" in capsys.readouterr().err
 
 
 def test_next_token_top_k_and_temperature():
@@ -120,11 +121,11 @@ def test_next_token_top_k_and_temperature():
     assert draws == {1, 2}
 
 
-def test_generate_needs_a_sequence_model(tmp_path):
+def test_generate_needs_a_sequence_model(tmp_path, capsys):
     cfg = load_config(None, ["train.max_steps=1"])
     assert Trainer(cfg, SerialComm(), tmp_path / "run", "never").train() == 0
-    r = run_distbp(["generate", tmp_path / "run", "--tokens", "5"])
-    assert r.returncode == 2 and "classification model cannot generate text" in r.stderr
+    assert main(["generate", str(tmp_path / "run"), "--tokens", "5"]) == 2
+    assert "classification model cannot generate text" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs a sequence model"):
         distbp.load(tmp_path / "run").generate("a", 3)
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
