@@ -208,3 +208,13 @@ def test_changing_a_later_token_never_changes_an_earlier_output_bitwise(t):
     a, b = model.forward(ids), model.forward(other)
     assert np.array_equal(a[:, :t], b[:, :t])
     assert not np.array_equal(a[:, t:], b[:, t:])
+
+
+def test_a_rank_without_rows_passes_through_every_layer():
+    model = Sequential(TINY_GPT, (T,), dtype=np.float32)
+    loss = SequenceCrossEntropy()
+    out = model.forward(np.zeros((0, T), np.int64))
+    assert out.shape == (0, T, V) and loss.forward(out, np.zeros((0, T), np.int64)) == 0.0
+    model.zero_grad()
+    model.backward(loss.backward(), need_dx=False)
+    assert not model.grads.any()

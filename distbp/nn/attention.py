@@ -81,7 +81,7 @@ class CausalSelfAttention(Layer):
 
     def _heads(self, a2: np.ndarray, n: int) -> np.ndarray:
         """(N*T, D) -> (N, H, T, D/H)."""
-        return a2.reshape(n, self.T, self.H, -1).transpose(0, 2, 1, 3)
+        return a2.reshape(n, self.T, self.H, self.D // self.H).transpose(0, 2, 1, 3)
 
     def _keep(self, n: int, dtype) -> np.ndarray | None:
         """The attention dropout's scaled keep mask (N, H, T, T), or None when it is off."""

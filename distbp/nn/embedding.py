@@ -175,7 +175,7 @@ class TiedOutput(Layer):
         y = self.x @ self.table.W.T                          # (N*T, V)
         if self.b is not None:
             y += self.b
-        return y.reshape(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], self.table.vocab)
 
     def backward(self, dy):
         """dE += dy.T @ x into the embedding's gradient (read at call time: the step may rebind it); dx = dy @ E."""
@@ -183,4 +183,4 @@ class TiedOutput(Layer):
         self.table.dW += dy2.T @ self.x
         if self.db is not None:
             self.db += dy2.sum(axis=0)
-        return (dy2 @ self.table.W).reshape(*dy.shape[:-1], -1)
+        return (dy2 @ self.table.W).reshape(*dy.shape[:-1], self.table.dim)
