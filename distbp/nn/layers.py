@@ -349,10 +349,9 @@ class Sigmoid(Activation):
 
 @register("gelu")
 class GELU(Activation):
-    """GELU: by default the tanh approximation (torch GELU(approximate="tanh")), with approximate = "none"
-    the exact x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (torch's default).
+    """GELU, the tanh approximation (torch's approximate="tanh") or with approximate="none" the exact erf form.
 
-    tanh form: y = 0.5 x (1 + tanh(c (x + k x^3))), c = sqrt(2/pi), k = 0.044715.
+    Exact: y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (torch's default). tanh form: y = 0.5 x (1 + tanh(c (x + k x^3))), c = sqrt(2/pi), k = 0.044715.
     """
 
     private_output = True

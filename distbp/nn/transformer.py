@@ -17,8 +17,7 @@ def block_specs(heads: int, width: int, mlp: int, dropout: float, attn_dropout: 
 
 @register("transformer_block")
 class TransformerBlock(Block):
-    """{"type": "transformer_block", "heads": 4[, "mlp": 4, "dropout": 0.0, "attn_dropout": 0.0,
-    "gelu": "tanh"]} on (T, D): two residual blocks, parameters named ...transformer_block.layers.0.residual..."""
+    """Pre-LN block x + attn(ln(x)), then x + mlp(ln(x)): two residual blocks (named ...layers.0.residual...)."""
 
     private_output = True
     private_dx = True
@@ -29,7 +28,8 @@ class TransformerBlock(Block):
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index, seed: int):
-        """Build the two residual blocks from the options."""
+        """Build from {"type": "transformer_block", "heads": 4[, "mlp": 4, "dropout": 0.0, "attn_dropout": 0.0,
+        "gelu": "tanh"]} on (T, D)."""
         check_spec(spec, index, ("heads", "mlp", "dropout", "attn_dropout", "gelu"))
         if len(in_shape) != 2:
             raise ValueError(f"layer {index} (transformer_block) needs (T, D) inputs but gets shape "
