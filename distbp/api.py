@@ -98,9 +98,9 @@ class Model:
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
-        """Class labels (classification, binary) or outputs (regression) for the rows of x."""
+        """Class labels (classification, binary), outputs (regression) or next-token ids (sequence) for the rows of x."""
         out = self._outputs(x, batch)
-        return out["output" if self.task == "regression" else "class"]
+        return out[{"regression": "output", "sequence": "token"}.get(self.task, "class")]
 
     def predict_proba(self, x, batch: int = 1024) -> np.ndarray:
         """Class probabilities (classification: (N, K); binary: (N, k)) for the rows of x."""

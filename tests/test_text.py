@@ -129,3 +129,13 @@ def test_generate_needs_a_sequence_model(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs a sequence model"):
         distbp.load(tmp_path / "run").generate("a", 3)
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
+
+
+def test_predict_writes_next_tokens_and_the_vocabulary(trained, tmp_path, capsys):
+    data = load_config(str(trained / "config.toml")).data.path
+    assert main(["predict", str(trained), data, str(tmp_path / "p.h5"), "--split", "val"]) == 0
+    with h5py.File(tmp_path / "p.h5", "r") as f, Dataset(data) as ds:
+        assert f["token"].shape == f["y"].shape == (ds.split("val").n, 16)
+        assert f.attrs["tokenizer"] == "char" and json.loads(f.attrs["vocabulary"]) == json.loads(ds.attrs["vocabulary"])
+        x = ds.split("val").read(np.arange(2))[0]
+        assert np.array_equal(distbp.load(trained).predict(x), f["token"][:2])

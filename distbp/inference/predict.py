@@ -118,6 +118,8 @@ def outputs(task: str, logits: np.ndarray) -> dict:
     if task == "classification":
         p = softmax(logits)
         return {"class": p.argmax(axis=1).astype(np.int64), "probabilities": p.astype(np.float32)}
+    if task == "sequence":  # (N, T, V) logits: the likeliest next token at every place
+        return {"token": logits.argmax(axis=-1).astype(np.int64)}
     if task == "binary":
         p = 1 / (1 + np.exp(-logits.astype(np.float64)))
         return {"probability": p.astype(np.float32), "class": (p > 0.5).astype(np.int64)}
@@ -171,6 +173,8 @@ def _attrs(checkpoint, source, split, data) -> dict:
              "input": str(source), "model_input_shape": list(data.input_shape)}
     if split:
         attrs["split"] = split
+    if data.task == "sequence":  # the vocabulary that decodes the tokens
+        attrs.update({k: data.attrs[k] for k in ("vocab_size", "tokenizer", "vocabulary") if k in data.attrs})
     if data.task == "classification":
         attrs["num_classes"] = data.num_classes
         if "class_names" in data.attrs:
