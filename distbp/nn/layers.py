@@ -238,7 +238,7 @@ class Linear(WeightLayer):
         """Build from {"type": "linear", "out": 128[, "bias": true, "init": "he_normal"]} on (D,) or (T, D)."""
         check_spec(spec, index, ("out", "bias", "init"))
         if len(in_shape) not in (1, 2):
-            raise ValueError(f"layer {index} (linear) needs a flat (D,) or sequence (T, D) input but gets shape "
+            raise ValueError(f"layer {index} (linear) needs a flat input (D,) or a sequence (T, D) but gets shape "
                              f"{tuple(in_shape)}; add {{'type': 'flatten'}} before it")
         out = spec_value(spec, index, "out", int, ok=lambda v: v >= 1, want=">= 1, the output size")
         return cls(in_shape[-1], out, *cls.read_options(spec, index), lead=tuple(in_shape[:-1]))
