@@ -85,7 +85,7 @@ def test_config_from_dict_keywords_and_toml_agree(tmp_path):
      "model.layers[0].type='nomodule_xyz:Layer' names module nomodule_xyz, which is not in the current directory"),
     ({"model": {"layers": [{"type": "distbp.nn:Linear2"}]}},
      "names no registered layer class: decorate Linear2 in distbp.nn with @distbp.nn.register(\"linear2\")"),
-    ({"loss": {"name": "huber"}}, "loss.name='huber' is not one of bce, cross_entropy, mse, or module:ClassName"),
+    ({"loss": {"name": "huber"}}, "loss.name='huber' is not one of bce, cross_entropy, mse, sequence_cross_entropy, or module:ClassName"),
 ])
 def test_config_rejects_what_toml_rejects(kwargs, message):
     """The same validation as a TOML file: a ConfigError naming the key."""
