@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--features", type=int, default=32, help="input features (default: %(default)s)")
     ds.add_argument("--classes", type=int, default=10, help="classes (default: %(default)s)")
     ds.add_argument("--val-fraction", type=float, default=0.2, help="share of rows in val (default: %(default)s)")
+    ds.add_argument("--shape", type=_image_shape, default=None, metavar="C,H,W",
+                    help="images of this shape instead of --features: a class pattern at a random place in noise")
     ds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add_force(ds)
     add_convert_parser(dsub)
@@ -336,13 +338,27 @@ def cmd_data(args, comm) -> int:
             shutil.copyfile(data.digits_path(), out.tmp)
             out.commit(durable=True)
     elif args.data_command == "synthetic":
-        x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
+        if args.shape:
+            x, y = data.synthetic_images(args.rows, args.shape, args.classes, args.seed)
+        else:
+            x, y = data.synthetic(args.rows, args.features, args.classes, args.seed)
         n_val = int(round(args.rows * args.val_fraction))
         data.write_dataset(args.out, {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val])},
                            task="classification", num_classes=args.classes,
                            attrs={"source": f"distbp data synthetic --seed {args.seed}"})
     print(f"wrote {args.out}")
     return 0
+
+
+def _image_shape(text: str) -> tuple:
+    """--shape C,H,W as three positive ints."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be C,H,W, three positive ints, e.g. 3,32,32")
+    return shape
 
 
 def cmd_ckpt(args, comm) -> int:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from .training import lr_schedules
 from .errors import UserError, require
+from .nn.blocks import nested_specs
 from .nn.layers import activation_names, layer_class
 from .nn.losses import loss_class
+from .datasets.augment import KINDS as AUGMENT_KINDS
 from .datasets.normalize import KINDS as NORMALIZE_KINDS
 from .reporting.scores import BEST_CHOICES
 
@@ -58,6 +60,9 @@ class ModelConfig:
     dropout: float = key(0.0, "dropout probability after each hidden activation (0 = none)", within="[0, 1)")
     layers: list[dict] = key([], "explicit layer specs (overrides hidden/activation/dropout), e.g. conv "
                                  "models; see the layer types below")
+    resnet_depth: int = key(0, "the CIFAR ResNet of He et al. at this depth (6n+2: 8, 14, 20, ...) for the "
+                               "dataset's images and classes, instead of hidden/layers (0 = none)",
+                            within="[0, inf)")
 
 
 @dataclass
@@ -73,6 +78,9 @@ class DataConfig:
                                      "none; constant features get scale 1", choices=NORMALIZE_KINDS)
     normalize_targets: bool = key(True, "regression: standardize targets for training; metrics and "
                                         "predictions stay in the original units")
+    augment: str = key("none", "training-time augmentation of image inputs: crop_flip (a random crop of the "
+                               "4-pixel zero-padded image and a horizontal flip, drawn from seed, epoch and "
+                               "row: the same at any rank count) or none", choices=AUGMENT_KINDS)
 
 
 @dataclass
@@ -341,8 +349,12 @@ def validate(cfg: Config, training: bool = True) -> None:
         for name, f in _fields(section).items():
             _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
     m, t, o = cfg.model, cfg.train, cfg.optim
-    for i, spec in enumerate(m.layers):
-        _resolves(layer_class, spec.get("type"), f"model.layers[{i}].type")
+    for path, spec in nested_specs(m.layers):
+        _resolves(layer_class, spec.get("type"), f"model.layers[{path}].type")
+    _require(not (m.resnet_depth and m.layers), f"model.resnet_depth={m.resnet_depth} and model.layers are both "
+             "set: choose one (set model.resnet_depth=0 to train the layers)")
+    _require(not m.resnet_depth or (m.resnet_depth >= 8 and (m.resnet_depth - 2) % 6 == 0),
+             f"model.resnet_depth={m.resnet_depth} must be 6n + 2 with n >= 1: 8, 14, 20, 32, 44, 56 or 110")
     if cfg.loss.name:
         _resolves(loss_class, cfg.loss.name, "loss.name")
     _require(not (cfg.loss.name and (cfg.loss.label_smoothing or cfg.loss.class_weights)),
@@ -357,9 +369,10 @@ def validate(cfg: Config, training: bool = True) -> None:
              "set: choose one of them (set the other to 0)")
     _require(not (t.early_stop_patience and not cfg.data.val_split),
              f"train.early_stop_patience={t.early_stop_patience} needs evaluations: set data.val_split")
-    _require(not (t.deterministic and any(s.get("type") == "batchnorm" for s in m.layers)),
-             "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
-             "tie the micro-shards together; use layernorm, or train.deterministic=false")
+    norms = [f"model.layers[{p}]" for p, s in nested_specs(m.layers) if s.get("type") == "batchnorm"]
+    _require(not (t.deterministic and (norms or m.resnet_depth)),
+             f"train.deterministic=true cannot train a batchnorm layer ({(norms or ['model.resnet_depth'])[0]}): "
+             "its batch statistics tie the micro-shards together; use layernorm, or train.deterministic=false")
     if not training:
         return
     try:  # the optimizer and schedule check their own arguments across keys (e.g. nesterov needs momentum)

@@ -4,7 +4,7 @@
     python scripts/bench.py --all                         the README table (W1, W2, W5, W6 at 1x1, 2x1, 1x2 ...)
     python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
     python scripts/bench.py W5 --layers                   forward and backward ms of each layer, one process
-    python scripts/bench.py W7 --kinds                    forward and backward ms per layer kind (inside blocks too)
+    python scripts/bench.py W8-char --kinds               forward and backward ms per layer kind (inside blocks too)
 
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
 Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
@@ -86,7 +86,6 @@ LENET = (*conv_block(16, 5), POOL, *conv_block(32, 5), POOL, FLATTEN,
          {"type": "linear", "out": 128}, RELU, {"type": "linear", "out": 10})
 CIFAR = (*conv_block(32, 3, True) * 2, POOL, *conv_block(64, 3, True) * 2, POOL, FLATTEN,
          {"type": "linear", "out": 256}, RELU, {"type": "linear", "out": 10})
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,6 +93,12 @@ def char_transformer() -> tuple:
     """The layers of the shipped char-transformer config."""
     from distbp.config import load_config
     return tuple(load_config("char-transformer").model.layers)
+
+
+def resnet(depth: int) -> tuple:
+    """The shipped resnet's layers (distbp/configs/resnet.toml) for 10 classes."""
+    from distbp.nn import resnet_specs
+    return tuple(resnet_specs(depth, 10))
 
 
 WORKLOADS = {
@@ -115,13 +120,17 @@ WORKLOADS = {
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
                    "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
                    steps=5, torch_steps=5, warmup=3),
-    "W7": Workload("the shipped char-transformer (4 pre-LN blocks, d 128, 4 heads, tied head) on "
-                   "data/shakespeare.h5 (context 64); batch 32", layers=char_transformer(), batch=32, rows=0,
-                   text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
+    "W7-resnet": Workload("ResNet-8 (the shipped resnet config, He et al. CIFAR style) on (3, 32, 32); batch 128",
+                          layers=resnet(8), image=(3, 32, 32), batch=128, rows=2048, steps=5, torch_steps=5,
+                          warmup=3),
+    "W8-char": Workload("the shipped char-transformer (4 pre-LN blocks, d 128, 4 heads, tied head) on "
+                        "data/shakespeare.h5 (context 64); batch 32", layers=char_transformer(), batch=32, rows=0,
+                        text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
-       ("W6", 1, 2), ("W7", 1, 1), ("W7", 2, 1), ("W7", 1, 2)]
+       ("W6", 1, 2), ("W7-resnet", 1, 1), ("W7-resnet", 2, 1), ("W7-resnet", 1, 2), ("W8-char", 1, 1),
+       ("W8-char", 2, 1), ("W8-char", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -189,9 +198,9 @@ def steady_timer_class(warmup: int):
 
 
 def toml_specs(specs) -> str:
-    """Layer specs as a TOML array of inline tables (their values are ints, strings and int lists)."""
-    return "[" + ", ".join("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.items()) + " }"
-                           for s in specs) + "]"
+    """Layer specs (blocks' nested lists too) as a TOML array of inline tables."""
+    from distbp.config import _toml_value
+    return _toml_value(list(specs))
 
 
 def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path, r: int) -> dict:
@@ -228,7 +237,7 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
     from distbp.nn import Sequential
     shapes, model = [], Sequential(wl.specs(), wl.input_shape)
     T = model.input_shape[0] if wl.text else 1
-    for _, _, layer in model.units:
+    for _, _, layer in model.units:  # blocks' sub-layers too
         if layer.kind == "linear":
             shapes.append((n * T, layer.d_in, layer.d_out))
         elif layer.kind == "conv2d":
@@ -278,14 +287,33 @@ def torch_model(wl: Workload, dtype):
     BatchNorm normalizes with each rank's own batch statistics under DDP: torch's SyncBatchNorm
     (distbp's semantics) works only on GPU, so the peer skips the statistics allreduce distbp does.
     """
-    import torch
     from distbp.nn import Sequential
     model = Sequential(wl.specs(), wl.input_shape)
     if wl.text:
         return torch_gpt(model, dtype)
+    return _torch_chain(model.chain, dtype)
+
+
+def _torch_chain(chain, dtype):
+    """torch.nn.Sequential of a distbp Chain; a residual or concat block becomes a module over its chains' twins."""
+    import torch
+
+    class Fork(torch.nn.Module):
+        def __init__(self, kind, paths):
+            super().__init__()
+            self.kind, self.paths = kind, torch.nn.ModuleList(paths)
+
+        def forward(self, x):
+            outs = [p(x) for p in self.paths]
+            return outs[0] + outs[1] if self.kind == "residual" else torch.cat(outs, dim=1)
+
     layers = []
-    for layer, (shape, _) in zip(model.layers, model.shapes_io):
-        if layer.kind == "linear":
+    for layer, (shape, _) in zip(chain.layers, chain.shapes_io):
+        if layer.kind in ("residual", "concat"):
+            layers.append(Fork(layer.kind, [_torch_chain(c, dtype) for _, c in layer.chains()]))
+        elif layer.kind == "global_avgpool":
+            layers.append(torch.nn.AdaptiveAvgPool2d(1))
+        elif layer.kind == "linear":
             layers.append(torch.nn.Linear(layer.d_in, layer.d_out, bias=layer.bias, dtype=dtype))
         elif layer.kind == "conv2d":
             layers.append(torch.nn.Conv2d(layer.C, layer.F, (layer.kh, layer.kw), (layer.sh, layer.sw),
@@ -523,94 +551,72 @@ def table(records: list[dict]) -> str:
 
 
 def layer_table(name: str, rounds: int, threads: int) -> str:
-    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
-    from threadpoolctl import threadpool_limits
-    from distbp.nn import Sequential
+    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch;
+    a block's sub-layers get rows of their own (path-named) after the block's row, which includes them."""
     wl = WORKLOADS[name]
-    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
-    first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
-    model.layers[first].need_dx = False  # as in training: no gradient for the input
-    x = inputs(wl, model)
-    times = np.zeros((rounds, len(model.layers), 2))
-    with threadpool_limits(threads, user_api="blas"):
-        for r in range(-1, rounds):  # round -1 warms up
-            model.zero_grad(skip_written=True)
-            h = x
-            for i, layer in enumerate(model.layers):
-                t0 = time.perf_counter()
-                h = layer.forward(h)
-                times[r, i, 0] = time.perf_counter() - t0
-            dy = np.full_like(h, 1 / len(h))
-            for i in reversed(range(first, len(model.layers))):
-                t0 = time.perf_counter()
-                dy = model.layers[i].backward(dy)
-                times[r, i, 1] = time.perf_counter() - t0
+    model, times = unit_times(wl, rounds, threads)
     med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
     rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
             "| layer | out shape | forward | backward |", "|---|---|---|---|"]
-    for i, layer in enumerate(model.layers):
-        rows.append(f"| {i} {layer.kind} | {model.shapes_io[i][1]} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
+    for i, (path, _, layer) in enumerate(model.units):
+        rows.append(f"| {path} {layer.kind} | {tuple(layer.out_shape)} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
                     f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
-    total = times.sum(axis=(1, 2))
+    top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]
+    total = times[:, top].sum(axis=(1, 2))
     rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
     return "\n".join(rows)
 
 
-def inputs(wl: Workload, model) -> np.ndarray:
-    """A batch of random inputs of the workload: token ids for a text workload."""
+def unit_times(wl: Workload, rounds: int, threads: int) -> tuple:
+    """(model, seconds (rounds, units, forward/backward)) of every layer and sub-layer over rounds of one step."""
+    from threadpoolctl import threadpool_limits
+    from distbp.nn import Sequential
+    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
     rng = np.random.default_rng(0)
-    if wl.text:
-        return rng.integers(0, model.layers[0].vocab, (wl.batch, *wl.input_shape))
-    return rng.standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    if wl.text:  # token ids
+        x = rng.integers(0, model.layers[0].vocab, (wl.batch, *wl.input_shape))
+    else:
+        x = rng.standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    times, r = np.zeros((rounds + 1, len(model.units), 2)), [0]
+    for i, (_, _, layer) in enumerate(model.units):
+        _time_layer(layer, times, r, i)
+    with threadpool_limits(threads, user_api="blas"):
+        for r[0] in range(-1, rounds):  # round -1 (the last row of times) warms up
+            model.zero_grad(skip_written=True)
+            h = model.forward(x)
+            model.backward(np.full_like(h, 1 / len(h)), need_dx=False)  # as in training: no gradient for the input
+    return model, times[:rounds]
 
 
 def kind_table(name: str, rounds: int, threads: int) -> str:
-    """Markdown table of forward and backward ms per layer kind, sub-layers of blocks included (median over rounds)."""
-    from threadpoolctl import threadpool_limits
-    from distbp.nn import Block, Sequential
-    from distbp.nn.sequence_loss import SequenceCrossEntropy
-    from distbp.nn.losses import SoftmaxCrossEntropy
-    wl = WORKLOADS[name]
-    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
-    spent = {}
-
-    def timed(layer, method):
-        inner = getattr(layer, method)
-
-        def call(a):
-            t0 = time.perf_counter()
-            out = inner(a)
-            spent[(layer.kind, method)] = spent.get((layer.kind, method), 0.0) + time.perf_counter() - t0
-            return out
-        setattr(layer, method, call)
-    for _, _, layer in model.units:
-        if not isinstance(layer, Block):  # a block's time is its sub-layers'
-            timed(layer, "forward")
-            timed(layer, "backward")
-    x = inputs(wl, model)
-    y = np.random.default_rng(1).integers(0, model.out_shape[-1], (wl.batch, *model.out_shape[:-1]))
-    loss = SequenceCrossEntropy() if wl.text else SoftmaxCrossEntropy()
-    per_round, steps = [], []
-    with threadpool_limits(threads, user_api="blas"):
-        for r in range(-1, rounds):  # round -1 warms up
-            spent.clear()
-            t0 = time.perf_counter()
-            model.zero_grad(skip_written=True)
-            loss.forward(model.forward(x), y)
-            model.backward(loss.backward() / wl.batch, need_dx=False)
-            if r >= 0:
-                steps.append(time.perf_counter() - t0)
-                per_round.append(dict(spent))
-    kinds = sorted({k for k, _ in per_round[0]}, key=lambda k: -sum(v for (q, _), v in per_round[0].items() if q == k))
-    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per step by layer kind "
-            "(every layer of that kind, inside blocks too), median", "| layer kind | forward | backward | share of step |",
-            "|---|---|---|---|"]
-    step = 1e3 * statistics.median(steps)
-    for kind in kinds:
-        f, b = (1e3 * statistics.median(d.get((kind, m), 0.0) for d in per_round) for m in ("forward", "backward"))
-        rows.append(f"| {kind} | {f:.2f} | {b:.2f} | {100 * (f + b) / step:.0f}% |")
-    rows.append(f"| step (loss and the rest included) | | | {step:.1f} ms |")
+    """Markdown table of forward and backward ms per layer kind (every layer of the kind, inside blocks too)."""
+    from distbp.nn import Block
+    model, times = unit_times(WORKLOADS[name], rounds, threads)
+    leaves = [(i, layer.kind) for i, (_, _, layer) in enumerate(model.units) if not isinstance(layer, Block)]
+    kinds = sorted({k for _, k in leaves})
+    per_kind = {k: times[:, [i for i, q in leaves if q == k]].sum(axis=1) for k in kinds}  # (rounds, 2) each
+    step = 1e3 * np.median(times[:, [i for i, _ in leaves]].sum(axis=(1, 2)))
+    rows = [f"{name}, batch {WORKLOADS[name].batch}, {threads} thread(s), {rounds} rounds: ms per step by layer kind "
+            "(median)", "| layer kind | forward | backward | share |", "|---|---|---|---|"]
+    for k in sorted(kinds, key=lambda k: -per_kind[k].sum()):
+        f, b = 1e3 * np.median(per_kind[k], axis=0)
+        rows.append(f"| {k} | {f:.2f} | {b:.2f} | {100 * (f + b) / step:.0f}% |")
+    rows.append(f"| all layers | | | {step:.1f} ms |")
     return "\n".join(rows)
+
+
+def _time_layer(layer, times, r: list, i: int) -> None:
+    """Wrap the layer's forward and backward so each adds its seconds into times[r[0], i]."""
+    forward, backward = layer.forward, layer.backward
+
+    def timed(f, phase):
+        def run(a):
+            t0 = time.perf_counter()
+            out = f(a)
+            times[r[0], i, phase] += time.perf_counter() - t0
+            return out
+        return run
+    layer.forward, layer.backward = timed(forward, 0), timed(backward, 1)
 
 
 def memory_table(records: list[dict]) -> str:

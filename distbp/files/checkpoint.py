@@ -18,6 +18,7 @@ from .. import __version__
 from . import bounded
 from .atomic import TMP_MARK, AtomicFile
 from ..errors import UserError
+from ..nn.model import name_tree
 from .safeio import hdf5_bytes, memory_hdf5, write_bytes
 
 FORMAT, VERSION = "checkpoint", 2
@@ -334,5 +335,10 @@ def describe(ck: Checkpoint) -> list[str]:
     lines.append(f"optimizer: {ck.opt_name} {ck.opt_scalars}")
     for key, a in _arrays_in_order(ck):
         lines.append(f"{key:40s} {str(a.shape):16s} {a.dtype} {a.nbytes / 1024:.1f} KiB")
+    tree = name_tree(ck.params)
+    if any(name is None for _, _, name in tree):  # a model with blocks: their sub-layers' parameters as a tree
+        lines.append("parameter tree (blocks' sub-layers under their block):")
+        lines += [f"  {'  ' * depth}{label}" + (f"  {ck.params[name].shape}" if name else "")
+                  for depth, label, name in tree]
     lines.append("config: " + json.dumps(ck.config, indent=1, sort_keys=True))
     return lines

@@ -7,7 +7,7 @@ from ..config import Config, ConfigError
 from ..datasets.dataset import Dataset
 from ..errors import UserError, agree, require
 from ..files import checkpoint as ckpt
-from ..nn import Sequential, make_loss, mlp_specs
+from ..nn import Sequential, make_loss, mlp_specs, resnet_specs
 from ..nn.losses import balanced_weights, loss_class
 from ..nn.sequence_loss import SequenceCrossEntropy
 from ..parallel.sampler import shard
@@ -18,6 +18,8 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     m = cfg.model
     if m.layers:
         specs = [dict(s) for s in m.layers]
+    elif m.resnet_depth:
+        specs = resnet_specs(m.resnet_depth, data.output_dim)
     else:
         flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
@@ -27,7 +29,7 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
-        key = "model.layers" if m.layers else "model.hidden"
+        key = "model.layers" if m.layers else "model.resnet_depth" if m.resnet_depth else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
     want = (*data.input_shape, data.output_dim) if data.task == "sequence" else (data.output_dim,)
     if model.out_shape != want:

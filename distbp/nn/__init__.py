@@ -14,6 +14,7 @@ from .layers import (GELU, LAYER_TYPES, Activation, Context, Dropout, Layer, Lea
                      spec_value)
 from .losses import MSE, BCEWithLogits, Loss, SoftmaxCrossEntropy, make_loss, register_loss  # noqa: F401
 from .model import Sequential, mlp_specs  # noqa: F401
+from .resnet import resnet_specs
 from .norm import BatchNorm, LayerNorm
 from .pool import AvgPool2D, GlobalAvgPool, MaxPool2D
 from .reshape import Flatten, Reshape
@@ -26,4 +27,4 @@ __all__ = ["Sequential", "Layer", "WeightLayer", "Activation", "Context", "regis
            "Reshape", "Dropout", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Softplus",
            "Embedding", "PositionEmbedding", "CausalSelfAttention", "TiedOutput", "TransformerBlock",
            "Loss", "register_loss", "SoftmaxCrossEntropy", "MSE", "BCEWithLogits", "SequenceCrossEntropy",
-           "check_gradients"]
+           "check_gradients", "resnet_specs"]

@@ -33,6 +33,23 @@ Sequential derives two instance flags from its neighbours; a layer may use them 
 otherwise ignores them: ``overwrite_x`` (forward may write into x) and ``overwrite_dy``
 (backward may write into dy). ``need_dx`` (set on the first layer with parameters)
 says whether backward must return dx. ``Softplus`` below is a small worked example.
+
+Containers (nn/blocks.py). A block is a layer whose work is done by sub-layers: its spec
+holds nested layer lists (``{"type": "residual", "body": [...], "shortcut": [...]}``),
+``build`` turns each into a ``Chain`` with ``Chain.build(specs, in_shape, seed,
+f"{index}.{kind}.{name}")`` (so a sub-layer's index, in its errors too, is its path, e.g.
+``3.residual.body.0``) and ``chains()`` lists them as (name, chain) in parameter order.
+The model owns the sub-layers like its own: their parameters are views of the one flat
+vector, depth-first in spec order (the block's chains in ``chains()`` order), named
+``{path}.{kind}.{pname}`` (``3.residual.body.0.conv2d.W``); it binds and initialises them
+(the c-th sub-layer of layer i draws from a generator of (seed, i, c)), and sets ctx and
+train/eval. The flags inside a block: each chain links its own neighbours as Sequential
+does; at the ends, a path's first layer never gets overwrite_x and its last never gets
+overwrite_dy when the input or the gradient is shared by several paths (a residual's x
+feeds body and shortcut, its dy reaches both), and a fan-out ADDS the paths' dx. ``Residual``
+(y = body(x) + shortcut(x)) is the worked example: ``Fork`` runs the paths and sums dx,
+Residual only builds, checks the shapes and says how the outputs join (``join``) and dy
+splits (``split``). A user block registers with ``@register`` like a user layer.
 """
 
 import math

@@ -226,3 +226,29 @@ def _specs_at(spec: dict, name: str) -> list:
     for r in rest:
         value = value[int(r)]
     return value
+
+
+def _natural(name: str) -> list:
+    """Sort key of a dotted name with its numbers compared as numbers (2 before 10)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")]
+
+
+def name_tree(names) -> list[tuple[int, str, str | None]]:
+    """(depth, label, full name or None for a heading) lines that show parameter names as the block tree:
+    "3.residual.body.0.conv2d.W" is leaf "0.conv2d.W" under heading "body" under heading "3.residual"."""
+    lines, open_heads = [], []
+    for name in sorted(names, key=_natural):
+        t = name.split(".")
+        heads, i = [], 0
+        while len(t) - i > 3:  # a block: its index and kind, then a chain name and the child's index
+            heads.append(".".join(t[i : i + 2]))
+            j = i + 3
+            while j + 1 < len(t) and t[j].isdigit() and t[j + 1].isdigit():
+                j += 1
+            heads.append(".".join(t[i + 2 : j]))
+            i = j
+        shared = next((k for k, (a, b) in enumerate(zip(open_heads, heads)) if a != b), min(len(open_heads), len(heads)))
+        lines += [(k, heads[k], None) for k in range(shared, len(heads))]
+        open_heads = heads
+        lines.append((len(heads), ".".join(t[i:]), name))
+    return lines
