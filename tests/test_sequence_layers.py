@@ -218,3 +218,9 @@ def test_a_rank_without_rows_passes_through_every_layer():
     model.zero_grad()
     model.backward(loss.backward(), need_dx=False)
     assert not model.grads.any()
+
+
+def test_layernorm_on_sequences_normalizes_each_place_by_default():
+    layer = Sequential([{"type": "embedding", "vocab": V, "dim": D}, {"type": "layernorm"}], (T,),
+                       dtype=np.float64).layers[1]
+    assert layer.axes == (-1,) and layer.norm_shape == (D,)
