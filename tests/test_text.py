@@ -26,7 +26,7 @@ def test_char_dataset_stores_its_vocabulary_and_a_contiguous_val_tail(tmp_path):
     with Dataset(path) as ds:
         vocab = Vocabulary.from_attrs(ds.attrs, str(path))
         train, val = (ds.split(s).read(np.arange(ds.split(s).n)) for s in ("train", "val"))
-        assert ds.task == "sequence" and ds.output_dim == len(set(TEXT)) == vocab.size
+        assert ds.task.name == "sequence" and ds.output_dim == len(set(TEXT)) == vocab.size
     start = len(TEXT) - round(0.2 * len(TEXT))
     assert vocab.decode(train[0][0]) == TEXT[:32] and vocab.decode(train[1][0]) == TEXT[1:33]
     assert vocab.decode(val[0][0]) == TEXT[start:start + 32]  # the val windows start after the train text

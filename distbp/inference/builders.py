@@ -5,11 +5,11 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..datasets.dataset import Dataset
+from ..datasets.task import TaskError
 from ..errors import UserError, agree, require
 from ..files import checkpoint as ckpt
-from ..nn import Sequential, make_loss, mlp_specs, resnet_specs
+from ..nn import Sequential, mlp_specs
 from ..nn.losses import balanced_weights, loss_class
-from ..nn.sequence_loss import SequenceCrossEntropy
 from ..parallel.sampler import shard
 
 
@@ -18,20 +18,18 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
     m = cfg.model
     if m.layers:
         specs = [dict(s) for s in m.layers]
-    elif m.resnet_depth:
-        specs = resnet_specs(m.resnet_depth, data.output_dim)
     else:
         flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
                                     m.activation, m.dropout)
-    if data.task == "sequence":
+    if data.task.token_ids:
         specs = [_with_vocab(s, i, data) for i, s in enumerate(specs)]
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
     except ValueError as e:
-        key = "model.layers" if m.layers else "model.resnet_depth" if m.resnet_depth else "model.hidden"
+        key = "model.layers" if m.layers else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
-    want = (*data.input_shape, data.output_dim) if data.task == "sequence" else (data.output_dim,)
+    want = data.task.output_shape(data.input_shape, data.output_dim)
     if model.out_shape != want:
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
                         f"needs {want}: make the last layer's out {data.output_dim}")
@@ -61,28 +59,26 @@ def label_counts(split, num_classes: int, rank: int, size: int, block: int = 1 <
 
 def build_loss(cfg: Config, data: Dataset, comm):
     """The loss of the dataset's task with loss.* applied; "balanced" class weights counted over the train split."""
-    lc, where = cfg.loss, f"{data.path} is a {data.task} dataset"
+    lc = cfg.loss
     if lc.name:
         return loss_class(lc.name)()  # validated with the config (its module imported)
-    if data.task == "sequence":
-        return SequenceCrossEntropy()
-    if data.task != "classification":
-        agree(comm, require, not (lc.label_smoothing or lc.class_weights),
-              f"loss.label_smoothing and loss.class_weights apply to classification, but {where}: remove them")
-        return make_loss(data.task)
     weights = lc.class_weights or None
-    if weights == "balanced":
+    if weights == "balanced" and data.task.labels:
         split = agree(comm, data.split, cfg.data.train_split)
         counts = comm.allreduce_sum(agree(comm, label_counts, split, data.num_classes, comm.rank, comm.size))
         empty = [int(c) for c in np.flatnonzero(counts == 0)]
         agree(comm, require, not empty, f'loss.class_weights="balanced": class(es) {empty[:5]} have no rows in '
               f"split '{cfg.data.train_split}' of {data.path}; give the weights as a list, one per class")
         weights = balanced_weights(counts)
-    elif weights is not None:
-        agree(comm, require, len(weights) == data.num_classes and any(weights),
-              f"loss.class_weights has {len(weights)} weights (sum {sum(weights):g}) but {data.path} has "
-              f"{data.num_classes} classes: give one weight per class, not all 0")
-    return make_loss("classification", label_smoothing=lc.label_smoothing, class_weights=weights)
+    return agree(comm, _task_loss, data, lc.label_smoothing, weights)
+
+
+def _task_loss(data: Dataset, label_smoothing: float, class_weights):
+    """The task's own loss with these options; UserError naming the dataset when they do not apply."""
+    try:
+        return data.task.loss(label_smoothing, class_weights)
+    except TaskError as e:
+        raise UserError(str(e).format(where=data.path)) from None
 
 
 def check_architecture(ck: ckpt.Checkpoint, model):
