@@ -11,6 +11,7 @@ from conftest import run_distbp
 from distbp.cli import main
 from distbp.config import load_config
 from distbp.datasets.dataset import Dataset, DataError, write_dataset
+from distbp.datasets.task import Sequence, TaskError
 from distbp.datasets.text import Vocabulary, text_dataset
 from distbp.inference.generate import next_token
 from distbp.parallel.comm import SerialComm
@@ -139,3 +140,11 @@ def test_predict_writes_next_tokens_and_the_vocabulary(trained, tmp_path, capsys
         assert f.attrs["tokenizer"] == "char" and json.loads(f.attrs["vocabulary"]) == json.loads(ds.attrs["vocabulary"])
         x = ds.split("val").read(np.arange(2))[0]
         assert np.array_equal(distbp.load(trained).predict(x), f["token"][:2])
+
+
+def test_a_sequence_file_needs_its_vocab_size_and_is_never_converted(tmp_path):
+    x = np.zeros((4, 8), np.uint8)
+    with pytest.raises(DataError, match="root attribute vocab_size=None must be a positive integer"):
+        write_dataset(tmp_path / "w.h5", {"train": (x, x)}, task="sequence")
+    with pytest.raises(TaskError, match="distbp data text"):
+        Sequence(5).convert_targets(np.zeros(3))

@@ -98,10 +98,10 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
 
 def _check_shapes(path, split: str, x, y, task: Task, x_scale: float | None):
     """Shape and dtype checks of one split's x and y (metadata only, no reads)."""
-    if task.token_ids and (x.ndim != 2 or x.dtype.kind not in "iu" or 0 in x.shape or y.shape != x.shape):
-        _fail(_where(path, split, "x"), f"x {x.shape} {x.dtype} and y {y.shape} are not (N, T) integer token ids "
-              "of the same shape", "make token datasets with `distbp data text`")
     if task.token_ids:
+        if x.ndim != 2 or x.dtype.kind not in "iu" or 0 in x.shape or y.shape != x.shape:
+            _fail(_where(path, split, "x"), f"x {x.shape} {x.dtype} and y {y.shape} are not (N, T) integer token "
+                  "ids of the same shape", "make token datasets with `distbp data text`")
         return _check_shapes_of_targets(path, split, y, task)
     if x.ndim < 2 or 0 in x.shape[1:]:
         _fail(_where(path, split, "x"), f"shape {x.shape} is not (rows, features...)",

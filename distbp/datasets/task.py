@@ -305,14 +305,6 @@ class Sequence(Task):
                     "make token datasets with `distbp data text`")
         return None
 
-    def bad_targets(self, block):
-        """Rows holding an id outside [0, vocab_size)."""
-        return ((block < 0) | (block >= self.num_classes)).reshape(len(block), -1).any(axis=1)
-
-    def bad_message(self):
-        return (f"token ids {{value}} at row {{row}} hold one outside [0, {self.num_classes})",
-                "re-make the dataset with `distbp data text`, or fix its vocab_size")
-
     def output_dim(self, y):
         return self.num_classes
 

@@ -142,8 +142,7 @@ class TiedOutput(Layer):
         check_spec(spec, index, ("embedding", "bias"))
         emb = spec_value(spec, index, "embedding", int, 0, lambda v: 0 <= v < index,
                          f"in [0, {index}), the index of an earlier embedding layer")
-        layer = cls(in_shape, emb, spec_value(spec, index, "bias", bool, False), index)
-        return layer
+        return cls(in_shape, emb, spec_value(spec, index, "bias", bool, False), index)
 
     def tie(self, layers: list) -> None:
         """Find the embedding whose table this layer shares; its output shape follows."""
