@@ -222,3 +222,27 @@ def test_resnet_depths_and_sizes():
     assert sizes == {8: 78042, 14: 175258, 20: 272474}  # ResNet-20: 0.27M as in He et al. table 6
     with pytest.raises(ValueError, match="6n"):
         resnet_specs(10, 10)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_resnet_split_across_ranks_equals_the_whole_batch(comm):
+    """BatchNorm inside the blocks reaches its peers through the shared ctx: the summed local gradients are
+    the whole batch's."""
+    specs, N = resnet_specs(8, 4, width=4), 7
+    whole = Sequential(specs, (3, 8, 8), dtype=np.float64, seed=2)
+    part = Sequential(specs, (3, 8, 8), dtype=np.float64, seed=2)
+    part.ctx.comm = comm
+    rng = np.random.default_rng(3)  # the same global batch on every rank
+    x, R = rng.standard_normal((N, 3, 8, 8)), rng.standard_normal((N, 4))
+    whole.zero_grad()
+    y = whole.forward(x)
+    whole.backward(R)
+    lo, hi = N * comm.rank // comm.size, N * (comm.rank + 1) // comm.size
+    part.ctx.global_rows, part.ctx.rows = N, np.arange(lo, hi)
+    part.zero_grad()
+    np.testing.assert_allclose(part.forward(x[lo:hi]), y[lo:hi], rtol=1e-10, atol=1e-12)
+    part.backward(R[lo:hi])
+    grads = part.grads.copy()
+    comm.allreduce_sum(grads)
+    assert rel_err(grads, whole.grads) < 1e-10
+    assert rel_err(part.buffers, whole.buffers) < 1e-12  # the running statistics

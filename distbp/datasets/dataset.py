@@ -502,6 +502,22 @@ def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np
     return x, logits.argmax(axis=1).astype(np.int64)
 
 
+def synthetic_images(rows: int, shape: tuple, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable image problem (N, C, H, W): each class a random 5x5 pattern, stamped at a random place
+    with a random strength onto Gaussian noise (a conv net with pooling learns it; a pixel lookup cannot)."""
+    rng = np.random.default_rng(seed)
+    C, H, W = shape
+    k = min(5, H, W)
+    patterns = rng.standard_normal((classes, C, k, k), dtype=np.float32)
+    y = rng.integers(0, classes, rows)
+    x = rng.standard_normal((rows, C, H, W), dtype=np.float32)
+    top, left = rng.integers(0, H - k + 1, rows), rng.integers(0, W - k + 1, rows)
+    strength = rng.uniform(1.0, 2.0, rows).astype(np.float32)
+    for i in range(rows):
+        x[i, :, top[i]:top[i] + k, left[i]:left[i] + k] += strength[i] * patterns[y[i]]
+    return x, y.astype(np.int64)
+
+
 def digits_path() -> Path:
     """The 8x8 digits dataset that ships with distbp (UCI optdigits test set, CC BY 4.0)."""
     return Path(str(resources.files("distbp") / "datasets" / "digits.h5"))

@@ -8,7 +8,7 @@ from ..datasets.dataset import Dataset
 from ..datasets.task import TaskError
 from ..errors import UserError, agree, require
 from ..files import checkpoint as ckpt
-from ..nn import Sequential, mlp_specs
+from ..nn import Sequential, mlp_specs, resnet_specs
 from ..nn.losses import balanced_weights, loss_class
 from ..parallel.sampler import shard
 

@@ -112,10 +112,10 @@ class Block(Layer):
 
 def has_params(layer) -> bool:
     """Whether the layer or any of its sub-layers owns a trained parameter."""
-    return any(_own_shapes(sub, "param_shapes") for _, _, sub in walk(layer, "", ()))
+    return any(own_shapes(sub, "param_shapes") for _, _, sub in walk(layer, "", ()))
 
 
-def _own_shapes(layer, method: str) -> list:
+def own_shapes(layer, method: str) -> list:
     """(name, shape) pairs from a layer's own param_shapes/buffer_shapes, [] if it has none."""
     get = getattr(layer, method, None)
     return list(get()) if get else []

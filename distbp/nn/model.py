@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .blocks import Chain, walk
+from .blocks import Chain, own_shapes, walk
 from .init import layer_rng
 from .layers import Context, activation_names
 
@@ -30,12 +30,6 @@ def mlp_specs(sizes, activation: str = "relu", dropout: float = 0.0) -> list[dic
         if dropout > 0:
             specs.append({"type": "dropout", "p": float(dropout)})
     return specs + [{"type": "linear", "out": int(sizes[-1])}]
-
-
-def _shapes_of(layer, method: str) -> list:
-    """(name, shape) pairs from a layer's own param_shapes/buffer_shapes, [] if it has none."""
-    get = getattr(layer, method, None)
-    return list(get()) if get else []
 
 
 class FlatLayout:
@@ -85,26 +79,26 @@ class Sequential:
         """Allocate the flat vectors and hand every layer and sub-layer its views."""
         def entries(method):
             return [(f"{path}.{layer.kind}.{p}", s) for path, _, layer in self.units
-                    for p, s in _shapes_of(layer, method)]
+                    for p, s in own_shapes(layer, method)]
 
         self.layout = FlatLayout(entries("param_shapes"))
         self.buffer_layout = FlatLayout(entries("buffer_shapes"))
         self.params = np.zeros(self.layout.size, self.dtype)
         self.grads = np.zeros(self.layout.size, self.dtype)
         self.buffers = np.zeros(self.buffer_layout.size, self.dtype)
-        self._param_layers = [(path, layer) for path, _, layer in self.units if _shapes_of(layer, "param_shapes")]
+        self._param_layers = [(path, layer) for path, _, layer in self.units if own_shapes(layer, "param_shapes")]
         self._param_views = self.layer_views(self.params)
         self.bind_grads(self.layer_views(self.grads))
         bv = self.buffer_views(self.buffers)
         for path, _, layer in self.units:
-            bnames = [p for p, _ in _shapes_of(layer, "buffer_shapes")]
+            bnames = [p for p, _ in own_shapes(layer, "buffer_shapes")]
             if bnames:
                 layer.bind_buffers({p: bv[f"{path}.{layer.kind}.{p}"] for p in bnames})
 
     def layer_views(self, flat: np.ndarray) -> list[dict]:
         """Views into a params-shaped flat vector: {parameter: view} for each (sub-)layer with parameters."""
         v = self.views(flat)
-        return [{p: v[f"{path}.{layer.kind}.{p}"] for p, _ in _shapes_of(layer, "param_shapes")}
+        return [{p: v[f"{path}.{layer.kind}.{p}"] for p, _ in own_shapes(layer, "param_shapes")}
                 for path, layer in self._param_layers]
 
     def bind_grads(self, grads: list[dict]) -> None:
@@ -150,7 +144,7 @@ class Sequential:
         """Fill params from seed alone (layer i draws from a generator of (seed, i), a block's
         c-th sub-layer from (seed, i, c), and so on down); reset buffers."""
         for _, key, layer in self.units:
-            if _shapes_of(layer, "param_shapes"):
+            if own_shapes(layer, "param_shapes"):
                 layer.init_params(layer_rng(seed, key))
             if hasattr(layer, "init_buffers"):
                 layer.init_buffers()
@@ -207,7 +201,7 @@ def _describe(chain, specs: list, indent: str) -> list[str]:
     lines = []
     for i, (layer, spec) in enumerate(zip(chain.layers, specs)):
         (shape_in, shape_out) = chain.shapes_io[i]
-        count = sum(math.prod(s) for _, _, sub in walk(layer, "", ()) for _, s in _shapes_of(sub, "param_shapes"))
+        count = sum(math.prod(s) for _, _, sub in walk(layer, "", ()) for _, s in own_shapes(sub, "param_shapes"))
         opts = " ".join(f"{k}={v}" for k, v in spec.items()
                         if k != "type" and not (isinstance(v, list) and v and isinstance(v[0], list | dict)))
         lines.append(f"{indent}{i:>3} {layer.kind:<11} {str(shape_in):>14} -> {str(shape_out):<14}"
