@@ -148,3 +148,9 @@ def test_a_sequence_file_needs_its_vocab_size_and_is_never_converted(tmp_path):
         write_dataset(tmp_path / "w.h5", {"train": (x, x)}, task="sequence")
     with pytest.raises(TaskError, match="distbp data text"):
         Sequence(5).convert_targets(np.zeros(3))
+
+
+def test_data_inspect_shows_a_token_dataset(capsys):
+    assert main(["data", "inspect", str(ROOT / "data" / "shakespeare.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "task sequence, input (64,), output 62" in out and "x range [0, 61]" in out

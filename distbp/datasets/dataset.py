@@ -451,11 +451,11 @@ def value_summary(x, y, task: Task, x_scale: float | None) -> list[str]:
     for _, block in _blocks(x):
         block = np.asarray(block, dtype=np.float64).reshape(len(block), -1)
         lo, hi, total = np.minimum(lo, block.min(0)), np.maximum(hi, block.max(0)), total + block.sum()
-    scale = x_scale if x.dtype == np.uint8 else 1.0
+    scaled = x.dtype == np.uint8 and not task.token_ids  # token ids are read as stored
+    scale = x_scale if scaled else 1.0
     lines = [f"x range [{lo.min() * scale:.4g}, {hi.max() * scale:.4g}], mean {total * scale / max(x.size, 1):.4g}"
-             + (f" (stored uint8 [{lo.min():g}, {hi.max():g}] times x_scale {x_scale:.4g})"
-                if x.dtype == np.uint8 else "")]
-    if x.ndim == 2:  # tabular features; image pixels share one scale
+             + (f" (stored uint8 [{lo.min():g}, {hi.max():g}] times x_scale {x_scale:.4g})" if scaled else "")]
+    if x.ndim == 2 and not task.token_ids:  # tabular features; image pixels share one scale
         lines += range_warning(lo * scale, hi * scale)
     return lines + task.describe_targets(_blocks(y))
 
