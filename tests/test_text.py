@@ -154,3 +154,19 @@ def test_data_inspect_shows_a_token_dataset(capsys):
     assert main(["data", "inspect", str(ROOT / "data" / "shakespeare.h5")]) == 0
     out = capsys.readouterr().out
     assert "task sequence, input (64,), output 62" in out and "x range [0, 61]" in out
+
+
+def test_fetch_tinyshakespeare_converts_the_verified_file(tmp_path):
+    import hashlib
+    from dataclasses import replace
+    from distbp.datasets import fetch as fe
+    text = TEXT.encode()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "input.txt").write_bytes(text)
+    recipe = fe.CATALOG["tinyshakespeare"]
+    remote = replace(recipe.files[0], size=len(text), sha256=hashlib.sha256(text).hexdigest())
+    out = fe.fetch("tinyshakespeare", tmp_path / "data", source=tmp_path / "src",
+                   catalog={"tinyshakespeare": replace(recipe, files=(remote,))})
+    with Dataset(out) as ds:
+        assert ds.task.name == "sequence" and ds.input_shape == (64,) and "Tiny Shakespeare" in ds.attrs["source"]
+    assert recipe.files[0].size == 1115394 and recipe.files[0].sha256.startswith("86c4e6aa")

@@ -144,8 +144,9 @@ def text_dataset(path, out, context: int, level: str = "char", val_fraction: flo
     splits = {"train": windows(ids[:start], context, stride, dt)}
     if val_fraction > 0:
         splits["val"] = windows(ids[start:], context, stride, dt)
-    attrs = {**(about or {}), **vocab.attrs(), "context": context, "stride": stride, "source": path.name,
+    attrs = {**vocab.attrs(), "context": context, "stride": stride, "source": path.name,
              "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
              "split": f"val: the last {len(ids) - start} of {len(ids)} {unit} (a contiguous tail), "
-                      f"train: the {start} before it; windows of {context + 1} every {stride}"}
+                      f"train: the {start} before it; windows of {context + 1} every {stride}",
+             **(about or {})}  # a fetched text's source, url and license say more than its file name
     return write_dataset(out, splits, task="sequence", attrs=attrs)
