@@ -12,7 +12,9 @@ from .parallel.comm import SerialComm, world
 from .parallel.guard import run_guarded
 from .config import Config, config_to_dict, load_config
 from .errors import NonFiniteError, UserError, agree
+from .datasets.text import Vocabulary
 from .inference.evaluate import load_model
+from .inference.generate import generate_text
 from .inference.predict import check_finite_inputs, model_inputs, normalized
 from .files.rundir import default_path
 
@@ -70,9 +72,11 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 class Model:
     """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
 
-    def __init__(self, network, task, x_scale: float | None, normalizer, config: Config, checkpoint: Path):
+    def __init__(self, network, task, x_scale: float | None, normalizer, config: Config, checkpoint: Path,
+                 vocabulary=None):
         self.network, self.task, self.config, self.checkpoint = network, task.name, config, checkpoint
         self._task = task
+        self.vocabulary = vocabulary  # a sequence model's (datasets.text.Vocabulary), else None
         self.input_shape = network.input_shape
         self._x_scale, self._normalizer = x_scale, normalizer
 
@@ -96,7 +100,7 @@ class Model:
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}  # 0 rows: empty arrays
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
-        """Class labels (classification, binary) or outputs (regression) for the rows of x."""
+        """Class labels (classification, binary), outputs (regression) or next-token ids (sequence) for the rows of x."""
         return self._outputs(x, batch)[self._task.predicted]
 
     def predict_proba(self, x, batch: int = 1024) -> np.ndarray:
@@ -104,6 +108,15 @@ class Model:
         if self._task.probability is None:
             raise ValueError(f"predict_proba needs a classification or binary model; this one is {self.task}")
         return self._outputs(x, batch)[self._task.probability]
+
+
+    def generate(self, prompt: str = "", tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 0) -> str:
+        """The prompt and `tokens` sampled tokens of a sequence model, as text (the same seed, the same text)."""
+        if self.vocabulary is None:
+            raise ValueError(f"generate needs a sequence model (trained on `distbp data text` data); this one is "
+                             f"{self.task}")
+        return generate_text(self.network, self.vocabulary, prompt, tokens, temperature, top_k, seed)
 
 
 def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
@@ -118,4 +131,5 @@ def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
     # this process alone (any rank may call it): rank 0 of a world of one reads and builds
     network, data, cfg, normalizer = load_model(str(path), SerialComm(), data_path)
     with data:
-        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path))
+        vocab = Vocabulary.from_attrs(data.attrs, str(data.path)) if data.task.token_ids else None
+        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path), vocab)

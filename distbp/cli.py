@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add_force(ds)
     add_convert_parser(dsub)
+    add_text_parser(dsub)
     add_fetch_parser(dsub)
     di = dsub.add_parser("inspect", help="splits, shapes, dtypes, class balance, value ranges")
     di.add_argument("file", help="a distbp dataset file (.h5)")
@@ -105,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("out", help=".npz file to write (one array per parameter)")
     add_force(ce)
     add_plot_predict_parsers(sub)
+    g = sub.add_parser("generate", help="sample text from a sequence model's checkpoint",
+                       description="Continue a prompt with tokens sampled from a checkpoint's sequence model "
+                       "(trained on `distbp data text` data), decoded with the dataset's vocabulary. One rank "
+                       "is enough; the same seed gives the same text.")
+    add_checkpoint_argument(g)
+    g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    g.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits: below 1 surer, above 1 wilder, 0 always the likeliest (default: %(default)s)")
+    g.add_argument("--top-k", type=int, help="draw only among the k likeliest tokens (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    g.add_argument("--data", help="dataset holding the vocabulary (default: the one the run trained on)")
     return p
 
 
@@ -156,6 +169,26 @@ def add_convert_parser(dsub):
     dc.add_argument("--x-scale", type=float, help="scale of uint8 inputs (default: 1/255)")
     dc.add_argument("--x-key", default="x", help=".npz array holding x (default: %(default)s)")
     dc.add_argument("--y-key", default="y", help=".npz array holding y (default: %(default)s)")
+
+
+def add_text_parser(dsub):
+    """distbp data text's arguments."""
+    dt = dsub.add_parser("text", help="a text file to a token dataset (character or byte vocabulary)",
+                         description="Cut a text into windows of --context tokens (x) and the same shifted by one "
+                         "(y, the next tokens). The validation split is the contiguous tail of the text; the "
+                         "vocabulary is stored in the file.")
+    dt.add_argument("file", metavar="FILE", help="the text (UTF-8 for --level char)")
+    dt.add_argument("out", metavar="OUT", help="dataset file to write")
+    dt.add_argument("--context", type=int, required=True, metavar="T", help="tokens per row (the model's context)")
+    dt.add_argument("--level", choices=("char", "byte"), default="char",
+                    help="one token per character (vocabulary: the text's characters) or per byte (256 ids) "
+                    "(default: %(default)s)")
+    dt.add_argument("--val-fraction", type=float, default=0.1, help="share of the text, from its end, in the "
+                    "val split (default: %(default)s)")
+    dt.add_argument("--stride", type=int, help="tokens between window starts (default: the context, no overlap)")
+    dt.add_argument("--dtype", choices=("auto", "uint8", "uint16", "int32"), default="auto",
+                    help="dtype of the stored ids (default: the smallest that holds the vocabulary)")
+    add_force(dt)
 
 
 def add_checkpoint_argument(p):
@@ -290,6 +323,13 @@ def cmd_data(args, comm) -> int:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
         return 0
+    if args.data_command == "text":
+        from .datasets.text import text_dataset
+        text_dataset(args.file, args.out, args.context, args.level, args.val_fraction, args.stride, args.dtype,
+                     args.force)
+        with data.Dataset(args.out) as ds:
+            print("\n".join([f"wrote {args.out}", *ds.describe()]))
+        return 0
     if args.data_command == "fetch":
         from .datasets.fetch import fetch
         out = fetch(args.name, args.dir, mirror=args.mirror, source=args.source, timeout=args.timeout,
@@ -380,8 +420,21 @@ def cmd_predict(args, comm) -> int:
     return 0
 
 
+def cmd_generate(args, comm) -> int:
+    """distbp generate: rank 0 samples and prints."""
+    if comm.size > 1:
+        return alone_on_root(cmd_generate, args, comm)
+    from .api import load
+    model = load(checkpoint_path(args, comm), data_path=args.data)
+    if model.vocabulary is None:
+        raise UserError(f"{model.checkpoint}: a {model.task} model cannot generate text; HINT: give the checkpoint "
+                        "of a run on a `distbp data text` dataset (e.g. distbp train char-transformer)")
+    print(model.generate(args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt,
-            "plot": cmd_plot, "predict": cmd_predict}
+            "plot": cmd_plot, "predict": cmd_predict, "generate": cmd_generate}
 
 
 def dispatch(args, comm) -> int:

@@ -121,7 +121,7 @@ class TrainConfig(KeysOnly):
                                       "$DISTBP_STALL_TIMEOUT (default 300)", within="[0, inf)")
     best_metric: str = key("auto", "the metric that makes a checkpoint or epoch the best: auto = "
                                    "val_accuracy (max) for classification and binary, val_loss (min) for "
-                                   "regression", choices=BEST_CHOICES)
+                                   "regression and sequences", choices=BEST_CHOICES)
     nonfinite: str = key("abort", "on a NaN/Inf loss or gradient: abort, or skip the step",
                          choices=("abort", "skip"))
     accumulate_steps: int = key(1, "forward/backward passes of batch_size rows each per optimizer step: "

@@ -4,6 +4,7 @@
     python scripts/bench.py --all                         the README table (W1, W2, W5, W6 at 1x1, 2x1, 1x2 ...)
     python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
     python scripts/bench.py W5 --layers                   forward and backward ms of each layer, one process
+    python scripts/bench.py W8-char --kinds               forward and backward ms per layer kind (inside blocks too)
 
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.
 Each worker runs `rounds` interleaved rounds of (distbp, matmul floor, PyTorch) and reports
@@ -54,15 +55,23 @@ class Workload:
     extra: tuple = field(default=())  # --set overrides that are part of the workload
     default_of: str | None = None  # a workload whose default-mode run each round times too, for the cost
     warmup: int = WARMUP  # steps before the steady state
+    text: str = ""  # a token dataset of the repository (relative path) instead of synthetic rows
 
     @property
     def input_shape(self) -> tuple:
-        """Shape of one input row."""
+        """Shape of one input row: (T,) token ids of a text workload."""
+        if self.text:
+            with h5py.File(ROOT / self.text, "r") as f:
+                return f["train/x"].shape[1:]
         return self.image or (self.features,)
 
     def specs(self) -> list[dict]:
         """The layer specs distbp builds: `layers`, or the MLP distbp's train builds from `hidden`."""
         from distbp.nn import mlp_specs
+        if self.text:  # the embedding's vocab is the dataset's, as distbp train fills it in
+            with h5py.File(ROOT / self.text, "r") as f:
+                vocab = int(f.attrs["vocab_size"])
+            return [{**s, "vocab": vocab} if s["type"] == "embedding" else dict(s) for s in self.layers]
         return [dict(s) for s in self.layers] or mlp_specs([self.features, *self.hidden, self.classes])
 
 
@@ -77,6 +86,13 @@ LENET = (*conv_block(16, 5), POOL, *conv_block(32, 5), POOL, FLATTEN,
          {"type": "linear", "out": 128}, RELU, {"type": "linear", "out": 10})
 CIFAR = (*conv_block(32, 3, True) * 2, POOL, *conv_block(64, 3, True) * 2, POOL, FLATTEN,
          {"type": "linear", "out": 256}, RELU, {"type": "linear", "out": 10})
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def char_transformer() -> tuple:
+    """The layers of the shipped char-transformer config."""
+    from distbp.config import load_config
+    return tuple(load_config("char-transformer").model.layers)
 
 
 def resnet(depth: int) -> tuple:
@@ -107,10 +123,14 @@ WORKLOADS = {
     "W7-resnet": Workload("ResNet-8 (the shipped resnet config, He et al. CIFAR style) on (3, 32, 32); batch 128",
                           layers=resnet(8), image=(3, 32, 32), batch=128, rows=2048, steps=5, torch_steps=5,
                           warmup=3),
+    "W8-char": Workload("the shipped char-transformer (4 pre-LN blocks, d 128, 4 heads, tied head) on "
+                        "data/shakespeare.h5 (context 64); batch 32", layers=char_transformer(), batch=32, rows=0,
+                        text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
-       ("W6", 1, 2), ("W7-resnet", 1, 1), ("W7-resnet", 2, 1), ("W7-resnet", 1, 2)]
+       ("W6", 1, 2), ("W7-resnet", 1, 1), ("W7-resnet", 2, 1), ("W7-resnet", 1, 2), ("W8-char", 1, 1),
+       ("W8-char", 2, 1), ("W8-char", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -211,14 +231,21 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
     """(m, k, p) of each weight layer's forward product X (m, k) @ W (k, p) at n local rows.
 
     A linear layer is (n, d_in, d_out); a convolution is its im2col form (n Ho Wo, C kh kw, F).
+    A linear layer on (T, D) rows and the attention's projections are (n T, D_in, D_out), the tied output
+    (n T, D, V); the attention's per-head products (q k^T, p v) are not counted.
     """
     from distbp.nn import Sequential
-    shapes = []
-    for _, _, layer in Sequential(wl.specs(), wl.input_shape).units:  # blocks' sub-layers too
+    shapes, model = [], Sequential(wl.specs(), wl.input_shape)
+    T = model.input_shape[0] if wl.text else 1
+    for _, _, layer in model.units:  # blocks' sub-layers too
         if layer.kind == "linear":
-            shapes.append((n, layer.d_in, layer.d_out))
+            shapes.append((n * T, layer.d_in, layer.d_out))
         elif layer.kind == "conv2d":
             shapes.append((n * layer.Ho * layer.Wo, layer.C * layer.kh * layer.kw, layer.F))
+        elif layer.kind == "causal_self_attention":
+            shapes += [(n * T, layer.D, 3 * layer.D), (n * T, layer.D, layer.D)]
+        elif layer.kind == "tied_output":
+            shapes.append((n * T, layer.table.dim, layer.table.vocab))
     return shapes
 
 
@@ -262,6 +289,8 @@ def torch_model(wl: Workload, dtype):
     """
     from distbp.nn import Sequential
     model = Sequential(wl.specs(), wl.input_shape)
+    if wl.text:
+        return torch_gpt(model, dtype)
     return _torch_chain(model.chain, dtype)
 
 
@@ -299,6 +328,40 @@ def _torch_chain(chain, dtype):
     return torch.nn.Sequential(*layers)
 
 
+def torch_gpt(model, dtype):
+    """nanoGPT's GPT (pre-LN blocks, fused q/k/v, causal scaled_dot_product_attention, tanh GELU, tied head)
+    shaped as a distbp model of embedding, position_embedding, transformer_blocks, layernorm, tied_output."""
+    import torch
+    nn, F = torch.nn, torch.nn.functional
+    emb, blocks = model.layers[0], [layer for layer in model.layers if layer.kind == "transformer_block"]
+    T, D, V = emb.T, emb.dim, emb.vocab
+    heads = blocks[0].chain.layers[0].paths[0][1].layers[1].H
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(D, dtype=dtype), nn.LayerNorm(D, dtype=dtype)
+            self.qkv, self.proj = nn.Linear(D, 3 * D, dtype=dtype), nn.Linear(D, D, dtype=dtype)
+            self.fc, self.out = nn.Linear(D, 4 * D, dtype=dtype), nn.Linear(4 * D, D, dtype=dtype)
+
+        def forward(self, x):
+            n = len(x)
+            q, k, v = (a.view(n, T, heads, D // heads).transpose(1, 2) for a in self.qkv(self.ln_1(x)).split(D, -1))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, T, D)
+            x = x + self.proj(a)
+            return x + self.out(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(V, D, dtype=dtype), nn.Parameter(torch.zeros(T, D, dtype=dtype))
+            self.blocks, self.ln_f = nn.Sequential(*(Block() for _ in blocks)), nn.LayerNorm(D, dtype=dtype)
+
+        def forward(self, ids):
+            return self.ln_f(self.blocks(self.wte(ids) + self.wpe)) @ self.wte.weight.T
+    return GPT()
+
+
 def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, seed: int) -> float | None:
     """Steady-state samples/s of the same training in PyTorch (DDP over gloo when size > 1); None without torch."""
     try:
@@ -318,7 +381,8 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
     if comm.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    X, Y = torch.from_numpy(x.astype(wl.dtype, copy=False)), torch.from_numpy(y.astype(np.int64, copy=False))
+    X = torch.from_numpy(x.astype(np.int64 if wl.text else wl.dtype, copy=False))  # token ids stay integers
+    Y = torch.from_numpy(y.astype(np.int64, copy=False))
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     per_epoch, order = len(x) // wl.batch, None
     for i in range(wl.warmup + wl.torch_steps):
@@ -330,7 +394,8 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
             order = torch.from_numpy(epoch_order(seed, epoch, len(x)))
         idx = order[k * wl.batch + lo:k * wl.batch + hi]
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(X[idx]), Y[idx])
+        out = model(X[idx])  # (n, C), or (n, T, V) for sequences: the mean over all tokens
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), Y[idx].reshape(-1))
         loss.backward()
         opt.step()
     elapsed = np.array([time.perf_counter() - t0])
@@ -358,7 +423,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     wl = WORKLOADS[name]
     if args.steps:
         wl = Workload(**{**wl.__dict__, "steps": args.steps, "torch_steps": args.steps})
-    path = str(digits_path()) if wl.rows == 0 else str(tmp / f"{name}.h5")
+    path = str(ROOT / wl.text if wl.text else digits_path()) if wl.rows == 0 else str(tmp / f"{name}.h5")
     if wl.rows and comm.is_root:
         write_synthetic(Path(path), wl.rows, wl.input_shape, wl.classes)
     comm.barrier()
@@ -488,20 +553,8 @@ def table(records: list[dict]) -> str:
 def layer_table(name: str, rounds: int, threads: int) -> str:
     """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch;
     a block's sub-layers get rows of their own (path-named) after the block's row, which includes them."""
-    from threadpoolctl import threadpool_limits
-    from distbp.nn import Sequential
     wl = WORKLOADS[name]
-    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
-    x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
-    times, r = np.zeros((rounds + 1, len(model.units), 2)), [0]
-    for i, (_, _, layer) in enumerate(model.units):
-        _time_layer(layer, times, r, i)
-    with threadpool_limits(threads, user_api="blas"):
-        for r[0] in range(-1, rounds):  # round -1 (the last row of times) warms up
-            model.zero_grad(skip_written=True)
-            h = model.forward(x)
-            model.backward(np.full_like(h, 1 / len(h)), need_dx=False)  # as in training: no gradient for the input
-    times = times[:rounds]
+    model, times = unit_times(wl, rounds, threads)
     med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
     rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
             "| layer | out shape | forward | backward |", "|---|---|---|---|"]
@@ -511,6 +564,44 @@ def layer_table(name: str, rounds: int, threads: int) -> str:
     top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]
     total = times[:, top].sum(axis=(1, 2))
     rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
+    return "\n".join(rows)
+
+
+def unit_times(wl: Workload, rounds: int, threads: int) -> tuple:
+    """(model, seconds (rounds, units, forward/backward)) of every layer and sub-layer over rounds of one step."""
+    from threadpoolctl import threadpool_limits
+    from distbp.nn import Sequential
+    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
+    rng = np.random.default_rng(0)
+    if wl.text:  # token ids
+        x = rng.integers(0, model.layers[0].vocab, (wl.batch, *wl.input_shape))
+    else:
+        x = rng.standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    times, r = np.zeros((rounds + 1, len(model.units), 2)), [0]
+    for i, (_, _, layer) in enumerate(model.units):
+        _time_layer(layer, times, r, i)
+    with threadpool_limits(threads, user_api="blas"):
+        for r[0] in range(-1, rounds):  # round -1 (the last row of times) warms up
+            model.zero_grad(skip_written=True)
+            h = model.forward(x)
+            model.backward(np.full_like(h, 1 / len(h)), need_dx=False)  # as in training: no gradient for the input
+    return model, times[:rounds]
+
+
+def kind_table(name: str, rounds: int, threads: int) -> str:
+    """Markdown table of forward and backward ms per layer kind (every layer of the kind, inside blocks too)."""
+    from distbp.nn import Block
+    model, times = unit_times(WORKLOADS[name], rounds, threads)
+    leaves = [(i, layer.kind) for i, (_, _, layer) in enumerate(model.units) if not isinstance(layer, Block)]
+    kinds = sorted({k for _, k in leaves})
+    per_kind = {k: times[:, [i for i, q in leaves if q == k]].sum(axis=1) for k in kinds}  # (rounds, 2) each
+    step = 1e3 * np.median(times[:, [i for i, _ in leaves]].sum(axis=(1, 2)))
+    rows = [f"{name}, batch {WORKLOADS[name].batch}, {threads} thread(s), {rounds} rounds: ms per step by layer kind "
+            "(median)", "| layer kind | forward | backward | share |", "|---|---|---|---|"]
+    for k in sorted(kinds, key=lambda k: -per_kind[k].sum()):
+        f, b = 1e3 * np.median(per_kind[k], axis=0)
+        rows.append(f"| {k} | {f:.2f} | {b:.2f} | {100 * (f + b) / step:.0f}% |")
+    rows.append(f"| all layers | | | {step:.1f} ms |")
     return "\n".join(rows)
 
 
@@ -552,6 +643,7 @@ def parse(argv=None) -> argparse.Namespace:
                    ", ".join(f"{w} {r}x{t}" for w, r, t in ALL))
     p.add_argument("--memory", action="store_true", help="peak RSS per rank vs dataset size")
     p.add_argument("--layers", action="store_true", help="ms per layer of each workload's forward and backward")
+    p.add_argument("--kinds", action="store_true", help="ms per layer kind of each workload, inside blocks too")
     p.add_argument("--sizes", default="100,800,3200", help="--memory dataset sizes, MB")
     p.add_argument("--memory-ranks", default="1,2,4", help="--memory rank counts")
     p.add_argument("--memory-mb", type=int, default=2048, help=argparse.SUPPRESS)
@@ -580,6 +672,9 @@ def main(argv=None) -> int:
         return 0
     if args.layers:
         print("\n\n".join(layer_table(name, args.rounds, args.threads) for name in args.workloads))
+        return 0
+    if args.kinds:
+        print("\n\n".join(kind_table(name, args.rounds, args.threads) for name in args.workloads))
         return 0
     if args.all:
         records = []

@@ -9,10 +9,11 @@ from distbp.reporting.scores import monitored
 
 
 def test_registry_names_each_task_and_refuses_others():
-    assert sorted(TASKS) == ["binary", "classification", "regression"]
+    assert sorted(TASKS) == ["binary", "classification", "regression", "sequence"]
     assert task_named("classification", 4).num_classes == 4 and str(task_named("binary")) == "binary"
+    assert task_named("sequence", vocab_size=65).output_dim(None) == 65
     for bad in ("ranking", ["classification"], None, 3):
-        with pytest.raises(TaskError, match="is not one of classification, regression, binary"):
+        with pytest.raises(TaskError, match="is not one of classification, regression, binary, sequence"):
             task_named(bad)
 
 

@@ -79,11 +79,13 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
         _fail(where, f"format version {version!r} is not supported (this distbp reads version {VERSION})",
               "upgrade distbp, or rewrite the file with `distbp data convert`")
     try:
-        task = task_named(_attr(attrs, "task"), _attr(attrs, "num_classes"))
+        task = task_named(_attr(attrs, "task"), _attr(attrs, "num_classes"), _attr(attrs, "vocab_size"))
     except TaskError:
         _fail(where, f"root attribute task={_attr(attrs, 'task')!r} is not one of {', '.join(TASKS)}",
               "set the root attribute task, e.g. task='classification'")
     num_classes = task.num_classes
+    if task.check_header():
+        _fail(where, *task.check_header())
     if task.labels and not (_is_int(num_classes) and 2 <= num_classes <= MAX_CLASSES):
         _fail(where, f"root attribute num_classes={num_classes!r} must be an integer from 2 to {MAX_CLASSES:,}",
               "set num_classes to the number of classes (labels are 0..num_classes-1)")
@@ -97,6 +99,11 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
 
 def _check_shapes(path, split: str, x, y, task: Task, x_scale: float | None):
     """Shape and dtype checks of one split's x and y (metadata only, no reads)."""
+    if task.token_ids:
+        if x.ndim != 2 or x.dtype.kind not in "iu" or 0 in x.shape or y.shape != x.shape:
+            _fail(_where(path, split, "x"), f"x {x.shape} {x.dtype} and y {y.shape} are not (N, T) integer token "
+                  "ids of the same shape", "make token datasets with `distbp data text`")
+        return _check_shapes_of_targets(path, split, y, task)
     if x.ndim < 2 or 0 in x.shape[1:]:
         _fail(_where(path, split, "x"), f"shape {x.shape} is not (rows, features...)",
               "store x as (N, D) or (N, C, H, W), e.g. x.reshape(len(x), -1)")
@@ -111,6 +118,11 @@ def _check_shapes(path, split: str, x, y, task: Task, x_scale: float | None):
     if y.shape[:1] != x.shape[:1]:
         _fail(_where(path, split, "y"), f"y has shape {y.shape} but x has {x.shape[0]} rows",
               "write exactly one y row per x row")
+    _check_shapes_of_targets(path, split, y, task)
+
+
+def _check_shapes_of_targets(path, split: str, y, task: Task):
+    """The task's check of y's shape and dtype."""
     wrong = task.check_targets(y)
     if wrong:
         _fail(_where(path, split, "y"), *wrong)
@@ -196,10 +208,25 @@ def not_finite(b):
     return ~np.isfinite(b).all(axis=1)
 
 
+def _check_ids(where: str, a, vocab: int):
+    """Fail naming the first token id outside [0, vocab) and its row and position."""
+    for lo, block in _blocks(a):
+        block = np.asarray(block)
+        bad = np.argwhere((block < 0) | (block >= vocab))
+        if len(bad):
+            r, t = (int(i) for i in bad[0])
+            _fail(where, f"token id {block[r, t]} at row {lo + r}, position {t} is outside [0, {vocab}), the "
+                  "vocabulary", "re-make the dataset with `distbp data text`, or fix its vocab_size")
+
+
 def _check_values(path, split: str, x, y, task: Task):
     """Finite features, and labels or targets in range, read in blocks."""
     where_y = _where(path, split, "y")
     try:
+        if task.token_ids:  # name the first id outside the vocabulary, and where it is
+            for key, a in (("x", x), ("y", y)):
+                _check_ids(_where(path, split, key), a, task.num_classes)
+            return
         if x.dtype.kind == "f":
             first_bad(_where(path, split, "x"), x, not_finite, "NaN or Inf features, first at row {row}",
                        "clean or impute the features, or drop those rows, before writing the file")
@@ -265,6 +292,8 @@ class Split:
             x, y = self._x.take(idx, axis=0), self._y.take(idx, axis=0)
         else:
             x, y = self._read_file(idx)
+        if self._ds.task.token_ids:  # ids stay integers
+            return x.astype(np.int64), y.astype(np.int64)
         if x.dtype == np.uint8:
             x = np.multiply(x, np.dtype(dtype).type(self._ds.x_scale), dtype=dtype)
         return x.astype(dtype, copy=False), y.astype(self._ds.task.read_dtype(dtype), copy=False)
@@ -448,11 +477,11 @@ def value_summary(x, y, task: Task, x_scale: float | None) -> list[str]:
     for _, block in _blocks(x):
         block = np.asarray(block, dtype=np.float64).reshape(len(block), -1)
         lo, hi, total = np.minimum(lo, block.min(0)), np.maximum(hi, block.max(0)), total + block.sum()
-    scale = x_scale if x.dtype == np.uint8 else 1.0
+    scaled = x.dtype == np.uint8 and not task.token_ids  # token ids are read as stored
+    scale = x_scale if scaled else 1.0
     lines = [f"x range [{lo.min() * scale:.4g}, {hi.max() * scale:.4g}], mean {total * scale / max(x.size, 1):.4g}"
-             + (f" (stored uint8 [{lo.min():g}, {hi.max():g}] times x_scale {x_scale:.4g})"
-                if x.dtype == np.uint8 else "")]
-    if x.ndim == 2:  # tabular features; image pixels share one scale
+             + (f" (stored uint8 [{lo.min():g}, {hi.max():g}] times x_scale {x_scale:.4g})" if scaled else "")]
+    if x.ndim == 2 and not task.token_ids:  # tabular features; image pixels share one scale
         lines += range_warning(lo * scale, hi * scale)
     return lines + task.describe_targets(_blocks(y))
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .. import __version__
 from .convert import StratifiedMask, convert
 from .dataset import write_dataset
+from .text import text_dataset
 from ..errors import UserError
 
 MIRROR_ENV = "DISTBP_DATA_MIRROR"  # base URL of a local mirror laid out as MIRROR/NAME/FILE
@@ -155,6 +156,11 @@ def _cifar_dataset(files: dict, out: Path, recipe: Recipe):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _text_dataset(files: dict, out: Path, recipe: Recipe):
+    """A text file to a character-level token dataset of context 64 (the char-transformer's), 10% val tail."""
+    text_dataset(files["input.txt"], out, 64, about=recipe.about, force=True)
+
+
 # Sizes and SHA-256 from tensorflow/datasets, tensorflow_datasets/url_checksums/mnist.txt,
 # fashion_mnist.txt, cifar10.txt and iris.txt (lines of URL, size in bytes, SHA-256).
 CATALOG = {
@@ -187,6 +193,14 @@ CATALOG = {
         _iris_dataset, {"source": "UCI Iris (R. A. Fisher, 1936), 4 measurements of 150 flowers, 3 species, "
                         "fetched by distbp data fetch iris", "url": "https://doi.org/10.24432/C56C76",
                         "license": "CC BY 4.0"}),
+    # size and SHA-256 of the file at that URL, computed from a copy of the karpathy/char-rnn repository
+    # (git blob 7dcb3a2d4cc3b48b6283dd46870bfeb78f88aac9; no published checksum list holds it)
+    "tinyshakespeare": Recipe(_pinned("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/", """
+        input.txt 1115394 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"""),
+        _text_dataset, {"source": "Tiny Shakespeare (A. Karpathy, char-rnn): 40,000 lines of Shakespeare's "
+                        "plays, fetched by distbp data fetch tinyshakespeare",
+                        "url": "https://github.com/karpathy/char-rnn/tree/master/data/tinyshakespeare",
+                        "license": "public domain (the plays); the collection is in char-rnn (MIT)"}),
 }
 
 

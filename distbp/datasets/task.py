@@ -13,7 +13,8 @@ import json
 import numpy as np
 
 from ..nn.losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
-from ..reporting.scores import ConfusionSums, RegressionSums
+from ..nn.sequence_loss import SequenceCrossEntropy
+from ..reporting.scores import ConfusionSums, PerplexitySums, RegressionSums
 
 
 def _not_finite(block: np.ndarray) -> np.ndarray:
@@ -48,6 +49,7 @@ class Task:
     accuracy = False  # whether a share of correct outputs is reported (train lines, val_accuracy)
     labels = False  # whether targets are class labels (int64, text names allowed, stratified splits)
     normalizes_targets = False  # whether data.normalize_targets standardizes them (and y_mean is kept)
+    token_ids = False  # whether inputs are integer token ids (never scaled or normalized), not features
     bad_word = "NaN or Inf"
     num_classes: int | None = None
 
@@ -57,6 +59,14 @@ class Task:
     def header(self) -> dict:
         """Root attributes a dataset file of this task carries besides its name."""
         return {}
+
+    def check_header(self) -> tuple[str, str] | None:
+        """(problem, fix) when the task's own root attributes are missing or wrong, else None."""
+        return None
+
+    def output_shape(self, input_shape: tuple, output_dim: int) -> tuple:
+        """The per-row shape of the model's output for inputs of input_shape."""
+        return (output_dim,)
 
     def read_dtype(self, dtype) -> np.dtype:
         """The dtype targets are read in for a model computing in dtype."""
@@ -256,11 +266,68 @@ class Classification(Task):
         return [f"classes {share}"]
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Regression, Binary)}
+class Sequence(Task):
+    """Token ids (N, T) in, the next token of every place (N, T) out: cross-entropy per token, perplexity,
+    per-token accuracy (`distbp data text`)."""
+
+    name = "sequence"
+    metrics = ("val_loss", "val_perplexity", "val_accuracy")
+    accuracy = token_ids = True
+    loss_class = SequenceCrossEntropy
+    predicted = "token"
+
+    def __init__(self, vocab_size: int | None = None):
+        self.num_classes = vocab_size  # the output width, as a classifier's classes
+
+    def header(self):
+        return {"vocab_size": self.num_classes}
+
+    def check_header(self):
+        v = self.num_classes
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 31):
+            return (f"root attribute vocab_size={v!r} must be a positive integer",
+                    "make token datasets with `distbp data text`, which stores the vocabulary")
+        return None
+
+    def output_shape(self, input_shape, output_dim):
+        """(T, V): logits of the next token at every place."""
+        return (*input_shape, output_dim)
+
+    def read_dtype(self, dtype):
+        return np.dtype(np.int64)
+
+    def stored_dtype(self):
+        return np.dtype(np.int64)
+
+    def check_targets(self, y):
+        if y.ndim != 2 or y.dtype.kind not in "iu":
+            return (f"shape {y.shape} dtype {y.dtype} is not (N, T) integer token ids",
+                    "make token datasets with `distbp data text`")
+        return None
+
+    def output_dim(self, y):
+        return self.num_classes
+
+    def convert_targets(self, y):
+        raise TaskError("token datasets are made from text; HINT: use `distbp data text FILE OUT --context T`")
+
+    def outputs(self, logits):
+        """The likeliest next token at every place."""
+        return {"token": logits.argmax(axis=-1).astype(np.int64)}
+
+    def scorers(self, k, norm, class_names):
+        """exp of the mean token loss."""
+        return [PerplexitySums()]
 
 
-def task_named(name, num_classes: int | None = None) -> Task:
-    """The task a file's task attribute names (num_classes for classification); TaskError if none."""
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Regression, Binary, Sequence)}
+
+
+def task_named(name, num_classes: int | None = None, vocab_size: int | None = None) -> Task:
+    """The task a file's task attribute names (num_classes for classification, vocab_size for sequences);
+    TaskError if none."""
     if not isinstance(name, str) or name not in TASKS:
         raise TaskError(f"task={name!r} is not one of {', '.join(TASKS)}")
+    if TASKS[name] is Sequence:
+        return Sequence(vocab_size)
     return Classification(num_classes) if TASKS[name] is Classification else TASKS[name]()

@@ -24,16 +24,31 @@ def build_model(cfg: Config, data: Dataset) -> Sequential:
         flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
         specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
                                     m.activation, m.dropout)
+    if data.task.token_ids:
+        specs = [_with_vocab(s, i, data) for i, s in enumerate(specs)]
     try:
         model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed,
                            rows=cfg.train.batch_size)
     except ValueError as e:
         key = "model.layers" if m.layers else "model.resnet_depth" if m.resnet_depth else "model.hidden"
         raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
-    if model.out_shape != (data.output_dim,):
+    want = data.task.output_shape(data.input_shape, data.output_dim)
+    if model.out_shape != want:
         raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
-                        f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")
+                        f"needs {want}: make the last layer's out {data.output_dim}")
     return model
+
+
+def _with_vocab(spec: dict, index: int, data: Dataset) -> dict:
+    """An embedding spec with its vocab: the dataset's when unset; ConfigError when it is smaller."""
+    if spec.get("type") != "embedding":
+        return spec
+    vocab = spec.setdefault("vocab", data.output_dim)
+    if isinstance(vocab, int) and vocab < data.output_dim:
+        raise ConfigError(f"model.layers: layer {index} (embedding) has vocab={vocab} but {data.path} has "
+                          f"{data.output_dim} token ids; remove vocab (the dataset's is used) or set it to "
+                          f"{data.output_dim}")
+    return spec
 
 
 def label_counts(split, num_classes: int, rank: int, size: int, block: int = 1 << 20) -> np.ndarray:

@@ -168,6 +168,8 @@ def _attrs(checkpoint, source, split, data) -> dict:
         attrs["split"] = split
     if data.task.labels and "class_names" in data.attrs:
         attrs["class_names"] = data.attrs["class_names"]
+    if data.task.token_ids:  # the vocabulary that decodes the tokens
+        attrs.update({k: data.attrs[k] for k in ("tokenizer", "vocabulary") if k in data.attrs})
     return attrs
 
 

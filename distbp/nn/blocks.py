@@ -32,6 +32,8 @@ class Chain:
             except ValueError as e:
                 raise ValueError(f"layer {index}: type {spec.get('type')!r} {e}") from None
             layer = kind.build(spec, shape, index, seed)
+            if hasattr(layer, "tie"):  # a layer sharing an earlier layer's weight (tied_output)
+                layer.tie(layers)
             shapes_io.append((shape, tuple(layer.out_shape)))
             layers.append(layer)
             shape = tuple(layer.out_shape)

@@ -58,6 +58,7 @@ import numpy as np
 
 from . import refs
 from .counter_rng import MASK64, dropout_bits
+from .erf import gelu_cdf
 from .init import INITS
 
 LAYER_TYPES: dict[str, type] = {}
@@ -241,34 +242,35 @@ class Linear(WeightLayer):
 
     writes_grads = True
 
-    def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str | None = None):
+    def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str | None = None, lead: tuple = ()):
         if init is not None and init not in INITS:
             raise ValueError(f"linear init={init!r} is unknown; use one of {sorted(INITS)}")
         self.d_in, self.d_out, self.bias, self.init = d_in, d_out, bias, init
         self.w_shape, self.fans, self.n_out = (d_in, d_out), (d_in, d_out), d_out
-        self.out_shape = (d_out,)
+        self.out_shape = (*lead, d_out)  # lead: (T,) for (N, T, D_in) sequences
         self._dW_tmp = None
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
-        """Build from {"type": "linear", "out": 128[, "bias": true, "init": "he_normal"]}."""
+        """Build from {"type": "linear", "out": 128[, "bias": true, "init": "he_normal"]} on (D,) or (T, D)."""
         check_spec(spec, index, ("out", "bias", "init"))
-        if len(in_shape) != 1:
-            raise ValueError(f"layer {index} (linear) needs a flat input but gets shape "
+        if len(in_shape) not in (1, 2):
+            raise ValueError(f"layer {index} (linear) needs a flat input (D,) or a sequence (T, D) but gets shape "
                              f"{tuple(in_shape)}; add {{'type': 'flatten'}} before it")
         out = spec_value(spec, index, "out", int, ok=lambda v: v >= 1, want=">= 1, the output size")
-        return cls(in_shape[0], out, *cls.read_options(spec, index))
+        return cls(in_shape[-1], out, *cls.read_options(spec, index), lead=tuple(in_shape[:-1]))
 
     def forward(self, x):
-        """y = x @ W + b."""
-        self.x = x                                  # (N, D_in)
-        y = x @ self.W                              # (N, D_out)
+        """y = x @ W + b over the last axis."""
+        self.x = x.reshape(-1, self.d_in)           # (N, D_in); (N*T, D_in) for sequences
+        y = self.x @ self.W                         # (N, D_out)
         if self.b is not None:
             y += self.b
-        return y
+        return y.reshape(*x.shape[:-1], self.d_out)
 
     def backward(self, dy):
         """dW += x.T @ dy, db += sum(dy), return dy @ W.T (None if need_dx is off)."""
+        shape, dy = dy.shape, dy.reshape(-1, self.d_out)
         if self.grads_zero:  # zero_grad ran: writing equals adding to 0 and saves a pass over dW
             np.matmul(self.x.T, dy, out=self.dW)   # (D_in, D_out)
             if self.db is not None:
@@ -281,7 +283,7 @@ class Linear(WeightLayer):
             self.dW += self._dW_tmp
             if self.db is not None:
                 self.db += dy.sum(axis=0)
-        return dy @ self.W.T if self.need_dx else None  # (N, D_in)
+        return (dy @ self.W.T).reshape(*shape[:-1], self.d_in) if self.need_dx else None  # (N, D_in)
 
 
 @register("relu")
@@ -364,15 +366,43 @@ class Sigmoid(Activation):
 
 @register("gelu")
 class GELU(Activation):
-    """GELU, tanh approximation (torch GELU(approximate="tanh")): numpy has no erf.
+    """GELU, the tanh approximation (torch's approximate="tanh") or with approximate="none" the exact erf form.
 
-    y = 0.5 x (1 + tanh(c (x + k x^3))), c = sqrt(2/pi), k = 0.044715.
+    Exact: y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (torch's default). tanh form: y = 0.5 x (1 + tanh(c (x + k x^3))), c = sqrt(2/pi), k = 0.044715.
     """
 
     private_output = True
     C, K = math.sqrt(2.0 / math.pi), 0.044715
 
+    def __init__(self, shape: tuple, approximate: str = "tanh"):
+        super().__init__(shape)
+        self.approximate = approximate
+
+    @classmethod
+    def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
+        """Build from {"type": "gelu"[, "approximate": "tanh" | "none"]}."""
+        check_spec(spec, index, ("approximate",))
+        return cls(in_shape, spec_value(spec, index, "approximate", str, "tanh", lambda v: v in ("tanh", "none"),
+                                        'of "tanh" or "none" (the exact erf form)'))
+
     def forward(self, x):
+        """The chosen form; keeps what backward needs."""
+        if self.approximate == "none":
+            self.x, self.cdf = x, gelu_cdf(x)
+            return x * self.cdf
+        return self._forward_tanh(x)
+
+    def backward(self, dy):
+        """dx = dy * dy/dx of the chosen form."""
+        if self.approximate == "none":  # d/dx x Phi(x) = Phi(x) + x phi(x)
+            x = self.x
+            g = np.exp(-0.5 * x * x)
+            g *= x * (1.0 / math.sqrt(2.0 * math.pi))
+            g += self.cdf
+            return np.multiply(dy, g, out=dy if self.overwrite_dy else g)
+        return self._backward_tanh(dy)
+
+    def _forward_tanh(self, x):
         """Keeps x and t = tanh(c (x + k x^3)) for backward."""
         t = x * x                                   # (N, D)
         t *= self.K
@@ -386,7 +416,7 @@ class GELU(Activation):
         self.x, self.t = x, t
         return y
 
-    def backward(self, dy):
+    def _backward_tanh(self, dy):
         """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3k x^2))."""
         x, t = self.x, self.t
         g = x * x

@@ -178,7 +178,9 @@ class Sequential:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Output for a batch x of shape (N, *input_shape); caches what backward needs."""
-        x = np.asarray(x, dtype=self.dtype)
+        x = np.asarray(x)
+        if not (x.dtype.kind in "iu" and self.layers and getattr(self.layers[0], "takes_ids", False)):
+            x = x.astype(self.dtype, copy=False)  # token ids stay integers for an embedding
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"input of shape {x.shape} does not match the model's input "
                              f"shape (N, {', '.join(map(str, self.input_shape))})")
@@ -233,7 +235,8 @@ def _describe(chain, specs: list, indent: str) -> list[str]:
                      f" {count:>10,} params {opts}".rstrip())
         for name, sub in getattr(layer, "chains", lambda: [])():
             lines.append(f"{indent}      {name}:" + ("" if sub.layers else " identity"))
-            lines += _describe(sub, _specs_at(spec, name), indent + "      ")
+            specs_of = getattr(layer, "chain_specs", {})  # a block that writes its own specs (transformer_block)
+            lines += _describe(sub, specs_of.get(name) or _specs_at(spec, name), indent + "      ")
     return lines
 
 

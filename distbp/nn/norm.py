@@ -186,9 +186,11 @@ class LayerNorm(Layer):
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
-        """Build from {"type": "layernorm"[, "dims": all feature axes, "eps": 1e-5]}."""
+        """Build from {"type": "layernorm"[, "dims": all feature axes (the last for (T, D)), "eps": 1e-5]}."""
         check_spec(spec, index, ("dims", "eps"))
-        dims = spec_value(spec, index, "dims", int, len(in_shape), lambda v: 1 <= v <= len(in_shape),
+        # over a sequence's (T, D) only the last axis: normalizing over T would mix later places into earlier ones
+        default = 1 if len(in_shape) == 2 else len(in_shape)
+        dims = spec_value(spec, index, "dims", int, default, lambda v: 1 <= v <= len(in_shape),
                           f"in 1..{len(in_shape)}, the number of trailing axes of the input "
                           f"{tuple(in_shape)} to normalize over")
         return cls(in_shape, dims, _eps(spec, index))

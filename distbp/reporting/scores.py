@@ -2,12 +2,15 @@
 the per-class report and confusion matrix, and which metric "best" means."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import UserError
+from ..nn.sequence_loss import SequenceCrossEntropy
 
 MAXIMIZED = ("val_accuracy", "val_r2")
-BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2")
+BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "val_perplexity")
 
 
 def monitored(best_metric: str, task) -> tuple[str, str]:
@@ -48,6 +51,22 @@ class RegressionSums:
         r2 = np.where(ss_tot > 0, 1 - sse / np.where(ss_tot > 0, ss_tot, 1), np.where(sse == 0, 1.0, 0.0))
         return {"val_rmse": float(np.sqrt(sse.sum() / (n * k))), "val_mae": float(sae.sum() / (n * k)),
                 "val_r2": float(r2.mean()), "val_baseline_rmse": float(np.sqrt(ss_mean.sum() / (n * k)))}
+
+
+class PerplexitySums:
+    """The summed token loss of a sequence model, for the perplexity exp(mean token loss)."""
+
+    def __init__(self):
+        self.loss = SequenceCrossEntropy()
+        self.buf = np.zeros(1)
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Add one chunk's sum over rows of the rows' mean token loss."""
+        self.buf[0] += self.loss.forward(out, y)
+
+    def metrics(self, rows: float) -> dict:
+        """{"val_perplexity": exp(nats per token)}, at most e^700 (no overflow)."""
+        return {"val_perplexity": math.exp(min(self.buf[0] / max(rows, 1), 700.0))}
 
 
 class ConfusionSums:

@@ -17,7 +17,6 @@ from ..reporting import trackers
 from ..parallel.threads import set_thread_budget
 from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
-from ..datasets.augment import augmenter
 from ..datasets.dataset import Dataset, digits_path
 from .early_stop import EarlyStopping
 from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
@@ -75,7 +74,6 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
-        self.augment = agree(comm, augmenter, cfg.data.augment, self.data.input_shape, self.data.path)
         self.task = self.data.task
         self.loss = build_loss(cfg, self.data, comm)
         self.metric, self.direction = agree(comm, monitored, cfg.train.best_metric, self.task)
@@ -109,7 +107,8 @@ class Trainer:
             if split is not None:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
         if self.norm is None:  # fresh: statistics of the train split; resumed: those stored in the checkpoint
-            self.norm = fit_normalizer(self.train_split, comm, cfg.data.normalize, cfg.data.normalize_targets,
+            kind = "none" if self.task.token_ids else cfg.data.normalize  # token ids are not features
+            self.norm = fit_normalizer(self.train_split, comm, kind, cfg.data.normalize_targets,
                                        self.task.normalizes_targets)
         self.log(self.norm.describe())
         # the trackers last: a run that fails to start leaves no tracker run behind
@@ -228,8 +227,6 @@ class Trainer:
         for k, positions in enumerate(passes):
             x, y = self.train_split.read(indices[positions], self.model.params.dtype)
             x, y = self.norm.x(x), self.norm.y(y)
-            if self.augment:
-                x = self.augment(x, self.cfg.train.seed, pos.epoch, indices[positions])
             timer.lap("data")
             pass_loss, pass_correct = self.grad_step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
             timer.lap("backward")
