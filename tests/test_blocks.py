@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import import_torch, numeric_grad, rel_err
-from distbp.nn import Layer, Residual, Sequential, register
+from distbp.nn import LAYER_TYPES, Layer, Residual, Sequential, register
 from distbp.nn.blocks import Chain, Fork, nested_specs
 from distbp.nn.resnet import resnet_specs
 from torch_twin import flat, twin
@@ -177,7 +177,6 @@ def test_bad_blocks_are_refused_naming_the_block_path_and_the_fix(spec, words):
         assert w in str(e.value)
 
 
-@register("scaled_residual")
 class ScaledResidual(Fork):
     """A user-written block: y = body(x) + 0.5 x."""
 
@@ -201,7 +200,15 @@ class ScaledResidual(Fork):
         return [dy]
 
 
-def test_a_user_block_registers_like_a_user_layer():
+@pytest.fixture
+def scaled_residual():
+    """ScaledResidual registered for one test: the registry is global, and CONFIG.md lists what it holds."""
+    register("scaled_residual")(ScaledResidual)
+    yield
+    LAYER_TYPES.pop("scaled_residual")
+
+
+def test_a_user_block_registers_like_a_user_layer(scaled_residual):
     model = Sequential([{"type": "linear", "out": 4},
                         {"type": "scaled_residual", "body": [{"type": "tanh"}, {"type": "linear", "out": 4}]},
                         {"type": "linear", "out": 2}], (3,), dtype=np.float64)
