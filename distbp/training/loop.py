@@ -17,6 +17,7 @@ from ..reporting import trackers
 from ..parallel.threads import set_thread_budget
 from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
+from ..datasets.augment import augmenter
 from ..datasets.dataset import Dataset, digits_path
 from .early_stop import EarlyStopping
 from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
@@ -74,6 +75,7 @@ class Trainer:
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
         self.model = model = agree(comm, build_model, cfg, self.data)
+        self.augment = agree(comm, augmenter, cfg.data.augment, self.data.input_shape, self.data.path)
         self.task = self.data.task
         self.loss = build_loss(cfg, self.data, comm)
         self.metric, self.direction = agree(comm, monitored, cfg.train.best_metric, self.task)
@@ -227,6 +229,8 @@ class Trainer:
         for k, positions in enumerate(passes):
             x, y = self.train_split.read(indices[positions], self.model.params.dtype)
             x, y = self.norm.x(x), self.norm.y(y)
+            if self.augment:
+                x = self.augment(x, self.cfg.train.seed, pos.epoch, indices[positions])
             timer.lap("data")
             pass_loss, pass_correct = self.grad_step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
             timer.lap("backward")
