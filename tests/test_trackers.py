@@ -120,7 +120,7 @@ def test_a_tracker_that_blocks_in_close_is_left_behind_with_a_warning(tmp_path, 
     monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 0.5)
     monkeypatch.setattr(trackers, "open_trackers", lambda *args: [blocking])
     start = time.monotonic()
-    assert run(load_config(None, ["train.max_steps=2"]), SerialComm(), tmp_path / "run", "never") == 0
+    assert run(load_config(None, ["train.max_steps=2"]), SerialComm(), tmp_path / "run", "never")["exit_code"] == 0
     assert blocking.closing.is_set() and time.monotonic() - start < 30
     log = (tmp_path / "run" / "train.log").read_text()
     assert "WARNING: Blocking did not close cleanly (still closing after 0.5 s" in log, log
