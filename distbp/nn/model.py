@@ -199,14 +199,18 @@ class Sequential:
             x = layer.forward(x)
         return x
 
-    def backward(self, dout: np.ndarray, need_dx: bool = True):
-        """Add d(loss)/d(params) into grads; return d(loss)/dx (None if need_dx is False)."""
+    def backward(self, dout: np.ndarray, need_dx: bool = True, after_layer=None):
+        """Add d(loss)/d(params) into grads; return d(loss)/dx (None if need_dx is False).
+
+        after_layer(i), if given, is called once layer i's backward is done (its gradients final)."""
         dy = np.asarray(dout, dtype=self.dtype)
         stop = 0 if need_dx else self._first_param
         if self._first_param < len(self.layers):
             self.layers[self._first_param].need_dx = need_dx
-        for layer in reversed(self.layers[stop:]):
-            dy = layer.backward(dy)
+        for i in range(len(self.layers) - 1, stop - 1, -1):
+            dy = self.layers[i].backward(dy)
+            if after_layer:
+                after_layer(i)
         return dy if need_dx else None
 
     def zero_grad(self, skip_written: bool = False) -> None:

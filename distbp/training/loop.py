@@ -29,6 +29,7 @@ from ..reporting.scores import improved, monitored
 from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
     resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
+from ..parallel.buckets import OverlappedReduction, model_buckets
 from ..parallel.watchdog import configure as configure_watchdog
 from ..parallel.watchdog import rank_table, watching
 from ..parallel.zero import state_bytes
@@ -146,7 +147,10 @@ class Trainer:
         cfg, lap = self.cfg, self.timer.lap
         if cfg.train.deterministic:
             return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap, self.opt.owned)
-        return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned)
+        overlap = None
+        if cfg.train.overlap:
+            overlap = OverlappedReduction(self.comm, model_buckets(self.model, cfg.train.bucket_mb), self.opt.owned)
+        return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned, overlap)
 
     def train(self) -> int:
         """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary."""
@@ -215,7 +219,8 @@ class Trainer:
             x, y = self.train_split.read(indices[positions], self.model.params.dtype)
             x, y = self.norm.x(x), self.norm.y(y)
             timer.lap("data")
-            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
+            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0,
+                                                                 k == len(passes) - 1)
             timer.lap("backward")
             loss_sum, correct, rows = loss_sum + pass_loss, correct + pass_correct, rows + len(y)
         pos.micro_steps += len(passes)
