@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import faults
 from .sampler import shard
 
 
@@ -108,6 +109,8 @@ class OverlappedReduction:
             request = self.comm.ireduce_scatter_sum(part, mine, piece_counts(b, self.bounds))
         if request is not None:
             self.requests.append(request)
+        if self.started == 1:
+            faults.inject_at(self.comm.rank, "bucket")  # inert unless DISTBP_FAULT is set (tests)
 
     def wait(self):
         """Start the buckets not started yet (backward did not reach them), then wait for every one."""

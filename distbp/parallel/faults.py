@@ -20,7 +20,8 @@ KINDS = ("raise", "exit", "kill", "stop", "slow", "nan", "oom", "diskfull", "rea
 FILL_NAME = "distbp-fill"  # kind=fill: the file of zeros that fills the working directory's file system
 POINTS = {"setup": "during set-up (train: before the run directory; eval, predict: after loading the model)",
           "eval": "in evaluation (train's and distbp eval's)", "predict": "in distbp predict's loop",
-          "final": "after the last training step, before the final checkpoint"}
+          "final": "after the last training step, before the final checkpoint",
+          "bucket": "right after starting the first gradient bucket's reduction (train.overlap), mid-backward"}
 OOM_HEADROOM = 256 << 20  # kind=oom: address space allowed beyond what the process already maps
 DISKFULL_BYTES = 1 << 20  # kind=diskfull: no file this process writes may grow past this size
 SLOW_SECONDS = 2.0  # kind=slow: a late but live rank, which the stall watchdog must tolerate
