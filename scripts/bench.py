@@ -344,7 +344,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     for r in range(args.rounds):
         runs.append(distbp_round(wl, path, args.set, comm, tmp, r))
         if wl.default_of:
-            defaults.append(distbp_round(WORKLOADS[wl.default_of], path, args.set, comm, tmp, r)["samples_per_s"])
+            defaults.append(distbp_round(WORKLOADS[wl.default_of], path, args.set, comm, tmp, r))
         if r == 0:  # before PyTorch is imported: distbp's own peak
             rss, pss = comm.gather_obj(round(rss_mb(), 1)), comm.gather_obj(round(pss_mb(), 1))
         floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200))))
@@ -366,8 +366,11 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
            "torch_samples_per_s": round(statistics.median(torches)) if torches[0] else None,
            "vs_torch": _median_ratio(rates, torches) if torches[0] else None,
            "peak_rss_mb": rss, "pss_mb": pss,
-           "step_time_vs_default": _median_ratio(defaults, rates) if defaults else None,
+           "step_time_vs_default": _median_ratio([d["samples_per_s"] for d in defaults], rates) if defaults else None,
+           "default_step_ms": {k: round(statistics.median(d["ms"][k] for d in defaults), 3)
+                               for k in defaults[0]["ms"]} if defaults else None,
            "rounds_samples_per_s": {"distbp": [round(v) for v in rates], "floor": [round(v) for v in floors],
+                                    "default": [round(d["samples_per_s"]) for d in defaults],
                                     "torch": [round(v) if v else None for v in torches]}}
     return rec
 
@@ -463,15 +466,15 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def layer_table(name: str, rounds: int, threads: int) -> str:
-    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
+def layer_times(name: str, rounds: int, threads: int, batch: int = 0):
+    """(model, seconds[round, layer, forward/backward]) of each layer at batch rows (0: the workload's batch)."""
     from threadpoolctl import threadpool_limits
     from distbp.nn import Sequential
     wl = WORKLOADS[name]
     model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
     first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
     model.layers[first].need_dx = False  # as in training: no gradient for the input
-    x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    x = np.random.default_rng(0).standard_normal((batch or wl.batch, *wl.input_shape)).astype(wl.dtype)
     times = np.zeros((rounds, len(model.layers), 2))
     with threadpool_limits(threads, user_api="blas"):
         for r in range(-1, rounds):  # round -1 warms up
@@ -486,6 +489,13 @@ def layer_table(name: str, rounds: int, threads: int) -> str:
                 t0 = time.perf_counter()
                 dy = model.layers[i].backward(dy)
                 times[r, i, 1] = time.perf_counter() - t0
+    return model, times
+
+
+def layer_table(name: str, rounds: int, threads: int) -> str:
+    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
+    wl = WORKLOADS[name]
+    model, times = layer_times(name, rounds, threads)
     med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
     rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
             "| layer | out shape | forward | backward |", "|---|---|---|---|"]

@@ -162,6 +162,9 @@ class Trainer:
         self.step = self.make_step()
         for line in self.step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
             self.log(line)
+        if cfg.train.overlap and cfg.train.deterministic:
+            self.log("overlap: not in deterministic mode, whose fixed tree sums the shards' gradients after the "
+                     "backward (docs/DETERMINISM.md)")
         if cfg.train.accumulate_steps > 1:
             self.log(f"accumulation: steps of {cfg.train.batch_size * cfg.train.accumulate_steps} rows in "
                      f"{cfg.train.accumulate_steps} forward/backward passes of {cfg.train.batch_size}")
