@@ -128,3 +128,19 @@ def test_deterministic_mode_with_overlap_is_bitwise_at_any_rank_count(serial, tm
         params, log = train(tmp_path, f"det{n}", n, sets, 20)
         assert params.tobytes() == reference.tobytes(), f"{n} ranks"
         assert "overlap: not in deterministic mode" in log
+
+
+def test_backward_calls_after_layer_in_reverse_order_with_final_gradients():
+    model = Sequential(mlp_specs([6, 8, 8, 3]), 6, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((4, 6))
+    out = model.forward(x)
+    seen = []
+
+    def after(i):  # layer i's gradient is final: the backward below it does not change it
+        seen.append((i, model.grads.copy()))
+    model.zero_grad()
+    model.backward(np.ones_like(out), need_dx=False, after_layer=after)
+    assert [i for i, _ in seen] == [4, 3, 2, 1, 0]
+    for i, g in seen:
+        lo, hi = layer_spans(model.offsets).get(i, (0, 0))
+        assert np.array_equal(g[lo:hi], model.grads[lo:hi])
