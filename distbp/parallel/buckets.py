@@ -72,7 +72,8 @@ class OverlappedReduction:
     def __init__(self, comm, buckets: list[Bucket], owned: slice | None = None):
         self.comm, self.buckets, self.owned = comm, buckets, owned
         self.at_layer = {b.first: k for k, b in enumerate(buckets)}
-        self.bounds = [shard(buckets[0].hi, q, comm.size) for q in range(comm.size)] if buckets else []
+        n = buckets[0].hi if buckets else 0  # the first bucket ends the flat vector
+        self.bounds = [shard(n, q, comm.size) for q in range(comm.size)]  # the ranks' owned slices
         self.grads = self.out = None
         self.requests, self.started = [], 0
 
