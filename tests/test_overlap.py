@@ -4,14 +4,14 @@ import re
 import numpy as np
 import pytest
 
-from conftest import run_distbp
 from distbp.nn import mlp_specs
 from distbp.nn.model import Sequential
 from distbp.parallel.buckets import Bucket, OverlappedReduction, bucket_bounds, layer_spans, model_buckets, \
     piece_counts
 from distbp.parallel.comm import SerialComm
 from distbp.parallel.sampler import shard, shard_counts
-from test_train import final_params, synthetic_file
+from test_train import synthetic_file
+from test_zero import train
 
 
 # ---- index math ----
@@ -84,22 +84,6 @@ def test_accumulation_reduces_only_on_the_last_pass():
 
 
 # ---- whole runs ----
-
-@pytest.fixture
-def serial(comm):
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
-
-
-def train(tmp_path, name, n, sets, steps):
-    """Parameters of the checkpoint at `steps` of `distbp train` on n ranks, and the log."""
-    run_dir = tmp_path / name
-    args = ["train", *[a for s in sets for a in ("--set", s)], "--set", f"train.max_steps={steps}",
-            "--run-dir", run_dir, "--resume", "never"]
-    proc = run_distbp(args, n, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return final_params(run_dir, steps)[0], proc.stdout
-
 
 def sets_of(tmp_path, *extra):
     """A float64 MLP of three weight layers, small buckets, two passes a step."""
