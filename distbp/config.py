@@ -113,7 +113,12 @@ class TrainConfig(KeysOnly):
     micro_batch: int = key(64, "rows per fixed micro-shard in deterministic mode", within="[1, inf)")
     shard_optimizer: bool | str = key("auto", "ZeRO-1: each rank keeps and updates 1/N of the optimizer state "
                                       "(reduce-scatter, update, allgather); \"auto\": at 2 or more ranks for "
-                                      "models of 1M parameters or more, where it was measured to win")
+                                      "models of 1M parameters or more, where it was measured to win, unless "
+                                      "train.overlap")
+    overlap: bool = key(False, "reduce the gradient in buckets, each started as soon as backward has produced "
+                               "it, while backward goes on (train.bucket_mb)")
+    bucket_mb: float = key(1.0, "with train.overlap: megabytes of gradient per bucket (whole layers, cut in "
+                                "reverse layer order)", within="(0, inf)")
     check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
                            within="[0, inf)")
     stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off); "

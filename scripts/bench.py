@@ -22,6 +22,7 @@ import os
 import resource
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,10 @@ WORKLOADS = {
     "W1-rep": Workload("W1 with train.shard_optimizer=false: the optimizer step replicated on every rank "
                        "(the default, \"auto\", shards W1 at 2+ ranks)", extra=("train.shard_optimizer=false",),
                        default_of="W1"),
+    "W1-ovl": Workload("W1 with train.overlap=true: each gradient bucket's reduction started as backward "
+                       "finishes it", extra=("train.overlap=true",), default_of="W1"),
+    "W1-rep-ovl": Workload("W1-rep with train.overlap=true", extra=("train.shard_optimizer=false",
+                                                                   "train.overlap=true"), default_of="W1-rep"),
     "W5": Workload("LeNet-style CNN on (1, 28, 28): conv5x5 16, pool, conv5x5 32, pool, 128, 10; batch 128",
                    layers=LENET, image=(1, 28, 28), batch=128, rows=8192, steps=20, torch_steps=20, warmup=5),
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
@@ -126,6 +131,8 @@ WORKLOADS = {
     "W8-char": Workload("the shipped char-transformer (4 pre-LN blocks, d 128, 4 heads, tied head) on "
                         "data/shakespeare.h5 (context 64); batch 32", layers=char_transformer(), batch=32, rows=0,
                         text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
+    "W5-ovl": Workload("W5 with train.overlap=true", layers=LENET, image=(1, 28, 28), batch=128, rows=8192,
+                       steps=20, torch_steps=20, warmup=5, extra=("train.overlap=true",), default_of="W5"),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
@@ -371,8 +378,9 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
     from distbp.parallel.sampler import epoch_order, shard
     torch.set_num_threads(threads)
     if comm.size > 1 and not _TORCH_GROUP:
-        port = comm.bcast_obj(_free_port() if comm.is_root else None)
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+        # rank 0's host by name: on several nodes (the emulated cluster) 127.0.0.1 is every node's own
+        host, port = comm.bcast_obj((socket.gethostname(), _free_port()) if comm.is_root else None)
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://{host}:{port}",
                                              rank=comm.rank, world_size=comm.size)
         _TORCH_GROUP.append(True)
     dt = {"float32": torch.float32, "float64": torch.float64}[wl.dtype]
@@ -405,9 +413,8 @@ def torch_round(wl: Workload, x: np.ndarray, y: np.ndarray, comm, threads: int, 
 
 def _free_port() -> int:
     """A TCP port free on this host right now."""
-    import socket
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -431,7 +438,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
     for r in range(args.rounds):
         runs.append(distbp_round(wl, path, args.set, comm, tmp, r))
         if wl.default_of:
-            defaults.append(distbp_round(WORKLOADS[wl.default_of], path, args.set, comm, tmp, r)["samples_per_s"])
+            defaults.append(distbp_round(WORKLOADS[wl.default_of], path, args.set, comm, tmp, r))
         if r == 0:  # before PyTorch is imported: distbp's own peak
             rss, pss = comm.gather_obj(round(rss_mb(), 1)), comm.gather_obj(round(pss_mb(), 1))
         floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200))))
@@ -453,8 +460,11 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
            "torch_samples_per_s": round(statistics.median(torches)) if torches[0] else None,
            "vs_torch": _median_ratio(rates, torches) if torches[0] else None,
            "peak_rss_mb": rss, "pss_mb": pss,
-           "step_time_vs_default": _median_ratio(defaults, rates) if defaults else None,
+           "step_time_vs_default": _median_ratio([d["samples_per_s"] for d in defaults], rates) if defaults else None,
+           "default_step_ms": {k: round(statistics.median(d["ms"][k] for d in defaults), 3)
+                               for k in defaults[0]["ms"]} if defaults else None,
            "rounds_samples_per_s": {"distbp": [round(v) for v in rates], "floor": [round(v) for v in floors],
+                                    "default": [round(d["samples_per_s"]) for d in defaults],
                                     "torch": [round(v) if v else None for v in torches]}}
     return rec
 
@@ -567,16 +577,17 @@ def layer_table(name: str, rounds: int, threads: int) -> str:
     return "\n".join(rows)
 
 
-def unit_times(wl: Workload, rounds: int, threads: int) -> tuple:
-    """(model, seconds (rounds, units, forward/backward)) of every layer and sub-layer over rounds of one step."""
+def unit_times(wl: Workload, rounds: int, threads: int, batch: int = 0) -> tuple:
+    """(model, seconds (rounds, units, forward/backward)) of every layer and sub-layer over rounds of one step
+    of batch rows (0: the workload's batch)."""
     from threadpoolctl import threadpool_limits
     from distbp.nn import Sequential
     model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
     rng = np.random.default_rng(0)
     if wl.text:  # token ids
-        x = rng.integers(0, model.layers[0].vocab, (wl.batch, *wl.input_shape))
+        x = rng.integers(0, model.layers[0].vocab, (batch or wl.batch, *wl.input_shape))
     else:
-        x = rng.standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+        x = rng.standard_normal((batch or wl.batch, *wl.input_shape)).astype(wl.dtype)
     times, r = np.zeros((rounds + 1, len(model.units), 2)), [0]
     for i, (_, _, layer) in enumerate(model.units):
         _time_layer(layer, times, r, i)
@@ -652,11 +663,40 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200, help="seconds per mpirun launch")
     p.add_argument("--mpirun", default="", help="launcher command the workers start under, e.g. an mpiexec "
                    "with -hosts for several nodes (default: this venv's mpirun)")
+    p.add_argument("--nodes", type=int, default=0, help="run on an emulated cluster of this many nodes "
+                   "(scripts/cluster.sh, root), --ranks spread evenly over them")
+    p.add_argument("--link", default="", help="with --nodes: the nodes' link, RATE[,DELAY] of cluster.sh start")
     args = p.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     return args
+
+
+def _without(argv: list[str], options) -> list[str]:
+    """argv less the given options and their values (--opt VALUE or --opt=VALUE)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.split("=", 1)[0] in options:
+            skip = not skip and "=" not in a and a in options
+            continue
+        out.append(a)
+    return out
+
+
+@contextlib.contextmanager
+def emulated_cluster(nodes: int, link: str, ranks: int):
+    """The emulated cluster started with nodes and link, held from other test/bench users; yields the launcher."""
+    import fcntl
+    scripts = Path(__file__).resolve().parent
+    lock_path = os.environ.get("DISTBP_SLURM_DIR", "/var/tmp/distbp-slurm").rstrip("/") + ".tests.lock"
+    with open(lock_path, "w") as lock:  # the lock tests/test_cluster.py takes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        start = ["bash", str(scripts / "cluster.sh"), "start", "--nodes", str(nodes), *(["--link", link] if link else [])]
+        subprocess.run(start, check=True, stdout=subprocess.DEVNULL)
+        hosts = ",".join(f"n{i}" for i in range(1, nodes + 1))
+        yield (f"bash {scripts / 'cluster.sh'} exec n1 {Path(sys.executable).parent / 'mpiexec'} -launcher ssh "
+               f"-launcher-exec {scripts / 'cluster_ssh.sh'} -hosts {hosts} -ppn {max(1, ranks // nodes)}")
 
 
 def main(argv=None) -> int:
@@ -691,6 +731,15 @@ def main(argv=None) -> int:
             if r["step_time_vs_default"]:
                 print(f"{r['workload']} at {r['ranks']} x {r['threads']}: step time {r['step_time_vs_default']}x "
                       f"the default mode's, measured in the same rounds")
+        return 0
+    if args.nodes:  # the datasets in a folder every node sees: a node's /tmp is its own
+        tmp = args.tmp or "/var/tmp"
+        argv = _without(argv, ("--nodes", "--link")) + ["--tmp", tmp]
+        with emulated_cluster(args.nodes, args.link, args.ranks) as mpirun:
+            records = launch(argv, args.ranks, args.threads, args.timeout, mpirun)
+        for rec in records:
+            rec.update(nodes=args.nodes, link=args.link or "unshaped")
+            print(json.dumps(rec), flush=True)
         return 0
     for rec in launch(argv, args.ranks, args.threads, args.timeout, args.mpirun):
         print(json.dumps(rec), flush=True)

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # An emulated cluster of K nodes on this machine, with SLURM across them, for distbp's tests.
 #
-#   scripts/cluster.sh start [--nodes K]   build the nodes (default 2), start munge, slurmctld, one
-#                                          slurmd per node; wait until every node is idle
+#   scripts/cluster.sh start [--nodes K] [--link RATE[,DELAY]]
+#                                          build the nodes (default 2), start munge, slurmctld, one
+#                                          slurmd per node; wait until every node is idle. --link shapes
+#                                          every node's link: RATE out of each node (tc tbf, e.g. 1gbit,
+#                                          500mbit) and DELAY added to each packet it sends (tc netem,
+#                                          e.g. 100us, 1ms; a round trip pays it twice). Without --link
+#                                          the links are unshaped (a running cluster's shaping is removed)
 #   scripts/cluster.sh stop                cancel jobs, stop daemons, remove everything start made
-#   scripts/cluster.sh status              each node's state and sinfo; exit 0 only if all are usable
+#   scripts/cluster.sh status              each node's state, link shaping and sinfo; exit 0 only if all
+#                                          are usable
 #   scripts/cluster.sh exec NODE [CMD...]  run CMD (default: a shell) on NODE, as ssh NODE would
 #
 # A node nI is what makes a machine a separate host to MPI and SLURM:
@@ -47,6 +53,7 @@ netns() { echo "distbp-$1"; }
 addr_of() { [[ $1 == "$HEAD" ]] && echo "$NET.254" || echo "$NET.${1#n}"; }
 holder_of() { pid_of "$STATE_DIR/$1/holder.pid"; }
 node_count() { cat "$STATE_DIR/nodes" 2>/dev/null || echo 0; }
+link_spec() { cat "$STATE_DIR/link" 2>/dev/null || true; }
 nodes() { local i; for ((i = 1; i <= $1; i++)); do echo "n$i"; done; }
 
 # Run a command inside NODE's namespaces, in the current directory if the node has it.
@@ -127,6 +134,42 @@ wait_links() {
     done
 }
 
+# RATE[,DELAY] checked: tc's units (bit, kbit, mbit, gbit; us, ms, s); "" is no shaping.
+check_link() {
+    local spec=$1
+    [[ -z $spec ]] && return 0
+    [[ $spec =~ ^[0-9]+(\.[0-9]+)?(bit|kbit|mbit|gbit)(,[0-9]+(\.[0-9]+)?(us|ms|s))?$ ]] ||
+        die "--link '$spec': give RATE[,DELAY] in tc's units, e.g. --link 1gbit,100us or --link 500mbit"
+}
+
+# Bytes per second of a tc rate (1gbit -> 125000000).
+rate_bytes() {
+    awk -v r="$1" 'BEGIN { n = r + 0; u = substr(r, length(n "") + 1)
+        m = (u == "gbit") ? 1e9 : (u == "mbit") ? 1e6 : (u == "kbit") ? 1e3 : 1; printf "%d", n * m / 8 }'
+}
+
+# Shape NODE's eth0 as spec says (egress: what the node sends), or remove any shaping.
+shape_link() {
+    local node=$1 spec=$2 ns rate delay burst
+    ns=$(netns "$node")
+    tc -n "$ns" qdisc del dev eth0 root 2>/dev/null || true
+    [[ -z $spec ]] && return 0
+    rate=${spec%%,*}
+    delay=$([[ $spec == *,* ]] && echo "${spec#*,}" || true)
+    # The bucket holds 1 ms at the rate (at least 64 KiB: one TSO segment of veth) so the rate holds
+    # without the shaper waking per packet; a queue of 100 ms before tbf drops.
+    burst=$(( $(rate_bytes "$rate") / 1000 ))
+    (( burst < 65536 )) && burst=65536
+    tc -n "$ns" qdisc add dev eth0 root handle 1: tbf rate "$rate" burst "$burst" latency 100ms
+    # netem below tbf: every packet the node sends waits DELAY (limit: packets it may hold meanwhile)
+    if [[ -n $delay ]] && ! tc -n "$ns" qdisc add dev eth0 parent 1:1 handle 10: netem delay "$delay" limit 100000; then
+        tc -n "$ns" qdisc del dev eth0 root
+        rm -f "$STATE_DIR/link"
+        die "--link $spec: tc could not add netem for the delay (this kernel may lack CONFIG_NET_SCH_NETEM: see
+    /proc/config.gz); the links are left unshaped; HINT: --link $rate shapes the rate alone"
+    fi
+}
+
 slurm_conf() {
     local k=$1 n list
     list=$(nodes "$k" | paste -sd,)
@@ -184,8 +227,9 @@ host_entry() {
 node_states() { timeout 5 sinfo -h -N -o "%N %T" 2>/dev/null || true; }
 
 cmd_start() {
-    local k=$1 n
+    local k=$1 link=$2 n
     [[ $k =~ ^[1-9][0-9]*$ && $k -le 200 ]] || die "--nodes $k: give a node count from 1 to 200"
+    check_link "$link"
     refuse_other_slurmctld "$(pid_of "$STATE_DIR/$HEAD/slurmctld.pid")"
     if [[ $(node_count) != 0 && $(node_count) != "$k" ]]; then
         log "running with $(node_count) nodes, $k asked: restarting"
@@ -198,6 +242,8 @@ cmd_start() {
     make_node "$HEAD" "$k"
     for n in $(nodes "$k"); do make_node "$n" "$k"; done
     wait_links "$HEAD" $(nodes "$k")
+    for n in $(nodes "$k"); do shape_link "$n" "$link"; done
+    echo "$link" > "$STATE_DIR/link"
     host_entry
     start_munged
     if ! alive "$(pid_of "$STATE_DIR/$HEAD/slurmctld.pid")"; then
@@ -213,7 +259,7 @@ cmd_start() {
     while (( SECONDS - t0 < TIMEOUT )); do
         states=$(node_states)
         if [[ $(grep -cE ' (idle|mixed|allocated)' <<< "$states") == "$k" ]]; then
-            log "cluster up: $k nodes ($(nodes "$k" | paste -sd' ')), $CPUS CPUs each, controller $HEAD; state in $STATE_DIR"
+            log "cluster up: $k nodes ($(nodes "$k" | paste -sd' ')), $CPUS CPUs each, links ${link:-unshaped}, controller $HEAD; state in $STATE_DIR"
             return 0
         fi
         sleep 0.5
@@ -251,7 +297,7 @@ cmd_stop() {
         printf '%s\n' "$kept" > /etc/hosts
     fi
     grep -qxF "$MARKER" "$SLURM_CONF" 2>/dev/null && rm -f "$SLURM_CONF"
-    rm -f "$STATE_DIR/nodes"
+    rm -f "$STATE_DIR/nodes" "$STATE_DIR/link"
     log "stopped; kept $STATE_DIR/next_job_id so job ids continue"
 }
 
@@ -262,19 +308,24 @@ cmd_status() {
     states=$(node_states)
     alive "$(pid_of "$STATE_DIR/$HEAD/slurmctld.pid")" && echo "$HEAD: slurmctld running" ||
         { echo "$HEAD: slurmctld not running"; rc=1; }
+    echo "links: $(link_spec | sed 's/^$/unshaped/')"
     for n in $(nodes "$k"); do
         ns=$(netns "$n")
-        local link slurmd state
+        local link slurmd state shaping
         link=$(ip -n "$ns" -br link show eth0 2>/dev/null | awk '{print $2}') || true
+        # what tc applies, as it says it: "tbf rate 1Gbit burst 125000b lat 100ms, netem delay 100us"
+        shaping=$(tc -n "$ns" qdisc show dev eth0 2>/dev/null | awk '$2 == "tbf" || $2 == "netem" {
+            s = $2; for (i = 7; i <= NF; i++) s = s " " $i; out = out (out ? ", " : "") s } END { print out }') || true
         alive "$(pid_of "$STATE_DIR/$n/slurmd.pid")" && slurmd=running || slurmd="not running"
         state=$(awk -v n="$n" '$1 == n {print $2}' <<< "$states")
-        echo "$n: $(addr_of "$n") link ${link:-missing}, slurmd $slurmd, state ${state:-unknown}"
+        echo "$n: $(addr_of "$n") link ${link:-missing} (${shaping:-unshaped}), slurmd $slurmd, state ${state:-unknown}"
         [[ $link == UP && $slurmd == running && $state =~ ^(idle|mixed|allocated) ]] || rc=1
     done
     return $rc
 }
 
 k=2
+link=""
 case ${1:-} in
     start)
         shift
@@ -282,10 +333,12 @@ case ${1:-} in
             case $1 in
                 --nodes) k=${2:-}; shift 2 || die "--nodes needs a number" ;;
                 --nodes=*) k=${1#--nodes=}; shift ;;
-                *) die "start: unknown argument '$1'; usage: $0 start [--nodes K]" ;;
+                --link) link=${2:-}; shift 2 || die "--link needs RATE[,DELAY], e.g. 1gbit,100us" ;;
+                --link=*) link=${1#--link=}; shift ;;
+                *) die "start: unknown argument '$1'; usage: $0 start [--nodes K] [--link RATE[,DELAY]]" ;;
             esac
         done
-        need_root start; with_lock cmd_start "$k" ;;
+        need_root start; with_lock cmd_start "$k" "$link" ;;
     stop) need_root stop; with_lock cmd_stop ;;
     status) cmd_status ;;
     exec)
@@ -293,5 +346,5 @@ case ${1:-} in
         node=$2; shift 2
         [[ $# -gt 0 ]] || set -- "${SHELL:-/bin/sh}"
         enter "$node" "$@" ;;
-    *) echo "usage: $0 {start [--nodes K]|stop|status|exec NODE [CMD...]}" >&2; exit 2 ;;
+    *) echo "usage: $0 {start [--nodes K] [--link RATE[,DELAY]]|stop|status|exec NODE [CMD...]}" >&2; exit 2 ;;
 esac

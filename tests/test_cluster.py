@@ -38,6 +38,8 @@ EVERY = 50
 RUN_ARGS = ["digits", "--set", f"train.max_steps={STEPS}", "--set", "train.epochs=1000",
             "--set", f"checkpoint.every_steps={EVERY}", "--set", f"train.stall_timeout={STALL}"]
 RANK_TABLE = re.compile(r"ranks \(rank=pid@host\): (.*)")
+# DISTBP_CLUSTER_LINK=RATE[,DELAY] runs these tests on shaped links (scripts/cluster.sh start --link)
+LINK = ["--link", os.environ["DISTBP_CLUSTER_LINK"]] if os.environ.get("DISTBP_CLUSTER_LINK") else []
 
 
 def cluster_cmd(*args, timeout=120):
@@ -51,7 +53,7 @@ def cluster():
     require_root_and_apt("scripts/cluster.sh")
     with cluster_lock():
         was_running = cluster_cmd("status").returncode == 0
-        r = cluster_cmd("start", "--nodes", len(NODES), timeout=600)
+        r = cluster_cmd("start", "--nodes", len(NODES), *LINK, timeout=600)
         if r.returncode:
             unavailable(f"scripts/cluster.sh start failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
         yield
@@ -82,7 +84,7 @@ def shared(cluster):
         for line in left:
             os.kill(int(line.split()[0]), signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)
-        r = cluster_cmd("start", "--nodes", len(NODES), timeout=300)  # revive a node a test took down
+        r = cluster_cmd("start", "--nodes", len(NODES), *LINK, timeout=300)  # revive a node a test took down
         assert r.returncode == 0, r.stderr
     assert not left, f"processes outlived the test: {left}"
 

@@ -69,6 +69,19 @@ def test_frozen_rank_anywhere_ends_the_job_naming_it(tmp_path, trained, command,
     assert gone(fault_pid(job.stderr)), "the frozen rank outlived the job"
 
 
+@pytest.mark.timing
+def test_rank_frozen_while_others_wait_on_an_overlapped_bucket_is_named(tmp_path):
+    # rank 1 freezes mid-backward, just after starting its first bucket: rank 0 waits on the others
+    args = ["train", *FAST, "--set", "train.max_steps=6", "--set", "train.overlap=true",
+            "--set", "train.bucket_mb=0.0001", "--run-dir", str(tmp_path / "r")]
+    job = Job(2, args, "rank=1,at=bucket,kind=stop")
+    stall = [line for line in job.stderr.splitlines() if line.startswith("distbp: stall:")]
+    assert job.rc != 0 and len(stall) == 1, job.stderr
+    assert re.search(r"rank\(s\) 1 on \S+ did not arrive at the collective of step 0", stall[0]), stall[0]
+    assert TIMEOUT <= job.to_exit < TIMEOUT + 20, job.stderr
+    assert gone(fault_pid(job.stderr)), "the frozen rank outlived the job"
+
+
 class Launched:
     """mpirun -n 2 distbp train with rank 1 frozen at step 3; the test then acts on the ranks' processes."""
 

@@ -99,6 +99,7 @@ def test_auto_shards_large_models_at_two_ranks_or_more():
     assert [sharded("auto", ranks, AUTO_PARAMS) for ranks in (1, 2, 8)] == [False, True, True]
     assert not sharded("auto", 8, AUTO_PARAMS - 1)  # a small model: the extra collective call costs more
     assert sharded(True, 2, 10) and not sharded(True, 11, 10) and not sharded(False, 8, 10**9)
+    assert not sharded("auto", 2, AUTO_PARAMS, overlap=True) and sharded(True, 2, AUTO_PARAMS, overlap=True)
 
 
 def test_auto_is_the_default_and_shards_a_1m_parameter_model(serial, tmp_path):

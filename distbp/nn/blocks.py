@@ -78,13 +78,16 @@ class Chain:
             x = layer.forward(x)
         return x
 
-    def backward(self, dy, need_dx: bool = True):
-        """Backward through the layers in reverse; without need_dx stop at the first layer with parameters."""
+    def backward(self, dy, need_dx: bool = True, after_layer=None):
+        """Backward through the layers in reverse; without need_dx stop at the first layer with parameters.
+        after_layer(i), if given, runs once layer i's backward is done (train.overlap starts buckets there)."""
         stop = 0 if need_dx else self.first_param
         if self.first_param < len(self.layers):
             self.layers[self.first_param].need_dx = need_dx
-        for layer in reversed(self.layers[stop:]):
-            dy = layer.backward(dy)
+        for i in range(len(self.layers) - 1, stop - 1, -1):
+            dy = self.layers[i].backward(dy)
+            if after_layer:
+                after_layer(i)
         return dy if need_dx else None
 
 

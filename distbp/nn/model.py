@@ -187,9 +187,11 @@ class Sequential:
         self.ctx.local_rows = len(x)
         return self.chain.forward(x)
 
-    def backward(self, dout: np.ndarray, need_dx: bool = True):
-        """Add d(loss)/d(params) into grads; return d(loss)/dx (None if need_dx is False)."""
-        return self.chain.backward(np.asarray(dout, dtype=self.dtype), need_dx)
+    def backward(self, dout: np.ndarray, need_dx: bool = True, after_layer=None):
+        """Add d(loss)/d(params) into grads; return d(loss)/dx (None if need_dx is False).
+
+        after_layer(i), if given, is called once top-level layer i's backward is done (its gradients final)."""
+        return self.chain.backward(np.asarray(dout, dtype=self.dtype), need_dx, after_layer)
 
     def zero_grad(self, skip_written: bool = False) -> None:
         """Set every gradient the layers are bound to to zero (backward adds); see skip_written below."""

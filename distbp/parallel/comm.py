@@ -116,6 +116,25 @@ class Comm:
         self._comm.Reduce_scatter(buf, out, list(counts), op=self._mpi.SUM)
         return out
 
+    def iallreduce_sum(self, buf: np.ndarray):
+        """Start summing buf over all ranks in place (non-blocking Iallreduce); a request for test_all/wait_all."""
+        _check_buffer(buf, "iallreduce_sum")
+        return self._comm.Iallreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+
+    def ireduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts):
+        """Start reduce_scatter_sum(buf, out, counts) without waiting; a request for test_all/wait_all."""
+        _check_buffer(buf, "ireduce_scatter_sum")
+        _check_buffer(out, "ireduce_scatter_sum")
+        return self._comm.Ireduce_scatter(buf, out, list(counts), op=self._mpi.SUM)
+
+    def test_all(self, requests) -> bool:
+        """Let MPI progress the requests (it does so only inside MPI calls); True when all are complete."""
+        return self._mpi.Request.Testall(requests)
+
+    def wait_all(self, requests):
+        """Wait until every request is complete."""
+        self._mpi.Request.Waitall(requests)
+
     def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
         """Every rank's piece (counts[q] items each) into out on root, in rank order (out unused elsewhere)."""
         _check_buffer(piece, "gatherv")
@@ -197,6 +216,23 @@ class SerialComm:
         _check_buffer(out, "reduce_scatter_sum")
         out[...] = buf
         return out
+
+    def iallreduce_sum(self, buf: np.ndarray):
+        """Sum over one rank, complete at once: checks buf; a request test_all/wait_all accept."""
+        _check_buffer(buf, "iallreduce_sum")
+        return None
+
+    def ireduce_scatter_sum(self, buf: np.ndarray, out: np.ndarray, counts):
+        """The only rank's piece, complete at once: out = buf."""
+        self.reduce_scatter_sum(buf, out, counts)
+        return None
+
+    def test_all(self, requests) -> bool:
+        """Requests of one rank are complete when made."""
+        return True
+
+    def wait_all(self, requests):
+        """Nothing to wait for."""
 
     def gatherv(self, piece: np.ndarray, out: np.ndarray | None, counts, root: int = 0):
         """The only rank's piece into out."""

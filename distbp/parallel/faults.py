@@ -25,7 +25,8 @@ POINTS = {"setup": "during set-up (train: before the run directory; eval, predic
           "summary": "after the final checkpoint, before the summary",
           "startup": "at process start, before MPI is initialised (mpi4py's import)",
           "mpi": "after MPI initialisation, before the stall watchdog starts",
-          "command": "once the stall watchdog runs, before the command reads its config"}
+          "command": "once the stall watchdog runs, before the command reads its config",
+          "bucket": "right after starting the first gradient bucket's reduction (train.overlap), mid-backward"}
 OOM_HEADROOM = 256 << 20  # kind=oom: address space allowed beyond what the process already maps
 DISKFULL_BYTES = 1 << 20  # kind=diskfull: no file this process writes may grow past this size
 SLOW_SECONDS = 2.0  # kind=slow: a late but live rank, which the stall watchdog must tolerate

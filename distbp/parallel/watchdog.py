@@ -233,8 +233,9 @@ def configure(comm, timeout: float | None = None, step_of=None):
             comm.watchdog.step_of = step_of
 
 
+# wait_all: a rank waiting for a non-blocking collective (an overlapped gradient bucket) waits in it
 WATCHED = ("allreduce_sum", "allreduce_max", "bcast", "barrier", "exchange", "allgatherv", "reduce_scatter_sum",
-           "gatherv", "bcast_obj", "gather_obj", "node_cpus", "allocate_shared")
+           "wait_all", "gatherv", "bcast_obj", "gather_obj", "node_cpus", "allocate_shared")
 
 
 class WatchedComm:

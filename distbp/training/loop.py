@@ -31,6 +31,7 @@ from ..parallel.sampler import GlobalBatches
 from ..reporting.scores import improved, monitored
 from .state import build_optimizer, make_checkpoint, resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
+from ..parallel.buckets import OverlappedReduction, model_buckets
 from ..parallel.watchdog import configure as configure_watchdog
 from ..parallel.watchdog import rank_table, watching
 from ..parallel.zero import state_bytes
@@ -150,7 +151,10 @@ class Trainer:
         cfg, lap = self.cfg, self.timer.lap
         if cfg.train.deterministic:
             return DeterministicStep(self.model, self.loss, self.comm, cfg.train.micro_batch, lap, self.opt.owned)
-        return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned)
+        overlap = None
+        if cfg.train.overlap:
+            overlap = OverlappedReduction(self.comm, model_buckets(self.model, cfg.train.bucket_mb), self.opt.owned)
+        return DataParallelStep(self.model, self.loss, self.comm, lap, self.opt.owned, overlap)
 
     def train(self, stop: slurm.StopRequest | None = None) -> int:
         """The loop in DESIGN.md's data-flow order, then the final checkpoint and the summary. `stop`: the
@@ -167,6 +171,9 @@ class Trainer:
         self.grad_step = self.make_step()
         for line in self.grad_step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
             self.log(line)
+        if cfg.train.overlap and cfg.train.deterministic:
+            self.log("overlap: not in deterministic mode, whose fixed tree sums the shards' gradients after the "
+                     "backward (docs/DETERMINISM.md)")
         if cfg.train.accumulate_steps > 1:
             self.log(f"accumulation: steps of {cfg.train.batch_size * cfg.train.accumulate_steps} rows in "
                      f"{cfg.train.accumulate_steps} forward/backward passes of {cfg.train.batch_size}")
@@ -232,7 +239,8 @@ class Trainer:
             if self.augment:
                 x = self.augment(x, self.cfg.train.seed, pos.epoch, indices[positions])
             timer.lap("data")
-            pass_loss, pass_correct = self.grad_step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
+            pass_loss, pass_correct = self.grad_step.forward_backward(x, y, positions, len(indices), self.divisor,
+                                                                      k == 0, k == len(passes) - 1)
             timer.lap("backward")
             loss_sum, correct, rows = loss_sum + pass_loss, correct + pass_correct, rows + len(y)
         pos.micro_steps += len(passes)

@@ -40,7 +40,7 @@ def build_optimizer(cfg: Config, model: Sequential, comm):
 
     def make(size: int):
         return make_optimizer(o.name, size, dtype, **o.optimizer_options())
-    if sharded(cfg.train.shard_optimizer, comm.size, n):
+    if sharded(cfg.train.shard_optimizer, comm.size, n, cfg.train.overlap):
         return ShardedOptimizer(make, n, dtype, comm.rank, comm.size)
     return make(n)
 

@@ -11,6 +11,8 @@ DeterministicStep cuts the batch into fixed micro-shards summed in a fixed tree
 (parallel/determinism.py), a rank running its shards in as many groups as there are passes. With
 a sharded optimizer (ZeRO-1, `owned`) `reduce` reduce-scatters, each rank's part of
 grad_sq rides the scalars' allreduce, and `apply` updates the owned slice then allgathers.
+With train.overlap (`overlap`, parallel/buckets.py) the last pass's backward starts each
+gradient bucket's reduction as it finishes it, and `reduce` waits for them.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ def sum_sq(g: np.ndarray) -> float:
 
 
 def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, divisor: float,
-            after_forward=None) -> tuple[float, int]:
-    """Forward, loss (a sum over the rows), backward of it / divisor into the bound gradient; (loss sum, correct)."""
+            after_forward=None, after_layer=None) -> tuple[float, int]:
+    """Forward, loss (a sum over the rows), backward of it / divisor into the bound gradient; (loss sum, correct).
+
+    after_layer(i) runs as soon as the backward of layer i is done."""
     model.ctx.rows, model.ctx.global_rows = positions, batch_rows
     out = model.forward(x)
     loss_sum, correct = loss.forward(out, y), loss.correct(out, y)
@@ -54,7 +58,7 @@ def grad_of(model, loss, x, y, positions: np.ndarray, batch_rows: int, divisor: 
         after_forward()
     dout = loss.backward()
     dout /= divisor  # the global mean (rows, or their summed class weights), folded in before the reduction
-    model.backward(dout, need_dx=False)
+    model.backward(dout, need_dx=False, after_layer=after_layer)
     return loss_sum, correct
 
 
@@ -66,15 +70,16 @@ def pass_bounds(batch_rows: int, pass_rows: int) -> list[tuple[int, int]]:
 class DataParallelStep:
     """Each rank one contiguous slice of the global batch, one backward, one allreduce of the flat gradient."""
 
-    def __init__(self, model, loss, comm, lap=lambda phase: None, owned: slice | None = None):
+    def __init__(self, model, loss, comm, lap=lambda phase: None, owned: slice | None = None, overlap=None):
         self.model, self.loss, self.comm, self.lap = model, loss, comm, lap
         self.owned = owned  # this rank's slice of the vectors when the optimizer is sharded, else None
+        self.overlap = overlap  # an OverlappedReduction (train.overlap), else None
         # what the optimizer steps from after reduce: the whole sum, or the sum of the owned slice
         self.grad = model.grads if owned is None else np.empty(owned.stop - owned.start, model.grads.dtype)
 
     def describe(self, batch_size: int) -> list[str]:
-        """Log lines about how the step splits a batch of batch_size rows."""
-        return []
+        """Log lines about how the step splits a batch of batch_size rows and reduces its gradient."""
+        return [self.overlap.describe(self.model.grads.itemsize)] if self.overlap else []
 
     def positions(self, batch_rows: int) -> np.ndarray:
         """This rank's positions in a global batch of batch_rows rows."""
@@ -86,21 +91,30 @@ class DataParallelStep:
         return [lo + self.positions(hi - lo) for lo, hi in pass_bounds(batch_rows, pass_rows)]
 
     def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, divisor: float | None = None,
-                         first: bool = True) -> tuple[float, int]:
-        """Add this pass's part of the gradient of the global mean (sum / divisor) to model.grads, zeroed if first."""
+                         first: bool = True, last: bool = True) -> tuple[float, int]:
+        """Add this pass's part of the gradient of the global mean (sum / divisor) to model.grads, zeroed if first;
+        with overlap, the last pass's backward starts the buckets' reductions (earlier passes only add, as no_sync)."""
         if first:
             self.model.zero_grad(skip_written=True)  # the backward writes what it skips
+        hook = None
+        if self.overlap and last:
+            self.overlap.begin(self.model.grads, self.grad)
+            hook = self.overlap.after_layer
         return grad_of(self.model, self.loss, x, y, positions, batch_rows, batch_rows if divisor is None else divisor,
-                       lambda: self.lap("forward"))
+                       lambda: self.lap("forward"), hook)
 
     def reduce(self, grads: np.ndarray, scalars: StepScalars):
         """Sum gradient (or only this rank's owned slice of it) and scalars over the ranks."""
-        if self.owned is None:
+        if self.overlap:
+            self.overlap.wait()  # the buckets' reductions, started during backward
+        elif self.owned is None:
             self.comm.allreduce_sum(grads)
+        else:
+            self.comm.reduce_scatter_sum(grads, self.grad, shard_counts(grads.size, self.comm.size))
+        if self.owned is None:
             self.comm.allreduce_sum(scalars.buf)
             scalars.grad_sq = sum_sq(grads)
             return
-        self.comm.reduce_scatter_sum(grads, self.grad, shard_counts(grads.size, self.comm.size))
         scalars.grad_sq = sum_sq(self.grad)  # this slice's part, summed with the other scalars
         self.comm.allreduce_sum(scalars.buf)
 
@@ -153,7 +167,7 @@ class DeterministicStep(DataParallelStep):
         return [np.arange(a + lo * m, min(a + hi * m, b), dtype=np.int64) for lo, hi in groups]
 
     def forward_backward(self, x, y, positions: np.ndarray, batch_rows: int, divisor: float | None = None,
-                         first: bool = True) -> tuple[float, int]:
+                         first: bool = True, last: bool = True) -> tuple[float, int]:
         """Sum this pass's shard gradients into the tree blocks (a new tree if first); keep shard losses."""
         m, targets = self.m, self.targets
         if first:
