@@ -459,14 +459,14 @@ def table(records: list[dict]) -> str:
 def layer_table(name: str, rounds: int, threads: int) -> str:
     """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch."""
     from threadpoolctl import threadpool_limits
-    from distbp.nn import Sequential
+    from distbp.nn import Sequential, threads as passes
     wl = WORKLOADS[name]
     model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
     first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
     model.layers[first].need_dx = False  # as in training: no gradient for the input
     x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
     times = np.zeros((rounds, len(model.layers), 2))
-    with threadpool_limits(threads, user_api="blas"):
+    with threadpool_limits(threads, user_api="blas"), passes.using(threads):
         for r in range(-1, rounds):  # round -1 warms up
             model.zero_grad(skip_written=True)
             h = x
