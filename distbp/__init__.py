@@ -5,8 +5,6 @@ module and name is internal and may change. The names load on first use, so impo
 internal module (say distbp.sampler) stays light.
 """
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -23,14 +21,3 @@ def __getattr__(name):
     if name not in _HOME:
         raise AttributeError(f"module 'distbp' has no attribute {name!r}")
     return getattr(importlib.import_module(f"distbp.{_HOME[name]}"), name)
-
-
-class _Package(types.ModuleType):
-    """distbp itself: importing the internal module distbp.train leaves distbp.train the API function."""
-
-    def __setattr__(self, name, value):
-        if not (name == "train" and isinstance(value, types.ModuleType)):  # the import system binds submodules
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .files import checkpoint as ckpt
-from .parallel.comm import SerialComm, run_guarded, world
+from .parallel.comm import SerialComm, world
+from .parallel.guard import run_guarded
 from .config import Config, config_to_dict, load_config
 from .datasets.dataset import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree

@@ -438,7 +438,8 @@ def parse_args(argv: list[str] | None, comm) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the distbp console script and python -m distbp."""
-    from .parallel.comm import install_abort_on_error, run_guarded, world
+    from .parallel.comm import world
+    from .parallel.guard import install_abort_on_error, run_guarded
     from .config import TrainConfig
     from .parallel.watchdog import watching
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import optim
-from .errors import UserError
+from .training import lr_schedules
+from .errors import UserError, require
 from .nn.layers import activation_names, layer_class
 from .nn.losses import loss_class
 from .datasets.normalize import KINDS as NORMALIZE_KINDS
@@ -111,7 +111,7 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     """The optimizer and its learning-rate schedule (PyTorch's names, equations and defaults)."""
-    name: str = key("sgd", "optimizer", choices=lambda: tuple(optim.OPTIMIZERS))
+    name: str = key("sgd", "optimizer", choices=lambda: tuple(_optim().OPTIMIZERS))
     lr: float = key(0.05, "peak learning rate", within="(0, inf)")
     momentum: float | None = key(None, "momentum (sgd, rmsprop)", within="[0, 1)", optimizer=True)
     dampening: float = key(0.0, "dampening of the momentum (sgd)", within="[0, 1]", optimizer=True)
@@ -123,7 +123,7 @@ class OptimConfig:
     eps: float = key(1e-8, "Adam/RMSprop denominator term", within="(0, inf)", optimizer=True)
     alpha: float = key(0.99, "RMSprop smoothing constant", within="[0, 1)", optimizer=True)
     centered: bool = key(False, "RMSprop: normalise by the centered second moment (variance)", optimizer=True)
-    schedule: str = key("constant", "learning-rate schedule", choices=lambda: optim.SCHEDULES)
+    schedule: str = key("constant", "learning-rate schedule", choices=lambda: lr_schedules.SCHEDULES)
     warmup_steps: int = key(0, "linear warm-up steps before the schedule", within="[0, inf)", schedule=True)
     step_size: int = key(1000, "steps between decays (step schedule)", within="[1, inf)", schedule=True)
     gamma: float = key(0.1, "decay factor (step schedule)", within="(0, inf)", schedule=True)
@@ -136,8 +136,9 @@ class OptimConfig:
     schedule_steps: int = key(0, "steps the schedule spans (0 = the run's total steps); fix it to keep the "
                                  "horizon when train.epochs is raised on resume", within="[0, inf)")
 
-    def __post_init__(self):
-        """Resolve unset optimizer keys to the chosen optimizer's own default (None if it has none)."""
+    def resolve(self):
+        """Set unset optimizer keys to the chosen optimizer's own default (None if it has none)."""
+        optim = _optim()
         own = optim.defaults(self.name) if self.name in optim.OPTIMIZERS else {}
         for f in dataclasses.fields(self):
             if f.metadata["optimizer"] and getattr(self, f.name) is None:
@@ -150,7 +151,7 @@ class OptimConfig:
         return opts
 
     def schedule_options(self) -> dict:
-        """Keyword arguments for optim.make_schedule besides kind, lr and total_steps."""
+        """Keyword arguments for lr_schedules.make_schedule besides kind, lr and total_steps."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["schedule"]}
 
 
@@ -196,9 +197,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def __init__(self, tables: dict | None = None, /, **sections):
+    def __init__(self, tables: dict | None = None, /, *, training: bool = True, **sections):
         """A validated config from TOML-layout tables ({"train": {"epochs": 2}}) and/or keyword sections
-        (train={"epochs": 2}; a keyword replaces the same table); unset keys keep their defaults."""
+        (train={"epochs": 2}; a keyword replaces the same table); unset keys keep their defaults.
+        training=False (a trained model's stored config) takes the optim section as stored, unchecked."""
         if tables is not None and not isinstance(tables, dict):
             raise ConfigError(f"a config is a dict of sections like {{'train': {{'epochs': 2}}}}, not {tables!r}")
         given = {**(tables or {}), **sections}
@@ -208,7 +210,9 @@ class Config:
         for name, section in SECTIONS.items():
             value = given.get(name, {})
             setattr(self, name, value if isinstance(value, section) else _section(name, value))
-        validate(self)
+        if training:
+            self.optim.resolve()
+        validate(self, training)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -305,15 +309,21 @@ def _section(section: str, values) -> object:
     return SECTIONS[section](**{k: _check_type(f"{section}.{k}", v, types_[k]) for k, v in values.items()})
 
 
-def config_from_dict(d: dict) -> Config:
-    """Build and validate a Config from nested dicts (TOML layout); unset optimizer keys are resolved."""
-    return Config(d)
+def config_from_dict(d: dict, training: bool = True) -> Config:
+    """Build and validate a Config from nested dicts (TOML layout); unset optimizer keys are resolved
+    (training=False: a stored config for inference, whose optim section is neither resolved nor checked)."""
+    return Config(d, training=training)
+
+
+def _optim():
+    """The optimizer module, imported only where optim.* keys are resolved or checked (never for inference)."""
+    from . import optim
+    return optim
 
 
 def _require(ok: bool, msg: str):
     """Raise ConfigError(msg) unless ok."""
-    if not ok:
-        raise ConfigError(msg)
+    require(ok, msg, ConfigError)
 
 
 def _resolves(find, name, key: str) -> None:
@@ -324,9 +334,10 @@ def _resolves(find, name, key: str) -> None:
         raise ConfigError(f"{key}={name!r} {e}") from None
 
 
-def validate(cfg: Config) -> None:
-    """Check every key's range or choices, then the checks that span keys; raise ConfigError naming them."""
-    for section in SECTIONS:
+def validate(cfg: Config, training: bool = True) -> None:
+    """Check every key's range or choices, then the checks that span keys; raise ConfigError naming them
+    (training=False: all but the optim section)."""
+    for section in SECTIONS if training else [s for s in SECTIONS if s != "optim"]:
         for name, f in _fields(section).items():
             _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
     m, t, o = cfg.model, cfg.train, cfg.optim
@@ -349,9 +360,11 @@ def validate(cfg: Config) -> None:
     _require(not (t.deterministic and any(s.get("type") == "batchnorm" for s in m.layers)),
              "train.deterministic=true cannot train a batchnorm layer (model.layers): its batch statistics "
              "tie the micro-shards together; use layernorm, or train.deterministic=false")
+    if not training:
+        return
     try:  # the optimizer and schedule check their own arguments across keys (e.g. nesterov needs momentum)
-        optim.make_optimizer(o.name, 1, "float64", **o.optimizer_options())
-        optim.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 1, **o.schedule_options())
+        _optim().make_optimizer(o.name, 1, "float64", **o.optimizer_options())
+        lr_schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 1, **o.schedule_options())
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -445,6 +458,7 @@ def config_to_toml(cfg: Config) -> str:
 
 def _optimizer_defaults(name: str) -> str:
     """'sgd 0.0, rmsprop 0.0': the own default of every optimizer that takes the option."""
+    optim = _optim()
     own = {o: optim.defaults(o) for o in optim.OPTIMIZERS}
     return ", ".join(f"{o} {_toml_value(d[name])}" for o, d in own.items() if name in d)
 

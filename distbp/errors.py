@@ -1,4 +1,4 @@
-"""Exit codes, the user-error type, agreeing on an error across ranks, and work done on rank 0 alone."""
+"""Exit codes, the user-error type and require(), agreeing on an error across ranks, and work done on rank 0 alone."""
 from __future__ import annotations
 
 EXIT_OK = 0
@@ -12,6 +12,12 @@ class UserError(Exception):
     """Bad input the user can fix; printed once by rank 0 without a traceback."""
 
     agreed = False  # set by agree(): every rank raised it, so no rank waits for another
+
+
+def require(ok: bool, message: str, error: type[Exception] = UserError):
+    """Raise error(message) unless ok."""
+    if not ok:
+        raise error(message)
 
 
 class NonFiniteError(Exception):

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules on one flat parameter vector and its gradient.
+"""Optimizers on one flat parameter vector and its gradient.
 
 SGD, Adam, AdamW and RMSprop follow torch.optim's default (single-tensor, maximize=False,
 amsgrad=False) update equations; state names are torch's (momentum_buffer, exp_avg,
@@ -19,10 +19,6 @@ carries one set for all of them) and those given as None, which keep the class's
 default (torch's: AdamW weight_decay 0.01, momentum 0), so an explicit 0.0 turns AdamW's
 decay off. OPTIMIZERS is the registry by name; `defaults(name)` reads a class's options.
 
-Schedules map the 0-based step to a rate: linear warm-up lr*(step+1)/warmup_steps, then
-the decay kind counting steps from the end of warm-up (cosine reaches min_lr at
-total_steps; step multiplies by gamma every step_size steps, like torch's StepLR).
-
 The update is memory-bound, so `step` walks the vector in blocks of CHUNK_BYTES per
 array and does every pass of the update on a block while it is still in cache: on a
 1.86M-float32 vector that took 25% (SGD momentum) to 40% (Adam, RMSprop) less time
@@ -34,20 +30,18 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 
 import numpy as np
 
+from .errors import require
 from .nn import threads
 
-SCHEDULES = ("constant", "step", "cosine")
 CHUNK_BYTES = 2**19
 
 
 def _require(ok: bool, message: str):
-    """Raise ValueError(message) unless ok."""
-    if not ok:
-        raise ValueError(message)
+    """Raise ValueError(message) unless ok (the config turns it into an error naming the key)."""
+    require(ok, message, ValueError)
 
 
 def _unit(name: str, x: float, closed: bool = False):
@@ -293,35 +287,3 @@ def make_optimizer(name: str, n: int, dtype, **options) -> Optimizer:
     _require(name in OPTIMIZERS, f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
     own = defaults(name)
     return OPTIMIZERS[name](n, dtype, **{k: v for k, v in options.items() if k in own and v is not None})
-
-
-def make_schedule(kind: str, lr: float, *, total_steps: int, warmup_steps: int = 0,
-                  step_size: int = 1000, gamma: float = 0.1,
-                  min_lr: float = 0.0) -> Callable[[int], float]:
-    """lr(step) for 0-based step: linear warm-up lr*(step+1)/warmup_steps, then the decay kind."""
-    _require(kind in SCHEDULES, f"optim.schedule={kind!r} is not one of {', '.join(SCHEDULES)}")
-    _require(lr > 0, f"optim.lr={lr} must be > 0, e.g. 0.01")
-    _require(warmup_steps >= 0, f"optim.warmup_steps={warmup_steps} must be >= 0")
-    _require(step_size >= 1, f"optim.step_size={step_size} must be >= 1")
-    _require(gamma > 0, f"optim.gamma={gamma} must be > 0, e.g. 0.1")
-    _require(0 <= min_lr <= lr, f"optim.min_lr={min_lr} must be in [0, optim.lr={lr}]")
-    decay_steps = total_steps - warmup_steps
-    _require(kind != "cosine" or decay_steps >= 1,
-             f"the cosine schedule needs more total steps ({total_steps}) than "
-             f"optim.warmup_steps={warmup_steps}: lower warmup_steps or train longer")
-
-    def decay(s: int) -> float:
-        """The schedule kind at s steps after warm-up."""
-        if kind == "step":
-            return lr * gamma ** (s // step_size)
-        if kind == "cosine":
-            return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * min(s, decay_steps) / decay_steps)) / 2
-        return lr
-
-    def schedule(step: int) -> float:
-        """The learning rate of optimizer step `step` (0-based)."""
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        return float(decay(step - warmup_steps))
-
-    return schedule

@@ -146,7 +146,8 @@ PROBE = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from distbp.parallel.comm import set_thread_budget, world, _own_cpus
+from distbp.parallel.comm import own_cpus, world
+from distbp.parallel.threads import set_thread_budget
 from distbp.datasets.dataset import Dataset
 
 def pss_kb(lo, hi):
@@ -170,7 +171,7 @@ checksum = float(x.sum(dtype=np.float64))  # every rank touches every page
 comm.barrier()
 pss = pss_kb(x.ctypes.data, x.ctypes.data + x.nbytes)
 comm.barrier()  # the pages stay mapped until every rank has measured
-report = dict(rank=comm.rank, host=comm.host, local_size=comm.local_size, cpus=len(_own_cpus()),
+report = dict(rank=comm.rank, host=comm.host, local_size=comm.local_size, cpus=len(own_cpus()),
               threads=threads, pss_kb=pss, nbytes=x.nbytes, checksum=checksum)
 (Path(sys.argv[2]) / f"{comm.rank}.json").write_text(json.dumps(report))  # not stdout: lines of ranks interleave
 """

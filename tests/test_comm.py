@@ -1,18 +1,11 @@
-"""distbp.comm: collectives on one body run serial and on the world, launcher check, abort, threads."""
-import textwrap
-import time
-from pathlib import Path
+"""distbp.parallel.comm: collectives on one body run serial and on the world, the launcher check."""
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info
 
-from distbp.parallel import comm as commlib
 from distbp.parallel.comm import CommError, SerialComm, check_launcher, launcher_size, node_shared_array
 from distbp.datasets.dataset import Dataset
-from conftest import run_distbp
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
@@ -115,80 +108,3 @@ def test_check_launcher_fails_loudly_on_a_world_of_one():
         check_launcher(1, {"PMI_SIZE": "4"})
     with pytest.raises(CommError, match=r"mpi4py is not installed.*HINT: pip install mpi4py"):
         check_launcher(1, {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, have_mpi=False)
-
-
-def _blas_threads():
-    return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
-
-
-def test_thread_budget_caps_blas_per_rank(any_comm, monkeypatch):
-    for name in commlib.THREAD_ENV:
-        monkeypatch.delenv(name, raising=False)
-    logged = []
-    n = commlib.set_thread_budget(any_comm, log=logged.append)
-    assert n == max(1, any_comm.node_cpus() // any_comm.local_size) == _blas_threads()
-    assert len(logged) == (1 if any_comm.is_root else 0)
-    assert logged == [] or f"{n} BLAS threads per rank" in logged[0]
-
-
-def test_thread_budget_respects_the_users_choice(any_comm, monkeypatch):
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-    logged = []
-    assert commlib.set_thread_budget(any_comm, log=logged.append) == _blas_threads()
-    assert logged == [] or "OPENBLAS_NUM_THREADS=1" in logged[0]
-
-
-def test_run_guarded_in_a_world_of_one_returns_or_raises():
-    assert commlib.run_guarded(lambda a, b: a + b, SerialComm(), 2, b=3) == 5
-    with pytest.raises(ValueError):
-        commlib.run_guarded(lambda: int("x"), SerialComm())
-
-
-def test_report_failure_names_rank_host_and_error(capsys):
-    try:
-        raise RuntimeError("disk full")
-    except RuntimeError as e:
-        commlib.report_failure(SerialComm(), e)
-    err = capsys.readouterr().err
-    assert "Traceback" in err
-    assert err.strip().endswith(f"rank 0 on {SerialComm().host} failed: RuntimeError: disk full")
-
-
-SCRIPT = textwrap.dedent("""
-    import sys
-    from distbp.parallel.comm import world, install_abort_on_error, run_guarded
-    comm = world()
-    install_abort_on_error(comm)
-    mode = sys.argv[1]
-
-    def main():
-        if comm.rank == 1 and mode == "raise":
-            raise ValueError("boom")
-        if comm.rank == 1 and mode == "exit":
-            sys.exit(3)
-        comm.barrier()  # the other ranks would wait here forever without the abort
-        return 0
-
-    if mode == "hook" and comm.rank == 1:
-        raise ValueError("boom")
-    sys.exit(run_guarded(main, comm))
-""")
-
-
-@pytest.mark.timing
-@pytest.mark.parametrize("mode, code", [("raise", 1), ("hook", 1), ("exit", 3), ("ok", 0)])
-def test_one_failing_rank_ends_the_job(comm, tmp_path, mode, code):
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
-    script = tmp_path / "job.py"
-    script.write_text(SCRIPT)
-    start = time.monotonic()
-    proc = run_distbp([mode], 3, script=script, env={"PYTHONPATH": str(ROOT)}, timeout=60)
-    assert time.monotonic() - start < 30
-    assert proc.returncode == code, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("distbp: rank")]
-    if code == 0:
-        assert lines == []
-    else:
-        what = "exited with code 3" if mode == "exit" else "failed: ValueError: boom"
-        assert len(lines) == 1 and lines[0].startswith("distbp: rank 1 on ") and lines[0].endswith(what)

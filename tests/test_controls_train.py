@@ -14,7 +14,7 @@ from distbp.datasets.dataset import Dataset, synthetic, write_dataset
 from distbp.errors import UserError
 from distbp.inference.evaluate import evaluate_checkpoint
 from distbp.parallel.sampler import GlobalBatches
-from distbp.training.state import build_model
+from distbp.inference.builders import build_model
 from conftest import import_torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from distbp.config import ConfigError, load_config
 from distbp.datasets.dataset import write_dataset
 from distbp.parallel.determinism import TreeStack, aligned_blocks, is_left_sibling, rank_blocks
 from distbp.parallel.sampler import shard
-from distbp.training.state import DivergenceError, check_consistent, param_hash, rank_groups
+from distbp.parallel.consistency import DivergenceError, check_consistent, param_hash, rank_groups
 from distbp.training.step import DeterministicStep, StepScalars
 from distbp.nn import Sequential, make_loss, mlp_specs
 from conftest import run_distbp

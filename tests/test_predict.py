@@ -142,6 +142,26 @@ def test_predictions_on_n_ranks_equal_one_rank(comm, shared_tmp, make_dataset):
         assert out is None and from_csv is None
 
 
-def test_inference_does_not_import_the_training_loop():
-    code = "import sys, distbp.inference.predict, distbp.inference.evaluate; sys.exit('distbp.training.loop' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+TRAINING_ONLY = ("distbp.training.loop", "distbp.training.state", "distbp.training.step", "distbp.optim",
+                 "distbp.parallel.zero", "distbp.training.early_stop")
+INFER = """
+import sys, numpy as np, distbp
+from distbp.cli import main
+model = distbp.load(sys.argv[1])
+model.predict(np.zeros((2, *model.input_shape)))
+code = main(["predict", sys.argv[1], sys.argv[2], sys.argv[3], "--split", "val"])
+code = code or main(["eval", sys.argv[1]])
+loaded = [m for m in {names} if m in sys.modules]
+print(loaded)
+sys.exit(code or bool(loaded))
+"""
+
+
+def test_inference_imports_no_optimizer_sharding_or_early_stopping(tmp_path, make_dataset):
+    """distbp.load(...).predict, `distbp predict` and `distbp eval` import no training-only module."""
+    data = make_dataset("d.h5")
+    ck = trained(SerialComm(), tmp_path, data)
+    proc = subprocess.run([sys.executable, "-c", INFER.format(names=TRAINING_ONLY), str(ck), str(data), str(tmp_path / "p.h5")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "p.h5").is_file()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distbp.optim import make_schedule
+from distbp.training.lr_schedules import make_schedule
 from distbp.reporting.plot import read_metrics
 from conftest import MPIRUN, job_env
 

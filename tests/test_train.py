@@ -18,7 +18,7 @@ from distbp.config import load_config
 from distbp.datasets.dataset import Dataset, synthetic, write_dataset
 from distbp.inference.evaluate import evaluate
 from distbp.nn import make_loss
-from distbp.training.state import build_model
+from distbp.inference.builders import build_model
 from conftest import run_distbp
 
 

@@ -14,7 +14,7 @@ from distbp import cli
 from distbp.config import load_config, named_configs
 from distbp.datasets.dataset import Dataset, digits_path
 from distbp.nn import Sequential
-from distbp.training.state import build_model
+from distbp.inference.builders import build_model
 from conftest import run_distbp
 
 ROOT = Path(__file__).resolve().parent.parent

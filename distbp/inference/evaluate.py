@@ -12,7 +12,7 @@ from ..nn.refs import no_imports
 from ..datasets.normalize import Normalizer
 from ..parallel.sampler import shard
 from ..reporting.scores import RegressionSums, class_report, confusion
-from ..training.state import build_loss, build_model, load_params
+from .builders import build_loss, build_model, load_params
 from ..parallel.watchdog import configure as configure_watchdog
 
 
@@ -61,7 +61,7 @@ def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "d
     ck = on_root(comm, ckpt.load, path)
     config, norm = comm.bcast_obj((ck.config, ck.normalization) if comm.is_root else None)
     with no_imports(path):  # a checkpoint naming module:Class layers finds them only if already imported
-        cfg = agree(comm, config_from_dict, config)
+        cfg = agree(comm, config_from_dict, config, training=False)
     configure_watchdog(comm, timeout=cfg.train.stall_timeout)  # the run's, from here on
     faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:

@@ -1,27 +1,22 @@
-"""The only importer of mpi4py: world, buffer collectives, abort-on-error, BLAS thread budget."""
+"""The only importer of mpi4py: the world communicator and its buffer collectives."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import sys
-import threading
 import time
-import traceback
 
 import numpy as np
-from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from ..errors import EXIT_USAGE, UserError
+from ..errors import UserError
+from .guard import exit_after, flush
 
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Launcher variables holding the number of processes it started, most specific first.
 LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 _WORLD = None
-_LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
 _WINDOWS = []  # shared-memory windows stay allocated until MPI finalizes
 ABORT_GRACE = 3.0  # s MPI_Abort gets before the process ends itself: a launcher out of reach never answers
+LAUNCHER_FLUSH = 0.5  # s for the launcher to forward what was just printed before MPI_Abort tears the job down
 
 
 class CommError(UserError):
@@ -96,7 +91,7 @@ class Comm:
         """Point to point: send each (rank, array) of sends, fill each (rank, array) of recvs; wait for all.
 
         Messages between two ranks pair up in the order they are listed. Faster than Alltoallv
-        or Allgatherv on 2 ranks: 0.7 ms vs 2.4 ms for 3.7 MB each way (MPICH)."""
+        or Allgatherv on 2 ranks (docs/PERFORMANCE.md, "Choices in the code")."""
         for _, buf in [*sends, *recvs]:
             _check_buffer(buf, "exchange")
         requests = [self._comm.Irecv(buf, source=q) for q, buf in recvs]
@@ -106,7 +101,7 @@ class Comm:
     def allgatherv(self, buf: np.ndarray, counts) -> np.ndarray:
         """In place: rank q's piece (counts[q] items, after those of ranks < q) reaches every rank.
 
-        By point-to-point messages: MPICH's Allgatherv took 4-60x longer for 7 MB on one node
+        By point-to-point messages: MPICH's Allgatherv was much slower on one node
         (docs/PERFORMANCE.md, "Choices in the code")."""
         _check_buffer(buf, "allgatherv")
         if self.size > 1:
@@ -144,9 +139,9 @@ class Comm:
 
     def abort(self, code: int = 1):
         """End every rank of the job now with exit code `code`; this process ends within seconds in any case."""
-        _flush()
-        _exit_after(ABORT_GRACE, code)
-        time.sleep(0.5)  # the launcher forwards what was just printed before MPI_Abort tears the job down
+        flush()
+        exit_after(ABORT_GRACE, code)
+        time.sleep(LAUNCHER_FLUSH)
         self._mpi.COMM_WORLD.Abort(code)
         os._exit(code)  # MPICH's MPI_Abort returned when its launcher was out of reach
 
@@ -158,7 +153,7 @@ class Comm:
 
     def node_cpus(self) -> int:
         """Number of distinct CPUs the ranks on this node may run on (collective on the node)."""
-        return len(set().union(*self._node.allgather(_own_cpus())))
+        return len(set().union(*self._node.allgather(own_cpus())))
 
 
 class SerialComm:
@@ -223,12 +218,12 @@ class SerialComm:
 
     def abort(self, code: int = 1):
         """End this process now with exit code `code`."""
-        _flush()
+        flush()
         os._exit(code)
 
     def node_cpus(self) -> int:
         """Number of CPUs this process may run on."""
-        return len(_own_cpus())
+        return len(own_cpus())
 
 
 def _displacements(counts) -> list[int]:
@@ -279,110 +274,12 @@ def world():
     return _WORLD
 
 
-def _exit_after(seconds: float, code: int):
-    """End this process with exit code `code` after `seconds`, whatever its threads are doing."""
-    signal.alarm(int(seconds) + 2)  # if the interpreter itself is stuck, the kernel's SIGALRM ends it
-    timer = threading.Timer(seconds, os._exit, (code,))
-    timer.daemon = True
-    try:
-        timer.start()
-    except RuntimeError:  # no thread to be had (out of memory): the alarm ends it
-        pass
-
-
-def _flush():
-    """Flush stdout and stderr before the process is ended from outside Python's exit path."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
-def _exit_code(exc: BaseException) -> int:
-    """The process exit code Python would use for this exception."""
-    if isinstance(exc, SystemExit):
-        code = exc.code
-        return 0 if code is None else code if isinstance(code, int) else 1
-    return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_USAGE if isinstance(exc, UserError) else 1
-
-
-def report_failure(comm, exc: BaseException):
-    """Print this rank's traceback and one 'distbp: rank R on HOST failed' line to stderr."""
-    if isinstance(exc, KeyboardInterrupt):
-        what, trace = "was interrupted", ""
-    elif isinstance(exc, SystemExit):
-        what = f"exited with code {_exit_code(exc)}" + (f": {exc.code}" if isinstance(exc.code, str) else "")
-        trace = ""
-    else:
-        what = f"failed: {type(exc).__name__}: {exc}"
-        # a user error's message names the file and the fix: no traceback
-        trace = "" if isinstance(exc, UserError) else "".join(traceback.format_exception(exc))
-    sys.stderr.write(f"{trace}distbp: rank {comm.rank} on {comm.host} {what}\n")  # one write: kept together
-    sys.stderr.flush()
-
-
-def install_abort_on_error(comm):
-    """Make an uncaught exception on any rank print once and abort the whole job (size > 1)."""
-    def hook(etype, value, tb):
-        report_failure(comm, value)
-        if comm.size > 1:
-            comm.abort(_exit_code(value))
-
-    sys.excepthook = hook
-
-
-def run_guarded(fn, comm, *args, **kwargs):
-    """Return fn(*args, **kwargs); an exception or non-zero SystemExit on one rank aborts all ranks."""
-    # An error every rank agrees on should come back as a returned exit code: returning lets
-    # every rank leave MPI cleanly, while a raise on a multi-rank job ends it with MPI Abort.
-    try:
-        return fn(*args, **kwargs)
-    except BaseException as exc:
-        code = _exit_code(exc)
-        if comm.size == 1 or code == 0:
-            raise
-        report_failure(comm, exc)
-        comm.abort(code)
-
-
-def _own_cpus() -> set[int]:
+def own_cpus() -> set[int]:
     """CPUs this process may run on (its affinity mask, else all of them)."""
     try:
         return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return set(range(os.cpu_count() or 1))
-
-
-def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
-    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them).
-
-    Warns once (rank 0) when its node has more ranks than CPUs."""
-    # Collective over the node. More BLAS threads than CPUs is much slower; a user's
-    # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is, except in deterministic mode: BLAS results depend on the
-    # thread count (docs/DETERMINISM.md), and the default budget differs with the ranks per node.
-    global _LIMITER
-    cpus = comm.node_cpus()
-    user = [f"{k}={os.environ[k]}" for k in THREAD_ENV if os.environ.get(k)]
-    if deterministic:
-        n = 1
-        _LIMITER = threadpool_limits(limits=n, user_api="blas")
-        msg = "1 BLAS thread per rank (deterministic: BLAS results depend on the thread count)"
-    elif user:
-        pools = ThreadpoolController().select(user_api="blas").info()
-        n = max([p["num_threads"] for p in pools] or [1])
-        msg = f"{n} BLAS threads per rank (set by {', '.join(user)})"
-    else:
-        n = max(1, cpus // comm.local_size)
-        _LIMITER = threadpool_limits(limits=n, user_api="blas")
-        msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
-    if comm.is_root:
-        log(f"distbp: {msg}")
-        if comm.local_size > cpus:
-            log(f"WARNING: {comm.local_size} ranks share {cpus} core{'s' * (cpus > 1)} on this node: oversubscribed ranks "
-                f"wait for each other and communication can take most of the step time; HINT: mpirun -n {cpus} "
-                "(or spread the ranks over more nodes)")
-    return n
 
 
 def node_shared_array(comm, shape, dtype) -> np.ndarray:

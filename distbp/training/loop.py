@@ -14,20 +14,21 @@ from ..files import rundir
 from ..parallel import slurm
 from .clip import clip_by_norm, clip_by_value
 from ..reporting import trackers
-from ..parallel.comm import set_thread_budget
+from ..parallel.threads import set_thread_budget
+from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
 from ..datasets.dataset import Dataset, digits_path
 from .early_stop import EarlyStopping
 from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
+from ..inference.builders import build_loss, build_model
 from ..inference.evaluate import evaluate
 from ..reporting.metrics import RunLog, StepTimer, format_summary
 from ..datasets.normalize import fit as fit_normalizer
 from ..reporting.progress import Progress
-from .schedule import schedule_change, schedule_of, total_steps
+from .horizon import schedule_change, schedule_of, total_steps
 from ..parallel.sampler import GlobalBatches
 from ..reporting.scores import improved, monitored
-from .state import build_loss, build_model, build_optimizer, check_consistent, make_checkpoint, param_hash, \
-    resume_state, save_checkpoint
+from .state import build_optimizer, make_checkpoint, resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
 from ..parallel.watchdog import configure as configure_watchdog
 from ..parallel.watchdog import rank_table, watching

@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..files import checkpoint as ckpt
-from ..config import Config, ConfigError, config_to_dict, config_to_json
-from ..datasets.dataset import Dataset
+from ..config import Config, config_to_dict, config_to_json
 from .early_stop import EARLY_STOP_KEYS, EarlyStopping
-from ..errors import UserError, agree, on_root
-from ..nn import Sequential, make_loss, mlp_specs
-from ..nn.losses import balanced_weights, loss_class
+from ..errors import agree, on_root
+from ..inference.builders import load_params
+from ..nn import Sequential
 from ..datasets.normalize import Normalizer
 from ..optim import make_optimizer
-from ..parallel.sampler import shard
 from ..parallel.zero import ShardedOptimizer, sharded
 
 
@@ -34,65 +31,6 @@ class Position:
     def epoch_number(self) -> int:
         """The 1-based number of the epoch the last step belonged to, as logs, metrics and ckpt inspect count."""
         return self.epoch + 1
-
-
-def build_model(cfg: Config, data: Dataset) -> Sequential:
-    """The model the config describes, sized for the dataset, initialised from the seed."""
-    m = cfg.model
-    if m.layers:
-        specs = [dict(s) for s in m.layers]
-    else:
-        flatten = [{"type": "flatten"}] if len(data.input_shape) > 1 else []
-        specs = flatten + mlp_specs([int(np.prod(data.input_shape)), *m.hidden, data.output_dim],
-                                    m.activation, m.dropout)
-    try:
-        model = Sequential(specs, data.input_shape, dtype=np.dtype(cfg.train.dtype), seed=cfg.train.seed)
-    except ValueError as e:
-        key = "model.layers" if m.layers else "model.hidden"
-        raise ConfigError(f"{key}: {e} (the model for {data.path}, inputs {data.input_shape})") from None
-    if model.out_shape != (data.output_dim,):
-        raise UserError(f"model.layers ends with output shape {model.out_shape} but {data.path} "
-                        f"needs ({data.output_dim},): make the last layer's out {data.output_dim}")
-    return model
-
-
-def label_counts(split, num_classes: int, rank: int, size: int, block: int = 1 << 20) -> np.ndarray:
-    """Rows per class in this rank's contiguous part of a split, read block by block (sum them over the ranks)."""
-    lo, hi = shard(split.n, rank, size)
-    counts = np.zeros(num_classes, np.int64)
-    for a in range(lo, hi, block):
-        counts += np.bincount(split.labels(np.arange(a, min(a + block, hi))), minlength=num_classes)
-    return counts
-
-
-def build_loss(cfg: Config, data: Dataset, comm):
-    """The loss of the dataset's task with loss.* applied; "balanced" class weights counted over the train split."""
-    lc, where = cfg.loss, f"{data.path} is a {data.task} dataset"
-    if lc.name:
-        return loss_class(lc.name)()  # validated with the config (its module imported)
-    if data.task != "classification":
-        agree(comm, _require, not (lc.label_smoothing or lc.class_weights),
-              f"loss.label_smoothing and loss.class_weights apply to classification, but {where}: remove them")
-        return make_loss(data.task)
-    weights = lc.class_weights or None
-    if weights == "balanced":
-        split = agree(comm, data.split, cfg.data.train_split)
-        counts = comm.allreduce_sum(agree(comm, label_counts, split, data.num_classes, comm.rank, comm.size))
-        empty = [int(c) for c in np.flatnonzero(counts == 0)]
-        agree(comm, _require, not empty, f'loss.class_weights="balanced": class(es) {empty[:5]} have no rows in '
-              f"split '{cfg.data.train_split}' of {data.path}; give the weights as a list, one per class")
-        weights = balanced_weights(counts)
-    elif weights is not None:
-        agree(comm, _require, len(weights) == data.num_classes and any(weights),
-              f"loss.class_weights has {len(weights)} weights (sum {sum(weights):g}) but {data.path} has "
-              f"{data.num_classes} classes: give one weight per class, not all 0")
-    return make_loss("classification", label_smoothing=lc.label_smoothing, class_weights=weights)
-
-
-def _require(ok: bool, msg: str):
-    """Raise UserError(msg) unless ok."""
-    if not ok:
-        raise UserError(msg)
 
 
 def build_optimizer(cfg: Config, model: Sequential, comm):
@@ -125,28 +63,6 @@ def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_
                            buffers=model.buffer_views(model.buffers),
                            normalization=norm.arrays,
                            attrs=attrs)
-
-
-def check_architecture(ck: ckpt.Checkpoint, model):
-    """Raise a CheckpointError listing names/shapes that differ from the model."""
-    want = {n: tuple(s) for n, s in model.shapes.items()}
-    have = {n: tuple(a.shape) for n, a in ck.params.items()}
-    if want != have:
-        diff = [f"{n}: checkpoint {have.get(n, 'missing')} vs model {want.get(n, 'missing')}"
-                for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
-        raise ckpt.CheckpointError(f"checkpoint {ck.path} is from a different architecture:\n  "
-                                   + "\n  ".join(diff) + "\nHINT: use the model settings of that run, "
-                                   "or --resume never (or another --run-dir) to start fresh")
-
-
-def load_params(ck: ckpt.Checkpoint, model):
-    """Copy a checkpoint's parameters and buffers into model, after checking the architecture."""
-    check_architecture(ck, model)
-    for name, view in model.views(model.params).items():
-        view[...] = ck.params[name]
-    for name, view in model.buffer_views(model.buffers).items():
-        if name in ck.buffers:
-            view[...] = ck.buffers[name]
 
 
 def find_resume(resume: str, ckpt_dir: Path, log) -> ckpt.Checkpoint | None:
@@ -265,37 +181,3 @@ def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: 
     if final_error:
         raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
                                    "the previous checkpoint is intact")
-
-
-# ---- the cross-rank check (train.check_every) ----
-
-class DivergenceError(UserError):
-    """The parameters differ between ranks."""
-
-    agreed = True  # every rank raises it from the same gathered hashes
-
-
-def param_hash(params: np.ndarray) -> int:
-    """CRC-32 of the parameter bytes: equal only if (almost surely) bitwise equal."""
-    return zlib.crc32(memoryview(params).cast("B"))
-
-
-def rank_groups(hashes) -> list[list[int]]:
-    """Ranks grouped by equal hash, groups ordered by their first rank."""
-    groups: dict[int, list[int]] = {}
-    for r, h in enumerate(hashes):
-        groups.setdefault(int(h), []).append(r)
-    return sorted(groups.values())
-
-
-def check_consistent(comm, params: np.ndarray, step: int):
-    """Compare the parameter hash across ranks (one int each); raise DivergenceError naming the ranks."""
-    hashes = np.zeros(comm.size, np.int64)
-    hashes[comm.rank] = param_hash(params)
-    comm.allgatherv(hashes, [1] * comm.size)
-    groups = rank_groups(hashes)
-    if len(groups) > 1:
-        which = "; ".join(f"rank(s) {', '.join(map(str, g))} have crc32 {int(hashes[g[0]]):08x}" for g in groups)
-        raise DivergenceError(f"parameters differ across ranks after step {step}: {which}. HINT: every rank "
-                              "must run the same distbp, numpy and BLAS build; a rank's memory or an "
-                              "interconnect may be faulty. Resume from the last checkpoint")

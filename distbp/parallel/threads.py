@@ -1,0 +1,40 @@
+"""The BLAS thread budget of a rank: the node's CPUs shared by its ranks, one thread in deterministic mode."""
+from __future__ import annotations
+
+import os
+
+from threadpoolctl import ThreadpoolController, threadpool_limits
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
+
+
+def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
+    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them).
+
+    Warns once (rank 0) when its node has more ranks than CPUs."""
+    # Collective over the node. More BLAS threads than CPUs is much slower; a user's
+    # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is, except in deterministic mode: BLAS results depend on the
+    # thread count (docs/DETERMINISM.md), and the default budget differs with the ranks per node.
+    global _LIMITER
+    cpus = comm.node_cpus()
+    user = [f"{k}={os.environ[k]}" for k in THREAD_ENV if os.environ.get(k)]
+    if deterministic:
+        n = 1
+        _LIMITER = threadpool_limits(limits=n, user_api="blas")
+        msg = "1 BLAS thread per rank (deterministic: BLAS results depend on the thread count)"
+    elif user:
+        pools = ThreadpoolController().select(user_api="blas").info()
+        n = max([p["num_threads"] for p in pools] or [1])
+        msg = f"{n} BLAS threads per rank (set by {', '.join(user)})"
+    else:
+        n = max(1, cpus // comm.local_size)
+        _LIMITER = threadpool_limits(limits=n, user_api="blas")
+        msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
+    if comm.is_root:
+        log(f"distbp: {msg}")
+        if comm.local_size > cpus:
+            log(f"WARNING: {comm.local_size} ranks share {cpus} core{'s' * (cpus > 1)} on this node: oversubscribed ranks "
+                f"wait for each other and communication can take most of the step time; HINT: mpirun -n {cpus} "
+                "(or spread the ranks over more nodes)")
+    return n

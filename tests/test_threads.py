@@ -1,0 +1,25 @@
+"""The BLAS thread budget: node CPUs shared by the ranks on the node, a user's setting kept."""
+from threadpoolctl import threadpool_info
+
+from distbp.parallel import threads
+
+
+def _blas_threads():
+    return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+def test_thread_budget_caps_blas_per_rank(any_comm, monkeypatch):
+    for name in threads.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    logged = []
+    n = threads.set_thread_budget(any_comm, log=logged.append)
+    assert n == max(1, any_comm.node_cpus() // any_comm.local_size) == _blas_threads()
+    assert len(logged) == (1 if any_comm.is_root else 0)
+    assert logged == [] or f"{n} BLAS threads per rank" in logged[0]
+
+
+def test_thread_budget_respects_the_users_choice(any_comm, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    logged = []
+    assert threads.set_thread_budget(any_comm, log=logged.append) == _blas_threads()
+    assert logged == [] or "OPENBLAS_NUM_THREADS=1" in logged[0]
