@@ -64,6 +64,7 @@ class Optimizer:
         self.n, self.t = int(n), 0
         self.state = {k: np.zeros(self.n, self.dtype) for k in state_names}
         self._chunk = chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
+        self._scratch = {}  # first block of a thread's run -> its scratch
         self._blocks = [(slice(a, a + chunk), tuple(x[a:a + chunk] for x in self.state.values()))
                         for a in range(0, self.n, chunk)]
 
@@ -72,7 +73,9 @@ class Optimizer:
         k = self._scalars(lr)
 
         def blocks(lo, hi):  # on the rank's threads: each block's update is the same arithmetic on any of them
-            scratch = np.empty(min(self.n, self._chunk), self.dtype)
+            scratch = self._scratch.get(lo)
+            if scratch is None:  # one per run of blocks, kept: a fresh 512 KB each step costs page faults
+                scratch = self._scratch[lo] = np.empty(min(self.n, self._chunk), self.dtype)
             for block, states in self._blocks[lo:hi]:
                 self._update(params[block], grad[block], scratch[:min(block.stop, self.n) - block.start], states, k)
 
