@@ -99,13 +99,13 @@ WORKLOADS = {
     "W6": Workload("CIFAR-style CNN on (3, 32, 32): [conv3x3 32, BN, ReLU] x2, pool, [conv3x3 64, BN, ReLU] x2, "
                    "pool, 256, 10; batch 128", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048,
                    steps=5, torch_steps=5, warmup=3),
-    "W7": Workload("3x3 CNN on (3, 32, 32), no normalization (a check against tuning to W5/W6): conv 16, pool, "
+    "W6-plain": Workload("3x3 CNN on (3, 32, 32), no normalization (a check against tuning to W5/W6): conv 16, pool, "
                    "conv 32, conv 32, pool, conv 64, pool, 128, 10; batch 128", layers=PLAIN3, image=(3, 32, 32),
                    batch=128, rows=2048, steps=8, torch_steps=8, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
-       ("W6", 1, 2), ("W7", 1, 1), ("W7", 2, 1), ("W7", 1, 2)]
+       ("W6", 1, 2), ("W6-plain", 1, 1), ("W6-plain", 2, 1), ("W6-plain", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)

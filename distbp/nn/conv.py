@@ -10,6 +10,11 @@ _correlate), small enough to stay in cache, with no im2col matrix in memory. Whe
 views are thin (kh*C below THIN_DEPTH rows: the first layer of an image network, C = 1
 or 3), BLAS runs them slowly, so the row's kw views are copied into one (kw*kh*C, Wo*N)
 buffer, an im2col of one output row, and multiplied at once.
+
+The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
+its rows on its own single-thread sgemm (BLAS's own threads split these small products
+poorly), and backward's dW keeps one partial per group of rows, added in row order, so the
+bits do not depend on the thread count. The padding copies go row by row on the threads too.
 """
 
 import numpy as np
