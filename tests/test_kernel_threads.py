@@ -44,6 +44,18 @@ def test_run_spreads_items_over_the_threads_and_covers_each_once():
     assert idents == {(threading.get_ident(), 0, 10)}
 
 
+def test_a_pass_inside_a_pass_runs_on_its_thread():
+    inner = []
+
+    def outer(lo, hi):
+        threads.run(lambda a, b: inner.append((threading.current_thread().name, a, b)), 3, 3)
+
+    with threads.using(2):
+        threads.run(outer, 2, 2)
+    from_pool = [(a, b) for name, a, b in inner if name.startswith("distbp-pass")]
+    assert (0, 3) in from_pool and (1, 3) in from_pool  # the pool thread's pass ran whole; the caller's was split
+
+
 def test_a_thread_count_dependent_split_would_be_caught():
     """The bitwise comparison can fail: float32 partial sums per thread's run differ with the count."""
     x = np.array([1e8, 1, -1e8, 1], np.float32)

@@ -25,6 +25,7 @@ _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _blas = None  # threadpoolctl's controller of the BLAS libraries, made on first use
 _lock = threading.Lock()
+_NAME = "distbp-pass"  # the pool threads' name prefix
 
 
 def set_threads(n: int) -> None:
@@ -65,13 +66,14 @@ def run(fn, items: int, work: int = SERIAL_BELOW) -> None:
     pass's size in elements (small passes run on this thread, in one call)."""
     if items <= 0:
         return
-    if _threads == 1 or items == 1 or work < SERIAL_BELOW:
+    nested = threading.current_thread().name.startswith(_NAME)  # a pool thread waiting on its own pool could hang
+    if _threads == 1 or items == 1 or work < SERIAL_BELOW or nested:
         fn(0, items)
         return
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(_threads, thread_name_prefix="distbp-pass")
+            _pool = ThreadPoolExecutor(_threads, thread_name_prefix=_NAME)
         pool = _pool
     spans = _spans(items, _threads)
     futures = [pool.submit(fn, lo, hi) for lo, hi in spans[1:]]
