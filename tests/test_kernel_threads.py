@@ -198,6 +198,16 @@ def test_elementwise_takes_mixed_memory_orders_in_one_call():
     assert len(calls) == 1 + -(-x.size // threads.BLOCK)
 
 
+def test_small_arrays_take_one_call(monkeypatch):
+    monkeypatch.setattr(threads, "SERIAL_BELOW", 1000)
+    calls = []
+    x = np.ones((10, 99), np.float32)
+    threads.elementwise(lambda o, a: calls.append(np.add(a, 1, out=o)), x, x)
+    assert len(calls) == 1 and (x == 2).all()
+    threads.elementwise(lambda o, a: calls.append(np.add(a, 1, out=o)), np.ones((11, 99)), np.ones((11, 99)))
+    assert len(calls) == 1 + -(-11 * 99 // threads.BLOCK)
+
+
 # ---- deterministic mode: the threads change no bit of training ----
 
 W5_LIKE = ('model.layers=[{type="reshape", shape=[1, 24, 24]}, {type="conv2d", out_channels=8, kernel=5, padding=2}, '

@@ -112,7 +112,11 @@ def flat(a: np.ndarray) -> np.ndarray | None:
 def elementwise(fn, out: np.ndarray, *ins: np.ndarray) -> np.ndarray:
     """fn(out_block, *in_blocks) on blocks of BLOCK elements of arrays of one shape and memory order; returns out.
 
-    Arrays in different memory orders (rare: a transposed dy) take one call over the whole arrays."""
+    Small arrays, and arrays in different memory orders (rare: a transposed dy), take one call over the
+    whole arrays: a choice made by the shapes alone, so the bits still do not depend on the thread count."""
+    if out.size < SERIAL_BELOW:  # one call: blocks would only add Python overhead (W2's step is ~2 ms)
+        fn(out, *ins)
+        return out
     views = [flat(a) for a in (out, *ins)]
     if any(v is None for v in views) or any(_order(a) != _order(out) or a.shape != out.shape for a in ins):
         fn(out, *ins)
@@ -134,6 +138,9 @@ def like(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def add_rows(y: np.ndarray, b: np.ndarray) -> np.ndarray:
     """y += b on every row of a C-contiguous y whose last axis is b's, in blocks of whole rows."""
+    if y.size < SERIAL_BELOW:
+        y += b
+        return y
     y2 = y.reshape(-1, b.size)
     rows = max(1, BLOCK // b.size)
 
