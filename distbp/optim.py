@@ -21,7 +21,9 @@ decay off. OPTIMIZERS is the registry by name; `defaults(name)` reads a class's 
 
 The update is memory-bound, so `step` walks the vector in blocks of CHUNK_BYTES per
 array and does every pass of the update on a block while it is still in cache (what that
-saves: docs/PERFORMANCE.md, "Choices in the code"). `grad` is used as scratch.
+saves: docs/PERFORMANCE.md, "Choices in the code"). The blocks are spread over the rank's
+threads (nn.threads): a block's update is the same at any thread count. `grad` is used as
+scratch.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import math
 import numpy as np
 
 from .errors import require
+from .nn import threads
 
 CHUNK_BYTES = 2**19
 
@@ -59,16 +62,23 @@ class Optimizer:
         _require(self.dtype.kind == "f", f"dtype={self.dtype} must be a floating type, e.g. float32")
         self.n, self.t = int(n), 0
         self.state = {k: np.zeros(self.n, self.dtype) for k in state_names}
-        chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
-        scratch = np.empty(min(self.n, chunk), self.dtype)
-        self._blocks = [(slice(a, a + chunk), tuple(x[a:a + chunk] for x in self.state.values()),
-                         scratch[:min(chunk, self.n - a)]) for a in range(0, self.n, chunk)]
+        self._chunk = chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
+        self._scratch = {}  # first block of a thread's run -> its scratch
+        self._blocks = [(slice(a, a + chunk), tuple(x[a:a + chunk] for x in self.state.values()))
+                        for a in range(0, self.n, chunk)]
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float):
         """Update the flat params in place from grad (clobbered) at learning rate lr."""
         k = self._scalars(lr)
-        for block, states, s in self._blocks:
-            self._update(params[block], grad[block], s, states, k)
+
+        def blocks(lo, hi):  # on the rank's threads: each block's update is the same arithmetic on any of them
+            scratch = self._scratch.get(lo)
+            if scratch is None:  # one per run of blocks, kept: a fresh 512 KB each step costs page faults
+                scratch = self._scratch[lo] = np.empty(min(self.n, self._chunk), self.dtype)
+            for block, states in self._blocks[lo:hi]:
+                self._update(params[block], grad[block], scratch[:min(block.stop, self.n) - block.start], states, k)
+
+        threads.run(blocks, len(self._blocks), self.n)
         self.t += 1
 
     def state_arrays(self) -> dict[str, np.ndarray]:

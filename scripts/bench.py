@@ -101,6 +101,8 @@ def resnet(depth: int) -> tuple:
     from distbp.nn import resnet_specs
     return tuple(resnet_specs(depth, 10))
 
+PLAIN3 = (*conv_block(16, 3), POOL, *conv_block(32, 3), *conv_block(32, 3), POOL, *conv_block(64, 3), POOL,
+          FLATTEN, {"type": "linear", "out": 128}, RELU, {"type": "linear", "out": 10})
 
 WORKLOADS = {
     "W1": Workload("MLP 784-1024-1024-10 ReLU, batch 256, float32, SGD momentum 0.9"),
@@ -133,11 +135,15 @@ WORKLOADS = {
                         text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
     "W5-ovl": Workload("W5 with train.overlap=true", layers=LENET, image=(1, 28, 28), batch=128, rows=8192,
                        steps=20, torch_steps=20, warmup=5, extra=("train.overlap=true",), default_of="W5"),
+    "W6-plain": Workload("3x3 CNN on (3, 32, 32), no normalization (a check against tuning to W5/W6): conv 16, pool, "
+                   "conv 32, conv 32, pool, conv 64, pool, 128, 10; batch 128", layers=PLAIN3, image=(3, 32, 32),
+                   batch=128, rows=2048, steps=8, torch_steps=8, warmup=3),
 }
 ALL = [("W1", 1, 1), ("W1", 2, 1), ("W2", 1, 1), ("W2", 2, 1), ("W1-det", 2, 1), ("W1-det32", 2, 1),
        ("W1-rep", 2, 1), ("W1", 1, 2), ("W5", 1, 1), ("W5", 2, 1), ("W5", 1, 2), ("W6", 1, 1), ("W6", 2, 1),
        ("W6", 1, 2), ("W7-resnet", 1, 1), ("W7-resnet", 2, 1), ("W7-resnet", 1, 2), ("W8-char", 1, 1),
-       ("W8-char", 2, 1), ("W8-char", 1, 2)]
+       ("W8-char", 2, 1), ("W8-char", 1, 2), ("W6-plain", 1, 1),
+       ("W6-plain", 2, 1), ("W6-plain", 1, 2)]
 
 
 # ---------------------------------------------------------------- measurements (worker side)
@@ -561,27 +567,80 @@ def table(records: list[dict]) -> str:
 
 
 def layer_table(name: str, rounds: int, threads: int) -> str:
-    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch;
-    a block's sub-layers get rows of their own (path-named) after the block's row, which includes them."""
+    """Markdown table of each layer's forward and backward ms (median over rounds) at the workload's batch,
+    distbp beside the same layer in PyTorch, in interleaved rounds (a model with blocks: unit_table)."""
+    from threadpoolctl import threadpool_limits
+    from distbp.nn import Block, Sequential, threads as passes
     wl = WORKLOADS[name]
-    model, times = unit_times(wl, rounds, threads)
-    med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
-    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
-            "| layer | out shape | forward | backward |", "|---|---|---|---|"]
-    for i, (path, _, layer) in enumerate(model.units):
-        rows.append(f"| {path} {layer.kind} | {tuple(layer.out_shape)} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
-                    f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
-    top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]
-    total = times[:, top].sum(axis=(1, 2))
-    rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
+    model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
+    if wl.text or any(isinstance(layer, Block) for layer in model.layers):  # no layer-by-layer PyTorch twin
+        return unit_table(name, rounds, threads)
+    first = next(i for i, layer in enumerate(model.layers) if layer.param_shapes())
+    model.layers[first].need_dx = False  # as in training: no gradient for the input
+    x = np.random.default_rng(0).standard_normal((wl.batch, *wl.input_shape)).astype(wl.dtype)
+    times, peer = np.zeros((rounds, len(model.layers), 2)), np.full((rounds, len(model.layers), 2), np.nan)
+    try:
+        import torch
+        peer_model = torch_model(wl, {"float32": torch.float32, "float64": torch.float64}[wl.dtype])
+    except ImportError:
+        peer_model = None
+    with threadpool_limits(threads, user_api="blas"), passes.using(threads):
+        for r in range(-1, rounds):  # round -1 warms up
+            model.zero_grad(skip_written=True)
+            h = x
+            for i, layer in enumerate(model.layers):
+                t0 = time.perf_counter()
+                h = layer.forward(h)
+                times[r, i, 0] = time.perf_counter() - t0
+            dy = np.full_like(h, 1 / len(h))
+            for i in reversed(range(first, len(model.layers))):
+                t0 = time.perf_counter()
+                dy = model.layers[i].backward(dy)
+                times[r, i, 1] = time.perf_counter() - t0
+            torch_layer_round(peer_model, x, first, threads, peer[r])
+    med, ref = 1e3 * np.median(times, axis=0), 1e3 * np.median(peer, axis=0)
+    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} interleaved rounds: ms per layer, median, "
+            "distbp / PyTorch", "| layer | out shape | forward | PyTorch fwd | backward | PyTorch bwd |",
+            "|---|---|---|---|---|---|"]
+    for i, layer in enumerate(model.layers):
+        rows.append(f"| {i} {layer.kind} | {model.shapes_io[i][1]} | {med[i, 0]:.2f} | {ref[i, 0]:.2f} | "
+                    f"{med[i, 1]:.2f} | {ref[i, 1]:.2f} |")
+    total, peer_total = times.sum(axis=(1, 2)), np.nansum(peer, axis=(1, 2))
+    ratio = _median_ratio(list(peer_total), list(total)) if not np.isnan(peer).all() else None
+    rows.append(f"| all | | step {1e3 * np.median(total):.1f} | {1e3 * np.median(peer_total):.1f} | "
+                f"PyTorch time / distbp time {ratio} | |")
     return "\n".join(rows)
+
+
+def torch_layer_round(model, x: np.ndarray, first: int, threads: int, out: np.ndarray) -> None:
+    """One forward and backward of a torch.nn.Sequential, layer by layer: seconds into out[layer, (fwd, bwd)]."""
+    if model is None:
+        return
+    import torch
+    torch.set_num_threads(threads)
+    model.zero_grad()
+    ins, outs, h = [], [], torch.from_numpy(x)
+    for i, module in enumerate(model):
+        h = h.detach().requires_grad_(i > first)  # as distbp: no gradient for the input
+        t0 = time.perf_counter()
+        y = module(h)
+        out[i, 0] = time.perf_counter() - t0
+        ins.append(h)
+        outs.append(y)
+        h = y
+    dy = torch.full_like(h, 1 / len(h))
+    for i in reversed(range(first, len(model))):
+        t0 = time.perf_counter()
+        outs[i].backward(dy)
+        out[i, 1] = time.perf_counter() - t0
+        dy = ins[i].grad
 
 
 def unit_times(wl: Workload, rounds: int, threads: int, batch: int = 0) -> tuple:
     """(model, seconds (rounds, units, forward/backward)) of every layer and sub-layer over rounds of one step
     of batch rows (0: the workload's batch)."""
     from threadpoolctl import threadpool_limits
-    from distbp.nn import Sequential
+    from distbp.nn import Sequential, threads as passes
     model = Sequential(wl.specs(), wl.input_shape, dtype=np.dtype(wl.dtype))
     rng = np.random.default_rng(0)
     if wl.text:  # token ids
@@ -591,7 +650,7 @@ def unit_times(wl: Workload, rounds: int, threads: int, batch: int = 0) -> tuple
     times, r = np.zeros((rounds + 1, len(model.units), 2)), [0]
     for i, (_, _, layer) in enumerate(model.units):
         _time_layer(layer, times, r, i)
-    with threadpool_limits(threads, user_api="blas"):
+    with threadpool_limits(threads, user_api="blas"), passes.using(threads):
         for r[0] in range(-1, rounds):  # round -1 (the last row of times) warms up
             model.zero_grad(skip_written=True)
             h = model.forward(x)
@@ -628,6 +687,23 @@ def _time_layer(layer, times, r: list, i: int) -> None:
             return out
         return run
     layer.forward, layer.backward = timed(forward, 0), timed(backward, 1)
+
+
+def unit_table(name: str, rounds: int, threads: int) -> str:
+    """Markdown table of each layer's forward and backward ms (median and min over rounds) at the workload's batch;
+    a block's sub-layers get rows of their own (path-named) after the block's row, which includes them."""
+    wl = WORKLOADS[name]
+    model, times = unit_times(wl, rounds, threads)
+    med, low = 1e3 * np.median(times, axis=0), 1e3 * times.min(axis=0)
+    rows = [f"{name}, batch {wl.batch}, {threads} thread(s), {rounds} rounds: ms per layer, median (min)",
+            "| layer | out shape | forward | backward |", "|---|---|---|---|"]
+    for i, (path, _, layer) in enumerate(model.units):
+        rows.append(f"| {path} {layer.kind} | {tuple(layer.out_shape)} | {med[i, 0]:.2f} ({low[i, 0]:.2f}) | "
+                    f"{med[i, 1]:.2f} ({low[i, 1]:.2f}) |")
+    top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]
+    total = times[:, top].sum(axis=(1, 2))
+    rows.append(f"| all | | step {1e3 * np.median(total):.1f} ({1e3 * total.min():.1f}) | |")
+    return "\n".join(rows)
 
 
 def memory_table(records: list[dict]) -> str:

@@ -10,14 +10,20 @@ _correlate), small enough to stay in cache, with no im2col matrix in memory. Whe
 views are thin (kh*C below THIN_DEPTH rows: the first layer of an image network, C = 1
 or 3), BLAS runs them slowly, so the row's kw views are copied into one (kw*kh*C, Wo*N)
 buffer, an im2col of one output row, and multiplied at once.
+
+The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
+its rows on its own single-thread sgemm (BLAS's own threads split these small products
+poorly), and backward's dW keeps one partial per group of rows, added in row order, so the
+bits do not depend on the thread count. The padding copies go row by row on the threads too.
 """
 
 import numpy as np
 
 from .layers import WeightLayer, check_spec, register
-from . import windows
+from . import threads, windows
 
 THIN_DEPTH = 64  # kh*C below this: one matmul per output row over a copied row of windows (see _row_windows)
+PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 
 
 @register("conv2d")
@@ -59,24 +65,35 @@ class Conv2D(WeightLayer):
 
     def backward(self, dy):
         """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
-        N, kh, C = dy.shape[0], self.kh, self.C
-        dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(self.F, self.Ho, self.Wo * N)
-        dWj = np.zeros((self.kw, kh * C, self.F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
+        N, kh, C, F = dy.shape[0], self.kh, self.C, self.F
+        dy = _contiguous(dy.transpose(1, 2, 3, 0)).reshape(F, self.Ho, self.Wo * N)
+        size = self.kw * kh * C * F
+        per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
+        parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
         stride, thin = (self.sh, self.sw), kh * C < THIN_DEPTH
-        tmp = np.empty_like(dWj if thin else dWj[0])
-        windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
-        for r in range(self.Ho):  # x dy^T runs faster in BLAS than dy x^T
-            if thin:
-                np.matmul(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r].T,
-                          out=tmp.reshape(-1, self.F))
-                dWj += tmp
-            else:
-                for j in range(self.kw):
-                    np.matmul(_window(self.xq, r, j, kh, stride, self.Wo), dy[:, r].T, out=tmp)
-                    dWj[j] += tmp
-        self.dW += dWj.reshape(self.kw, kh, C, self.F).transpose(3, 2, 1, 0)
+
+        def rows(lo, hi):  # parts lo..hi-1, each its rows' sum in row order; x dy^T runs faster than dy x^T
+            windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
+            tmp = np.empty_like(parts[0] if thin else parts[0, 0])
+            for r in range(lo * per, min(hi * per, self.Ho)):
+                part = parts[r // per]
+                if thin:
+                    np.matmul(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r].T,
+                              out=tmp.reshape(-1, F))
+                    part += tmp
+                else:
+                    for j in range(self.kw):
+                        np.matmul(_window(self.xq, r, j, kh, stride, self.Wo), dy[:, r].T, out=tmp)
+                        part[j] += tmp
+
+        with threads.single_blas():
+            threads.run(rows, len(parts), self.xq.size)
+        dWj = parts.sum(axis=0)  # the parts added in a fixed order whatever thread made them
+        self.dW += dWj.reshape(self.kw, kh, C, F).transpose(3, 2, 1, 0)
         if self.b is not None:
-            self.db += dy.sum(axis=(1, 2))
+            db = np.empty(F, dy.dtype)
+            threads.run(lambda lo, hi: [db.__setitem__(f, dy[f].sum()) for f in range(lo, hi)], F, dy.size)
+            self.db += db
         if not self.need_dx:
             return None
         dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
@@ -85,11 +102,11 @@ class Conv2D(WeightLayer):
     def _dx_flipped(self, dy):
         """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
         (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
-        dyq = np.zeros((H + kh - 1, self.F, 1, W + kw - 1, N), dy.dtype)  # dyq[u, :, 0, v] = dy[:, u - oh, v - ow]
         oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
         rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
-        dyq[oh + rows.start : oh + rows.stop, :, 0, ow + cols.start : ow + cols.stop] = \
-            dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
+        dyt = dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
+        dyq = _padded(dyt, H + kh - 1, W + kw - 1, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
+        dyq = dyq[:, :, None]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
         return _correlate(dyq, Wt, kh, (1, 1), (H, W)).reshape(C, H, W, N)
 
@@ -108,8 +125,7 @@ class Conv2D(WeightLayer):
         """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
         N, (C, H, W), sw = x.shape[0], self.in_shape, self.sw
         Hp, Wp = H + 2 * self.ph, W + 2 * self.pw
-        xp = np.zeros((Hp, C, Wp, N), x.dtype)
-        xp[self.ph : self.ph + H, :, self.pw : self.pw + W] = x.transpose(2, 1, 3, 0)
+        xp = _padded(x.transpose(2, 1, 3, 0), Hp, Wp, self.ph, self.pw)
         if sw == 1:
             return xp[:, :, None]
         xq = np.zeros((Hp, C, sw, -(-Wp // sw), N), x.dtype)
@@ -154,16 +170,48 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
     (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
     y = np.empty((F, Ho, Wo * N), q.dtype)
     thin = depth < THIN_DEPTH
-    tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
     Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth) if thin else None  # W[f, (j, i, c)], a copy
-    for r in range(Ho):
-        if thin:
-            np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
-        else:
-            for j in range(kw):
-                np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
-                if j:
-                    y[:, r] += tmp
-        if b is not None:
-            y[:, r] += b[:, None]
+
+    def rows(lo, hi):
+        tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
+        for r in range(lo, hi):
+            if thin:
+                np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
+            else:
+                for j in range(kw):
+                    np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
+                    if j:
+                        y[:, r] += tmp
+            if b is not None:
+                y[:, r] += b[:, None]
+
+    with threads.single_blas():  # each thread's rows on its own single-thread sgemm: the same bits at any count
+        threads.run(rows, Ho, y.size)
     return y
+
+
+def _contiguous(a):
+    """a as a C-contiguous array: itself when it is, else a copy made on the rank's threads."""
+    if a.flags.c_contiguous:
+        return a
+    out = np.empty(a.shape, a.dtype)
+    threads.run(lambda lo, hi: np.copyto(out[lo:hi], a[lo:hi]), len(a), a.size)
+    return out
+
+
+def _padded(a, rows: int, cols: int, top: int, left: int):
+    """a (h, C, w, N) placed at [top, left] in zeros of (rows, C, cols, N), one row at a time on the rank's threads."""
+    h, C, w, N = a.shape
+    out = np.empty((rows, C, cols, N), a.dtype)
+
+    def fill(lo, hi):
+        for u in range(lo, hi):
+            if top <= u < top + h:
+                out[u, :, :left] = 0
+                out[u, :, left : left + w] = a[u - top]
+                out[u, :, left + w :] = 0
+            else:
+                out[u] = 0
+
+    threads.run(fill, rows, out.size)
+    return out

@@ -56,7 +56,7 @@ import math
 
 import numpy as np
 
-from . import refs
+from . import refs, threads
 from .counter_rng import MASK64, dropout_bits
 from .erf import gelu_cdf
 from .init import INITS
@@ -265,7 +265,7 @@ class Linear(WeightLayer):
         self.x = x.reshape(-1, self.d_in)           # (N, D_in); (N*T, D_in) for sequences
         y = self.x @ self.W                         # (N, D_out)
         if self.b is not None:
-            y += self.b
+            threads.add_rows(y, self.b)
         return y.reshape(*x.shape[:-1], self.d_out)
 
     def backward(self, dy):
@@ -292,12 +292,13 @@ class ReLU(Activation):
 
     def forward(self, x):
         """Rectify; keeps y for the mask."""
-        self.y = np.maximum(x, 0, out=self._out(x))
+        self.y = threads.elementwise(lambda y, x: np.maximum(x, 0, out=y), threads.like(x, self._out(x)), x)
         return self.y
 
     def backward(self, dy):
         """dx = dy where y > 0, else 0."""
-        return np.multiply(dy, self.y > 0, out=self._dx(dy))
+        return threads.elementwise(lambda dx, dy, y: np.multiply(dy, y > 0, out=dx),
+                                   threads.like(dy, self._dx(dy)), dy, self.y)
 
 
 @register("leaky_relu")
@@ -316,16 +317,20 @@ class LeakyReLU(Activation):
 
     def forward(self, x):
         """Scale the non-positive entries by the slope; keeps y (same sign as x)."""
-        y = x if self.overwrite_x else x.copy()
-        np.multiply(y, self.slope, out=y, where=y < 0)
-        self.y = y
-        return y
+        def leaky(y, x):
+            np.copyto(y, x)  # a no-op when y is x
+            np.multiply(y, self.slope, out=y, where=y < 0)
+
+        self.y = threads.elementwise(leaky, threads.like(x, self._out(x)), x)
+        return self.y
 
     def backward(self, dy):
         """dx = dy where x > 0, slope * dy otherwise."""
-        dx = dy if self.overwrite_dy else dy.copy()
-        np.multiply(dx, self.slope, out=dx, where=self.y <= 0)
-        return dx
+        def leaky(dx, dy, y):
+            np.copyto(dx, dy)
+            np.multiply(dx, self.slope, out=dx, where=y <= 0)
+
+        return threads.elementwise(leaky, threads.like(dy, self._dx(dy)), dy, self.y)
 
 
 @register("tanh")
@@ -334,14 +339,17 @@ class Tanh(Activation):
 
     def forward(self, x):
         """Keeps y for backward."""
-        self.y = np.tanh(x, out=self._out(x))
+        self.y = threads.elementwise(lambda y, x: np.tanh(x, out=y), threads.like(x, self._out(x)), x)
         return self.y
 
     def backward(self, dy):
         """dx = dy * (1 - y^2)."""
-        g = self.y * self.y
-        np.subtract(1, g, out=g)
-        return np.multiply(dy, g, out=dy if self.overwrite_dy else g)
+        def tanh_grad(dx, dy, y):
+            g = y * y
+            np.subtract(1, g, out=g)
+            np.multiply(dy, g, out=dx)
+
+        return threads.elementwise(tanh_grad, threads.like(dy, self._dx(dy)), dy, self.y)
 
 
 @register("sigmoid")
@@ -350,18 +358,24 @@ class Sigmoid(Activation):
 
     def forward(self, x):
         """Keeps y for backward."""
-        y = np.negative(x, out=self._out(x))
-        with np.errstate(over="ignore"):
-            np.exp(y, out=y)
-        y += 1
-        self.y = np.reciprocal(y, out=y)
+        def sigmoid(y, x):
+            np.negative(x, out=y)
+            with np.errstate(over="ignore"):  # per block: error states are per thread
+                np.exp(y, out=y)
+            y += 1
+            np.reciprocal(y, out=y)
+
+        self.y = threads.elementwise(sigmoid, threads.like(x, self._out(x)), x)
         return self.y
 
     def backward(self, dy):
         """dx = dy * y * (1 - y)."""
-        g = np.subtract(1, self.y)
-        g *= self.y
-        return np.multiply(dy, g, out=dy if self.overwrite_dy else g)
+        def sigmoid_grad(dx, dy, y):
+            g = np.subtract(1, y)
+            g *= y
+            np.multiply(dy, g, out=dx)
+
+        return threads.elementwise(sigmoid_grad, threads.like(dy, self._dx(dy)), dy, self.y)
 
 
 @register("gelu")
@@ -404,33 +418,39 @@ class GELU(Activation):
 
     def _forward_tanh(self, x):
         """Keeps x and t = tanh(c (x + k x^3)) for backward."""
-        t = x * x                                   # (N, D)
-        t *= self.K
-        t += 1
-        t *= x
-        t *= self.C
-        np.tanh(t, out=t)
-        y = t + 1
-        y *= x
-        y *= 0.5
+        def gelu(y, t, x):
+            np.multiply(x, x, out=t)
+            t *= self.K
+            t += 1
+            t *= x
+            t *= self.C
+            np.tanh(t, out=t)
+            np.add(t, 1, out=y)
+            y *= x
+            y *= 0.5
+
+        t, y = np.empty_like(x), np.empty_like(x)  # (N, D)
+        threads.elementwise(gelu, y, t, x)
         self.x, self.t = x, t
         return y
 
     def _backward_tanh(self, dy):
         """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3k x^2))."""
-        x, t = self.x, self.t
-        g = x * x
-        g *= 3 * self.K
-        g += 1
-        g *= self.C
-        g *= x
-        s = t * t
-        np.subtract(1, s, out=s)
-        g *= s
-        g += t
-        g += 1
-        g *= 0.5
-        return np.multiply(dy, g, out=dy if self.overwrite_dy else g)
+        def gelu_grad(dx, dy, x, t):
+            g = x * x
+            g *= 3 * self.K
+            g += 1
+            g *= self.C
+            g *= x
+            s = t * t
+            np.subtract(1, s, out=s)
+            g *= s
+            g += t
+            g += 1
+            g *= 0.5
+            np.multiply(dy, g, out=dx)
+
+        return threads.elementwise(gelu_grad, threads.like(dy, self._dx(dy)), dy, self.x, self.t)
 
 
 @register("softplus")
@@ -453,18 +473,22 @@ class Softplus(Activation):
 
     def forward(self, x):
         """Keeps the slope dy/dx = sigmoid(beta x) (1 on the linear part) for backward."""
-        z = x * self.beta
-        linear = z > self.threshold
-        self.slope = np.exp(-np.logaddexp(0, -z))    # sigmoid(z), no overflow
-        self.slope[linear] = 1
-        y = np.logaddexp(0, z, out=z)                 # log(1 + exp(z)), no overflow
-        y /= self.beta
-        np.copyto(y, x, where=linear)
-        return y
+        def softplus(y, slope, x):
+            z = x * self.beta
+            linear = z > self.threshold
+            np.exp(-np.logaddexp(0, -z), out=slope)  # sigmoid(z), no overflow
+            slope[linear] = 1
+            np.logaddexp(0, z, out=y)                 # log(1 + exp(z)), no overflow
+            y /= self.beta
+            np.copyto(y, x, where=linear)
+
+        y, self.slope = np.empty_like(x), np.empty_like(x)
+        return threads.elementwise(softplus, y, self.slope, x)
 
     def backward(self, dy):
         """dx = dy * sigmoid(beta x), or dy on the linear part."""
-        return np.multiply(dy, self.slope, out=dy if self.overwrite_dy else None)
+        return threads.elementwise(lambda dx, dy, s: np.multiply(dy, s, out=dx), threads.like(dy, self._dx(dy)),
+                                   dy, self.slope)
 
 
 @register("dropout")

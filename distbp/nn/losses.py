@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from . import refs
+from . import refs, threads
 
 LOSS_TYPES: dict[str, type] = {}
 
@@ -103,19 +103,16 @@ class SoftmaxCrossEntropy(Loss):
             raise ValueError(f"{len(self.w)} class weights for {c} classes")
         if self.eps or self.w is not None:
             return self._smoothed_weighted(out, y)
-        z = out - out.max(axis=1, keepdims=True)       # (N, C), row max 0
-        flat_y = np.arange(0, n * c, c) + y            # (N,) flat positions of z[i, y_i]: cheaper than 2-D fancy indexing
-        z_flat = z.reshape(-1)
-        z_y = z_flat[flat_y]                           # (N,)
-        np.exp(z, out=z)
-        total = z.sum(axis=1, keepdims=True)           # (N, 1), >= 1
-        row_loss = np.log(total[:, 0])
-        row_loss -= z_y
-        loss = row_loss.sum(dtype=np.float64)
-        z /= total                                     # softmax p
-        z_flat[flat_y] -= 1
+        z, row_loss = np.empty_like(out), np.empty(n, out.dtype)  # (N, C), (N,)
+        rows = max(1, threads.BLOCK // c)  # rows are independent: blocks of them on the rank's threads
+
+        def blocks(lo, hi):
+            for a in range(lo * rows, min(hi * rows, n), rows):
+                _softmax_rows(out[a : a + rows], y[a : a + rows], z[a : a + rows], row_loss[a : a + rows])
+
+        threads.run(blocks, -(-n // rows), out.size)
         self.dout = z                                  # p - onehot(y)
-        return float(loss)
+        return float(row_loss.sum(dtype=np.float64))
 
     def _smoothed_weighted(self, out: np.ndarray, y: np.ndarray) -> float:
         """The general row loss and its gradient p (a w_y + b W) - a w_y onehot(y) - b w, a = 1-eps, b = eps/C."""
@@ -137,6 +134,21 @@ class SoftmaxCrossEntropy(Loss):
     def correct(self, out: np.ndarray, y) -> int:
         """Rows whose argmax equals the label."""
         return int(np.count_nonzero(out.argmax(axis=1) == np.asarray(y)))
+
+
+def _softmax_rows(out, y, z, row_loss):
+    """Into z: softmax(out) - onehot(y); into row_loss: logsumexp(out_i) - out_i[y_i], for a block of rows."""
+    n, c = out.shape
+    np.subtract(out, out.max(axis=1, keepdims=True), out=z)  # row max 0
+    flat_y = np.arange(0, n * c, c) + y            # (n,) flat positions of z[i, y_i]: cheaper than 2-D fancy indexing
+    z_flat = z.reshape(-1)
+    z_y = z_flat[flat_y]                           # (n,)
+    np.exp(z, out=z)
+    total = z.sum(axis=1, keepdims=True)           # (n, 1), >= 1
+    np.log(total[:, 0], out=row_loss)
+    row_loss -= z_y
+    z /= total                                     # softmax p
+    z_flat[flat_y] -= 1
 
 
 @register_loss("mse")
@@ -161,10 +173,15 @@ class BCEWithLogits(Loss):
         """Sum over rows of the mean over columns of the element loss."""
         y = _targets(out, y, "bce")                    # (N, D) in [0, 1]
         width = math.prod(out.shape[1:])
-        e = np.exp(-np.abs(out))                       # (N, D)
-        loss = np.maximum(out, 0) - out * y + np.log1p(e)
-        p = np.where(out >= 0, 1.0, e) / (1.0 + e)     # sigmoid(out) without overflow
-        self.dout = ((p - y) / width).astype(out.dtype, copy=False)
+        loss, self.dout = np.empty_like(out), np.empty_like(out)
+
+        def bce(loss, dout, out, y):
+            e = np.exp(-np.abs(out))
+            np.add(np.maximum(out, 0) - out * y, np.log1p(e), out=loss)
+            p = np.where(out >= 0, 1.0, e) / (1.0 + e)  # sigmoid(out) without overflow
+            np.copyto(dout, (p - y) / width, casting="same_kind")
+
+        threads.elementwise(bce, loss, self.dout, np.ascontiguousarray(out), np.ascontiguousarray(y))
         return float(loss.sum(dtype=np.float64)) / width
 
     def correct(self, out: np.ndarray, y) -> int:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from . import threads
 from .layers import Layer, check_spec, register, spec_value
 
 
@@ -82,12 +83,18 @@ class BatchNorm(Layer):
             self._update_running(mean, var, self.M)
         else:
             mean, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
-            self.centered = _centered(x2, mean.astype(x.dtype))
+            self.centered, shift = np.empty_like(x2), mean.astype(x.dtype)
+            _by_rows(lambda c: np.subtract(x2[c], shift[c], out=self.centered[c]), x2)
         # kept for backward: x - shift (the mean rounded to x's dtype), the rounding d = mean - shift, 1 / std
         self.d, self.inv_std = mean - mean.astype(x.dtype), 1 / np.sqrt(var + self.eps)
         scale = self.W * self.inv_std  # y = (x - shift) * scale + (beta - d * scale)
-        y2 = np.multiply(self.centered, scale.astype(x.dtype)[:, None])
-        y2 += (self.b - self.d * scale).astype(x.dtype)[:, None]
+        a, b, y2 = scale.astype(x.dtype), (self.b - self.d * scale).astype(x.dtype), np.empty_like(x2)
+
+        def affine(c):
+            np.multiply(self.centered[c], a[c], out=y2[c])
+            y2[c] += b[c]
+
+        _by_rows(affine, x2)
         return _from_rows(y2, x.shape, self.perm)
 
     def _batch_stats(self, x2):
@@ -98,13 +105,18 @@ class BatchNorm(Layer):
         more), and var corrects for that rounding d exactly: mean((x - mean + d)^2) = var + d^2.
         """
         sums = np.empty(self.C + 1)  # [sum x (C), count]
-        sums[: self.C] = _row_sums(x2)
+        _by_rows(lambda c: sums.__setitem__(c, x2[c].sum()), x2)
         sums[-1] = x2.shape[1]
         self.M = M = _allreduce(self.ctx, sums)[-1]  # rows * spatial over all ranks
         mean = sums[: self.C] / max(M, 1)
         shift = mean.astype(x2.dtype)
-        centered = _centered(x2, shift)
-        squares = _row_sums(np.square(centered))  # sum (x - shift)^2, (C,)
+        centered, squares = np.empty_like(x2), np.empty(self.C)  # x - shift; sum (x - shift)^2, (C,)
+
+        def center(c):
+            np.subtract(x2[c], shift[c], out=centered[c])
+            squares[c] = np.square(centered[c]).sum()
+
+        _by_rows(center, x2)
         d = mean - shift
         return mean, np.maximum(_allreduce(self.ctx, squares) / max(M, 1) - d * d, 0), centered
 
@@ -119,25 +131,35 @@ class BatchNorm(Layer):
 
     def backward(self, dy):
         """Add local dW, db; return dx of the global sum loss (global sums of dy, dy*xhat), or None."""
-        dy2 = _channel_rows(dy, self.perm)
-        sums = np.empty(2 * self.C)  # [sum dy (C), sum dy*xhat (C)] in float64
-        sums[: self.C] = _row_sums(dy2)
+        dy2, C = _channel_rows(dy, self.perm), self.C
+        sums = np.empty(2 * C)  # [sum dy (C), sum dy*xhat (C)] in float64
+
+        def row_sums(c):
+            sums[c], sums[C + c] = dy2[c].sum(), np.multiply(dy2[c], self.centered[c]).sum()
+
+        _by_rows(row_sums, dy2)
         # x - mean = (x - shift) - d, so sum dy*xhat = (sum dy*(x - shift) - d sum dy) / std
-        tmp = np.multiply(dy2, self.centered)
-        sums[self.C :] = (_row_sums(tmp) - self.d * sums[: self.C]) * self.inv_std
+        sums[C:] = (sums[C:] - self.d * sums[:C]) * self.inv_std
         self.db += sums[: self.C].astype(self.db.dtype)  # local sums: the trainer's allreduce adds ranks
         self.dW += sums[self.C :].astype(self.dW.dtype)
         if not self.need_dx:  # the same on every rank, so every rank skips the allreduce
             return None
         g = self.W * self.inv_std  # gamma / sqrt(var + eps)
+        dx2, gx = np.empty_like(dy2), g.astype(dy.dtype)
         if not self.training:  # running stats are constants
-            return _from_rows(dy2 * g.astype(dy.dtype)[:, None], dy.shape, self.perm)
+            _by_rows(lambda c: np.multiply(dy2[c], gx[c], out=dx2[c]), dy2)
+            return _from_rows(dx2, dy.shape, self.perm)
         mean_dy, mean_dyxhat = np.split(_allreduce(self.ctx, sums) / max(self.M, 1), 2)  # global means
         # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)) = g dy + k (x - shift) + c per channel
         k = -g * mean_dyxhat * self.inv_std
-        dx2 = np.multiply(dy2, g.astype(dy.dtype)[:, None])
-        dx2 += np.multiply(self.centered, k.astype(dy.dtype)[:, None], out=tmp)
-        dx2 += (-g * mean_dy - k * self.d).astype(dy.dtype)[:, None]
+        kx, cx = k.astype(dy.dtype), (-g * mean_dy - k * self.d).astype(dy.dtype)
+
+        def grad(c):
+            np.multiply(dy2[c], gx[c], out=dx2[c])
+            dx2[c] += np.multiply(self.centered[c], kx[c])
+            dx2[c] += cx[c]
+
+        _by_rows(grad, dy2)
         return _from_rows(dx2, dy.shape, self.perm)
 
 
@@ -160,14 +182,10 @@ def _from_rows(a2, shape, perm):
     return a2.reshape([shape[p] for p in perm]).transpose(np.argsort(perm))
 
 
-def _centered(x2, shift):
-    """x - shift per row (a fresh array)."""
-    return np.subtract(x2, shift[:, None])
-
-
-def _row_sums(a2):
-    """Sum of each row as float64 (numpy sums a contiguous row pairwise: error ~ log2(M) ulps)."""
-    return a2.sum(axis=1).astype(np.float64, copy=False)
+def _by_rows(fn, a2):
+    """fn(c) for every channel row c of a (C, M) array, on the rank's threads: a row's arithmetic
+    (numpy sums a contiguous row pairwise: error ~ log2(M) ulps) is the same on any of them."""
+    threads.run(lambda lo, hi: [fn(c) for c in range(lo, hi)], a2.shape[0], a2.size)
 
 
 @register("layernorm")

@@ -8,7 +8,17 @@ NCHW-shaped views.
 import numpy as np
 
 from .layers import Layer, check_spec, register
-from . import windows
+from . import threads, windows
+
+
+def _channels_outer(a):
+    """a (N, C, H, W) as a C-contiguous (C, H, W, N) array: a view after a conv, else a copy on the rank's threads."""
+    t = a.transpose(1, 2, 3, 0)
+    if t.flags.c_contiguous:
+        return t
+    out = np.empty(t.shape, a.dtype)
+    threads.run(lambda lo, hi: np.copyto(out[lo:hi], t[lo:hi]), t.shape[0], t.size)
+    return out
 
 
 @register("maxpool2d")
@@ -35,28 +45,40 @@ class MaxPool2D(Layer):
 
     def forward(self, x):
         """y = max of each window (the first one on ties); keeps which window offset won."""
-        x = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N): no copy after a conv
+        x = _channels_outer(x)  # (C, H, W, N): no copy after a conv
         if self.pairs:
             return self._forward_pairs(x).transpose(3, 0, 1, 2)
         shifts = windows.offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
-        y = x[:, shifts[0][0], shifts[0][1]].copy()  # (C, Ho, Wo, N)
-        argmax = np.zeros(y.shape, np.min_scalar_type(len(shifts) - 1))
-        for k, (rows, cols) in enumerate(shifts[1:], start=1):  # select, as masked writes are slow
-            v = x[:, rows, cols]
-            argmax = np.where(v > y, argmax.dtype.type(k), argmax)
-            np.maximum(y, v, out=y)
-        self.argmax = argmax
+        y = np.empty((x.shape[0], self.Ho, self.Wo, x.shape[-1]), x.dtype)  # (C, Ho, Wo, N)
+        self.argmax = np.empty(y.shape, np.min_scalar_type(len(shifts) - 1))
+
+        def channels(lo, hi):  # the max and its argmax in one pass over each channel
+            yc, am = y[lo:hi], self.argmax[lo:hi]
+            np.copyto(yc, x[lo:hi, shifts[0][0], shifts[0][1]])
+            am[...] = 0
+            for k, (rows, cols) in enumerate(shifts[1:], start=1):  # select, as masked writes are slow
+                v = x[lo:hi, rows, cols]
+                am[...] = np.where(v > yc, am.dtype.type(k), am)
+                np.maximum(yc, v, out=yc)
+
+        threads.run(channels, x.shape[0], x.size)
         return y.transpose(3, 0, 1, 2)  # (N, C, Ho, Wo) view
 
     def backward(self, dy):
         """dx = dy added at each window's argmax."""
         N, (C, H, W) = dy.shape[0], self.in_shape
-        dy = np.ascontiguousarray(dy.transpose(1, 2, 3, 0))  # (C, Ho, Wo, N)
+        dy = _channels_outer(dy)  # (C, Ho, Wo, N)
         if self.pairs:
             return self._backward_pairs(dy).transpose(3, 0, 1, 2)
-        dx = np.zeros((C, H, W, N), dy.dtype)
-        for k, (rows, cols) in enumerate(windows.offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)):
-            dx[:, rows, cols] += dy * (self.argmax == k)
+        dx = np.empty((C, H, W, N), dy.dtype)
+        shifts = windows.offsets(self.kh, self.kw, self.sh, self.sw, self.Ho, self.Wo)
+
+        def channels(lo, hi):
+            dx[lo:hi] = 0
+            for k, (rows, cols) in enumerate(shifts):
+                dx[lo:hi, rows, cols] += dy[lo:hi] * (self.argmax[lo:hi] == k)
+
+        threads.run(channels, C, dx.size)
         return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
 
     def _quarters(self, x):
@@ -66,23 +88,39 @@ class MaxPool2D(Layer):
         return q[:, :, 0, :, 0], q[:, :, 0, :, 1], q[:, :, 1, :, 0], q[:, :, 1, :, 1]
 
     def _forward_pairs(self, x):
-        """2x2 windows, stride 2, as a tournament: top pair, bottom pair, then the winners (ties: first)."""
-        a, b, c, d = self._quarters(x)
-        top, bottom = np.maximum(a, b), np.maximum(c, d)
-        self.b_wins, self.d_wins, self.top_wins = b > a, d > c, top >= bottom
-        return np.maximum(top, bottom, out=top)
+        """2x2 windows, stride 2, as a tournament: top pair, bottom pair, then the winners (ties: first);
+        the masks come from the same channels while they are in cache."""
+        C, N = x.shape[0], x.shape[-1]
+        y = np.empty((C, self.Ho, self.Wo, N), x.dtype)
+        self.b_wins, self.d_wins, self.top_wins = (np.empty(y.shape, bool) for _ in range(3))
+
+        def channels(lo, hi):
+            a, b, c, d = self._quarters(x[lo:hi])
+            top, bottom = np.maximum(a, b, out=y[lo:hi]), np.maximum(c, d)
+            np.greater(b, a, out=self.b_wins[lo:hi])
+            np.greater(d, c, out=self.d_wins[lo:hi])
+            np.greater_equal(top, bottom, out=self.top_wins[lo:hi])
+            np.maximum(top, bottom, out=top)
+
+        threads.run(channels, C, x.size)
+        return y
 
     def _backward_pairs(self, dy):
         """Route dy down the tournament of _forward_pairs, writing each quarter of dx once."""
         C, N, (H, W) = dy.shape[0], dy.shape[-1], self.in_shape[1:]
         dx = np.empty((C, H, W, N), dy.dtype)
-        dx[:, 2 * self.Ho :] = 0  # rows and columns no window covers
-        dx[:, :, 2 * self.Wo :] = 0
-        a, b, c, d = self._quarters(dx)
-        top = dy * self.top_wins
-        bottom = np.subtract(dy, top, out=dy if self.overwrite_dy else None)
-        np.subtract(top, np.multiply(top, self.b_wins, out=b), out=a)
-        np.subtract(bottom, np.multiply(bottom, self.d_wins, out=d), out=c)
+
+        def channels(lo, hi):
+            dxc, g = dx[lo:hi], dy[lo:hi]
+            dxc[:, 2 * self.Ho :] = 0  # rows and columns no window covers
+            dxc[:, :, 2 * self.Wo :] = 0
+            a, b, c, d = self._quarters(dxc)
+            top = g * self.top_wins[lo:hi]
+            bottom = np.subtract(g, top, out=g if self.overwrite_dy else None)
+            np.subtract(top, np.multiply(top, self.b_wins[lo:hi], out=b), out=a)
+            np.subtract(bottom, np.multiply(bottom, self.d_wins[lo:hi], out=d), out=c)
+
+        threads.run(channels, C, dx.size)
         return dx
 
 
@@ -118,22 +156,33 @@ class AvgPool2D(Layer):
     def forward(self, x):
         """y = sum of each window / (kh * kw)."""
         N, (C, H, W) = x.shape[0], self.in_shape
-        xp = np.zeros((C, H + 2 * self.ph, W + 2 * self.pw, N), x.dtype)  # padded, N innermost
-        xp[:, self.ph : self.ph + H, self.pw : self.pw + W] = x.transpose(1, 2, 3, 0)
-        y = np.zeros((C, self.Ho, self.Wo, N), x.dtype)
-        for rows, cols in self._window_slices():
-            y += xp[:, rows, cols]
-        y /= self.kh * self.kw
+        xt, y = x.transpose(1, 2, 3, 0), np.empty((C, self.Ho, self.Wo, N), x.dtype)
+
+        def channels(lo, hi):
+            xp = np.zeros((hi - lo, H + 2 * self.ph, W + 2 * self.pw, N), x.dtype)  # padded, N innermost
+            xp[:, self.ph : self.ph + H, self.pw : self.pw + W] = xt[lo:hi]
+            y[lo:hi] = 0
+            for rows, cols in self._window_slices():
+                y[lo:hi] += xp[:, rows, cols]
+            y[lo:hi] /= self.kh * self.kw
+
+        threads.run(channels, C, x.size)
         return y.transpose(3, 0, 1, 2)  # (N, C, Ho, Wo) view
 
     def backward(self, dy):
         """dx = dy / (kh * kw) added to every position of its window."""
         N, (C, H, W) = dy.shape[0], self.in_shape
-        g = dy.transpose(1, 2, 3, 0) / (self.kh * self.kw)  # (C, Ho, Wo, N)
-        dxp = np.zeros((C, H + 2 * self.ph, W + 2 * self.pw, N), dy.dtype)
-        for rows, cols in self._window_slices():
-            dxp[:, rows, cols] += g
-        return dxp[:, self.ph : self.ph + H, self.pw : self.pw + W].transpose(3, 0, 1, 2)  # (N, C, H, W) view
+        dyt, dx = dy.transpose(1, 2, 3, 0), np.empty((C, H, W, N), dy.dtype)
+
+        def channels(lo, hi):
+            g = dyt[lo:hi] / (self.kh * self.kw)  # (c, Ho, Wo, N)
+            dxp = np.zeros((hi - lo, H + 2 * self.ph, W + 2 * self.pw, N), dy.dtype)
+            for rows, cols in self._window_slices():
+                dxp[:, rows, cols] += g
+            dx[lo:hi] = dxp[:, self.ph : self.ph + H, self.pw : self.pw + W]
+
+        threads.run(channels, C, dx.size)
+        return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
 
 
 @register("global_avgpool")
@@ -158,9 +207,19 @@ class GlobalAvgPool(Layer):
 
     def forward(self, x):
         """y = mean of x over H and W."""
-        return x.mean(axis=(2, 3), keepdims=True)  # (N, C, 1, 1)
+        y = np.empty((x.shape[0], x.shape[1], 1, 1), x.dtype)
+
+        def channels(lo, hi):  # one channel per mean: its summation order is the same on any thread
+            for c in range(lo, hi):
+                np.mean(x[:, c], axis=(1, 2), out=y[:, c, 0, 0])
+
+        threads.run(channels, x.shape[1], x.size)
+        return y  # (N, C, 1, 1)
 
     def backward(self, dy):
         """dx = dy / (H * W) at every position."""
-        _, H, W = self.in_shape
-        return np.broadcast_to(dy / (H * W), (dy.shape[0], *self.in_shape)).copy()  # (N, C, H, W)
+        C, H, W = self.in_shape
+        g = dy / (H * W)
+        dx = np.empty((C, H, W, dy.shape[0]), dy.dtype)  # N innermost, like a conv's memory
+        threads.run(lambda lo, hi: np.copyto(dx[lo:hi], g[:, lo:hi, 0, 0].T[:, None, None]), C, dx.size)
+        return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view

@@ -1,16 +1,20 @@
-"""The BLAS thread budget of a rank: the node's CPUs shared by its ranks, one thread in deterministic mode."""
+"""The thread budget of a rank: the node's CPUs shared by its ranks, for BLAS (one thread in deterministic
+mode) and for the layers' own passes (nn.threads: the same bits at any count, so deterministic mode too)."""
 from __future__ import annotations
 
 import os
 
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from ..nn import threads as passes
+
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _LIMITER = None  # the threadpool_limits object must stay alive for the cap to hold
 
 
 def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
-    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them).
+    """Cap BLAS threads per rank (1 if deterministic, else node CPUs // ranks on the node unless the user set them);
+    the layers' passes get the same count, also in deterministic mode.
 
     Warns once (rank 0) when its node has more ranks than CPUs."""
     # Collective over the node. More BLAS threads than CPUs is much slower; a user's
@@ -31,6 +35,8 @@ def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
         n = max(1, cpus // comm.local_size)
         _LIMITER = threadpool_limits(limits=n, user_api="blas")
         msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
+    passes.set_threads(_user_threads() or max(1, cpus // comm.local_size))
+    msg += f"; {passes.threads()} thread{'s' * (passes.threads() > 1)} per rank for the layers' own passes"
     if comm.is_root:
         log(f"distbp: {msg}")
         if comm.local_size > cpus:
@@ -38,3 +44,12 @@ def set_thread_budget(comm, log=print, deterministic: bool = False) -> int:
                 f"wait for each other and communication can take most of the step time; HINT: mpirun -n {cpus} "
                 "(or spread the ranks over more nodes)")
     return n
+
+
+def _user_threads() -> int:
+    """The first thread count the user set in THREAD_ENV (0 when none is a positive int)."""
+    for k in THREAD_ENV:
+        v = os.environ.get(k, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return 0

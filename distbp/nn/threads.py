@@ -1,0 +1,152 @@
+"""The rank's worker threads for the layers' NumPy passes: fixed work items, the same bits at any thread count.
+
+A pass is cut into work items that depend on the array's shape alone (channel rows, output
+rows, blocks of BLOCK elements), never on the thread count; `run` hands each thread a
+contiguous run of items, and an item's arithmetic is one NumPy call (or one single-thread
+sgemm) on the same operands whichever thread runs it. Reductions keep one partial per item
+and add the partials in item order. So a pass gives the same bits at 1, 2 or 64 threads and
+may run in deterministic mode too. NumPy's ufuncs and OpenBLAS release the GIL, so the
+threads run in parallel. The thread count is the rank's budget (parallel's set_thread_budget
+calls `set_threads`); 1 means no pool at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+BLOCK = 1 << 15  # elements per item of a flat element-wise pass: 128 KB of float32, cache-sized
+SERIAL_BELOW = 1 << 16  # elements under which a pass runs on the calling thread (the pool costs ~20 us)
+
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
+_blas = None  # threadpoolctl's controller of the BLAS libraries, made on first use
+_lock = threading.Lock()
+_NAME = "distbp-pass"  # the pool threads' name prefix
+
+
+def set_threads(n: int) -> None:
+    """Use n threads per rank for the layers' passes (n >= 1)."""
+    global _threads, _pool
+    n = max(1, int(n))
+    with _lock:
+        if n != _threads and _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+        _threads = n
+
+
+def threads() -> int:
+    """Threads per rank the passes use."""
+    return _threads
+
+
+@contextlib.contextmanager
+def using(n: int):
+    """Run the passes inside on n threads, then restore the count (tests, benchmarks)."""
+    old = _threads
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(old)
+
+
+def _spans(items: int, parts: int) -> list[tuple[int, int]]:
+    """items cut into `parts` contiguous near-equal runs (none empty)."""
+    parts = max(1, min(parts, items))
+    return [(p * items // parts, (p + 1) * items // parts) for p in range(parts)]
+
+
+def run(fn, items: int, work: int = SERIAL_BELOW) -> None:
+    """fn(lo, hi) over the items [0, items) in contiguous runs, one run per thread; work is the
+    pass's size in elements (small passes run on this thread, in one call)."""
+    if items <= 0:
+        return
+    nested = threading.current_thread().name.startswith(_NAME)  # a pool thread waiting on its own pool could hang
+    if _threads == 1 or items == 1 or work < SERIAL_BELOW or nested:
+        fn(0, items)
+        return
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_threads, thread_name_prefix=_NAME)
+        pool = _pool
+    spans = _spans(items, _threads)
+    futures = [pool.submit(fn, lo, hi) for lo, hi in spans[1:]]
+    fn(*spans[0])  # the calling thread takes the first run
+    for f in futures:
+        f.result()
+
+
+@contextlib.contextmanager
+def single_blas():
+    """BLAS on one thread inside (the passes' threads each run their own sgemm), when the pool has several."""
+    global _blas
+    if _threads == 1:
+        yield
+        return
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController()
+    with _blas.limit(limits=1, user_api="blas"):
+        yield
+
+
+def _order(a: np.ndarray) -> tuple:
+    """a's axes of length > 1, outermost in memory first."""
+    axes = [i for i in range(a.ndim) if a.shape[i] > 1]
+    return tuple(sorted(axes, key=lambda i: -abs(a.strides[i])))
+
+
+def flat(a: np.ndarray) -> np.ndarray | None:
+    """a's elements as a 1-D view in memory order, or None when a is not one dense block."""
+    order = _order(a)
+    t = a.transpose(order + tuple(i for i in range(a.ndim) if i not in order))
+    return t.reshape(-1) if t.flags.c_contiguous else None
+
+
+def elementwise(fn, out: np.ndarray, *ins: np.ndarray) -> np.ndarray:
+    """fn(out_block, *in_blocks) on blocks of BLOCK elements of arrays of one shape and memory order; returns out.
+
+    Small arrays, and arrays in different memory orders (rare: a transposed dy), take one call over the
+    whole arrays: a choice made by the shapes alone, so the bits still do not depend on the thread count."""
+    if out.size < SERIAL_BELOW:  # one call: blocks would only add Python overhead (W2's step is ~2 ms)
+        fn(out, *ins)
+        return out
+    views = [flat(a) for a in (out, *ins)]
+    if any(v is None for v in views) or any(_order(a) != _order(out) or a.shape != out.shape for a in ins):
+        fn(out, *ins)
+        return out
+
+    def blocks(lo, hi):
+        for k in range(lo, hi):
+            s = slice(k * BLOCK, (k + 1) * BLOCK)
+            fn(*(v[s] for v in views))
+
+    run(blocks, math.ceil(out.size / BLOCK), out.size)
+    return out
+
+
+def like(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """out, or a new uninitialised array of a's shape, dtype and memory order."""
+    return np.empty_like(a) if out is None else out
+
+
+def add_rows(y: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """y += b on every row of a C-contiguous y whose last axis is b's, in blocks of whole rows."""
+    if y.size < SERIAL_BELOW:
+        y += b
+        return y
+    y2 = y.reshape(-1, b.size)
+    rows = max(1, BLOCK // b.size)
+
+    def blocks(lo, hi):
+        for k in range(lo, hi):
+            y2[k * rows : (k + 1) * rows] += b
+
+    run(blocks, math.ceil(len(y2) / rows), y.size)
+    return y
