@@ -238,7 +238,7 @@ def cmd_train(args, comm) -> int:
     from .files.rundir import default_path
     from .training.loop import run
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)
+    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)["exit_code"]
 
 
 def cmd_eval(args, comm) -> int:

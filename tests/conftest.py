@@ -1,4 +1,5 @@
 """Shared fixtures: the world communicator, a tmp folder shared by all ranks, small datasets."""
+import json
 import os
 import signal
 import subprocess
@@ -78,10 +79,34 @@ def import_torch():
     return pytest.importorskip("torch")
 
 
+def check_model_gradients(model, x, R, tol: float = 1e-6):
+    """A model's parameter and input gradients of sum(model(x) * R) against finite differences; the former."""
+    model.zero_grad()
+    model.forward(x)
+    dx = model.backward(R)
+    grads = model.grads.copy()
+    loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
+    assert rel_err(grads, numeric_grad(loss, model.params)) < tol
+    assert rel_err(dx, numeric_grad(loss, x)) < tol
+    return grads
+
+
 @pytest.fixture(scope="session")
 def comm():
     """The world Comm: size 1 under plain pytest, n under mpirun -n n."""
     return world()
+
+
+@pytest.fixture
+def serial(comm):
+    """Skip in multi-rank sessions: the test launches its own jobs, or runs a world of its own in-process."""
+    if comm.size > 1:
+        pytest.skip("launches its own jobs or runs in-process: run in the serial session")
+
+
+def metrics(run_dir) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(params=["serial", "world"])

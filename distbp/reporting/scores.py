@@ -6,25 +6,22 @@ import numpy as np
 
 from ..errors import UserError
 
-TASK_METRICS = {"classification": ("val_loss", "val_accuracy"), "binary": ("val_loss", "val_accuracy"),
-                "regression": ("val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse")}
 MAXIMIZED = ("val_accuracy", "val_r2")
 BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2")
-BEST_DEFAULT = {"classification": "val_accuracy", "binary": "val_accuracy", "regression": "val_loss"}
 
 
-def monitored(best_metric: str, task: str) -> tuple[str, str]:
-    """(metric name, "max" or "min"): what train.best_metric makes "best" for this task."""
-    name = BEST_DEFAULT[task] if best_metric == "auto" else best_metric
-    if name not in TASK_METRICS[task]:
+def monitored(best_metric: str, task) -> tuple[str, str]:
+    """(metric name, direction "max" or "min"): what train.best_metric makes "best" for the Task."""
+    name = task.best if best_metric == "auto" else best_metric
+    if name not in task.metrics:
         raise UserError(f"train.best_metric={best_metric!r} is not reported for a {task} task; "
-                         f"HINT: set it to auto or one of {', '.join(TASK_METRICS[task])}")
+                         f"HINT: set it to auto or one of {', '.join(task.metrics)}")
     return name, "max" if name in MAXIMIZED else "min"
 
 
-def improved(value: float, best: float | None, mode: str) -> bool:
-    """Whether value beats best (None = nothing yet) in direction mode."""
-    return best is None or (value > best if mode == "max" else value < best)
+def improved(value: float, best: float | None, direction: str) -> bool:
+    """Whether value beats best (None = nothing yet) in the direction "max" or "min"."""
+    return best is None or (value > best if direction == "max" else value < best)
 
 
 class RegressionSums:
@@ -39,6 +36,10 @@ class RegressionSums:
         d, dev = pred - y, y - self.y_mean
         self.buf += (np.square(d).sum(0), np.abs(d).sum(0), dev.sum(0), np.square(dev).sum(0))
 
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Add one chunk of evaluation: outputs in the targets' units, raw outputs, targets as stored."""
+        self.add(out_units.astype(np.float64), y.reshape(len(y), -1).astype(np.float64))
+
     def metrics(self, rows: float) -> dict:
         """RMSE, MAE, R^2 (mean over outputs, as scikit-learn's r2_score) and the train-mean baseline's RMSE."""
         sse, sae, dev, ss_mean = self.buf
@@ -47,6 +48,22 @@ class RegressionSums:
         r2 = np.where(ss_tot > 0, 1 - sse / np.where(ss_tot > 0, ss_tot, 1), np.where(sse == 0, 1.0, 0.0))
         return {"val_rmse": float(np.sqrt(sse.sum() / (n * k))), "val_mae": float(sae.sum() / (n * k)),
                 "val_r2": float(r2.mean()), "val_baseline_rmse": float(np.sqrt(ss_mean.sum() / (n * k)))}
+
+
+class ConfusionSums:
+    """The confusion matrix of a classification, and from it the per-class report."""
+
+    def __init__(self, k: int, class_names: list[str]):
+        self.k, self.names = k, class_names
+        self.buf = np.zeros((k, k))
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Count one chunk's (true class, predicted class) pairs."""
+        self.buf += confusion(out.argmax(axis=1), y, self.k)
+
+    def metrics(self, rows: float) -> dict:
+        """{"report": the per-class report}."""
+        return {"report": class_report(self.buf, self.names)}
 
 
 def confusion(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:

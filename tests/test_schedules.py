@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from distbp.training.lr_schedules import make_schedule
+from distbp.schedules import make_schedule
 
 
 def test_schedule_constant_and_step():

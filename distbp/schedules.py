@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from functools import partial
 
-from ..errors import require
+from .errors import require
 
 SCHEDULES = ("constant", "step", "cosine")
 _require = partial(require, error=ValueError)
