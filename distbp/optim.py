@@ -22,8 +22,8 @@ decay off. OPTIMIZERS is the registry by name; `defaults(name)` reads a class's 
 The update is memory-bound, so `step` walks the vector in blocks of CHUNK_BYTES per
 array and does every pass of the update on a block while it is still in cache (what that
 saves: docs/PERFORMANCE.md, "Choices in the code"). The blocks are spread over the rank's
-threads (nn.threads): a block's update is the same at any thread count. `grad` is used as
-scratch.
+threads (nn/threads.py): a block's update is the same at any thread count. `grad` is used
+as scratch.
 """
 from __future__ import annotations
 

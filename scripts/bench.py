@@ -1,9 +1,9 @@
 """Benchmark distbp's own training loop beside PyTorch and the matmul-only floor; memory per rank.
 
     python scripts/bench.py W1 --ranks 2 --threads 1     one JSON line per workload
-    python scripts/bench.py --all                         the README table (W1, W2, W5, W6 at 1x1, 2x1, 1x2 ...)
+    python scripts/bench.py --all                         the README table (W1, W2, W5, W6, W6-plain at 1x1, 2x1, 1x2 ...)
     python scripts/bench.py --memory                      peak RSS per rank, in memory vs streamed, 100 MB..GB
-    python scripts/bench.py W5 --layers                   forward and backward ms of each layer, one process
+    python scripts/bench.py W5 --layers                   forward and backward ms of each layer beside PyTorch's, one process
     python scripts/bench.py W8-char --kinds               forward and backward ms per layer kind (inside blocks too)
 
 Without a launcher the script starts `mpirun -n RANKS` on itself; under mpirun it is the worker.

@@ -23,3 +23,17 @@ def test_thread_budget_respects_the_users_choice(any_comm, monkeypatch):
     logged = []
     assert threads.set_thread_budget(any_comm, log=logged.append) == _blas_threads()
     assert logged == [] or "OPENBLAS_NUM_THREADS=1" in logged[0]
+
+
+def test_the_layers_passes_get_the_budget_also_in_deterministic_mode(any_comm, monkeypatch):
+    from distbp.nn import threads as passes
+    for name in threads.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with passes.using(1):
+        assert threads.set_thread_budget(any_comm, log=lambda line: None, deterministic=True) == 1
+        assert passes.threads() == max(1, any_comm.node_cpus() // any_comm.local_size)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        logged = []
+        threads.set_thread_budget(any_comm, log=logged.append, deterministic=True)
+        assert passes.threads() == 3
+        assert logged == [] or "3 threads per rank for the layers' own passes" in logged[0]
