@@ -238,10 +238,6 @@ def _check_values(path, split: str, x, y, task: Task):
 def _open(path: Path, arg: str = "data.path") -> h5py.File:
     """h5py.File(path, 'r') with a DataError for every way that fails; hints name the argument `arg`."""
     if not path.exists():
-        from .fetch import CATALOG  # here, not at the top: fetch writes its datasets with this module
-        if path.stem in CATALOG:  # data/cifar10.h5, the shipped resnet's data, before it was fetched
-            _fail(_where(path), "no such file", f"`distbp data fetch {path.stem}` downloads and writes it "
-                  f"(into data/; --dir for another folder), or check {arg}")
         _fail(_where(path), "no such file", f"check {arg}, or create a dataset with "
               "`distbp data digits OUT.h5` or `distbp data synthetic OUT.h5`")
     if path.is_dir():

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .convert import StratifiedMask, convert
-from .dataset import write_dataset
+from .dataset import Dataset, DataError, write_dataset
 from .text import text_dataset
 from ..errors import UserError
 
@@ -420,6 +420,15 @@ def fetch_file(name: str, remote: Remote, folder: Path, mirror: str | None, sour
     os.replace(part, target)
     return target
 
+
+def open_dataset(path, arg: str = "data.path") -> Dataset:
+    """Dataset(path, arg); a missing file named after a fetchable dataset (data/cifar10.h5, the shipped resnet's
+    data, before it was fetched) says the command that fetches it."""
+    path = Path(path)
+    if not path.exists() and path.suffix == ".h5" and path.stem in CATALOG:
+        raise DataError(f"dataset {path}: no such file; HINT: `distbp data fetch {path.stem}` downloads and writes "
+                        f"it (into data/; --dir for another folder), or check {arg}")
+    return Dataset(path, arg)
 
 def fetch(name: str, directory="data", mirror: str | None = None, source=None, timeout: float = 30.0,
           retries: int = 5, catalog: dict | None = None, max_time: float = MAX_TIME_S) -> Path:

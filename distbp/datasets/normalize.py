@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ..files.checkpoint import NORMALIZATION_NAMES
 from ..parallel.sampler import shard
 
 KINDS = ("none", "standard", "minmax")
@@ -25,7 +26,7 @@ def _stat_shape(x_shape: tuple) -> tuple:
 class Normalizer:
     """x -> (x - x_shift) / x_scale per feature or channel; y -> (y - y_shift) / y_scale; y_mean for baselines."""
 
-    NAMES = ("x_shift", "x_scale", "y_shift", "y_scale", "y_mean")
+    NAMES = NORMALIZATION_NAMES  # the arrays a checkpoint's normalization group may hold
 
     def __init__(self, arrays: dict | None = None):
         arrays = arrays or {}

@@ -17,7 +17,6 @@ import numpy as np
 from .. import __version__
 from . import bounded
 from .atomic import TMP_MARK, AtomicFile
-from ..datasets.normalize import Normalizer
 from ..errors import UserError
 from ..nn.model import name_tree
 from .safeio import hdf5_bytes, memory_hdf5, write_bytes
@@ -192,6 +191,7 @@ def _count(value, least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+NORMALIZATION_NAMES = ("x_shift", "x_scale", "y_shift", "y_scale", "y_mean")  # the normalization group's arrays
 NORMALIZATION_PAIRS = (("x_shift", "x_scale"), ("y_shift", "y_scale"))  # stored together or not at all
 
 
@@ -210,7 +210,7 @@ def _check_structure(ck: Checkpoint):
         if len(have & set(pair)) == 1:
             raise CheckpointError(f"checkpoint {ck.path}: normalization holds {', '.join(sorted(have & set(pair)))} "
                                   f"without {', '.join(sorted(set(pair) - have))}; {damaged}")
-    unknown = have - set(Normalizer.NAMES)
+    unknown = have - set(NORMALIZATION_NAMES)
     if unknown:
         raise CheckpointError(f"checkpoint {ck.path}: unknown normalization arrays {sorted(unknown)}; {damaged}")
 

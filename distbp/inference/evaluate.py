@@ -6,7 +6,8 @@ import numpy as np
 from ..files import checkpoint as ckpt
 from ..parallel import faults
 from ..config import ConfigError, config_from_dict
-from ..datasets.dataset import Dataset, digits_path
+from ..datasets.dataset import digits_path
+from ..datasets.fetch import open_dataset
 from ..errors import agree, on_root
 from ..nn.refs import no_imports
 from ..datasets.normalize import Normalizer
@@ -66,7 +67,7 @@ def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "d
     faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
     if data_path:
         cfg.data.path = data_path
-    data = agree(comm, Dataset, cfg.data.path or digits_path(), data_arg)
+    data = agree(comm, open_dataset, cfg.data.path or digits_path(), data_arg)
     model = agree(comm, build_stored_model, cfg, data, path)
     on_root(comm, load_params, ck, model)
     comm.bcast(model.params)

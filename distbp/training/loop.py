@@ -19,6 +19,7 @@ from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
 from ..datasets.augment import augmenter
 from ..datasets.dataset import Dataset, digits_path
+from ..datasets.fetch import open_dataset
 from .early_stop import EarlyStopping
 from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
 from ..inference.builders import build_loss, build_model
@@ -39,7 +40,7 @@ from ..parallel.zero import state_bytes
 
 def open_data(cfg: Config) -> tuple[Dataset, object, object]:
     """The dataset file and its train and validation splits (validated)."""
-    data = Dataset(cfg.data.path or digits_path())
+    data = open_dataset(cfg.data.path or digits_path())
     train = data.split(cfg.data.train_split)
     val = data.split(cfg.data.val_split) if cfg.data.val_split else None
     train.check_batch_size(cfg.train.batch_size * cfg.train.accumulate_steps, cfg.train.drop_last)
