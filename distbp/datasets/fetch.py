@@ -430,6 +430,7 @@ def open_dataset(path, arg: str = "data.path") -> Dataset:
                         f"it (into data/; --dir for another folder), or check {arg}")
     return Dataset(path, arg)
 
+
 def fetch(name: str, directory="data", mirror: str | None = None, source=None, timeout: float = 30.0,
           retries: int = 5, catalog: dict | None = None, max_time: float = MAX_TIME_S) -> Path:
     """Fetch dataset `name` into directory/name.h5 (raw files kept in directory/name/); returns its path.
