@@ -83,19 +83,24 @@ def test_rank_frozen_while_others_wait_on_an_overlapped_bucket_is_named(tmp_path
 
 
 class Launched:
-    """mpirun -n 2 distbp train with rank 1 frozen at step 3; the test then acts on the ranks' processes."""
+    """mpirun -n 2 distbp train with rank 1 frozen at step 3; the test then acts on the ranks' processes.
+
+    Each rank writes its stderr to a file of its own (err.RANK), not through the launcher's agent: with
+    the agent stopped, what a rank writes waits in the agent's pipe, and the agent, once continued, may
+    act on the rank's MPI_Abort before it forwards that pipe (so the message would be lost at random)."""
 
     def __init__(self, tmp_path, stall_timeout: float):
-        self.err_path, self.out_path = tmp_path / "err", tmp_path / "out"
-        cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "distbp", "train", "--set", "train.max_steps=100",
-               "--set", f"train.stall_timeout={stall_timeout}", "--set", "train.log_every=1000",
-               "--run-dir", str(tmp_path / "run")]
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+        self.err_base, self.out_path = tmp_path / "err", tmp_path / "out"
+        rank_argv = [sys.executable, "-m", "distbp", "train", "--set", "train.max_steps=100",
+                     "--set", f"train.stall_timeout={stall_timeout}", "--set", "train.log_every=1000",
+                     "--run-dir", str(tmp_path / "run")]
+        cmd = [MPIRUN, "-n", "2", "sh", "-c", 'exec "$@" 2>"$0.$PMI_RANK"', str(self.err_base), *rank_argv]
+        with open(self.out_path, "w") as out:
             self.proc = subprocess.Popen(cmd, env=job_env(**{faults.ENV: "rank=1,step=3,kind=stop"}),
-                                         stdout=out, stderr=err, start_new_session=True)
+                                         stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
-        while "fault injection" not in self.err_path.read_text():
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.err_path.read_text()
+        while "fault injection" not in self.stderr():
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.stderr()
             time.sleep(0.1)
         table = re.search(r"ranks \(rank=pid@host\): 0=(\d+)@\S+ 1=(\d+)@", self.out_path.read_text())
         self.ranks = [int(table[1]), int(table[2])]
@@ -112,7 +117,12 @@ class Launched:
                 if os.path.exists(f"/proc/{pid}"):
                     os.kill(pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        return self.err_path.read_text()
+        return self.stderr()
+
+    def stderr(self) -> str:
+        """What the ranks wrote to stderr so far, rank 0's first."""
+        paths = sorted(self.err_base.parent.glob(self.err_base.name + ".*"))
+        return "".join(path.read_text() for path in paths)
 
 
 @pytest.mark.timing
