@@ -56,14 +56,19 @@ def _collective(comm, fn, *args):
     return value
 
 
-def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto", force: bool = False) -> dict:
-    """Train data-parallel on every rank of the launcher (one without); return the run's summary record."""
+def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto", force: bool = False,
+          callbacks=(), progress: str = "auto") -> dict:
+    """Train data-parallel on every rank of the launcher (one without); return the run's summary record.
+    callbacks: distbp.Callback objects (hooks called on every rank); progress: auto, bar, lines or none."""
     from .training.loop import run_summary  # here: inference (load) does not import the training loop
+    from .reporting.progress import MODES
+    if progress not in MODES:
+        raise UserError(f"progress={progress!r} is not one of {', '.join(MODES)}")
     comm = world()
 
     def go():
         cfg = agree(comm, _config, config)
-        summary = run_summary(cfg, comm, run_dir or default_path(comm), str(resume), force)
+        summary = run_summary(cfg, comm, run_dir or default_path(comm), str(resume), force, progress, callbacks)
         return comm.bcast_obj(summary)  # rank 0's record, as in metrics.jsonl, on every rank
     return _collective(comm, go)
 

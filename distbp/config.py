@@ -83,7 +83,8 @@ class TrainConfig:
     batch_size: int = key(64, "GLOBAL batch size, split over the ranks", within="[1, inf)")
     seed: int = key(0, "seed of initialisation, data order and dropout")
     dtype: str = key("float32", "precision of parameters and compute", choices=("float32", "float64"))
-    drop_last: bool = key(True, "drop the last partial batch of each epoch")
+    drop_last: bool = key(False, "drop the last partial batch of each epoch (a warning says when that discards "
+                                   "more than 10% of the rows)")
     eval_every: int = key(0, "also evaluate every N steps (0 = end of epoch only)", within="[0, inf)")
     log_every: int = key(50, "print a progress line every N steps when not on a terminal", within="[1, inf)")
     deterministic: bool = key(False, "bitwise-identical results on any number of ranks")

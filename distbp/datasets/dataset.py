@@ -240,7 +240,8 @@ class Split:
         """Raise DataError when the split has fewer rows than one global batch (and drop_last)."""
         if drop_last and self.n < batch_size:
             _fail(_where(self._ds.path, self.name), f"{self.n} rows, fewer than one global batch of {batch_size}",
-                  f"set train.batch_size to at most {self.n}, or use more data")
+                  f"set train.batch_size to at most {self.n}, or train.drop_last=false (one step of all "
+                  f"{self.n} rows per epoch)")
 
     def read(self, indices, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) for these rows in this order; x as dtype (uint8 times x_scale), class labels as int64."""

@@ -148,6 +148,7 @@ class StepTimer:
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.steady_time = 0.0
         self.steady_samples = 0
+        self.all_time, self.all_samples = 0.0, 0
         self.steps = 0
         self._t = time.perf_counter()
 
@@ -164,13 +165,22 @@ class StepTimer:
     def step_done(self, step_seconds: float, samples: int):
         """Count one finished step toward steady-state throughput."""
         self.steps += 1
+        self.all_time += step_seconds
+        self.all_samples += samples
         if self.steps > self.warmup:
             self.steady_time += step_seconds
             self.steady_samples += samples
 
+    @property
+    def steady(self) -> bool:
+        """Whether steps past the warm-up were timed (else the rate counts every step, warm-up included)."""
+        return self.steady_time > 0
+
     def samples_per_s(self) -> float:
-        """Steady-state throughput (0 until past the warm-up steps)."""
-        return self.steady_samples / self.steady_time if self.steady_time > 0 else 0.0
+        """Steady-state throughput; over every step so far while there are no more than the warm-up steps."""
+        if self.steady:
+            return self.steady_samples / self.steady_time
+        return self.all_samples / self.all_time if self.all_time > 0 else 0.0
 
 
 TIME_GROUPS = {"data": ("data",), "compute": ("forward", "backward", "optimizer"),
@@ -207,7 +217,8 @@ def format_summary(summary: dict) -> list[str]:
     """The end-of-run summary as a small table: progress, metrics, throughput, where the time went."""
     rows = [("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs) on {summary['world_size']} rank(s)"),
             *_metric_rows(summary),
-            ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
+            ("samples/s", f"{summary['samples_per_s']:.1f} " + ("(steady state)" if summary.get("steady", True) else
+                                                                 f"(all {summary['steps']} steps, warm-up included)")),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
             ("stopped", summary.get("stopped"))]
     rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}))

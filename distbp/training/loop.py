@@ -18,6 +18,7 @@ from ..parallel.threads import set_thread_budget
 from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
 from ..datasets.dataset import Dataset, digits_path
+from .callbacks import Callbacks
 from .early_stop import EarlyStopping
 from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
 from ..inference.builders import build_loss, build_model
@@ -26,7 +27,7 @@ from ..reporting.metrics import RunLog, StepTimer, format_summary
 from ..datasets.normalize import fit as fit_normalizer
 from ..reporting.progress import Progress
 from .horizon import schedule_change, schedule_of, total_steps
-from ..parallel.sampler import GlobalBatches
+from ..parallel.sampler import GlobalBatches, dropped_rows
 from ..reporting.scores import improved, monitored
 from .state import build_optimizer, make_checkpoint, resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
@@ -51,10 +52,10 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: boo
 
 
 def run_summary(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-                progress: str = "auto") -> dict:
+                progress: str = "auto", callbacks=()) -> dict:
     """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
-        trainer = Trainer(cfg, comm, run_dir, resume, force, progress)
+        trainer = Trainer(cfg, comm, run_dir, resume, force, progress, callbacks)
         try:
             trainer.train()
             return trainer.summary
@@ -70,7 +71,7 @@ class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
     def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
-                 progress: str = "auto"):
+                 progress: str = "auto", callbacks=()):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -118,6 +119,8 @@ class Trainer:
         self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
         self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time, self._saved_step = time.monotonic(), None
+        self.epoch_sums, self.last_epoch = EpochSums(), {}  # last_epoch: the latest epoch's train means
+        self.callbacks = Callbacks(callbacks, self)
 
     def _progress(self, mode: str) -> Progress | None:
         """Rank 0's progress display in the given mode (auto, bar, lines, none)."""
@@ -134,9 +137,11 @@ class Trainer:
             log(rank_table(comm))
         if slurm.describe():
             log(slurm.describe())
-        val = self.val_split
+        val, t = self.val_split, self.cfg.train
         log(f"data {self.data.path}: {self.train_split.n} train rows, {val.n if val else 0} val rows, "
             f"task {self.data.task}")
+        if warning := drop_warning(self.train_split.n, t.batch_size * t.accumulate_steps, t.drop_last):
+            log(warning)
         log(f"model: {self.model.num_params} parameters ({self.cfg.train.dtype})\n  "
             + "\n  ".join(self.model.describe()))
         shared = f", 1/{comm.size} of it (train.shard_optimizer)" if self.opt.owned is not None else ""
@@ -165,6 +170,7 @@ class Trainer:
         if self.stopped_early:
             self.log(f"{self.early.reason()}: the run had stopped; raise train.early_stop_patience to train on")
         self.runlog.start_progress(pos.step, pos.samples_seen)
+        self.stopped_early |= self.callbacks("on_train_start")
         try:
             while pos.step < self.total and not self.stopped_early:
                 t_step = time.perf_counter()
@@ -186,7 +192,7 @@ class Trainer:
                     exit_code = EXIT_RESUMABLE
                     break
                 if self.stopped_early:
-                    self.log(f"{self.early.reason()}: final checkpoint at step {pos.step}")
+                    self.log(f"{self.stop_reason()}: final checkpoint at step {pos.step}")
                     break
                 self.checkpoint_if_due()
         except BaseException:
@@ -256,6 +262,8 @@ class Trainer:
         """Progress and metrics records; evaluation at the end of an epoch, of the run, or when due."""
         pos, cfg, timer, s = self.pos, self.cfg, self.timer, self.scalars
         self.runlog.progress(pos.step, pos.epoch_number, pos.samples_seen, {"loss": train_loss, "lr": self.lr})
+        if not skipped:
+            self.epoch_sums.add(s.loss_sum, self.divisor, s.correct, s.rows)
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
             extra = {"accuracy": s.correct / s.rows} if self.task != "regression" else {}
             if skipped:
@@ -263,21 +271,30 @@ class Trainer:
             self.runlog.record(step=pos.step, epoch=pos.epoch_number, loss=train_loss, lr=self.lr,
                                grad_norm=self.grad_norm, samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
-        if self.val_split is None or not (pos.step_in_epoch == self.per_epoch or pos.step == self.total or due):
+        epoch_end = pos.step_in_epoch == self.per_epoch
+        epoch = self.epoch_sums.means(self.task != "regression") if epoch_end else {}
+        self.last_epoch = epoch or self.last_epoch
+        if self.val_split is None or not (epoch_end or pos.step == self.total or due):
+            if epoch:
+                self.runlog.record(step=pos.step, epoch=pos.epoch_number, **epoch)
+                self.stopped_early |= self.callbacks("on_epoch_end", epoch)
             return
         timer.start()
         self.result = evaluate(self.model, self.loss, self.val_split, self.comm, self.task, self.norm)
         timer.lap("eval")
-        self.runlog.record(step=pos.step, epoch=pos.epoch_number, **self.result)
+        self.runlog.record(step=pos.step, epoch=pos.epoch_number, **epoch, **self.result)
         self.log(f"eval step {pos.step} epoch {pos.epoch_number}: "
-                 + " ".join(f"{k}={v:.4f}" for k, v in self.result.items()))
+                 + " ".join(f"{k}={v:.4f}" for k, v in {**epoch, **self.result}.items()))
+        self.stopped_early |= self.callbacks("on_evaluate", dict(self.result))
+        if epoch:
+            self.stopped_early |= self.callbacks("on_epoch_end", {**epoch, **self.result})
         if improved(self.result[self.metric], self.best and self.best[0], self.mode):
             self.best = (self.result[self.metric], pos.step)
             if cfg.checkpoint.keep_best and pos.step < self.total:  # the final save marks a best last step
                 self.save(final=False)
         if self.early.patience:  # rank 0 decides, so every rank stops after the same step
             stop = self.early.update(self.result[self.early.metric], pos.step)
-            self.stopped_early = self.comm.bcast_obj(stop if self.comm.is_root else None)
+            self.stopped_early |= self.comm.bcast_obj(stop if self.comm.is_root else None)
 
     def checkpoint_if_due(self):
         """A periodic checkpoint every checkpoint.every_steps, or when rank 0's clock said every_seconds."""
@@ -291,16 +308,17 @@ class Trainer:
         """Checkpoint the current state: rank 0 writes (see state.save_checkpoint)."""
         states = self.opt.full_state(self.comm)  # a sharded optimizer's slices meet on rank 0
         self._saved_step = self.pos.step  # on every rank: checkpoint_if_due's collective decision
-        if not self.comm.is_root:
-            return
-        self.timer.start()
         pos, cfg = self.pos, self.cfg
-        best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
-        save_checkpoint(self.saver, self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step),
-                        lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
-                                                self.early, self.norm),
-                        cfg.checkpoint.keep, self.log, final, best)
-        self.timer.lap("checkpoint")
+        path = self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)
+        if self.comm.is_root:
+            self.timer.start()
+            best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
+            save_checkpoint(self.saver, path,
+                            lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
+                                                    self.early, self.norm),
+                            cfg.checkpoint.keep, self.log, final, best)
+            self.timer.lap("checkpoint")
+        self.stopped_early |= self.callbacks("on_checkpoint", str(path))
 
     def finish(self, exit_code: int) -> int:
         """The summary record and table; returns exit_code."""
@@ -308,19 +326,54 @@ class Trainer:
         best = {} if self.best is None else {"best_metric": self.metric, f"best_{self.metric}": self.best[0],
                                              "best_step": self.best[1]}
         summary = {"summary": True, "steps": pos.step, "epochs": pos.step / self.per_epoch,
-                   "samples_per_s": self.timer.samples_per_s(), **result, **best,
+                   "samples_per_s": self.timer.samples_per_s(), "steady": self.timer.steady, **self.last_epoch,
+                   **result, **best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
                    "params_crc32": f"{param_hash(self.model.params):08x}",
                    "checkpoint": str(self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)),
-                   "stopped": self.early.reason() if self.stopped_early else None}
+                   "stopped": self.stop_reason() if self.stopped_early else None}
         self.runlog.end_progress()
         self.runlog.record(**summary)
         self.log("summary:\n" + "\n".join(format_summary(summary)))
         self.log(f"parameters crc32: {summary['params_crc32']}")
+        self.callbacks("on_train_end", dict(summary))
         self.runlog.close(exit_code)
         self.summary = summary
         return exit_code
+
+    def stop_reason(self) -> str:
+        """Why the run stopped before its end: a callback's reason, or early stopping's."""
+        return self.callbacks.stopped or self.early.reason()
+
+
+class EpochSums:
+    """The train loss and accuracy of the steps of one epoch, exact over all its rows and ranks."""
+
+    def __init__(self):
+        self.loss_sum, self.divisor, self.correct, self.rows = 0.0, 0.0, 0.0, 0.0
+
+    def add(self, loss_sum: float, divisor: float, correct: float, rows: float):
+        """Count one step's reduced sums (the same on every rank)."""
+        self.loss_sum, self.divisor = self.loss_sum + loss_sum, self.divisor + divisor
+        self.correct, self.rows = self.correct + correct, self.rows + rows
+
+    def means(self, accuracy: bool) -> dict:
+        """{train_loss, train_accuracy} of the epoch's steps so far, then start the next epoch from zero."""
+        out = {"train_loss": self.loss_sum / self.divisor} if self.divisor else {}
+        if accuracy and self.rows:
+            out["train_accuracy"] = self.correct / self.rows
+        self.__init__()
+        return out
+
+
+def drop_warning(n: int, batch: int, drop_last: bool) -> str | None:
+    """A warning when train.drop_last discards more than 10% of the n train rows every epoch."""
+    dropped = dropped_rows(n, batch, drop_last)
+    if dropped <= 0.1 * n:
+        return None
+    return (f"WARNING: train.drop_last=true drops {dropped} of the {n} train rows ({100 * dropped / n:.0f}%) every "
+            f"epoch (global batch {batch}); HINT: train.drop_last=false keeps them in a last, smaller batch")
 
 
 def check_finite(train_loss: float, grad_sq: float, whole_grad, model, step: int, policy: str, log,
