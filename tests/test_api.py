@@ -19,7 +19,7 @@ from conftest import run_distbp
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom_layer.py"
 
-PUBLIC = ["Config", "ConfigError", "Model", "NonFiniteError", "UserError", "__version__", "load", "load_config",
+PUBLIC = ["Callback", "Config", "ConfigError", "Model", "NonFiniteError", "UserError", "__version__", "load", "load_config",
           "nn", "rank", "train", "world_size"]
 PUBLIC_NN = ["Activation", "AvgPool2D", "BCEWithLogits", "BatchNorm", "Context", "Conv2D", "Dropout", "Flatten", "GELU", "GlobalAvgPool", "Layer",
              "LayerNorm", "LeakyReLU", "Linear", "Loss", "MSE", "MaxPool2D", "ReLU", "Reshape", "Sequential",

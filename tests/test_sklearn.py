@@ -1,0 +1,96 @@
+"""distbp.sklearn: scikit-learn's estimator checks, Pipeline, cross_val_score, GridSearchCV, DataFrames, and the
+same model in one process and data-parallel under mpirun."""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes, load_iris, load_wine
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
+from sklearn.neural_network import MLPClassifier as SkMLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from conftest import run_distbp
+from distbp.sklearn import MLPClassifier, MLPRegressor
+
+# every check applies and passes; check_array_api_input is skipped by scikit-learn itself unless
+# SCIPY_ARRAY_API=1 (distbp computes in NumPy, so other array namespaces are converted by check_array)
+ESTIMATORS = [MLPClassifier(max_iter=15, random_state=0), MLPRegressor(max_iter=15, random_state=0)]
+
+
+@pytest.fixture
+def alone(comm):
+    """Skip in multi-rank sessions: the estimator trains in-process and the test launches its own jobs."""
+    if comm.size > 1:
+        pytest.skip("trains in-process: run in the serial session")
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_scikit_learn_estimator_checks(alone, estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
+
+
+def test_classifier_on_iris_next_to_scikit_learns_mlp(alone):
+    x, y = load_iris(return_X_y=True)
+    names = np.array(["setosa", "versicolor", "virginica"])[y]  # labels of any kind come back as given
+    xt, xv, yt, yv = train_test_split(x, names, test_size=0.25, random_state=0, stratify=y)
+    model = MLPClassifier(random_state=0).fit(xt, yt)
+    assert set(model.predict(xv)) <= set(names) and model.predict_proba(xv).shape == (38, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        theirs = make_pipeline(StandardScaler(), SkMLPClassifier(random_state=0)).fit(xt, yt).score(xv, yv)
+    assert model.score(xv, yv) >= theirs - 0.03, (model.score(xv, yv), theirs)
+    assert model.n_iter_ == 30 and model.loss_ > 0
+
+
+def test_pipeline_cross_val_score_and_grid_search(alone):
+    x, y = load_wine(return_X_y=True)
+    scores = cross_val_score(make_pipeline(StandardScaler(), MLPClassifier(max_iter=10, random_state=0)), x, y,
+                             cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.85
+    grid = GridSearchCV(MLPClassifier(max_iter=10, random_state=0),
+                        {"hidden_layer_sizes": [(16,), (64,)], "learning_rate_init": [0.01, 0.05]}, cv=2).fit(x, y)
+    assert set(grid.best_params_) == {"hidden_layer_sizes", "learning_rate_init"} and grid.best_score_ > 0.85
+    model = MLPClassifier(config={"optim": {"name": "adamw"}}).set_params(max_iter=3, random_state=1)
+    assert model.get_params()["max_iter"] == 3 and model.fit(x, y).n_iter_ == 3
+
+
+def test_regressor_and_data_frames_keep_feature_names(alone):
+    pandas = pytest.importorskip("pandas")
+    data = load_diabetes(as_frame=True)
+    xt, xv, yt, yv = train_test_split(data.data, data.target, test_size=0.25, random_state=0)
+    model = MLPRegressor(random_state=0).fit(xt, yt)
+    # scikit-learn's MLPRegressor (standardized, max_iter=2000): R^2 0.283-0.287 on this split; distbp 0.281-0.307
+    assert list(model.feature_names_in_) == list(data.data.columns) and model.score(xv, yv) > 0.26
+    assert model.predict(xv).shape == (len(xv),)
+    two = MLPRegressor(max_iter=5, random_state=0).fit(xt, pandas.DataFrame({"y": yt, "twice": yt * 2}))
+    assert two.predict(xv).shape == (len(xv), 2)
+
+
+SCRIPT = """
+import json, sys
+from sklearn.datasets import load_wine
+from distbp import rank
+from distbp.sklearn import MLPClassifier
+x, y = load_wine(return_X_y=True)
+model = MLPClassifier(max_iter=5, random_state=0, config={{"train": {{"deterministic": True, "micro_batch": 8}}}})
+proba = model.fit(x, y).predict_proba(x)
+if rank() == 0:
+    json.dump(proba.tolist(), open(sys.argv[1], "w"))
+"""
+
+
+def test_same_model_in_one_process_and_under_mpirun(alone, tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(SCRIPT.format())
+    for n in (1, 2):
+        proc = run_distbp([tmp_path / f"p{n}.json"], n, script=script)
+        assert proc.returncode == 0, proc.stderr
+    one, two = (np.array(json.loads(Path(tmp_path / f"p{n}.json").read_text())) for n in (1, 2))
+    np.testing.assert_array_equal(one, two)
