@@ -127,9 +127,21 @@ class OptimConfig:
     schedule: str = key("constant", "learning-rate schedule", choices=lambda: lr_schedules.SCHEDULES)
     warmup_steps: int = key(0, "linear warm-up steps before the schedule", within="[0, inf)", schedule=True)
     step_size: int = key(1000, "steps between decays (step schedule)", within="[1, inf)", schedule=True)
-    gamma: float = key(0.1, "decay factor (step schedule)", within="(0, inf)", schedule=True)
-    min_lr: float = key(0.0, "final learning rate (cosine schedule; at most optim.lr)", within="[0, inf)",
-                        schedule=True)
+    gamma: float = key(0.1, "decay factor: per step_size steps (step), per milestone (multistep), per step "
+                            "(exponential), per plateau (plateau)", within="(0, inf)", schedule=True)
+    min_lr: float = key(0.0, "final learning rate (cosine schedule), lowest one (plateau); at most optim.lr",
+                        within="[0, inf)", schedule=True)
+    milestones: list[int] = key([], "steps at which the multistep schedule multiplies the rate by gamma",
+                                within="[1, inf)", schedule=True)
+    pct_start: float = key(0.3, "onecycle: share of the steps spent rising to optim.lr", within="(0, 1)",
+                           schedule=True)
+    div_factor: float = key(25.0, "onecycle: starts at optim.lr / div_factor", within="(0, inf)", schedule=True)
+    final_div_factor: float = key(1e4, "onecycle: ends at optim.lr / div_factor / final_div_factor",
+                                  within="(0, inf)", schedule=True)
+    plateau_patience: int = key(10, "plateau: evaluations without improvement of train.best_metric before the "
+                                    "rate is multiplied by gamma", within="[0, inf)")
+    plateau_threshold: float = key(1e-4, "plateau: relative improvement that counts", within="[0, inf)")
+    plateau_cooldown: int = key(0, "plateau: evaluations to wait after a reduction", within="[0, inf)")
     clip_grad_norm: float = key(0.0, "scale the gradient down to this global L2 norm when above it, as "
                                      "torch.nn.utils.clip_grad_norm_ (0 = off)", within="[0, inf)")
     clip_grad_value: float = key(0.0, "clip every gradient entry to [-v, v], as torch.nn.utils.clip_grad_value_ "
@@ -365,7 +377,10 @@ def validate(cfg: Config, training: bool = True) -> None:
         return
     try:  # the optimizer and schedule check their own arguments across keys (e.g. nesterov needs momentum)
         _optim().make_optimizer(o.name, 1, "float64", **o.optimizer_options())
-        lr_schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 1, **o.schedule_options())
+        lr_schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 2, **o.schedule_options())
+        if o.schedule == "plateau":
+            lr_schedules.Plateau(o.lr, "min", o.gamma, o.plateau_patience, o.plateau_threshold, o.plateau_cooldown,
+                                 o.min_lr)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -26,7 +26,7 @@ from ..inference.evaluate import evaluate
 from ..reporting.metrics import RunLog, StepTimer, format_summary
 from ..datasets.normalize import fit as fit_normalizer
 from ..reporting.progress import Progress
-from .horizon import schedule_change, schedule_of, total_steps
+from .horizon import plateau_of, schedule_change, schedule_of, total_steps
 from ..parallel.sampler import GlobalBatches, dropped_rows
 from ..reporting.scores import improved, monitored
 from .state import build_optimizer, make_checkpoint, resume_state, save_checkpoint
@@ -86,6 +86,8 @@ class Trainer:
         self.per_epoch = self.batches.steps_per_epoch
         self.total = total_steps(cfg, self.per_epoch)
         self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        self.plateau = agree(comm, plateau_of, cfg, self.mode)
+        self.evaluated = EvalState(self.early, self.plateau)  # what evaluations move, kept in checkpoints
         on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
@@ -96,7 +98,7 @@ class Trainer:
         for note in notes:
             self.log(note)
         self._describe()
-        self.pos, old_config, self.norm = resume_state(resume, run_dir, model, self.opt, self.early, cfg, comm,
+        self.pos, old_config, self.norm = resume_state(resume, run_dir, model, self.opt, self.evaluated, cfg, comm,
                                                        self.log)
         self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
         if self.pos.step:
@@ -116,11 +118,18 @@ class Trainer:
                                        config_to_toml(cfg)) or []
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
-        self.result, self.lr, self.step = {}, self.lr_at(self.pos.step), None
+        self.result, self.lr, self.step = {}, self.lr_now(), None
         self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time, self._saved_step = time.monotonic(), None
         self.epoch_sums, self.last_epoch = EpochSums(), {}  # last_epoch: the latest epoch's train means
         self.callbacks = Callbacks(callbacks, self)
+
+    def lr_now(self) -> float:
+        """The learning rate of the next step: the schedule's, scaled by the plateau schedule's reductions."""
+        lr, o = self.lr_at(self.pos.step), self.cfg.optim
+        if self.plateau is None:
+            return lr
+        return lr * self.plateau.lr / o.lr if self.pos.step < o.warmup_steps else self.plateau.lr
 
     def _progress(self, mode: str) -> Progress | None:
         """Rank 0's progress display in the given mode (auto, bar, lines, none)."""
@@ -240,7 +249,7 @@ class Trainer:
         self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
         skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
                                    self.cfg.train.nonfinite, self.log, math.isnan(self.divisor))
-        self.lr = self.lr_at(self.pos.step)
+        self.lr = self.lr_now()
         if not skipped:
             if o.clip_grad_norm:  # on what this rank steps from (a slice if sharded), by the global norm
                 clip_by_norm(self.step.grad, o.clip_grad_norm, self.grad_norm)
@@ -286,6 +295,9 @@ class Trainer:
         self.log(f"eval step {pos.step} epoch {pos.epoch_number}: "
                  + " ".join(f"{k}={v:.4f}" for k, v in {**epoch, **self.result}.items()))
         self.stopped_early |= self.callbacks("on_evaluate", dict(self.result))
+        if self.plateau and self.plateau.step(self.result[self.metric]):  # the same allreduced value on every rank
+            self.log(f"plateau: {self.metric} did not improve for {cfg.optim.plateau_patience + 1} evaluation(s): "
+                     f"learning rate now {self.lr_now():.6g}")
         if epoch:
             self.stopped_early |= self.callbacks("on_epoch_end", {**epoch, **self.result})
         if improved(self.result[self.metric], self.best and self.best[0], self.mode):
@@ -315,7 +327,7 @@ class Trainer:
             best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
             save_checkpoint(self.saver, path,
                             lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
-                                                    self.early, self.norm),
+                                                    self.evaluated, self.norm),
                             cfg.checkpoint.keep, self.log, final, best)
             self.timer.lap("checkpoint")
         self.stopped_early |= self.callbacks("on_checkpoint", str(path))
@@ -345,6 +357,22 @@ class Trainer:
     def stop_reason(self) -> str:
         """Why the run stopped before its end: a callback's reason, or early stopping's."""
         return self.callbacks.stopped or self.early.reason()
+
+
+class EvalState:
+    """The state evaluations move (early stopping's, the plateau schedule's), as one for checkpoints."""
+
+    def __init__(self, *parts):
+        self.parts = [p for p in parts if p is not None]
+
+    def state(self) -> dict:
+        """Every part's checkpoint attributes."""
+        return {k: v for p in self.parts for k, v in p.state().items()}
+
+    def load(self, attrs: dict):
+        """Every part continues from a checkpoint's attributes."""
+        for p in self.parts:
+            p.load(attrs)
 
 
 class EpochSums:

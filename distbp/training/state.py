@@ -9,7 +9,8 @@ import numpy as np
 
 from ..files import checkpoint as ckpt
 from ..config import Config, config_to_dict, config_to_json
-from .early_stop import EARLY_STOP_KEYS, EarlyStopping
+from .early_stop import EARLY_STOP_KEYS
+from .lr_schedules import PLATEAU_KEYS
 from ..errors import agree, on_root
 from ..inference.builders import load_params
 from ..nn import Sequential
@@ -45,7 +46,7 @@ def build_optimizer(cfg: Config, model: Sequential, comm):
 
 
 def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int,
-                    lr: float, early: EarlyStopping, norm: Normalizer) -> ckpt.Checkpoint:
+                    lr: float, early, norm: Normalizer) -> ckpt.Checkpoint:
     """The full training state as a Checkpoint (views, no copies); states are opt's whole state arrays."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
              "samples_seen": pos.samples_seen, "micro_steps": pos.micro_steps, **early.state(),
@@ -124,14 +125,15 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
             f"{sorted(flats)}: its state starts fresh")
     attrs = {k: ck.attrs[k] for k in ckpt.POSITION_KEYS}
     attrs["micro_steps"] = ck.attrs.get("micro_steps", attrs["step"])  # one pass per step before accumulation
-    attrs.update({k: ck.attrs[k] for k in EARLY_STOP_KEYS if k in ck.attrs})
+    attrs.update({k: ck.attrs[k] for k in (*EARLY_STOP_KEYS, *PLATEAU_KEYS) if k in ck.attrs})
     return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path,
             "normalization": ck.normalization}
 
 
-def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm,
+def resume_state(resume: str, run_dir: Path, model, opt, early, cfg: Config, comm,
                  log) -> tuple[Position, dict | None, Normalizer | None]:
-    """Load (rank 0), check and broadcast the resume state into model, opt and early: its Position, the
+    """Load (rank 0), check and broadcast the resume state into model, opt and early (the state evaluations
+    move: early stopping's and a plateau schedule's, each with load(attrs)): its Position, the
     checkpoint's config and its stored normalization (fresh: Position(), None, None)."""
     flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
