@@ -67,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a bar when the terminal you launched from (mpirun/srun included) is a terminal, "
                    "else lines with epoch, percent, samples/s and ETA every train.log_every steps (default)")
 
+    lf = sub.add_parser("lr-find", help="sweep the learning rate exponentially, plot loss against it, suggest one",
+                        description="Train the config's model for --steps steps while the learning rate rises "
+                        "exponentially from --start to --end (no evaluation, nothing kept but the plot), then "
+                        "suggest optim.lr: where the smoothed loss falls fastest, a tenth of the way back "
+                        "toward its minimum. Data-parallel under mpirun, with the config's global batch.")
+    lf.add_argument("config", nargs="?", help="config TOML file or shipped name (default: digits)")
+    lf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable)")
+    lf.add_argument("--start", type=float, default=1e-6, help="first learning rate (default: %(default)g)")
+    lf.add_argument("--end", type=float, default=1.0, help="last learning rate (default: %(default)g)")
+    lf.add_argument("--steps", type=int, default=200, help="optimizer steps of the sweep (default: %(default)s)")
+    lf.add_argument("-o", "--out", default="lr-find.png", help="plot to write (default: %(default)s; "
+                    "needs matplotlib)")
+    add_force(lf)
+
     e = sub.add_parser("eval", help="loss and metrics of a checkpoint on a split (per-class report, confusion "
                        "matrix)")
     add_checkpoint_argument(e)
@@ -140,6 +155,11 @@ def add_convert_parser(dsub):
                     "unless it is given)")
     dc.add_argument("--label", help="CSV label column: name or 0-based index, -1 = last "
                     "(default: a column named label, target, class or y)")
+    dc.add_argument("--columns", type=_column_list, metavar="A,B,...",
+                    help="CSV: the feature columns, by name or 0-based index, in this order (default: all but "
+                    "the label)")
+    dc.add_argument("--drop", type=_column_list, metavar="A,B,...",
+                    help="CSV: columns left out, by name or 0-based index (an id, a text column)")
     dc.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
                     help="CSV: the first row is (not) a header (default: detected)")
     dc.add_argument("--delimiter", help="CSV delimiter (default: detected among , ; tab |)")
@@ -154,6 +174,11 @@ def add_convert_parser(dsub):
     dc.add_argument("--x-scale", type=float, help="scale of uint8 inputs (default: 1/255)")
     dc.add_argument("--x-key", default="x", help=".npz array holding x (default: %(default)s)")
     dc.add_argument("--y-key", default="y", help=".npz array holding y (default: %(default)s)")
+
+
+def _column_list(text: str) -> list[str]:
+    """'a, b,3' -> ['a', 'b', '3']: CSV column names or indices."""
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def add_checkpoint_argument(p):
@@ -241,6 +266,31 @@ def cmd_train(args, comm) -> int:
     return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)
 
 
+def cmd_lr_find(args, comm) -> int:
+    """distbp lr-find."""
+    from pathlib import Path
+    from .config import load_config
+    from .training.lr_find import find_lr, plot_sweep
+    cfg = agree(comm, load_config, args.config or "digits", args.overrides)
+    out = agree(comm, check_output, Path(args.out), [], args.force)
+    result = find_lr(cfg, comm, args.steps, args.start, args.end)
+    if not comm.is_root:
+        return 0
+    lr = result["suggested_lr"]
+    print(f"learning-rate sweep: {result['steps_used']} of {args.steps} steps before the loss diverged"
+          if result["diverged_at_lr"] else f"learning-rate sweep: {args.steps} steps, the loss did not diverge")
+    print(f"  loss falls fastest at lr {result['steepest_lr']:.3g}, is lowest at {result['min_loss_lr']:.3g}"
+          + (f", diverges from {result['diverged_at_lr']:.3g}" if result["diverged_at_lr"] else ""))
+    print(f"suggested optim.lr = {lr:.3g} (the config has {cfg.optim.lr:g}): --set optim.lr={lr:.2g}")
+    if cfg.optim.lr > 2 * lr:
+        print(f"WARNING: the config's optim.lr={cfg.optim.lr:g} is {cfg.optim.lr / lr:.1f}x the suggestion")
+    try:
+        print(f"wrote {plot_sweep(result, out, cfg.optim.lr)}")
+    except UserError as e:
+        print(f"no plot: {e}")
+    return 0
+
+
 def cmd_eval(args, comm) -> int:
     """distbp eval."""
     import json
@@ -278,7 +328,8 @@ def cmd_data(args, comm) -> int:
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
             header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key,
-            skip_rows=args.skip_rows, stratify=args.stratify, force=args.force))
+            skip_rows=args.skip_rows, stratify=args.stratify, force=args.force, columns=args.columns,
+            drop=args.drop or ()))
         if comm.is_root:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
@@ -357,7 +408,7 @@ def cmd_predict(args, comm) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt,
-            "plot": cmd_plot, "predict": cmd_predict}
+            "plot": cmd_plot, "predict": cmd_predict, "lr-find": cmd_lr_find}
 
 
 def dispatch(args, comm) -> int:
@@ -453,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every collective of every command is watched: a rank frozen anywhere ends the job with its
     # name (train.stall_timeout once the command knows the run's config, the default until then).
     # In data, ckpt and plot the other ranks wait while rank 0 works alone: a rank that answers is alive.
-    strict = args.command in ("train", "eval", "predict")
+    strict = args.command in ("train", "eval", "predict", "lr-find")
     with watching(comm, TrainConfig.stall_timeout, args.command, strict) as comm:
         code = run_guarded(dispatch, comm, args, comm)
         comm.barrier()  # no rank exits while another is frozen short of the end

@@ -66,13 +66,13 @@ def short_names(run_dirs) -> list[str]:
     return short if all(short) and len(set(short)) == len(short) else names
 
 
-def _pyplot_free_figure():
+def _pyplot_free_figure(figsize=(13, 7.5)):
     """A matplotlib Figure drawn by the Agg backend, or a UserError naming the install command."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("distbp plot needs matplotlib; HINT: pip install 'distbp[plot]'") from None
-    return Figure(figsize=(13, 7.5), layout="constrained")
+        raise UserError("plots need matplotlib; HINT: pip install 'distbp[plot]'") from None
+    return Figure(figsize=figsize, layout="constrained")
 
 
 def _legend(fig, names, colors):
@@ -100,7 +100,11 @@ def plot_runs(run_dirs, out, force: bool = False) -> Path:
     matplotlib) atomically, never over an input."""
     out = Path(out) if Path(out).suffix else Path(f"{out}.png")
     out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
-    fig = make_figure(run_dirs)
+    return save_figure(make_figure(run_dirs), out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """fig written to out atomically, in the format its suffix names; a UserError saying why it cannot be."""
     try:
         with AtomicFile(out) as target:
             fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")

@@ -52,10 +52,11 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: boo
 
 
 def run_summary(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-                progress: str = "auto", callbacks=()) -> dict:
-    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included)."""
+                progress: str = "auto", callbacks=(), lr_at=None) -> dict:
+    """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included).
+    lr_at: the learning rate by step, in place of the config's schedule (lr-find's sweep)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
-        trainer = Trainer(cfg, comm, run_dir, resume, force, progress, callbacks)
+        trainer = Trainer(cfg, comm, run_dir, resume, force, progress, callbacks, lr_at)
         try:
             trainer.train()
             return trainer.summary
@@ -71,7 +72,7 @@ class Trainer:
     """One run: its data, model, optimizer and position, set up (or resumed) by __init__; train() is the loop."""
 
     def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
-                 progress: str = "auto", callbacks=()):
+                 progress: str = "auto", callbacks=(), lr_at=None):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
@@ -85,7 +86,7 @@ class Trainer:
         self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
         self.total = total_steps(cfg, self.per_epoch)
-        self.lr_at = agree(comm, schedule_of, cfg, self.total)
+        self.lr_at = lr_at or agree(comm, schedule_of, cfg, self.total)
         self.plateau = agree(comm, plateau_of, cfg, self.mode)
         self.evaluated = EvalState(self.early, self.plateau)  # what evaluations move, kept in checkpoints
         on_root(comm, trackers.check_installed, cfg.log)
