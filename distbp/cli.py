@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     lf = sub.add_parser("lr-find", help="sweep the learning rate exponentially, plot loss against it, suggest one",
                         description="Train the config's model for --steps steps while the learning rate rises "
                         "exponentially from --start to --end (no evaluation, nothing kept but the plot), then "
-                        "suggest optim.lr: where the smoothed loss falls fastest, a tenth of the way back "
-                        "toward its minimum. Data-parallel under mpirun, with the config's global batch.")
+                        "suggest optim.lr: a third of the rate where the smoothed loss is lowest, and say where "
+                        "it diverges. Data-parallel under mpirun, with the config's global batch.")
     lf.add_argument("config", nargs="?", help="config TOML file or shipped name (default: digits)")
     lf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable)")
@@ -276,13 +276,14 @@ def cmd_lr_find(args, comm) -> int:
     result = find_lr(cfg, comm, args.steps, args.start, args.end)
     if not comm.is_root:
         return 0
-    lr = result["suggested_lr"]
-    print(f"learning-rate sweep: {result['steps_used']} of {args.steps} steps before the loss diverged"
-          if result["diverged_at_lr"] else f"learning-rate sweep: {args.steps} steps, the loss did not diverge")
-    print(f"  loss falls fastest at lr {result['steepest_lr']:.3g}, is lowest at {result['min_loss_lr']:.3g}"
-          + (f", diverges from {result['diverged_at_lr']:.3g}" if result["diverged_at_lr"] else ""))
-    print(f"suggested optim.lr = {lr:.3g} (the config has {cfg.optim.lr:g}): --set optim.lr={lr:.2g}")
-    if cfg.optim.lr > 2 * lr:
+    lr, diverged = result["suggested_lr"], result["diverged_at_lr"]
+    print(f"learning-rate sweep of {args.steps} steps from {args.start:g} to {args.end:g}: the smoothed loss is lowest "
+          f"at lr {result['min_loss_lr']:.3g}" + (f" and diverges from {diverged:.3g}" if diverged else
+                                                    ", and does not diverge"))
+    print(f"suggested optim.lr = {lr:.2g} (a third of the lowest point's): --set optim.lr={lr:.2g}")
+    if diverged and cfg.optim.lr >= diverged:
+        print(f"WARNING: the config's optim.lr={cfg.optim.lr:g} is past where the loss diverged ({diverged:.3g})")
+    elif cfg.optim.lr > 3 * lr:
         print(f"WARNING: the config's optim.lr={cfg.optim.lr:g} is {cfg.optim.lr / lr:.1f}x the suggestion")
     try:
         print(f"wrote {plot_sweep(result, out, cfg.optim.lr)}")

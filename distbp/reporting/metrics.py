@@ -198,8 +198,11 @@ def _metric_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _time_rows(t: dict) -> list[tuple[str, str]]:
-    """Time split into data / compute / communication / eval / checkpoint, with the phases of each."""
+def _time_rows(t: dict, wall: float | None = None) -> list[tuple[str, str]]:
+    """Time split into data / compute / communication / eval / checkpoint, with the phases of each, and
+    "other" (start-up, trackers, logging: the wall time no phase counted) so the shares add up to the wall time."""
+    if wall is not None and t:
+        t = {**t, "other": max(wall - sum(t.values()), 0.0)}
     total = sum(t.values()) or 1.0
     groups = {g: [p for p in phases if p in t] for g, phases in TIME_GROUPS.items()}
     grouped = {p for phases in groups.values() for p in phases}
@@ -209,7 +212,8 @@ def _time_rows(t: dict) -> list[tuple[str, str]]:
         if phases:
             v = sum(t[p] for p in phases)
             detail = f"  ({', '.join(f'{p} {t[p]:.2f}' for p in phases)})" if len(phases) > 1 else ""
-            rows.append((f"time {group}", f"{v:8.2f} s {100 * v / total:3.0f}%{detail}"))
+            why = "  (start-up, trackers, logging)" if group == "other" else ""
+            rows.append((f"time {group}", f"{v:8.2f} s {100 * v / total:3.0f}%{detail}{why}"))
     return rows
 
 
@@ -221,6 +225,7 @@ def format_summary(summary: dict) -> list[str]:
                                                                  f"(all {summary['steps']} steps, warm-up included)")),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
             ("stopped", summary.get("stopped"))]
-    rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}))
+    rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}),
+                                                                   summary.get("wall_time_s"))
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]
