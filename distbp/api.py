@@ -15,7 +15,7 @@ from .datasets.dataset import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree
 from .inference.evaluate import load_model
 from .inference.predict import model_inputs, outputs
-from .files.rundir import default_path
+from .files.rundir import default_path, remove_if_empty
 
 
 def rank() -> int:
@@ -68,7 +68,13 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 
     def go():
         cfg = agree(comm, _config, config)
-        summary = run_summary(cfg, comm, run_dir or default_path(comm), str(resume), force, progress, callbacks)
+        where = run_dir or default_path(comm)
+        try:
+            summary = run_summary(cfg, comm, where, str(resume), force, progress, callbacks)
+        except BaseException:
+            if comm.is_root and not run_dir:  # a failed start leaves no empty runs/<time>
+                remove_if_empty(where)
+            raise
         return comm.bcast_obj(summary)  # rank 0's record, as in metrics.jsonl, on every rank
     return _collective(comm, go)
 

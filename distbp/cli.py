@@ -262,8 +262,15 @@ def cmd_train(args, comm) -> int:
     from .config import load_config
     from .files.rundir import default_path
     from .training.loop import run
+    from .files.rundir import remove_if_empty
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress)
+    run_dir = args.run_dir or default_path(comm)
+    try:
+        return run(cfg, comm, run_dir, args.resume, args.force, args.progress)
+    except BaseException:
+        if comm.is_root and not args.run_dir:  # a failed start leaves no empty runs/<time>
+            remove_if_empty(run_dir)
+        raise
 
 
 def cmd_lr_find(args, comm) -> int:

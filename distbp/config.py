@@ -157,6 +157,15 @@ class OptimConfig:
             if f.metadata["optimizer"] and getattr(self, f.name) is None:
                 setattr(self, f.name, own.get(f.name))
 
+    def unused_options(self) -> list[str]:
+        """'optim.momentum=0.9' for each optimizer key set away from its default that the chosen optimizer
+        does not take (momentum with adam): the run warns that it is ignored."""
+        own = set(_optim().defaults(self.name) if self.name in _optim().OPTIMIZERS else ())
+        own |= {"beta1", "beta2"} if "betas" in own else set()  # the config's halves of torch's betas pair
+        return [f"optim.{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if f.metadata["optimizer"] and f.name not in own and getattr(self, f.name) is not None
+                and getattr(self, f.name) != f.default]
+
     def optimizer_options(self) -> dict:
         """Keyword arguments for optim.make_optimizer (beta1, beta2 go as torch's betas pair)."""
         opts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["optimizer"]}

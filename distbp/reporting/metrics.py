@@ -111,6 +111,20 @@ class RunLog:
         best = max(values, default=None)  # the earliest step among equal values
         return None if best is None else (best[0] if mode == "max" else -best[0], -best[1])
 
+    def last_summary(self) -> dict | None:
+        """Rank 0: the last summary record of metrics.jsonl."""
+        if not self.metrics:
+            return None
+        found = None
+        with open(self.metrics.path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                found = r if r.get("summary") else found
+        return found
+
     def progress(self, step: int, epoch: int, samples: int, fields: dict):
         """Advance the bar or print a progress line (see progress.Progress)."""
         if self.display:

@@ -102,7 +102,8 @@ class Trainer:
         self.pos, old_config, self.norm = resume_state(resume, run_dir, model, self.opt, self.evaluated, cfg, comm,
                                                        self.log)
         self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
-        if self.pos.step:
+        self.done_before = self.pos.step >= self.total or self.early.should_stop  # a finished run, run again
+        if self.pos.step and not self.done_before:
             self.best = comm.bcast_obj(self.runlog.best(self.metric, self.pos.step, self.mode))
             self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch_number, world_size=comm.size)
             if comm.is_root and (warning := schedule_change(old_config, cfg, self.per_epoch, self.pos.step)):
@@ -155,6 +156,10 @@ class Trainer:
             log(warning)
         log(f"model: {self.model.num_params} parameters ({self.cfg.train.dtype})\n  "
             + "\n  ".join(self.model.describe()))
+        if unused := self.cfg.optim.unused_options():
+            log(f"WARNING: {', '.join(unused)}: not an option of optim.name={self.opt.name!r}, so ignored; HINT: "
+                f"remove {'it' if len(unused) == 1 else 'them'}, or choose an optimizer that takes "
+                f"{'it' if len(unused) == 1 else 'them'} (momentum: sgd, rmsprop)")
         shared = f", 1/{comm.size} of it (train.shard_optimizer)" if self.opt.owned is not None else ""
         log(f"optimizer {self.opt.name}: {state_bytes(self.opt) / 2**20:.1f} MB of state per rank{shared}")
 
@@ -178,8 +183,8 @@ class Trainer:
             self.log(f"accumulation: steps of {cfg.train.batch_size * cfg.train.accumulate_steps} rows in "
                      f"{cfg.train.accumulate_steps} forward/backward passes of {cfg.train.batch_size}")
         exit_code = EXIT_OK
-        if self.stopped_early:
-            self.log(f"{self.early.reason()}: the run had stopped; raise train.early_stop_patience to train on")
+        if self.done_before:
+            return self.finished_before()
         self.runlog.start_progress(pos.step, pos.samples_seen)
         self.stopped_early |= self.callbacks("on_train_start")
         try:
@@ -355,6 +360,21 @@ class Trainer:
         self.runlog.close(exit_code)
         self.summary = summary
         return exit_code
+
+    def finished_before(self) -> int:
+        """A run directory whose run is over: say so and which key to raise; nothing is trained or written."""
+        t, pos = self.cfg.train, self.pos
+        if self.early.should_stop:
+            why = f"{self.early.reason()}: the run had stopped; HINT: raise train.early_stop_patience to train on"
+        else:
+            raise_ = (f"train.max_steps (now {t.max_steps})" if 0 <= t.max_steps <= self.per_epoch * t.epochs
+                      else f"train.epochs, e.g. --set train.epochs={2 * t.epochs}")
+            why = f"the run is finished: step {pos.step} of {self.total}; HINT: raise {raise_} to train on"
+        self.log(f"{self.run_dir}: {why}, or start over with --resume never --force (nothing was trained or written)")
+        self.summary = self.comm.bcast_obj(self.runlog.last_summary() if self.comm.is_root else None) or {}
+        self.runlog.close(EXIT_OK)
+        self.summary["exit_code"] = EXIT_OK
+        return EXIT_OK
 
     def stop_reason(self) -> str:
         """Why the run stopped before its end: a callback's reason, or early stopping's."""
