@@ -199,11 +199,19 @@ def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
         _fail(_where(path, split), f"cannot read the data ({e})", DAMAGED)
 
 
+def _missing_hint(path: Path, arg: str) -> str:
+    """What to do about a dataset file that is not there: fetch it when distbp fetches one of its name."""
+    from .fetch import CATALOG  # here: only a missing file needs the catalog
+    if path.suffix == ".h5" and path.stem in CATALOG:
+        return (f"`distbp data fetch {path.stem}` writes data/{path.stem}.h5 (--dir for another folder); or check "
+                f"{arg}")
+    return f"check {arg}, or convert your data with `distbp data convert` (see distbp data convert --help)"
+
+
 def _open(path: Path, arg: str = "data.path") -> h5py.File:
     """h5py.File(path, 'r') with a DataError for every way that fails; hints name the argument `arg`."""
     if not path.exists():
-        _fail(_where(path), "no such file", f"check {arg}, or create a dataset with "
-              "`distbp data digits OUT.h5` or `distbp data synthetic OUT.h5`")
+        _fail(_where(path), "no such file", _missing_hint(path, arg))
     if path.is_dir():
         _fail(_where(path), "is a directory, not a file", f"set {arg} to an .h5 dataset file")
     try:
@@ -380,12 +388,13 @@ class Dataset:
             return [str(n) for n in names]
         return [str(i) for i in range(self.num_classes)]
 
-    def split(self, name: str, check_values: bool = True) -> Split:
-        """The named split; its values (finite x, labels in range) are checked on first access."""
+    def split(self, name: str, check_values: bool = True, option: str = "data.train_split / data.val_split") -> Split:
+        """The named split; its values (finite x, labels in range) are checked on first access. option: what
+        chooses the split, for the hint."""
         if name not in self._splits:
             if name not in self._arrays:
                 _fail(_where(self.path, name), f"no such split (the file has: {', '.join(self.splits)})",
-                      "choose one of those (data.train_split / data.val_split), or add the split to the file")
+                      f"choose one of those ({option}), or add the split to the file")
             x, y = self._arrays[name]
             if check_values:  # every byte of the split, read in a child with a time limit
                 self._bounded(lambda: _check_values(self.path, name, x, y, self.task, self.num_classes))

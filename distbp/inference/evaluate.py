@@ -78,7 +78,7 @@ def load_model(path: str, comm, data_path: str | None = None, data_arg: str = "d
 def evaluate_checkpoint(path: str, comm, data_path: str | None = None, split: str = "val") -> dict:
     """Global loss and metrics of a checkpoint's model on one split (with the class report)."""
     model, data, cfg, norm = load_model(path, comm, data_path)
-    part = agree(comm, data.split, split)
+    part = agree(comm, data.split, split, True, f"--split {' | '.join(data.splits)}")
     part.load(cfg.data.memory_mb * 2**20, comm)
     result = evaluate(model, build_loss(cfg, data, comm), part, comm, data.task, norm, data.class_names)
     return {"split": split, "rows": part.n, **{k.replace("val_", ""): v for k, v in result.items()},

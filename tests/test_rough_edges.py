@@ -1,0 +1,65 @@
+"""Rough edges a new user hit (issue 28, point 7): each one's behaviour now."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from distbp import cli
+from distbp.reporting.metrics import format_summary
+
+
+@pytest.fixture
+def alone(comm, tmp_path, monkeypatch):
+    """In-process CLI calls in an empty folder of the serial session."""
+    if comm.size > 1:
+        pytest.skip("calls cli.main in-process: run in the serial session")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_failed_start_leaves_no_run_directory(alone, capsys):
+    assert cli.main(["train", "--set", "data.path='mnist.h5'"]) == 2
+    err = capsys.readouterr().err
+    assert "`distbp data fetch mnist` writes data/mnist.h5" in err and "data digits" not in err
+    assert not (alone / "runs").exists()
+
+
+def test_running_a_finished_run_again_says_which_key_to_raise(alone, capsys):
+    args = ["train", "--set", "train.epochs=1", "--run-dir", "done", "--progress", "none"]
+    assert cli.main(args) == 0
+    before = (alone / "done" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "the run is finished: step 23 of 23; HINT: raise train.epochs, e.g. --set train.epochs=2 to train on" in out
+    assert "nothing was trained or written" in out and "summary:" not in out
+    assert (alone / "done" / "metrics.jsonl").read_text() == before
+
+
+def test_data_path_is_stored_absolute_and_eval_works_from_elsewhere(alone, monkeypatch, capsys):
+    assert cli.main(["data", "digits", "d.h5"]) == 0
+    assert cli.main(["train", "--set", "data.path='d.h5'", "--set", "train.epochs=1", "--set", "optim.name='adam'",
+                     "--set", "optim.momentum=0.9", "--run-dir", "run", "--progress", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: optim.momentum=0.9: not an option of optim.name='adam', so ignored" in out
+    assert f'path = "{alone / "d.h5"}"' in (alone / "run" / "config.toml").read_text()
+    (alone / "elsewhere").mkdir()
+    monkeypatch.chdir(alone / "elsewhere")
+    assert cli.main(["eval", str(alone / "run")]) == 0
+    assert cli.main(["eval", str(alone / "run"), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "no such split (the file has: train, val)" in err and "HINT: choose one of those (--split train | val)" in err
+
+
+def test_the_time_split_adds_up_to_the_wall_time():
+    summary = {"steps": 5, "epochs": 1.0, "world_size": 1, "samples_per_s": 10.0, "wall_time_s": 10.0,
+               "time_s": {"data": 1.0, "forward": 1.0, "backward": 2.0, "allreduce": 0.5, "optimizer": 0.5,
+                          "eval": 1.0, "checkpoint": 1.0}}
+    rows = [line for line in format_summary(summary) if line.strip().startswith("time ")]
+    assert re.search(r"time other +3\.00 s +30%  \(start-up, trackers, logging\)", rows[-1])
+    assert sum(float(re.search(r"s +(\d+)%", r).group(1)) for r in rows) == 100
