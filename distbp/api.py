@@ -14,7 +14,7 @@ from .config import Config, config_to_dict, load_config
 from .datasets.dataset import first_bad, not_finite
 from .errors import NonFiniteError, UserError, agree
 from .inference.evaluate import load_model
-from .inference.predict import model_inputs, outputs
+from .inference.predict import model_inputs
 from .files.rundir import default_path, remove_if_empty
 
 
@@ -60,7 +60,7 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
           callbacks=(), progress: str = "auto") -> dict:
     """Train data-parallel on every rank of the launcher (one without); return the run's summary record.
     callbacks: distbp.Callback objects (hooks called on every rank); progress: auto, bar, lines or none."""
-    from .training.loop import run_summary  # here: inference (load) does not import the training loop
+    from .training.loop import run  # here: inference (load) does not import the training loop
     from .reporting.progress import MODES
     if progress not in MODES:
         raise UserError(f"progress={progress!r} is not one of {', '.join(MODES)}")
@@ -70,7 +70,7 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
         cfg = agree(comm, _config, config)
         where = run_dir or default_path(comm)
         try:
-            summary = run_summary(cfg, comm, where, str(resume), force, progress, callbacks)
+            summary = run(cfg, comm, where, str(resume), force, progress, callbacks)
         except BaseException:
             if comm.is_root and not run_dir:  # a failed start leaves no empty runs/<time>
                 remove_if_empty(where)
@@ -82,13 +82,14 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 class Model:
     """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
 
-    def __init__(self, network, task: str, x_scale: float | None, normalizer, config: Config, checkpoint: Path):
-        self.network, self.task, self.config, self.checkpoint = network, task, config, checkpoint
+    def __init__(self, network, task, x_scale: float | None, normalizer, config: Config, checkpoint: Path):
+        self.network, self.task, self.config, self.checkpoint = network, task.name, config, checkpoint
+        self._task = task
         self.input_shape = network.input_shape
         self._x_scale, self._normalizer = x_scale, normalizer
 
     def _outputs(self, x, batch: int) -> dict:
-        """predict.outputs of the rows of x, computed batch rows at a time."""
+        """The task's outputs (as `distbp predict` writes them) of the rows of x, batch rows at a time."""
         x = np.asarray(x)
         if x.ndim == 0 or math.prod(x.shape[1:]) != math.prod(self.input_shape) or x.dtype.kind not in "fiu":
             raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} does not hold rows of the model's input "
@@ -101,19 +102,18 @@ class Model:
         norm, chunks = self._normalizer, []
         for a in range(0, len(x), batch):  # as distbp predict: the checkpoint's normalization in and out
             out = self.network.forward(norm.x(model_inputs(x[a:a + batch], self.input_shape, scale, dtype)))
-            chunks.append(outputs(self.task, norm.y_original(out) if self.task == "regression" else out))
+            chunks.append(self._task.outputs(self._task.target_units(out, norm)))
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
         """Class labels (classification, binary) or outputs (regression) for the rows of x."""
-        out = self._outputs(x, batch)
-        return out["output" if self.task == "regression" else "class"]
+        return self._outputs(x, batch)[self._task.predicted]
 
     def predict_proba(self, x, batch: int = 1024) -> np.ndarray:
         """Class probabilities (classification: (N, K); binary: (N, k)) for the rows of x."""
-        if self.task == "regression":
-            raise ValueError("predict_proba needs a classification or binary model; this one is regression")
-        return self._outputs(x, batch)["probabilities" if self.task == "classification" else "probability"]
+        if self._task.probability is None:
+            raise ValueError(f"predict_proba needs a classification or binary model; this one is {self.task}")
+        return self._outputs(x, batch)[self._task.probability]
 
 
 def load(path: str | os.PathLike, data_path: str | None = None) -> Model:

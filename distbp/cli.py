@@ -266,7 +266,7 @@ def cmd_train(args, comm) -> int:
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
     run_dir = args.run_dir or default_path(comm)
     try:
-        return run(cfg, comm, run_dir, args.resume, args.force, args.progress)
+        return run(cfg, comm, run_dir, args.resume, args.force, args.progress)["exit_code"]
     except BaseException:
         if comm.is_root and not args.run_dir:  # a failed start leaves no empty runs/<time>
             remove_if_empty(run_dir)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .training import lr_schedules
+from . import schedules
 from .errors import UserError, require
 from .nn.layers import activation_names, layer_class
 from .nn.losses import loss_class
@@ -124,7 +124,7 @@ class OptimConfig:
     eps: float = key(1e-8, "Adam/RMSprop denominator term", within="(0, inf)", optimizer=True)
     alpha: float = key(0.99, "RMSprop smoothing constant", within="[0, 1)", optimizer=True)
     centered: bool = key(False, "RMSprop: normalise by the centered second moment (variance)", optimizer=True)
-    schedule: str = key("constant", "learning-rate schedule", choices=lambda: lr_schedules.SCHEDULES)
+    schedule: str = key("constant", "learning-rate schedule", choices=lambda: schedules.SCHEDULES)
     warmup_steps: int = key(0, "linear warm-up steps before the schedule", within="[0, inf)", schedule=True)
     step_size: int = key(1000, "steps between decays (step schedule)", within="[1, inf)", schedule=True)
     gamma: float = key(0.1, "decay factor: per step_size steps (step), per milestone (multistep), per step "
@@ -173,7 +173,7 @@ class OptimConfig:
         return opts
 
     def schedule_options(self) -> dict:
-        """Keyword arguments for lr_schedules.make_schedule besides kind, lr and total_steps."""
+        """Keyword arguments for schedules.make_schedule besides kind, lr and total_steps."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["schedule"]}
 
 
@@ -386,9 +386,9 @@ def validate(cfg: Config, training: bool = True) -> None:
         return
     try:  # the optimizer and schedule check their own arguments across keys (e.g. nesterov needs momentum)
         _optim().make_optimizer(o.name, 1, "float64", **o.optimizer_options())
-        lr_schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 2, **o.schedule_options())
+        schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 2, **o.schedule_options())
         if o.schedule == "plateau":
-            lr_schedules.Plateau(o.lr, "min", o.gamma, o.plateau_patience, o.plateau_threshold, o.plateau_cooldown,
+            schedules.Plateau(o.lr, "min", o.gamma, o.plateau_patience, o.plateau_threshold, o.plateau_cooldown,
                                  o.min_lr)
     except ValueError as e:
         raise ConfigError(str(e)) from None

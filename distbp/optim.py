@@ -20,10 +20,8 @@ default (torch's: AdamW weight_decay 0.01, momentum 0), so an explicit 0.0 turns
 decay off. OPTIMIZERS is the registry by name; `defaults(name)` reads a class's options.
 
 The update is memory-bound, so `step` walks the vector in blocks of CHUNK_BYTES per
-array and does every pass of the update on a block while it is still in cache: on a
-1.86M-float32 vector that took 25% (SGD momentum) to 40% (Adam, RMSprop) less time
-than whole-vector passes, and less than torch.optim on one thread. `grad` is used as
-scratch.
+array and does every pass of the update on a block while it is still in cache (what that
+saves: docs/PERFORMANCE.md, "Choices in the code"). `grad` is used as scratch.
 """
 from __future__ import annotations
 

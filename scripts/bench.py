@@ -189,7 +189,7 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
     loop.StepTimer = timer_cls
     run_dir = tmp / f"run-{r}"
     with contextlib.redirect_stdout(io.StringIO()):
-        code = loop.run(cfg, comm, run_dir, resume="never")
+        code = loop.run(cfg, comm, run_dir, resume="never")["exit_code"]
     if code != 0:
         raise SystemExit(f"distbp run exited {code}; see {run_dir}/train.log")
     if comm.is_root:

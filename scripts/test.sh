@@ -62,10 +62,20 @@ done
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
     # --oversubscribe is implicit for MPICH; the thread timeout ends a hung rank, and
-    # python -m mpi4py turns an uncaught error on one rank into an abort of all.
-    timeout 900 mpirun -n "$n" bash scripts/mpi_pytest.sh -q -rs --with-mpi -m mpi \
-        --timeout=90 --timeout-method=thread -p no:cacheprovider tests
-    rc=$?
+    # python -m mpi4py turns an uncaught error on one rank into an abort of all. The MPI tests
+    # that assert on wall-clock time run after the others, retried like the serial timing tests.
+    rc=1
+    for marks in "mpi and not timing" "mpi and timing"; do
+        for attempt in 1 2 3; do
+            timeout 900 mpirun -n "$n" bash scripts/mpi_pytest.sh -q -rs --with-mpi -m "$marks" \
+                --timeout=90 --timeout-method=thread -p no:cacheprovider tests
+            rc=$?
+            [ $rc -eq 0 ] || [ $rc -eq 5 ] && { rc=0; break; }  # 5: nothing collected
+            [ "$marks" = "mpi and timing" ] || break
+            echo "MPI timing tests on $n ranks failed on attempt $attempt"
+        done
+        [ $rc -eq 0 ] || break
+    done
     if [ $rc -ne 0 ]; then
         status=1
         phases+=("MPI $n ranks FAILED (exit $rc)")

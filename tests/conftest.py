@@ -1,4 +1,5 @@
 """Shared fixtures: the world communicator, a tmp folder shared by all ranks, small datasets."""
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,18 @@ def import_torch():
 def comm():
     """The world Comm: size 1 under plain pytest, n under mpirun -n n."""
     return world()
+
+
+@pytest.fixture
+def serial(comm):
+    """Skip in multi-rank sessions: the test launches its own jobs, or runs a world of its own in-process."""
+    if comm.size > 1:
+        pytest.skip("launches its own jobs or runs in-process: run in the serial session")
+
+
+def metrics(run_dir) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(params=["serial", "world"])

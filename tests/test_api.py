@@ -40,17 +40,8 @@ def registries():
 
 
 @pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the test trains in-process on a world of its own."""
-    if comm.size > 1:
-        pytest.skip("trains in-process: run in the serial session")
-
-
-@pytest.fixture
-def launch(comm):
+def launch(serial):
     """run_distbp, in the serial session only (it starts its own mpirun jobs)."""
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
     return run_distbp
 
 
@@ -93,7 +84,7 @@ def test_config_rejects_what_toml_rejects(kwargs, message):
         distbp.Config(**kwargs)
 
 
-def test_train_checks_a_config_changed_after_it_was_built(alone, tmp_path):
+def test_train_checks_a_config_changed_after_it_was_built(serial, tmp_path):
     """Fields set on a Config are checked again by train, before any run directory exists."""
     cfg = distbp.Config()
     cfg.train.batch_size = 0
@@ -108,7 +99,7 @@ def small_config(make_dataset, **train):
                          train={"batch_size": 8, "epochs": 2, **train}, optim={"lr": 0.1})
 
 
-def test_train_returns_the_summary_and_resumes(alone, tmp_path, make_dataset):
+def test_train_returns_the_summary_and_resumes(serial, tmp_path, make_dataset):
     """train returns metrics.jsonl's summary; a second call with more epochs continues from the checkpoint."""
     cfg = small_config(make_dataset)
     first = distbp.train(cfg, run_dir=tmp_path / "run")
@@ -123,7 +114,7 @@ def test_train_returns_the_summary_and_resumes(alone, tmp_path, make_dataset):
     assert fresh["params_crc32"] == second["params_crc32"]
 
 
-def test_load_predicts_like_the_cli(alone, tmp_path, make_dataset):
+def test_load_predicts_like_the_cli(serial, tmp_path, make_dataset):
     """distbp.load(run dir).predict_proba equals `distbp predict`'s probabilities; flat rows work too."""
     cfg = small_config(make_dataset)
     distbp.train(cfg, run_dir=tmp_path / "run")
@@ -214,7 +205,7 @@ def test_errors_under_mpirun(launch, tmp_path):
     assert re.search(r"distbp: rank 1 on \S+ failed: RuntimeError: flaky layer broke on rank 1", proc.stderr)
 
 
-def test_checkpoint_never_imports_a_module(alone, tmp_path, make_dataset, monkeypatch):
+def test_checkpoint_never_imports_a_module(serial, tmp_path, make_dataset, monkeypatch):
     """A checkpoint naming module:Class loads only once the user imported the module (a file runs no code)."""
     (tmp_path / "ckmod_layers.py").write_text(
         "from distbp import nn\n\n@nn.register('ckmod_id')\nclass Identity(nn.Activation):\n"
@@ -280,7 +271,7 @@ def test_train_in_process_on_every_rank(comm, shared_tmp, make_dataset):
     assert len(set(comm.gather_obj(summary["params_crc32"]) or [])) == (1 if comm.is_root else 0)
 
 
-def test_every_code_block_of_API_md_runs(alone, tmp_path, monkeypatch):
+def test_every_code_block_of_API_md_runs(serial, tmp_path, monkeypatch):
     """The ```python blocks of docs/API.md, in order in one namespace, in an empty folder."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "API.md").read_text(), re.S)
     assert len(blocks) >= 6

@@ -1,4 +1,5 @@
 """Bad input: caught before training, one message from rank 0 naming the file/key and the fix, exit 2."""
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distbp.config import ConfigError, load_config
+from distbp.config import ConfigError, load_config, parse_override, tomllib
 from distbp.datasets.dataset import DataError, Dataset, digits_path, write_dataset
 from conftest import run_distbp
 
@@ -246,16 +247,37 @@ TOML_ATOMS = st.sampled_from(["[train]", "[optim]", "[model]", "[nope]", "epochs
                               "path = 4", "stall_timeout = -5", "nonfinite = \"ignore\"", "keep = 0", "\"", "[]"])
 
 
+def given_keys(text: str, overrides) -> dict | None:
+    """{(section, key): value} the file and overrides set, as TOML reads them; None if the file is not TOML."""
+    try:
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return None
+    given = {(sec, k): v for sec, t in tables.items() if isinstance(t, dict) for k, v in t.items()}
+    for item in overrides:
+        section, key, value = parse_override(item)
+        given[(section, key)] = value
+    return given
+
+
 @settings(max_examples=80, deadline=None)
 @given(lines=st.lists(TOML_ATOMS, max_size=6), overrides=st.lists(st.text(max_size=20), max_size=2))
 def test_random_config_files_and_overrides_give_a_config_error(lines, overrides):
+    """A random file and overrides either load with every key taking the value given, or raise one ConfigError."""
+    text = "\n".join(lines) + "\n"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(text)
         try:
-            load_config(str(path), overrides)
+            cfg = load_config(str(path), overrides)
         except ConfigError as e:
-            assert str(e)
+            assert str(e) and "Traceback" not in str(e)
+            return
+    given = given_keys(text, overrides)
+    assert given is not None, f"a file TOML cannot read was accepted: {text!r}"
+    for (section, key), value in given.items():  # nothing given is ignored
+        assert getattr(getattr(cfg, section), key) == value, (section, key, value)
+    assert load_config(None, [f"{s}.{k}={json.dumps(v)}" for (s, k), v in given.items()]) == cfg
 
 
 def test_faults_doc_lists_every_case():

@@ -27,7 +27,7 @@ def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     cfg = config_from_dict({"model": {"layers": LAYERS}, "optim": {"name": "adam", "lr": 0.003},
                             "train": {"max_steps": 40, "log_every": 100}, "checkpoint": {"every_steps": 20}})
-    assert run(cfg, SerialComm(), run_dir, "never") == 0
+    assert run(cfg, SerialComm(), run_dir, "never")["exit_code"] == 0
     return run_dir
 
 

@@ -19,7 +19,7 @@ def test_write_dataset_is_contiguous_uncompressed_and_readable(tmp_path):
     with h5py.File(path) as f:
         assert f["train/x"].chunks is None and f["train/x"].compression is None
     with Dataset(path) as ds:
-        assert (ds.task, ds.num_classes, ds.input_shape, ds.output_dim) == ("classification", 3, (5,), 3)
+        assert (ds.task.name, ds.num_classes, ds.input_shape, ds.output_dim) == ("classification", 3, (5,), 3)
         assert ds.splits == ["train", "val"] and ds.attrs["source"] == "test"
         assert any("train" in line for line in ds.describe())
 
@@ -80,7 +80,7 @@ def test_synthetic_is_deterministic_and_uses_every_class():
 
 def test_shipped_digits():
     with Dataset(digits_path()) as ds:
-        assert (ds.task, ds.num_classes, ds.input_shape, ds.output_dim) == ("classification", 10, (64,), 10)
+        assert (ds.task.name, ds.num_classes, ds.input_shape, ds.output_dim) == ("classification", 10, (64,), 10)
         assert ds.splits == ["train", "val"]
         assert "CC BY 4.0" in ds.attrs["license"] and "Alpaydin" in ds.attrs["attribution"]
         train, val = ds.split("train"), ds.split("val")

@@ -1,6 +1,7 @@
 """Deterministic mode: tree index math, the fixed-order exchange, the cross-rank check, and
 bitwise-identical training on 1, 2, 3, 4 and 8 ranks (dropout on, SGD and Adam, resume 4 -> 3)."""
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -119,8 +120,35 @@ def test_rank_groups_and_hash():
     assert param_hash(a) == param_hash(a.copy()) != param_hash(b)
 
 
-def test_check_consistent_passes_on_one_rank():
-    check_consistent(SerialComm(), np.ones(5, np.float32), step=3)
+ONE_ULP = """
+import sys
+import numpy as np
+from distbp.parallel.comm import world
+from distbp.parallel.consistency import DivergenceError, check_consistent
+comm = world()
+params = np.linspace(0, 1, 1000, dtype=np.float32)
+check_consistent(comm, params, step=4)  # equal on every rank: passes
+if comm.rank == 1:
+    params[int(sys.argv[1])] = np.nextafter(params[int(sys.argv[1])], np.inf)  # one parameter, one ulp
+try:
+    check_consistent(comm, params, step=9)
+except DivergenceError as e:
+    print(f"rank {comm.rank}: {e}")
+    sys.exit(0)
+sys.exit(f"rank {comm.rank}: not caught")
+"""
+
+
+@pytest.mark.parametrize("where", [0, 999])
+def test_check_consistent_catches_one_differing_parameter_on_two_ranks(serial, tmp_path, where):
+    """Two ranks whose parameters differ in one value by one ulp: both raise, naming rank 1 apart from rank 0."""
+    script = tmp_path / "one_ulp.py"
+    script.write_text(ONE_ULP)
+    proc = run_distbp([where], 2, script=script, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank}: parameters differ across ranks after step 9: rank\(s\) 0 have crc32 "
+                         r"\w+; rank\(s\) 1 have crc32", proc.stdout), proc.stdout
 
 
 @pytest.mark.mpi(min_size=2)

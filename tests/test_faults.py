@@ -92,6 +92,7 @@ def test_frozen_rank_is_named_by_the_stall_watchdog(tmp_path):
     assert 5 <= job.to_exit < 15
 
 
+@pytest.mark.timing
 def test_stall_watchdog_tolerates_a_late_rank(tmp_path):
     job = Job(2, ["train", *DIGITS_FAST, "--set", "train.stall_timeout=5", "--set", "train.max_steps=12",
                   "--run-dir", str(tmp_path / "run")], "rank=1,step=3,kind=slow;rank=0,step=8,kind=slow")
@@ -165,6 +166,7 @@ def test_lost_write_permission_while_saving_keeps_the_previous_checkpoint(tmp_pa
     assert_intact(folder, 2, 4, stale_ok=True)
 
 
+@pytest.mark.timing
 @pytest.mark.mpi(min_size=2)
 def test_watchdog_answers_queries_and_stays_quiet_on_late_ranks(comm):
     from distbp.parallel.watchdog import Watchdog

@@ -181,7 +181,7 @@ def test_good_files_make_a_dataset_and_a_second_fetch_reuses_them(tmp_path, serv
     with Dataset(out) as ds:
         shapes = {s: ds.split(s).n for s in ds.splits}
         attrs, x_dtype = ds.attrs, ds._arrays["train"][0].dtype
-        assert ds.task == "classification" and "url" in attrs and "stratified" in attrs["split"]
+        assert ds.task.name == "classification" and "url" in attrs and "stratified" in attrs["split"]
         if name == "mnist":
             assert shapes == {"train": 360, "val": 40, "test": 100} and ds.input_shape == (1, 28, 28)
             assert x_dtype == np.uint8 and ds.x_scale == pytest.approx(1 / 255)

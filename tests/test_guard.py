@@ -52,9 +52,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timing
 @pytest.mark.parametrize("mode, code", [("raise", 1), ("hook", 1), ("exit", 3), ("ok", 0)])
-def test_one_failing_rank_ends_the_job(comm, tmp_path, mode, code):
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
+def test_one_failing_rank_ends_the_job(serial, tmp_path, mode, code):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     start = time.monotonic()

@@ -9,6 +9,7 @@ from distbp.datasets import normalize
 from distbp.parallel.comm import SerialComm
 from distbp.datasets.dataset import Dataset, write_dataset
 from distbp.datasets.normalize import Normalizer, fit
+from distbp.datasets.task import task_named
 from distbp.reporting.scores import RegressionSums, class_report, confusion, format_report, monitored
 from distbp.errors import UserError
 
@@ -153,13 +154,13 @@ def test_regression_metrics_match_scikit_learn(k):
 
 
 def test_best_metric_by_task_and_bad_choices():
-    assert monitored("auto", "classification") == ("val_accuracy", "max")
-    assert monitored("auto", "binary") == ("val_accuracy", "max")
-    assert monitored("auto", "regression") == ("val_loss", "min")
-    assert monitored("val_r2", "regression") == ("val_r2", "max")
-    assert monitored("val_rmse", "regression") == ("val_rmse", "min")
+    assert monitored("auto", task_named("classification", 3)) == ("val_accuracy", "max")
+    assert monitored("auto", task_named("binary")) == ("val_accuracy", "max")
+    assert monitored("auto", task_named("regression")) == ("val_loss", "min")
+    assert monitored("val_r2", task_named("regression")) == ("val_r2", "max")
+    assert monitored("val_rmse", task_named("regression")) == ("val_rmse", "min")
     with pytest.raises(UserError, match="train.best_metric='val_accuracy' is not reported for a regression"):
-        monitored("val_accuracy", "regression")
+        monitored("val_accuracy", task_named("regression"))
 
 
 @pytest.mark.mpi(min_size=2)

@@ -13,7 +13,8 @@ from distbp.parallel.comm import SerialComm
 from distbp.config import load_config
 from distbp.datasets.dataset import Dataset, DataError
 from distbp.inference.evaluate import load_model
-from distbp.inference.predict import predict, softmax
+from distbp.datasets.task import softmax
+from distbp.inference.predict import predict
 from distbp.training.loop import run
 
 
@@ -21,7 +22,7 @@ def trained(comm, shared_tmp, data_path):
     """A checkpoint after a few steps of training on data_path (every rank calls it)."""
     cfg = load_config(None, ["train.max_steps=6", "train.batch_size=8", "model.hidden=[16]",
                              f"data.path={json.dumps(str(data_path))}"])
-    assert run(cfg, comm, shared_tmp / "run", "never") == 0
+    assert run(cfg, comm, shared_tmp / "run", "never")["exit_code"] == 0
     comm.barrier()  # rank 0 may still be writing the final checkpoint when the others return
     return next((shared_tmp / "run" / "checkpoints").glob("step-*.h5"))
 

@@ -19,13 +19,6 @@ TRAIN = [sys.executable, "-m", "distbp", "train", "--set", "train.epochs=2", "--
 LINE = re.compile(r"epoch (\d)/2 +(\d+)% step (\d+)/44 loss=\S+ lr=0\.05 [\d,]+ samples/s ETA \d\d:\d\d")
 
 
-@pytest.fixture
-def serial(comm):
-    """Skip in multi-rank sessions: these tests launch their own jobs."""
-    if comm.size > 1:
-        pytest.skip("launches its own jobs: run in the serial session")
-
-
 def open_terminal(columns: int = 120) -> tuple[int, int]:
     """(master, slave) of a new pseudo-terminal of the given width."""
     master, slave = pty.openpty()

@@ -23,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the test calls cli.main in-process and launches its own jobs."""
-    if comm.size > 1:
-        pytest.skip("calls cli.main in-process: run in the serial session")
-
-
 def splits(path) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_val, y_val) of a dataset file, as scikit-learn gets them."""
     with h5py.File(path, "r") as f:
@@ -43,7 +36,7 @@ def train_final(run_dir, *args) -> dict:
 
 
 @pytest.mark.parametrize("csv", ["wine_data.csv", "breast_cancer.csv"])
-def test_csv_as_shipped_reaches_scikit_learn_mlp_accuracy(alone, tmp_path, csv):
+def test_csv_as_shipped_reaches_scikit_learn_mlp_accuracy(serial, tmp_path, csv):
     data = tmp_path / "data.h5"
     assert cli.main(["data", "convert", str(SKLEARN_DATA / csv), str(data), "--skip-rows", "1", "--label", "-1",
                      "--val-fraction", "0.25"]) == 0
@@ -57,7 +50,7 @@ def test_csv_as_shipped_reaches_scikit_learn_mlp_accuracy(alone, tmp_path, csv):
     assert np.median(ours) >= np.median(theirs) - 0.01, (ours, theirs)
 
 
-def test_diabetes_regression_example_beats_scikit_learn_mlp_r2(alone, tmp_path):
+def test_diabetes_regression_example_beats_scikit_learn_mlp_r2(serial, tmp_path):
     for name, what in (("x", "data_raw"), ("y", "target")):
         np.save(tmp_path / f"{name}.npy", np.loadtxt(SKLEARN_DATA / f"diabetes_{what}.csv.gz"))
     data = tmp_path / "diabetes.h5"
@@ -85,7 +78,7 @@ def task_dataset(path, task: str) -> Path:
 
 
 @pytest.mark.parametrize("task", ["classification", "binary", "regression"])
-def test_task_metrics_agree_at_1_and_4_ranks_in_summary_jsonl_eval_and_plot(alone, tmp_path, task):
+def test_task_metrics_agree_at_1_and_4_ranks_in_summary_jsonl_eval_and_plot(serial, tmp_path, task):
     data = task_dataset(tmp_path / "d.h5", task)
     want = {"classification": {"val_loss", "val_accuracy"}, "binary": {"val_loss", "val_accuracy"},
             "regression": {"val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse"}}[task]

@@ -19,7 +19,7 @@ from distbp.parallel.comm import SerialComm
 from distbp.config import config_from_dict, load_config
 from distbp.parallel.sampler import epoch_order
 from distbp.errors import UserError
-from conftest import job_env, run_distbp
+from conftest import job_env, metrics, run_distbp
 
 trainlib = importlib.import_module("distbp.training.loop")  # the loop's module: distbp.train is the API function
 
@@ -49,7 +49,7 @@ def run_root(wcomm, tmp_path) -> Path:
 def train(comm, run_dir, *overrides, resume="auto") -> int:
     """distbp train in this process on comm, logging every step."""
     cfg = load_config(None, ["train.log_every=1", *overrides])
-    return trainlib.run(cfg, comm, run_dir, resume)
+    return trainlib.run(cfg, comm, run_dir, resume)["exit_code"]
 
 
 def on_root(comm, fn):
@@ -84,11 +84,6 @@ def state(path) -> dict:
 def differences(a: dict, b: dict) -> list[str]:
     """Names whose values are not bitwise identical."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def metrics(run_dir) -> list[dict]:
-    """The lines of run_dir/metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def metrics_lines(run_dir) -> list[dict]:

@@ -8,16 +8,9 @@ import sys
 
 import pytest
 
-from distbp.training.lr_schedules import make_schedule
+from distbp.schedules import make_schedule
 from distbp.reporting.plot import read_metrics
 from conftest import MPIRUN, job_env
-
-
-@pytest.fixture
-def serial(comm):
-    """Skip in multi-rank sessions: these tests launch their own jobs."""
-    if comm.size > 1:
-        pytest.skip("launches its own jobs: run in the serial session")
 
 
 def distbp(*args, ranks: int = 0, cwd=None, cpus=None) -> str:

@@ -14,10 +14,8 @@ TRAIN_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 
 
 @pytest.fixture
-def batch(comm, tmp_path):
+def batch(serial, tmp_path):
     """Run train.sbatch as SLURM would start job 77 from tmp_path (srun: its command, one rank)."""
-    if comm.size > 1:
-        pytest.skip("launches its own jobs: run in the serial session")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/sh\nshift 2\nexec "$@"\n')  # drops --mpi=... --kill-on-bad-exit=1

@@ -127,6 +127,7 @@ def test_stuck_rank_exits_by_itself_when_its_abort_cannot_reach_the_launcher(tmp
     assert all(gone(pid) for pid in job.ranks), "a rank outlived the job"
 
 
+@pytest.mark.timing
 @pytest.mark.mpi(min_size=2)
 def test_lenient_watchdog_waits_for_a_rank_that_works_alone(comm):
     # as in data, ckpt and plot under mpirun: rank 0 works 3 s alone, 3x the timeout, and answers queries

@@ -14,13 +14,6 @@ from conftest import MPIRUN, job_env
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.fixture
-def serial(comm):
-    """Skip in multi-rank sessions: these tests launch their own jobs or call cli.main."""
-    if comm.size > 1:
-        pytest.skip("launches its own jobs: run in the serial session")
-
-
 def train(run_dir: Path, *sets: str, ranks: int = 2, cwd: Path, code: int = 0, **env) -> str:
     """`mpirun -n ranks distbp train` on the digits with trackers on; its output (fails on another exit code)."""
     argv = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "distbp", "train", "--run-dir", str(run_dir),

@@ -1,6 +1,5 @@
 """distbp train end to end: identical ranks, n-rank vs 1-rank equivalence, exact global metrics,
 one failing rank, the default digits run, metrics.jsonl and config.toml, and `distbp data`."""
-import json
 import re
 import sys
 import time
@@ -17,28 +16,16 @@ from distbp.datasets.normalize import Normalizer
 from distbp.config import load_config
 from distbp.datasets.dataset import Dataset, synthetic, write_dataset
 from distbp.inference.evaluate import evaluate
-from distbp.nn import make_loss
 from distbp.inference.builders import build_model
-from conftest import run_distbp
-
+from conftest import metrics, run_distbp
 
 
 @pytest.fixture
-def launch(comm):
+def launch(serial):
     """Run `[mpirun -n N] python -m distbp ARGS` (serial sessions only); returns the CompletedProcess."""
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
-
     def run(args, n=None, cwd=None, env=None, timeout=55, script=None):
         return run_distbp(args, n or 0, cwd=cwd, env=env, timeout=timeout, script=script)
     return run
-
-
-@pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the test calls cli.main, whose world is the session's."""
-    if comm.size > 1:
-        pytest.skip("calls cli.main in-process: run in the serial session")
 
 
 def synthetic_file(path, rows=250, features=8, classes=3, val=50, seed=0) -> Path:
@@ -56,11 +43,6 @@ def final_params(run_dir, step) -> tuple[np.ndarray, dict]:
     """(all parameters as one vector in name order, attributes) of the checkpoint at `step`."""
     ck = load(Path(run_dir) / "checkpoints" / checkpoint_name(step))
     return by_name(ck.params), ck.attrs
-
-
-def metrics(run_dir) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def summary_of(proc, run_dir) -> dict:
@@ -89,7 +71,7 @@ def test_parameters_bitwise_identical_on_every_rank(comm, make_dataset, shared_t
         return save(self, final)
 
     monkeypatch.setattr(Trainer, "save", keep_final)
-    assert run(cfg, comm, shared_tmp / "run", resume="never") == 0
+    assert run(cfg, comm, shared_tmp / "run", resume="never")["exit_code"] == 0
     states = comm.gather_obj(kept["state"])
     problems = None
     if comm.is_root:
@@ -150,7 +132,7 @@ def test_evaluate_is_exact_over_uneven_slices(comm, make_dataset, val_rows, dtyp
                              f'train.dtype="{dtype}"', "train.batch_size=8"])
     with Dataset(path) as ds:
         model, split = build_model(cfg, ds), ds.split("val")
-        loss = make_loss(ds.task)
+        loss = ds.task.loss()
         world = evaluate(model, loss, split, comm, "classification", Normalizer())
         alone = evaluate(model, loss, split, SerialComm(), "classification", Normalizer())
         ref_loss, ref_acc = reference_metrics(model, split)
@@ -287,12 +269,12 @@ def test_user_error_is_one_message_under_mpirun_of_4(launch, tmp_path, args, mes
 # --- metrics.jsonl and config.toml -------------------------------------------------------------
 
 
-def test_metrics_file_and_config_round_trip(alone, make_dataset, tmp_path, monkeypatch, capsys):
+def test_metrics_file_and_config_round_trip(serial, make_dataset, tmp_path, monkeypatch, capsys):
     path = make_dataset(train=40, val=12, features=6, classes=3)  # batch 8: 5 steps per epoch
     sets = [f'data.path="{path}"', "train.batch_size=8", "train.max_steps=12", "train.log_every=4",
             "train.eval_every=3", "model.hidden=[8]"]
     cfg = load_config(None, sets)
-    assert run(cfg, SerialComm(), tmp_path / "a", resume="never") == 0
+    assert run(cfg, SerialComm(), tmp_path / "a", resume="never")["exit_code"] == 0
     records = metrics(tmp_path / "a")
     trains = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r and "summary" not in r]
@@ -317,13 +299,13 @@ def test_metrics_file_and_config_round_trip(alone, make_dataset, tmp_path, monke
     np.testing.assert_array_equal(a, b)  # the written config reproduces the run
 
 
-def test_adamw_alone_trains_with_its_own_weight_decay(alone, make_dataset, tmp_path):
+def test_adamw_alone_trains_with_its_own_weight_decay(serial, make_dataset, tmp_path):
     path = make_dataset(train=40, val=12, features=6, classes=3)
     base = [f'data.path="{path}"', "train.batch_size=8", "train.max_steps=6", "model.hidden=[8]",
             "optim.name=adamw", "optim.lr=0.1"]
     finals = {}
     for name, extra in [("unset", []), ("0.01", ["optim.weight_decay=0.01"]), ("0", ["optim.weight_decay=0"])]:
-        assert run(load_config(None, base + extra), SerialComm(), tmp_path / name, resume="never") == 0
+        assert run(load_config(None, base + extra), SerialComm(), tmp_path / name, resume="never")["exit_code"] == 0
         finals[name], _ = final_params(tmp_path / name, 6)
     assert load_config(str(tmp_path / "unset" / "config.toml")).optim.weight_decay == 0.01  # stored resolved
     np.testing.assert_array_equal(finals["unset"], finals["0.01"])
@@ -333,11 +315,11 @@ def test_adamw_alone_trains_with_its_own_weight_decay(alone, make_dataset, tmp_p
 # --- distbp data -------------------------------------------------------------------------------
 
 
-def test_data_commands(alone, tmp_path, monkeypatch, capsys):
+def test_data_commands(serial, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     assert cli.main(["data", "digits", str(tmp_path / "d.h5")]) == 0
     with Dataset(tmp_path / "d.h5") as ds:
-        assert (ds.task, ds.num_classes, ds.input_shape, ds.split("train").n, ds.split("val").n) == \
+        assert (ds.task.name, ds.num_classes, ds.input_shape, ds.split("train").n, ds.split("val").n) == \
             ("classification", 10, (64,), 1437, 360)
     out = tmp_path / "s.h5"
     assert cli.main(["data", "synthetic", str(out), "--rows", "100", "--features", "5", "--classes", "4"]) == 0

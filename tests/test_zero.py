@@ -65,12 +65,6 @@ def train(tmp_path, name, n, sets, steps, resume="never"):
     return final_params(run_dir, steps)[0], proc.stdout
 
 
-@pytest.fixture
-def serial(comm):
-    if comm.size > 1:
-        pytest.skip("launches its own mpirun jobs: run in the serial session")
-
-
 @pytest.mark.parametrize("optim, dtype, rtol", [("sgd", "float64", 1e-9), ("adam", "float64", 1e-9),
                                                  ("adam", "float32", 1e-5)])
 def test_sharded_runs_equal_replicated_runs_after_100_steps(serial, tmp_path, optim, dtype, rtol):

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..files.atomic import AtomicFile
-from .dataset import FORMAT, MAX_CLASSES, TASKS, VERSION, Dataset, DataError
+from .dataset import FORMAT, MAX_CLASSES, VERSION, Dataset, DataError
+from .task import TASKS, BadTarget, Classification, Task, TaskError
 from ..files.safeio import check_output, check_space
 
 BLOCK_BYTES = 16 << 20  # rows read and written per block
@@ -378,8 +379,8 @@ class CsvTable:
                 "row, or choose the label column with --label")
 
 
-def open_inputs(inputs, label=None, header=None, delimiter=None, task="classification",
-                x_key="x", y_key="y", skip_rows=0, columns=None, drop=()) -> dict:
+def open_inputs(inputs, task: Task, label=None, header=None, delimiter=None, x_key="x", y_key="y",
+                skip_rows=0, columns=None, drop=()) -> dict:
     """{split: table} from one .npz, an x/y pair of .npy files, a CSV file, or IDX images + labels."""
     paths = [Path(p) for p in inputs]
     for p in paths:
@@ -394,8 +395,8 @@ def open_inputs(inputs, label=None, header=None, delimiter=None, task="classific
         images, labels = sorted((idx_array(p) for p in paths), key=lambda a: -len(a.shape))
         return {"train": ArrayPair(images, labels)}
     if len(paths) == 1 and not is_idx(paths[0]) and not names[0].endswith(".npy"):
-        return {"train": CsvTable(paths[0], label, header, delimiter, task == "classification", skip_rows,
-                                  columns=columns, drop=drop)}
+        return {"train": CsvTable(paths[0], label, header, delimiter, task.labels, skip_rows, columns=columns,
+                                  drop=drop)}
     raise ConvertError(f"cannot tell the format of {', '.join(map(str, paths))}; HINT: give one .npz (arrays "
                        f"{x_key}, {y_key} or x_train, y_train, ...), two .npy files (x then y), one CSV file, "
                        "or two IDX files (images and labels, gzipped or not)")
@@ -484,26 +485,14 @@ def _x_rows(x: np.ndarray, where: str, row0: int) -> np.ndarray:
     return x
 
 
-def _y_rows(y: np.ndarray, task: str, where: str, row0: int) -> np.ndarray:
-    """Labels as int64 class indices ((N, 1) columns flattened, one-hot rows their argmax), or float32 targets."""
-    if task != "classification":
-        y = y.astype(np.float32)
-        bad = ~np.isfinite(y) if task == "regression" else ~((y >= 0) & (y <= 1))
-        rows = np.flatnonzero(bad.reshape(len(y), -1).any(axis=1))
-        if rows.size:
-            raise ConvertError(f"{where}: target {y[rows[0]]} in row {row0 + rows[0]} is "
-                               f"{'NaN or Inf' if task == 'regression' else 'not in [0, 1]'}; HINT: clean it")
-        return y
-    if y.ndim == 2:
-        y = y[:, 0] if y.shape[1] == 1 else y.argmax(axis=1)
-    if y.ndim != 1:
-        raise ConvertError(f"{where}: labels of shape {y.shape[1:]} per row; HINT: classification needs one "
-                           "class index per row (or one-hot rows), regression targets need --task regression")
-    bad = np.flatnonzero((y < 0) | (y != np.round(y))) if y.dtype.kind == "f" else np.flatnonzero(y < 0)
-    if bad.size:
-        raise ConvertError(f"{where}: label {y[bad[0]]} in row {row0 + bad[0]} is not a class index "
-                           "0, 1, 2, ...; HINT: map the labels to 0..K-1, or pass --task regression")
-    return y.astype(np.int64)
+def _y_rows(y: np.ndarray, task: Task, where: str, row0: int) -> np.ndarray:
+    """A block of labels or targets as the task stores them; ConvertError naming the first bad row."""
+    try:
+        return task.convert_targets(y)
+    except BadTarget as e:
+        raise ConvertError(f"{where}: {e.problem.format(row=row0 + e.row)}") from None
+    except TaskError as e:
+        raise ConvertError(f"{where}: {e}") from None
 
 
 def _routes(tables: dict, n_val: int, seed: int, train_counts: np.ndarray | None) -> dict:
@@ -530,7 +519,7 @@ def _class_counts(tables: dict, task_given: bool) -> dict:
         total, row0 = np.zeros(0, np.int64), 0
         for y in t.labels(_block_rows(t)):
             numeric = y.dtype.kind == "f" and t.class_names is None and (y.ndim == 1 or y.shape[1] == 1)
-            y = _y_rows(y, "classification", t.where, row0)
+            y = _y_rows(y, Classification(), t.where, row0)
             if len(y) and numeric and not task_given and y.max() >= MAX_GUESSED_CLASSES:
                 raise ConvertError(f"{t.where}: the labels are numbers up to {int(y.max())}, which would make "
                                    f"{int(y.max()) + 1} classes; HINT: pass --task regression for numeric "
@@ -558,9 +547,9 @@ def _num_classes(counts: dict, names: list | None, given: int | None) -> int:
     return given or needed
 
 
-def _out_shapes(tables: dict, routes: dict, n_val: int, task: str) -> dict:
+def _out_shapes(tables: dict, routes: dict, n_val: int, task: Task) -> dict:
     """{split: (rows, x row shape, x dtype, y row shape, y dtype)} of the output file."""
-    y_dtype = np.int64 if task == "classification" else np.float32
+    y_dtype = task.stored_dtype()
     out = {}
     for name, t in tables.items():
         first = t.blocks(1)
@@ -581,7 +570,7 @@ def _out_shapes(tables: dict, routes: dict, n_val: int, task: str) -> dict:
     return out
 
 
-def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: str, bar):
+def _fill(f: h5py.File, tables: dict, routes: dict, shapes: dict, task: Task, bar):
     """Stream every table into the preallocated splits."""
     pos = dict.fromkeys(shapes, 0)
     for name, t in tables.items():
@@ -612,10 +601,11 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
     task None means classification, guessed (numeric labels making over MAX_GUESSED_CLASSES classes are
     refused); stratify None means stratified for classification; attrs are extra root attributes."""
     out = check_output(out, [*inputs, *test_inputs], force)
-    task_given, task = task is not None, task or "classification"
-    if task not in TASKS:
-        raise ConvertError(f"--task {task!r} is not one of {', '.join(TASKS)}")
-    if stratify and task != "classification":
+    task_given, name = task is not None, task or "classification"
+    if name not in TASKS:
+        raise ConvertError(f"--task {name!r} is not one of {', '.join(TASKS)}")
+    task = TASKS[name]()
+    if stratify and not task.labels:
         raise ConvertError(f"--stratify needs class labels, not --task {task}; HINT: drop --stratify")
     if skip_rows < 0:
         raise ConvertError(f"--skip-rows {skip_rows} must be 0 or more")
@@ -641,10 +631,10 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
     if not 0 <= val_fraction < 1 or (val_fraction and not 0 < n_val < tables["train"].n):
         raise ConvertError(f"--val-fraction {val_fraction} of {tables['train'].n} rows leaves an empty split; "
                            "HINT: use a value in (0, 1) such as 0.1, or 0 for none")
-    counts = _class_counts(tables, task_given) if task == "classification" else {}
-    if task == "classification":  # before anything is done per class
-        num_classes = _num_classes(counts, tables["train"].class_names, num_classes)
-    stratify = task == "classification" if stratify is None else stratify
+    counts = _class_counts(tables, task_given) if task.labels else {}
+    if task.labels:  # before anything is done per class
+        task.num_classes = _num_classes(counts, tables["train"].class_names, num_classes)
+    stratify = task.labels if stratify is None else stratify
     routes = _routes(tables, n_val, seed, counts["train"] if stratify else None)
     shapes = _out_shapes(tables, routes, n_val, task)
     # HDF5 writing to a full disk can crash the process: check the room first (another writer may still
@@ -663,8 +653,8 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
                 group.create_dataset("x", (n, *x_row), x_dtype, track_times=False)
                 group.create_dataset("y", (n, *y_row), y_dtype, track_times=False)
             _fill(f, tables, routes, shapes, task, bar)
-            f.attrs.update(_header(tables, inputs, test_inputs, task, num_classes, x_scale, shapes,
-                                   n_val, val_fraction, seed, stratify))
+            f.attrs.update(_header(tables, inputs, test_inputs, task, x_scale, shapes, n_val, val_fraction, seed,
+                                   stratify))
             f.attrs.update(attrs or {})
         with Dataset(result.tmp) as ds:  # the result must read back as a valid dataset, values included
             for name in ds.splits:
@@ -672,16 +662,14 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
         return result.commit()
 
 
-def _header(tables, inputs, test_inputs, task, num_classes, x_scale, shapes, n_val, val_fraction, seed, stratify):
+def _header(tables, inputs, test_inputs, task, x_scale, shapes, n_val, val_fraction, seed, stratify):
     """The root attributes of the converted file."""
     names = next(iter(tables.values())).class_names
     files = " ".join(Path(p).name for p in (*inputs, *test_inputs))
-    attrs = {"distbp_format": FORMAT, "version": VERSION, "task": task,
-             "source": f"distbp data convert {files}"}
-    if task == "classification":
-        attrs["num_classes"] = num_classes
-        if names:
-            attrs["class_names"] = json.dumps(names)
+    attrs = {"distbp_format": FORMAT, "version": VERSION, "task": task.name,
+             "source": f"distbp data convert {files}", **task.header()}
+    if task.labels and names:
+        attrs["class_names"] = json.dumps(names)
     features = getattr(tables["train"], "feature_names", None)
     if features:
         attrs["feature_names"] = json.dumps(features)

@@ -1,7 +1,6 @@
 """Dataset files: read-only, validated, in memory once per node or streamed; the shipped digits."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from importlib import resources
@@ -15,9 +14,9 @@ from ..files import bounded
 from ..files.atomic import AtomicFile
 from ..parallel.comm import node_shared_array
 from ..errors import UserError
+from .task import TASKS, Task, TaskError, task_named
 
 FORMAT, VERSION = "dataset", 1
-TASKS = ("classification", "regression", "binary")
 X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
 SPLIT_ORDER = ("train", "val", "test")
 DEFAULT_MEMORY_BYTES = 2 << 30  # per node, as data.memory_mb's default
@@ -78,12 +77,13 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
     if version != VERSION:
         _fail(where, f"format version {version!r} is not supported (this distbp reads version {VERSION})",
               "upgrade distbp, or rewrite the file with `distbp data convert`")
-    task = _attr(attrs, "task")
-    if task not in TASKS:
-        _fail(where, f"root attribute task={task!r} is not one of {', '.join(TASKS)}",
+    try:
+        task = task_named(_attr(attrs, "task"), _attr(attrs, "num_classes"))
+    except TaskError:
+        _fail(where, f"root attribute task={_attr(attrs, 'task')!r} is not one of {', '.join(TASKS)}",
               "set the root attribute task, e.g. task='classification'")
-    num_classes = _attr(attrs, "num_classes") if task == "classification" else None
-    if task == "classification" and not (_is_int(num_classes) and 2 <= num_classes <= MAX_CLASSES):
+    num_classes = task.num_classes
+    if task.labels and not (_is_int(num_classes) and 2 <= num_classes <= MAX_CLASSES):
         _fail(where, f"root attribute num_classes={num_classes!r} must be an integer from 2 to {MAX_CLASSES:,}",
               "set num_classes to the number of classes (labels are 0..num_classes-1)")
     x_scale = _attr(attrs, "x_scale")
@@ -94,7 +94,7 @@ def _check_header(where: str, attrs, arg: str = "data.path") -> tuple[str, int |
     return task, num_classes, None if x_scale is None else float(x_scale)
 
 
-def _check_shapes(path, split: str, x, y, task: str, x_scale: float | None):
+def _check_shapes(path, split: str, x, y, task: Task, x_scale: float | None):
     """Shape and dtype checks of one split's x and y (metadata only, no reads)."""
     if x.ndim < 2 or 0 in x.shape[1:]:
         _fail(_where(path, split, "x"), f"shape {x.shape} is not (rows, features...)",
@@ -110,12 +110,9 @@ def _check_shapes(path, split: str, x, y, task: str, x_scale: float | None):
     if y.shape[:1] != x.shape[:1]:
         _fail(_where(path, split, "y"), f"y has shape {y.shape} but x has {x.shape[0]} rows",
               "write exactly one y row per x row")
-    if task == "classification" and (y.ndim != 1 or y.dtype.kind not in "iu"):
-        _fail(_where(path, split, "y"), f"shape {y.shape} dtype {y.dtype} is not (N,) integer class labels",
-              "store class indices 0..num_classes-1 as int64 (the argmax of one-hot rows)")
-    if task != "classification" and (y.ndim not in (1, 2) or y.dtype.kind != "f"):
-        _fail(_where(path, split, "y"), f"shape {y.shape} dtype {y.dtype} is not (N,) or (N, k) floats",
-              f"store {task} targets as float32 or float64")
+    wrong = task.check_targets(y)
+    if wrong:
+        _fail(_where(path, split, "y"), *wrong)
 
 
 def _has_source(path: Path, file_name: str, dset_name: str) -> bool:
@@ -177,24 +174,14 @@ def not_finite(b):
     return ~np.isfinite(b).all(axis=1)
 
 
-def _check_values(path, split: str, x, y, task: str, num_classes: int | None):
+def _check_values(path, split: str, x, y, task: Task):
     """Finite features, and labels or targets in range, read in blocks."""
     where_y = _where(path, split, "y")
     try:
         if x.dtype.kind == "f":
             first_bad(_where(path, split, "x"), x, not_finite, "NaN or Inf features, first at row {row}",
                        "clean or impute the features, or drop those rows, before writing the file")
-        if task == "classification":
-            first_bad(where_y, y, lambda b: ((b < 0) | (b >= num_classes)).any(axis=1),
-                       f"label {{value}} at row {{row}} is outside [0, {num_classes})",
-                       f"labels must be 0..{num_classes - 1}; fix them or the root attribute num_classes")
-        elif task == "binary":
-            first_bad(where_y, y, lambda b: not_finite(b) | ((b < 0) | (b > 1)).any(axis=1),
-                       "target {value} at row {row} is not in [0, 1]",
-                       "binary targets are probabilities in [0, 1]; clean them before writing the file")
-        else:
-            first_bad(where_y, y, not_finite, "target {value} at row {row} is NaN or Inf",
-                       "clean the targets before writing the file")
+        first_bad(where_y, y, task.bad_targets, *task.bad_message())
     except OSError as e:
         _fail(_where(path, split), f"cannot read the data ({e})", DAMAGED)
 
@@ -263,8 +250,7 @@ class Split:
             x, y = self._read_file(idx)
         if x.dtype == np.uint8:
             x = np.multiply(x, np.dtype(dtype).type(self._ds.x_scale), dtype=dtype)
-        y_dtype = np.int64 if self._ds.task == "classification" else dtype
-        return x.astype(dtype, copy=False), y.astype(y_dtype, copy=False)
+        return x.astype(dtype, copy=False), y.astype(self._ds.task.read_dtype(dtype), copy=False)
 
     def labels(self, indices) -> np.ndarray:
         """Class labels (int64) of these rows in this order, without reading x."""
@@ -337,11 +323,11 @@ class Dataset:
             raise
         x, y = next(iter(self._arrays.values()))
         self.input_shape = tuple(x.shape[1:])
-        self.output_dim = self.num_classes if self.task == "classification" else (y.shape[1] if y.ndim == 2 else 1)
+        self.output_dim = self.task.output_dim(y)
 
     def _scan_splits(self) -> dict:
         """{split: (x, y)} h5py datasets of every root group, checked for shapes and dtypes."""
-        names = sorted(self._file.keys(), key=lambda k: (SPLIT_ORDER.index(k) if k in SPLIT_ORDER else 3, k))
+        names = sorted(self._file.keys(), key=lambda k: (SPLIT_ORDER.index(k) if k in SPLIT_ORDER else len(SPLIT_ORDER), k))
         if not names:
             _fail(_where(self.path), "no splits", "write groups train and val, each with datasets x and y")
         arrays = {}
@@ -362,7 +348,7 @@ class Dataset:
         return arrays
 
     def _bounded(self, fn):
-        """fn() run in a child with a time limit (bounded.py): a read that loops or crashes is a DataError."""
+        """fn() run in a child with a time limit (files/bounded.py): a read that loops or crashes is a DataError."""
         return bounded.call(fn, "dataset", self.path, DataError, "re-create or re-copy it")
 
     @property
@@ -378,15 +364,7 @@ class Dataset:
     @property
     def class_names(self) -> list[str] | None:
         """Class names of a classification dataset: its class_names attribute (a JSON list), else '0'..'K-1'."""
-        if self.task != "classification":
-            return None
-        try:
-            names = json.loads(self.attrs.get("class_names") or "null")
-        except (TypeError, ValueError):
-            names = None
-        if isinstance(names, list) and len(names) == self.num_classes:
-            return [str(n) for n in names]
-        return [str(i) for i in range(self.num_classes)]
+        return self.task.class_names(self.attrs.get("class_names")) if self.task.labels else None
 
     def split(self, name: str, check_values: bool = True, option: str = "data.train_split / data.val_split") -> Split:
         """The named split; its values (finite x, labels in range) are checked on first access. option: what
@@ -397,7 +375,7 @@ class Dataset:
                       f"choose one of those ({option}), or add the split to the file")
             x, y = self._arrays[name]
             if check_values:  # every byte of the split, read in a child with a time limit
-                self._bounded(lambda: _check_values(self.path, name, x, y, self.task, self.num_classes))
+                self._bounded(lambda: _check_values(self.path, name, x, y, self.task))
             self._splits[name] = Split(self, name, x, y)
         return self._splits[name]
 
@@ -413,8 +391,7 @@ class Dataset:
         for name, (x, y) in self._arrays.items():
             lines.append(f"  {name:8s} x {x.shape} {x.dtype}  y {y.shape} {y.dtype}")
             if values:
-                lines += [f"           {line}" for line in value_summary(x, y, self.task, self.num_classes,
-                                                                          self.x_scale)]
+                lines += [f"           {line}" for line in value_summary(x, y, self.task, self.x_scale)]
         lines += [f"  {k} = {v}" for k, v in self.attrs.items()]
         return lines
 
@@ -447,7 +424,7 @@ def range_warning(lo: np.ndarray, hi: np.ndarray) -> list[str]:
             "\"standard\" (the default) or \"minmax\", not \"none\""]
 
 
-def value_summary(x, y, task: str, num_classes: int | None, x_scale: float | None) -> list[str]:
+def value_summary(x, y, task: Task, x_scale: float | None) -> list[str]:
     """Lines with the range and mean of x (as the model sees it), a feature-range warning, and the class
     balance or target range of y."""
     lo = np.full(math.prod(x.shape[1:]), np.inf)
@@ -461,18 +438,7 @@ def value_summary(x, y, task: str, num_classes: int | None, x_scale: float | Non
                 if x.dtype == np.uint8 else "")]
     if x.ndim == 2:  # tabular features; image pixels share one scale
         lines += range_warning(lo * scale, hi * scale)
-    if task == "classification":
-        counts = np.zeros(num_classes, np.int64)
-        for _, block in _blocks(y):
-            counts += np.bincount(np.clip(block, 0, num_classes - 1), minlength=num_classes)
-        if num_classes > 20:  # one line, not a thousand
-            lo, hi = int(counts.argmin()), int(counts.argmax())
-            return lines + [f"classes: {num_classes}, rows per class {counts[lo]} (class {lo}) to "
-                            f"{counts[hi]} (class {hi}), empty classes {int(np.sum(counts == 0))}"]
-        share = ", ".join(f"{k}: {c} ({100 * c / max(counts.sum(), 1):.1f}%)" for k, c in enumerate(counts))
-        return lines + [f"classes {share}"]
-    ys = [np.asarray(block, dtype=np.float64) for _, block in _blocks(y)]
-    return lines + [f"y range [{min(b.min() for b in ys):.4g}, {max(b.max() for b in ys):.4g}]"]
+    return lines + task.describe_targets(_blocks(y))
 
 
 def write_dataset(path, splits: dict, task: str = "classification", num_classes: int | None = None,
@@ -480,17 +446,17 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
     """Validate {split: (x, y)} and write it atomically as a dataset file (contiguous, uncompressed)."""
     path = Path(path)
     arrays = {name: (np.asarray(x), np.asarray(y)) for name, (x, y) in splits.items()}
-    if task == "classification" and num_classes is None:
+    if isinstance(task, str) and task in TASKS and TASKS[task].labels and num_classes is None:  # labels 0..K-1 name at least K classes
         num_classes = max([2] + [int(y.max()) + 1 for _, y in arrays.values() if y.size and y.dtype.kind in "iu"])
     header = {"distbp_format": FORMAT, "version": VERSION, "task": task, "num_classes": num_classes,
               "x_scale": x_scale, **(attrs or {})}
     header = {k: v for k, v in header.items() if v is not None}
-    _check_header(_where(path), header)
+    task = _check_header(_where(path), header)[0]
     if not arrays:
         _fail(_where(path), "no splits given", "pass splits={'train': (x, y), 'val': (x, y)}")
     for name, (x, y) in arrays.items():
         _check_shapes(path, name, x, y, task, x_scale)
-        _check_values(path, name, x, y, task, num_classes)
+        _check_values(path, name, x, y, task)
     _check_same_shapes(path, arrays)
     with AtomicFile(path) as out:
         with h5py.File(out.tmp, "w", track_order=True) as f:
@@ -503,12 +469,15 @@ def write_dataset(path, splits: dict, task: str = "classification", num_classes:
         return out.commit()
 
 
+TEACHER_WIDTH = 32  # hidden units of the random MLP that labels synthetic data
+
+
 def synthetic(rows: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A learnable classification problem: Gaussian inputs labelled by a random teacher MLP."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, features), dtype=np.float32)  # (N, D)
-    W1 = rng.standard_normal((features, 32), dtype=np.float32) / np.float32(np.sqrt(features))
-    W2 = rng.standard_normal((32, classes), dtype=np.float32)
+    W1 = rng.standard_normal((features, TEACHER_WIDTH), dtype=np.float32) / np.float32(np.sqrt(features))
+    W2 = rng.standard_normal((TEACHER_WIDTH, classes), dtype=np.float32)
     logits = np.tanh(x @ W1) @ W2  # (N, K)
     logits -= logits.mean(axis=0)  # centred so every class gets a fair share of rows
     return x, logits.argmax(axis=1).astype(np.int64)

@@ -242,7 +242,7 @@ def _load(path: Path, verify: bool) -> Checkpoint:
 
 def load(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     """Read a checkpoint (arrays and attributes only), check its checksum and position, within a time bound."""
-    # A file distbp did not just write is first read in a child with a time limit (bounded.py):
+    # A file distbp did not just write is first read in a child with a time limit (files/bounded.py):
     # damage that makes HDF5 loop or crash rejects the file; then the same bytes are read here.
     path = Path(path)
     if not path.is_file():

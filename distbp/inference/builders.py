@@ -5,9 +5,10 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..datasets.dataset import Dataset
+from ..datasets.task import TaskError
 from ..errors import UserError, agree, require
 from ..files import checkpoint as ckpt
-from ..nn import Sequential, make_loss, mlp_specs
+from ..nn import Sequential, mlp_specs
 from ..nn.losses import balanced_weights, loss_class
 from ..parallel.sampler import shard
 
@@ -43,26 +44,26 @@ def label_counts(split, num_classes: int, rank: int, size: int, block: int = 1 <
 
 def build_loss(cfg: Config, data: Dataset, comm):
     """The loss of the dataset's task with loss.* applied; "balanced" class weights counted over the train split."""
-    lc, where = cfg.loss, f"{data.path} is a {data.task} dataset"
+    lc = cfg.loss
     if lc.name:
         return loss_class(lc.name)()  # validated with the config (its module imported)
-    if data.task != "classification":
-        agree(comm, require, not (lc.label_smoothing or lc.class_weights),
-              f"loss.label_smoothing and loss.class_weights apply to classification, but {where}: remove them")
-        return make_loss(data.task)
     weights = lc.class_weights or None
-    if weights == "balanced":
+    if weights == "balanced" and data.task.labels:
         split = agree(comm, data.split, cfg.data.train_split)
         counts = comm.allreduce_sum(agree(comm, label_counts, split, data.num_classes, comm.rank, comm.size))
         empty = [int(c) for c in np.flatnonzero(counts == 0)]
         agree(comm, require, not empty, f'loss.class_weights="balanced": class(es) {empty[:5]} have no rows in '
               f"split '{cfg.data.train_split}' of {data.path}; give the weights as a list, one per class")
         weights = balanced_weights(counts)
-    elif weights is not None:
-        agree(comm, require, len(weights) == data.num_classes and any(weights),
-              f"loss.class_weights has {len(weights)} weights (sum {sum(weights):g}) but {data.path} has "
-              f"{data.num_classes} classes: give one weight per class, not all 0")
-    return make_loss("classification", label_smoothing=lc.label_smoothing, class_weights=weights)
+    return agree(comm, _task_loss, data, lc.label_smoothing, weights)
+
+
+def _task_loss(data: Dataset, label_smoothing: float, class_weights):
+    """The task's own loss with these options; UserError naming the dataset when they do not apply."""
+    try:
+        return data.task.loss(label_smoothing, class_weights)
+    except TaskError as e:
+        raise UserError(str(e).format(where=data.path)) from None
 
 
 def check_architecture(ck: ckpt.Checkpoint, model):

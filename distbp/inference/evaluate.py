@@ -11,24 +11,21 @@ from ..errors import agree, on_root
 from ..nn.refs import no_imports
 from ..datasets.normalize import Normalizer
 from ..parallel.sampler import shard
-from ..reporting.scores import RegressionSums, class_report, confusion
 from .builders import build_loss, build_model, load_params
 from ..parallel.watchdog import configure as configure_watchdog
 
 
-def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names: list[str] | None = None,
+def evaluate(model, loss, split, comm, task, norm: Normalizer, class_names: list[str] | None = None,
              chunk: int = 1024) -> dict:
-    """Exact global loss (the mean of the training loss) and the task's metrics over a split, each rank on a
+    """Exact global loss (the mean of the training loss) and the Task's metrics over a split, each rank on a
     contiguous slice.
 
-    The loss is in the units the model is trained in; RMSE, MAE and R^2 in the original target units.
-    With class_names (classification), adds the per-class report and confusion matrix as "report".
+    The loss is in the units the model is trained in; the task's own metrics (RMSE, MAE and R^2) in the
+    original target units. With class_names (classification), adds the per-class report as "report".
     """
     lo, hi = shard(split.n, comm.rank, comm.size)
     sums = np.zeros(4)  # loss sum, correct, rows, what the loss mean divides by (rows or summed class weights)
-    k = model.out_shape[0]
-    reg = RegressionSums(k, norm.y_mean) if task == "regression" else None
-    cm = np.zeros((k, k)) if class_names and task == "classification" else None
+    scorers = task.scorers(model.out_shape[0], norm, class_names)
     faults.inject_at(comm.rank, "eval")  # inert unless DISTBP_FAULT is set (tests)
     model.eval()
     for a in range(lo, hi, chunk):
@@ -36,22 +33,16 @@ def evaluate(model, loss, split, comm, task: str, norm: Normalizer, class_names:
         out = model.forward(norm.x(x))
         y_model = norm.y(y)
         sums += (loss.forward(out, y_model), loss.correct(out, y_model), len(y), loss.total_weight(y_model))
-        if reg is not None:
-            reg.add(norm.y_original(out).astype(np.float64), y.reshape(len(y), -1).astype(np.float64))
-        if cm is not None:
-            cm += confusion(out.argmax(axis=1), y, k)
+        for scorer in scorers:
+            scorer.add_chunk(task.target_units(out, norm), out, y)
     model.train()
-    for buf in (sums, reg.buf if reg else None, cm):
-        if buf is not None:
-            comm.allreduce_sum(buf)
-    rows = max(sums[2], 1)
+    for buf in (sums, *(s.buf for s in scorers)):
+        comm.allreduce_sum(buf)
     result = {"val_loss": sums[0] / sums[3] if sums[3] else 0.0}
-    if task in ("classification", "binary"):
-        result["val_accuracy"] = sums[1] / rows
-    if reg is not None:
-        result.update(reg.metrics(sums[2]))
-    if cm is not None:
-        result["report"] = class_report(cm, class_names)
+    if task.accuracy:
+        result["val_accuracy"] = sums[1] / max(sums[2], 1)
+    for scorer in scorers:
+        result.update(scorer.metrics(sums[2]))
     return result
 
 

@@ -107,24 +107,6 @@ class SplitRows:
         return self.split.read(np.arange(lo, hi), dtype)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64 with the row max subtracted."""
-    z = np.exp(logits - logits.max(axis=1, keepdims=True), dtype=np.float64)
-    return z / z.sum(axis=1, keepdims=True)
-
-
-def outputs(task: str, logits: np.ndarray) -> dict:
-    """{name: array} of one chunk's predictions for the task."""
-    if task == "classification":
-        p = softmax(logits)
-        return {"class": p.argmax(axis=1).astype(np.int64), "probabilities": p.astype(np.float32)}
-    if task == "binary":
-        p = 1 / (1 + np.exp(-logits.astype(np.float64)))
-        return {"probability": p.astype(np.float32), "class": (p > 0.5).astype(np.int64)}
-    out = logits.astype(np.float32)
-    return {"output": out[:, 0] if out.shape[1] == 1 else out}
-
-
 class Writer:
     """Rank 0's predictions file, built in memory: preallocated datasets filled by row ranges."""
 
@@ -167,14 +149,12 @@ def csv_bytes(f) -> bytes:
 
 def _attrs(checkpoint, source, split, data) -> dict:
     """Root attributes of the predictions file."""
-    attrs = {"distbp_format": FORMAT, "version": VERSION, "task": data.task, "checkpoint": str(checkpoint),
-             "input": str(source), "model_input_shape": list(data.input_shape)}
+    attrs = {"distbp_format": FORMAT, "version": VERSION, "task": data.task.name, "checkpoint": str(checkpoint),
+             "input": str(source), "model_input_shape": list(data.input_shape), **data.task.header()}
     if split:
         attrs["split"] = split
-    if data.task == "classification":
-        attrs["num_classes"] = data.num_classes
-        if "class_names" in data.attrs:
-            attrs["class_names"] = data.attrs["class_names"]
+    if data.task.labels and "class_names" in data.attrs:
+        attrs["class_names"] = data.attrs["class_names"]
     return attrs
 
 
@@ -211,7 +191,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
     rows = agree(comm, _input_rows, source, split, model, data)
     lo, hi = shard(rows.n, comm.rank, comm.size)
     rounds = math.ceil(math.ceil(rows.n / comm.size) / batch)  # chunks in the largest slice, the same on every rank
-    template = outputs(data.task, np.zeros((1, *model.out_shape), model.params.dtype))
+    template = data.task.outputs(np.zeros((1, *model.out_shape), model.params.dtype))
     if not array:
         template["y"] = rows.read(0, 1, model.params.dtype)[1]
     attrs = _attrs(checkpoint, source, None if array else split, data)
@@ -223,7 +203,7 @@ def predict(checkpoint, source, out, comm, split: str = "val", batch: int = 1024
         if b > a:
             x, y = rows.read(a, b, model.params.dtype)
             logits = model.forward(norm.x(x))
-            chunk = outputs(data.task, norm.y_original(logits) if data.task == "regression" else logits)
+            chunk = data.task.outputs(data.task.target_units(logits, norm))
             if y is not None:
                 chunk["y"] = y
         pieces = comm.gather_obj((a, chunk))

@@ -212,7 +212,7 @@ class Sequential:
     def zero_grad(self, skip_written: bool = False) -> None:
         """Set every gradient the layers are bound to to zero (backward adds); see skip_written below."""
         # skip_written leaves the gradients of layers whose next backward writes them (Linear)
-        # as they are, for a backward that follows: one pass over grads fewer (7 MB for W1)
+        # as they are, for a backward that follows: one pass over the gradient vector fewer
         for (_, layer), grads in zip(self._param_layers, self._grad_views):
             if not (skip_written and layer.writes_grads):
                 for g in grads.values():

@@ -95,7 +95,7 @@ class RunLog:
                 self.info(f"WARNING: {type(tracker).__name__} tracking stopped ({type(e).__name__}: {e}); "
                           "metrics.jsonl keeps every record")
 
-    def best(self, key: str, up_to_step: int, mode: str = "max") -> tuple[float, int] | None:
+    def best(self, key: str, up_to_step: int, direction: str = "max") -> tuple[float, int] | None:
         """Rank 0: the best (value, step) of `key` ("max" or "min") in metrics.jsonl at steps <= up_to_step."""
         if not self.metrics:
             return None
@@ -107,9 +107,9 @@ class RunLog:
                 except ValueError:  # a line cut short by a crash
                     continue
                 if key in r and not r.get("summary") and r.get("step", 0) <= up_to_step:
-                    values.append((r[key] if mode == "max" else -r[key], -r["step"]))
+                    values.append((r[key] if direction == "max" else -r[key], -r["step"]))
         best = max(values, default=None)  # the earliest step among equal values
-        return None if best is None else (best[0] if mode == "max" else -best[0], -best[1])
+        return None if best is None else (best[0] if direction == "max" else -best[0], -best[1])
 
     def last_summary(self) -> dict | None:
         """Rank 0: the last summary record of metrics.jsonl."""

@@ -6,25 +6,23 @@ import numpy as np
 
 from ..errors import UserError
 
-TASK_METRICS = {"classification": ("val_loss", "val_accuracy"), "binary": ("val_loss", "val_accuracy"),
-                "regression": ("val_loss", "val_rmse", "val_mae", "val_r2", "val_baseline_rmse")}
-MAXIMIZED = ("val_accuracy", "val_r2")
-BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2")
-BEST_DEFAULT = {"classification": "val_accuracy", "binary": "val_accuracy", "regression": "val_loss"}
+MAXIMIZED = ("val_accuracy", "val_r2", "val_f1_macro", "val_roc_auc")
+BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_f1_macro", "val_roc_auc", "val_rmse", "val_mae", "val_r2")
+AUC_BINS = 1 << 16  # score histogram bins of the ROC-AUC
 
 
-def monitored(best_metric: str, task: str) -> tuple[str, str]:
-    """(metric name, "max" or "min"): what train.best_metric makes "best" for this task."""
-    name = BEST_DEFAULT[task] if best_metric == "auto" else best_metric
-    if name not in TASK_METRICS[task]:
+def monitored(best_metric: str, task) -> tuple[str, str]:
+    """(metric name, direction "max" or "min"): what train.best_metric makes "best" for the Task."""
+    name = task.best if best_metric == "auto" else best_metric
+    if name not in task.metrics:
         raise UserError(f"train.best_metric={best_metric!r} is not reported for a {task} task; "
-                         f"HINT: set it to auto or one of {', '.join(TASK_METRICS[task])}")
+                         f"HINT: set it to auto or one of {', '.join(task.metrics)}")
     return name, "max" if name in MAXIMIZED else "min"
 
 
-def improved(value: float, best: float | None, mode: str) -> bool:
-    """Whether value beats best (None = nothing yet) in direction mode."""
-    return best is None or (value > best if mode == "max" else value < best)
+def improved(value: float, best: float | None, direction: str) -> bool:
+    """Whether value beats best (None = nothing yet) in the direction "max" or "min"."""
+    return best is None or (value > best if direction == "max" else value < best)
 
 
 class RegressionSums:
@@ -39,6 +37,10 @@ class RegressionSums:
         d, dev = pred - y, y - self.y_mean
         self.buf += (np.square(d).sum(0), np.abs(d).sum(0), dev.sum(0), np.square(dev).sum(0))
 
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Add one chunk of evaluation: outputs in the targets' units, raw outputs, targets as stored."""
+        self.add(out_units.astype(np.float64), y.reshape(len(y), -1).astype(np.float64))
+
     def metrics(self, rows: float) -> dict:
         """RMSE, MAE, R^2 (mean over outputs, as scikit-learn's r2_score) and the train-mean baseline's RMSE."""
         sse, sae, dev, ss_mean = self.buf
@@ -47,6 +49,64 @@ class RegressionSums:
         r2 = np.where(ss_tot > 0, 1 - sse / np.where(ss_tot > 0, ss_tot, 1), np.where(sse == 0, 1.0, 0.0))
         return {"val_rmse": float(np.sqrt(sse.sum() / (n * k))), "val_mae": float(sae.sum() / (n * k)),
                 "val_r2": float(r2.mean()), "val_baseline_rmse": float(np.sqrt(ss_mean.sum() / (n * k)))}
+
+
+class ConfusionSums:
+    """The confusion matrix of a classification, and from it the per-class report."""
+
+    def __init__(self, k: int, class_names: list[str]):
+        self.k, self.names = k, class_names
+        self.buf = np.zeros((k, k))
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Count one chunk's (true class, predicted class) pairs."""
+        self.buf += confusion(out.argmax(axis=1), y, self.k)
+
+    def metrics(self, rows: float) -> dict:
+        """{"report": the per-class report}."""
+        return {"report": class_report(self.buf, self.names)}
+
+
+class F1Sums:
+    """The confusion matrix of a classification, for the F1 score averaged over classes (scikit-learn's
+    f1_score(average="macro"), zero_division 0)."""
+
+    def __init__(self, k: int):
+        self.k, self.buf = k, np.zeros((k, k))
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Count one chunk's (true class, predicted class) pairs."""
+        self.buf += confusion(out.argmax(axis=1), y, self.k)
+
+    def metrics(self, rows: float) -> dict:
+        """{"val_f1_macro": ...}."""
+        return {"val_f1_macro": class_report(self.buf)["macro avg"]["f1-score"]}
+
+
+class AucSums:
+    """Histograms of the positive and negative rows' scores per output, for the ROC-AUC (scikit-learn's
+    roc_auc_score, averaged over outputs): exact unless rows of both labels share one of AUC_BINS bins."""
+
+    def __init__(self, k: int):
+        self.k, self.buf = k, np.zeros((k, 2, AUC_BINS))
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Count one chunk's sigmoid scores by label."""
+        p = 1 / (1 + np.exp(-out.astype(np.float64)))  # (rows, k)
+        bins = np.minimum((p * AUC_BINS).astype(np.int64), AUC_BINS - 1)
+        positive = y.reshape(len(y), -1) >= 0.5  # probability targets count on the side of 0.5 they are
+        for j in range(self.k):
+            for label in (False, True):
+                self.buf[j, int(label)] += np.bincount(bins[positive[:, j] == label, j], minlength=AUC_BINS)
+
+    def metrics(self, rows: float) -> dict:
+        """{"val_roc_auc": ...}: P(score of a positive > score of a negative), ties counted half."""
+        aucs = []
+        for neg, pos in self.buf:
+            below = np.cumsum(neg) - neg  # negatives in lower bins
+            pairs = pos.sum() * neg.sum()
+            aucs.append(float((pos * (below + neg / 2)).sum() / pairs) if pairs else 0.5)
+        return {"val_roc_auc": float(np.mean(aucs))}
 
 
 def confusion(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:

@@ -7,16 +7,11 @@ from dataclasses import dataclass
 EARLY_STOP_KEYS = ("early_stop_best", "early_stop_best_step", "early_stop_wait")  # checkpoint attributes
 
 
-def best_metric(task: str) -> tuple[str, str]:
-    """(the evaluation metric the run's best is judged by, "max" or "min")."""
-    return ("val_accuracy", "max") if task == "classification" else ("val_loss", "min")
-
-
 @dataclass
 class EarlyStopping:
     """Counts evaluations since the metric last beat `best` by more than min_delta; state saved in checkpoints."""
     metric: str
-    mode: str
+    direction: str  # "max" or "min"
     patience: int
     min_delta: float = 0.0
     best: float | None = None
@@ -25,7 +20,7 @@ class EarlyStopping:
 
     def update(self, value: float, step: int) -> bool:
         """Count one evaluation's value; True when patience evaluations in a row have not improved."""
-        sign = 1.0 if self.mode == "max" else -1.0
+        sign = 1.0 if self.direction == "max" else -1.0
         if math.isfinite(value) and (self.best is None or sign * (value - self.best) > self.min_delta):
             self.best, self.best_step, self.wait = value, step, 0
         else:  # a NaN metric never improves

@@ -6,7 +6,7 @@ import math
 
 from ..config import Config, config_from_dict
 from ..errors import UserError
-from .lr_schedules import Plateau, make_schedule
+from ..schedules import Plateau, make_schedule
 
 
 def schedule_of(cfg: Config, total: int):

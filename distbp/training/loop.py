@@ -47,13 +47,7 @@ def open_data(cfg: Config) -> tuple[Dataset, object, object]:
 
 
 def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-        progress: str = "auto") -> int:
-    """Train data-parallel as DESIGN.md describes; return the process exit code."""
-    return run_summary(cfg, comm, run_dir, resume, force, progress)["exit_code"]
-
-
-def run_summary(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: bool = False,
-                progress: str = "auto", callbacks=(), lr_at=None) -> dict:
+        progress: str = "auto", callbacks=(), lr_at=None) -> dict:
     """Train data-parallel as DESIGN.md describes; return this rank's summary record (exit_code included).
     lr_at: the learning rate by step, in place of the config's schedule (lr-find's sweep)."""
     with watching(comm, cfg.train.stall_timeout) as comm:  # a rank that never arrives at a collective ends the job
@@ -82,15 +76,15 @@ class Trainer:
         self.model = model = agree(comm, build_model, cfg, self.data)
         self.task = self.data.task
         self.loss = build_loss(cfg, self.data, comm)
-        self.metric, self.mode = agree(comm, monitored, cfg.train.best_metric, self.task)
+        self.metric, self.direction = agree(comm, monitored, cfg.train.best_metric, self.task)
         self.opt = build_optimizer(cfg, model, comm)
         t = cfg.train
-        self.early = EarlyStopping(self.metric, self.mode, t.early_stop_patience, t.early_stop_min_delta)
+        self.early = EarlyStopping(self.metric, self.direction, t.early_stop_patience, t.early_stop_min_delta)
         self.batches = GlobalBatches(self.train_split.n, t.batch_size * t.accumulate_steps, t.seed, t.drop_last)
         self.per_epoch = self.batches.steps_per_epoch
         self.total = total_steps(cfg, self.per_epoch)
         self.lr_at = lr_at or agree(comm, schedule_of, cfg, self.total)
-        self.plateau = agree(comm, plateau_of, cfg, self.mode)
+        self.plateau = agree(comm, plateau_of, cfg, self.direction)
         self.evaluated = EvalState(self.early, self.plateau)  # what evaluations move, kept in checkpoints
         on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
@@ -107,7 +101,7 @@ class Trainer:
         self.best = None  # (value, step) of the best train.best_metric of the run, resumes included
         self.done_before = self.pos.step >= self.total or self.early.should_stop  # a finished run, run again
         if self.pos.step and not self.done_before:
-            self.best = comm.bcast_obj(self.runlog.best(self.metric, self.pos.step, self.mode))
+            self.best = comm.bcast_obj(self.runlog.best(self.metric, self.pos.step, self.direction))
             self.runlog.record(resume=True, step=self.pos.step, epoch=self.pos.epoch_number, world_size=comm.size)
             if comm.is_root and (warning := schedule_change(old_config, cfg, self.per_epoch, self.pos.step)):
                 self.log(warning)
@@ -116,14 +110,14 @@ class Trainer:
                 agree(comm, split.load, cfg.data.memory_mb * 2**20, comm)
         if self.norm is None:  # fresh: statistics of the train split; resumed: those stored in the checkpoint
             self.norm = fit_normalizer(self.train_split, comm, cfg.data.normalize, cfg.data.normalize_targets,
-                                       self.task == "regression")
+                                       self.task.normalizes_targets)
         self.log(self.norm.describe())
         # the trackers last: a run that fails to start leaves no tracker run behind
         self.runlog.trackers = on_root(comm, trackers.open_trackers, cfg.log, run_dir, config_to_dict(cfg),
                                        config_to_toml(cfg)) or []
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
-        self.result, self.lr, self.step = {}, self.lr_now(), None
+        self.result, self.lr, self.grad_step = {}, self.lr_now(), None
         self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time, self._saved_step = time.monotonic(), None
         self.epoch_sums, self.last_epoch = EpochSums(), {}  # last_epoch: the latest epoch's train means
@@ -179,8 +173,8 @@ class Trainer:
         stop = slurm.StopRequest().install()
         configure_watchdog(self.comm, step_of=lambda: pos.step)
         self.model.ctx.comm = self.comm
-        self.step = self.make_step()
-        for line in self.step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
+        self.grad_step = self.make_step()
+        for line in self.grad_step.describe(cfg.train.batch_size * cfg.train.accumulate_steps):
             self.log(line)
         if cfg.train.accumulate_steps > 1:
             self.log(f"accumulation: steps of {cfg.train.batch_size * cfg.train.accumulate_steps} rows in "
@@ -198,7 +192,7 @@ class Trainer:
                 faults.inject(self.comm.rank, pos.step, self.model.grads)  # inert unless DISTBP_FAULT is set
                 # the step's scalars, flags included, ride on the step's reduction
                 s.stop, s.checkpoint_due = stop.requested, self.checkpoint_clock_due()
-                self.step.reduce(self.model.grads, s)
+                self.grad_step.reduce(self.model.grads, s)
                 timer.lap("allreduce")
                 train_loss, skipped = self.optimizer_step()
                 timer.lap("optimizer")
@@ -236,12 +230,12 @@ class Trainer:
         self.divisor = (self.loss.total_weight(self.train_split.labels(indices)) or math.nan) \
             if self.loss.weighted else len(indices)
         loss_sum, correct, rows = 0.0, 0, 0
-        passes = self.step.pass_positions(len(indices), self.cfg.train.batch_size)
+        passes = self.grad_step.pass_positions(len(indices), self.cfg.train.batch_size)
         for k, positions in enumerate(passes):
             x, y = self.train_split.read(indices[positions], self.model.params.dtype)
             x, y = self.norm.x(x), self.norm.y(y)
             timer.lap("data")
-            pass_loss, pass_correct = self.step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
+            pass_loss, pass_correct = self.grad_step.forward_backward(x, y, positions, len(indices), self.divisor, k == 0)
             timer.lap("backward")
             loss_sum, correct, rows = loss_sum + pass_loss, correct + pass_correct, rows + len(y)
         pos.micro_steps += len(passes)
@@ -257,15 +251,15 @@ class Trainer:
         s, o = self.scalars, self.cfg.optim
         train_loss = s.loss_sum / self.divisor
         self.grad_norm = math.sqrt(s.grad_sq)  # of the whole summed gradient, before clipping (metrics.jsonl)
-        skipped = not check_finite(train_loss, s.grad_sq, self.step.whole_grad, self.model, self.pos.step,
+        skipped = not check_finite(train_loss, s.grad_sq, self.grad_step.whole_grad, self.model, self.pos.step,
                                    self.cfg.train.nonfinite, self.log, math.isnan(self.divisor))
         self.lr = self.lr_now()
         if not skipped:
             if o.clip_grad_norm:  # on what this rank steps from (a slice if sharded), by the global norm
-                clip_by_norm(self.step.grad, o.clip_grad_norm, self.grad_norm)
+                clip_by_norm(self.grad_step.grad, o.clip_grad_norm, self.grad_norm)
             if o.clip_grad_value:
-                clip_by_value(self.step.grad, o.clip_grad_value)
-            self.step.apply(self.opt, self.model.params, self.lr)
+                clip_by_value(self.grad_step.grad, o.clip_grad_value)
+            self.grad_step.apply(self.opt, self.model.params, self.lr)
         return train_loss, skipped
 
     def advance(self):
@@ -284,14 +278,14 @@ class Trainer:
         if not skipped:
             self.epoch_sums.add(s.loss_sum, self.divisor, s.correct, s.rows)
         if pos.step % cfg.train.log_every == 0 or pos.step == self.total:
-            extra = {"accuracy": s.correct / s.rows} if self.task != "regression" else {}
+            extra = {"accuracy": s.correct / s.rows} if self.task.accuracy else {}
             if skipped:
                 extra["skipped"] = True
             self.runlog.record(step=pos.step, epoch=pos.epoch_number, loss=train_loss, lr=self.lr,
                                grad_norm=self.grad_norm, samples_per_s=timer.samples_per_s(), **extra)
         due = cfg.train.eval_every and pos.step % cfg.train.eval_every == 0
         epoch_end = pos.step_in_epoch == self.per_epoch
-        epoch = self.epoch_sums.means(self.task != "regression") if epoch_end else {}
+        epoch = self.epoch_sums.means(self.task.accuracy) if epoch_end else {}
         self.last_epoch = epoch or self.last_epoch
         if self.val_split is None or not (epoch_end or pos.step == self.total or due):
             if epoch:
@@ -310,7 +304,7 @@ class Trainer:
                      f"learning rate now {self.lr_now():.6g}")
         if epoch:
             self.stopped_early |= self.callbacks("on_epoch_end", {**epoch, **self.result})
-        if improved(self.result[self.metric], self.best and self.best[0], self.mode):
+        if improved(self.result[self.metric], self.best and self.best[0], self.direction):
             self.best = (self.result[self.metric], pos.step)
             if cfg.checkpoint.keep_best and pos.step < self.total:  # the final save marks a best last step
                 self.save(final=False)

@@ -10,7 +10,7 @@ import numpy as np
 from ..files import checkpoint as ckpt
 from ..config import Config, config_to_dict, config_to_json
 from .early_stop import EARLY_STOP_KEYS
-from .lr_schedules import PLATEAU_KEYS
+from ..schedules import PLATEAU_KEYS
 from ..errors import agree, on_root
 from ..inference.builders import load_params
 from ..nn import Sequential

@@ -8,7 +8,7 @@ the step's scalars over the ranks, grad_sq among them: the squared norm of the w
 summed gradient, for the finite check, clipping and metrics), then `apply` takes the
 optimizer step from `grad`. DataParallelStep splits each pass over the ranks;
 DeterministicStep cuts the batch into fixed micro-shards summed in a fixed tree
-(determinism.py), a rank running its shards in as many groups as there are passes. With
+(parallel/determinism.py), a rank running its shards in as many groups as there are passes. With
 a sharded optimizer (ZeRO-1, `owned`) `reduce` reduce-scatters, each rank's part of
 grad_sq rides the scalars' allreduce, and `apply` updates the owned slice then allgathers.
 """

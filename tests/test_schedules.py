@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import import_torch
-from distbp.training.lr_schedules import Plateau, make_schedule
+from distbp.schedules import Plateau, make_schedule
 
 
 def test_schedule_constant_and_step():

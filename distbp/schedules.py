@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from functools import partial
 
-from ..errors import require
+from .errors import require
 
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
 _require = partial(require, error=ValueError)
