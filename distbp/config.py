@@ -105,6 +105,8 @@ class TrainConfig:
                                    "a step's batch is batch_size * accumulate_steps rows", within="[1, inf)")
     early_stop_patience: int = key(0, "stop after this many evaluations without improvement of the best "
                                       "metric (0 = off)", within="[0, inf)")
+    restore_best: bool = key(False, "end training on the weights of the best evaluation (train.best_metric): "
+                                    "the final checkpoint and the summary's val metrics are theirs")
     early_stop_min_delta: float = key(0.0, "an evaluation improves only if it beats the best by more than "
                                            "this", within="[0, inf)")
 
@@ -195,7 +197,8 @@ class CheckpointConfig:
     every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
     every_seconds: float = key(0.0, "write a checkpoint every N seconds (0 = off)", within="[0, inf)")
     keep: int = key(3, "keep the newest K checkpoints", within="[1, inf)")
-    keep_best: bool = key(False, "also keep the best checkpoint (train.best_metric) as checkpoints/best.h5, "
+    keep_best: bool | str = key("auto", "also keep the best checkpoint (train.best_metric) as checkpoints/best.h5, "
+                                        "\"auto\": with early stopping or train.restore_best; "
                                  "never pruned; `--best` of eval, predict and ckpt selects it")
 
 
@@ -372,6 +375,10 @@ def validate(cfg: Config, training: bool = True) -> None:
              f"loss.name={cfg.loss.name!r}: remove them, or loss.name")
     _require(isinstance(cfg.loss.class_weights, list) or cfg.loss.class_weights == "balanced",
              f"loss.class_weights={cfg.loss.class_weights!r} must be a list of weights, one per class, or \"balanced\"")
+    _require(cfg.checkpoint.keep_best in (True, False, "auto"),
+             f"checkpoint.keep_best={cfg.checkpoint.keep_best!r} must be true, false or \"auto\"")
+    _require(not (t.restore_best and not cfg.data.val_split),
+             "train.restore_best=true needs evaluations: set data.val_split")
     _require(t.shard_optimizer in (True, False, "auto"),
              f"train.shard_optimizer={t.shard_optimizer!r} must be true, false or \"auto\"")
     _require(not (o.clip_grad_norm and o.clip_grad_value),

@@ -20,6 +20,7 @@ from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
 from ..datasets.dataset import Dataset, digits_path
 from .callbacks import Callbacks
+from .ending import BestWeights, final_reports, keep_best_on, restore_best
 from .early_stop import EarlyStopping
 from ..errors import EXIT_OK, EXIT_RESUMABLE, NonFiniteError, agree, on_root
 from ..inference.builders import build_loss, build_model
@@ -121,6 +122,7 @@ class Trainer:
         self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time, self._saved_step = time.monotonic(), None
         self.epoch_sums, self.last_epoch = EpochSums(), {}  # last_epoch: the latest epoch's train means
+        self.best_weights, self.keep_best, self.restored = BestWeights(), keep_best_on(cfg), False
         self.callbacks = Callbacks(callbacks, self)
 
     def lr_now(self) -> float:
@@ -215,8 +217,10 @@ class Trainer:
             configure_watchdog(self.comm, step_of=lambda: -1)
             stop.restore()
         faults.inject_at(self.comm.rank, "final")
+        if self.cfg.train.restore_best:
+            restore_best(self)
         agree(self.comm, self.save, final=True)
-        return self.finish(exit_code)
+        return self.finish(exit_code, final_reports(self))
 
     def forward_backward(self) -> tuple[float, int, int]:
         """Each pass of the step's batch on this rank: read, forward, backward into the summed gradient."""
@@ -306,7 +310,8 @@ class Trainer:
             self.stopped_early |= self.callbacks("on_epoch_end", {**epoch, **self.result})
         if improved(self.result[self.metric], self.best and self.best[0], self.direction):
             self.best = (self.result[self.metric], pos.step)
-            if cfg.checkpoint.keep_best and pos.step < self.total:  # the final save marks a best last step
+            self.best_weights.keep(self.model, self.result)  # for restore_best and the final report
+            if self.keep_best and pos.step < self.total:  # the final save marks a best last step
                 self.save(final=False)
         if self.early.patience:  # rank 0 decides, so every rank stops after the same step
             stop = self.early.update(self.result[self.early.metric], pos.step)
@@ -328,7 +333,7 @@ class Trainer:
         path = self.run_dir / "checkpoints" / ckpt.checkpoint_name(pos.step)
         if self.comm.is_root:
             self.timer.start()
-            best = cfg.checkpoint.keep_best and self.best is not None and self.best[1] == pos.step
+            best = self.keep_best and self.best is not None and (self.best[1] == pos.step or self.restored)
             save_checkpoint(self.saver, path,
                             lambda: make_checkpoint(self.model, self.opt, states, pos, cfg, self.comm.size, self.lr,
                                                     self.evaluated, self.norm),
@@ -336,14 +341,14 @@ class Trainer:
             self.timer.lap("checkpoint")
         self.stopped_early |= self.callbacks("on_checkpoint", str(path))
 
-    def finish(self, exit_code: int) -> int:
-        """The summary record and table; returns exit_code."""
+    def finish(self, exit_code: int, test: dict) -> int:
+        """The summary record (test: the test split's metrics, if any) and table; returns exit_code."""
         pos, result = self.pos, self.result
         best = {} if self.best is None else {"best_metric": self.metric, f"best_{self.metric}": self.best[0],
                                              "best_step": self.best[1]}
         summary = {"summary": True, "steps": pos.step, "epochs": pos.step / self.per_epoch,
                    "samples_per_s": self.timer.samples_per_s(), "steady": self.timer.steady, **self.last_epoch,
-                   **result, **best,
+                   **result, **test, **best,
                    "world_size": self.comm.size, "wall_time_s": time.perf_counter() - self.wall0,
                    "time_s": {k: round(v, 4) for k, v in self.timer.totals.items()}, "exit_code": exit_code,
                    "params_crc32": f"{param_hash(self.model.params):08x}",
