@@ -82,8 +82,10 @@ def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto"
 class Model:
     """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
 
-    def __init__(self, network, task, x_scale: float | None, normalizer, config: Config, checkpoint: Path):
+    def __init__(self, network, task, x_scale: float | None, normalizer, config: Config, checkpoint: Path,
+                 class_names: list[str] | None = None):
         self.network, self.task, self.config, self.checkpoint = network, task.name, config, checkpoint
+        self.class_names = class_names  # the dataset's (text labels at conversion), else None
         self._task = task
         self.input_shape = network.input_shape
         self._x_scale, self._normalizer = x_scale, normalizer
@@ -106,8 +108,10 @@ class Model:
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
-        """Class labels (classification, binary) or outputs (regression) for the rows of x."""
-        return self._outputs(x, batch)[self._task.predicted]
+        """Class labels (classification: the class names where the dataset has them, else 0..K-1; binary: 0/1)
+        or outputs (regression) for the rows of x."""
+        out = self._outputs(x, batch)[self._task.predicted]
+        return np.asarray(self.class_names)[out] if self.class_names and self._task.labels else out
 
     def predict_proba(self, x, batch: int = 1024) -> np.ndarray:
         """Class probabilities (classification: (N, K); binary: (N, k)) for the rows of x."""
@@ -128,4 +132,5 @@ def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
     # this process alone (any rank may call it): rank 0 of a world of one reads and builds
     network, data, cfg, normalizer = load_model(str(path), SerialComm(), data_path)
     with data:
-        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path))
+        names = data.class_names if data.task.labels and "class_names" in data.attrs else None
+        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path), names)

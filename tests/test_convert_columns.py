@@ -61,3 +61,20 @@ def test_a_text_feature_column_is_named_and_inspect_shows_feature_names(tmp_path
                      "--val-fraction", "0.5"]) == 0
     assert cli.main(["data", "inspect", str(tmp_path / "a.h5")]) == 0
     assert 'feature_names = ["sepal", "width"]' in capsys.readouterr().out
+
+
+def test_predictions_give_the_class_names(tmp_path, capsys):
+    import distbp
+    src = write_csv(tmp_path / "t.csv")
+    data = tmp_path / "t.h5"
+    convert([src], data, label="species", drop=["code"], val_fraction=0.5)
+    assert cli.main(["train", "--set", f"data.path='{data}'", "--set", "train.epochs=2", "--run-dir",
+                     str(tmp_path / "run"), "--progress", "none"]) == 0
+    model = distbp.load(tmp_path / "run")
+    assert model.class_names == ["setosa", "versicolor", "virginica"]
+    assert set(model.predict(np.array([[5.1, 3.5], [7.0, 3.2]]))) <= set(model.class_names)
+    out = tmp_path / "p.csv"
+    assert cli.main(["predict", str(tmp_path / "run"), str(data), str(out)]) == 0
+    head, first = out.read_text().splitlines()[:2]
+    assert head.split(",")[:2] == ["class", "class_name"]
+    assert first.split(",")[1] == model.class_names[int(first.split(",")[0])]
