@@ -232,12 +232,17 @@ class Config:
         for name in given:
             if name not in SECTIONS:
                 raise _unknown(name, SECTIONS)
+        errors = []  # every key's error, reported together
         for name, section in SECTIONS.items():
             value = given.get(name, {})
-            setattr(self, name, value if isinstance(value, section) else _section(name, value))
+            try:
+                setattr(self, name, value if isinstance(value, section) else _section(name, value, errors))
+            except ConfigError as e:
+                errors.append(str(e))
+                setattr(self, name, section())
         if training:
             self.optim.resolve()
-        validate(self, training)
+        validate(self, training, errors)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -321,17 +326,32 @@ def _unknown(key: str, known) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}")
 
 
-def _section(section: str, values) -> object:
-    """One section's dataclass from its TOML table, every value type-checked."""
+def _section(section: str, values, errors: list | None = None) -> object:
+    """One section's dataclass from its TOML table, every value type-checked; with errors, each bad key's
+    message is appended there and the key keeps its default (else the first one is raised)."""
     if section not in SECTIONS:
         raise _unknown(section, SECTIONS)
     if not isinstance(values, dict):
         raise ConfigError(f"'{section}' must be a table ([{section}] in TOML)")
-    types_ = typing.get_type_hints(SECTIONS[section])
-    for k in values:
-        if k not in types_:
-            raise _unknown(f"{section}.{k}", [f"{section}.{n}" for n in types_])
-    return SECTIONS[section](**{k: _check_type(f"{section}.{k}", v, types_[k]) for k, v in values.items()})
+    types_, good, found = typing.get_type_hints(SECTIONS[section]), {}, []
+    for k, v in values.items():
+        try:
+            if k not in types_:
+                raise _unknown(f"{section}.{k}", [f"{section}.{n}" for n in types_])
+            good[k] = _check_type(f"{section}.{k}", v, types_[k])
+        except ConfigError as e:
+            if errors is None:
+                raise
+            found.append(str(e))
+    (errors if errors is not None else []).extend(found)
+    return SECTIONS[section](**good)
+
+
+def _all(errors: list[str]) -> ConfigError:
+    """One ConfigError for all of errors, on one line (the CLI's one `distbp: error:` line)."""
+    if len(errors) == 1:
+        return ConfigError(errors[0])
+    return ConfigError(f"{len(errors)} config errors: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
 
 
 def config_from_dict(d: dict, training: bool = True) -> Config:
@@ -359,12 +379,18 @@ def _resolves(find, name, key: str) -> None:
         raise ConfigError(f"{key}={name!r} {e}") from None
 
 
-def validate(cfg: Config, training: bool = True) -> None:
-    """Check every key's range or choices, then the checks that span keys; raise ConfigError naming them
-    (training=False: all but the optim section)."""
+def validate(cfg: Config, training: bool = True, errors: list | None = None) -> None:
+    """Check every key's range or choices, then the checks that span keys; raise one ConfigError naming every
+    bad key with the errors found before (training=False: all but the optim section)."""
+    errors = list(errors or [])
     for section in SECTIONS if training else [s for s in SECTIONS if s != "optim"]:
         for name, f in _fields(section).items():
-            _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
+            try:
+                _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
+            except ConfigError as e:
+                errors.append(str(e))
+    if errors:  # the checks across keys need each key's own value right
+        raise _all(errors)
     m, t, o = cfg.model, cfg.train, cfg.optim
     for i, spec in enumerate(m.layers):
         _resolves(layer_class, spec.get("type"), f"model.layers[{i}].type")

@@ -63,3 +63,13 @@ def test_the_time_split_adds_up_to_the_wall_time():
     rows = [line for line in format_summary(summary) if line.strip().startswith("time ")]
     assert re.search(r"time other +3\.00 s +30%  \(start-up, trackers, logging\)", rows[-1])
     assert sum(float(re.search(r"s +(\d+)%", r).group(1)) for r in rows) == 100
+
+
+def test_config_errors_come_all_at_once(alone, capsys):
+    assert cli.main(["train", "--set", "train.epoch=3", "--set", "optim.lr=-1", "--set", "train.batch_size=abc",
+                     "--set", "model.dropout=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distbp: error: 4 config errors: (1) ")
+    for part in ("train.batch_size='abc' has the wrong type", "did you mean 'train.epochs'?",
+                 "model.dropout=2.0 must be in [0, 1)", "optim.lr=-1.0 must be positive"):
+        assert part in err
