@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_argument(ci)
     cv = csub.add_parser("verify", help="check the checksum (exit 0 valid, 1 damaged)")
     add_checkpoint_argument(cv)
-    ce = csub.add_parser("export", help="parameters as a plain .npz")
+    ce = csub.add_parser("export", help="parameters, normalization and layer specs as a plain .npz")
     add_checkpoint_argument(ce)
-    ce.add_argument("out", help=".npz file to write (one array per parameter)")
+    ce.add_argument("out", help=".npz file to write: one array per parameter, normalization.NAME per statistic "
+                    "the inputs are normalized with, and the layer specs and config as JSON text (0-d str arrays, "
+                    "read without pickle)")
     add_force(ce)
     add_plot_predict_parsers(sub)
     return p
@@ -388,12 +390,31 @@ def cmd_ckpt(args, comm) -> int:
         try:
             with AtomicFile(out) as target:
                 with open(target.tmp, "wb") as f:
-                    np.savez(f, **ck.params)
+                    np.savez(f, **export_arrays(ck))
                 target.commit(durable=True)
         except OSError as e:
             raise UserError(f"cannot write {out} ({e.strerror}); the old file, if any, is intact") from None
-        print(f"wrote {len(ck.params)} arrays to {out}")
+        print(f"wrote {len(ck.params)} parameters, {len(ck.normalization)} normalization statistics and the layer "
+              f"specs to {out}")
     return 0
+
+
+def export_arrays(ck) -> dict:
+    """What `ckpt export` writes: the parameters, the normalization (normalization.NAME) and, as JSON text,
+    the layer specs (model.layers, or the MLP's from model.hidden and the parameter shapes) and the config."""
+    import json
+    import numpy as np
+    from .nn import mlp_specs
+    m = ck.config["model"]
+    specs = m["layers"]
+    if not specs:
+        names = sorted((k for k in ck.params if k.endswith(".W")), key=lambda k: int(k.split(".")[0]))  # in layer order
+        weights = [ck.params[k] for k in names]
+        flatten = [{"type": "flatten"}] if not names[0].startswith("0.") else []  # image inputs: layer 0 flattens
+        specs = flatten + mlp_specs([weights[0].shape[0], *(w.shape[1] for w in weights)], m["activation"],
+                                    m["dropout"])
+    return {**ck.params, **{f"normalization.{k}": v for k, v in ck.normalization.items()},
+            "layers": np.array(json.dumps(specs)), "config": np.array(json.dumps(ck.config))}
 
 
 def cmd_plot(args, comm) -> int:

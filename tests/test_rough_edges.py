@@ -73,3 +73,23 @@ def test_config_errors_come_all_at_once(alone, capsys):
     for part in ("train.batch_size='abc' has the wrong type", "did you mean 'train.epochs'?",
                  "model.dropout=2.0 must be in [0, 1)", "optim.lr=-1.0 must be positive"):
         assert part in err
+
+
+def test_ckpt_export_carries_normalization_and_layer_specs(alone, capsys):
+    import numpy as np
+    from distbp import nn
+    assert cli.main(["train", "--set", "train.epochs=1", "--set", "model.hidden=[32, 16]", "--run-dir", "run",
+                     "--progress", "none"]) == 0
+    assert cli.main(["ckpt", "export", "run", "e.npz"]) == 0
+    z = np.load(alone / "e.npz")  # no pickle needed: every entry is a plain array
+    specs = json.loads(str(z["layers"]))
+    assert [s["type"] for s in specs] == ["linear", "relu", "linear", "relu", "linear"]
+    net = nn.Sequential(specs, (64,), dtype=np.float32)
+    for name, view in net.views(net.params).items():
+        view[...] = z[name]
+    x = np.random.default_rng(0).integers(0, 17, (5, 64)).astype(np.float32)
+    scaled = x / 16  # the digits' x_scale, then the stored normalization
+    out = net.forward(((scaled - z["normalization.x_shift"]) / z["normalization.x_scale"]).astype(np.float32))
+    import distbp
+    np.testing.assert_array_equal(out.argmax(1), distbp.load(alone / "run").predict(x.astype(np.uint8)))
+    assert json.loads(str(z["config"]))["model"]["hidden"] == [32, 16]
