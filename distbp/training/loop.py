@@ -70,10 +70,10 @@ class Trainer:
     def __init__(self, cfg: Config, comm, run_dir: str | Path, resume: str, force: bool = False,
                  progress: str = "auto", callbacks=(), lr_at=None):
         self.cfg, self.comm, self.wall0 = cfg, comm, time.perf_counter()
-        if cfg.data.path:  # stored absolute, so eval and predict of the run work from any folder
-            cfg.data.path = os.path.abspath(cfg.data.path)
         self.run_dir = run_dir = Path(comm.bcast_obj(str(run_dir)))
         self.data, self.train_split, self.val_split = agree(comm, open_data, cfg)
+        if cfg.data.path:  # stored absolute, so eval and predict of the run work from any folder
+            cfg.data.path = os.path.abspath(cfg.data.path)
         self.model = model = agree(comm, build_model, cfg, self.data)
         self.task = self.data.task
         self.loss = build_loss(cfg, self.data, comm)
