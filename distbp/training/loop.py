@@ -203,7 +203,8 @@ class Trainer:
                 self.report(train_loss, skipped)
                 if s.stop > 0:
                     self.log(f"stop signal received: checkpoint at step {pos.step}, exit {EXIT_RESUMABLE} "
-                             "(resumable)")
+                             f"(resumable): run the same command (same --run-dir {self.run_dir}) to continue "
+                             "from it")
                     exit_code = EXIT_RESUMABLE
                     break
                 if self.stopped_early:
