@@ -93,3 +93,15 @@ def test_ckpt_export_carries_normalization_and_layer_specs(alone, capsys):
     import distbp
     np.testing.assert_array_equal(out.argmax(1), distbp.load(alone / "run").predict(x.astype(np.uint8)))
     assert json.loads(str(z["config"]))["model"]["hidden"] == [32, 16]
+
+
+def test_eval_chunks_are_sized_by_the_models_activations():
+    import numpy as np
+    from distbp import load_config
+    from distbp.inference.evaluate import eval_chunk
+    from distbp.nn import Sequential
+    layers = load_config("digits-cnn").model.layers
+    assert eval_chunk(Sequential(layers, (784,), np.float32)) == 128  # 28x28: ~0.5 MB of layer outputs per row
+    assert eval_chunk(Sequential(layers, (64,), np.float32)) == 1024  # 8x8
+    assert eval_chunk(Sequential([{"type": "linear", "out": 128}, {"type": "relu"}, {"type": "linear", "out": 10}],
+                                 (64,), np.float32)) == 1024
