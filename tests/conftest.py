@@ -79,6 +79,18 @@ def import_torch():
     return pytest.importorskip("torch")
 
 
+def check_model_gradients(model, x, R, tol: float = 1e-6):
+    """A model's parameter and input gradients of sum(model(x) * R) against finite differences; the former."""
+    model.zero_grad()
+    model.forward(x)
+    dx = model.backward(R)
+    grads = model.grads.copy()
+    loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
+    assert rel_err(grads, numeric_grad(loss, model.params)) < tol
+    assert rel_err(dx, numeric_grad(loss, x)) < tol
+    return grads
+
+
 @pytest.fixture(scope="session")
 def comm():
     """The world Comm: size 1 under plain pytest, n under mpirun -n n."""

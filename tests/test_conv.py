@@ -7,7 +7,7 @@ from distbp.nn import conv
 from distbp.nn.conv import Conv2D
 from distbp.nn.pool import MaxPool2D
 from distbp.nn.reshape import Flatten
-from conftest import bind_random, check_grads, import_torch, numeric_grad, rel_err
+from conftest import bind_random, check_grads, check_model_gradients, import_torch, rel_err
 
 
 def conv_naive(x, W, b, stride, padding):
@@ -134,13 +134,7 @@ def test_cnn_in_sequential_names_init_and_gradients():
     np.testing.assert_array_equal(model.params, Sequential(CNN, (2, 6, 6), np.float64, seed=0).params)
     rng = np.random.default_rng(6)
     x, R = rng.standard_normal((3, 2, 6, 6)), rng.standard_normal((3, 4))
-    model.zero_grad()
-    model.forward(x)
-    dx = model.backward(R)
-    grads = model.grads.copy()
-    loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
-    assert rel_err(grads, numeric_grad(loss, model.params)) < 1e-6
-    assert rel_err(dx, numeric_grad(loss, x)) < 1e-6
+    grads = check_model_gradients(model, x, R)
     model.zero_grad()
     model.forward(x)
     assert model.backward(R, need_dx=False) is None

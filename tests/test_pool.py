@@ -5,7 +5,7 @@ import pytest
 
 from distbp.nn import Sequential
 from distbp.nn.pool import AvgPool2D, GlobalAvgPool, MaxPool2D
-from conftest import check_grads, import_torch, numeric_grad, rel_err
+from conftest import check_grads, check_model_gradients, import_torch, rel_err
 
 
 def maxpool_naive(x, kernel, stride):
@@ -126,13 +126,7 @@ def test_all_convolutional_net_gradients_and_float32():
     assert model.out_shape == (5,)
     rng = np.random.default_rng(3)
     x, R = rng.standard_normal((3, 72)), rng.standard_normal((3, 5))
-    model.zero_grad()
-    model.forward(x)
-    dx = model.backward(R)
-    grads = model.grads.copy()
-    loss = lambda: float(np.sum(model.forward(x) * R))  # noqa: E731
-    assert rel_err(grads, numeric_grad(loss, model.params)) < 1e-6
-    assert rel_err(dx, numeric_grad(loss, x)) < 1e-6
+    check_model_gradients(model, x, R)
     model32 = Sequential(HEAD, (72,), dtype=np.float32, seed=0)
     np.testing.assert_allclose(model32.forward(x.astype(np.float32)), model.forward(x), rtol=1e-4, atol=1e-5)
 
