@@ -1,24 +1,11 @@
 """distbp.train's callbacks (hooks, a stop on every rank at the same step, custom metrics) and the epoch-mean
 train loss and accuracy, exact over the epoch's rows."""
-import json
 from pathlib import Path
 
 import pytest
 
 import distbp
-from conftest import run_distbp
-
-
-@pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the test trains in-process and launches its own jobs."""
-    if comm.size > 1:
-        pytest.skip("trains in-process: run in the serial session")
-
-
-def records(run_dir) -> list[dict]:
-    """The lines of metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+from conftest import metrics, run_distbp
 
 
 class Recorder(distbp.Callback):
@@ -47,7 +34,7 @@ class Recorder(distbp.Callback):
 CONFIG = {"train": {"epochs": 2, "log_every": 1}, "checkpoint": {"every_steps": 30}}
 
 
-def test_hooks_in_order_with_their_arguments_and_custom_metrics(alone, tmp_path):
+def test_hooks_in_order_with_their_arguments_and_custom_metrics(serial, tmp_path):
     rec = Recorder()
     summary = distbp.train(CONFIG, run_dir=tmp_path / "run", callbacks=[rec], progress="none")
     hooks = [(h, step) for h, step, _ in rec.calls]
@@ -57,13 +44,13 @@ def test_hooks_in_order_with_their_arguments_and_custom_metrics(alone, tmp_path)
     assert set(end) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro"}
     assert rec.calls[6][2] == str(tmp_path / "run" / "checkpoints" / "step-00000046.h5")
     assert rec.calls[-1][2]["params_crc32"] == summary["params_crc32"]
-    custom = [(r["step"], r["custom"]) for r in records(tmp_path / "run") if "custom" in r]
+    custom = [(r["step"], r["custom"]) for r in metrics(tmp_path / "run") if "custom" in r]
     assert custom == [(23, 10.0), (46, 20.0)]
 
 
-def test_epoch_means_are_exact_over_the_epochs_rows(alone, tmp_path):
+def test_epoch_means_are_exact_over_the_epochs_rows(serial, tmp_path):
     distbp.train(CONFIG, run_dir=tmp_path / "run", progress="none")
-    lines = records(tmp_path / "run")
+    lines = metrics(tmp_path / "run")
     batches = [r for r in lines if "loss" in r and "step" in r and not r.get("summary")]
     rows = [64] * 22 + [29]  # 1437 train rows: 22 batches of 64, then 29
     for epoch in (1, 2):
@@ -86,14 +73,14 @@ class StopAt(distbp.Callback):
             run.stop(f"stopped by StopAt at epoch {self.epoch}")
 
 
-def test_a_callback_stops_the_run_with_a_final_checkpoint(alone, tmp_path):
+def test_a_callback_stops_the_run_with_a_final_checkpoint(serial, tmp_path):
     summary = distbp.train({"train": {"epochs": 5}}, run_dir=tmp_path / "run", callbacks=[StopAt(2)],
                            progress="none")
     assert summary["steps"] == 46 and summary["stopped"] == "stopped by StopAt at epoch 2"
     assert (tmp_path / "run" / "checkpoints" / "step-00000046.h5").exists()
 
 
-def test_callback_without_hooks_and_bad_progress_are_refused(alone, tmp_path):
+def test_callback_without_hooks_and_bad_progress_are_refused(serial, tmp_path):
     with pytest.raises(TypeError, match="none of the hooks"):
         distbp.train(CONFIG, run_dir=tmp_path / "a", callbacks=[object()], progress="none")
     with pytest.raises(distbp.UserError, match="progress='quiet' is not one of"):
@@ -111,7 +98,7 @@ print("RESULT", distbp.rank(), summary["steps"], summary["params_crc32"], summar
 """
 
 
-def test_one_ranks_stop_ends_every_rank_at_the_same_step(alone, tmp_path):
+def test_one_ranks_stop_ends_every_rank_at_the_same_step(serial, tmp_path):
     script = tmp_path / "stop.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     proc = run_distbp([tmp_path / "run"], 2, script=script)

@@ -1,24 +1,12 @@
 """The plateau schedule in a run: the rate falls when train.best_metric stalls, and a resume continues its state."""
-import json
-from pathlib import Path
-
-import pytest
-
 import distbp
+from conftest import metrics
 from distbp.files import checkpoint as ckpt
-
-
-@pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the test trains in-process."""
-    if comm.size > 1:
-        pytest.skip("trains in-process: run in the serial session")
 
 
 def rates(run_dir) -> list[tuple[int, float]]:
     """(step, lr) of every train line of metrics.jsonl."""
-    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["lr"]) for r in lines if "lr" in r]
+    return [(r["step"], r["lr"]) for r in metrics(run_dir) if "lr" in r]
 
 
 def config(epochs: int) -> dict:
@@ -26,7 +14,7 @@ def config(epochs: int) -> dict:
             "optim": {"lr": 0.2, "schedule": "plateau", "gamma": 0.5, "plateau_patience": 0}}
 
 
-def test_plateau_lowers_the_rate_and_resumes_with_its_state(alone, tmp_path):
+def test_plateau_lowers_the_rate_and_resumes_with_its_state(serial, tmp_path):
     distbp.train(config(4), run_dir=tmp_path / "straight", progress="none")
     straight = rates(tmp_path / "straight")
     assert straight[0][1] == 0.2 and min(lr for _, lr in straight) < 0.2  # val_loss stalled at least once

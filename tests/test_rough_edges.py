@@ -10,10 +10,8 @@ from distbp.reporting.metrics import format_summary
 
 
 @pytest.fixture
-def alone(comm, tmp_path, monkeypatch):
+def alone(serial, tmp_path, monkeypatch):
     """In-process CLI calls in an empty folder of the serial session."""
-    if comm.size > 1:
-        pytest.skip("calls cli.main in-process: run in the serial session")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

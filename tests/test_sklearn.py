@@ -22,21 +22,14 @@ from distbp.sklearn import MLPClassifier, MLPRegressor
 ESTIMATORS = [MLPClassifier(max_iter=15, random_state=0), MLPRegressor(max_iter=15, random_state=0)]
 
 
-@pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the estimator trains in-process and the test launches its own jobs."""
-    if comm.size > 1:
-        pytest.skip("trains in-process: run in the serial session")
-
-
 @parametrize_with_checks(ESTIMATORS)
-def test_scikit_learn_estimator_checks(alone, estimator, check):
+def test_scikit_learn_estimator_checks(serial, estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
 
 
-def test_classifier_on_iris_next_to_scikit_learns_mlp(alone):
+def test_classifier_on_iris_next_to_scikit_learns_mlp(serial):
     x, y = load_iris(return_X_y=True)
     names = np.array(["setosa", "versicolor", "virginica"])[y]  # labels of any kind come back as given
     xt, xv, yt, yv = train_test_split(x, names, test_size=0.25, random_state=0, stratify=y)
@@ -49,7 +42,7 @@ def test_classifier_on_iris_next_to_scikit_learns_mlp(alone):
     assert model.n_iter_ == 30 and model.loss_ > 0
 
 
-def test_pipeline_cross_val_score_and_grid_search(alone):
+def test_pipeline_cross_val_score_and_grid_search(serial):
     x, y = load_wine(return_X_y=True)
     scores = cross_val_score(make_pipeline(StandardScaler(), MLPClassifier(max_iter=10, random_state=0)), x, y,
                              cv=3)
@@ -61,7 +54,7 @@ def test_pipeline_cross_val_score_and_grid_search(alone):
     assert model.get_params()["max_iter"] == 3 and model.fit(x, y).n_iter_ == 3
 
 
-def test_regressor_and_data_frames_keep_feature_names(alone):
+def test_regressor_and_data_frames_keep_feature_names(serial):
     pandas = pytest.importorskip("pandas")
     data = load_diabetes(as_frame=True)
     xt, xv, yt, yv = train_test_split(data.data, data.target, test_size=0.25, random_state=0)
@@ -86,7 +79,7 @@ if rank() == 0:
 """
 
 
-def test_same_model_in_one_process_and_under_mpirun(alone, tmp_path):
+def test_same_model_in_one_process_and_under_mpirun(serial, tmp_path):
     script = tmp_path / "fit.py"
     script.write_text(SCRIPT.format())
     for n in (1, 2):

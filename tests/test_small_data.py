@@ -1,13 +1,11 @@
 """A small table of one's own with the defaults: every row trained on each epoch, a warning when drop_last
 discards many, a throughput with one step, and the same result at any rank count."""
-import json
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import run_distbp
+from conftest import metrics, run_distbp
 from distbp import cli
 from distbp.parallel.sampler import dropped_rows
 from distbp.reporting.metrics import StepTimer, format_summary
@@ -17,19 +15,12 @@ IRIS = Path(str(resources.files("sklearn.datasets") / "data" / "iris.csv"))
 
 
 @pytest.fixture
-def iris(comm, tmp_path):
+def iris(serial, tmp_path):
     """scikit-learn's iris CSV converted as README says (112 train rows, 38 val)."""
-    if comm.size > 1:
-        pytest.skip("calls cli.main in-process: run in the serial session")
     path = tmp_path / "iris.h5"
     assert cli.main(["data", "convert", str(IRIS), str(path), "--skip-rows", "1", "--label", "-1",
                      "--val-fraction", "0.25"]) == 0
     return path
-
-
-def records(run_dir) -> list[dict]:
-    """The lines of metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dropped_rows_and_the_warning_past_ten_percent():
@@ -45,7 +36,7 @@ def test_iris_with_the_defaults_trains_every_row_and_reaches_scikit_learn(iris, 
                      "--progress", "none"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: train.drop_last" not in out
-    lines = records(tmp_path / "run")
+    lines = metrics(tmp_path / "run")
     summary = lines[-1]
     assert summary["steps"] == 60  # 112 rows: a batch of 64 and one of 48, 30 epochs
     assert summary["val_accuracy"] >= 0.93  # scikit-learn's MLP: 94.7% on this split
@@ -53,7 +44,7 @@ def test_iris_with_the_defaults_trains_every_row_and_reaches_scikit_learn(iris, 
     assert cli.main(["train", "examples/classification.toml", "--set", f"data.path='{iris}'", "--set",
                      "train.epochs=3", "--set", "checkpoint.every_steps=0", "--run-dir",
                      str(tmp_path / "big"), "--progress", "none"]) == 0
-    assert records(tmp_path / "big")[-1]["steps"] == 3
+    assert metrics(tmp_path / "big")[-1]["steps"] == 3
 
 
 def test_drop_last_warns_and_one_step_has_a_throughput(iris, tmp_path, capsys):
@@ -61,7 +52,7 @@ def test_drop_last_warns_and_one_step_has_a_throughput(iris, tmp_path, capsys):
                      "train.epochs=1", "--run-dir", str(tmp_path / "run"), "--progress", "none"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: train.drop_last=true drops 48 of the 112 train rows (43%) every epoch" in out
-    summary = records(tmp_path / "run")[-1]
+    summary = metrics(tmp_path / "run")[-1]
     assert summary["steps"] == 1 and summary["samples_per_s"] > 0 and summary["steady"] is False
     assert "(all 1 steps, warm-up included)" in out
 
@@ -85,5 +76,5 @@ def test_partial_last_batch_is_the_same_at_1_and_2_ranks(iris, tmp_path):
                            "train.deterministic=true", "--set", "train.micro_batch=8", "--run-dir",
                            tmp_path / f"r{n}", "--progress", "none"], ranks=n)
         assert proc.returncode == 0, proc.stderr
-        crcs.append(records(tmp_path / f"r{n}")[-1]["params_crc32"])
+        crcs.append(metrics(tmp_path / f"r{n}")[-1]["params_crc32"])
     assert crcs[0] == crcs[1]

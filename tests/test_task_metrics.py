@@ -16,19 +16,12 @@ from distbp.reporting.scores import AucSums
 CANCER = Path(str(resources.files("sklearn.datasets") / "data" / "breast_cancer.csv"))
 
 
-@pytest.fixture
-def alone(comm):
-    """Skip in multi-rank sessions: the test trains in-process."""
-    if comm.size > 1:
-        pytest.skip("trains in-process: run in the serial session")
-
-
 def val_split(path):
     with h5py.File(path, "r") as f:
         return f["val/x"][()], f["val/y"][()]
 
 
-def test_f1_macro_equals_scikit_learns_and_drives_early_stopping(alone, tmp_path):
+def test_f1_macro_equals_scikit_learns_and_drives_early_stopping(serial, tmp_path):
     summary = distbp.train({"train": {"epochs": 6, "best_metric": "val_f1_macro", "early_stop_patience": 1},
                             "optim": {"lr": 0.5}}, run_dir=tmp_path / "run", progress="none")
     assert summary["best_metric"] == "val_f1_macro" and "best_val_f1_macro" in summary
@@ -38,7 +31,7 @@ def test_f1_macro_equals_scikit_learns_and_drives_early_stopping(alone, tmp_path
     assert summary["steps"] < 6 * 23 and "early stop: val_f1_macro did not improve" in summary["stopped"]
 
 
-def test_roc_auc_equals_scikit_learns_on_a_binary_task(alone, tmp_path):
+def test_roc_auc_equals_scikit_learns_on_a_binary_task(serial, tmp_path):
     data = tmp_path / "cancer.h5"
     assert cli.main(["data", "convert", str(CANCER), str(data), "--skip-rows", "1", "--label", "-1", "--task",
                      "binary", "--val-fraction", "0.25"]) == 0
