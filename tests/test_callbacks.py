@@ -106,3 +106,13 @@ def test_one_ranks_stop_ends_every_rank_at_the_same_step(serial, tmp_path):
     results = sorted(line.split(" ", 4)[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     assert len(results) == 2 and results[0][1:] == results[1][1:], results
     assert results[0][1] == "46" and results[0][3] == "stopped by StopAt at epoch 2"
+
+
+def test_epoch_means_stay_exact_across_a_resume_mid_epoch(serial, tmp_path):
+    distbp.train(CONFIG, run_dir=tmp_path / "straight", progress="none")
+    distbp.train({**CONFIG, "train": {**CONFIG["train"], "max_steps": 30}}, run_dir=tmp_path / "resumed",
+                 progress="none")  # stops 7 steps into epoch 2, with a checkpoint
+    distbp.train(CONFIG, run_dir=tmp_path / "resumed", progress="none")
+    means = [[(r["epoch"], r["train_loss"], r["train_accuracy"]) for r in metrics(tmp_path / run)
+              if "train_loss" in r and "epoch" in r] for run in ("straight", "resumed")]
+    assert means[0] == means[1] and [e for e, *_ in means[0]] == [1, 2]

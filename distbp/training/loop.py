@@ -31,7 +31,7 @@ from ..reporting.progress import Progress
 from .horizon import plateau_of, schedule_change, schedule_of, total_steps
 from ..parallel.sampler import GlobalBatches, dropped_rows
 from ..reporting.scores import improved, monitored
-from .state import build_optimizer, make_checkpoint, resume_state, save_checkpoint
+from .state import EpochSums, EvalState, build_optimizer, make_checkpoint, resume_state, save_checkpoint
 from .step import DataParallelStep, DeterministicStep, StepScalars
 from ..parallel.watchdog import configure as configure_watchdog
 from ..parallel.watchdog import rank_table, watching
@@ -86,7 +86,8 @@ class Trainer:
         self.total = total_steps(cfg, self.per_epoch)
         self.lr_at = lr_at or agree(comm, schedule_of, cfg, self.total)
         self.plateau = agree(comm, plateau_of, cfg, self.direction)
-        self.evaluated = EvalState(self.early, self.plateau)  # what evaluations move, kept in checkpoints
+        self.epoch_sums = EpochSums()
+        self.evaluated = EvalState(self.early, self.plateau, self.epoch_sums)  # kept in checkpoints
         on_root(comm, trackers.check_installed, cfg.log)
         faults.inject_at(comm.rank, "setup")  # inert unless DISTBP_FAULT is set (tests)
         # after the input checks (a bad input leaves no run dir); the lock before any write
@@ -121,7 +122,7 @@ class Trainer:
         self.result, self.lr, self.grad_step = {}, self.lr_now(), None
         self.divisor, self.grad_norm, self.stopped_early = 1.0, 0.0, self.early.should_stop
         self._last_ckpt_time, self._saved_step = time.monotonic(), None
-        self.epoch_sums, self.last_epoch = EpochSums(), {}  # last_epoch: the latest epoch's train means
+        self.last_epoch = {}  # the latest epoch's train means
         self.best_weights, self.keep_best, self.restored = BestWeights(), keep_best_on(cfg), False
         self.callbacks = Callbacks(callbacks, self)
 
@@ -382,42 +383,6 @@ class Trainer:
     def stop_reason(self) -> str:
         """Why the run stopped before its end: a callback's reason, or early stopping's."""
         return self.callbacks.stopped or self.early.reason()
-
-
-class EvalState:
-    """The state evaluations move (early stopping's, the plateau schedule's), as one for checkpoints."""
-
-    def __init__(self, *parts):
-        self.parts = [p for p in parts if p is not None]
-
-    def state(self) -> dict:
-        """Every part's checkpoint attributes."""
-        return {k: v for p in self.parts for k, v in p.state().items()}
-
-    def load(self, attrs: dict):
-        """Every part continues from a checkpoint's attributes."""
-        for p in self.parts:
-            p.load(attrs)
-
-
-class EpochSums:
-    """The train loss and accuracy of the steps of one epoch, exact over all its rows and ranks."""
-
-    def __init__(self):
-        self.loss_sum, self.divisor, self.correct, self.rows = 0.0, 0.0, 0.0, 0.0
-
-    def add(self, loss_sum: float, divisor: float, correct: float, rows: float):
-        """Count one step's reduced sums (the same on every rank)."""
-        self.loss_sum, self.divisor = self.loss_sum + loss_sum, self.divisor + divisor
-        self.correct, self.rows = self.correct + correct, self.rows + rows
-
-    def means(self, accuracy: bool) -> dict:
-        """{train_loss, train_accuracy} of the epoch's steps so far, then start the next epoch from zero."""
-        out = {"train_loss": self.loss_sum / self.divisor} if self.divisor else {}
-        if accuracy and self.rows:
-            out["train_accuracy"] = self.correct / self.rows
-        self.__init__()
-        return out
 
 
 def drop_warning(n: int, batch: int, drop_last: bool) -> str | None:

@@ -125,7 +125,7 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
             f"{sorted(flats)}: its state starts fresh")
     attrs = {k: ck.attrs[k] for k in ckpt.POSITION_KEYS}
     attrs["micro_steps"] = ck.attrs.get("micro_steps", attrs["step"])  # one pass per step before accumulation
-    attrs.update({k: ck.attrs[k] for k in (*EARLY_STOP_KEYS, *PLATEAU_KEYS) if k in ck.attrs})
+    attrs.update({k: ck.attrs[k] for k in (*EARLY_STOP_KEYS, *PLATEAU_KEYS, *EPOCH_KEYS) if k in ck.attrs})
     return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path,
             "normalization": ck.normalization}
 
@@ -183,3 +183,51 @@ def save_checkpoint(saver, path: Path, make, keep: int, log, final: bool, best: 
     if final_error:
         raise ckpt.CheckpointError(f"checkpoint {path} could not be written ({final_error}); "
                                    "the previous checkpoint is intact")
+
+
+EPOCH_KEYS = ("epoch_loss_sum", "epoch_divisor", "epoch_correct", "epoch_rows")  # checkpoint attributes
+
+
+class EvalState:
+    """The state evaluations move (early stopping's, the plateau schedule's), as one for checkpoints."""
+
+    def __init__(self, *parts):
+        self.parts = [p for p in parts if p is not None]
+
+    def state(self) -> dict:
+        """Every part's checkpoint attributes."""
+        return {k: v for p in self.parts for k, v in p.state().items()}
+
+    def load(self, attrs: dict):
+        """Every part continues from a checkpoint's attributes."""
+        for p in self.parts:
+            p.load(attrs)
+
+
+class EpochSums:
+    """The train loss and accuracy of the steps of one epoch, exact over all its rows and ranks."""
+
+    def __init__(self):
+        self.loss_sum, self.divisor, self.correct, self.rows = 0.0, 0.0, 0.0, 0.0
+
+    def add(self, loss_sum: float, divisor: float, correct: float, rows: float):
+        """Count one step's reduced sums (the same on every rank)."""
+        self.loss_sum, self.divisor = self.loss_sum + loss_sum, self.divisor + divisor
+        self.correct, self.rows = self.correct + correct, self.rows + rows
+
+    def means(self, accuracy: bool) -> dict:
+        """{train_loss, train_accuracy} of the epoch's steps so far, then start the next epoch from zero."""
+        out = {"train_loss": self.loss_sum / self.divisor} if self.divisor else {}
+        if accuracy and self.rows:
+            out["train_accuracy"] = self.correct / self.rows
+        self.__init__()
+        return out
+
+    def state(self) -> dict:
+        """The sums so far (a checkpoint mid-epoch keeps them, so a resumed epoch's means stay exact)."""
+        return dict(zip(EPOCH_KEYS, (self.loss_sum, self.divisor, self.correct, self.rows)))
+
+    def load(self, attrs: dict):
+        """Continue from a checkpoint's sums (none in older checkpoints: from zero)."""
+        if EPOCH_KEYS[0] in attrs:
+            self.loss_sum, self.divisor, self.correct, self.rows = (float(attrs[k]) for k in EPOCH_KEYS)
