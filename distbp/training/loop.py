@@ -60,6 +60,7 @@ def run(cfg: Config, comm, run_dir: str | Path, resume: str = "auto", force: boo
             trainer.runlog.close()  # the trackers end their runs as failed
             raise
         finally:
+            trainer.data.close()  # its splits stay in memory; the file is free (say, to be rewritten)
             if trainer.lock:
                 trainer.lock.release()
 
