@@ -133,8 +133,8 @@ def test_evaluate_is_exact_over_uneven_slices(comm, make_dataset, val_rows, dtyp
     with Dataset(path) as ds:
         model, split = build_model(cfg, ds), ds.split("val")
         loss = ds.task.loss()
-        world = evaluate(model, loss, split, comm, "classification", Normalizer())
-        alone = evaluate(model, loss, split, SerialComm(), "classification", Normalizer())
+        world = evaluate(model, loss, split, comm, ds.task, Normalizer())
+        alone = evaluate(model, loss, split, SerialComm(), ds.task, Normalizer())
         ref_loss, ref_acc = reference_metrics(model, split)
     assert world["val_accuracy"] == alone["val_accuracy"] == ref_acc  # counts, so exactly equal
     assert world["val_loss"] == pytest.approx(alone["val_loss"], rel=rtol)
