@@ -81,7 +81,7 @@ def test_tensorboard_and_mlflow_hold_the_records_of_metrics_jsonl_across_a_resum
     params, tags = run.data.params, run.data.tags
     assert params["train.epochs"] == "2" and params["optim.lr"] == "0.05" and params["log.mlflow"] == "True"
     assert tags["distbp.resume_changed.train.epochs"] == "2 -> 3"
-    final = run_dir / "checkpoints" / "step-00000066.h5"
+    final = run_dir / "checkpoints" / "step-00000069.h5"
     assert tags["distbp.checkpoint"] == str(final) and final.is_file()
     assert tags["distbp.exit_code"] == "0"
 
