@@ -85,7 +85,7 @@ def find_lr(cfg: Config, comm, steps: int, start: float, end: float) -> dict | N
     """Train steps steps of cfg's model with the rate swept from start to end; every rank gets the sweep and
     the suggestion."""
     from ..datasets.dataset import digits_path
-    from .loop import run_summary
+    from .loop import run
     agree(comm, check_sweep, start, end, steps)
     rates = sweep_rates(start, end, steps)
     data_path = str(Path(cfg.data.path or digits_path()).resolve())
@@ -93,7 +93,7 @@ def find_lr(cfg: Config, comm, steps: int, start: float, end: float) -> dict | N
     try:
         # the sweep's log lines stay in its train.log
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), written_here(folder):
-            run_summary(sweep_config(cfg, data_path, steps), comm, folder / "run", "never", progress="none",
+            run(sweep_config(cfg, data_path, steps), comm, folder / "run", "never", progress="none",
                         lr_at=lambda step: float(rates[min(step, steps - 1)]))
         losses = np.array(comm.bcast_obj(on_root(comm, read_losses, folder / "run")))
         return {"lr": rates[:len(losses)].tolist(), "loss": losses.tolist(),
