@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_HOME = {"Config": "config", "ConfigError": "config", "load_config": "config", "Model": "api", "load": "api",
+_HOME = {"Callback": "training.callbacks", "Config": "config", "ConfigError": "config", "load_config": "config", "Model": "api", "load": "api",
          "rank": "api", "train": "api", "world_size": "api", "NonFiniteError": "errors", "UserError": "errors"}
 
 __all__ = sorted([*_HOME, "__version__", "nn"])

@@ -16,7 +16,7 @@ from .datasets.text import Vocabulary
 from .inference.evaluate import load_model
 from .inference.generate import generate_text
 from .inference.predict import check_finite_inputs, model_inputs, normalized
-from .files.rundir import default_path
+from .files.rundir import default_path, remove_if_empty
 
 
 def rank() -> int:
@@ -57,14 +57,25 @@ def _collective(comm, fn, *args):
     return value
 
 
-def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto", force: bool = False) -> dict:
-    """Train data-parallel on every rank of the launcher (one without); return the run's summary record."""
+def train(config, run_dir: str | os.PathLike | None = None, resume: str = "auto", force: bool = False,
+          callbacks=(), progress: str = "auto") -> dict:
+    """Train data-parallel on every rank of the launcher (one without); return the run's summary record.
+    callbacks: distbp.Callback objects (hooks called on every rank); progress: auto, bar, lines or none."""
     from .training.loop import run  # here: inference (load) does not import the training loop
+    from .reporting.progress import MODES
+    if progress not in MODES:
+        raise UserError(f"progress={progress!r} is not one of {', '.join(MODES)}")
     comm = world()
 
     def go():
         cfg = agree(comm, _config, config)
-        summary = run(cfg, comm, run_dir or default_path(comm), str(resume), force)
+        where = run_dir or default_path(comm)
+        try:
+            summary = run(cfg, comm, where, str(resume), force, progress, callbacks=callbacks)
+        except BaseException:
+            if comm.is_root and not run_dir:  # a failed start leaves no empty runs/<time>
+                remove_if_empty(where)
+            raise
         return comm.bcast_obj(summary)  # rank 0's record, as in metrics.jsonl, on every rank
     return _collective(comm, go)
 
@@ -73,8 +84,9 @@ class Model:
     """A trained model back from a checkpoint: predict(x), predict_proba(x), and its config."""
 
     def __init__(self, network, task, x_scale: float | None, normalizer, config: Config, checkpoint: Path,
-                 vocabulary=None):
+                 vocabulary=None, class_names: list[str] | None = None):
         self.network, self.task, self.config, self.checkpoint = network, task.name, config, checkpoint
+        self.class_names = class_names  # the dataset's (text labels at conversion), else None
         self._task = task
         self.vocabulary = vocabulary  # a sequence model's (datasets.text.Vocabulary), else None
         self.input_shape = network.input_shape
@@ -100,8 +112,10 @@ class Model:
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}  # 0 rows: empty arrays
 
     def predict(self, x, batch: int = 1024) -> np.ndarray:
-        """Class labels (classification, binary), outputs (regression) or next-token ids (sequence) for the rows of x."""
-        return self._outputs(x, batch)[self._task.predicted]
+        """Class labels (classification: the class names where the dataset has them, else 0..K-1; binary: 0/1),
+        outputs (regression) or next-token ids (sequence) for the rows of x."""
+        out = self._outputs(x, batch)[self._task.predicted]
+        return np.asarray(self.class_names)[out] if self.class_names and self._task.labels else out
 
     def predict_proba(self, x, batch: int = 1024) -> np.ndarray:
         """Class probabilities (classification: (N, K); binary: (N, k)) for the rows of x."""
@@ -132,4 +146,5 @@ def load(path: str | os.PathLike, data_path: str | None = None) -> Model:
     network, data, cfg, normalizer = load_model(str(path), SerialComm(), data_path)
     with data:
         vocab = Vocabulary.from_attrs(data.attrs, str(data.path)) if data.task.token_ids else None
-        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path), vocab)
+        names = data.class_names if data.task.labels and "class_names" in data.attrs else None
+        return Model(network, data.task, data.x_scale, normalizer, cfg, Path(path), vocab, names)

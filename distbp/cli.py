@@ -67,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a bar when the terminal you launched from (mpirun/srun included) is a terminal, "
                    "else lines with epoch, percent, samples/s and ETA every train.log_every steps (default)")
 
+    lf = sub.add_parser("lr-find", help="sweep the learning rate exponentially, plot loss against it, suggest one",
+                        description="Train the config's model for --steps steps while the learning rate rises "
+                        "exponentially from --start to --end (no evaluation, nothing kept but the plot), then "
+                        "suggest optim.lr: a third of the rate where the smoothed loss is lowest, and say where "
+                        "it diverges. Data-parallel under mpirun, with the config's global batch.")
+    lf.add_argument("config", nargs="?", help="config TOML file or shipped name (default: digits)")
+    lf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable)")
+    lf.add_argument("--start", type=float, default=1e-6, help="first learning rate (default: %(default)g)")
+    lf.add_argument("--end", type=float, default=1.0, help="last learning rate (default: %(default)g)")
+    lf.add_argument("--steps", type=int, default=200, help="optimizer steps of the sweep (default: %(default)s)")
+    lf.add_argument("-o", "--out", default="lr-find.png", help="plot to write (default: %(default)s; "
+                    "needs matplotlib)")
+    add_force(lf)
+
     e = sub.add_parser("eval", help="loss and metrics of a checkpoint on a split (per-class report, confusion "
                        "matrix)")
     add_checkpoint_argument(e)
@@ -101,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_argument(ci)
     cv = csub.add_parser("verify", help="check the checksum (exit 0 valid, 1 damaged)")
     add_checkpoint_argument(cv)
-    ce = csub.add_parser("export", help="parameters as a plain .npz")
+    ce = csub.add_parser("export", help="parameters, normalization and layer specs as a plain .npz")
     add_checkpoint_argument(ce)
-    ce.add_argument("out", help=".npz file to write (one array per parameter)")
+    ce.add_argument("out", help=".npz file to write: one array per parameter, normalization.NAME per statistic "
+                    "the inputs are normalized with, and the layer specs and config as JSON text (0-d str arrays, "
+                    "read without pickle)")
     add_force(ce)
     add_plot_predict_parsers(sub)
     g = sub.add_parser("generate", help="sample text from a sequence model's checkpoint",
@@ -155,6 +172,11 @@ def add_convert_parser(dsub):
                     "unless it is given)")
     dc.add_argument("--label", help="CSV label column: name or 0-based index, -1 = last "
                     "(default: a column named label, target, class or y)")
+    dc.add_argument("--columns", type=_column_list, metavar="A,B,...",
+                    help="CSV: the feature columns, by name or 0-based index, in this order (default: all but "
+                    "the label)")
+    dc.add_argument("--drop", type=_column_list, metavar="A,B,...",
+                    help="CSV: columns left out, by name or 0-based index (an id, a text column)")
     dc.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
                     help="CSV: the first row is (not) a header (default: detected)")
     dc.add_argument("--delimiter", help="CSV delimiter (default: detected among , ; tab |)")
@@ -189,6 +211,11 @@ def add_text_parser(dsub):
     dt.add_argument("--dtype", choices=("auto", "uint8", "uint16", "int32"), default="auto",
                     help="dtype of the stored ids (default: the smallest that holds the vocabulary)")
     add_force(dt)
+
+
+def _column_list(text: str) -> list[str]:
+    """'a, b,3' -> ['a', 'b', '3']: CSV column names or indices."""
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def add_checkpoint_argument(p):
@@ -275,10 +302,43 @@ def cmd_train(args, comm) -> int:
     from .config import load_config
     from .files.rundir import default_path
     from .training.loop import run
+    from .files.rundir import remove_if_empty
     cfg = agree(comm, load_config, args.config or "digits", args.overrides)
-    # keep_stop_handlers: a stop signal from the loop's start to the process's exit only sets a flag
-    return run(cfg, comm, args.run_dir or default_path(comm), args.resume, args.force, args.progress,
-               keep_stop_handlers=True, config_file=args.config)["exit_code"]
+    run_dir = args.run_dir or default_path(comm)
+    try:
+        # keep_stop_handlers: a stop signal from the loop's start to the process's exit only sets a flag
+        return run(cfg, comm, run_dir, args.resume, args.force, args.progress, keep_stop_handlers=True,
+                   config_file=args.config)["exit_code"]
+    except BaseException:
+        if comm.is_root and not args.run_dir:  # a failed start leaves no empty runs/<time>
+            remove_if_empty(run_dir)
+        raise
+
+
+def cmd_lr_find(args, comm) -> int:
+    """distbp lr-find."""
+    from pathlib import Path
+    from .config import load_config
+    from .training.lr_find import find_lr, plot_sweep
+    cfg = agree(comm, load_config, args.config or "digits", args.overrides)
+    out = agree(comm, check_output, Path(args.out), [], args.force)
+    result = find_lr(cfg, comm, args.steps, args.start, args.end)
+    if not comm.is_root:
+        return 0
+    lr, diverged = result["suggested_lr"], result["diverged_at_lr"]
+    print(f"learning-rate sweep of {args.steps} steps from {args.start:g} to {args.end:g}: the smoothed loss is lowest "
+          f"at lr {result['min_loss_lr']:.3g}" + (f" and diverges from {diverged:.3g}" if diverged else
+                                                    ", and does not diverge"))
+    print(f"suggested optim.lr = {lr:.2g} (a third of the lowest point's): --set optim.lr={lr:.2g}")
+    if diverged and cfg.optim.lr >= diverged:
+        print(f"WARNING: the config's optim.lr={cfg.optim.lr:g} is past where the loss diverged ({diverged:.3g})")
+    elif cfg.optim.lr > 3 * lr:
+        print(f"WARNING: the config's optim.lr={cfg.optim.lr:g} is {cfg.optim.lr / lr:.1f}x the suggestion")
+    try:
+        print(f"wrote {plot_sweep(result, out, cfg.optim.lr)}")
+    except UserError as e:
+        print(f"no plot: {e}")
+    return 0
 
 
 def cmd_eval(args, comm) -> int:
@@ -318,7 +378,8 @@ def cmd_data(args, comm) -> int:
             args.inputs, args.out, test_inputs=args.test, label=args.label, task=args.task,
             val_fraction=args.val_fraction, seed=args.seed, num_classes=args.num_classes, x_scale=args.x_scale,
             header=args.header, delimiter=args.delimiter, x_key=args.x_key, y_key=args.y_key,
-            skip_rows=args.skip_rows, stratify=args.stratify, force=args.force))
+            skip_rows=args.skip_rows, stratify=args.stratify, force=args.force, columns=args.columns,
+            drop=args.drop or ()))
         if comm.is_root:
             with data.Dataset(args.out) as ds:
                 print("\n".join([f"wrote {args.out}", *ds.describe(values=True)]))
@@ -393,12 +454,31 @@ def cmd_ckpt(args, comm) -> int:
         out = check_output(args.out if args.out.endswith(".npz") else f"{args.out}.npz", [path], args.force)
         try:
             with AtomicFile(out) as target:
-                save_npz(target.tmp, ck.params)
+                save_npz(target.tmp, export_arrays(ck))
                 target.commit(durable=True)
         except OSError as e:
             raise unwritable(out, e) from None
-        print(f"wrote {len(ck.params)} arrays to {out}")
+        print(f"wrote {len(ck.params)} parameters, {len(ck.normalization)} normalization statistics and the layer "
+              f"specs to {out}")
     return 0
+
+
+def export_arrays(ck) -> dict:
+    """What `ckpt export` writes: the parameters, the normalization (normalization.NAME) and, as JSON text,
+    the layer specs (model.layers, or the MLP's from model.hidden and the parameter shapes) and the config."""
+    import json
+    import numpy as np
+    from .nn import mlp_specs
+    m = ck.config["model"]
+    specs = m["layers"]
+    if not specs:
+        names = sorted((k for k in ck.params if k.endswith(".W")), key=lambda k: int(k.split(".")[0]))  # in layer order
+        weights = [ck.params[k] for k in names]
+        flatten = [{"type": "flatten"}] if not names[0].startswith("0.") else []  # image inputs: layer 0 flattens
+        specs = flatten + mlp_specs([weights[0].shape[0], *(w.shape[1] for w in weights)], m["activation"],
+                                    m["dropout"])
+    return {**ck.params, **{f"normalization.{k}": v for k, v in ck.normalization.items()},
+            "layers": np.array(json.dumps(specs)), "config": np.array(json.dumps(ck.config))}
 
 
 def cmd_plot(args, comm) -> int:
@@ -434,7 +514,7 @@ def cmd_generate(args, comm) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "ckpt": cmd_ckpt,
-            "plot": cmd_plot, "predict": cmd_predict, "generate": cmd_generate}
+            "plot": cmd_plot, "predict": cmd_predict, "generate": cmd_generate, "lr-find": cmd_lr_find}
 
 
 def dispatch(args, comm) -> int:
@@ -538,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every collective of every command is watched: a rank frozen anywhere ends the job with its
     # name (train.stall_timeout once the command knows the run's config, the default until then).
     # In data, ckpt and plot the other ranks wait while rank 0 works alone: a rank that answers is alive.
-    strict = args.command in ("train", "eval", "predict")
+    strict = args.command in ("train", "eval", "predict", "lr-find")
     with watching(comm, timeout, args.command, strict) as comm:
         deadline.disarm()
         faults.inject_at(comm.rank, "command")

@@ -106,7 +106,8 @@ class TrainConfig(KeysOnly):
     batch_size: int = key(64, "GLOBAL batch size, split over the ranks", within="[1, inf)")
     seed: int = key(0, "seed of initialisation, data order and dropout", within="[0, inf)")
     dtype: str = key("float32", "precision of parameters and compute", choices=("float32", "float64"))
-    drop_last: bool = key(True, "drop the last partial batch of each epoch")
+    drop_last: bool = key(False, "drop the last partial batch of each epoch (a warning says when that discards "
+                                   "more than 10% of the rows)")
     eval_every: int = key(0, "also evaluate every N steps (0 = end of epoch only)", within="[0, inf)")
     log_every: int = key(50, "print a progress line every N steps when not on a terminal", within="[1, inf)")
     deterministic: bool = key(False, "bitwise-identical results on any number of ranks")
@@ -133,6 +134,8 @@ class TrainConfig(KeysOnly):
                                    "a step's batch is batch_size * accumulate_steps rows", within="[1, inf)")
     early_stop_patience: int = key(0, "stop after this many evaluations without improvement of the best "
                                       "metric (0 = off)", within="[0, inf)")
+    restore_best: bool = key(False, "end training on the weights of the best evaluation (train.best_metric): "
+                                    "the final checkpoint and the summary's val metrics are theirs")
     early_stop_min_delta: float = key(0.0, "an evaluation improves only if it beats the best by more than "
                                            "this", within="[0, inf)")
 
@@ -155,9 +158,21 @@ class OptimConfig(KeysOnly):
     schedule: str = key("constant", "learning-rate schedule", choices=lambda: schedules.SCHEDULES)
     warmup_steps: int = key(0, "linear warm-up steps before the schedule", within="[0, inf)", schedule=True)
     step_size: int = key(1000, "steps between decays (step schedule)", within="[1, inf)", schedule=True)
-    gamma: float = key(0.1, "decay factor (step schedule)", within="(0, inf)", schedule=True)
-    min_lr: float = key(0.0, "final learning rate (cosine schedule; at most optim.lr)", within="[0, inf)",
-                        schedule=True)
+    gamma: float = key(0.1, "decay factor: per step_size steps (step), per milestone (multistep), per step "
+                            "(exponential), per plateau (plateau)", within="(0, inf)", schedule=True)
+    min_lr: float = key(0.0, "final learning rate (cosine schedule), lowest one (plateau); at most optim.lr",
+                        within="[0, inf)", schedule=True)
+    milestones: list[int] = key([], "steps at which the multistep schedule multiplies the rate by gamma",
+                                within="[1, inf)", schedule=True)
+    pct_start: float = key(0.3, "onecycle: share of the steps spent rising to optim.lr", within="(0, 1)",
+                           schedule=True)
+    div_factor: float = key(25.0, "onecycle: starts at optim.lr / div_factor", within="(0, inf)", schedule=True)
+    final_div_factor: float = key(1e4, "onecycle: ends at optim.lr / div_factor / final_div_factor",
+                                  within="(0, inf)", schedule=True)
+    plateau_patience: int = key(10, "plateau: evaluations without improvement of train.best_metric before the "
+                                    "rate is multiplied by gamma", within="[0, inf)")
+    plateau_threshold: float = key(1e-4, "plateau: relative improvement that counts", within="[0, inf)")
+    plateau_cooldown: int = key(0, "plateau: evaluations to wait after a reduction", within="[0, inf)")
     clip_grad_norm: float = key(0.0, "scale the gradient down to this global L2 norm when above it, as "
                                      "torch.nn.utils.clip_grad_norm_ (0 = off)", within="[0, inf)")
     clip_grad_value: float = key(0.0, "clip every gradient entry to [-v, v], as torch.nn.utils.clip_grad_value_ "
@@ -172,6 +187,15 @@ class OptimConfig(KeysOnly):
         for f in dataclasses.fields(self):
             if f.metadata["optimizer"] and getattr(self, f.name) is None:
                 setattr(self, f.name, own.get(f.name))
+
+    def unused_options(self) -> list[str]:
+        """'optim.momentum=0.9' for each optimizer key set away from its default that the chosen optimizer
+        does not take (momentum with adam): the run warns that it is ignored."""
+        own = set(_optim().defaults(self.name) if self.name in _optim().OPTIMIZERS else ())
+        own |= {"beta1", "beta2"} if "betas" in own else set()  # the config's halves of torch's betas pair
+        return [f"optim.{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if f.metadata["optimizer"] and f.name not in own and getattr(self, f.name) is not None
+                and getattr(self, f.name) != f.default]
 
     def optimizer_options(self) -> dict:
         """Keyword arguments for optim.make_optimizer (beta1, beta2 go as torch's betas pair)."""
@@ -202,7 +226,8 @@ class CheckpointConfig(KeysOnly):
     every_steps: int = key(0, "write a checkpoint every N steps (0 = off)", within="[0, inf)")
     every_seconds: float = key(0.0, "write a checkpoint every N seconds (0 = off)", within="[0, inf)")
     keep: int = key(3, "keep the newest K checkpoints", within="[1, inf)")
-    keep_best: bool = key(False, "also keep the best checkpoint (train.best_metric) as checkpoints/best.h5, "
+    keep_best: bool | str = key("auto", "also keep the best checkpoint (train.best_metric) as checkpoints/best.h5, "
+                                        "\"auto\": with early stopping or train.restore_best; "
                                  "never pruned; `--best` of eval, predict and ckpt selects it")
 
 
@@ -236,12 +261,17 @@ class Config(KeysOnly):
         for name in given:
             if name not in SECTIONS:
                 raise _unknown(name, SECTIONS)
+        errors = []  # every key's error, reported together
         for name, section in SECTIONS.items():
             value = given.get(name, {})
-            setattr(self, name, value if isinstance(value, section) else _section(name, value))
+            try:
+                setattr(self, name, value if isinstance(value, section) else _section(name, value, errors))
+            except ConfigError as e:
+                errors.append(str(e))
+                setattr(self, name, section())
         if training:
             self.optim.resolve()
-        validate(self, training)
+        validate(self, training, errors)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -327,17 +357,32 @@ def _unknown(key: str, known) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}")
 
 
-def _section(section: str, values) -> object:
-    """One section's dataclass from its TOML table, every value type-checked."""
+def _section(section: str, values, errors: list | None = None) -> object:
+    """One section's dataclass from its TOML table, every value type-checked; with errors, each bad key's
+    message is appended there and the key keeps its default (else the first one is raised)."""
     if section not in SECTIONS:
         raise _unknown(section, SECTIONS)
     if not isinstance(values, dict):
         raise ConfigError(f"'{section}' must be a table ([{section}] in TOML)")
-    types_ = typing.get_type_hints(SECTIONS[section])
-    for k in values:
-        if k not in types_:
-            raise _unknown(f"{section}.{k}", [f"{section}.{n}" for n in types_])
-    return SECTIONS[section](**{k: _check_type(f"{section}.{k}", v, types_[k]) for k, v in values.items()})
+    types_, good, found = typing.get_type_hints(SECTIONS[section]), {}, []
+    for k, v in values.items():
+        try:
+            if k not in types_:
+                raise _unknown(f"{section}.{k}", [f"{section}.{n}" for n in types_])
+            good[k] = _check_type(f"{section}.{k}", v, types_[k])
+        except ConfigError as e:
+            if errors is None:
+                raise
+            found.append(str(e))
+    (errors if errors is not None else []).extend(found)
+    return SECTIONS[section](**good)
+
+
+def _all(errors: list[str]) -> ConfigError:
+    """One ConfigError for all of errors, on one line (the CLI's one `distbp: error:` line)."""
+    if len(errors) == 1:
+        return ConfigError(errors[0])
+    return ConfigError(f"{len(errors)} config errors: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
 
 
 def config_from_dict(d: dict, training: bool = True) -> Config:
@@ -365,12 +410,18 @@ def _resolves(find, name, key: str) -> None:
         raise ConfigError(f"{key}={name!r} {e}") from None
 
 
-def validate(cfg: Config, training: bool = True) -> None:
-    """Check every key's range or choices, then the checks that span keys; raise ConfigError naming them
-    (training=False: all but the optim section)."""
+def validate(cfg: Config, training: bool = True, errors: list | None = None) -> None:
+    """Check every key's range or choices, then the checks that span keys; raise one ConfigError naming every
+    bad key with the errors found before (training=False: all but the optim section)."""
+    errors = list(errors or [])
     for section in SECTIONS if training else [s for s in SECTIONS if s != "optim"]:
         for name, f in _fields(section).items():
-            _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
+            try:
+                _check_key(f"{section}.{name}", getattr(getattr(cfg, section), name), f)
+            except ConfigError as e:
+                errors.append(str(e))
+    if errors:  # the checks across keys need each key's own value right
+        raise _all(errors)
     m, t, o = cfg.model, cfg.train, cfg.optim
     for path, spec in nested_specs(m.layers):
         _resolves(layer_class, spec.get("type"), f"model.layers[{path}].type")
@@ -385,6 +436,10 @@ def validate(cfg: Config, training: bool = True) -> None:
              f"loss.name={cfg.loss.name!r}: remove them, or loss.name")
     _require(isinstance(cfg.loss.class_weights, list) or cfg.loss.class_weights == "balanced",
              f"loss.class_weights={cfg.loss.class_weights!r} must be a list of weights, one per class, or \"balanced\"")
+    _require(cfg.checkpoint.keep_best in (True, False, "auto"),
+             f"checkpoint.keep_best={cfg.checkpoint.keep_best!r} must be true, false or \"auto\"")
+    _require(not (t.restore_best and not cfg.data.val_split),
+             "train.restore_best=true needs evaluations: set data.val_split")
     _require(t.shard_optimizer in (True, False, "auto"),
              f"train.shard_optimizer={t.shard_optimizer!r} must be true, false or \"auto\"")
     _require(not (o.clip_grad_norm and o.clip_grad_value),
@@ -400,7 +455,10 @@ def validate(cfg: Config, training: bool = True) -> None:
         return
     try:  # the optimizer and schedule check their own arguments across keys (e.g. nesterov needs momentum)
         _optim().make_optimizer(o.name, 1, "float64", **o.optimizer_options())
-        schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 1, **o.schedule_options())
+        schedules.make_schedule(o.schedule, o.lr, total_steps=o.warmup_steps + 2, **o.schedule_options())
+        if o.schedule == "plateau":
+            schedules.Plateau(o.lr, "min", o.gamma, o.plateau_patience, o.plateau_threshold, o.plateau_cooldown,
+                                 o.min_lr)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -61,7 +61,7 @@ def test_inspect_shows_position_config_shapes_and_sizes(trained):
     done = distbp("ckpt", "inspect", str(newest(trained)))
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for line in ("step: 40", "epoch: 2 (18 steps into it; stored 0-based as epoch=1)", "step_in_epoch: 18", "samples_seen: 2560", "world_size: 1",
+    for line in ("step: 40", "epoch: 2 (17 steps into it; stored 0-based as epoch=1)", "step_in_epoch: 17", "samples_seen: 2525", "world_size: 1",
                  "optimizer: adam {'t': 40}"):
         assert line in out.splitlines()
     for name, shape, kib in (("params/0.linear.W", "(64, 32)", "8.0"), ("params/4.linear.b", "(10,)", "0.0"),
@@ -105,8 +105,9 @@ def test_export_gives_plain_arrays_by_name(trained, tmp_path):
         stored = {k: v[()] for k, v in f["params"].items()}
     with np.load(out, allow_pickle=False) as npz:
         exported = {k: npz[k] for k in npz.files}
-    assert sorted(exported) == sorted(stored) == ["0.linear.W", "0.linear.b", "1.batchnorm.W", "1.batchnorm.b",
-                                                  "4.linear.W", "4.linear.b"]
+    assert sorted(stored) == ["0.linear.W", "0.linear.b", "1.batchnorm.W", "1.batchnorm.b", "4.linear.W", "4.linear.b"]
+    assert sorted(exported) == sorted([*stored, "normalization.x_shift", "normalization.x_scale", "layers", "config"])
+    assert json.loads(str(exported["layers"])) == LAYERS
     for name, a in stored.items():
         assert exported[name].dtype == a.dtype == np.float32 and exported[name].tobytes() == a.tobytes()
 

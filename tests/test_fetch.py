@@ -280,13 +280,24 @@ def test_a_stalled_server_ends_within_the_timeout_bound(tmp_path, server):
 
 
 def test_missing_files_and_bad_mirrors(tmp_path, server):
-    with pytest.raises(fe.FetchError, match=r"iris.data: HTTP 404 Not Found at http://127.*iris/iris.data after 1 "):
+    with pytest.raises(fe.FetchError, match=r"iris.data: HTTP 404 Not Found at http://127.*iris/iris.data after 1 "
+                                            r".*HINT: the file is not at that address: a --mirror URL"):
         fe.fetch("iris", tmp_path, mirror=server.url, catalog=catalog_for(FILES), timeout=5)
     server.serve("iris", {"iris.data": FILES["iris"]["iris.data"][:3000]})  # a mirror's copy that is too short
-    with pytest.raises(fe.FetchError, match=r"iris.data: the server's copy is shorter than the published file "
-                                            r"\(HTTP 416 for the rest\) at .* after 2 attempt\(s\), 3000 of 4552"):
+    with pytest.raises(fe.FetchError, match=r"iris.data: http://127.*iris/iris.data serves 3000 bytes, the published "
+                                            r"file has 4552: it is not the published file \(the download is deleted\)"):
         fe.fetch("iris", tmp_path, mirror=server.url, catalog=catalog_for(FILES), timeout=5)
-    (tmp_path / "iris" / "iris.data.part").unlink()
+    assert len(server.requests) == 2  # one request: no resume of another file
+    (tmp_path / "iris").mkdir(exist_ok=True)
+    with open(tmp_path / "iris" / "iris.data.part", "wb") as f:  # a part of the right file, then a short copy
+        f.write(FILES["iris"]["iris.data"][:1000])
+    with pytest.raises(fe.FetchError, match=r"serves 3000 bytes, the published file has 4552"):
+        fe.fetch("iris", tmp_path, mirror=server.url, catalog=catalog_for(FILES), timeout=5)
+    assert server.requests[-1] == ("iris/iris.data", "bytes=1000-") and not (tmp_path / "iris" / "iris.data.part").exists()
+    with pytest.raises(fe.FetchError, match=r"the host name does not resolve .* after 1 attempt\(s\)"):
+        fe.fetch("iris", tmp_path, mirror="http://no-such-host.invalid", catalog=catalog_for(FILES), retries=3)
+    for leftover in sorted(tmp_path.rglob("*"), reverse=True):
+        leftover.rmdir() if leftover.is_dir() else leftover.unlink()
     with pytest.raises(fe.FetchError, match=r"--mirror 'ftp://x' is not an http"):
         fe.fetch("iris", tmp_path, mirror="ftp://x", catalog=catalog_for(FILES))
     with pytest.raises(fe.FetchError, match=r"cannot connect.*at http://127.0.0.1:9/iris/iris.data after 2 "):
@@ -367,8 +378,8 @@ def test_pinned_checksums_guard_the_production_path(tmp_path, server):
         fe.fetch("iris", tmp_path, mirror=server.url, timeout=5)
     assert leftovers(tmp_path) == []
     server.serve("iris", {"iris.data": iris_file()[:4551] + b"more"})
-    with pytest.raises(fe.FetchError, match=r"iris.data.part: the server sent more than the expected 4551 bytes; "
-                                            r"the download is deleted"):
+    with pytest.raises(fe.FetchError, match=r"iris.data: http://127.*serves 4555 bytes, the published file has 4551: "
+                                            r"it is not the published file \(the download is deleted\)"):
         fe.fetch("iris", tmp_path, mirror=server.url, timeout=5)
     assert leftovers(tmp_path) == []
     assert all(len(r.sha256) == 64 and r.size > 0 for recipe in fe.CATALOG.values() for r in recipe.files)

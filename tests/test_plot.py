@@ -95,3 +95,22 @@ def test_200_epochs_of_several_runs_legend_outside_the_curves(tmp_path):
     assert raw.get_alpha() < 0.5 and smooth.get_alpha() in (None, 1.0) and val.get_marker() in ("None", None, "")
     assert max(smooth.get_xdata()) == pytest.approx(200)  # epochs run 1..200, the last ending at 200
     assert np.std(np.diff(smooth.get_ydata())) < np.std(np.diff(raw.get_ydata()))
+
+
+def test_epoch_means_solid_val_dashed_and_the_error_panel_legend(tmp_path):
+    run = tmp_path / "reg"
+    run.mkdir()
+    lines = [{"step": s, "epoch": s // 2, "loss": 1.0 / s, "lr": 0.1} for s in (1, 2, 3, 4)]
+    lines += [{"step": s, "epoch": s // 2, "train_loss": 1.0 / s, "val_loss": 1.2 / s, "val_rmse": 2.0, "val_mae": 1.5,
+               "val_r2": 0.5, "val_baseline_rmse": 3.0} for s in (2, 4)]
+    lines.append({"summary": True, "steps": 4, "epochs": 2.0})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    fig = make_figure([run])
+    loss_ax, score_ax, error_ax = fig.axes[:3]
+    styles = {(tuple(line.get_xdata()), line.get_linestyle()) for line in loss_ax.get_lines()}
+    assert ((2, 4), "-") in styles and ((2, 4), "--") in styles  # train epoch means solid, val dashed
+    assert all(line.get_linestyle() == "--" for line in score_ax.get_lines())  # R^2: val only
+    assert [t.get_text() for t in error_ax.get_legend().get_texts()] == ["RMSE", "MAE", "baseline RMSE (train mean)"]
+    assert loss_ax.get_ylabel() == "loss (MSE, standardized targets)" and score_ax.get_ylabel() == "val R^2"
+    (legend,) = fig.legends
+    assert "train loss / accuracy (epoch mean)" in [t.get_text() for t in legend.get_texts()]

@@ -11,12 +11,13 @@ import threading
 
 import pytest
 
+from distbp.reporting import progress
 from distbp.reporting.progress import Progress, terminal_columns
 from conftest import MPIRUN, job_env
 
 TRAIN = [sys.executable, "-m", "distbp", "train", "--set", "train.epochs=2", "--set", "train.log_every=10",
          "--resume", "never"]
-LINE = re.compile(r"epoch (\d)/2 +(\d+)% step (\d+)/44 loss=\S+ lr=0\.05 [\d,]+ samples/s ETA \d\d:\d\d")
+LINE = re.compile(r"epoch (\d)/2 +(\d+)% step (\d+)/46 loss=\S+ lr=0\.05 [\d,]+ samples/s ETA \d\d:\d\d")
 
 
 def open_terminal(columns: int = 120) -> tuple[int, int]:
@@ -63,28 +64,28 @@ def run(argv, cwd, terminal: bool = False, env=None) -> str:
 
 
 def is_bar(text: str) -> bool:
-    """tqdm's bar: 'epoch 2/2: 100%|#####| 44/44 [...]' redrawn with carriage returns."""
-    return bool(re.search(r"epoch 2/2: 100%\|.*\| 44/44 \[", text)) and "\r" in text
+    """tqdm's bar: 'epoch 2/2: 100%|#####| 46/46 [...]' redrawn with carriage returns."""
+    return bool(re.search(r"epoch 2/2: 100%\|.*\| 46/46 \[", text)) and "\r" in text
 
 
 def test_lines_carry_epoch_percent_samples_per_s_and_eta(serial, tmp_path):
     text = run([*TRAIN, "--progress", "lines"], tmp_path, terminal=True)  # asked for: lines even on a terminal
     lines = [m.groups() for m in LINE.finditer(text)]
-    assert [int(step) for _, _, step in lines] == [10, 20, 30, 40, 44]
-    assert [(int(e), int(p)) for e, p, _ in lines] == [(1, 23), (1, 45), (2, 68), (2, 91), (2, 100)]
+    assert [int(step) for _, _, step in lines] == [10, 20, 30, 40, 46]
+    assert [(int(e), int(p)) for e, p, _ in lines] == [(1, 22), (1, 43), (2, 65), (2, 87), (2, 100)]
     assert not is_bar(text)
 
 
 def test_none_shows_no_progress_but_keeps_the_log(serial, tmp_path):
     text = run([*TRAIN, "--progress", "none"], tmp_path, terminal=True)
     assert not LINE.search(text) and not is_bar(text)
-    assert "eval step 44 epoch 2" in text and "summary:" in text
+    assert "eval step 46 epoch 2" in text and "summary:" in text
 
 
 def test_bar_on_one_rank_ends_before_the_summary(serial, tmp_path):
     text = run([*TRAIN, "--progress", "bar"], tmp_path)  # asked for: a bar even on a pipe
     assert is_bar(text) and not LINE.search(text)
-    last_bar = text.rindex("44/44 [")
+    last_bar = text.rindex("46/46 [")
     assert last_bar < text.index("summary:")
     assert "\r" not in text[text.index("summary:"):]  # nothing redrawn after the summary
 
@@ -129,3 +130,13 @@ def test_auto_under_srun_pty_reads_slurm_environment(monkeypatch):
     monkeypatch.setenv("SLURM_PTY_WIN_COL", "132")
     assert terminal_columns() == 132
     assert Progress("auto", 44, 22, 10, print).mode == "bar"
+
+
+def test_no_bar_before_start_and_rates_from_the_resumed_step(monkeypatch):
+    monkeypatch.setattr(progress, "terminal_columns", lambda: 80)
+    lines = []
+    p = Progress("bar", 100, 10, 5, lines.append)
+    assert p.bar is None  # nothing on screen while the start-up lines print
+    p.start(60, 60 * 32)
+    assert p.bar is not None and p.bar.initial == 60 and p.step0 == 60
+    p.close()

@@ -34,31 +34,31 @@ def test_oversubscribed_ranks_are_warned_about_once(serial, tmp_path):
 def test_raising_epochs_on_resume_warns_with_both_rates_and_schedule_steps_keeps_the_horizon(serial, tmp_path):
     cosine = ["--set", "optim.schedule=cosine", "--set", "optim.min_lr=0.0001", "--progress", "none"]
     for name in ("stretched", "kept"):
-        distbp("train", *cosine, "--set", "train.epochs=2", "--run-dir", tmp_path / name)  # 44 steps
+        distbp("train", *cosine, "--set", "train.epochs=2", "--run-dir", tmp_path / name)  # 46 steps
     out = distbp("train", *cosine, "--set", "train.epochs=4", "--run-dir", tmp_path / "stretched")
-    old = make_schedule("cosine", 0.05, total_steps=44, min_lr=1e-4)(44)
-    new = make_schedule("cosine", 0.05, total_steps=88, min_lr=1e-4)(44)
-    assert (f"the cosine learning-rate schedule now spans 88 steps instead of 44, so the rate at the resumed "
-            f"step 44 changes from {old:.3g} to {new:.3g}") in out
-    assert "HINT: --set optim.schedule_steps=44 keeps the original horizon" in out
-    out = distbp("train", *cosine, "--set", "train.epochs=4", "--set", "optim.schedule_steps=44",
+    old = make_schedule("cosine", 0.05, total_steps=46, min_lr=1e-4)(46)
+    new = make_schedule("cosine", 0.05, total_steps=92, min_lr=1e-4)(46)
+    assert (f"the cosine learning-rate schedule now spans 92 steps instead of 46, so the rate at the resumed "
+            f"step 46 changes from {old:.3g} to {new:.3g}") in out
+    assert "HINT: --set optim.schedule_steps=46 keeps the original horizon" in out
+    out = distbp("train", *cosine, "--set", "train.epochs=4", "--set", "optim.schedule_steps=46",
                  "--run-dir", tmp_path / "kept")
     assert "schedule now spans" not in out
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "kept" / "metrics.jsonl").read_text().splitlines())
-           if r.get("step", 0) > 44 and "lr" in r]
+           if r.get("step", 0) > 46 and "lr" in r]
     assert lrs and all(lr == pytest.approx(1e-4) for lr in lrs)  # stays at min_lr past the horizon
 
 
 def test_epochs_are_counted_from_one_everywhere(serial, tmp_path):
     out = distbp("train", "--set", "train.epochs=2", "--set", "checkpoint.every_steps=30", "--progress", "lines",
                  "--set", "train.log_every=11", "--run-dir", tmp_path / "run")
-    assert "eval step 22 epoch 1:" in out and "eval step 44 epoch 2:" in out
-    assert re.search(r"epoch 2/2 100% step 44/44", out)
+    assert "eval step 23 epoch 1:" in out and "eval step 46 epoch 2:" in out
+    assert re.search(r"epoch 2/2 100% step 46/46", out)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {(r["step"], r["epoch"]) for r in records if "loss" in r} == {(11, 1), (22, 1), (33, 2), (44, 2)}
-    final = distbp("ckpt", "inspect", tmp_path / "run" / "checkpoints" / "step-00000044.h5")
-    assert "epoch: 2 (22 steps into it; stored 0-based as epoch=1)" in final
+    assert {(r["step"], r["epoch"]) for r in records if "loss" in r} == {(11, 1), (22, 1), (33, 2), (44, 2), (46, 2)}
+    final = distbp("ckpt", "inspect", tmp_path / "run" / "checkpoints" / "step-00000046.h5")
+    assert "epoch: 2 (23 steps into it; stored 0-based as epoch=1)" in final
     mid = distbp("ckpt", "inspect", tmp_path / "run" / "checkpoints" / "step-00000030.h5")
-    assert "epoch: 2 (8 steps into it" in mid
+    assert "epoch: 2 (7 steps into it" in mid
     m = read_metrics(tmp_path / "run")
-    assert m["steps_per_epoch"] == 22 and [e for _, e, _, _ in m["eval"]] == [1, 2]
+    assert m["steps_per_epoch"] == 23 and [e for _, e, _, _ in m["eval"]] == [1, 2]

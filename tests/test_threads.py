@@ -37,3 +37,14 @@ def test_the_layers_passes_get_the_budget_also_in_deterministic_mode(any_comm, m
         threads.set_thread_budget(any_comm, log=logged.append, deterministic=True)
         assert passes.threads() == 3
         assert logged == [] or "3 threads per rank for the layers' own passes" in logged[0]
+
+
+def test_a_small_model_gets_one_thread(any_comm, monkeypatch):
+    for name in threads.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert threads.too_small_for_threads(9_610, []) and not threads.too_small_for_threads(1_863_690, [])
+    assert not threads.too_small_for_threads(9_610, ["reshape", "conv2d", "linear"])
+    logged = []
+    assert threads.set_thread_budget(any_comm, log=logged.append, small_model=True) == 1 == _blas_threads()
+    budget = any_comm.node_cpus() // any_comm.local_size
+    assert logged == [] or ("too small to gain" in logged[0]) == (budget > 1)

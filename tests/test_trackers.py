@@ -55,8 +55,9 @@ def test_tensorboard_and_mlflow_hold_the_records_of_metrics_jsonl_across_a_resum
     assert "resumed from" in out
     train(tmp_path / "nan", ranks=1, cwd=tmp_path, code=3, DISTBP_FAULT="rank=0,step=5,kind=nan")
     expected = jsonl_series(run_dir)
-    assert {"loss", "lr", "grad_norm", "accuracy", "samples_per_s", "epoch", "val_loss", "val_accuracy"} == set(expected)
-    assert [s for s, _ in expected["val_loss"]] == [22, 44, 66]
+    assert {"loss", "lr", "grad_norm", "accuracy", "samples_per_s", "epoch", "val_loss", "val_accuracy", "val_f1_macro",
+            "train_loss", "train_accuracy"} == set(expected)
+    assert [s for s, _ in expected["val_loss"]] == [23, 46, 69]
 
     # TensorBoard: the same steps, values rounded to float32 (its scalar type); one writer, rank 0
     board = tensorboard_series(run_dir)
@@ -82,7 +83,7 @@ def test_tensorboard_and_mlflow_hold_the_records_of_metrics_jsonl_across_a_resum
     params, tags = run.data.params, run.data.tags
     assert params["train.epochs"] == "2" and params["optim.lr"] == "0.05" and params["log.mlflow"] == "True"
     assert tags["distbp.resume_changed.train.epochs"] == "2 -> 3"
-    final = run_dir / "checkpoints" / "step-00000066.h5"
+    final = run_dir / "checkpoints" / "step-00000069.h5"
     assert tags["distbp.checkpoint"] == str(final) and final.is_file()
     assert tags["distbp.exit_code"] == "0"
 

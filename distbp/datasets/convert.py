@@ -197,7 +197,8 @@ class CsvTable:
     """A CSV file of numeric feature columns and one label column, read in row blocks."""
 
     def __init__(self, path: Path, label=None, header: bool | None = None, delimiter: str | None = None,
-                 classification: bool = True, skip_rows: int = 0, features_only: bool = False):
+                 classification: bool = True, skip_rows: int = 0, features_only: bool = False, columns=None,
+                 drop=()):
         self.path, self.where, self.skip_rows = path, str(path), skip_rows
         with _reading(self.where, "CSV file"), self._open() as f:
             sample = f.read(1 << 16)
@@ -214,9 +215,17 @@ class CsvTable:
         if header is None:  # a header row has a text cell where the next row has a number
             header = len(first) < 2 or any(not _number(a) and _number(b) for a, b in zip(*first))
         self.names = [c.strip() for c in first[0]] if header else None
-        self.label = None if features_only else self._label_column(label, len(first[0]))
-        self.n, texts = self._scan(header, len(first[0]))
-        self.x_shape, self.x_dtype = (len(first[0]) - (not features_only),), np.dtype(np.float32)
+        width, self.notes = len(first[0]), []
+        self.label = None if features_only else self._label_column(label, width)
+        self.features = self._feature_columns(columns, drop, width)
+        self.n, texts, counter = self._scan(header, width)
+        if counter and columns is None and 0 in self.features:  # pandas' to_csv() writes its index so
+            self.features.remove(0)
+            self.notes.append(f"WARNING: {path}: the first column is unnamed and counts 0..{self.n - 1}: the row "
+                              "index pandas' to_csv() writes (index=False leaves it out); it is not used as a "
+                              "feature (HINT: --columns chooses the features yourself)")
+        self.feature_names = [self.names[i] for i in self.features] if self.names else None
+        self.x_shape, self.x_dtype = (len(self.features),), np.dtype(np.float32)
         self.class_names = sorted(texts) if texts else None
         if texts and not classification:
             raise ConvertError(f"{path}: label column {self._label_name()} holds text; HINT: regression "
@@ -259,6 +268,36 @@ class CsvTable:
                                f"{width - 1}, or -1 for the last column")
         return index % width
 
+    def _column(self, given, width: int, option: str) -> int:
+        """A 0-based column from a name or an index (negative from the end), named in errors as option."""
+        names = self.names or []
+        if str(given) in names:
+            return names.index(str(given))
+        try:
+            index = int(given)
+        except ValueError:
+            raise ConvertError(f"{self.path}: no column named {given!r} in {option} (columns: "
+                               f"{names or 'no header row'}); HINT: give column names or 0-based indices") from None
+        if not -width <= index < width:
+            raise ConvertError(f"{self.path}: {option} {index} is outside the {width} columns; HINT: use 0.."
+                               f"{width - 1}, or -1 for the last column")
+        return index % width
+
+    def _feature_columns(self, columns, drop, width: int) -> list[int]:
+        """The feature columns in order: --columns as given, else every column but the label and --drop's."""
+        if columns is not None:
+            keep = [self._column(c, width, "--columns") for c in columns]
+        else:
+            gone = {self._column(c, width, "--drop") for c in drop}
+            keep = [i for i in range(width) if i not in gone and i != self.label]
+        if self.label in keep:
+            raise ConvertError(f"{self.path}: --columns names the label column {self._label_name()}; HINT: list "
+                               "only feature columns")
+        if not keep or len(set(keep)) < len(keep):
+            raise ConvertError(f"{self.path}: the feature columns {keep} are empty or repeat one; HINT: name each "
+                               "feature column once in --columns, or drop fewer")
+        return keep
+
     def _label_name(self) -> str:
         """The label column for messages."""
         return repr(self.names[self.label]) if self.names else f"{self.label}"
@@ -272,14 +311,17 @@ class CsvTable:
             if row and any(c.strip() for c in row):
                 yield reader.line_num + self.skip_rows, row
 
-    def _scan(self, header: bool, width: int) -> tuple[int, set]:
-        """First pass: row count, every row's width, and the label values if they are text (class names)."""
+    def _scan(self, header: bool, width: int) -> tuple[int, set, bool]:
+        """First pass: row count, every row's width, the label values if they are text (class names), and
+        whether the first column is an unnamed row counter 0..N-1 (pandas' index)."""
         self._header, n, texts, numbers = header, 0, set(), 0
+        counter = bool(header and (self.names[0] == "" or self.names[0].startswith("Unnamed: 0")))
         with _reading(self.where, "CSV file"), self._open() as f:
             for line, row in self._rows(f, header):
                 if len(row) != width:
                     raise ConvertError(f"{self.path}: line {line} has {len(row)} columns, the first row {width};"
                                        " HINT: fix that line, or pass --delimiter if it was guessed wrong")
+                counter = counter and row[0].strip() == str(n)
                 n += 1
                 if self.label is None:
                     continue
@@ -294,7 +336,7 @@ class CsvTable:
             raise ConvertError(f"{self.path}: label column {self._label_name()} mixes numbers and text (e.g. "
                                f"{sorted(texts)[0]!r}); HINT: use one kind of label, or choose the column "
                                "with --label")
-        return n, texts
+        return n, texts, counter
 
     def blocks(self, rows: int):
         """(x, y) blocks of up to `rows` rows; y as float64, or class indices for text labels."""
@@ -317,23 +359,34 @@ class CsvTable:
 
     def _parse(self, block, lines, index) -> tuple[np.ndarray, np.ndarray | None]:
         """Numeric x and y (None for a features-only table) of a block of rows of cells."""
-        labels = [] if self.label is None else [row.pop(self.label).strip() for row in block]
+        labels = [] if self.label is None else [row[self.label].strip() for row in block]
+        cells = [[row[i] for i in self.features] for row in block]
         try:
-            x = np.array(block, dtype=np.float32)
+            x = np.array(cells, dtype=np.float32)
             y = np.array([index[v] for v in labels] if index else labels, dtype=np.float64)
         except ValueError:
-            for line, row, value in zip(lines, block, labels):
-                for cell in [*row, value]:
-                    if not _number(cell):
-                        raise ConvertError(f"{self.path}: line {line} has {cell!r} where a number belongs; "
-                                           "HINT: fill or drop that row, or choose the label column "
-                                           "with --label") from None
+            for line, row in zip(lines, block):
+                for i in [*self.features, *([] if self.label is None else [self.label])]:
+                    if not _number(row[i]):
+                        text = sum(not _number(other[i]) for other in block) > len(block) / 2
+                        raise ConvertError(self._not_a_number(line, row[i], i, text)) from None
             raise
         return x, None if self.label is None else y
 
+    def _not_a_number(self, line: int, cell: str, column: int, text: bool) -> str:
+        """The message for a cell that is not a number: a feature column of text (most of the block's cells)
+        is named as one, a single bad cell as a row to fix."""
+        name = f"{self.names[column]!r} (column {column})" if self.names else f"column {column}"
+        if column != self.label and text:
+            return (f"{self.path}: line {line}: feature {name} holds text ({cell!r}); HINT: if the whole column "
+                    f"is text, leave it out (--drop {self.names[column] if self.names else column}) or make it "
+                    "the label (--label); if only some cells are, fill or drop those rows")
+        return (f"{self.path}: line {line} has {cell!r} in {name} where a number belongs; HINT: fill or drop that "
+                "row, or choose the label column with --label")
+
 
 def open_inputs(inputs, task: Task, label=None, header=None, delimiter=None, x_key="x", y_key="y",
-                skip_rows=0) -> dict:
+                skip_rows=0, columns=None, drop=()) -> dict:
     """{split: table} from one .npz, an x/y pair of .npy files, a CSV file, or IDX images + labels."""
     paths = [Path(p) for p in inputs]
     for p in paths:
@@ -348,7 +401,8 @@ def open_inputs(inputs, task: Task, label=None, header=None, delimiter=None, x_k
         images, labels = sorted((idx_array(p) for p in paths), key=lambda a: -len(a.shape))
         return {"train": ArrayPair(images, labels)}
     if len(paths) == 1 and not is_idx(paths[0]) and not names[0].endswith(".npy"):
-        return {"train": CsvTable(paths[0], label, header, delimiter, task.labels, skip_rows)}
+        return {"train": CsvTable(paths[0], label, header, delimiter, task.labels, skip_rows, columns=columns,
+                                  drop=drop)}
     raise ConvertError(f"cannot tell the format of {', '.join(map(str, paths))}; HINT: give one .npz (arrays "
                        f"{x_key}, {y_key} or x_train, y_train, ...), two .npy files (x then y), one CSV file, "
                        "or two IDX files (images and labels, gzipped or not)")
@@ -563,7 +617,7 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
             val_fraction: float | None = None, seed: int = 0, num_classes: int | None = None,
             x_scale: float | None = None, header: bool | None = None, delimiter: str | None = None,
             x_key: str = "x", y_key: str = "y", skip_rows: int = 0, stratify: bool | None = None,
-            attrs: dict | None = None, force: bool = False) -> Path:
+            attrs: dict | None = None, force: bool = False, columns=None, drop=(), log=print) -> Path:
     """Convert input files to the dataset file `out` (see the module docstring); returns its path.
 
     task None means classification, guessed (numeric labels making over MAX_GUESSED_CLASSES classes are
@@ -582,12 +636,15 @@ def convert(inputs, out, *, test_inputs=(), label=None, task: str | None = None,
         raise ConvertError(f"--delimiter {delimiter!r} must be one character; HINT: e.g. --delimiter ';', or "
                            "--delimiter $'\\t' for tabs, or leave it out to detect it")
     kw = dict(label=label, header=header, delimiter=delimiter, task=task, x_key=x_key, y_key=y_key,
-              skip_rows=skip_rows)
+              skip_rows=skip_rows, columns=columns, drop=drop)
     tables = open_inputs(inputs, **kw)
-    if skip_rows and not isinstance(tables["train"], CsvTable):
-        raise ConvertError(f"--skip-rows applies to CSV inputs, not {', '.join(map(str, inputs))}; HINT: drop it")
+    for option, given in (("--skip-rows", skip_rows), ("--columns", columns is not None), ("--drop", drop)):
+        if given and not isinstance(tables["train"], CsvTable):
+            raise ConvertError(f"{option} applies to CSV inputs, not {', '.join(map(str, inputs))}; HINT: drop it")
     if test_inputs:
         tables["test"] = open_inputs(test_inputs, **kw)["train"]
+    for note in (n for t in tables.values() for n in getattr(t, "notes", ())):
+        log(note)
     names = sorted(set().union(*(t.class_names or () for t in tables.values())))
     for t in tables.values():  # text labels map to one shared, sorted list of class names
         if t.class_names is not None:
@@ -639,6 +696,9 @@ def _header(tables, inputs, test_inputs, task, x_scale, shapes, n_val, val_fract
              "source": f"distbp data convert {files}", **task.header()}
     if task.labels and names:
         attrs["class_names"] = json.dumps(names)
+    features = getattr(tables["train"], "feature_names", None)
+    if features:
+        attrs["feature_names"] = json.dumps(features)
     if next(iter(shapes.values()))[2] == np.uint8:
         attrs["x_scale"] = x_scale if x_scale is not None else 1 / 255
     elif x_scale is not None:

@@ -238,8 +238,8 @@ def _check_values(path, split: str, x, y, task: Task):
 def _open(path: Path, arg: str = "data.path") -> h5py.File:
     """h5py.File(path, 'r') with a DataError for every way that fails; hints name the argument `arg`."""
     if not path.exists():
-        _fail(_where(path), "no such file", f"check {arg}, or create a dataset with "
-              "`distbp data digits OUT.h5` or `distbp data synthetic OUT.h5`")
+        _fail(_where(path), "no such file", f"check {arg}, or convert your data with `distbp data convert` (see "
+              "distbp data convert --help)")
     if path.is_dir():
         _fail(_where(path), "is a directory, not a file", f"set {arg} to an .h5 dataset file")
     try:
@@ -276,7 +276,8 @@ class Split:
         """Raise DataError when the split has fewer rows than one global batch (and drop_last)."""
         if drop_last and self.n < batch_size:
             _fail(_where(self._ds.path, self.name), f"{self.n} rows, fewer than one global batch of {batch_size}",
-                  f"set train.batch_size to at most {self.n}, or use more data")
+                  f"set train.batch_size to at most {self.n}, or train.drop_last=false (one step of all "
+                  f"{self.n} rows per epoch)")
 
     def read(self, indices, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) for these rows in this order; x as dtype (uint8 times x_scale), class labels as int64."""
@@ -408,12 +409,13 @@ class Dataset:
         """Class names of a classification dataset: its class_names attribute (a JSON list), else '0'..'K-1'."""
         return self.task.class_names(self.attrs.get("class_names")) if self.task.labels else None
 
-    def split(self, name: str, check_values: bool = True) -> Split:
-        """The named split; its values (finite x, labels in range) are checked on first access."""
+    def split(self, name: str, check_values: bool = True, option: str = "data.train_split / data.val_split") -> Split:
+        """The named split; its values (finite x, labels in range) are checked on first access. option: what
+        chooses the split, for the hint."""
         if name not in self._splits:
             if name not in self._arrays:
                 _fail(_where(self.path, name), f"no such split (the file has: {', '.join(self.splits)})",
-                      "choose one of those (data.train_split / data.val_split), or add the split to the file")
+                      f"choose one of those ({option}), or add the split to the file")
             x, y = self._arrays[name]
             if check_values:  # every byte of the split, read in a child with a time limit
                 self._bounded(lambda: _check_values(self.path, name, x, y, self.task))

@@ -274,6 +274,8 @@ def _reason(e: BaseException, timeout: float) -> str:
         return "the server's copy is shorter than the published file (HTTP 416 for the rest)"
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.gaierror):
+        return f"the host name does not resolve ({e.reason})"
     if isinstance(e, urllib.error.URLError):
         return f"cannot connect ({e.reason})"
     if isinstance(e, http.client.IncompleteRead):
@@ -322,9 +324,24 @@ def _get(url: str, part: Path, remote: Remote, timeout: float, bar, deadline: De
     wait = min(timeout, deadline.left()) or 1e-3  # a connection may not outlast the deadline either
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=wait) as r:
         resumed = have and r.status == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        served = _served_size(r, bool(resumed))
+        if served is not None and served != remote.size:  # another file, not a transfer to resume
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{remote.name}: {url} serves {served} bytes, the published file has {remote.size}: it "
+                             "is not the published file (the download is deleted); HINT: fix the mirror's copy, "
+                             f"or use another --mirror URL ({MIRROR_ENV}) or --from DIR")
         bar.reset(remote.size)
         bar.update(have if resumed else 0)
         _write(part, "ab" if resumed else "wb", _chunks(r, deadline), remote.size, bar)
+
+
+def _served_size(response, resumed: bool) -> int | None:
+    """The size of the whole file the server sends: Content-Range's total when resuming, else Content-Length."""
+    if resumed:
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length", "")
+    return int(length) if response.status == 200 and length.isdigit() else None
 
 
 def download(remote: Remote, urls: list[str], part: Path, timeout: float, retries: int, deadline: Deadline):
@@ -344,7 +361,10 @@ def download(remote: Remote, urls: list[str], part: Path, timeout: float, retrie
                 except urllib.error.HTTPError as e:
                     last, retryable = e, retryable or e.code in RETRYABLE_HTTP
                 except (urllib.error.URLError, http.client.HTTPException, OSError, Interrupted) as e:
-                    last, retryable = (e.cause if isinstance(e, Interrupted) else e), True
+                    last = e.cause if isinstance(e, Interrupted) else e
+                    # a name that does not resolve will not resolve on the next attempt either
+                    retryable = retryable or not (isinstance(e, urllib.error.URLError)
+                                                  and isinstance(e.reason, socket.gaierror))
                     if not deadline.left():
                         last = TimeoutError(f"--max-time {deadline.seconds:g} s passed")
                 where = url
@@ -355,10 +375,14 @@ def download(remote: Remote, urls: list[str], part: Path, timeout: float, retrie
     have = _size(part)
     kept = (f"; the {have} bytes received are kept in {part}: run the same command again to resume" if have
             else "")
+    if isinstance(last, urllib.error.HTTPError) and last.code == 404:
+        hint = (f"the file is not at that address: a --mirror URL ({MIRROR_ENV}) must serve URL/NAME/FILE; or use "
+                "--from DIR with the files copied by hand")
+    else:
+        hint = (f"check the network, raise --timeout or --max-time, or use --mirror URL ({MIRROR_ENV}) or --from DIR "
+                "with the files copied by hand")
     raise FetchError(f"{remote.name}: {_reason(last, timeout)} at {where} after {attempt} attempt(s), "
-                     f"{have} of {remote.size} bytes received{kept}; HINT: check the network, raise --timeout "
-                     "or --max-time, "
-                     f"or use --mirror URL ({MIRROR_ENV}) or --from DIR with the files copied by hand")
+                     f"{have} of {remote.size} bytes received{kept}; HINT: {hint}")
 
 
 def _override_checksums(recipe: Recipe) -> Recipe:
@@ -427,7 +451,7 @@ def open_dataset(path, arg: str = "data.path") -> Dataset:
     path = Path(path)
     if not path.exists() and path.suffix == ".h5" and path.stem in CATALOG:
         raise DataError(f"dataset {path}: no such file; HINT: `distbp data fetch {path.stem}` downloads and writes "
-                        f"it (into data/; --dir for another folder), or check {arg}")
+                        f"it to data/{path.stem}.h5 (--dir for another folder), or check {arg}")
     return Dataset(path, arg)
 
 

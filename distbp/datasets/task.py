@@ -14,7 +14,7 @@ import numpy as np
 
 from ..nn.losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
 from ..nn.sequence_loss import SequenceCrossEntropy
-from ..reporting.scores import ConfusionSums, PerplexitySums, RegressionSums
+from ..reporting.scores import AucSums, ConfusionSums, F1Sums, PerplexitySums, RegressionSums
 
 
 def _not_finite(block: np.ndarray) -> np.ndarray:
@@ -153,7 +153,7 @@ class Binary(Task):
     """Independent probabilities in [0, 1] per output, binary cross-entropy on logits, accuracy at 0.5."""
 
     name = "binary"
-    metrics = ("val_loss", "val_accuracy")
+    metrics = ("val_loss", "val_accuracy", "val_roc_auc")
     best = "val_accuracy"
     accuracy = True
     loss_class = BCEWithLogits
@@ -168,6 +168,10 @@ class Binary(Task):
         return ("target {value} at row {row} is not in [0, 1]",
                 "binary targets are probabilities in [0, 1]; clean them before writing the file")
 
+    def scorers(self, k, norm, class_names):
+        """The ROC-AUC of each output, averaged."""
+        return [AucSums(k)]
+
     def outputs(self, logits):
         """The sigmoid probability and the class it gives at 0.5."""
         p = 1 / (1 + np.exp(-logits.astype(np.float64)))
@@ -178,7 +182,7 @@ class Classification(Task):
     """One class index in 0..K-1 per row, softmax cross-entropy, accuracy and a per-class report."""
 
     name = "classification"
-    metrics = ("val_loss", "val_accuracy")
+    metrics = ("val_loss", "val_accuracy", "val_f1_macro")
     best = "val_accuracy"
     accuracy = labels = True
     predicted, probability = "class", "probabilities"
@@ -239,8 +243,8 @@ class Classification(Task):
         return {"class": p.argmax(axis=1).astype(np.int64), "probabilities": p.astype(np.float32)}
 
     def scorers(self, k, norm, class_names):
-        """The confusion matrix and per-class report, when class names are asked for."""
-        return [ConfusionSums(k, class_names)] if class_names else []
+        """The macro F1 score, and the per-class report when class names are asked for."""
+        return [F1Sums(k)] + ([ConfusionSums(k, class_names)] if class_names else [])
 
     def class_names(self, stored: str | None) -> list[str]:
         """Names from a class_names attribute (a JSON list of num_classes), else '0'..'K-1'."""

@@ -8,15 +8,35 @@ parent's open files and returns its result through a pipe; it never touches MPI.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+from pathlib import Path
 
 from ..errors import UserError
 
 BASE_SECONDS = 10.0  # plus one second per READ_BYTES_PER_SECOND of file
 READ_BYTES_PER_SECOND = 20e6
 TIMEOUT_ENV = "DISTBP_READ_TIMEOUT"
+_WRITTEN_HERE: list[Path] = []  # folders whose files this process has just written itself
+
+
+@contextlib.contextmanager
+def written_here(folder):
+    """Within the block, files under folder (written by distbp a moment ago, e.g. by distbp.sklearn) are read
+    in this process: the fork guards against damaged files, and these are not."""
+    _WRITTEN_HERE.append(Path(folder).resolve())
+    try:
+        yield
+    finally:
+        _WRITTEN_HERE.pop()
+
+
+def _written_here(path) -> bool:
+    """Whether path lies under a folder of written_here."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(folder) for folder in _WRITTEN_HERE)
 
 
 def time_limit(path) -> float:
@@ -46,6 +66,8 @@ def _child(fn, conn):
 def call(fn, kind: str, path, error: type[Exception], damaged: str):
     """fn() run in a child within time_limit(path); its exception, or `error` on a hang or crash."""
     # Messages read "KIND PATH: ...; DAMAGED", DAMAGED telling the user what to do with the file.
+    if _WRITTEN_HERE and _written_here(path):
+        return fn()
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(fn, send), daemon=True)

@@ -37,6 +37,15 @@ def default_path(comm) -> str:
     return comm.bcast_obj(on_root(comm, claim))
 
 
+def remove_if_empty(path):
+    """Remove a run directory default_path made for a run that failed before writing into it."""
+    for folder in (Path(path), Path(path).parent):  # runs/ too when this made it and nothing else is in it
+        try:
+            os.rmdir(folder)  # only an empty folder goes
+        except OSError:
+            return
+
+
 class RunDirBusy(UserError):
     """Another distbp train holds the run directory."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -151,12 +152,22 @@ def csv_bytes(f) -> bytes:
         widths = [math.prod(a.shape[1:]) for a in arrays]
         names = [a.name[1:] if a.ndim == 1 else f"{a.name[1:]}_{j}" for a, w in zip(arrays, widths) for j in range(w)]
         formats = ["%d" if a.dtype.kind in "iu" else "%.9g" for a, w in zip(arrays, widths) for _ in range(w)]
+        labels = json.loads(f.attrs.get("class_names", "null")) if "class" in names else None
+        at = names.index("class") + 1 if labels else None  # a class_name column after class
         text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow(names)
+        csv.writer(text, lineterminator="\n").writerow(names[:at] + ["class_name"] + names[at:] if labels else names)
         for lo in range(0, len(arrays[0]), CSV_BLOCK):
             block = np.hstack([np.asarray(a[lo:lo + CSV_BLOCK], np.float64).reshape(-1, w)
                                for a, w in zip(arrays, widths)])
-            np.savetxt(text, block, fmt=formats, delimiter=",")
+            if labels:
+                rows = io.StringIO()
+                np.savetxt(rows, block, fmt=formats, delimiter=",")
+                out = csv.writer(text, lineterminator="\n")
+                for line, c in zip(rows.getvalue().splitlines(), block[:, at - 1].astype(np.int64)):
+                    cells = line.split(",")
+                    out.writerow(cells[:at] + [labels[c]] + cells[at:])
+            else:
+                np.savetxt(text, block, fmt=formats, delimiter=",")
     return text.getvalue().encode()
 
 

@@ -23,6 +23,11 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def dropped_rows(n: int, batch_size: int, drop_last: bool) -> int:
+    """Rows of n never read in an epoch: the last partial batch when drop_last, else none."""
+    return n % batch_size if drop_last else 0
+
+
 def shard(count: int, rank: int, size: int) -> tuple[int, int]:
     """This rank's contiguous slice [lo, hi) of count items: near-equal, larger slices first (64/3 -> 22, 21, 21)."""
     base, extra = divmod(count, size)

@@ -112,6 +112,20 @@ class RunLog:
         best = max(values, default=None)  # the earliest step among equal values
         return None if best is None else (best[0] if direction == "max" else -best[0], -best[1])
 
+    def last_summary(self) -> dict | None:
+        """Rank 0: the last summary record of metrics.jsonl."""
+        if not self.metrics:
+            return None
+        found = None
+        with open(self.metrics.path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                found = r if r.get("summary") else found
+        return found
+
     def progress(self, step: int, epoch: int, samples: int, fields: dict):
         """Advance the bar or print a progress line (see progress.Progress)."""
         if self.display:
@@ -147,6 +161,7 @@ class StepTimer:
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.steady_time = 0.0
         self.steady_samples = 0
+        self.all_time, self.all_samples = 0.0, 0
         self.steps = 0
         self._t = time.perf_counter()
 
@@ -163,13 +178,22 @@ class StepTimer:
     def step_done(self, step_seconds: float, samples: int):
         """Count one finished step toward steady-state throughput."""
         self.steps += 1
+        self.all_time += step_seconds
+        self.all_samples += samples
         if self.steps > self.warmup:
             self.steady_time += step_seconds
             self.steady_samples += samples
 
+    @property
+    def steady(self) -> bool:
+        """Whether steps past the warm-up were timed (else the rate counts every step, warm-up included)."""
+        return self.steady_time > 0
+
     def samples_per_s(self) -> float:
-        """Steady-state throughput (0 until past the warm-up steps)."""
-        return self.steady_samples / self.steady_time if self.steady_time > 0 else 0.0
+        """Steady-state throughput; over every step so far while there are no more than the warm-up steps."""
+        if self.steady:
+            return self.steady_samples / self.steady_time
+        return self.all_samples / self.all_time if self.all_time > 0 else 0.0
 
 
 TIME_GROUPS = {"data": ("data",), "compute": ("forward", "backward", "optimizer"),
@@ -187,8 +211,11 @@ def _metric_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _time_rows(t: dict) -> list[tuple[str, str]]:
-    """Time split into data / compute / communication / eval / checkpoint, with the phases of each."""
+def _time_rows(t: dict, wall: float | None = None) -> list[tuple[str, str]]:
+    """Time split into data / compute / communication / eval / checkpoint, with the phases of each, and
+    "other" (start-up, trackers, logging: the wall time no phase counted) so the shares add up to the wall time."""
+    if wall is not None and t:
+        t = {**t, "other": max(wall - sum(t.values()), 0.0)}
     total = sum(t.values()) or 1.0
     groups = {g: [p for p in phases if p in t] for g, phases in TIME_GROUPS.items()}
     grouped = {p for phases in groups.values() for p in phases}
@@ -198,7 +225,8 @@ def _time_rows(t: dict) -> list[tuple[str, str]]:
         if phases:
             v = sum(t[p] for p in phases)
             detail = f"  ({', '.join(f'{p} {t[p]:.2f}' for p in phases)})" if len(phases) > 1 else ""
-            rows.append((f"time {group}", f"{v:8.2f} s {100 * v / total:3.0f}%{detail}"))
+            why = "  (start-up, trackers, logging)" if group == "other" else ""
+            rows.append((f"time {group}", f"{v:8.2f} s {100 * v / total:3.0f}%{detail}{why}"))
     return rows
 
 
@@ -206,9 +234,11 @@ def format_summary(summary: dict) -> list[str]:
     """The end-of-run summary as a small table: progress, metrics, throughput, where the time went."""
     rows = [("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs) on {summary['world_size']} rank(s)"),
             *_metric_rows(summary),
-            ("samples/s", f"{summary['samples_per_s']:.1f} (steady state)"),
+            ("samples/s", f"{summary['samples_per_s']:.1f} " + ("(steady state)" if summary.get("steady", True) else
+                                                                 f"(all {summary['steps']} steps, warm-up included)")),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
             ("stopped", summary.get("stopped"))]
-    rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}))
+    rows = [(k, v) for k, v in rows if v is not None] + _time_rows(summary.get("time_s", {}),
+                                                                   summary.get("wall_time_s"))
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]

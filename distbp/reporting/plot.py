@@ -15,12 +15,13 @@ ERRORS = ("val_rmse", "val_mae", "val_baseline_rmse")  # regression errors in th
 
 
 def read_metrics(run_dir) -> dict:
-    """{"train": [(step, epoch, loss)], "eval": [(step, epoch, val_loss, {val metric: value})], "steps_per_epoch": P}."""
+    """{"train": [(step, epoch, loss)], "eval": [(step, epoch, val_loss, {val metric: value})], "epochs": [(step,
+    train_loss, train_accuracy or None)] (the epoch means), "steps_per_epoch": P}."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl; HINT: give a run directory written by `distbp train` "
                         "(its --run-dir)")
-    train, evals, per_epoch = {}, {}, None
+    train, evals, epochs, per_epoch = {}, {}, {}, None
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
@@ -30,7 +31,10 @@ def read_metrics(run_dir) -> dict:
             continue  # not a record distbp writes (a foreign or damaged line)
         if rec.get("summary") and rec.get("epochs"):
             per_epoch = rec["steps"] / rec["epochs"]
-        elif "loss" in rec and "step" in rec:
+            continue
+        if "train_loss" in rec and "step" in rec:  # an epoch's end (on its own line or an eval line)
+            epochs[rec["step"]] = (rec["step"], rec["train_loss"], rec.get("train_accuracy"))
+        if "loss" in rec and "step" in rec:
             train[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["loss"])  # a resumed run's
         elif "val_loss" in rec and "step" in rec:                                # later lines win
             evals[rec["step"]] = (rec["step"], rec.get("epoch", 0), rec["val_loss"],
@@ -40,7 +44,8 @@ def read_metrics(run_dir) -> dict:
     records = [*train.values(), *evals.values()]
     # a step s of (1-based) epoch e has s <= e P, with equality at the epoch's end
     per_epoch = per_epoch or max(r[0] / max(r[1], 1) for r in records)
-    return {"train": sorted(train.values()), "eval": sorted(evals.values()), "steps_per_epoch": per_epoch}
+    return {"train": sorted(train.values()), "eval": sorted(evals.values()), "epochs": sorted(epochs.values()),
+            "steps_per_epoch": per_epoch}
 
 
 def _number(v) -> bool:
@@ -80,33 +85,48 @@ def short_names(run_dirs) -> list[str]:
     return short if all(short) and len(set(short)) == len(short) else names
 
 
-def _pyplot_free_figure():
+def _pyplot_free_figure(figsize=(13, 7.5)):
     """A matplotlib Figure drawn by the Agg backend, or a UserError naming the install command."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("distbp plot needs matplotlib; HINT: pip install 'distbp[plot]'") from None
-    return Figure(figsize=(13, 7.5), layout="constrained")
+        raise UserError("plots need matplotlib; HINT: pip install 'distbp[plot]'") from None
+    return Figure(figsize=figsize, layout="constrained")
 
 
-def _legend(fig, names, colors):
-    """One legend outside the axes: a colour per run, a line style per curve."""
+ERROR_STYLES = {"val_rmse": "--", "val_mae": "-.", "val_baseline_rmse": ":"}  # val curves: never solid
+
+
+def _legend(fig, names, colors, epoch_means: bool):
+    """One legend outside the axes: a colour per run, a line style per curve (solid train, dashed val)."""
     from matplotlib.lines import Line2D
     runs = [Line2D([], [], color=c, lw=2, label=n) for n, c in zip(names, colors)]
-    styles = [Line2D([], [], color="0.3", lw=1.6, label="train loss (EMA)"),
-              Line2D([], [], color="0.3", lw=0.8, alpha=0.3, label="train loss (raw)"),
-              Line2D([], [], color="0.3", lw=1.2, ls="--", label="val loss / val accuracy")]
+    solid = "train loss / accuracy (epoch mean)" if epoch_means else "train loss (EMA)"
+    styles = [Line2D([], [], color="0.3", lw=1.6, marker="." if epoch_means else None, label=solid),
+              Line2D([], [], color="0.3", lw=0.8, alpha=0.3, label="train loss (batches)"),
+              Line2D([], [], color="0.3", lw=1.2, ls="--", label="val loss / accuracy / R^2")]
     fig.legend(handles=runs + styles, loc="outside right upper", fontsize="small", frameon=False)
 
 
+def _error_legend(ax):
+    """The regression errors' panel: which dash is which error (in grey: the colours are the runs')."""
+    from matplotlib.lines import Line2D
+    ax.legend(handles=[Line2D([], [], color="0.3", ls=style, label=key[4:].replace("_", " ").upper()
+                              .replace("BASELINE RMSE", "baseline RMSE (train mean)"))
+                       for key, style in ERROR_STYLES.items()], fontsize="small")
+
+
 def _plot_eval(axes, color: str, x: list, metrics: list[dict]):
-    """Val scores (accuracy, R^2) on axes[0], regression errors (RMSE, MAE, baseline RMSE) on axes[1]."""
-    for ax, keys in zip(axes, (SCORES, ERRORS)):
-        for style, key in zip(("-", "--", ":"), keys):
-            ys = [m.get(key) for m in metrics]
-            if any(v is not None for v in ys):
-                ax.plot(x, ys, color=color, linestyle=style, marker="." if len(x) <= 40 else None,
-                        label=key[4:])
+    """Val scores (accuracy, R^2) dashed on axes[0], regression errors (RMSE, MAE, baseline RMSE) on axes[1]."""
+    marker = "." if len(x) <= 40 else None
+    for key in SCORES:
+        ys = [m.get(key) for m in metrics]
+        if any(v is not None for v in ys):
+            axes[0].plot(x, ys, color=color, ls="--", marker=marker)
+    for key, style in ERROR_STYLES.items():
+        ys = [m.get(key) for m in metrics]
+        if len(axes) > 1 and any(v is not None for v in ys):
+            axes[1].plot(x, ys, color=color, ls=style, marker=marker)
 
 
 def plot_runs(run_dirs, out, force: bool = False) -> Path:
@@ -114,7 +134,11 @@ def plot_runs(run_dirs, out, force: bool = False) -> Path:
     matplotlib) atomically, never over an input."""
     out = Path(out) if Path(out).suffix else Path(f"{out}.png")
     out = check_output(out, [Path(d) / "metrics.jsonl" for d in run_dirs], force)
-    fig = make_figure(run_dirs)
+    return save_figure(make_figure(run_dirs), out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """fig written to out atomically, in the format its suffix names; a UserError saying why it cannot be."""
     try:
         with AtomicFile(out) as target:
             fig.savefig(target.tmp, dpi=100, format=out.suffix[1:] or "png")
@@ -142,20 +166,33 @@ def make_figure(run_dirs):
                 steps, _, loss = zip(*m["train"])
                 x = [s * scale for s in steps]
                 loss_ax.plot(x, loss, color=color, lw=0.8, alpha=0.3)
-                loss_ax.plot(x, ema(loss), color=color, lw=1.6)
+                if not m["epochs"]:  # a run from before epoch means: the batches smoothed
+                    loss_ax.plot(x, ema(loss), color=color, lw=1.6)
+            if m["epochs"]:
+                steps, loss, accuracy = zip(*m["epochs"])
+                x = [s * scale for s in steps]
+                marker = "." if len(x) <= 40 else None
+                loss_ax.plot(x, loss, color=color, lw=1.6, marker=marker)
+                if any(a is not None for a in accuracy):
+                    axes[row][1].plot(x, accuracy, color=color, lw=1.6, marker=marker)
             if m["eval"]:
                 steps, _, val_loss, metrics = zip(*m["eval"])
                 x = [s * scale for s in steps]
                 marker = "." if len(x) <= 40 else None  # 200 epochs of dots hide the line
                 loss_ax.plot(x, val_loss, color=color, lw=1.2, ls="--", marker=marker)
                 _plot_eval(axes[row][1:], color, x, metrics)
+    regression = any("val_r2" in m for r in runs for *_, m in r["eval"])
+    score = "val R^2" if regression else "accuracy (train, val)"
     for row, xlabel in enumerate(("step", "epoch")):
-        titles = ("loss", "val accuracy / R^2", "val RMSE, MAE, baseline RMSE")
+        titles = ("loss (MSE, standardized targets)" if regression else "loss (cross-entropy)", score,
+                  "val errors (target units)")
         for ax, title in zip(axes[row], titles):
-            ax.set(xlabel=xlabel, ylabel=title, title=f"{title} against {xlabel}s")
+            ax.set(xlabel=xlabel, ylabel=title, title=f"{title.split(' (')[0]} against {xlabel}s")
             ax.grid(True, alpha=0.3)
         axes[row][0].set(yscale="log")
+        if errors:
+            _error_legend(axes[row][2])
         if not axes[row][1].has_data():
             axes[row][1].text(0.5, 0.5, "no val scores (no val split)", ha="center", transform=axes[row][1].transAxes)
-    _legend(fig, names, colors)
+    _legend(fig, names, colors, any(r["epochs"] for r in runs))
     return fig

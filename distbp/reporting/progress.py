@@ -76,7 +76,8 @@ class Progress:
         self.total, self.per_epoch, self.every, self.write = total, per_epoch, every, write
         self.epochs = math.ceil(total / per_epoch)
         self.columns, self.bar = columns, None
-        self.start(0, 0)
+        self.t0 = self.t_last = time.perf_counter()  # until start(): the bar appears there, after the start-up
+        self.step0 = self.samples_last = 0           # lines, counting from the (resumed) step
 
     def start(self, step: int, samples: int):
         """Start showing progress at a (resumed) step: the bar appears, rates and ETA count from here."""

@@ -9,8 +9,10 @@ import numpy as np
 from ..errors import UserError
 from ..nn.sequence_loss import SequenceCrossEntropy
 
-MAXIMIZED = ("val_accuracy", "val_r2")
-BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_rmse", "val_mae", "val_r2", "val_perplexity")
+MAXIMIZED = ("val_accuracy", "val_r2", "val_f1_macro", "val_roc_auc")
+BEST_CHOICES = ("auto", "val_loss", "val_accuracy", "val_f1_macro", "val_roc_auc", "val_rmse", "val_mae", "val_r2",
+                "val_perplexity")
+AUC_BINS = 1 << 16  # score histogram bins of the ROC-AUC
 
 
 def monitored(best_metric: str, task) -> tuple[str, str]:
@@ -83,6 +85,48 @@ class ConfusionSums:
     def metrics(self, rows: float) -> dict:
         """{"report": the per-class report}."""
         return {"report": class_report(self.buf, self.names)}
+
+
+class F1Sums:
+    """The confusion matrix of a classification, for the F1 score averaged over classes (scikit-learn's
+    f1_score(average="macro"), zero_division 0)."""
+
+    def __init__(self, k: int):
+        self.k, self.buf = k, np.zeros((k, k))
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Count one chunk's (true class, predicted class) pairs."""
+        self.buf += confusion(out.argmax(axis=1), y, self.k)
+
+    def metrics(self, rows: float) -> dict:
+        """{"val_f1_macro": ...}."""
+        return {"val_f1_macro": class_report(self.buf)["macro avg"]["f1-score"]}
+
+
+class AucSums:
+    """Histograms of the positive and negative rows' scores per output, for the ROC-AUC (scikit-learn's
+    roc_auc_score, averaged over outputs): exact unless rows of both labels share one of AUC_BINS bins."""
+
+    def __init__(self, k: int):
+        self.k, self.buf = k, np.zeros((k, 2, AUC_BINS))
+
+    def add_chunk(self, out_units: np.ndarray, out: np.ndarray, y: np.ndarray):
+        """Count one chunk's sigmoid scores by label."""
+        p = 1 / (1 + np.exp(-out.astype(np.float64)))  # (rows, k)
+        bins = np.minimum((p * AUC_BINS).astype(np.int64), AUC_BINS - 1)
+        positive = y.reshape(len(y), -1) >= 0.5  # probability targets count on the side of 0.5 they are
+        for j in range(self.k):
+            for label in (False, True):
+                self.buf[j, int(label)] += np.bincount(bins[positive[:, j] == label, j], minlength=AUC_BINS)
+
+    def metrics(self, rows: float) -> dict:
+        """{"val_roc_auc": ...}: P(score of a positive > score of a negative), ties counted half."""
+        aucs = []
+        for neg, pos in self.buf:
+            below = np.cumsum(neg) - neg  # negatives in lower bins
+            pairs = pos.sum() * neg.sum()
+            aucs.append(float((pos * (below + neg / 2)).sum() / pairs) if pairs else 0.5)
+        return {"val_roc_auc": float(np.mean(aucs))}
 
 
 def confusion(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:

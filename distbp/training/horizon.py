@@ -6,7 +6,7 @@ import math
 
 from ..config import Config, config_from_dict
 from ..errors import UserError
-from ..schedules import make_schedule
+from ..schedules import Plateau, make_schedule
 
 
 def schedule_of(cfg: Config, total: int):
@@ -14,6 +14,17 @@ def schedule_of(cfg: Config, total: int):
     o = cfg.optim
     try:
         return make_schedule(o.schedule, o.lr, total_steps=o.schedule_steps or total, **o.schedule_options())
+    except ValueError as e:
+        raise UserError(f"optim schedule settings: {e}") from None
+
+
+def plateau_of(cfg: Config, mode: str) -> Plateau | None:
+    """The plateau schedule's state (optim.schedule = "plateau") on train.best_metric in its direction, else None."""
+    o = cfg.optim
+    if o.schedule != "plateau":
+        return None
+    try:
+        return Plateau(o.lr, mode, o.gamma, o.plateau_patience, o.plateau_threshold, o.plateau_cooldown, o.min_lr)
     except ValueError as e:
         raise UserError(f"optim schedule settings: {e}") from None
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..files import checkpoint as ckpt
 from ..config import Config, config_to_dict, config_to_json
-from .early_stop import EARLY_STOP_KEYS, EarlyStopping
+from .early_stop import EARLY_STOP_KEYS
+from ..schedules import PLATEAU_KEYS
 from ..errors import agree, on_root
 from ..inference.builders import load_params
 from ..nn import Sequential
@@ -46,7 +47,7 @@ def build_optimizer(cfg: Config, model: Sequential, comm):
 
 
 def make_checkpoint(model, opt, states: dict, pos: Position, cfg: Config, world_size: int,
-                    lr: float, early: EarlyStopping, norm: Normalizer) -> ckpt.Checkpoint:
+                    lr: float, early, norm: Normalizer) -> ckpt.Checkpoint:
     """The full training state as a Checkpoint (views, no copies); states are opt's whole state arrays."""
     attrs = {"step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
              "samples_seen": pos.samples_seen, "micro_steps": pos.micro_steps, **early.state(),
@@ -125,14 +126,15 @@ def restore_root(ck: ckpt.Checkpoint, model, opt, flats: dict, cfg: Config, log)
             f"{sorted(flats)}: its state starts fresh")
     attrs = {k: ck.attrs[k] for k in ckpt.POSITION_KEYS}
     attrs["micro_steps"] = ck.attrs.get("micro_steps", attrs["step"])  # one pass per step before accumulation
-    attrs.update({k: ck.attrs[k] for k in EARLY_STOP_KEYS if k in ck.attrs})
+    attrs.update({k: ck.attrs[k] for k in (*EARLY_STOP_KEYS, *PLATEAU_KEYS, *EPOCH_KEYS) if k in ck.attrs})
     return {"scalars": scalars, "attrs": attrs, "config": ck.config, "path": ck.path,
             "normalization": ck.normalization}
 
 
-def resume_state(resume: str, run_dir: Path, model, opt, early: EarlyStopping, cfg: Config, comm,
+def resume_state(resume: str, run_dir: Path, model, opt, early, cfg: Config, comm,
                  log) -> tuple[Position, dict | None, Normalizer | None]:
-    """Load (rank 0), check and broadcast the resume state into model, opt and early: its Position, the
+    """Load (rank 0), check and broadcast the resume state into model, opt and early (the state evaluations
+    move: early stopping's and a plateau schedule's, each with load(attrs)): its Position, the
     checkpoint's config and its stored normalization (fresh: Position(), None, None)."""
     flats = {k: np.zeros_like(model.params) for k in opt.state_arrays()}  # whole vectors, sharded or not
 
@@ -193,3 +195,51 @@ def previous_checkpoint(path: Path) -> str:
         return "the previous checkpoint, if any, is intact"
     return (f"the previous checkpoint ({earlier[-1].name}) is intact" if earlier
             else "no earlier checkpoint exists (checkpoint.every_steps=0 saves only at the end)")
+
+
+EPOCH_KEYS = ("epoch_loss_sum", "epoch_divisor", "epoch_correct", "epoch_rows")  # checkpoint attributes
+
+
+class EvalState:
+    """The state evaluations move (early stopping's, the plateau schedule's), as one for checkpoints."""
+
+    def __init__(self, *parts):
+        self.parts = [p for p in parts if p is not None]
+
+    def state(self) -> dict:
+        """Every part's checkpoint attributes."""
+        return {k: v for p in self.parts for k, v in p.state().items()}
+
+    def load(self, attrs: dict):
+        """Every part continues from a checkpoint's attributes."""
+        for p in self.parts:
+            p.load(attrs)
+
+
+class EpochSums:
+    """The train loss and accuracy of the steps of one epoch, exact over all its rows and ranks."""
+
+    def __init__(self):
+        self.loss_sum, self.divisor, self.correct, self.rows = 0.0, 0.0, 0.0, 0.0
+
+    def add(self, loss_sum: float, divisor: float, correct: float, rows: float):
+        """Count one step's reduced sums (the same on every rank)."""
+        self.loss_sum, self.divisor = self.loss_sum + loss_sum, self.divisor + divisor
+        self.correct, self.rows = self.correct + correct, self.rows + rows
+
+    def means(self, accuracy: bool) -> dict:
+        """{train_loss, train_accuracy} of the epoch's steps so far, then start the next epoch from zero."""
+        out = {"train_loss": self.loss_sum / self.divisor} if self.divisor else {}
+        if accuracy and self.rows:
+            out["train_accuracy"] = self.correct / self.rows
+        self.__init__()
+        return out
+
+    def state(self) -> dict:
+        """The sums so far (a checkpoint mid-epoch keeps them, so a resumed epoch's means stay exact)."""
+        return dict(zip(EPOCH_KEYS, (self.loss_sum, self.divisor, self.correct, self.rows)))
+
+    def load(self, attrs: dict):
+        """Continue from a checkpoint's sums (none in older checkpoints: from zero)."""
+        if EPOCH_KEYS[0] in attrs:
+            self.loss_sum, self.divisor, self.correct, self.rows = (float(attrs[k]) for k in EPOCH_KEYS)
