@@ -197,7 +197,7 @@ def steady_timer_class(warmup: int):
             if self.steps == self.warmup:
                 self.mark = (self.end, dict(self.totals))
 
-        def steady(self, batch: int) -> dict:
+        def after_warmup(self) -> dict:
             """samples/s and ms per phase over the steps after the warm-up (wall clock, all code)."""
             t0, totals0 = self.mark
             steps, wall = self.steps - self.warmup, self.end - t0
@@ -237,7 +237,7 @@ def distbp_round(wl: Workload, data_path: str, overrides: list, comm, tmp: Path,
         raise SystemExit(f"distbp run exited {code}; see {run_dir}/train.log")
     if comm.is_root:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return timer_cls.last.steady(wl.batch)
+    return timer_cls.last.after_warmup()
 
 
 def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
