@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from distbp.nn import mlp_specs
+from distbp.nn import layers, mlp_specs
 from distbp.nn.model import Sequential
 from distbp.parallel.buckets import Bucket, OverlappedReduction, bucket_bounds, layer_spans, model_buckets, \
     piece_counts
@@ -114,17 +114,26 @@ def test_deterministic_mode_with_overlap_is_bitwise_at_any_rank_count(serial, tm
         assert "overlap: not in deterministic mode" in log
 
 
-def test_backward_calls_after_layer_in_reverse_order_with_final_gradients():
+def test_backward_calls_after_layer_in_reverse_order_with_final_gradients(monkeypatch):
+    monkeypatch.setattr(layers, "PROGRESS_ITEMS", 16)  # the 8 x 8 weights' gradients in parts
     model = Sequential(mlp_specs([6, 8, 8, 3]), 6, dtype=np.float64)
     x = np.random.default_rng(0).standard_normal((4, 6))
     out = model.forward(x)
-    seen = []
+    model.backward(np.ones_like(out), need_dx=False)
+    plain = model.grads.copy()
+    seen, calls = [], []
 
-    def after(i):  # layer i's gradient is final: the backward below it does not change it
-        seen.append((i, model.grads.copy()))
+    def after(i, final=True):  # final: layer i's gradient is final, the backward below does not change it
+        calls.append((i, final))
+        if final and i not in [j for j, _ in seen]:
+            seen.append((i, model.grads.copy()))
     model.zero_grad()
     model.backward(np.ones_like(out), need_dx=False, after_layer=after)
     assert [i for i, _ in seen] == [4, 3, 2, 1, 0]
     for i, g in seen:
         lo, hi = layer_spans(model.offsets).get(i, (0, 0))
         assert np.array_equal(g[lo:hi], model.grads[lo:hi])
+    # layer 2's weight gradient came in parts with progress calls between, and is final before its dx
+    assert calls.index((2, False)) < calls.index((2, True)) < calls.index((1, True))
+    np.testing.assert_allclose(model.grads, plain, rtol=1e-13, atol=1e-15)
+    assert all(layer.after_grads is None for layer in model.chain.layers)

@@ -7,6 +7,8 @@ that is layer 3. ``Fork`` runs every chain on the same input and joins the outpu
 backward SUMS the chains' input gradients (a fan-out adds, never assigns).
 """
 
+import functools
+
 import numpy as np
 
 from .init import default_init
@@ -80,12 +82,17 @@ class Chain:
 
     def backward(self, dy, need_dx: bool = True, after_layer=None):
         """Backward through the layers in reverse; without need_dx stop at the first layer with parameters.
-        after_layer(i), if given, runs once layer i's backward is done (train.overlap starts buckets there)."""
+        after_layer(i), if given, runs once layer i's backward is done (train.overlap starts buckets there);
+        a layer may call it earlier, after_layer(i, True) once its gradients are final, after_layer(i, False)
+        between parts of a long product (Layer.after_grads)."""
         stop = 0 if need_dx else self.first_param
         if self.first_param < len(self.layers):
             self.layers[self.first_param].need_dx = need_dx
         for i in range(len(self.layers) - 1, stop - 1, -1):
-            dy = self.layers[i].backward(dy)
+            layer = self.layers[i]
+            layer.after_grads = functools.partial(after_layer, i) if after_layer else None
+            dy = layer.backward(dy)
+            layer.after_grads = None
             if after_layer:
                 after_layer(i)
         return dy if need_dx else None

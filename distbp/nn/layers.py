@@ -89,6 +89,8 @@ def check_spec(spec: dict, index: int, allowed: tuple = ()) -> None:
 
 
 _REQUIRED = object()
+# values of a weight gradient computed between two MPI progress calls under train.overlap (1 MB float32)
+PROGRESS_ITEMS = 1 << 18
 
 
 def _is_a(v, kind: type) -> bool:
@@ -163,6 +165,11 @@ class Layer:
     need_dx = True
     grads_zero = False  # set by Sequential.zero_grad: this layer's gradients are all zero
     writes_grads = False  # backward after grads_zero writes every gradient entry instead of adding
+    # train.overlap: Chain.backward's hook for this layer while a gradient reduction overlaps backward.
+    # A layer with parameters calls after_grads(True) once its gradients are final, before its dx
+    # product (its bucket's reduction may start), and after_grads(False) between parts of a long
+    # product (MPI moves pending reductions on only inside MPI calls)
+    after_grads = None
 
     def param_shapes(self) -> list:
         """Names and shapes of the trained parameters (none)."""
@@ -272,7 +279,7 @@ class Linear(WeightLayer):
         """dW += x.T @ dy, db += sum(dy), return dy @ W.T (None if need_dx is off)."""
         shape, dy = dy.shape, dy.reshape(-1, self.d_out)
         if self.grads_zero:  # zero_grad ran: writing equals adding to 0 and saves a pass over dW
-            np.matmul(self.x.T, dy, out=self.dW)   # (D_in, D_out)
+            self._weight_grad(dy)                   # (D_in, D_out)
             if self.db is not None:
                 dy.sum(axis=0, out=self.db)         # (D_out,); the method skips np.sum's dispatch
             self.grads_zero = False
@@ -283,7 +290,19 @@ class Linear(WeightLayer):
             self.dW += self._dW_tmp
             if self.db is not None:
                 self.db += dy.sum(axis=0)
+        if self.after_grads:
+            self.after_grads(True)
         return (dy @ self.W.T).reshape(*shape[:-1], self.d_in) if self.need_dx else None  # (N, D_in)
+
+    def _weight_grad(self, dy):
+        """dW = x.T @ dy; under an overlapped reduction in row blocks, MPI progressed between them."""
+        if not self.after_grads:
+            np.matmul(self.x.T, dy, out=self.dW)
+            return
+        step = max(1, -(-self.d_in // max(1, self.dW.size // PROGRESS_ITEMS)))
+        for lo in range(0, self.d_in, step):
+            np.matmul(self.x[:, lo:lo + step].T, dy, out=self.dW[lo:lo + step])
+            self.after_grads(False)
 
 
 @register("relu")

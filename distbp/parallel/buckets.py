@@ -89,9 +89,9 @@ class OverlappedReduction:
         self.grads, self.out = grads, out
         self.requests, self.started = [], 0
 
-    def after_layer(self, i: int):
-        """Backward finished layer i: start the bucket it completes, and let MPI progress the pending ones."""
-        if self.at_layer.get(i) == self.started:
+    def after_layer(self, i: int, final: bool = True):
+        """Layer i's gradients are final: start the bucket it completes; either way let MPI progress the pending ones."""
+        if final and self.at_layer.get(i) == self.started:
             self._start()
         if self.requests:
             self.comm.test_all(self.requests)
