@@ -135,6 +135,11 @@ WORKLOADS = {
                         text="data/shakespeare.h5", steps=10, torch_steps=10, warmup=3),
     "W5-ovl": Workload("W5 with train.overlap=true", layers=LENET, image=(1, 28, 28), batch=128, rows=8192,
                        steps=20, torch_steps=20, warmup=5, extra=("train.overlap=true",), default_of="W5"),
+    "W6-ovl": Workload("W6 with train.overlap=true", layers=CIFAR, image=(3, 32, 32), batch=128, rows=2048, steps=5,
+                       torch_steps=5, warmup=3, extra=("train.overlap=true",), default_of="W6"),
+    "W7-resnet-ovl": Workload("W7-resnet with train.overlap=true", layers=resnet(8), image=(3, 32, 32), batch=128,
+                              rows=2048, steps=5, torch_steps=5, warmup=3, extra=("train.overlap=true",),
+                              default_of="W7-resnet"),
     "W6-plain": Workload("3x3 CNN on (3, 32, 32), no normalization (a check against tuning to W5/W6): conv 16, pool, "
                    "conv 32, conv 32, pool, conv 64, pool, 128, 10; batch 128", layers=PLAIN3, image=(3, 32, 32),
                    batch=128, rows=2048, steps=8, torch_steps=8, warmup=3),

@@ -12,7 +12,8 @@ algorithms: ring, 2(P-1) alpha + 2 (P-1)/P n/B, and recursive halving and doubli
 (Rabenseifner's "tree"), 2 log2(P) alpha + 2 (P-1)/P n/B. Blocking, a step is
 forward + backward + allreduce(all gradient bytes) + optimizer. Overlapped (train.overlap),
 bucket k's allreduce starts when backward has finished it (its layers' measured share of the
-backward) and after bucket k-1's, on one link: the step is forward + max(backward, end of the
+backward; a linear or convolution layer's gradients are final half-way through its backward, before
+its dx product) and after bucket k-1's, on one link: the step is forward + max(backward, end of the
 last bucket) + optimizer. Compute is measured: forward + backward per row from a bench record of
 the same workload (its blocking run), the per-layer shares of backward from `bench.py --layers`'
 timing loop; the optimizer step (replicated) is per step. Ranks of a node share its link: ring
@@ -61,11 +62,16 @@ def step_s(fwd: float, bwd: float, opt: float, buckets, p: int, bw: float, alpha
 
 def buckets_of(workload: str, bucket_mb: float = 1.0, rows: int = 128) -> list[tuple[float, float]]:
     """(bytes, backward fraction done when ready) of each bucket of the workload, from measured layer times."""
+    from distbp.nn.conv import Conv2D
+    from distbp.nn.layers import Linear
     from distbp.parallel.buckets import model_buckets
     model, times = bench.unit_times(bench.WORKLOADS[workload], rounds=3, threads=1, batch=rows)
     top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]  # the top-level layers, in order
     back = np.median(times, axis=0)[top, 1]
-    done = {i: back[i:].sum() / back.sum() for i in range(len(back))}  # backward runs from the last layer down
+    # backward runs from the last layer down; a linear or convolution layer above the first one with parameters
+    # has its gradients final half-way, before its dx product (about the cost of its weight gradient)
+    early = [isinstance(layer, (Linear, Conv2D)) and i > model.chain.first_param for i, layer in enumerate(model.layers)]
+    done = {i: (back[i:].sum() - early[i] * back[i] / 2) / back.sum() for i in range(len(back))}
     return [((b.hi - b.lo) * model.grads.itemsize, done[b.first]) for b in model_buckets(model, bucket_mb)]
 
 

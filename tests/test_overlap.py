@@ -23,13 +23,25 @@ def test_buckets_hold_whole_layers_in_reverse_order():
                                        Bucket(0, 100, 0)]
     assert bucket_bounds(spans, 10**6) == [Bucket(0, 400, 0)]  # one bucket: the blocking step's one allreduce
     assert bucket_bounds(spans, 301) == [Bucket(0, 400, 0)]  # the last bucket takes what is left
+    # layers 6 and 0 cut front to back (their gradient is final in that order), layers 4 and 2 whole
+    assert bucket_bounds(spans, 60, split={0, 6}) == [
+        Bucket(160, 220, 6, 60), Bucket(220, 280, 6, 120), Bucket(280, 400, 6), Bucket(100, 160, 2),
+        Bucket(0, 100, 0)]
+    assert bucket_bounds(spans, 40, split={0, 6})[-3:] == [Bucket(100, 160, 2), Bucket(0, 40, 0, 40),
+                                                           Bucket(40, 100, 0)]
 
 
 def test_model_buckets_follow_the_flat_layout():
     model = Sequential(mlp_specs([784, 1024, 1024, 10]), 784)
     assert layer_spans(model.offsets) == {0: (0, 803840), 2: (803840, 1853440), 4: (1853440, 1863690)}
-    # 1 MB: the 10-way output layer joins the next (40 KB alone), the first layer last
-    assert model_buckets(model, 1.0) == [Bucket(803840, 1863690, 2), Bucket(0, 803840, 0)]
+    # 1 MB (262144 values): the 10-way output layer alone (the linear layer below it is cut), then each
+    # linear layer's weight rows in 1 MB pieces front to back, its last piece with the rest and the bias
+    a, b = 803840, 262144
+    assert model_buckets(model, 1.0) == [
+        Bucket(1853440, 1863690, 4), Bucket(a, a + b, 2, b), Bucket(a + b, a + 2 * b, 2, 2 * b),
+        Bucket(a + 2 * b, a + 3 * b, 2, 3 * b), Bucket(a + 3 * b, 1853440, 2),
+        Bucket(0, b, 0, b), Bucket(b, 2 * b, 0, 2 * b), Bucket(2 * b, a, 0)]
+    assert sum(b.hi - b.lo for b in model_buckets(model, 1.0)) == model.grads.size
 
 
 def test_piece_counts_split_a_bucket_over_the_owned_slices():
@@ -55,7 +67,10 @@ def test_overlapped_buckets_sum_as_one_allreduce(comm, sharded):
     want = comm.allreduce_sum(g.copy())
     red.begin(g, out)
     for i in reversed(range(len(model.layers))):
+        for done in (50, 100, 150):  # a linear layer's first rows final (the layers cut into 0.001 MB buckets)
+            red.after_layer(i, done)
         red.after_layer(i)
+    assert red.started == len(red.buckets) > 3
     red.wait()
     np.testing.assert_allclose(out, want[owned] if sharded else want, rtol=1e-12, atol=1e-12)
 
@@ -99,7 +114,8 @@ def test_overlapped_runs_equal_blocking_runs(serial, tmp_path, shard_optimizer):
         blocking, _ = train(tmp_path, f"off{n}", n, [*sets, "train.overlap=false"], 20)
         overlapped, log = train(tmp_path, f"on{n}", n, [*sets, "train.overlap=true"], 20)
         kind = "reduce-scatter" if shard_optimizer == "true" else "allreduce"
-        assert re.search(rf"overlap: 3 gradient bucket\(s\) .* each {kind} started", log), log
+        # 26 values a bucket: the linear layers cut front to back (6, 4 and 2 pieces, the last 39 values whole)
+        assert re.search(rf"overlap: 13 gradient bucket\(s\) .* each {kind} started", log), log
         np.testing.assert_allclose(overlapped, blocking, rtol=1e-12, atol=1e-12 * np.abs(blocking).max(),
                                    err_msg=f"{n} ranks")
 
@@ -123,9 +139,10 @@ def test_backward_calls_after_layer_in_reverse_order_with_final_gradients(monkey
     plain = model.grads.copy()
     seen, calls = [], []
 
-    def after(i, final=True):  # final: layer i's gradient is final, the backward below does not change it
-        calls.append((i, final))
-        if final and i not in [j for j, _ in seen]:
+    def after(i, done=None):  # layer i's first `done` values (None: all) are final: backward below keeps them
+        lo, hi = layer_spans(model.offsets).get(i, (0, 0))
+        calls.append((i, done, model.grads[lo:lo + (hi - lo if done is None else done)].copy()))
+        if done is None and i not in [j for j, _ in seen]:
             seen.append((i, model.grads.copy()))
     model.zero_grad()
     model.backward(np.ones_like(out), need_dx=False, after_layer=after)
@@ -133,7 +150,11 @@ def test_backward_calls_after_layer_in_reverse_order_with_final_gradients(monkey
     for i, g in seen:
         lo, hi = layer_spans(model.offsets).get(i, (0, 0))
         assert np.array_equal(g[lo:hi], model.grads[lo:hi])
-    # layer 2's weight gradient came in parts with progress calls between, and is final before its dx
-    assert calls.index((2, False)) < calls.index((2, True)) < calls.index((1, True))
+    # layer 2's weight rows came in parts (16 values: 2 rows of 8), each final when reported, all before its dx
+    parts = [(done, g) for i, done, g in calls if i == 2 and done is not None]
+    assert [done for done, _ in parts] == [16, 32, 48, 64]
+    lo = layer_spans(model.offsets)[2][0]
+    assert all(np.array_equal(g, model.grads[lo:lo + done]) for done, g in parts)
+    assert [(i, done) for i, done, _ in calls].index((2, None)) < [i for i, _, _ in calls].index(1)
     np.testing.assert_allclose(model.grads, plain, rtol=1e-13, atol=1e-15)
     assert all(layer.after_grads is None for layer in model.chain.layers)

@@ -83,8 +83,8 @@ class Chain:
     def backward(self, dy, need_dx: bool = True, after_layer=None):
         """Backward through the layers in reverse; without need_dx stop at the first layer with parameters.
         after_layer(i), if given, runs once layer i's backward is done (train.overlap starts buckets there);
-        a layer may call it earlier, after_layer(i, True) once its gradients are final, after_layer(i, False)
-        between parts of a long product (Layer.after_grads)."""
+        a layer may call it earlier, after_layer(i, n) once its first n gradient values are final and
+        after_layer(i) once all are, before its dx product (Layer.after_grads)."""
         stop = 0 if need_dx else self.first_param
         if self.first_param < len(self.layers):
             self.layers[self.first_param].need_dx = need_dx

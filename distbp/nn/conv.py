@@ -95,7 +95,7 @@ class Conv2D(WeightLayer):
             threads.run(lambda lo, hi: [db.__setitem__(f, dy[f].sum()) for f in range(lo, hi)], F, dy.size)
             self.db += db
         if self.after_grads:
-            self.after_grads(True)
+            self.after_grads()
         if not self.need_dx:
             return None
         dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)

@@ -166,10 +166,12 @@ class Layer:
     grads_zero = False  # set by Sequential.zero_grad: this layer's gradients are all zero
     writes_grads = False  # backward after grads_zero writes every gradient entry instead of adding
     # train.overlap: Chain.backward's hook for this layer while a gradient reduction overlaps backward.
-    # A layer with parameters calls after_grads(True) once its gradients are final, before its dx
-    # product (its bucket's reduction may start), and after_grads(False) between parts of a long
-    # product (MPI moves pending reductions on only inside MPI calls)
+    # A layer with parameters calls after_grads() once its gradients are final, before its dx product
+    # (their buckets' reductions may start); one with grads_in_order calls after_grads(n) whenever its
+    # first n gradient values (param_shapes order) are final, between the parts of its weight gradient
+    # (each call also lets MPI move pending reductions on, which it does only inside MPI calls)
     after_grads = None
+    grads_in_order = False
 
     def param_shapes(self) -> list:
         """Names and shapes of the trained parameters (none)."""
@@ -248,6 +250,7 @@ class Linear(WeightLayer):
     """Fully connected layer y = x @ W + b with W of shape (D_in, D_out)."""
 
     writes_grads = True
+    grads_in_order = True  # dW in row blocks, W first: train.overlap cuts a large layer's gradient into buckets
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str | None = None, lead: tuple = ()):
         if init is not None and init not in INITS:
@@ -291,7 +294,7 @@ class Linear(WeightLayer):
             if self.db is not None:
                 self.db += dy.sum(axis=0)
         if self.after_grads:
-            self.after_grads(True)
+            self.after_grads()
         return (dy @ self.W.T).reshape(*shape[:-1], self.d_in) if self.need_dx else None  # (N, D_in)
 
     def _weight_grad(self, dy):
@@ -302,7 +305,7 @@ class Linear(WeightLayer):
         step = max(1, -(-self.d_in // max(1, self.dW.size // PROGRESS_ITEMS)))
         for lo in range(0, self.d_in, step):
             np.matmul(self.x[:, lo:lo + step].T, dy, out=self.dW[lo:lo + step])
-            self.after_grads(False)
+            self.after_grads(min(lo + step, self.d_in) * self.d_out)  # W's rows so far: the layer's first values
 
 
 @register("relu")

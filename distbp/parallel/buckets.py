@@ -1,10 +1,13 @@
 """Overlapped gradient reduction (train.overlap): the flat gradient reduced in buckets while backward runs.
 
-The flat gradient is cut into buckets of whole layers, in reverse layer order (the order backward
-finishes them), each closed once it holds train.bucket_mb or more. As soon as backward has finished
-a bucket's lowest layer, a non-blocking allreduce of that slice starts (with the sharded optimizer a
-non-blocking reduce-scatter onto the ranks' owned slices). MPI moves a request on only inside MPI
-calls (no spare core is assumed), so the pending requests are tested after every layer's backward;
+The flat gradient is cut into buckets in reverse layer order (the order backward finishes them): whole
+layers, each bucket closed once it holds train.bucket_mb or more, except that a layer whose gradient
+becomes final front to back (Linear computes its weight gradient in row blocks) and is larger than
+that is cut into bucket_mb pieces, so its first rows travel while backward computes the rest. As soon
+as a bucket's values are final (a layer reports them before its dx product), a non-blocking allreduce
+of that slice starts (with the sharded optimizer a non-blocking reduce-scatter onto the ranks' owned
+slices). MPI moves a request on only inside MPI calls (no spare core is assumed), so the pending
+requests are tested after every layer's backward and between the blocks of a long weight gradient;
 the step's reduce waits for all of them. Every rank starts the same buckets in the same order, so
 the collectives match. Each element is summed by one collective either way: only the order MPI adds
 the ranks' values in may differ from the single allreduce (float rounding).
@@ -20,10 +23,11 @@ from .sampler import shard
 
 
 class Bucket(NamedTuple):
-    """A slice [lo, hi) of the flat gradient holding whole layers; complete once layer `first` is."""
+    """A slice [lo, hi) of the flat gradient; ready once layer `first` has its first `need` values final."""
     lo: int
     hi: int
-    first: int  # the lowest layer index in the bucket: backward finishes it last
+    first: int  # the lowest layer with values in the bucket: backward finishes its part last
+    need: int | None = None  # None: all of layer first's values (whole layers); a piece of a cut layer: its end
 
 
 # ---- index math (no communication) ----
@@ -38,11 +42,20 @@ def layer_spans(offsets: dict) -> dict[int, tuple[int, int]]:
     return spans
 
 
-def bucket_bounds(spans: dict[int, tuple[int, int]], bucket_items: int) -> list[Bucket]:
-    """Buckets of whole layers from the last layer to the first, each closed at >= bucket_items values."""
+def bucket_bounds(spans: dict[int, tuple[int, int]], bucket_items: int, split=()) -> list[Bucket]:
+    """Buckets from the last layer to the first, each closed at >= bucket_items values; a layer of `split`
+    (one whose gradient becomes final front to back, Linear's weight rows) larger than that is cut into
+    pieces of bucket_items in ascending order (its front is ready first), the last piece taking the rest."""
     buckets, hi = [], None
     for i in sorted(spans, reverse=True):
         lo, top = spans[i]
+        if i in split and top - lo > bucket_items:
+            if hi is not None:  # the layers above close their bucket: contiguous with this layer's last piece only
+                buckets.append(Bucket(top, hi, first))
+            cuts = list(range(lo, top - bucket_items, bucket_items))[1:] + [top]
+            buckets += [Bucket(a, b, i, b - lo if b < top else None) for a, b in zip([lo] + cuts[:-1], cuts)]
+            hi = None
+            continue
         hi = top if hi is None else hi
         if hi - lo >= bucket_items:
             buckets.append(Bucket(lo, hi, i))
@@ -59,9 +72,10 @@ def piece_counts(bucket: Bucket, bounds: list[tuple[int, int]]) -> list[int]:
 
 
 def model_buckets(model, bucket_mb: float) -> list[Bucket]:
-    """The model's buckets for train.bucket_mb."""
+    """The model's buckets for train.bucket_mb; layers that report their gradient front to back are cut."""
     items = max(1, int(bucket_mb * 2**20) // model.grads.itemsize)
-    return bucket_bounds(layer_spans(model.offsets), items)
+    split = {i for i, layer in enumerate(model.layers) if getattr(layer, "grads_in_order", False)}
+    return bucket_bounds(layer_spans(model.offsets), items, split)
 
 
 # ---- the reduction (communicates) ----
@@ -71,8 +85,7 @@ class OverlappedReduction:
 
     def __init__(self, comm, buckets: list[Bucket], owned: slice | None = None):
         self.comm, self.buckets, self.owned = comm, buckets, owned
-        self.at_layer = {b.first: k for k, b in enumerate(buckets)}
-        n = buckets[0].hi if buckets else 0  # the first bucket ends the flat vector
+        n = max((b.hi for b in buckets), default=0)  # the buckets cover the flat vector
         self.bounds = [shard(n, q, comm.size) for q in range(comm.size)]  # the ranks' owned slices
         self.grads = self.out = None
         self.requests, self.started = [], 0
@@ -89,12 +102,18 @@ class OverlappedReduction:
         self.grads, self.out = grads, out
         self.requests, self.started = [], 0
 
-    def after_layer(self, i: int, final: bool = True):
-        """Layer i's gradients are final: start the bucket it completes; either way let MPI progress the pending ones."""
-        if final and self.at_layer.get(i) == self.started:
+    def after_layer(self, i: int, done: int | None = None):
+        """Layer i's first `done` gradient values are final (None: all): start the buckets that completes, then
+        let MPI progress the pending ones."""
+        while self.started < len(self.buckets) and self._ready(self.buckets[self.started], i, done):
             self._start()
         if self.requests:
             self.comm.test_all(self.requests)
+
+    @staticmethod
+    def _ready(b: Bucket, i: int, done: int | None) -> bool:
+        """Whether bucket b is complete once layer i has its first `done` values final (None: all)."""
+        return b.first == i and (done is None or (b.need is not None and done >= b.need))
 
     def _start(self):
         """Start the next bucket's non-blocking reduction."""
