@@ -118,8 +118,8 @@ class TrainConfig(KeysOnly):
                                       "train.overlap")
     overlap: bool = key(False, "reduce the gradient in buckets, each started as soon as backward has produced "
                                "it, while backward goes on (train.bucket_mb)")
-    bucket_mb: float = key(1.0, "with train.overlap: megabytes of gradient per bucket (whole layers, cut in "
-                                "reverse layer order)", within="(0, inf)")
+    bucket_mb: float = key(1.0, "with train.overlap: megabytes of gradient per bucket (whole layers in reverse "
+                                "layer order; a larger linear layer in pieces of this size)", within="(0, inf)")
     check_every: int = key(0, "compare a hash of the parameters across ranks every N steps (0 = off)",
                            within="[0, inf)")
     stall_timeout: float = key(300.0, "abort when a collective waits longer than this many seconds (0 = off); "

@@ -64,15 +64,21 @@ def buckets_of(workload: str, bucket_mb: float = 1.0, rows: int = 128) -> list[t
     """(bytes, backward fraction done when ready) of each bucket of the workload, from measured layer times."""
     from distbp.nn.conv import Conv2D
     from distbp.nn.layers import Linear
-    from distbp.parallel.buckets import model_buckets
+    from distbp.parallel.buckets import layer_spans, model_buckets
     model, times = bench.unit_times(bench.WORKLOADS[workload], rounds=3, threads=1, batch=rows)
     top = [i for i, (_, key, _) in enumerate(model.units) if len(key) == 1]  # the top-level layers, in order
     back = np.median(times, axis=0)[top, 1]
-    # backward runs from the last layer down; a linear or convolution layer above the first one with parameters
-    # has its gradients final half-way, before its dx product (about the cost of its weight gradient)
-    early = [isinstance(layer, (Linear, Conv2D)) and i > model.chain.first_param for i, layer in enumerate(model.layers)]
-    done = {i: (back[i:].sum() - early[i] * back[i] / 2) / back.sum() for i in range(len(back))}
-    return [((b.hi - b.lo) * model.grads.itemsize, done[b.first]) for b in model_buckets(model, bucket_mb)]
+    spans = layer_spans(model.offsets)
+
+    # backward runs from the last layer down; a linear or convolution layer above the first one with
+    # parameters has its gradients final half-way, before its dx product (about its weight gradient's
+    # cost), and a piece of a cut linear layer once the weight rows up to its end are
+    def ready(b):
+        i = b.first
+        weight = 0.5 if isinstance(model.layers[i], (Linear, Conv2D)) and i > model.chain.first_param else 1.0
+        part = b.need / (spans[i][1] - spans[i][0]) if b.need else 1.0
+        return (back[i + 1:].sum() + weight * part * back[i]) / back.sum()
+    return [((b.hi - b.lo) * model.grads.itemsize, ready(b)) for b in model_buckets(model, bucket_mb)]
 
 
 def fit_link(sizes, seconds, p: int) -> tuple[float, float]:

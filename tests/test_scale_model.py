@@ -37,3 +37,13 @@ def test_link_fit_recovers_bandwidth_and_latency():
         times = [allreduce_s(n, p, BW, ALPHA) for n in sizes]
         bw, alpha = fit_link(sizes, times, p)
         assert bw == pytest.approx(BW, rel=1e-6) and alpha == pytest.approx(ALPHA, rel=1e-6)
+
+
+def test_buckets_of_w1_cover_the_gradient_and_are_ready_in_reduction_order():
+    from scale_model import buckets_of
+    buckets = buckets_of("W1-rep-ovl", rows=16)
+    assert sum(b for b, _ in buckets) == 1863690 * 4  # every float32 gradient value once
+    ready = [r for _, r in buckets]
+    assert ready == sorted(ready) and ready[-1] == 1.0 and 0 < ready[0] < 1
+    # the pieces of the cut 1024 x 1024 layer are ready before its dx product, half-way through its backward
+    assert len(buckets) == 8 and ready[4] < ready[5]
