@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time as clock
 import tomllib
 from pathlib import Path
 
@@ -114,8 +115,13 @@ def run_block(block: dict, folder: Path, time: str):
 @pytest.mark.timeout(1200)
 def test_every_block_runs_as_written_twice_in_the_same_folder(serial, clone):
     """README's blocks, then each doc's, in order in one folder; then all of them again there."""
-    runnable = [b for b in all_blocks() if not b["reason"]]
+    runnable, took = [b for b in all_blocks() if not b["reason"]], []
     assert runnable
     for time in ("first", "second"):
         for block in runnable:
+            start = clock.monotonic()
             run_block(block, clone, time)
+            took.append((clock.monotonic() - start, f"{block['doc']}:{block['line']} ({time} time)"))
+    print(f"\n{len(runnable)} blocks twice in {sum(s for s, _ in took):.0f} s; the slowest:")
+    for seconds, where in sorted(took, reverse=True)[:8]:
+        print(f"  {seconds:5.1f} s  {where}")
