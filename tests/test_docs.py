@@ -7,7 +7,9 @@ the venv's bin first on PATH), `python` blocks run as `python -` there, `toml` b
 and built into a distbp.Config, docs/API.md's python blocks run in tests/test_api.py (in-process,
 twice). A block that cannot run here carries `<!-- not run: REASON -->` on the line before its
 fence (a comment the reader of the rendered page does not see); `text` blocks (output, grammars,
-formulas) carry one too. No other block is left out: the test prints every reason.
+formulas) carry one too. No other block is left out: the test prints every reason. A block whose text
+repeats an earlier one's (DETERMINISM.md's loop is README's) runs once per pass; a block that prints
+parameter checksums to show they agree (`| grep crc32`) must print one checksum.
 """
 import os
 import re
@@ -110,18 +112,28 @@ def run_block(block: dict, folder: Path, time: str):
     if done.returncode != 0:
         pytest.fail(f"{where} exits {done.returncode}:\n{block['body']}\n--- stdout\n{done.stdout[-2000:]}"
                     f"\n--- stderr\n{done.stderr[-3000:]}")
+    if "| grep crc32" in block["body"]:
+        checksums = set(done.stdout.split())
+        assert len(done.stdout.splitlines()) >= 2 and len(checksums - {"parameters", "crc32:"}) == 1, done.stdout
 
 
 @pytest.mark.timeout(1200)
 def test_every_block_runs_as_written_twice_in_the_same_folder(serial, clone):
     """README's blocks, then each doc's, in order in one folder; then all of them again there."""
-    runnable, took = [b for b in all_blocks() if not b["reason"]], []
+    runnable, took, first = [b for b in all_blocks() if not b["reason"]], [], {}
     assert runnable
     for time in ("first", "second"):
         for block in runnable:
+            where = first.setdefault(block["body"], f"{block['doc']}:{block['line']}")
+            if where != f"{block['doc']}:{block['line']}":
+                continue  # the same text as a block run before it in this pass (DETERMINISM.md repeats README's loop)
             start = clock.monotonic()
             run_block(block, clone, time)
             took.append((clock.monotonic() - start, f"{block['doc']}:{block['line']} ({time} time)"))
+    for body, where in first.items():
+        again = [f"{b['doc']}:{b['line']}" for b in runnable if b["body"] == body][1:]
+        if again:
+            print(f"\n{', '.join(again)}: the same text as {where}, run once per pass")
     print(f"\n{len(runnable)} blocks twice in {sum(s for s, _ in took):.0f} s; the slowest:")
     for seconds, where in sorted(took, reverse=True)[:8]:
         print(f"  {seconds:5.1f} s  {where}")
