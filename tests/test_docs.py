@@ -76,7 +76,7 @@ def stand_in_mnist(path: Path):
         x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
         x[np.arange(n), 0, 2 * y + 4, 4:24] = 255  # each class a bright row: learnable
         return x, y.astype(np.int64)
-    write_dataset(path, {"train": split(320), "val": split(64), "test": split(64)}, num_classes=10, x_scale=1 / 255)
+    write_dataset(path, {"train": split(192), "val": split(64), "test": split(64)}, num_classes=10, x_scale=1 / 255)
 
 
 @pytest.fixture(scope="module")
