@@ -117,7 +117,7 @@ def run_block(block: dict, folder: Path, time: str):
         assert len(done.stdout.splitlines()) >= 2 and len(checksums - {"parameters", "crc32:"}) == 1, done.stdout
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)  # minutes on a loaded machine: scripts/test.sh runs it once, in the serial phase
 def test_every_block_runs_as_written_twice_in_the_same_folder(serial, clone):
     """README's blocks, then each doc's, in order in one folder; then all of them again there."""
     runnable, took, first = [b for b in all_blocks() if not b["reason"]], [], {}
