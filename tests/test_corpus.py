@@ -369,8 +369,8 @@ def test_output_into_head_ends_quietly(base, tmp_path, command, ranks):
     err = (tmp_path / "err.log").read_text()
     assert len(proc.stdout.splitlines()) == 1 and not proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in err and "BrokenPipe" not in err and "failed" not in err, err
-    # distbp itself exits 0; mpirun, whose own output pipe closed, may end with SIGPIPE (141)
-    assert proc.returncode in ((0, 141) if ranks else (0,)), proc.returncode
+    # rank 0 writes past mpirun into the pipe, so mpirun never meets the closed pipe (no SIGPIPE, 141)
+    assert proc.returncode == 0, proc.returncode
 
 
 def test_faults_doc_lists_every_corpus_case():

@@ -10,10 +10,10 @@ def listed_modules(doc: str) -> list[str]:
     block = doc.split("## Package layout", 1)[1].split("\n## ", 1)[0]
     paths, folders = [], {}
     for line in block.splitlines():
-        m = re.match(r"^( {6,})(\S+)", line)
+        m = re.match(r"^( {2,})(\S+)", line)
         if not m or not re.match(r"^(\w+/|[\w.]+\.py)$", m.group(2)):
             continue  # a description's continuation line
-        depth, name = (len(m.group(1)) - 6) // 2, m.group(2)
+        depth, name = (len(m.group(1)) - 2) // 2, m.group(2)
         parent = "/".join(folders[d] for d in range(depth))
         path = f"{parent}/{name}" if parent else name
         if name.endswith("/"):

@@ -28,15 +28,16 @@ def test_a_failed_start_leaves_no_run_directory(alone, capsys):
 
 
 def test_running_a_finished_run_again_says_which_key_to_raise(alone, capsys):
-    args = ["train", "--set", "train.epochs=1", "--run-dir", "done", "--progress", "none"]
+    args = ["train", "--set", "train.epochs=1", "--set", "log.tensorboard=true", "--run-dir", "done", "--progress", "none"]
     assert cli.main(args) == 0
-    before = (alone / "done" / "metrics.jsonl").read_text()
+    before, files = (alone / "done" / "metrics.jsonl").read_text(), sorted((alone / "done").rglob("*"))
     capsys.readouterr()
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "the run is finished: step 23 of 23; HINT: raise train.epochs, e.g. --set train.epochs=2 to train on" in out
     assert "nothing was trained or written" in out and "summary:" not in out
     assert (alone / "done" / "metrics.jsonl").read_text() == before
+    assert sorted((alone / "done").rglob("*")) == files  # no tracker run opened either (no new event file)
 
 
 def test_data_path_is_stored_absolute_and_eval_works_from_elsewhere(alone, monkeypatch, capsys):

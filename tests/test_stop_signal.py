@@ -65,7 +65,8 @@ def test_sigterm_anywhere_leaves_a_checkpoint_that_resumes_to_the_same_parameter
         assert newest.name == ckpt.checkpoint_name(STEPS)
         if point != "summary":  # the flag was seen before the summary, which says so
             assert "stop signal received after the last step" in job.stdout, job.stdout
-    if code != 0:  # stopped mid-run: --resume auto (the default) continues
+    if code != 0:  # stopped mid-run: the stop line says how to continue, and --resume auto (the default) does
+        assert f"(resumable): run the same command (same --run-dir {tmp_path}) to continue from it" in out, out
         resumed = train(ranks, tmp_path)
         assert resumed.returncode == 0, resumed.stderr
     assert_same(params(tmp_path), straight[ranks])  # bitwise (train.deterministic)

@@ -123,7 +123,7 @@ def test_config_docs_are_generated_and_current():
 
 def test_readme_links_and_quick_start():
     readme = (ROOT / "README.md").read_text()
-    assert "bash scripts/setup.sh && .venv/bin/mpirun -n 8 .venv/bin/distbp train" in readme
+    assert "```sh\nbash scripts/setup.sh\n```" in readme and "```sh\n.venv/bin/mpirun -n 8 .venv/bin/distbp train\n```" in readme
     assert "bash scripts/test.sh" in readme
     for link in ("docs/CONFIG.md", "docs/DESIGN.md", "slurm/README.md", "examples/regression.toml",
                  "examples/classification.toml"):

@@ -14,7 +14,7 @@ from ..files import bounded
 from ..files.safeio import hdf5_bytes, memory_hdf5, unwritable, write_bytes
 from ..parallel.comm import node_shared_array
 from ..errors import UserError
-from .task import TASKS, Task, TaskError, task_named
+from .task import TASKS, Task, TaskError, not_finite, task_named
 
 FORMAT, VERSION = "dataset", 1
 X_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8))
@@ -201,11 +201,6 @@ def first_bad(where: str, a, bad_rows, problem: str, fix: str):
             value = np.asarray(block[bad[0]]).ravel()
             value = value[0] if value.size == 1 else value[:4]
             _fail(where, problem.format(row=lo + int(bad[0]), value=value), fix)
-
-
-def not_finite(b):
-    """Rows of a (rows, -1) block holding NaN or Inf."""
-    return ~np.isfinite(b).all(axis=1)
 
 
 def _check_ids(where: str, a, vocab: int):

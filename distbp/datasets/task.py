@@ -17,7 +17,7 @@ from ..nn.sequence_loss import SequenceCrossEntropy
 from ..reporting.scores import AucSums, ConfusionSums, F1Sums, PerplexitySums, RegressionSums
 
 
-def _not_finite(block: np.ndarray) -> np.ndarray:
+def not_finite(block: np.ndarray) -> np.ndarray:
     """Rows of a block holding NaN or Inf."""
     return ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
 
@@ -85,7 +85,7 @@ class Task:
 
     def bad_targets(self, block: np.ndarray) -> np.ndarray:
         """Rows of a block of targets whose values the task cannot take."""
-        return _not_finite(block)
+        return not_finite(block)
 
     def bad_message(self) -> tuple[str, str]:
         """(message with {value} and {row}, fix) for the first row bad_targets finds."""
@@ -162,7 +162,7 @@ class Binary(Task):
 
     def bad_targets(self, block):
         """NaN, Inf or values outside [0, 1]."""
-        return _not_finite(block) | ((block < 0) | (block > 1)).reshape(len(block), -1).any(axis=1)
+        return not_finite(block) | ((block < 0) | (block > 1)).reshape(len(block), -1).any(axis=1)
 
     def bad_message(self):
         return ("target {value} at row {row} is not in [0, 1]",

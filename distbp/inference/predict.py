@@ -27,7 +27,8 @@ import numpy as np
 
 from ..parallel import faults
 from ..datasets.convert import CsvTable
-from ..datasets.dataset import DataError, not_finite
+from ..datasets.dataset import DataError
+from ..datasets.task import not_finite
 from ..errors import agree, on_root
 from .evaluate import load_model
 from ..files.safeio import check_output, hdf5_bytes, memory_hdf5, unwritable, write_bytes

@@ -127,9 +127,11 @@ class Trainer:
             self.norm = fit_normalizer(self.train_split, comm, kind, cfg.data.normalize_targets,
                                        self.task.normalizes_targets)
         self.log(self.norm.describe())
-        # the trackers last: a run that fails to start leaves no tracker run behind
-        self.runlog.trackers = on_root(comm, trackers.open_trackers, cfg.log, run_dir, config_to_dict(cfg),
-                                       config_to_toml(cfg)) or []
+        # the trackers last: a run that fails to start leaves no tracker run behind, a finished one run again
+        # touches none (nothing is trained or written)
+        if not self.done_before:
+            self.runlog.trackers = on_root(comm, trackers.open_trackers, cfg.log, run_dir, config_to_dict(cfg),
+                                           config_to_toml(cfg)) or []
         self.timer, self.saver = StepTimer(), ckpt.BackgroundSaver()
         self.scalars = StepScalars()
         self.result, self.lr, self.grad_step = {}, self.lr_now(), None
