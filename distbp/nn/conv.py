@@ -31,6 +31,8 @@ class Conv2D(WeightLayer):
     """2-D convolution (cross-correlation, as torch) of (N, C, H, W) with W (F, C, kh, kw) plus b (F,)."""
 
     default_scheme = "he_normal"
+    relu = False  # set by Chain.link when a ReLU follows: each output row is rectified while in cache
+    masks_dy = True  # ... and backward masks each row of dy as it reads it (the ReLU passes dy on)
 
     def __init__(self, in_shape, out_channels, kernel, stride, padding, bias, init, out_hw):
         self.in_shape, self.C, self.F = tuple(in_shape), in_shape[0], out_channels
@@ -60,13 +62,18 @@ class Conv2D(WeightLayer):
         N = x.shape[0]
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
-        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), self.b)
+        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), self.b, self.relu)
+        self.y = y if self.relu else None  # (F, Ho, Wo*N), the ReLU's output: backward's mask
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
+
+    def fuses_relu(self) -> bool:
+        """Whether a following ReLU can run inside forward's row pass (always)."""
+        return True
 
     def backward(self, dy):
         """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
         N, kh, C, F = dy.shape[0], self.kh, self.C, self.F
-        dy = _contiguous(dy.transpose(1, 2, 3, 0)).reshape(F, self.Ho, self.Wo * N)
+        dy, mask = self._rows_of(dy)
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
         parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
@@ -76,6 +83,8 @@ class Conv2D(WeightLayer):
             windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
             tmp = np.empty_like(parts[0] if thin else parts[0, 0])
             for r in range(lo * per, min(hi * per, self.Ho)):
+                if mask is not None:  # the fused ReLU's dy * (y > 0), this row while it is in cache
+                    np.multiply(mask[0][:, r], mask[1][:, r] > 0, out=mask[2][:, r])
                 part = parts[r // per]
                 if thin:
                     np.matmul(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r].T,
@@ -99,6 +108,16 @@ class Conv2D(WeightLayer):
         dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
         return dx.transpose(3, 0, 1, 2)
 
+    def _rows_of(self, dy):
+        """dy as a C-contiguous (F, Ho, Wo*N) array, and None; with a fused ReLU, an array for dy * (y > 0) (dy itself
+        when allowed) and the (dy, y, that array) row views the backward's row loop masks with, as (F, Ho, Wo, N)."""
+        F, N = self.F, dy.shape[0]
+        dyt = dy.transpose(1, 2, 3, 0)  # (F, Ho, Wo, N), contiguous when dy came from a conv stack
+        if not self.relu:
+            return _contiguous(dyt).reshape(F, self.Ho, self.Wo * N), None
+        out = dyt if self.overwrite_dy and dyt.flags.c_contiguous else np.empty(dyt.shape, dy.dtype)
+        return out.reshape(F, self.Ho, self.Wo * N), (dyt, self.y.reshape(dyt.shape), out)
+
     def _dx_flipped(self, dy):
         """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
         (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
@@ -111,14 +130,34 @@ class Conv2D(WeightLayer):
         return _correlate(dyq, Wt, kh, (1, 1), (H, W)).reshape(C, H, W, N)
 
     def _dx_col2im(self, dy):
-        """dx of a strided convolution: W^T dy for each window, added back where the window read x."""
-        N, kh, C, s = dy.shape[-1] // self.Wo, self.kh, self.C, (self.sh, self.sw)
+        """dx of a strided convolution: W^T dy for each window, added back where the window read x.
+
+        In blocks of output rows: the block's products on the threads (an output row each), then its adds on the
+        threads by padded input row, each row's windows added in (output row, kernel column) order, the order of
+        one serial loop over the rows, so the bits do not depend on the thread count."""
+        N, kh, kw, C, (sh, sw), Wo = dy.shape[-1] // self.Wo, self.kh, self.kw, self.C, (self.sh, self.sw), self.Wo
         dxq = np.zeros_like(self.xq)
-        dcols = np.empty((self.kw, kh * C, self.Wo * N), dy.dtype)
-        for r in range(self.Ho):
-            np.matmul(self.Wj.transpose(0, 2, 1), dy[:, r], out=dcols)  # W[:, :, :, j]^T dy for every j
-            for j in range(self.kw):
-                _window(dxq, r, j, kh, s, self.Wo, flat=False)[...] += dcols[j].reshape(kh, C, self.Wo, N)
+        per_row = kw * kh * C * Wo * N
+        block = max(1, min(self.Ho, PARTS_BYTES // (per_row * dy.itemsize)))  # output rows per block
+        dcols = np.empty((block, kw, kh, C, Wo, N), dy.dtype)
+        WjT = self.Wj.transpose(0, 2, 1)  # W[:, :, :, j]^T, (kh*C, F) each
+
+        for r0 in range(0, self.Ho, block):
+            r1 = min(self.Ho, r0 + block)
+
+            def products(lo, hi):
+                for r in range(r0 + lo, r0 + hi):
+                    np.matmul(WjT, dy[:, r], out=dcols[r - r0].reshape(kw, kh * C, Wo * N))
+
+            def adds(lo, hi):  # padded input rows sh*r0 + lo .. hi - 1
+                for u in range(sh * r0 + lo, sh * r0 + hi):
+                    for r in range(max(r0, -(-(u - kh + 1) // sh)), min(r1, u // sh + 1)):
+                        for j in range(kw):
+                            dxq[u, :, j % sw, j // sw : j // sw + Wo] += dcols[r - r0, j, u - sh * r]
+
+            with threads.single_blas():
+                threads.run(products, r1 - r0, (r1 - r0) * per_row)
+            threads.run(adds, sh * (r1 - 1 - r0) + kh, (r1 - r0) * per_row)
         return self._scatter(dxq)
 
     def _gather(self, x):
@@ -129,17 +168,28 @@ class Conv2D(WeightLayer):
         if sw == 1:
             return xp[:, :, None]
         xq = np.zeros((Hp, C, sw, -(-Wp // sw), N), x.dtype)
-        for p in range(sw):
-            xq[:, :, p, : len(range(p, Wp, sw))] = xp[:, :, p::sw]
+
+        def fill(lo, hi):
+            for p in range(sw):
+                xq[lo:hi, :, p, : len(range(p, Wp, sw))] = xp[lo:hi, :, p::sw]
+
+        threads.run(fill, Hp, xq.size)
         return xq
 
     def _scatter(self, dxq):
-        """The inverse of _gather: dx as a C-contiguous (C, H, W, N) array."""
-        (C, H, W), sw = self.in_shape, self.sw
-        dxp = np.empty((dxq.shape[0], C, W + 2 * self.pw, dxq.shape[-1]), dxq.dtype)
-        for p in range(sw):
-            dxp[:, :, p::sw] = dxq[:, :, p, : len(range(p, dxp.shape[2], sw))]
-        return np.ascontiguousarray(dxp[self.ph : self.ph + H, :, self.pw : self.pw + W].transpose(1, 0, 2, 3))
+        """The inverse of _gather: dx as a C-contiguous (C, H, W, N) array, copied by rows of H on the threads."""
+        (C, H, W), sw, (ph, pw) = self.in_shape, self.sw, (self.ph, self.pw)
+        dx = np.empty((C, H, W, dxq.shape[-1]), dxq.dtype)
+
+        def fill(lo, hi):
+            for p in range(sw):  # padded columns p, p + sw, ... inside [pw, pw + W): input columns w = column - pw
+                first = p + sw * -(-(pw - p) // sw)
+                if first < pw + W:
+                    cols = range(first, pw + W, sw)
+                    dx[:, lo:hi, first - pw :: sw] = dxq[ph + lo : ph + hi, :, p, first // sw : first // sw + len(cols)].transpose(1, 0, 2, 3)
+
+        threads.run(fill, H, dx.size)
+        return dx
 
 
 def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
@@ -160,8 +210,9 @@ def _row_windows(q, r: int, kw: int, kh: int, stride: tuple, width: int, out):
     return out.reshape(out.shape[0] * out.shape[1], out.shape[2])
 
 
-def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
-    """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, one output row at a time.
+def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None, relu: bool = False):
+    """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, rectified if relu, one
+    output row at a time.
 
     Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
     partial sums stay in cache; thin windows (kh*C < THIN_DEPTH) are copied into one buffer per
@@ -184,6 +235,8 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
                         y[:, r] += tmp
             if b is not None:
                 y[:, r] += b[:, None]
+            if relu:  # the ReLU layer's own arithmetic, on the row while it is in cache
+                np.maximum(y[:, r], 0, out=y[:, r])
 
     with threads.single_blas():  # each thread's rows on its own single-thread sgemm: the same bits at any count
         threads.run(rows, Ho, y.size)
