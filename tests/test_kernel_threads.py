@@ -166,13 +166,19 @@ FUSED = [  # a layer that rectifies its own output, with what follows the ReLU (
     [{"type": "residual", "body": [{"type": "conv2d", "out_channels": 2, "kernel": 3, "padding": 1}, {"type": "relu"}],
       "shortcut": []}, {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],  # dy is the shortcut's too: kept
     [{"type": "flatten"}, {"type": "linear", "out": 40}, {"type": "relu"}],
+    [{"type": "conv2d", "out_channels": 5, "kernel": 3, "padding": 1}, {"type": "batchnorm"}, {"type": "relu"},
+     {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],
+    [{"type": "residual", "body": [{"type": "conv2d", "out_channels": 2, "kernel": 3, "padding": 1},
+                                   {"type": "batchnorm"}, {"type": "relu"}],
+      "shortcut": []}, {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],
+    [{"type": "flatten"}, {"type": "batchnorm"}, {"type": "relu"}],
 ]
 
 
 @pytest.mark.parametrize("specs", FUSED)
 def test_fused_relu_gives_the_bits_of_the_relu_layer_at_any_thread_count(specs, monkeypatch):
-    """Conv2D or Linear followed by a ReLU rectifies in its own pass (and Conv2D masks dy): forward, dx and
-    gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads."""
+    """Conv2D, BatchNorm or Linear followed by a ReLU rectifies in its own pass (and the first two mask dy): forward,
+    dx and gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads (train mode; eval below)."""
     from distbp.nn import blocks, conv as conv_module
     monkeypatch.setattr(conv_module, "PARTS_BYTES", 1)  # one partial dW (and col2im block) per output row
     channels = 1 if specs[0].get("kernel") == 5 else 2
@@ -180,10 +186,11 @@ def test_fused_relu_gives_the_bits_of_the_relu_layer_at_any_thread_count(specs, 
     runs = {}
     for fuse in (True, False):
         monkeypatch.setattr(blocks, "FUSE_RELU", fuse)
-        runs[fuse] = at_counts(layer_run(specs, (channels, 10, 9)))
+        runs[fuse] = at_counts(layer_run(specs, (channels, 10, 9))) + at_counts(layer_run(specs, (channels, 10, 9),
+                                                                                          train=False))
         relus = [u for _, _, u in Sequential(specs, (channels, 10, 9)).units if type(u).__name__ == "ReLU"]
         assert [u.fused is not None for u in relus] == [fuse]
-    assert len(set(runs[True] + runs[False])) == 1
+    assert runs[True] == runs[False] and len(set(runs[True][:3])) == len(set(runs[True][3:])) == 1
 
 
 def test_strided_col2im_in_blocks_gives_the_bits_of_one_block(monkeypatch):
