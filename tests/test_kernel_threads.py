@@ -136,7 +136,7 @@ def test_maxpool_alone_on_an_nchw_input_and_ties():
 
 
 @pytest.mark.parametrize("conv", [
-    {"out_channels": 4, "kernel": 5, "padding": 2},                  # thin windows (kh*C < 64): a row's copy
+    {"out_channels": 4, "kernel": 5, "padding": 2},                  # thin windows (kh*C = 5): a row's copy
     {"out_channels": 5, "kernel": 3, "padding": 1},                  # views on the padded input
     {"out_channels": 3, "kernel": [3, 2], "stride": 2, "padding": 1},  # strided: col2im backward
     {"out_channels": 4, "kernel": 1, "bias": False},

@@ -7,9 +7,9 @@ element-wise layers keep the memory order they get, until Flatten copies to
 values one kernel column sees for a whole output row form a (kh*C, Wo*N) matrix
 view with evenly spaced rows: an output row is kw matmuls with those views (see
 _correlate), small enough to stay in cache, with no im2col matrix in memory. When those
-views are thin (kh*C below THIN_DEPTH rows: the first layer of an image network, C = 1
-or 3), BLAS runs them slowly, so the row's kw views are copied into one (kw*kh*C, Wo*N)
-buffer, an im2col of one output row, and multiplied at once.
+views are thin against the product (see THIN_RATIO: the first layer of an image network,
+C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
+(kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once.
 
 The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
 its rows on its own single-thread sgemm (BLAS's own threads split these small products
@@ -22,7 +22,11 @@ import numpy as np
 from .layers import WeightLayer, check_spec, register
 from . import threads, windows
 
-THIN_DEPTH = 64  # kh*C below this: one matmul per output row over a copied row of windows (see _row_windows)
+# The copied-row path (one matmul per output row over a copy of its windows, _row_windows) for a product whose
+# window depth (kh*C; kh*F for dx) is at most THIN_RATIO times its output rows (F; C for dx), else kw matmuls on
+# views. Fitted to paired timings of both paths by scripts/conv_paths.py (docs/PERFORMANCE.md): a rule of the
+# shapes alone, so every rank and run takes the same path (the two add in different orders).
+THIN_RATIO = {"forward": 1.5, "dW": 0.5625, "dx": 0.0}
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 
 
@@ -62,7 +66,8 @@ class Conv2D(WeightLayer):
         N = x.shape[0]
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
-        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), self.b, self.relu)
+        thin = thin_path("forward", self.kh * self.C, self.F)
+        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), thin, self.b, self.relu)
         self.y = y if self.relu else None  # (F, Ho, Wo*N), the ReLU's output: backward's mask
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
@@ -77,7 +82,7 @@ class Conv2D(WeightLayer):
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
         parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
-        stride, thin = (self.sh, self.sw), kh * C < THIN_DEPTH
+        stride, thin = (self.sh, self.sw), thin_path("dW", kh * C, F)
 
         def rows(lo, hi):  # parts lo..hi-1, each its rows' sum in row order; x dy^T runs faster than dy x^T
             windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
@@ -127,7 +132,7 @@ class Conv2D(WeightLayer):
         dyq = _padded(dyt, H + kh - 1, W + kw - 1, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
         dyq = dyq[:, :, None]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
-        return _correlate(dyq, Wt, kh, (1, 1), (H, W)).reshape(C, H, W, N)
+        return _correlate(dyq, Wt, kh, (1, 1), (H, W), thin_path("dx", kh * self.F, C)).reshape(C, H, W, N)
 
     def _dx_col2im(self, dy):
         """dx of a strided convolution: W^T dy for each window, added back where the window read x.
@@ -192,6 +197,12 @@ class Conv2D(WeightLayer):
         return dx
 
 
+def thin_path(product: str, depth: int, rows: int) -> bool:
+    """Whether a product ("forward", "dW", "dx") of windows of this depth onto this many output rows takes the
+    copied-row path (see THIN_RATIO)."""
+    return depth <= THIN_RATIO[product] * rows
+
+
 def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
     """What kernel column j sees for output row r: q[sh*r + i, c, j % sw, j // sw + w, n] over (i, c, w, n).
 
@@ -210,17 +221,16 @@ def _row_windows(q, r: int, kw: int, kh: int, stride: tuple, width: int, out):
     return out.reshape(out.shape[0] * out.shape[1], out.shape[2])
 
 
-def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None, relu: bool = False):
+def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None, relu: bool = False):
     """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, rectified if relu, one
     output row at a time.
 
     Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
-    partial sums stay in cache; thin windows (kh*C < THIN_DEPTH) are copied into one buffer per
-    row instead and take a single matmul.
+    partial sums stay in cache; when thin, the row's windows are copied into one buffer instead
+    and take a single matmul.
     """
     (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
     y = np.empty((F, Ho, Wo * N), q.dtype)
-    thin = depth < THIN_DEPTH
     Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth) if thin else None  # W[f, (j, i, c)], a copy
 
     def rows(lo, hi):
