@@ -177,10 +177,11 @@ FUSED = [  # a layer that rectifies its own output, with what follows the ReLU (
 
 @pytest.mark.parametrize("specs", FUSED)
 def test_fused_relu_gives_the_bits_of_the_relu_layer_at_any_thread_count(specs, monkeypatch):
-    """Conv2D, BatchNorm or Linear followed by a ReLU rectifies in its own pass (and the first two mask dy): forward,
-    dx and gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads (train mode; eval below)."""
+    """Conv2D, BatchNorm or Linear followed by a ReLU rectifies in its own pass (and BatchNorm masks dy): forward, dx
+    and gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads, in train and in eval mode."""
     from distbp.nn import blocks, conv as conv_module
-    monkeypatch.setattr(conv_module, "PARTS_BYTES", 1)  # one partial dW (and col2im block) per output row
+    monkeypatch.setattr(conv_module, "PARTS_BYTES", 1)  # one partial dW per output row
+    monkeypatch.setattr(conv_module, "COLS_BYTES", 1)  # one col2im block per output row
     channels = 1 if specs[0].get("kernel") == 5 else 2
     specs = specs + [{"type": "linear", "out": 3}]
     runs = {}
@@ -199,11 +200,11 @@ def test_strided_col2im_in_blocks_gives_the_bits_of_one_block(monkeypatch):
     from distbp.nn import conv as conv_module
     specs = [{"type": "conv2d", "out_channels": 6, "kernel": 4, "stride": [2, 3], "padding": 1}, {"type": "tanh"},
              {"type": "flatten"}, {"type": "linear", "out": 3}]
-    monkeypatch.setattr(conv_module, "PARTS_BYTES", 1 << 40)
+    monkeypatch.setattr(conv_module, "COLS_BYTES", 1 << 40)
     with threads.using(1):
         whole = tuple(np.ascontiguousarray(a).tobytes() for a in layer_run(specs, (5, 13, 14))())
-    for parts in (1, 3000):  # one output row per block; a few rows per block
-        monkeypatch.setattr(conv_module, "PARTS_BYTES", parts)
+    for cols in (1, 3000):  # one output row per block; a few rows per block
+        monkeypatch.setattr(conv_module, "COLS_BYTES", cols)
         assert set(at_counts(layer_run(specs, (5, 13, 14)))) == {whole}
 
 

@@ -28,6 +28,7 @@ from . import threads, windows
 # shapes alone, so every rank and run takes the same path (the two add in different orders).
 THIN_RATIO = {"forward": 1.5, "dW": 0.5625, "dx": 0.0}
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
+COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
 
 @register("conv2d")
@@ -36,7 +37,7 @@ class Conv2D(WeightLayer):
 
     default_scheme = "he_normal"
     relu = False  # set by Chain.link when a ReLU follows: each output row is rectified while in cache
-    masks_dy = True  # ... and backward masks each row of dy as it reads it (the ReLU passes dy on)
+    masks_dy = False  # the ReLU masks dy in its own pass: per output row (strided views) NumPy ran it 4-10x slower
 
     def __init__(self, in_shape, out_channels, kernel, stride, padding, bias, init, out_hw):
         self.in_shape, self.C, self.F = tuple(in_shape), in_shape[0], out_channels
@@ -68,7 +69,6 @@ class Conv2D(WeightLayer):
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
         thin = thin_path("forward", self.kh * self.C, self.F)
         y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), thin, self.b, self.relu)
-        self.y = y if self.relu else None  # (F, Ho, Wo*N), the ReLU's output: backward's mask
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
     def fuses_relu(self) -> bool:
@@ -78,7 +78,7 @@ class Conv2D(WeightLayer):
     def backward(self, dy):
         """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
         N, kh, C, F = dy.shape[0], self.kh, self.C, self.F
-        dy, mask = self._rows_of(dy)
+        dy = _contiguous(dy.transpose(1, 2, 3, 0)).reshape(F, self.Ho, self.Wo * N)
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
         parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
@@ -88,8 +88,6 @@ class Conv2D(WeightLayer):
             windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
             tmp = np.empty_like(parts[0] if thin else parts[0, 0])
             for r in range(lo * per, min(hi * per, self.Ho)):
-                if mask is not None:  # the fused ReLU's dy * (y > 0), this row while it is in cache
-                    np.multiply(mask[0][:, r], mask[1][:, r] > 0, out=mask[2][:, r])
                 part = parts[r // per]
                 if thin:
                     np.matmul(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r].T,
@@ -113,16 +111,6 @@ class Conv2D(WeightLayer):
         dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
         return dx.transpose(3, 0, 1, 2)
 
-    def _rows_of(self, dy):
-        """dy as a C-contiguous (F, Ho, Wo*N) array, and None; with a fused ReLU, an array for dy * (y > 0) (dy itself
-        when allowed) and the (dy, y, that array) row views the backward's row loop masks with, as (F, Ho, Wo, N)."""
-        F, N = self.F, dy.shape[0]
-        dyt = dy.transpose(1, 2, 3, 0)  # (F, Ho, Wo, N), contiguous when dy came from a conv stack
-        if not self.relu:
-            return _contiguous(dyt).reshape(F, self.Ho, self.Wo * N), None
-        out = dyt if self.overwrite_dy and dyt.flags.c_contiguous else np.empty(dyt.shape, dy.dtype)
-        return out.reshape(F, self.Ho, self.Wo * N), (dyt, self.y.reshape(dyt.shape), out)
-
     def _dx_flipped(self, dy):
         """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
         (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
@@ -143,7 +131,7 @@ class Conv2D(WeightLayer):
         N, kh, kw, C, (sh, sw), Wo = dy.shape[-1] // self.Wo, self.kh, self.kw, self.C, (self.sh, self.sw), self.Wo
         dxq = np.zeros_like(self.xq)
         per_row = kw * kh * C * Wo * N
-        block = max(1, min(self.Ho, PARTS_BYTES // (per_row * dy.itemsize)))  # output rows per block
+        block = max(1, min(self.Ho, COLS_BYTES // (per_row * dy.itemsize)))  # output rows per block
         dcols = np.empty((block, kw, kh, C, Wo, N), dy.dtype)
         WjT = self.Wj.transpose(0, 2, 1)  # W[:, :, :, j]^T, (kh*C, F) each
 
@@ -235,6 +223,8 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
 
     def rows(lo, hi):
         tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
+        zero = np.zeros(Wo * N, q.dtype) if relu else None  # an array, not the scalar 0: NumPy's strided loop
+        # for (F, Wo*N) rows with a scalar ran 3.5x slower than with a broadcast row, which keeps the SIMD loop
         for r in range(lo, hi):
             if thin:
                 np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
@@ -245,8 +235,8 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
                         y[:, r] += tmp
             if b is not None:
                 y[:, r] += b[:, None]
-            if relu:  # the ReLU layer's own arithmetic, on the row while it is in cache
-                np.maximum(y[:, r], 0, out=y[:, r])
+            if relu:  # the ReLU layer's own arithmetic (max with 0), on the row while it is in cache
+                np.maximum(y[:, r], zero, out=y[:, r])
 
     with threads.single_blas():  # each thread's rows on its own single-thread sgemm: the same bits at any count
         threads.run(rows, Ho, y.size)

@@ -297,7 +297,7 @@ class ReLU(Activation):
     """y = max(x, 0).
 
     ``fused`` (set by Chain.link) is the layer before when it rectifies its own output in its last pass
-    (Conv2D, Linear with a bias; see Chain.fuse_relu): forward then passes x on, and backward passes dy on
+    (Conv2D, BatchNorm, Linear with a bias; see Chain.fuse_relu): forward then passes x on, and backward passes dy on
     when that layer also masks dy (its ``masks_dy``): the same arithmetic, one pass over the activations fewer.
     """
 
