@@ -67,8 +67,8 @@ class Chain:
         self.fuse_relu()
 
     def fuse_relu(self) -> None:
-        """Let a layer with ``fuses_relu()`` true (Conv2D, BatchNorm, Linear with a bias) apply the ReLU after it in its own last
-        pass over each block of output, and mask dy in its backward when it ``masks_dy``: the same arithmetic."""
+        """Let a layer with ``fuses_relu()`` true (Conv2D, BatchNorm, Linear with a bias) apply the ReLU after it
+        in its own last pass over each block of output, and mask dy in its backward when it ``masks_dy``."""
         for layer, nxt in zip(self.layers, self.layers[1:] + [None]):
             fusable = getattr(layer, "fuses_relu", None)
             fuse = FUSE_RELU and type(nxt) is ReLU and nxt.overwrite_x and fusable is not None and fusable()
