@@ -71,8 +71,10 @@ def test_conv_paths_fits_the_threshold_that_takes_the_copied_rows_where_they_won
     path was faster (a shape's ratio the median over the runs); then one tiny real run prints records and a fit."""
     def rec(product, depth, rows, ratio):
         return {"product": product, "depth": depth, "rows": rows, "C": depth, "H": 8, "rows_ms": ratio, "views_ms": 1.0}
-    runs = [[rec("forward", 3, 16, 0.5), rec("forward", 16, 16, 0.8), rec("forward", 64, 16, 1.3), rec("dx", 9, 3, 1.2)],
-            [rec("forward", 3, 16, 0.6), rec("forward", 16, 16, 1.5), rec("forward", 64, 16, 1.2), rec("dx", 9, 3, 1.1)]]
+    runs = [[rec("forward", 3, 16, 0.5), rec("forward", 16, 16, 0.8), rec("forward", 64, 16, 1.3),
+             rec("dx", 9, 3, 1.2)],
+            [rec("forward", 3, 16, 0.6), rec("forward", 16, 16, 1.5), rec("forward", 64, 16, 1.2),
+             rec("dx", 9, 3, 1.1)]]
     paths = []
     for i, run in enumerate(runs):
         paths.append(tmp_path / f"run{i}.jsonl")

@@ -159,10 +159,10 @@ def test_linear_bias_add_bits_do_not_depend_on_threads():
 
 FUSED = [  # a layer that rectifies its own output, with what follows the ReLU (dy's memory order and owner)
     [{"type": "conv2d", "out_channels": 4, "kernel": 5, "padding": 2}, {"type": "relu"}, {"type": "flatten"}],
-    [{"type": "conv2d", "out_channels": 5, "kernel": 3, "padding": 1}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
-     {"type": "flatten"}],
-    [{"type": "conv2d", "out_channels": 3, "kernel": [3, 2], "stride": 2, "padding": 1, "bias": False}, {"type": "relu"},
-     {"type": "flatten"}],
+    [{"type": "conv2d", "out_channels": 5, "kernel": 3, "padding": 1}, {"type": "relu"},
+     {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],
+    [{"type": "conv2d", "out_channels": 3, "kernel": [3, 2], "stride": 2, "padding": 1, "bias": False},
+     {"type": "relu"}, {"type": "flatten"}],
     [{"type": "residual", "body": [{"type": "conv2d", "out_channels": 2, "kernel": 3, "padding": 1}, {"type": "relu"}],
       "shortcut": []}, {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],  # dy is the shortcut's too: kept
     [{"type": "flatten"}, {"type": "linear", "out": 40}, {"type": "relu"}],
@@ -177,8 +177,8 @@ FUSED = [  # a layer that rectifies its own output, with what follows the ReLU (
 
 @pytest.mark.parametrize("specs", FUSED)
 def test_fused_relu_gives_the_bits_of_the_relu_layer_at_any_thread_count(specs, monkeypatch):
-    """Conv2D, BatchNorm or Linear followed by a ReLU rectifies in its own pass (and BatchNorm masks dy): forward, dx
-    and gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads, in train and in eval mode."""
+    """Conv2D, BatchNorm or Linear followed by a ReLU rectifies in its own pass (and the first two mask dy): forward,
+    dx and gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads, in train and in eval mode."""
     from distbp.nn import blocks, conv as conv_module
     monkeypatch.setattr(conv_module, "PARTS_BYTES", 1)  # one partial dW per output row
     monkeypatch.setattr(conv_module, "COLS_BYTES", 1)  # one col2im block per output row

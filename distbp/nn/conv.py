@@ -37,7 +37,7 @@ class Conv2D(WeightLayer):
 
     default_scheme = "he_normal"
     relu = False  # set by Chain.link when a ReLU follows: each output row is rectified while in cache
-    masks_dy = False  # the ReLU masks dy in its own pass: per output row (strided views) NumPy ran it 4-10x slower
+    masks_dy = True  # ... and backward masks dy per channel in its db pass (the ReLU passes dy on)
 
     def __init__(self, in_shape, out_channels, kernel, stride, padding, bias, init, out_hw):
         self.in_shape, self.C, self.F = tuple(in_shape), in_shape[0], out_channels
@@ -69,6 +69,7 @@ class Conv2D(WeightLayer):
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
         thin = thin_path("forward", self.kh * self.C, self.F)
         y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), thin, self.b, self.relu)
+        self.y = y if self.relu else None  # (F, Ho, Wo*N), the ReLU's output: backward's mask (no copy)
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
 
     def fuses_relu(self) -> bool:
@@ -78,7 +79,7 @@ class Conv2D(WeightLayer):
     def backward(self, dy):
         """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
         N, kh, C, F = dy.shape[0], self.kh, self.C, self.F
-        dy = _contiguous(dy.transpose(1, 2, 3, 0)).reshape(F, self.Ho, self.Wo * N)
+        dy, db = self._channels(dy)
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
         parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
@@ -103,13 +104,33 @@ class Conv2D(WeightLayer):
         dWj = parts.sum(axis=0)  # the parts added in a fixed order whatever thread made them
         self.dW += dWj.reshape(self.kw, kh, C, F).transpose(3, 2, 1, 0)
         if self.b is not None:
-            db = np.empty(F, dy.dtype)
-            threads.run(lambda lo, hi: [db.__setitem__(f, dy[f].sum()) for f in range(lo, hi)], F, dy.size)
             self.db += db
         if not self.need_dx:
             return None
         dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
         return dx.transpose(3, 0, 1, 2)
+
+    def _channels(self, dy):
+        """dy (N, F, Ho, Wo) as a C-contiguous (F, Ho, Wo*N) array, times (y > 0) for a fused ReLU (in dy's memory
+        when allowed), and db, its sum per channel (None without a bias): one pass per channel on the threads."""
+        F, N = self.F, dy.shape[0]
+        dyt = dy.transpose(1, 2, 3, 0)  # (F, Ho, Wo, N), contiguous when dy came from a conv stack
+        in_place = dyt.flags.c_contiguous and (not self.relu or self.overwrite_dy)
+        out = dyt if in_place else np.empty(dyt.shape, dy.dtype)
+        y = self.y.reshape(dyt.shape) if self.relu else None
+        db = np.empty(F, dy.dtype) if self.b is not None else None
+
+        def channels(lo, hi):
+            for f in range(lo, hi):
+                if y is not None:  # the ReLU layer's dy * (y > 0), this channel in contiguous memory
+                    np.multiply(dyt[f], y[f] > 0, out=out[f])
+                elif not in_place:
+                    np.copyto(out[f], dyt[f])
+                if db is not None:
+                    db[f] = out[f].sum()
+
+        threads.run(channels, F, dy.size)
+        return out.reshape(F, self.Ho, self.Wo * N), db
 
     def _dx_flipped(self, dy):
         """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
@@ -177,9 +198,10 @@ class Conv2D(WeightLayer):
         def fill(lo, hi):
             for p in range(sw):  # padded columns p, p + sw, ... inside [pw, pw + W): input columns w = column - pw
                 first = p + sw * -(-(pw - p) // sw)
-                if first < pw + W:
-                    cols = range(first, pw + W, sw)
-                    dx[:, lo:hi, first - pw :: sw] = dxq[ph + lo : ph + hi, :, p, first // sw : first // sw + len(cols)].transpose(1, 0, 2, 3)
+                count = len(range(first, pw + W, sw))
+                if count:
+                    src = dxq[ph + lo : ph + hi, :, p, first // sw : first // sw + count]  # (rows, C, count, N)
+                    dx[:, lo:hi, first - pw :: sw] = src.transpose(1, 0, 2, 3)
 
         threads.run(fill, H, dx.size)
         return dx
@@ -241,15 +263,6 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
     with threads.single_blas():  # each thread's rows on its own single-thread sgemm: the same bits at any count
         threads.run(rows, Ho, y.size)
     return y
-
-
-def _contiguous(a):
-    """a as a C-contiguous array: itself when it is, else a copy made on the rank's threads."""
-    if a.flags.c_contiguous:
-        return a
-    out = np.empty(a.shape, a.dtype)
-    threads.run(lambda lo, hi: np.copyto(out[lo:hi], a[lo:hi]), len(a), a.size)
-    return out
 
 
 def _padded(a, rows: int, cols: int, top: int, left: int):
