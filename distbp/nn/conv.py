@@ -14,7 +14,10 @@ C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
 The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
 its rows on its own single-thread sgemm (BLAS's own threads split these small products
 poorly), and backward's dW keeps one partial per group of rows, added in row order, so the
-bits do not depend on the thread count. The padding copies go row by row on the threads too.
+bits do not depend on the thread count. The padding copies go row by row on the threads too,
+a strided convolution's col2im by blocks of output rows (see _dx_col2im). A ReLU after
+the convolution runs inside it (Chain.fuse_relu): on each output row in forward, on each
+channel of dy with db in backward.
 """
 
 import numpy as np
