@@ -61,3 +61,34 @@ def test_bench_layers_times_every_layer():
     assert [r.split()[2] for r in rows] == ["conv2d", "relu", "maxpool2d", "conv2d", "relu", "maxpool2d",
                                            "flatten", "linear", "relu", "linear"]
     assert "| all |" in p.stdout and "| PyTorch fwd |" in p.stdout  # each layer beside PyTorch's (NaN without it)
+
+
+CONV_PATHS = Path(__file__).resolve().parents[1] / "scripts" / "conv_paths.py"
+
+
+def test_conv_paths_fits_the_threshold_that_takes_the_copied_rows_where_they_won(tmp_path):
+    """The calibration's fit over two recorded runs: per product, the depth/rows threshold below which the copied-row
+    path was faster (a shape's ratio the median over the runs); then one tiny real run prints records and a fit."""
+    def rec(product, depth, rows, ratio):
+        return {"product": product, "depth": depth, "rows": rows, "C": depth, "H": 8, "rows_ms": ratio, "views_ms": 1.0}
+    runs = [[rec("forward", 3, 16, 0.5), rec("forward", 16, 16, 0.8), rec("forward", 64, 16, 1.3),
+             rec("dx", 9, 3, 1.2)],
+            [rec("forward", 3, 16, 0.6), rec("forward", 16, 16, 1.5), rec("forward", 64, 16, 1.2),
+             rec("dx", 9, 3, 1.1)]]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in run))
+    out = subprocess.run([sys.executable, str(CONV_PATHS), "--fit", *map(str, paths)], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    fit = json.loads(out)["fit"]
+    assert fit["forward"]["ratio"] == 3 / 16 and fit["forward"]["copied_rows_at"] == ["3/16"]  # 16/16: median 1.15
+    assert fit["dx"]["ratio"] == 0 and fit["dx"]["copied_rows_at"] == []
+    sys.path.insert(0, str(CONV_PATHS.parent))
+    try:
+        import conv_paths
+    finally:
+        sys.path.remove(str(CONV_PATHS.parent))
+    conv_paths.SHAPES = [(2, 4, 3, 5)]
+    records = list(conv_paths.measure(batch=2, pairs=1))
+    assert {r["product"] for r in records} == {"forward", "dW", "dx"} and all(r["rows_ms"] > 0 for r in records)

@@ -39,8 +39,9 @@ CONV_CASES = [  # spec, in_shape
 @pytest.fixture(params=["views", "row copies"])
 def conv_path(request, monkeypatch):
     """Run a test on both ways Conv2D multiplies: kw matmuls on views of the input per output row,
-    and one matmul on a copy of the row's windows (what thin windows, kh*C < THIN_DEPTH, take)."""
-    monkeypatch.setattr(conv, "THIN_DEPTH", 0 if request.param == "views" else 10**9)
+    and one matmul on a copy of the row's windows (what thin windows take, see THIN_RATIO)."""
+    ratio = 0 if request.param == "views" else float("inf")
+    monkeypatch.setattr(conv, "THIN_RATIO", dict.fromkeys(conv.THIN_RATIO, ratio))
     return request.param
 
 

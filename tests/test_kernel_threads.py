@@ -136,7 +136,7 @@ def test_maxpool_alone_on_an_nchw_input_and_ties():
 
 
 @pytest.mark.parametrize("conv", [
-    {"out_channels": 4, "kernel": 5, "padding": 2},                  # thin windows (kh*C < 64): a row's copy
+    {"out_channels": 4, "kernel": 5, "padding": 2},                  # thin windows (kh*C = 5): a row's copy
     {"out_channels": 5, "kernel": 3, "padding": 1},                  # views on the padded input
     {"out_channels": 3, "kernel": [3, 2], "stride": 2, "padding": 1},  # strided: col2im backward
     {"out_channels": 4, "kernel": 1, "bias": False},
@@ -155,6 +155,57 @@ def test_linear_bias_add_bits_do_not_depend_on_threads():
     run = layer_run([{"type": "linear", "out": 40}, {"type": "relu"}, {"type": "linear", "out": 7}], (30,))
     a, b, c = at_counts(run)
     assert a == b == c
+
+
+FUSED = [  # a layer that rectifies its own output, with what follows the ReLU (dy's memory order and owner)
+    [{"type": "conv2d", "out_channels": 4, "kernel": 5, "padding": 2}, {"type": "relu"}, {"type": "flatten"}],
+    [{"type": "conv2d", "out_channels": 5, "kernel": 3, "padding": 1}, {"type": "relu"},
+     {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],
+    [{"type": "conv2d", "out_channels": 3, "kernel": [3, 2], "stride": 2, "padding": 1, "bias": False},
+     {"type": "relu"}, {"type": "flatten"}],
+    [{"type": "residual", "body": [{"type": "conv2d", "out_channels": 2, "kernel": 3, "padding": 1}, {"type": "relu"}],
+      "shortcut": []}, {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],  # dy is the shortcut's too: kept
+    [{"type": "flatten"}, {"type": "linear", "out": 40}, {"type": "relu"}],
+    [{"type": "conv2d", "out_channels": 5, "kernel": 3, "padding": 1}, {"type": "batchnorm"}, {"type": "relu"},
+     {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],
+    [{"type": "residual", "body": [{"type": "conv2d", "out_channels": 2, "kernel": 3, "padding": 1},
+                                   {"type": "batchnorm"}, {"type": "relu"}],
+      "shortcut": []}, {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}],
+    [{"type": "flatten"}, {"type": "batchnorm"}, {"type": "relu"}],
+]
+
+
+@pytest.mark.parametrize("specs", FUSED)
+def test_fused_relu_gives_the_bits_of_the_relu_layer_at_any_thread_count(specs, monkeypatch):
+    """Conv2D, BatchNorm or Linear followed by a ReLU rectifies in its own pass (and the first two mask dy): forward,
+    dx and gradients bitwise those of the separate ReLU layer, at 1, 2 and 4 threads, in train and in eval mode."""
+    from distbp.nn import blocks, conv as conv_module
+    monkeypatch.setattr(conv_module, "PARTS_BYTES", 1)  # one partial dW per output row
+    monkeypatch.setattr(conv_module, "COLS_BYTES", 1)  # one col2im block per output row
+    channels = 1 if specs[0].get("kernel") == 5 else 2
+    specs = specs + [{"type": "linear", "out": 3}]
+    runs = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(blocks, "FUSE_RELU", fuse)
+        runs[fuse] = at_counts(layer_run(specs, (channels, 10, 9))) + at_counts(layer_run(specs, (channels, 10, 9),
+                                                                                          train=False))
+        relus = [u for _, _, u in Sequential(specs, (channels, 10, 9)).units if type(u).__name__ == "ReLU"]
+        assert [u.fused is not None for u in relus] == [fuse]
+    assert runs[True] == runs[False] and len(set(runs[True][:3])) == len(set(runs[True][3:])) == 1
+
+
+def test_strided_col2im_in_blocks_gives_the_bits_of_one_block(monkeypatch):
+    """dx of a strided convolution, its rows' products and adds split in blocks over 1, 2, 4 threads: the bits of
+    the whole matrix on one thread, with windows overlapping between output rows (kernel 4 > stride 2)."""
+    from distbp.nn import conv as conv_module
+    specs = [{"type": "conv2d", "out_channels": 6, "kernel": 4, "stride": [2, 3], "padding": 1}, {"type": "tanh"},
+             {"type": "flatten"}, {"type": "linear", "out": 3}]
+    monkeypatch.setattr(conv_module, "COLS_BYTES", 1 << 40)
+    with threads.using(1):
+        whole = tuple(np.ascontiguousarray(a).tobytes() for a in layer_run(specs, (5, 13, 14))())
+    for cols in (1, 3000):  # one output row per block; a few rows per block
+        monkeypatch.setattr(conv_module, "COLS_BYTES", cols)
+        assert set(at_counts(layer_run(specs, (5, 13, 14)))) == {whole}
 
 
 @pytest.mark.parametrize("name,options", [("sgd", {"momentum": 0.9, "weight_decay": 1e-3}), ("adam", {}),

@@ -12,7 +12,9 @@ import functools
 import numpy as np
 
 from .init import default_init
-from .layers import Activation, Layer, check_spec, layer_class, register
+from .layers import Activation, Layer, ReLU, check_spec, layer_class, register
+
+FUSE_RELU = True  # a layer that can rectifies its own output when a ReLU follows it (tests turn it off to compare)
 
 
 class Chain:
@@ -64,6 +66,20 @@ class Chain:
             layer.overwrite_dy = bool(self.layers[j + 1].private_dx) if j < last else overwrite_dy
             if isinstance(layer, Block):
                 layer.link(nxt, ctx)
+        self.fuse_relu()
+
+    def fuse_relu(self) -> None:
+        """Let a layer with ``fuses_relu()`` true (Conv2D, BatchNorm, Linear with a bias) apply the ReLU after it
+        in its own last pass over each block of output, and mask dy in its backward when it ``masks_dy``."""
+        for layer, nxt in zip(self.layers, self.layers[1:] + [None]):
+            fusable = getattr(layer, "fuses_relu", None)
+            fuse = FUSE_RELU and type(nxt) is ReLU and nxt.overwrite_x and fusable is not None and fusable()
+            if fusable is not None:
+                layer.relu = fuse
+            if type(nxt) is ReLU:
+                nxt.fused = layer if fuse else None
+            if fuse and layer.masks_dy:  # dy passes the ReLU untouched: its overwrite rule holds for the mask
+                layer.overwrite_dy = nxt.overwrite_dy
 
     def _next_activation(self, j: int, after: str | None) -> str | None:
         """Kind of the activation after layer j, before the next initialised layer or block; ``after`` past the end."""

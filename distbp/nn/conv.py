@@ -7,14 +7,17 @@ element-wise layers keep the memory order they get, until Flatten copies to
 values one kernel column sees for a whole output row form a (kh*C, Wo*N) matrix
 view with evenly spaced rows: an output row is kw matmuls with those views (see
 _correlate), small enough to stay in cache, with no im2col matrix in memory. When those
-views are thin (kh*C below THIN_DEPTH rows: the first layer of an image network, C = 1
-or 3), BLAS runs them slowly, so the row's kw views are copied into one (kw*kh*C, Wo*N)
-buffer, an im2col of one output row, and multiplied at once.
+views are thin against the product (see THIN_RATIO: the first layer of an image network,
+C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
+(kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once.
 
 The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
 its rows on its own single-thread sgemm (BLAS's own threads split these small products
 poorly), and backward's dW keeps one partial per group of rows, added in row order, so the
-bits do not depend on the thread count. The padding copies go row by row on the threads too.
+bits do not depend on the thread count. The padding copies go row by row on the threads too,
+a strided convolution's col2im by blocks of output rows (see _dx_col2im). A ReLU after
+the convolution runs inside it (Chain.fuse_relu): on each output row in forward, on each
+channel of dy with db in backward.
 """
 
 import numpy as np
@@ -22,8 +25,13 @@ import numpy as np
 from .layers import WeightLayer, check_spec, register
 from . import threads, windows
 
-THIN_DEPTH = 64  # kh*C below this: one matmul per output row over a copied row of windows (see _row_windows)
+# The copied-row path (one matmul per output row over a copy of its windows, _row_windows) for a product whose
+# window depth (kh*C; kh*F for dx) is at most THIN_RATIO times its output rows (F; C for dx), else kw matmuls on
+# views. Fitted to paired timings of both paths by scripts/conv_paths.py (docs/PERFORMANCE.md): a rule of the
+# shapes alone, so every rank and run takes the same path (the two add in different orders).
+THIN_RATIO = {"forward": 1.5, "dW": 0.5625, "dx": 0.0}
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
+COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
 
 @register("conv2d")
@@ -31,6 +39,8 @@ class Conv2D(WeightLayer):
     """2-D convolution (cross-correlation, as torch) of (N, C, H, W) with W (F, C, kh, kw) plus b (F,)."""
 
     default_scheme = "he_normal"
+    relu = False  # set by Chain.link when a ReLU follows: each output row is rectified while in cache
+    masks_dy = True  # ... and backward masks dy per channel in its db pass (the ReLU passes dy on)
 
     def __init__(self, in_shape, out_channels, kernel, stride, padding, bias, init, out_hw):
         self.in_shape, self.C, self.F = tuple(in_shape), in_shape[0], out_channels
@@ -60,17 +70,23 @@ class Conv2D(WeightLayer):
         N = x.shape[0]
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
-        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), self.b)
+        thin = thin_path("forward", self.kh * self.C, self.F)
+        y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), thin, self.b, self.relu)
+        self.y = y if self.relu else None  # (F, Ho, Wo*N), the ReLU's output: backward's mask (no copy)
         return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)  # (N, F, Ho, Wo) view
+
+    def fuses_relu(self) -> bool:
+        """Whether a following ReLU can run inside forward's row pass (always)."""
+        return True
 
     def backward(self, dy):
         """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
         N, kh, C, F = dy.shape[0], self.kh, self.C, self.F
-        dy = _contiguous(dy.transpose(1, 2, 3, 0)).reshape(F, self.Ho, self.Wo * N)
+        dy, db = self._channels(dy)
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
         parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
-        stride, thin = (self.sh, self.sw), kh * C < THIN_DEPTH
+        stride, thin = (self.sh, self.sw), thin_path("dW", kh * C, F)
 
         def rows(lo, hi):  # parts lo..hi-1, each its rows' sum in row order; x dy^T runs faster than dy x^T
             windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
@@ -91,8 +107,6 @@ class Conv2D(WeightLayer):
         dWj = parts.sum(axis=0)  # the parts added in a fixed order whatever thread made them
         self.dW += dWj.reshape(self.kw, kh, C, F).transpose(3, 2, 1, 0)
         if self.b is not None:
-            db = np.empty(F, dy.dtype)
-            threads.run(lambda lo, hi: [db.__setitem__(f, dy[f].sum()) for f in range(lo, hi)], F, dy.size)
             self.db += db
         if self.after_grads:
             self.after_grads()
@@ -100,6 +114,28 @@ class Conv2D(WeightLayer):
             return None
         dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
         return dx.transpose(3, 0, 1, 2)
+
+    def _channels(self, dy):
+        """dy (N, F, Ho, Wo) as a C-contiguous (F, Ho, Wo*N) array, times (y > 0) for a fused ReLU (in dy's memory
+        when allowed), and db, its sum per channel (None without a bias): one pass per channel on the threads."""
+        F, N = self.F, dy.shape[0]
+        dyt = dy.transpose(1, 2, 3, 0)  # (F, Ho, Wo, N), contiguous when dy came from a conv stack
+        in_place = dyt.flags.c_contiguous and (not self.relu or self.overwrite_dy)
+        out = dyt if in_place else np.empty(dyt.shape, dy.dtype)
+        y = self.y.reshape(dyt.shape) if self.relu else None
+        db = np.empty(F, dy.dtype) if self.b is not None else None
+
+        def channels(lo, hi):
+            for f in range(lo, hi):
+                if y is not None:  # the ReLU layer's dy * (y > 0), this channel in contiguous memory
+                    np.multiply(dyt[f], y[f] > 0, out=out[f])
+                elif not in_place:
+                    np.copyto(out[f], dyt[f])
+                if db is not None:
+                    db[f] = out[f].sum()
+
+        threads.run(channels, F, dy.size)
+        return out.reshape(F, self.Ho, self.Wo * N), db
 
     def _dx_flipped(self, dy):
         """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
@@ -110,17 +146,37 @@ class Conv2D(WeightLayer):
         dyq = _padded(dyt, H + kh - 1, W + kw - 1, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
         dyq = dyq[:, :, None]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
-        return _correlate(dyq, Wt, kh, (1, 1), (H, W)).reshape(C, H, W, N)
+        return _correlate(dyq, Wt, kh, (1, 1), (H, W), thin_path("dx", kh * self.F, C)).reshape(C, H, W, N)
 
     def _dx_col2im(self, dy):
-        """dx of a strided convolution: W^T dy for each window, added back where the window read x."""
-        N, kh, C, s = dy.shape[-1] // self.Wo, self.kh, self.C, (self.sh, self.sw)
+        """dx of a strided convolution: W^T dy for each window, added back where the window read x.
+
+        In blocks of output rows: the block's products on the threads (an output row each), then its adds on the
+        threads by padded input row, each row's windows added in (output row, kernel column) order, the order of
+        one serial loop over the rows, so the bits do not depend on the thread count."""
+        N, kh, kw, C, (sh, sw), Wo = dy.shape[-1] // self.Wo, self.kh, self.kw, self.C, (self.sh, self.sw), self.Wo
         dxq = np.zeros_like(self.xq)
-        dcols = np.empty((self.kw, kh * C, self.Wo * N), dy.dtype)
-        for r in range(self.Ho):
-            np.matmul(self.Wj.transpose(0, 2, 1), dy[:, r], out=dcols)  # W[:, :, :, j]^T dy for every j
-            for j in range(self.kw):
-                _window(dxq, r, j, kh, s, self.Wo, flat=False)[...] += dcols[j].reshape(kh, C, self.Wo, N)
+        per_row = kw * kh * C * Wo * N
+        block = max(1, min(self.Ho, COLS_BYTES // (per_row * dy.itemsize)))  # output rows per block
+        dcols = np.empty((block, kw, kh, C, Wo, N), dy.dtype)
+        WjT = self.Wj.transpose(0, 2, 1)  # W[:, :, :, j]^T, (kh*C, F) each
+
+        for r0 in range(0, self.Ho, block):
+            r1 = min(self.Ho, r0 + block)
+
+            def products(lo, hi):
+                for r in range(r0 + lo, r0 + hi):
+                    np.matmul(WjT, dy[:, r], out=dcols[r - r0].reshape(kw, kh * C, Wo * N))
+
+            def adds(lo, hi):  # padded input rows sh*r0 + lo .. hi - 1
+                for u in range(sh * r0 + lo, sh * r0 + hi):
+                    for r in range(max(r0, -(-(u - kh + 1) // sh)), min(r1, u // sh + 1)):
+                        for j in range(kw):
+                            dxq[u, :, j % sw, j // sw : j // sw + Wo] += dcols[r - r0, j, u - sh * r]
+
+            with threads.single_blas():
+                threads.run(products, r1 - r0, (r1 - r0) * per_row)
+            threads.run(adds, sh * (r1 - 1 - r0) + kh, (r1 - r0) * per_row)
         return self._scatter(dxq)
 
     def _gather(self, x):
@@ -131,17 +187,35 @@ class Conv2D(WeightLayer):
         if sw == 1:
             return xp[:, :, None]
         xq = np.zeros((Hp, C, sw, -(-Wp // sw), N), x.dtype)
-        for p in range(sw):
-            xq[:, :, p, : len(range(p, Wp, sw))] = xp[:, :, p::sw]
+
+        def fill(lo, hi):
+            for p in range(sw):
+                xq[lo:hi, :, p, : len(range(p, Wp, sw))] = xp[lo:hi, :, p::sw]
+
+        threads.run(fill, Hp, xq.size)
         return xq
 
     def _scatter(self, dxq):
-        """The inverse of _gather: dx as a C-contiguous (C, H, W, N) array."""
-        (C, H, W), sw = self.in_shape, self.sw
-        dxp = np.empty((dxq.shape[0], C, W + 2 * self.pw, dxq.shape[-1]), dxq.dtype)
-        for p in range(sw):
-            dxp[:, :, p::sw] = dxq[:, :, p, : len(range(p, dxp.shape[2], sw))]
-        return np.ascontiguousarray(dxp[self.ph : self.ph + H, :, self.pw : self.pw + W].transpose(1, 0, 2, 3))
+        """The inverse of _gather: dx as a C-contiguous (C, H, W, N) array, copied by rows of H on the threads."""
+        (C, H, W), sw, (ph, pw) = self.in_shape, self.sw, (self.ph, self.pw)
+        dx = np.empty((C, H, W, dxq.shape[-1]), dxq.dtype)
+
+        def fill(lo, hi):
+            for p in range(sw):  # padded columns p, p + sw, ... inside [pw, pw + W): input columns w = column - pw
+                first = p + sw * -(-(pw - p) // sw)
+                count = len(range(first, pw + W, sw))
+                if count:
+                    src = dxq[ph + lo : ph + hi, :, p, first // sw : first // sw + count]  # (rows, C, count, N)
+                    dx[:, lo:hi, first - pw :: sw] = src.transpose(1, 0, 2, 3)
+
+        threads.run(fill, H, dx.size)
+        return dx
+
+
+def thin_path(product: str, depth: int, rows: int) -> bool:
+    """Whether a product ("forward", "dW", "dx") of windows of this depth onto this many output rows takes the
+    copied-row path (see THIN_RATIO)."""
+    return depth <= THIN_RATIO[product] * rows
 
 
 def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
@@ -162,20 +236,22 @@ def _row_windows(q, r: int, kw: int, kh: int, stride: tuple, width: int, out):
     return out.reshape(out.shape[0] * out.shape[1], out.shape[2])
 
 
-def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
-    """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, one output row at a time.
+def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None, relu: bool = False):
+    """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, rectified if relu, one
+    output row at a time.
 
     Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
-    partial sums stay in cache; thin windows (kh*C < THIN_DEPTH) are copied into one buffer per
-    row instead and take a single matmul.
+    partial sums stay in cache; when thin, the row's windows are copied into one buffer instead
+    and take a single matmul.
     """
     (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
     y = np.empty((F, Ho, Wo * N), q.dtype)
-    thin = depth < THIN_DEPTH
     Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth) if thin else None  # W[f, (j, i, c)], a copy
 
     def rows(lo, hi):
         tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
+        zero = np.zeros(Wo * N, q.dtype) if relu else None  # an array, not the scalar 0: NumPy's strided loop
+        # for (F, Wo*N) rows with a scalar ran 3.5x slower than with a broadcast row, which keeps the SIMD loop
         for r in range(lo, hi):
             if thin:
                 np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
@@ -186,19 +262,12 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, b=None):
                         y[:, r] += tmp
             if b is not None:
                 y[:, r] += b[:, None]
+            if relu:  # the ReLU layer's own arithmetic (max with 0), on the row while it is in cache
+                np.maximum(y[:, r], zero, out=y[:, r])
 
     with threads.single_blas():  # each thread's rows on its own single-thread sgemm: the same bits at any count
         threads.run(rows, Ho, y.size)
     return y
-
-
-def _contiguous(a):
-    """a as a C-contiguous array: itself when it is, else a copy made on the rank's threads."""
-    if a.flags.c_contiguous:
-        return a
-    out = np.empty(a.shape, a.dtype)
-    threads.run(lambda lo, hi: np.copyto(out[lo:hi], a[lo:hi]), len(a), a.size)
-    return out
 
 
 def _padded(a, rows: int, cols: int, top: int, left: int):

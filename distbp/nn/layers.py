@@ -251,6 +251,8 @@ class Linear(WeightLayer):
 
     writes_grads = True
     grads_in_order = True  # dW in row blocks, W first: train.overlap cuts a large layer's gradient into buckets
+    relu = False  # set by Chain.link when a ReLU follows and a bias is added: the bias pass rectifies too
+    masks_dy = False  # the ReLU after it still masks dy: the products need the whole masked dy anyway
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str | None = None, lead: tuple = ()):
         if init is not None and init not in INITS:
@@ -275,8 +277,12 @@ class Linear(WeightLayer):
         self.x = x.reshape(-1, self.d_in)           # (N, D_in); (N*T, D_in) for sequences
         y = self.x @ self.W                         # (N, D_out)
         if self.b is not None:
-            threads.add_rows(y, self.b)
+            threads.add_rows(y, self.b, self.relu)
         return y.reshape(*x.shape[:-1], self.d_out)
+
+    def fuses_relu(self) -> bool:
+        """Whether a following ReLU can run inside forward's bias pass (only when there is a bias pass)."""
+        return self.b is not None
 
     def backward(self, dy):
         """dW += x.T @ dy, db += sum(dy), return dy @ W.T (None if need_dx is off)."""
@@ -310,15 +316,27 @@ class Linear(WeightLayer):
 
 @register("relu")
 class ReLU(Activation):
-    """y = max(x, 0)."""
+    """y = max(x, 0).
+
+    ``fused`` (set by Chain.link) is the layer before when it rectifies its own output in its last pass
+    (Conv2D, BatchNorm, Linear with a bias; see Chain.fuse_relu): forward then passes x on, and backward passes dy on
+    when that layer also masks dy (its ``masks_dy``): the same arithmetic, one pass over the activations fewer.
+    """
+
+    fused = None
 
     def forward(self, x):
         """Rectify; keeps y for the mask."""
+        if self.fused is not None:
+            self.y = x  # rectified by the layer before, in place as this layer would have done
+            return x
         self.y = threads.elementwise(lambda y, x: np.maximum(x, 0, out=y), threads.like(x, self._out(x)), x)
         return self.y
 
     def backward(self, dy):
         """dx = dy where y > 0, else 0."""
+        if self.fused is not None and self.fused.masks_dy:
+            return dy
         return threads.elementwise(lambda dx, dy, y: np.multiply(dy, y > 0, out=dx),
                                    threads.like(dy, self._dx(dy)), dy, self.y)
 

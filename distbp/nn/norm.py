@@ -34,6 +34,8 @@ class BatchNorm(Layer):
     private_output = True
     private_dx = True
     need_dx = True
+    relu = False  # set by Chain.link when a ReLU follows: the affine pass rectifies each channel row in cache
+    masks_dy = True  # ... and backward masks each row of dy in its first pass (the ReLU passes dy on)
 
     def __init__(self, in_shape, eps, momentum):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(in_shape)
@@ -93,9 +95,16 @@ class BatchNorm(Layer):
         def affine(c):
             np.multiply(self.centered[c], a[c], out=y2[c])
             y2[c] += b[c]
+            if self.relu:  # the ReLU layer's own arithmetic, on the row while it is in cache
+                np.maximum(y2[c], 0, out=y2[c])
 
         _by_rows(affine, x2)
+        self.y2 = y2 if self.relu else None  # the ReLU's output: backward's mask
         return _from_rows(y2, x.shape, self.perm)
+
+    def fuses_relu(self) -> bool:
+        """Whether a following ReLU can run inside forward's affine pass (always)."""
+        return True
 
     def _batch_stats(self, x2):
         """Global mean and biased variance per channel in two passes: var = mean((x - mean)^2), each row
@@ -131,10 +140,14 @@ class BatchNorm(Layer):
 
     def backward(self, dy):
         """Add local dW, db; return dx of the global sum loss (global sums of dy, dy*xhat), or None."""
-        dy2, C = _channel_rows(dy, self.perm), self.C
+        C, src = self.C, _channel_rows(dy, self.perm)
+        copied = not dy.transpose(self.perm).flags.c_contiguous  # then src is a fresh copy, free to overwrite
+        dy2 = src if not self.relu or copied or self.overwrite_dy else np.empty_like(src)  # dy, masked if fused
         sums = np.empty(2 * C)  # [sum dy (C), sum dy*xhat (C)] in float64
 
         def row_sums(c):
+            if self.relu:  # the fused ReLU's dy * (y > 0), this row while it is in cache
+                np.multiply(src[c], self.y2[c] > 0, out=dy2[c])
             sums[c], sums[C + c] = dy2[c].sum(), np.multiply(dy2[c], self.centered[c]).sum()
 
         _by_rows(row_sums, dy2)

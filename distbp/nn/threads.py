@@ -136,17 +136,21 @@ def like(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.empty_like(a) if out is None else out
 
 
-def add_rows(y: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """y += b on every row of a C-contiguous y whose last axis is b's, in blocks of whole rows."""
+def add_rows(y: np.ndarray, b: np.ndarray, relu: bool = False) -> np.ndarray:
+    """y += b on every row of a C-contiguous y whose last axis is b's, then y = max(y, 0) if relu, in blocks of
+    whole rows (the ReLU while the block is in cache: the same arithmetic as a ReLU pass after)."""
     if y.size < SERIAL_BELOW:
         y += b
-        return y
+        return np.maximum(y, 0, out=y) if relu else y
     y2 = y.reshape(-1, b.size)
     rows = max(1, BLOCK // b.size)
 
     def blocks(lo, hi):
         for k in range(lo, hi):
-            y2[k * rows : (k + 1) * rows] += b
+            block = y2[k * rows : (k + 1) * rows]
+            block += b
+            if relu:
+                np.maximum(block, 0, out=block)
 
     run(blocks, math.ceil(len(y2) / rows), y.size)
     return y
