@@ -81,7 +81,7 @@ class Conv2D(WeightLayer):
 
     def backward(self, dy):
         """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
-        N, kh, C, F = dy.shape[0], self.kh, self.C, self.F
+        kh, C, F = self.kh, self.C, self.F
         dy, db = self._channels(dy)
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part

@@ -46,7 +46,7 @@ def bucket_bounds(spans: dict[int, tuple[int, int]], bucket_items: int, split=()
     """Buckets from the last layer to the first, each closed at >= bucket_items values; a layer of `split`
     (one whose gradient becomes final front to back, Linear's weight rows) larger than that is cut into
     pieces of bucket_items in ascending order (its front is ready first), the last piece taking the rest."""
-    buckets, hi = [], None
+    buckets, hi, first = [], None, None  # first: the lowest layer in the open bucket [.., hi)
     for i in sorted(spans, reverse=True):
         lo, top = spans[i]
         if i in split and top - lo > bucket_items:
