@@ -23,7 +23,7 @@ SERIAL_BELOW = 1 << 16  # elements under which a pass runs on the calling thread
 
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
-_blas = None  # threadpoolctl's controller of the BLAS libraries, made on first use
+_blas = None  # threadpoolctl's controllers of the BLAS libraries, made on first use
 _lock = threading.Lock()
 _NAME = "distbp-pass"  # the pool threads' name prefix
 
@@ -84,16 +84,24 @@ def run(fn, items: int, work: int = SERIAL_BELOW) -> None:
 
 @contextlib.contextmanager
 def single_blas():
-    """BLAS on one thread inside (the passes' threads each run their own sgemm), when the pool has several."""
+    """BLAS on one thread inside (the passes' threads each run their own sgemm), when the pool has several.
+
+    Set through the libraries' own calls (~7 us), not threadpoolctl's limit() (~80 us: it re-reads every library)."""
     global _blas
     if _threads == 1:
         yield
         return
     if _blas is None:
         from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=1, user_api="blas"):
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    before = [lib.num_threads for lib in _blas]
+    for lib in _blas:
+        lib.set_num_threads(1)
+    try:
         yield
+    finally:
+        for lib, n in zip(_blas, before):
+            lib.set_num_threads(n)
 
 
 def _order(a: np.ndarray) -> tuple:
