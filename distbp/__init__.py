@@ -11,7 +11,8 @@ import os
 # sleep, taking the cores the rank's pass threads (distbp.nn.threads) need: W5's step at 2 threads ran 1.3x slower
 # than at one. 2**4 cycles makes them sleep at once. OpenBLAS reads this when it loads, so it holds when distbp is
 # imported before NumPy (the distbp command; docs/PERFORMANCE.md).
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+if not os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
 
 __version__ = "0.1.0"
 

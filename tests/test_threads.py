@@ -48,3 +48,34 @@ def test_a_small_model_gets_one_thread(any_comm, monkeypatch):
     assert threads.set_thread_budget(any_comm, log=logged.append, small_model=True) == 1 == _blas_threads()
     budget = any_comm.node_cpus() // any_comm.local_size
     assert logged == [] or ("too small to gain" in logged[0]) == (budget > 1)
+
+
+_SPIN = """
+import distbp, numpy as np, resource, time
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+a = np.ones((1024, 1024), np.float32)
+for _ in range(3):
+    a @ a  # on OpenBLAS's 2 threads
+t0 = cpu()
+time.sleep(0.3)
+print(cpu() - t0, __import__("os").environ["OPENBLAS_THREAD_TIMEOUT"])
+"""
+
+
+def test_openblas_idle_threads_sleep_at_once_when_distbp_is_imported_first(tmp_path):
+    """OpenBLAS's workers spin ~0.1 s of CPU after each threaded product by default, taking the cores of the rank's
+    pass threads; distbp, imported before NumPy, sets their timeout to 2**4 cycles. A user's value stands."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    out = subprocess.run([sys.executable, "-c", _SPIN], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    spun, timeout = out.stdout.split()
+    assert timeout == "4"
+    assert float(spun) < 0.03  # the default spin measured 0.104-0.106 s here (a load only shortens it)
+    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
+    out = subprocess.run([sys.executable, "-c", _SPIN], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.split()[1] == "20"
