@@ -330,7 +330,7 @@ class ReLU(Activation):
         if self.fused is not None:
             self.y = x  # rectified by the layer before, in place as this layer would have done
             return x
-        self.y = threads.elementwise(lambda y, x: np.maximum(x, 0, out=y), threads.like(x, self._out(x)), x)
+        self.y = threads.elementwise(lambda y, x: threads.relu(x, y), threads.like(x, self._out(x)), x)
         return self.y
 
     def backward(self, dy):
