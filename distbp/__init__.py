@@ -5,14 +5,6 @@ module and name is internal and may change. The names load on first use, so impo
 internal module (say distbp.sampler) stays light.
 """
 import importlib
-import os
-
-# OpenBLAS's idle worker threads spin for about 2**28 cycles (~0.1 s) after each threaded product before they
-# sleep, taking the cores the rank's pass threads (distbp.nn.threads) need: W5's step at 2 threads ran 1.3x slower
-# than at one. 2**4 cycles makes them sleep at once. OpenBLAS reads this when it loads, so it holds when distbp is
-# imported before NumPy (the distbp command; docs/PERFORMANCE.md).
-if not os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
-    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import distbp  # noqa: F401  (before NumPy, as in the distbp command: it sets OpenBLAS's idle-thread timeout)
 import h5py
 import numpy as np
 
