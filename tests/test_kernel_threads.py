@@ -287,7 +287,7 @@ def test_deterministic_training_has_the_same_bits_at_1_2_4_threads_and_1_2_3_ran
             args += ["--set", s]
         proc = run_distbp(args, ranks, env={"OMP_NUM_THREADS": str(n)}, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        assert f"{n} thread{'s' * (n > 1)} per rank for the layers' own passes" in proc.stdout + proc.stderr
+        assert f"{n} thread{'s' * (n > 1)} per rank for the layers' products and passes" in proc.stdout + proc.stderr
         ck = ckpt.load(run_dir / "checkpoints" / ckpt.checkpoint_name(20))
         params[ranks, n] = {k: v.tobytes() for k, v in ck.params.items()}
     want = params[1, 1]

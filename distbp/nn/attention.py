@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .counter_rng import MASK64, dropout_bits
+from .threads import matmul as mm
 from .embedding import INIT_STD
 from .layers import Context, Layer, check_spec, register, spec_value
 
@@ -96,17 +97,17 @@ class CausalSelfAttention(Layer):
         """Attention of every position over itself and the earlier ones."""
         n = len(x)
         self.x2 = x.reshape(n * self.T, self.D)                          # (N*T, D)
-        qkv = self.x2 @ self.W_qkv                                       # (N*T, 3D)
+        qkv = mm(self.x2, self.W_qkv)                                     # (N*T, 3D)
         if self.b_qkv is not None:
             qkv += self.b_qkv
         q, k, v = (self._heads(a, n) for a in np.split(qkv, 3, axis=1))  # (N, H, T, d) each
         scale = 1.0 / math.sqrt(self.D // self.H)
-        p = masked_softmax(np.matmul(q, k.transpose(0, 1, 3, 2)) * scale, self.mask)  # (N, H, T, T)
+        p = masked_softmax(mm(q, k.transpose(0, 1, 3, 2)) * scale, self.mask)  # (N, H, T, T)
         self.keep = self._keep(n, x.dtype)
         pd = p if self.keep is None else p * self.keep
-        a = np.matmul(pd, v)                                             # (N, H, T, d)
+        a = mm(pd, v)                                                    # (N, H, T, d)
         self.a2 = a.transpose(0, 2, 1, 3).reshape(n * self.T, self.D)    # (N*T, D), heads side by side
-        y = self.a2 @ self.W_proj
+        y = mm(self.a2, self.W_proj)
         if self.b_proj is not None:
             y += self.b_proj
         self.q, self.k, self.v, self.p_att, self.pd, self.scale = q, k, v, p, pd, scale
@@ -116,23 +117,23 @@ class CausalSelfAttention(Layer):
         """Add the four gradients; return dx (None if need_dx is off)."""
         n = len(dy)
         dy2 = dy.reshape(n * self.T, self.D)
-        self.dW_proj += self.a2.T @ dy2
+        self.dW_proj += mm(self.a2.T, dy2)
         if self.db_proj is not None:
             self.db_proj += dy2.sum(axis=0)
-        da = self._heads(dy2 @ self.W_proj.T, n)                          # (N, H, T, d)
-        dv = np.matmul(self.pd.transpose(0, 1, 3, 2), da)
-        dp = np.matmul(da, self.v.transpose(0, 1, 3, 2))                  # (N, H, T, T)
+        da = self._heads(mm(dy2, self.W_proj.T), n)                         # (N, H, T, d)
+        dv = mm(self.pd.transpose(0, 1, 3, 2), da)
+        dp = mm(da, self.v.transpose(0, 1, 3, 2))                 # (N, H, T, T)
         if self.keep is not None:
             dp *= self.keep
         p = self.p_att
         ds = dp - (dp * p).sum(axis=-1, keepdims=True)                    # softmax backward; masked p = 0
         ds *= p
         ds *= self.scale
-        dq, dk = np.matmul(ds, self.k), np.matmul(ds.transpose(0, 1, 3, 2), self.q)
+        dq, dk = mm(ds, self.k), mm(ds.transpose(0, 1, 3, 2), self.q)
         dqkv = np.concatenate([g.transpose(0, 2, 1, 3).reshape(n * self.T, self.D) for g in (dq, dk, dv)], axis=1)
-        self.dW_qkv += self.x2.T @ dqkv
+        self.dW_qkv += mm(self.x2.T, dqkv)
         if self.db_qkv is not None:
             self.db_qkv += dqkv.sum(axis=0)
         if not self.need_dx:
             return None
-        return (dqkv @ self.W_qkv.T).reshape(n, self.T, self.D)
+        return mm(dqkv, self.W_qkv.T).reshape(n, self.T, self.D)

@@ -102,8 +102,7 @@ class Conv2D(WeightLayer):
                         np.matmul(_window(self.xq, r, j, kh, stride, self.Wo), dy[:, r].T, out=tmp)
                         part[j] += tmp
 
-        with threads.single_blas():
-            threads.run(rows, len(parts), self.xq.size)
+        threads.run(rows, len(parts), self.xq.size)
         dWj = parts.sum(axis=0)  # the parts added in a fixed order whatever thread made them
         self.dW += dWj.reshape(self.kw, kh, C, F).transpose(3, 2, 1, 0)
         if self.b is not None:
@@ -174,8 +173,7 @@ class Conv2D(WeightLayer):
                         for j in range(kw):
                             dxq[u, :, j % sw, j // sw : j // sw + Wo] += dcols[r - r0, j, u - sh * r]
 
-            with threads.single_blas():
-                threads.run(products, r1 - r0, (r1 - r0) * per_row)
+            threads.run(products, r1 - r0, (r1 - r0) * per_row)
             threads.run(adds, sh * (r1 - 1 - r0) + kh, (r1 - r0) * per_row)
         return self._scatter(dxq)
 
@@ -265,8 +263,7 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
             if relu:  # the ReLU layer's own arithmetic (max with 0), on the row while it is in cache
                 np.maximum(y[:, r], zero, out=y[:, r])
 
-    with threads.single_blas():  # each thread's rows on its own single-thread sgemm: the same bits at any count
-        threads.run(rows, Ho, y.size)
+    threads.run(rows, Ho, y.size)  # each thread's rows on its own single-thread sgemm: the same bits at any count
     return y
 
 

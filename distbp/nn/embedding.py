@@ -3,6 +3,7 @@ projection tied to an embedding's table (its gradient the sum of both uses)."""
 
 import numpy as np
 
+from . import threads
 from .layers import Layer, check_spec, register, spec_value
 
 INIT_STD = 0.02  # N(0, 0.02) for the tables, as GPT-2 and nanoGPT: unit-variance rows would swamp the residual
@@ -171,7 +172,7 @@ class TiedOutput(Layer):
     def forward(self, x):
         """y = x @ E.T + b over the last axis."""
         self.x = x.reshape(-1, x.shape[-1])                  # (N*T, D)
-        y = self.x @ self.table.W.T                          # (N*T, V)
+        y = threads.matmul(self.x, self.table.W.T)                         # (N*T, V)
         if self.b is not None:
             y += self.b
         return y.reshape(*x.shape[:-1], self.table.vocab)
@@ -179,7 +180,7 @@ class TiedOutput(Layer):
     def backward(self, dy):
         """dE += dy.T @ x into the embedding's gradient (read at call time: the step may rebind it); dx = dy @ E."""
         dy2 = dy.reshape(-1, dy.shape[-1])                   # (N*T, V)
-        self.table.dW += dy2.T @ self.x
+        self.table.dW += threads.matmul(dy2.T, self.x)
         if self.db is not None:
             self.db += dy2.sum(axis=0)
-        return (dy2 @ self.table.W).reshape(*dy.shape[:-1], self.table.dim)
+        return threads.matmul(dy2, self.table.W).reshape(*dy.shape[:-1], self.table.dim)

@@ -275,7 +275,7 @@ class Linear(WeightLayer):
     def forward(self, x):
         """y = x @ W + b over the last axis."""
         self.x = x.reshape(-1, self.d_in)           # (N, D_in); (N*T, D_in) for sequences
-        y = self.x @ self.W                         # (N, D_out)
+        y = threads.matmul(self.x, self.W)          # (N, D_out)
         if self.b is not None:
             threads.add_rows(y, self.b, self.relu)
         return y.reshape(*x.shape[:-1], self.d_out)
@@ -295,22 +295,22 @@ class Linear(WeightLayer):
         else:
             if self._dW_tmp is None:
                 self._dW_tmp = np.empty_like(self.dW)
-            np.matmul(self.x.T, dy, out=self._dW_tmp)
+            threads.matmul(self.x.T, dy, out=self._dW_tmp)
             self.dW += self._dW_tmp
             if self.db is not None:
                 self.db += dy.sum(axis=0)
         if self.after_grads:
             self.after_grads()
-        return (dy @ self.W.T).reshape(*shape[:-1], self.d_in) if self.need_dx else None  # (N, D_in)
+        return threads.matmul(dy, self.W.T).reshape(*shape[:-1], self.d_in) if self.need_dx else None  # (N, D_in)
 
     def _weight_grad(self, dy):
         """dW = x.T @ dy; under an overlapped reduction in row blocks, MPI progressed between them."""
         if not self.after_grads:
-            np.matmul(self.x.T, dy, out=self.dW)
+            threads.matmul(self.x.T, dy, out=self.dW)
             return
         step = max(1, -(-self.d_in // max(1, self.dW.size // PROGRESS_ITEMS)))
         for lo in range(0, self.d_in, step):
-            np.matmul(self.x[:, lo:lo + step].T, dy, out=self.dW[lo:lo + step])
+            threads.matmul(self.x[:, lo:lo + step].T, dy, out=self.dW[lo:lo + step])
             self.after_grads(min(lo + step, self.d_in) * self.d_out)  # W's rows so far: the layer's first values
 
 
@@ -330,7 +330,7 @@ class ReLU(Activation):
         if self.fused is not None:
             self.y = x  # rectified by the layer before, in place as this layer would have done
             return x
-        self.y = threads.elementwise(lambda y, x: np.maximum(x, 0, out=y), threads.like(x, self._out(x)), x)
+        self.y = threads.elementwise(lambda y, x: threads.relu(x, y), threads.like(x, self._out(x)), x)
         return self.y
 
     def backward(self, dy):

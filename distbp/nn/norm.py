@@ -96,7 +96,7 @@ class BatchNorm(Layer):
             np.multiply(self.centered[c], a[c], out=y2[c])
             y2[c] += b[c]
             if self.relu:  # the ReLU layer's own arithmetic, on the row while it is in cache
-                np.maximum(y2[c], 0, out=y2[c])
+                threads.relu_(y2[c])
 
         _by_rows(affine, x2)
         self.y2 = y2 if self.relu else None  # the ReLU's output: backward's mask

@@ -8,6 +8,11 @@ and add the partials in item order. So a pass gives the same bits at 1, 2 or 64 
 may run in deterministic mode too. NumPy's ufuncs and OpenBLAS release the GIL, so the
 threads run in parallel. The thread count is the rank's budget (parallel's set_thread_budget
 calls `set_threads`); 1 means no pool at all.
+
+The pool is the rank's only threads: while it has several, BLAS runs on one thread, and the
+layers' products (`matmul`) are cut over the pool instead. OpenBLAS's own idle workers spin about
+0.1 s after each threaded product before they sleep, and took the pool's cores: W5's step ran
+1.3x slower at two threads than at one until they were gone.
 """
 from __future__ import annotations
 
@@ -21,22 +26,32 @@ import numpy as np
 BLOCK = 1 << 15  # elements per item of a flat element-wise pass: 128 KB of float32, cache-sized
 SERIAL_BELOW = 1 << 16  # elements under which a pass runs on the calling thread (the pool costs ~20 us)
 
+SPLIT_BELOW = 1 << 22  # multiply-adds under which a product runs in one call (~0.1 ms; the pool costs ~20-50 us)
+
 _threads = 1
+_split = True  # whether a 2-D product may be cut over the threads (its bits then depend on the count)
 _pool: ThreadPoolExecutor | None = None
-_blas = None  # threadpoolctl's controller of the BLAS libraries, made on first use
+_blas_cap = None  # threadpoolctl's limit holding BLAS at one thread while the pool has several
 _lock = threading.Lock()
 _NAME = "distbp-pass"  # the pool threads' name prefix
 
 
-def set_threads(n: int) -> None:
-    """Use n threads per rank for the layers' passes (n >= 1)."""
-    global _threads, _pool
+def set_threads(n: int, split_products: bool = True) -> None:
+    """Use n threads per rank for the layers' passes and products (n >= 1), BLAS on one thread while n > 1;
+    split_products=False keeps each 2-D product in one call (deterministic mode: its bits depend on the cut)."""
+    global _threads, _pool, _split, _blas_cap
     n = max(1, int(n))
     with _lock:
         if n != _threads and _pool is not None:
             _pool.shutdown(wait=True)
             _pool = None
-        _threads = n
+        _threads, _split = n, split_products
+        if n > 1 and _blas_cap is None:
+            from threadpoolctl import threadpool_limits
+            _blas_cap = threadpool_limits(limits=1, user_api="blas")
+        elif n == 1 and _blas_cap is not None:
+            _blas_cap.restore_original_limits()
+            _blas_cap = None
 
 
 def threads() -> int:
@@ -45,14 +60,14 @@ def threads() -> int:
 
 
 @contextlib.contextmanager
-def using(n: int):
-    """Run the passes inside on n threads, then restore the count (tests, benchmarks)."""
-    old = _threads
-    set_threads(n)
+def using(n: int, split_products: bool = True):
+    """Run the passes and products inside on n threads, then restore the settings (tests, benchmarks)."""
+    old = _threads, _split
+    set_threads(n, split_products)
     try:
         yield
     finally:
-        set_threads(old)
+        set_threads(*old)
 
 
 def _spans(items: int, parts: int) -> list[tuple[int, int]]:
@@ -82,18 +97,23 @@ def run(fn, items: int, work: int = SERIAL_BELOW) -> None:
         f.result()
 
 
-@contextlib.contextmanager
-def single_blas():
-    """BLAS on one thread inside (the passes' threads each run their own sgemm), when the pool has several."""
-    global _blas
-    if _threads == 1:
-        yield
-        return
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=1, user_api="blas"):
-        yield
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a @ b, cut over the rank's threads (each part one single-thread BLAS call): a stack of products by its
+    first axis (each product whole, so the bits do not depend on the thread count), a 2-D product by columns of
+    b, one span per thread, as BLAS's own threads would cut it (its bits depend on the count, so not when
+    products are kept whole: deterministic mode). Small products take one call."""
+    if out is None:
+        shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        out = np.empty(shape, np.result_type(a, b))
+    stack = out.ndim > 2 and a.shape[:-2] == b.shape[:-2] == out.shape[:-2]
+    items = out.shape[0] if stack else out.shape[-1]
+    if _threads == 1 or items < 2 or out.size * a.shape[-1] < SPLIT_BELOW or not (stack or (out.ndim == 2 and _split)):
+        return np.matmul(a, b, out=out)
+    if stack:
+        run(lambda lo, hi: np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi]), items, out.size)
+    else:
+        run(lambda lo, hi: np.matmul(a, b[:, lo:hi], out=out[:, lo:hi]), items, out.size)
+    return out
 
 
 def _order(a: np.ndarray) -> tuple:
@@ -131,9 +151,28 @@ def elementwise(fn, out: np.ndarray, *ins: np.ndarray) -> np.ndarray:
     return out
 
 
+_ZEROS: dict = {}  # dtype -> a shared read-only array of zeros, grown as needed (see relu)
+
+
+def relu(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = max(a, 0), the ReLU's arithmetic, taken against an array of zeros: with the scalar 0 NumPy 2.4 runs a
+    loop 2.9x slower (82 against 28 us on 128 Ki float32), with the same bits (-0.0, NaN payloads, subnormals)."""
+    z = _ZEROS.get(a.dtype)
+    if z is None or z.size < a.size:
+        z = np.zeros(max(a.size, BLOCK), a.dtype)
+        z.flags.writeable = False
+        _ZEROS[a.dtype] = z  # threads racing here each keep the array they made: all zeros alike
+    return np.maximum(a, z[: a.size].reshape(a.shape), out=out)
+
+
 def like(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """out, or a new uninitialised array of a's shape, dtype and memory order."""
     return np.empty_like(a) if out is None else out
+
+
+def relu_(a: np.ndarray) -> np.ndarray:
+    """a = max(a, 0) in place (see relu)."""
+    return relu(a, a)
 
 
 def add_rows(y: np.ndarray, b: np.ndarray, relu: bool = False) -> np.ndarray:
@@ -141,7 +180,7 @@ def add_rows(y: np.ndarray, b: np.ndarray, relu: bool = False) -> np.ndarray:
     whole rows (the ReLU while the block is in cache: the same arithmetic as a ReLU pass after)."""
     if y.size < SERIAL_BELOW:
         y += b
-        return np.maximum(y, 0, out=y) if relu else y
+        return relu_(y) if relu else y
     y2 = y.reshape(-1, b.size)
     rows = max(1, BLOCK // b.size)
 
@@ -150,7 +189,7 @@ def add_rows(y: np.ndarray, b: np.ndarray, relu: bool = False) -> np.ndarray:
             block = y2[k * rows : (k + 1) * rows]
             block += b
             if relu:
-                np.maximum(block, 0, out=block)
+                relu_(block)
 
     run(blocks, math.ceil(len(y2) / rows), y.size)
     return y

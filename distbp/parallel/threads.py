@@ -1,10 +1,11 @@
-"""The thread budget of a rank: the node's CPUs shared by its ranks, for BLAS (one thread in deterministic
-mode) and for the layers' own passes (nn.threads: the same bits at any count, so deterministic mode too)."""
+"""The thread budget of a rank: the node's CPUs shared by its ranks, for the layers' products and passes
+(nn.threads: BLAS on one thread per pool thread; the passes give the same bits at any count, so deterministic
+mode keeps them, and keeps each product whole)."""
 from __future__ import annotations
 
 import os
 
-from threadpoolctl import ThreadpoolController, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from ..nn import threads as passes
 
@@ -17,41 +18,32 @@ _LIMITER = None  # the threadpool_limits object must stay alive for the cap to h
 
 
 def too_small_for_threads(num_params: int, layer_types) -> bool:
-    """Whether a model's products are too small to gain from a second BLAS thread."""
+    """Whether a model's products are too small to gain from being cut over threads."""
     return num_params < SMALL_MODEL_PARAMS and not any(str(t).startswith("conv") for t in layer_types)
 
 
 def set_thread_budget(comm, log=print, deterministic: bool = False, small_model: bool = False) -> int:
-    """Cap BLAS threads per rank (1 if deterministic or for a small model, else node CPUs // ranks on the node
-    unless the user set them); the layers' passes get the node's share (or the user's count), also in
-    deterministic mode and for a small model.
+    """Give the rank's layers (products and passes) the node's CPUs // ranks on the node, or the user's count;
+    BLAS runs on one thread (the pool cuts the products). Products stay whole in deterministic mode (their bits
+    depend on the cut) and for a small model. Returns the thread count.
 
     Warns once (rank 0) when its node has more ranks than CPUs."""
-    # Collective over the node. More BLAS threads than CPUs is much slower; a user's
-    # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is, except in deterministic mode: BLAS results depend on the
-    # thread count (docs/DETERMINISM.md), and the default budget differs with the ranks per node.
+    # Collective over the node. More threads than CPUs is much slower; a user's OMP_NUM_THREADS /
+    # OPENBLAS_NUM_THREADS / MKL_NUM_THREADS stands and is reported as is.
     global _LIMITER
     cpus = comm.node_cpus()
     user = [f"{k}={os.environ[k]}" for k in THREAD_ENV if os.environ.get(k)]
-    if deterministic:
-        n = 1
-        _LIMITER = threadpool_limits(limits=n, user_api="blas")
-        msg = "1 BLAS thread per rank (deterministic: BLAS results depend on the thread count)"
-    elif user:
-        pools = ThreadpoolController().select(user_api="blas").info()
-        n = max([p["num_threads"] for p in pools] or [1])
-        msg = f"{n} BLAS threads per rank (set by {', '.join(user)})"
-    elif small_model and cpus // comm.local_size > 1:
-        n = 1
-        _LIMITER = threadpool_limits(limits=n, user_api="blas")
-        msg = (f"1 BLAS thread per rank (the model is too small to gain from {cpus // comm.local_size}: fewer than "
-               f"{SMALL_MODEL_PARAMS:,} parameters and no convolution; OMP_NUM_THREADS sets another count)")
-    else:
-        n = max(1, cpus // comm.local_size)
-        _LIMITER = threadpool_limits(limits=n, user_api="blas")
-        msg = f"{n} BLAS threads per rank ({cpus} CPUs / {comm.local_size} ranks on this node)"
-    passes.set_threads(_user_threads() or max(1, cpus // comm.local_size))
-    msg += f"; {passes.threads()} thread{'s' * (passes.threads() > 1)} per rank for the layers' own passes"
+    n = _user_threads() or max(1, cpus // comm.local_size)
+    _LIMITER = threadpool_limits(limits=1, user_api="blas")
+    whole = deterministic or small_model
+    passes.set_threads(n, split_products=not whole)
+    why = f"set by {', '.join(user)}" if user else f"{cpus} CPUs / {comm.local_size} ranks on this node"
+    msg = f"{n} thread{'s' * (n > 1)} per rank for the layers' products and passes ({why})"
+    if n > 1 and deterministic:
+        msg += "; each product on one of them (deterministic: a product's bits depend on how it is cut)"
+    elif n > 1 and small_model:
+        msg += (f"; each product on one of them (the model is too small to gain: fewer than {SMALL_MODEL_PARAMS:,} "
+                "parameters and no convolution)")
     if comm.is_root:
         log(f"distbp: {msg}")
         if comm.local_size > cpus:
