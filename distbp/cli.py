@@ -6,7 +6,6 @@ import contextlib
 import difflib
 import os
 import shutil
-import stat
 import sys
 import traceback
 
@@ -572,34 +571,6 @@ class QuietPipe:
         return getattr(self.stream, name)
 
 
-_LAUNCHER_SOCKETS: list[int] = []  # the proxy's ends of stdout/stderr, kept open while rank 0 writes past them
-
-
-def write_past_the_launcher() -> None:
-    """Rank 0 writes its stdout/stderr straight into the pipes its launcher on this node writes to.
-
-    When the reader of `mpirun ... | head` goes, MPICH's mpiexec dies of SIGPIPE at its next write and
-    its proxies then SIGKILL every rank (hydra's proxy/pmip.c), which no handler can catch. Written
-    past mpiexec, the EPIPE is rank 0's own, QuietPipe silences it and the run goes on to its
-    checkpoint. Pipes only: a file reopened through /proc would be written from offset 0.
-    """
-    from .reporting.progress import launcher_pid
-    pid = launcher_pid()
-    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if not pid or not stat.S_ISFIFO(os.stat(path).st_mode) or os.path.samestat(os.stat(path), os.fstat(fd)):
-                continue
-            pipe = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # fails at once (ENXIO) if its reader is gone
-        except OSError:
-            continue
-        os.set_blocking(pipe, True)
-        stream.flush()
-        _LAUNCHER_SOCKETS.append(os.dup(fd))  # the proxy's end stays open: it forwards the other ranks
-        os.dup2(pipe, fd)
-        os.close(pipe)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse; unknown arguments are reported with the usage of the (sub)command they were given to."""
     parser = build_parser()
@@ -634,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     from .parallel.guard import install_abort_on_error, run_guarded
     from .parallel.watchdog import watching
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
-    if startup.launcher_rank(os.environ) == 0 and any(k in os.environ for k in startup.RANK_ENV):
-        write_past_the_launcher()
+    if startup.launched(os.environ) and startup.launcher_rank(os.environ) == 0:
+        startup.write_past_the_launcher()
     try:
         faults.inject_at(startup.launcher_rank(os.environ), "startup")  # inert unless DISTBP_FAULT is set
         comm = world()

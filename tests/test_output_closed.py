@@ -2,7 +2,7 @@
 
 MPICH's mpiexec dies of SIGPIPE at its first write after head has gone, and its proxies SIGKILL every
 rank (measured: the ranks see no catchable signal). Rank 0 therefore writes past mpiexec into the
-pipe itself (cli.write_past_the_launcher), so the EPIPE is its own and QuietPipe silences it.
+pipe itself (parallel/startup.write_past_the_launcher), so the EPIPE is its own and QuietPipe silences it.
 """
 import json
 import subprocess

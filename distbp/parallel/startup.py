@@ -11,12 +11,14 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 
 # Launcher variables holding the number of processes it started, most specific first.
 LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+LAUNCHERS = ("mpirun", "mpiexec", "mpiexec.hydra", "prterun", "orterun", "srun")  # process names
 TIMEOUT_ENV = "DISTBP_STALL_TIMEOUT"  # seconds, before a command has read train.stall_timeout
 DEFAULT_TIMEOUT = 300.0  # the default of train.stall_timeout
 PHASES = ("MPI initialisation (mpi4py's import: every rank the launcher started must reach it)",
@@ -34,6 +36,62 @@ def launcher_size(environ) -> tuple[str, int] | None:
         if value.strip().isdigit():
             return name, int(value)
     return None
+
+
+def launched(environ) -> bool:
+    """Whether a launcher (mpirun, srun) started this process."""
+    return any(k in environ for k in RANK_ENV)
+
+
+def _parent(pid: int) -> tuple[str, int]:
+    """(command name, parent pid) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:]
+    return name, int(rest.split()[1])
+
+
+def launcher_pid(pid: int | None = None, depth: int = 12) -> int | None:
+    """The nearest ancestor that is an MPI or SLURM launcher on this node (mpirun, mpiexec, prterun, srun)."""
+    pid = pid or os.getpid()
+    for _ in range(depth):
+        try:
+            name, parent = _parent(pid)
+        except (OSError, ValueError, IndexError):
+            return None
+        if name in LAUNCHERS:
+            return pid
+        if parent <= 1:
+            return None
+        pid = parent
+    return None
+
+
+_LAUNCHER_PIPES: list[int] = []  # the proxy's ends of stdout/stderr, kept open while rank 0 writes past them
+
+
+def write_past_the_launcher() -> None:
+    """Rank 0 writes its stdout/stderr straight into the pipes its launcher on this node writes to.
+
+    When the reader of `mpirun ... | head` goes, MPICH's mpiexec dies of SIGPIPE at its next write and
+    its proxies then SIGKILL every rank (hydra's proxy/pmip.c), which no handler can catch. Written
+    past mpiexec, the EPIPE is rank 0's own, the command's QuietPipe silences it and the run goes on
+    to its checkpoint. Pipes only: a file reopened through /proc would be written from offset 0.
+    """
+    pid = launcher_pid()
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if not pid or not stat.S_ISFIFO(os.stat(path).st_mode) or os.path.samestat(os.stat(path), os.fstat(fd)):
+                continue
+            pipe = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # fails at once (ENXIO) if its reader is gone
+        except OSError:
+            continue
+        os.set_blocking(pipe, True)
+        stream.flush()
+        _LAUNCHER_PIPES.append(os.dup(fd))  # the proxy's end stays open: it forwards the other ranks
+        os.dup2(pipe, fd)
+        os.close(pipe)
 
 
 def launcher_rank(environ) -> int:

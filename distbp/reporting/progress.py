@@ -8,33 +8,9 @@ import time
 
 from tqdm import tqdm
 
+from ..parallel.startup import launched, launcher_pid
+
 MODES = ("auto", "bar", "lines", "none")
-LAUNCHERS = ("mpirun", "mpiexec", "mpiexec.hydra", "prterun", "orterun", "srun")
-LAUNCHED_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-
-
-def _parent(pid: int) -> tuple[str, int]:
-    """(command name, parent pid) of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
-    return name, int(rest.split()[1])
-
-
-def launcher_pid(pid: int | None = None, depth: int = 12) -> int | None:
-    """The nearest ancestor that is an MPI or SLURM launcher on this node (mpirun, mpiexec, prterun, srun)."""
-    pid = pid or os.getpid()
-    for _ in range(depth):
-        try:
-            name, parent = _parent(pid)
-        except (OSError, ValueError, IndexError):
-            return None
-        if name in LAUNCHERS:
-            return pid
-        if parent <= 1:
-            return None
-        pid = parent
-    return None
 
 
 def _tty_columns(path: str) -> int | None:
@@ -61,7 +37,7 @@ def terminal_columns() -> int | None:
     """
     if os.environ.get("SLURM_PTY_PORT"):
         return int(os.environ.get("SLURM_PTY_WIN_COL") or 80)
-    if not any(k in os.environ for k in LAUNCHED_ENV):
+    if not launched(os.environ):
         return _tty_columns("/proc/self/fd/2") if sys.stderr.isatty() else None
     pid = launcher_pid()
     return _tty_columns(f"/proc/{pid}/fd/2") if pid else None
