@@ -6,9 +6,9 @@ import math
 import numpy as np
 
 from .counter_rng import MASK64, dropout_bits
-from .threads import matmul as mm
 from .embedding import INIT_STD
 from .layers import Context, Layer, check_spec, register, spec_value
+from .threads import matmul as mm
 
 
 def causal_mask(T: int) -> np.ndarray:
@@ -97,7 +97,7 @@ class CausalSelfAttention(Layer):
         """Attention of every position over itself and the earlier ones."""
         n = len(x)
         self.x2 = x.reshape(n * self.T, self.D)                          # (N*T, D)
-        qkv = mm(self.x2, self.W_qkv)                                     # (N*T, 3D)
+        qkv = mm(self.x2, self.W_qkv)                                    # (N*T, 3D)
         if self.b_qkv is not None:
             qkv += self.b_qkv
         q, k, v = (self._heads(a, n) for a in np.split(qkv, 3, axis=1))  # (N, H, T, d) each
@@ -120,9 +120,9 @@ class CausalSelfAttention(Layer):
         self.dW_proj += mm(self.a2.T, dy2)
         if self.db_proj is not None:
             self.db_proj += dy2.sum(axis=0)
-        da = self._heads(mm(dy2, self.W_proj.T), n)                         # (N, H, T, d)
+        da = self._heads(mm(dy2, self.W_proj.T), n)                       # (N, H, T, d)
         dv = mm(self.pd.transpose(0, 1, 3, 2), da)
-        dp = mm(da, self.v.transpose(0, 1, 3, 2))                 # (N, H, T, T)
+        dp = mm(da, self.v.transpose(0, 1, 3, 2))                         # (N, H, T, T)
         if self.keep is not None:
             dp *= self.keep
         p = self.p_att

@@ -172,7 +172,7 @@ class TiedOutput(Layer):
     def forward(self, x):
         """y = x @ E.T + b over the last axis."""
         self.x = x.reshape(-1, x.shape[-1])                  # (N*T, D)
-        y = threads.matmul(self.x, self.table.W.T)                         # (N*T, V)
+        y = threads.matmul(self.x, self.table.W.T)           # (N*T, V)
         if self.b is not None:
             y += self.b
         return y.reshape(*x.shape[:-1], self.table.vocab)

@@ -105,9 +105,10 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     if out is None:
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         out = np.empty(shape, np.result_type(a, b))
-    stack = out.ndim > 2 and a.shape[:-2] == b.shape[:-2] == out.shape[:-2]
+    stack = out.ndim > 2 and a.shape[:-2] == b.shape[:-2] == out.shape[:-2]  # else broadcast: one call
+    cut = stack or (out.ndim == 2 and _split)
     items = out.shape[0] if stack else out.shape[-1]
-    if _threads == 1 or items < 2 or out.size * a.shape[-1] < SPLIT_BELOW or not (stack or (out.ndim == 2 and _split)):
+    if _threads == 1 or not cut or items < 2 or out.size * a.shape[-1] < SPLIT_BELOW:
         return np.matmul(a, b, out=out)
     if stack:
         run(lambda lo, hi: np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi]), items, out.size)
