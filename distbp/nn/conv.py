@@ -23,7 +23,7 @@ channel of dy with db in backward.
 import numpy as np
 
 from .layers import WeightLayer, check_spec, register
-from . import threads, windows
+from . import kernels, threads, windows
 
 # The copied-row path (one matmul per output row over a copy of its windows, _row_windows) for a product whose
 # window depth (kh*C; kh*F for dx) is at most THIN_RATIO times its output rows (F; C for dx), else kw matmuls on
@@ -119,18 +119,19 @@ class Conv2D(WeightLayer):
         when allowed), and db, its sum per channel (None without a bias): one pass per channel on the threads."""
         F, N = self.F, dy.shape[0]
         dyt = dy.transpose(1, 2, 3, 0)  # (F, Ho, Wo, N), contiguous when dy came from a conv stack
-        in_place = dyt.flags.c_contiguous and (not self.relu or self.overwrite_dy)
-        out = dyt if in_place else np.empty(dyt.shape, dy.dtype)
-        y = self.y.reshape(dyt.shape) if self.relu else None
+        contiguous = dyt.flags.c_contiguous
+        out = dyt if contiguous and (not self.relu or self.overwrite_dy) else np.empty(dyt.shape, dy.dtype)
+        src = dyt if contiguous else out  # a flatten's dy is copied into out first
+        y = self.y.reshape(F, -1) if self.relu else None
         db = np.empty(F, dy.dtype) if self.b is not None else None
 
         def channels(lo, hi):
-            for f in range(lo, hi):
-                if y is not None:  # the ReLU layer's dy * (y > 0), this channel in contiguous memory
-                    np.multiply(dyt[f], y[f] > 0, out=out[f])
-                elif not in_place:
-                    np.copyto(out[f], dyt[f])
-                if db is not None:
+            if not contiguous:
+                np.copyto(out[lo:hi], dyt[lo:hi])
+            if y is not None:  # the ReLU layer's dy * (y > 0), compiled (kernels.py)
+                kernels.relu_mask(src.reshape(F, -1), y, out.reshape(F, -1), lo, hi)
+            if db is not None:
+                for f in range(lo, hi):  # NumPy's pairwise sum, the channel still in cache
                     db[f] = out[f].sum()
 
         threads.run(channels, F, dy.size)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from . import threads
+from . import kernels, threads
 from .layers import Layer, check_spec, register, spec_value
 
 
@@ -91,14 +91,8 @@ class BatchNorm(Layer):
         self.d, self.inv_std = mean - mean.astype(x.dtype), 1 / np.sqrt(var + self.eps)
         scale = self.W * self.inv_std  # y = (x - shift) * scale + (beta - d * scale)
         a, b, y2 = scale.astype(x.dtype), (self.b - self.d * scale).astype(x.dtype), np.empty_like(x2)
-
-        def affine(c):
-            np.multiply(self.centered[c], a[c], out=y2[c])
-            y2[c] += b[c]
-            if self.relu:  # the ReLU layer's own arithmetic, on the row while it is in cache
-                threads.relu_(y2[c])
-
-        _by_rows(affine, x2)
+        # one compiled pass: (x - shift) * a + b, and the fused ReLU's max(., 0) (kernels.py)
+        threads.run(lambda lo, hi: kernels.scale_shift(self.centered, a, b, self.relu, y2, lo, hi), self.C, x2.size)
         self.y2 = y2 if self.relu else None  # the ReLU's output: backward's mask
         return _from_rows(y2, x.shape, self.perm)
 
@@ -145,12 +139,13 @@ class BatchNorm(Layer):
         dy2 = src if not self.relu or copied or self.overwrite_dy else np.empty_like(src)  # dy, masked if fused
         sums = np.empty(2 * C)  # [sum dy (C), sum dy*xhat (C)] in float64
 
-        def row_sums(c):
-            if self.relu:  # the fused ReLU's dy * (y > 0), this row while it is in cache
-                np.multiply(src[c], self.y2[c] > 0, out=dy2[c])
-            sums[c], sums[C + c] = dy2[c].sum(), np.multiply(dy2[c], self.centered[c]).sum()
+        def row_sums(lo, hi):
+            if self.relu:  # the fused ReLU's dy * (y > 0), compiled (kernels.py)
+                kernels.relu_mask(src, self.y2, dy2, lo, hi)
+            for c in range(lo, hi):  # NumPy's pairwise sums, the rows still in cache
+                sums[c], sums[C + c] = dy2[c].sum(), np.multiply(dy2[c], self.centered[c]).sum()
 
-        _by_rows(row_sums, dy2)
+        threads.run(row_sums, C, dy2.size)
         # x - mean = (x - shift) - d, so sum dy*xhat = (sum dy*(x - shift) - d sum dy) / std
         sums[C:] = (sums[C:] - self.d * sums[:C]) * self.inv_std
         self.db += sums[: self.C].astype(self.db.dtype)  # local sums: the trainer's allreduce adds ranks
@@ -167,12 +162,7 @@ class BatchNorm(Layer):
         k = -g * mean_dyxhat * self.inv_std
         kx, cx = k.astype(dy.dtype), (-g * mean_dy - k * self.d).astype(dy.dtype)
 
-        def grad(c):
-            np.multiply(dy2[c], gx[c], out=dx2[c])
-            dx2[c] += np.multiply(self.centered[c], kx[c])
-            dx2[c] += cx[c]
-
-        _by_rows(grad, dy2)
+        threads.run(lambda lo, hi: kernels.scale_add(dy2, gx, self.centered, kx, cx, dx2, lo, hi), C, dy2.size)
         return _from_rows(dx2, dy.shape, self.perm)
 
 

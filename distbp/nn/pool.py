@@ -8,7 +8,7 @@ NCHW-shaped views.
 import numpy as np
 
 from .layers import Layer, check_spec, register
-from . import threads, windows
+from . import kernels, threads, windows
 
 
 def _channels_outer(a):
@@ -81,46 +81,18 @@ class MaxPool2D(Layer):
         threads.run(channels, C, dx.size)
         return dx.transpose(3, 0, 1, 2)  # (N, C, H, W) view
 
-    def _quarters(self, x):
-        """The 2x2 windows' (top left, top right, bottom left, bottom right) values: (C, Ho, Wo, N) views of x."""
-        C, N = x.shape[0], x.shape[-1]
-        q = x[:, : 2 * self.Ho, : 2 * self.Wo].reshape(C, self.Ho, 2, self.Wo, 2, N)
-        return q[:, :, 0, :, 0], q[:, :, 0, :, 1], q[:, :, 1, :, 0], q[:, :, 1, :, 1]
-
     def _forward_pairs(self, x):
-        """2x2 windows, stride 2, as a tournament: top pair, bottom pair, then the winners (ties: first);
-        the masks come from the same channels while they are in cache."""
-        C, N = x.shape[0], x.shape[-1]
-        y = np.empty((C, self.Ho, self.Wo, N), x.dtype)
-        self.b_wins, self.d_wins, self.top_wins = (np.empty(y.shape, bool) for _ in range(3))
-
-        def channels(lo, hi):
-            a, b, c, d = self._quarters(x[lo:hi])
-            top, bottom = np.maximum(a, b, out=y[lo:hi]), np.maximum(c, d)
-            np.greater(b, a, out=self.b_wins[lo:hi])
-            np.greater(d, c, out=self.d_wins[lo:hi])
-            np.greater_equal(top, bottom, out=self.top_wins[lo:hi])
-            np.maximum(top, bottom, out=top)
-
-        threads.run(channels, C, x.size)
+        """2x2 windows, stride 2: the max and which quarter won, one compiled pass per channel (kernels.py)."""
+        y = np.empty((x.shape[0], self.Ho, self.Wo, x.shape[-1]), x.dtype)
+        self.won = np.empty(y.shape, np.uint8)
+        threads.run(lambda lo, hi: kernels.maxpool2_forward(x, y, self.won, lo, hi), x.shape[0], x.size)
         return y
 
     def _backward_pairs(self, dy):
-        """Route dy down the tournament of _forward_pairs, writing each quarter of dx once."""
+        """dy written where its window's winner was, zeros elsewhere: each element of dx written once."""
         C, N, (H, W) = dy.shape[0], dy.shape[-1], self.in_shape[1:]
         dx = np.empty((C, H, W, N), dy.dtype)
-
-        def channels(lo, hi):
-            dxc, g = dx[lo:hi], dy[lo:hi]
-            dxc[:, 2 * self.Ho :] = 0  # rows and columns no window covers
-            dxc[:, :, 2 * self.Wo :] = 0
-            a, b, c, d = self._quarters(dxc)
-            top = g * self.top_wins[lo:hi]
-            bottom = np.subtract(g, top, out=g if self.overwrite_dy else None)
-            np.subtract(top, np.multiply(top, self.b_wins[lo:hi], out=b), out=a)
-            np.subtract(bottom, np.multiply(bottom, self.d_wins[lo:hi], out=d), out=c)
-
-        threads.run(channels, C, dx.size)
+        threads.run(lambda lo, hi: kernels.maxpool2_backward(dy, self.won, dx, lo, hi), C, dx.size)
         return dx
 
 
