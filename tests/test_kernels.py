@@ -131,4 +131,4 @@ def test_a_damaged_cache_file_is_compiled_afresh_with_one_warning(tmp_path):
             damage(f)
         again = run()
         assert again.returncode == 0 and again.stdout.strip() == "21.0", again.stderr
-        assert again.stderr.count("could not be loaded") == 1 and str(files[0].parent) in again.stderr, again.stderr
+        assert again.stderr.count("could not be loaded or saved") == 1 and str(files[0].parent) in again.stderr, again.stderr

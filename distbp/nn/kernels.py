@@ -24,7 +24,7 @@ def compiled(fn):
     def call(*args):
         try:
             return _kernel(fn)(*args)
-        except Exception as error:  # a damaged cache file (numba checks no sum): compile afresh once
+        except Exception as error:  # a damaged cache file (numba checks no sum), a full disk: compile afresh once
             if fn in _uncached:
                 raise
             _compile_in_memory(fn, error)
@@ -58,9 +58,9 @@ def _compile_in_memory(fn, error):
     with _lock:
         if fn not in _uncached:
             folder = getattr(_kernels[fn]._cache, "_cache_path", "numba's cache folder")
-            warnings.warn(f"distbp: numba's cached {fn.__name__} kernel could not be loaded ({type(error).__name__}: "
-                          f"{error}); compiling it in memory. Delete the kernels.*.nbi and .nbc files in {folder} "
-                          f"to rebuild the cache", stacklevel=3)
+            warnings.warn(f"distbp: numba's cache of the {fn.__name__} kernel could not be loaded or saved "
+                          f"({type(error).__name__}: {error}); compiling it in memory. Delete the kernels.*.nbi and "
+                          f".nbc files in {folder} to rebuild the cache", stacklevel=3)
             _uncached.add(fn)
             _kernels[fn] = numba.njit(nogil=True, boundscheck=False)(fn)
 
