@@ -132,3 +132,20 @@ def test_a_damaged_cache_file_is_compiled_afresh_with_one_warning(tmp_path):
         again = run()
         assert again.returncode == 0 and again.stdout.strip() == "21.0", again.stderr
         assert again.stderr.count("could not be loaded or saved") == 1 and str(files[0].parent) in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts, bias, relu", [(2, True, True), (4, False, True), (1, True, False), (0, True, True),
+                                               (2, False, False)])
+def test_finish_row_gives_numpys_bits(dtype, parts, bias, relu):
+    """A convolution's output row: y += part for each kernel column in order, y += b, np.maximum(y, 0)."""
+    y, p, b = awkward((3, 4, 70), dtype, 17), awkward((parts, 3, 70), dtype, 18), awkward((3,), dtype, 19)
+    want = y.copy()
+    for k in range(parts):
+        want[:, 2] += p[k]
+    if bias:
+        want[:, 2] += b[:, None]
+    if relu:
+        np.maximum(want[:, 2], np.zeros_like(want[:, 2]), out=want[:, 2])
+    kernels.finish_row(y, 2, p, b if bias else np.zeros(0, dtype), bias, relu)
+    assert same_bits(y, want)  # row 2 finished, the other rows untouched

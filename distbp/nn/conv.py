@@ -246,23 +246,19 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
     (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
     y = np.empty((F, Ho, Wo * N), q.dtype)
     Wk = Wj.transpose(1, 0, 2).reshape(F, kw * depth) if thin else None  # W[f, (j, i, c)], a copy
+    bias = b if b is not None else np.zeros(0, q.dtype)
 
     def rows(lo, hi):
-        tmp = np.empty((kw, depth, Wo * N) if thin else (F, Wo * N), q.dtype)  # a row's windows, or a partial sum
-        zero = np.zeros(Wo * N, q.dtype) if relu else None  # an array, not the scalar 0: NumPy's strided loop
-        # for (F, Wo*N) rows with a scalar ran 3.5x slower than with a broadcast row, which keeps the SIMD loop
+        windows = np.empty((kw, depth, Wo * N), q.dtype) if thin else None  # a row's windows, copied
+        parts = np.empty((0 if thin else kw - 1, F, Wo * N), q.dtype)  # kernel columns 1.. of a row
         for r in range(lo, hi):
             if thin:
-                np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, tmp), out=y[:, r])
+                np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, windows), out=y[:, r])
             else:
                 for j in range(kw):
-                    np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=tmp if j else y[:, r])
-                    if j:
-                        y[:, r] += tmp
-            if b is not None:
-                y[:, r] += b[:, None]
-            if relu:  # the ReLU layer's own arithmetic (max with 0), on the row while it is in cache
-                np.maximum(y[:, r], zero, out=y[:, r])
+                    np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=parts[j - 1] if j else y[:, r])
+            if len(parts) or b is not None or relu:  # the partial sums in column order, b, the ReLU: one pass
+                kernels.finish_row(y, r, parts, bias, b is not None, relu)
 
     threads.run(rows, Ho, y.size)  # each thread's rows on its own single-thread sgemm: the same bits at any count
     return y

@@ -136,3 +136,24 @@ def scale_add(dy, g, x, k, shift, out, lo, hi):
         r, s, o, gc, kc, cc = dy[c], x[c], out[c], g[c], k[c], shift[c]
         for m in range(r.shape[0]):
             o[m] = r[m] * gc + s[m] * kc + cc
+
+
+@compiled
+def finish_row(y, r, parts, b, bias, relu):
+    """Output row r of a convolution, y[:, r] (y (F, Ho, M)), completed in one pass per channel: the partial
+    products parts (P, F, M) added to it in order, then b[f] if bias, then np.maximum(., 0) if relu (NaN stays,
+    -0.0 becomes 0.0); each step rounded, as the NumPy calls `y += part`, `y += b`, `np.maximum(y, 0)`."""
+    for f in range(y.shape[0]):
+        o = y[f, r]
+        for k in range(parts.shape[0]):
+            p = parts[k, f]
+            for m in range(o.shape[0]):
+                o[m] += p[m]
+        if bias:
+            bf = b[f]
+            for m in range(o.shape[0]):
+                o[m] += bf
+        if relu:
+            for m in range(o.shape[0]):
+                v = o[m]
+                o[m] = v if v > 0 or v != v else 0
