@@ -241,7 +241,8 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
 
     Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
     partial sums stay in cache; when thin, the row's windows are copied into one buffer instead
-    and take a single matmul.
+    and take a single matmul. The partial products, the bias and the ReLU are then added in one
+    compiled pass over the row (kernels.finish_row), in the order of the NumPy calls it replaced.
     """
     (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
     y = np.empty((F, Ho, Wo * N), q.dtype)
