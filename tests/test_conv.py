@@ -232,3 +232,22 @@ def test_cnn_matches_torch_on_the_same_weights(conv_path):
         assert rel_err(dW, m.weight.grad.numpy()) < 1e-6, (i, layer.kind)
         # a bias before BatchNorm has a zero gradient: compare it up to rounding
         np.testing.assert_allclose(layer.db, m.bias.grad.numpy(), rtol=1e-6, atol=1e-12, err_msg=f"{i} {layer.kind}")
+
+
+def test_small_dW_products_are_cut_into_chunks_of_K_added_in_order():
+    """A first layer's dW product (few rows, long K) in chunks of at most SMALL_PRODUCT multiply-adds."""
+    from distbp.nn.conv import SMALL_PRODUCT, _dW_product
+    rng = np.random.default_rng(0)
+    for M, K, F, dtype in [(27, 4096, 32, np.float64), (9, 4096, 32, np.float32), (96, 2048, 32, np.float32)]:
+        a, g = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((F, K)).astype(dtype)
+        out, scratch = np.empty((M, F), dtype), np.empty((M, F), dtype)
+        _dW_product(a, g, out, scratch)
+        if M > 32:  # one call, as before
+            assert out.tobytes() == np.matmul(a, g.T).tobytes()
+            continue
+        step = SMALL_PRODUCT // (M * F) // 64 * 64
+        want = np.matmul(a[:, :step], g[:, :step].T)
+        for s in range(step, K, step):
+            want += np.matmul(a[:, s : s + step], g[:, s : s + step].T)
+        assert out.tobytes() == want.tobytes() and step < K
+        np.testing.assert_allclose(out, a @ g.T, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)

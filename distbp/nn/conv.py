@@ -30,6 +30,7 @@ from . import kernels, threads, windows
 # views. Fitted to paired timings of both paths by scripts/conv_paths.py (docs/PERFORMANCE.md): a rule of the
 # shapes alone, so every rank and run takes the same path (the two add in different orders).
 THIN_RATIO = {"forward": 1.5, "dW": 0.5625, "dx": 0.0}
+SMALL_PRODUCT, SMALL_ROWS = 1 << 20, 32  # dW products of at most SMALL_ROWS rows are cut to this many multiply-adds
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
@@ -91,15 +92,16 @@ class Conv2D(WeightLayer):
         def rows(lo, hi):  # parts lo..hi-1, each its rows' sum in row order; x dy^T runs faster than dy x^T
             windows = np.empty((self.kw, kh * C, dy.shape[-1]), dy.dtype) if thin else None
             tmp = np.empty_like(parts[0] if thin else parts[0, 0])
+            scratch = np.empty_like(tmp)
             for r in range(lo * per, min(hi * per, self.Ho)):
                 part = parts[r // per]
                 if thin:
-                    np.matmul(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r].T,
-                              out=tmp.reshape(-1, F))
+                    _dW_product(_row_windows(self.xq, r, self.kw, kh, stride, self.Wo, windows), dy[:, r],
+                                tmp.reshape(-1, F), scratch.reshape(-1, F))
                     part += tmp
                 else:
                     for j in range(self.kw):
-                        np.matmul(_window(self.xq, r, j, kh, stride, self.Wo), dy[:, r].T, out=tmp)
+                        _dW_product(_window(self.xq, r, j, kh, stride, self.Wo), dy[:, r], tmp, scratch)
                         part[j] += tmp
 
         threads.run(rows, len(parts), self.xq.size)
@@ -215,6 +217,17 @@ def thin_path(product: str, depth: int, rows: int) -> bool:
     """Whether a product ("forward", "dW", "dx") of windows of this depth onto this many output rows takes the
     copied-row path (see THIN_RATIO)."""
     return depth <= THIN_RATIO[product] * rows
+
+
+def _dW_product(a, g, out, scratch):
+    """out = a @ g^T for a row's (M, K) windows and its (F, K) dy: when M is small (the first layer's few input
+    channels) and the product large, in chunks of K of at most SMALL_PRODUCT multiply-adds each, added in order
+    (OpenBLAS's small-matrix kernels ran these 2-4x faster than one call, SkylakeX kernels)."""
+    (M, K), F = a.shape, g.shape[0]
+    step = max(1, K) if M > SMALL_ROWS or M * K * F <= SMALL_PRODUCT else max(64, SMALL_PRODUCT // (M * F) // 64 * 64)
+    np.matmul(a[:, :step], g[:, :step].T, out=out)
+    for s in range(step, K, step):
+        out += np.matmul(a[:, s : s + step], g[:, s : s + step].T, out=scratch)
 
 
 def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
