@@ -29,7 +29,7 @@ from . import kernels, threads, windows
 # window depth (kh*C; kh*F for dx) is at most THIN_RATIO times its output rows (F; C for dx), else kw matmuls on
 # views. Fitted to paired timings of both paths by scripts/conv_paths.py (docs/PERFORMANCE.md): a rule of the
 # shapes alone, so every rank and run takes the same path (the two add in different orders).
-THIN_RATIO = {"forward": 1.5, "dW": 0.5625, "dx": 0.0}
+THIN_RATIO = {"forward": 0.375, "dW": 0.375, "dx": 0.0}
 SMALL_PRODUCT, SMALL_ROWS = 1 << 20, 32  # dW products of at most SMALL_ROWS rows are cut to this many multiply-adds
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
