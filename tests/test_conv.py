@@ -236,13 +236,13 @@ def test_cnn_matches_torch_on_the_same_weights(conv_path):
 
 def test_small_dW_products_are_cut_into_chunks_of_K_added_in_order():
     """A first layer's dW product (few rows, long K) in chunks of at most SMALL_PRODUCT multiply-adds."""
-    from distbp.nn.conv import SMALL_PRODUCT, _dW_product
+    from distbp.nn.conv import SMALL_PRODUCT, SMALL_ROWS, _dW_product
     rng = np.random.default_rng(0)
     for M, K, F, dtype in [(27, 4096, 32, np.float64), (9, 4096, 32, np.float32), (96, 2048, 32, np.float32)]:
         a, g = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((F, K)).astype(dtype)
         out, scratch = np.empty((M, F), dtype), np.empty((M, F), dtype)
         _dW_product(a, g, out, scratch)
-        if M > 32:  # one call, as before
+        if M > SMALL_ROWS:  # one call, as before
             assert out.tobytes() == np.matmul(a, g.T).tobytes()
             continue
         step = SMALL_PRODUCT // (M * F) // 64 * 64

@@ -7,7 +7,8 @@ the same arithmetic whatever range or thread computes it: no fast-math (no reass
 fused multiply-add), so a kernel gives the bits of the NumPy calls it replaces, one operation at a
 time in the same order. Reductions stay in NumPy (pairwise sums, see norm.py).
 
-Importing numba costs about 0.5 s; only a process that runs a kernel pays it.
+Importing numba costs 0.15-0.2 s and ~100 MB of RSS (docs/PERFORMANCE.md); only a process that runs a kernel
+pays it.
 """
 
 import threading
@@ -16,6 +17,7 @@ import warnings
 _lock = threading.Lock()
 _kernels = {}  # fn -> numba's dispatcher for it
 _uncached = set()  # the fns compiled in memory only, their cache on disk unreadable
+_OPTIONS = {"nogil": True, "boundscheck": False}  # numba.njit's options for every kernel, cached or not
 
 
 def compiled(fn):
@@ -44,10 +46,10 @@ def _kernel(fn):
             if fn not in _kernels:
                 import numba
                 try:
-                    _kernels[fn] = numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+                    _kernels[fn] = numba.njit(cache=True, **_OPTIONS)(fn)
                 except RuntimeError:  # no writable cache folder: compile in every process
                     _uncached.add(fn)
-                    _kernels[fn] = numba.njit(nogil=True, boundscheck=False)(fn)
+                    _kernels[fn] = numba.njit(**_OPTIONS)(fn)
             kernel = _kernels[fn]
     return kernel
 
@@ -62,7 +64,7 @@ def _compile_in_memory(fn, error):
                           f"({type(error).__name__}: {error}); compiling it in memory. Delete the kernels.*.nbi and "
                           f".nbc files in {folder} to rebuild the cache", stacklevel=3)
             _uncached.add(fn)
-            _kernels[fn] = numba.njit(nogil=True, boundscheck=False)(fn)
+            _kernels[fn] = numba.njit(**_OPTIONS)(fn)
 
 
 @compiled
