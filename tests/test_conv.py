@@ -249,5 +249,25 @@ def test_small_dW_products_are_cut_into_chunks_of_K_added_in_order():
         want = np.matmul(a[:, :step], g[:, :step].T)
         for s in range(step, K, step):
             want += np.matmul(a[:, s : s + step], g[:, s : s + step].T)
-        assert out.tobytes() == want.tobytes() and step < K
+        assert out.tobytes() == want.tobytes() and step < K and M * F * step <= 100**3  # OpenBLAS's small-matrix limit
         np.testing.assert_allclose(out, a @ g.T, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)
+
+
+def test_row_products_are_cut_by_columns_into_small_products_with_the_same_sums():
+    """Forward's and dx's (F, depth) @ (depth, Wo*N) products in column blocks within OpenBLAS's small-matrix limit:
+    each block as one call on it would give, so every output element is the same sum; big products stay whole."""
+    from distbp.nn.conv import MIN_COLUMNS, SMALL_PRODUCT, _by_columns
+    rng = np.random.default_rng(1)
+    for F, depth, cols, dtype in [(16, 25, 3584, np.float32), (32, 80, 1792, np.float32), (16, 27, 4100, np.float64),
+                                  (64, 576, 2048, np.float32)]:
+        a = rng.standard_normal((F, depth)).astype(dtype)
+        b = rng.standard_normal((depth, cols + 7)).astype(dtype)[:, 3 : 3 + cols]  # a strided view, as _window gives
+        out = np.full((F, cols), np.nan, dtype)
+        _by_columns(a, b, out)
+        step = SMALL_PRODUCT // (F * depth) // 64 * 64
+        blocks = range(0, cols, step) if MIN_COLUMNS <= step < cols else [0]
+        for c in blocks:
+            end = c + step if len(blocks) > 1 else cols
+            assert out[:, c:end].tobytes() == np.matmul(a, b[:, c:end]).tobytes()
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                                   atol=1e-3 if dtype == np.float32 else 1e-12)

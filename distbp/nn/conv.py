@@ -6,7 +6,8 @@ element-wise layers keep the memory order they get, until Flatten copies to
 (N, C*H*W). Conv2D pads its input into (H, C, W, N) order, where the kh*C input
 values one kernel column sees for a whole output row form a (kh*C, Wo*N) matrix
 view with evenly spaced rows: an output row is kw matmuls with those views (see
-_correlate), small enough to stay in cache, with no im2col matrix in memory. When those
+_correlate), small enough to stay in cache, with no im2col matrix in memory (and cut into blocks of columns
+that OpenBLAS multiplies without packing, see SMALL_PRODUCT). When those
 views are thin against the product (see THIN_RATIO: the first layer of an image network,
 C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
 (kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once.
@@ -30,7 +31,11 @@ from . import kernels, threads, windows
 # views. Fitted to paired timings of both paths by scripts/conv_paths.py (docs/PERFORMANCE.md): a rule of the
 # shapes alone, so every rank and run takes the same path (the two add in different orders).
 THIN_RATIO = {"forward": 0.375, "dW": 0.375, "dx": 0.0}
-SMALL_PRODUCT, SMALL_ROWS = 1 << 20, 32  # dW products of at most SMALL_ROWS rows are cut to this many multiply-adds
+# OpenBLAS's SkylakeX (AVX-512) build multiplies a product of at most 100^3 multiply-adds in its small-matrix kernel,
+# without packing (sgemm_small_kernel_permit): 1.1-2x faster on a convolution's shapes. So forward's and dx's products
+# are cut by columns to that size (_by_columns: each element the same sum), a dW product of at most SMALL_ROWS rows
+# by K (_dW_product: its chunks added in order). Rules of the shapes alone: the same bits on every rank.
+SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
@@ -230,6 +235,17 @@ def _dW_product(a, g, out, scratch):
         out += np.matmul(a[:, s : s + step], g[:, s : s + step].T, out=scratch)
 
 
+def _by_columns(a, b, out):
+    """out = a @ b, in blocks of b's columns of at most SMALL_PRODUCT multiply-adds each when that leaves at least
+    MIN_COLUMNS columns a block (each element the same sum as in one call)."""
+    step = SMALL_PRODUCT // a.size // 64 * 64
+    if step < MIN_COLUMNS or step >= b.shape[1]:
+        np.matmul(a, b, out=out)
+        return
+    for c in range(0, b.shape[1], step):
+        np.matmul(a, b[:, c : c + step], out=out[:, c : c + step])
+
+
 def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
     """What kernel column j sees for output row r: q[sh*r + i, c, j % sw, j // sw + w, n] over (i, c, w, n).
 
@@ -267,10 +283,10 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
         parts = np.empty((0 if thin else kw - 1, F, Wo * N), q.dtype)  # kernel columns 1.. of a row
         for r in range(lo, hi):
             if thin:
-                np.matmul(Wk, _row_windows(q, r, kw, kh, stride, Wo, windows), out=y[:, r])
+                _by_columns(Wk, _row_windows(q, r, kw, kh, stride, Wo, windows), y[:, r])
             else:
                 for j in range(kw):
-                    np.matmul(Wj[j], _window(q, r, j, kh, stride, Wo), out=parts[j - 1] if j else y[:, r])
+                    _by_columns(Wj[j], _window(q, r, j, kh, stride, Wo), parts[j - 1] if j else y[:, r])
             if len(parts) or b is not None or relu:  # the partial sums in column order, b, the ReLU: one pass
                 kernels.finish_row(y, r, parts, bias, b is not None, relu)
 
