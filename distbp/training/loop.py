@@ -15,6 +15,7 @@ from ..files import rundir
 from ..parallel import slurm
 from .clip import clip_by_norm, clip_by_value
 from ..reporting import trackers
+from ..parallel import heap
 from ..parallel.threads import set_thread_budget, too_small_for_threads
 from ..parallel.consistency import check_consistent, param_hash
 from ..config import Config, config_to_dict, config_to_toml
@@ -159,6 +160,7 @@ class Trainer:
         comm, log = self.comm, self.log
         small = too_small_for_threads(self.model.num_params, [spec.get("type") for spec in self.cfg.model.layers])
         set_thread_budget(comm, log, self.cfg.train.deterministic, small)
+        heap.keep_freed_memory()
         log(f"distbp {__version__}: {comm.size} rank(s), run dir {self.run_dir}")
         if comm.size > 1:
             log(rank_table(comm))
