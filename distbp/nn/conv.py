@@ -166,14 +166,15 @@ class Conv2D(WeightLayer):
         per_row = kw * kh * C * Wo * N
         block = max(1, min(self.Ho, COLS_BYTES // (per_row * dy.itemsize)))  # output rows per block
         dcols = np.empty((block, kw, kh, C, Wo, N), dy.dtype)
-        WjT = self.Wj.transpose(0, 2, 1)  # W[:, :, :, j]^T, (kh*C, F) each
+        WjT = np.ascontiguousarray(self.Wj.transpose(0, 2, 1))  # W[:, :, :, j]^T, (kh*C, F) each
 
         for r0 in range(0, self.Ho, block):
             r1 = min(self.Ho, r0 + block)
 
             def products(lo, hi):
                 for r in range(r0 + lo, r0 + hi):
-                    np.matmul(WjT, dy[:, r], out=dcols[r - r0].reshape(kw, kh * C, Wo * N))
+                    for j in range(kw):
+                        _by_columns(WjT[j], dy[:, r], dcols[r - r0, j].reshape(kh * C, Wo * N))
 
             def adds(lo, hi):  # padded input rows sh*r0 + lo .. hi - 1
                 for u in range(sh * r0 + lo, sh * r0 + hi):
