@@ -253,21 +253,26 @@ def test_small_dW_products_are_cut_into_chunks_of_K_added_in_order():
         np.testing.assert_allclose(out, a @ g.T, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)
 
 
-def test_row_products_are_cut_by_columns_into_small_products_with_the_same_sums():
-    """Forward's and dx's (F, depth) @ (depth, Wo*N) products in column blocks within OpenBLAS's small-matrix limit:
-    each block as one call on it would give, so every output element is the same sum; big products stay whole."""
-    from distbp.nn.conv import MIN_COLUMNS, SMALL_PRODUCT, _by_columns
+def test_row_products_are_cut_into_blocks_of_columns_with_the_same_sums():
+    """Stacks of (rows, depth) @ (depth, columns) products (a row's kernel columns, or one product) in blocks of
+    columns within OpenBLAS's small-matrix limit, two calls in all: each block as one call on it gives, so every
+    output element is the same sum; products whose blocks would be narrower than MIN_COLUMNS stay whole."""
+    from distbp.nn.conv import MIN_COLUMNS, SMALL_PRODUCT, _products
     rng = np.random.default_rng(1)
-    for F, depth, cols, dtype in [(16, 25, 3584, np.float32), (32, 80, 1792, np.float32), (16, 27, 4100, np.float64),
-                                  (64, 576, 2048, np.float32)]:
-        a = rng.standard_normal((F, depth)).astype(dtype)
-        b = rng.standard_normal((depth, cols + 7)).astype(dtype)[:, 3 : 3 + cols]  # a strided view, as _window gives
-        out = np.full((F, cols), np.nan, dtype)
-        _by_columns(a, b, out)
-        step = SMALL_PRODUCT // (F * depth) // 64 * 64
-        blocks = range(0, cols, step) if MIN_COLUMNS <= step < cols else [0]
-        for c in blocks:
-            end = c + step if len(blocks) > 1 else cols
-            assert out[:, c:end].tobytes() == np.matmul(a, b[:, c:end]).tobytes()
+    for stack, rows, depth, cols, dtype in [((), 16, 25, 3584, np.float32), ((5,), 32, 80, 1792, np.float32),
+                                            ((3,), 16, 27, 4100, np.float64), ((), 64, 576, 2048, np.float32),
+                                            ((3,), 8, 4, 200, np.float64)]:
+        a = rng.standard_normal((*stack, rows, depth)).astype(dtype)
+        b = rng.standard_normal((*stack, depth, cols + 7)).astype(dtype)[..., 3 : 3 + cols]  # strided, as _window
+        out = np.full((*stack, rows, cols), np.nan, dtype)
+        _products(a, b, out)
+        step = SMALL_PRODUCT // (rows * depth) // 64 * 64
+        ends = list(range(step, cols, step)) + [cols] if MIN_COLUMNS <= step < cols else [cols]
+        assert (len(ends) > 1) == ((rows, depth) in [(16, 25), (32, 80), (16, 27)])
+        for c, end in zip([0] + ends[:-1], ends):
+            assert out[..., c:end].tobytes() == np.matmul(a, b[..., c:end]).tobytes()
         np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-4 if dtype == np.float32 else 1e-12,
                                    atol=1e-3 if dtype == np.float32 else 1e-12)
+    a, b, out = rng.standard_normal((3, 16, 25)), rng.standard_normal((25, 3000)), np.empty((3, 16, 3000))
+    _products(a, b, out)  # one b for a stack of a (a strided convolution's W^T dy)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)

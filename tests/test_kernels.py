@@ -138,11 +138,15 @@ def test_a_damaged_cache_file_is_compiled_afresh_with_one_warning(tmp_path):
 @pytest.mark.parametrize("parts, bias, relu", [(2, True, True), (4, False, True), (1, True, False), (0, True, True),
                                                (2, False, False)])
 def test_finish_row_gives_numpys_bits(dtype, parts, bias, relu):
-    """A convolution's output row: y += part for each kernel column in order, y += b, np.maximum(y, 0)."""
+    """A convolution's output row: y = part 0, y += part for the other kernel columns in order, y += b,
+    np.maximum(y, 0)."""
     y, p, b = awkward((3, 4, 70), dtype, 17), awkward((parts, 3, 70), dtype, 18), awkward((3,), dtype, 19)
     want = y.copy()
-    for k in range(parts):
-        want[:, 2] += p[k]
+    for k in range(parts):  # the row is the parts' sum; without parts it holds the product already
+        if k == 0:
+            want[:, 2] = p[0]
+        else:
+            want[:, 2] += p[k]
     if bias:
         want[:, 2] += b[:, None]
     if relu:

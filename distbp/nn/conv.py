@@ -33,7 +33,7 @@ from . import kernels, threads, windows
 THIN_RATIO = {"forward": 0.375, "dW": 0.375, "dx": 0.0}
 # OpenBLAS's SkylakeX (AVX-512) build multiplies a product of at most 100^3 multiply-adds in its small-matrix kernel,
 # without packing (sgemm_small_kernel_permit): 1.1-2x faster on a convolution's shapes. So forward's and dx's products
-# are cut by columns to that size (_by_columns: each element the same sum), a dW product of at most SMALL_ROWS rows
+# are cut by columns to that size (_products: each element the same sum), a dW product of at most SMALL_ROWS rows
 # by K (_dW_product: its chunks added in order). Rules of the shapes alone: the same bits on every rank.
 SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
@@ -173,8 +173,7 @@ class Conv2D(WeightLayer):
 
             def products(lo, hi):
                 for r in range(r0 + lo, r0 + hi):
-                    for j in range(kw):
-                        _by_columns(WjT[j], dy[:, r], dcols[r - r0, j].reshape(kh * C, Wo * N))
+                    _products(WjT, dy[:, r], dcols[r - r0].reshape(kw, kh * C, Wo * N))
 
             def adds(lo, hi):  # padded input rows sh*r0 + lo .. hi - 1
                 for u in range(sh * r0 + lo, sh * r0 + hi):
@@ -236,15 +235,20 @@ def _dW_product(a, g, out, scratch):
         out += np.matmul(a[:, s : s + step], g[:, s : s + step].T, out=scratch)
 
 
-def _by_columns(a, b, out):
-    """out = a @ b, in blocks of b's columns of at most SMALL_PRODUCT multiply-adds each when that leaves at least
-    MIN_COLUMNS columns a block (each element the same sum as in one call)."""
-    step = SMALL_PRODUCT // a.size // 64 * 64
-    if step < MIN_COLUMNS or step >= b.shape[1]:
-        np.matmul(a, b, out=out)
-        return
-    for c in range(0, b.shape[1], step):
-        np.matmul(a, b[:, c : c + step], out=out[:, c : c + step])
+def _products(a, b, out):
+    """out = a @ b over the leading axes of a stack of products, each cut into blocks of columns of at most
+    SMALL_PRODUCT multiply-adds (whole when the blocks would be narrower than MIN_COLUMNS): one call for all the
+    stack's whole blocks and one for the rest, so the rank's threads rarely wait for the interpreter lock. Each
+    element is the same sum as in one call on its product."""
+    cols = b.shape[-1]
+    step = SMALL_PRODUCT // (a.shape[-2] * a.shape[-1]) // 64 * 64
+    blocks = cols // step if MIN_COLUMNS <= step < cols else 0
+    if blocks:  # the blocks as one more leading axis of strided views
+        def cut(m):
+            return np.moveaxis(m[..., : blocks * step].reshape(*m.shape[:-1], blocks, step), -2, -3)
+        np.matmul(a[..., None, :, :], cut(b), out=cut(out))
+    if blocks * step < cols:
+        np.matmul(a, b[..., blocks * step :], out=out[..., blocks * step :])
 
 
 def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = True):
@@ -256,6 +260,14 @@ def _window(q, r: int, j: int, kh: int, stride: tuple, width: int, flat: bool = 
     (sh, sw), lo = stride, j // stride[1]
     win = q[sh * r : sh * r + kh, :, j % sw, lo : lo + width]
     return win.reshape(kh * q.shape[1], -1) if flat else win
+
+
+def _row_views(q, r: int, kw: int, kh: int, stride: tuple, width: int):
+    """The kw windows of output row r (see _window; column stride 1) as one (kw, kh*C, width*N) view: window j is
+    window 0 moved j columns along the row."""
+    w0 = _window(q, r, 0, kh, stride, width)
+    assert w0.size == 0 or np.may_share_memory(w0, q)  # a view of q, not a copy
+    return np.lib.stride_tricks.as_strided(w0, (kw, *w0.shape), (q.strides[3], *w0.strides), writeable=False)
 
 
 def _row_windows(q, r: int, kw: int, kh: int, stride: tuple, width: int, out):
@@ -281,13 +293,15 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
 
     def rows(lo, hi):
         windows = np.empty((kw, depth, Wo * N), q.dtype) if thin else None  # a row's windows, copied
-        parts = np.empty((0 if thin else kw - 1, F, Wo * N), q.dtype)  # kernel columns 1.. of a row
+        parts = np.empty((0 if thin else kw, F, Wo * N), q.dtype)  # a row's product per kernel column
         for r in range(lo, hi):
             if thin:
-                _by_columns(Wk, _row_windows(q, r, kw, kh, stride, Wo, windows), y[:, r])
+                _products(Wk, _row_windows(q, r, kw, kh, stride, Wo, windows), y[:, r])
+            elif stride[1] == 1:  # the row's kw products in one stack
+                _products(Wj, _row_views(q, r, kw, kh, stride, Wo), parts)
             else:
                 for j in range(kw):
-                    _by_columns(Wj[j], _window(q, r, j, kh, stride, Wo), parts[j - 1] if j else y[:, r])
+                    _products(Wj[j], _window(q, r, j, kh, stride, Wo), parts[j])
             if len(parts) or b is not None or relu:  # the partial sums in column order, b, the ReLU: one pass
                 kernels.finish_row(y, r, parts, bias, b is not None, relu)
 

@@ -142,15 +142,20 @@ def scale_add(dy, g, x, k, shift, out, lo, hi):
 
 @compiled
 def finish_row(y, r, parts, b, bias, relu):
-    """Output row r of a convolution, y[:, r] (y (F, Ho, M)), completed in one pass per channel: the partial
-    products parts (P, F, M) added to it in order, then b[f] if bias, then np.maximum(., 0) if relu (NaN stays,
-    -0.0 becomes 0.0); each step rounded, as the NumPy calls `y += part`, `y += b`, `np.maximum(y, 0)`."""
+    """Output row r of a convolution, y[:, r] (y (F, Ho, M)), in one pass per channel: the sum of the partial
+    products parts (P, F, M) in order (P = 0: y[:, r] holds the product already), then b[f] if bias, then
+    np.maximum(., 0) if relu (NaN stays, -0.0 becomes 0.0); each step rounded, as the NumPy calls
+    `y = part0`, `y += part` for the others, `y += b`, `np.maximum(y, 0)`."""
     for f in range(y.shape[0]):
         o = y[f, r]
         for k in range(parts.shape[0]):
             p = parts[k, f]
-            for m in range(o.shape[0]):
-                o[m] += p[m]
+            if k == 0:
+                for m in range(o.shape[0]):
+                    o[m] = p[m]
+            else:
+                for m in range(o.shape[0]):
+                    o[m] += p[m]
         if bias:
             bf = b[f]
             for m in range(o.shape[0]):
