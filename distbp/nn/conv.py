@@ -238,8 +238,8 @@ def _dW_product(a, g, out, scratch):
 def _products(a, b, out):
     """out = a @ b over the leading axes of a stack of products, each cut into blocks of columns of at most
     SMALL_PRODUCT multiply-adds (whole when the blocks would be narrower than MIN_COLUMNS): one call for all the
-    stack's whole blocks and one for the rest, so the rank's threads rarely wait for the interpreter lock. Each
-    element is the same sum as in one call on its product."""
+    stack's whole blocks and one for the rest, not one per block (fewer calls, fewer hand-offs of the interpreter
+    lock between the rank's threads). Each element is the same sum as in one call on its product."""
     cols = b.shape[-1]
     step = SMALL_PRODUCT // (a.shape[-2] * a.shape[-1]) // 64 * 64
     blocks = cols // step if MIN_COLUMNS <= step < cols else 0
