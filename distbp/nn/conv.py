@@ -224,12 +224,18 @@ def thin_path(product: str, depth: int, rows: int) -> bool:
     return depth <= THIN_RATIO[product] * rows
 
 
+def _small_extent(other: int) -> int:
+    """The largest multiple of 64 that a product's third dimension may have, its other two multiplying to other,
+    for it to stay within SMALL_PRODUCT multiply-adds (0 when not even 64 fits)."""
+    return SMALL_PRODUCT // other // 64 * 64
+
+
 def _dW_product(a, g, out, scratch):
     """out = a @ g^T for a row's (M, K) windows and its (F, K) dy: when M is small (the first layer's few input
     channels) and the product large, in chunks of K of at most SMALL_PRODUCT multiply-adds each, added in order
     (OpenBLAS's small-matrix kernels ran these 2-4x faster than one call, SkylakeX kernels)."""
     (M, K), F = a.shape, g.shape[0]
-    step = max(1, K) if M > SMALL_ROWS or M * K * F <= SMALL_PRODUCT else max(64, SMALL_PRODUCT // (M * F) // 64 * 64)
+    step = max(1, K) if M > SMALL_ROWS or M * K * F <= SMALL_PRODUCT else max(64, _small_extent(M * F))
     np.matmul(a[:, :step], g[:, :step].T, out=out)
     for s in range(step, K, step):
         out += np.matmul(a[:, s : s + step], g[:, s : s + step].T, out=scratch)
@@ -241,7 +247,7 @@ def _products(a, b, out):
     stack's whole blocks and one for the rest, not one per block (fewer calls, fewer hand-offs of the interpreter
     lock between the rank's threads). Each element is the same sum as in one call on its product."""
     cols = b.shape[-1]
-    step = SMALL_PRODUCT // (a.shape[-2] * a.shape[-1]) // 64 * 64
+    step = _small_extent(a.shape[-2] * a.shape[-1])
     blocks = cols // step if MIN_COLUMNS <= step < cols else 0
     if blocks:  # the blocks as one more leading axis of strided views
         def cut(m):
@@ -281,10 +287,11 @@ def _correlate(q, Wj, kh: int, stride: tuple, out_hw: tuple, thin: bool, b=None,
     """y (F, Ho, Wo*N) = sum over windows of Wj[j] (F, kh*C) @ _window(q, r, j), plus b, rectified if relu, one
     output row at a time.
 
-    Each output row takes kw matmuls with views of q, so no im2col copy is made and the row's
-    partial sums stay in cache; when thin, the row's windows are copied into one buffer instead
-    and take a single matmul. The partial products, the bias and the ReLU are then added in one
-    compiled pass over the row (kernels.finish_row), in the order of the NumPy calls it replaced.
+    Each output row takes kw products with views of q (one stacked call when the column stride is 1,
+    cut into blocks of columns, see _products), so no im2col copy is made and the row's partial sums
+    stay in cache; when thin, the row's windows are copied into one buffer instead and take a single
+    product. The partial products, the bias and the ReLU are then added in one compiled pass over
+    the row (kernels.finish_row), in the order of the NumPy calls it replaced.
     """
     (Ho, Wo), N, (kw, F, depth) = out_hw, q.shape[-1], Wj.shape
     y = np.empty((F, Ho, Wo * N), q.dtype)
