@@ -24,7 +24,7 @@ channel of dy with db in backward.
 import numpy as np
 
 from .layers import WeightLayer, check_spec, register
-from . import kernels, threads, windows
+from . import kernels, threads, windows, winograd
 
 # The copied-row path (one matmul per output row over a copy of its windows, _row_windows) for a product whose
 # window depth (kh*C; kh*F for dx) is at most THIN_RATIO times its output rows (F; C for dx), else kw matmuls on
@@ -36,6 +36,10 @@ THIN_RATIO = {"forward": 0.375, "dW": 0.375, "dx": 0.0}
 # are cut by columns to that size (_products: each element the same sum), a dW product of at most SMALL_ROWS rows
 # by K (_dW_product: its chunks added in order). Rules of the shapes alone: the same bits on every rank.
 SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
+# A 3x3, stride-1 product with at least WINOGRAD_CHANNELS input and output channels (F and C for forward and dW, C
+# and F for dx) takes Winograd's F(2x2, 3x3) (nn/winograd.py: 2.25x fewer multiply-adds); fewer channels, and every
+# other kernel, the direct path. From paired timings of both paths (scripts/conv_paths.py, docs/PERFORMANCE.md).
+WINOGRAD_CHANNELS = 16
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
@@ -57,6 +61,8 @@ class Conv2D(WeightLayer):
         area = self.kh * self.kw
         self.w_shape, self.n_out = (self.F, self.C, self.kh, self.kw), self.F
         self.fans = (self.C * area, self.F * area)
+        self.winograd = winograd_path(kernel, stride, self.C, self.F)  # forward's and dW's path
+        self.winograd_dx = winograd_path(kernel, stride, self.F, self.C)
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
@@ -75,6 +81,11 @@ class Conv2D(WeightLayer):
         """y = W * x + b, one output row at a time from views of the padded input (see _correlate)."""
         N = x.shape[0]
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
+        if self.winograd:
+            U = winograd.kernel_transform(self.W)
+            y = winograd.correlate(self.xq[:, :, 0], U, self.Ho, self.Wo, self.b, self.relu)
+            self.y = y if self.relu else None
+            return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
         thin = thin_path("forward", self.kh * self.C, self.F)
         y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), thin, self.b, self.relu)
@@ -86,9 +97,24 @@ class Conv2D(WeightLayer):
         return True
 
     def backward(self, dy):
-        """dW += dy x^T, one output row at a time, db += sum(dy); return dx (None if need_dx is off)."""
-        kh, C, F = self.kh, self.C, self.F
+        """dW += dy x^T (see _dW, or winograd's), db += sum(dy); return dx (None if need_dx is off)."""
         dy, db = self._channels(dy)
+        if self.winograd:
+            self.dW += winograd.kernel_gradient(self.xq[:, :, 0], dy, self.Ho, self.Wo)
+        else:
+            self._dW(dy)
+        if self.b is not None:
+            self.db += db
+        if self.after_grads:
+            self.after_grads()
+        if not self.need_dx:
+            return None
+        dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
+        return dx.transpose(3, 0, 1, 2)
+
+    def _dW(self, dy):
+        """dW += dy x^T on the direct path, one output row at a time."""
+        kh, C, F = self.kh, self.C, self.F
         size = self.kw * kh * C * F
         per = -(-self.Ho // max(1, min(self.Ho, PARTS_BYTES // (size * dy.itemsize))))  # output rows per part
         parts = np.zeros((-(-self.Ho // per), self.kw, kh * C, F), dy.dtype)  # W[:, :, :, j]^T, rows (i, c)
@@ -112,14 +138,6 @@ class Conv2D(WeightLayer):
         threads.run(rows, len(parts), self.xq.size)
         dWj = parts.sum(axis=0)  # the parts added in a fixed order whatever thread made them
         self.dW += dWj.reshape(self.kw, kh, C, F).transpose(3, 2, 1, 0)
-        if self.b is not None:
-            self.db += db
-        if self.after_grads:
-            self.after_grads()
-        if not self.need_dx:
-            return None
-        dx = self._dx_flipped(dy) if (self.sh, self.sw) == (1, 1) else self._dx_col2im(dy)  # (C, H, W, N)
-        return dx.transpose(3, 0, 1, 2)
 
     def _channels(self, dy):
         """dy (N, F, Ho, Wo) as a C-contiguous (F, Ho, Wo*N) array, times (y > 0) for a fused ReLU (in dy's memory
@@ -150,7 +168,11 @@ class Conv2D(WeightLayer):
         oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
         rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
         dyt = dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
-        dyq = _padded(dyt, H + kh - 1, W + kw - 1, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
+        Hq, Wq = winograd.padded_hw(H, W) if self.winograd_dx else (H + kh - 1, W + kw - 1)
+        dyq = _padded(dyt, Hq, Wq, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
+        if self.winograd_dx:
+            U = winograd.kernel_transform(self.W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            return winograd.correlate(dyq, U, H, W).reshape(C, H, W, N)
         dyq = dyq[:, :, None]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
         return _correlate(dyq, Wt, kh, (1, 1), (H, W), thin_path("dx", kh * self.F, C)).reshape(C, H, W, N)
@@ -188,7 +210,7 @@ class Conv2D(WeightLayer):
     def _gather(self, x):
         """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
         N, (C, H, W), sw = x.shape[0], self.in_shape, self.sw
-        Hp, Wp = H + 2 * self.ph, W + 2 * self.pw
+        Hp, Wp = winograd.padded_hw(self.Ho, self.Wo) if self.winograd else (H + 2 * self.ph, W + 2 * self.pw)
         xp = _padded(x.transpose(2, 1, 3, 0), Hp, Wp, self.ph, self.pw)
         if sw == 1:
             return xp[:, :, None]
@@ -216,6 +238,12 @@ class Conv2D(WeightLayer):
 
         threads.run(fill, H, dx.size)
         return dx
+
+
+def winograd_path(kernel: tuple, stride: tuple, inputs: int, outputs: int) -> bool:
+    """Whether a product of this kernel and stride from `inputs` to `outputs` channels takes Winograd's F(2x2, 3x3)
+    (see WINOGRAD_CHANNELS)."""
+    return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and min(inputs, outputs) >= WINOGRAD_CHANNELS
 
 
 def thin_path(product: str, depth: int, rows: int) -> bool:
