@@ -39,7 +39,7 @@ SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
 # A 3x3, stride-1 product with at least WINOGRAD_CHANNELS input and output channels (F and C for forward and dW, C
 # and F for dx) takes Winograd's F(2x2, 3x3) (nn/winograd.py: 2.25x fewer multiply-adds); fewer channels, and every
 # other kernel, the direct path. From paired timings of both paths (scripts/conv_paths.py, docs/PERFORMANCE.md).
-WINOGRAD_CHANNELS = 16
+WINOGRAD_CHANNELS = 32
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 

@@ -27,37 +27,88 @@ from . import threads
 from .kernels import compiled
 
 PARTS_BYTES = 1 << 23  # dW's partial S per group of tile rows, at most this many bytes in all
-_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+# F(m x m, 3x3) for m = 2 and 4 (Lavin and Gray's matrices; points 0, +-1 and 0, +-1, +-2, with infinity): B^T
+# (a x a, a = m + 2), G (a x 3), A^T (m x a).
+MATRICES = {
+    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0],
+         [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+}
+TILE = 4  # m: outputs per tile side
+BLOCK_BYTES = 1 << 19  # a block's transformed tiles, at most (half of a 1 MB L2)
+
+
+def _terms(T, dtype):
+    """The nonzero entries of each row of T (r, k) as the kernels take them: I (r, 6) their columns, K (r, 6) their
+    values in dtype, count (r,) how many; the rows padded with column I[., 0] and value 0 (never read)."""
+    T = np.asarray(T, float)
+    I, K = np.zeros((len(T), 6), np.int64), np.zeros((len(T), 6), dtype)
+    count = np.count_nonzero(T, axis=1).astype(np.int64)
+    for u, row in enumerate(T):
+        cols = np.flatnonzero(row)
+        I[u], I[u, : len(cols)], K[u, : len(cols)] = cols[0], cols, row[cols]
+    return I, K, count
+
+
+def _matrices(dtype):
+    """The terms (see _terms) of B^T and of A^T, A of F(TILE x TILE, 3x3) in dtype, and G in float64 (the kernel's
+    transforms run in float64)."""
+    Bt, G, At = MATRICES[TILE]
+    return _terms(Bt, dtype), np.array(G), _terms(At, dtype), _terms(np.transpose(At), dtype)
+
+
+def tiles(Ho: int, Wo: int) -> tuple:
+    """Tile rows and tiles per row of an (Ho, Wo) output."""
+    return -(-Ho // TILE), -(-Wo // TILE)
 
 
 def padded_hw(Ho: int, Wo: int) -> tuple:
     """The rows and columns of the padded input that correlate reads for an (Ho, Wo) output: whole tiles."""
-    return 2 * -(-Ho // 2) + 2, 2 * -(-Wo // 2) + 2
+    Th, Tw = tiles(Ho, Wo)
+    return TILE * Th + 2, TILE * Tw + 2
+
+
+def _tile_block(bytes_per_tile: int, Tw: int) -> int:
+    """Tiles per block of a tile row: the block's transformed tiles within BLOCK_BYTES (they stay in cache between
+    the transform, the products and the transform back), at least 1."""
+    return min(Tw, max(1, BLOCK_BYTES // bytes_per_tile))
 
 
 def kernel_transform(W):
-    """U (16, F, C) = G W[f, c] G^T of a (F, C, 3, 3) kernel, position k = 4 a + b of the 4x4 tile."""
-    G = _G.astype(W.dtype)
-    U = np.matmul(np.matmul(G, W), G.T)  # (F, C, 4, 4)
-    return np.ascontiguousarray(U.reshape(*W.shape[:2], 16).transpose(2, 0, 1))
+    """U (a*a, F, C) = G W[f, c] G^T of a (F, C, 3, 3) kernel (computed in float64, rounded once to W's type),
+    position a u + l of the a x a tile."""
+    G = _matrices(W.dtype)[1]
+    U = np.matmul(np.matmul(G, W.astype(np.float64)), G.T)  # (F, C, a, a)
+    return np.ascontiguousarray(U.reshape(*W.shape[:2], -1).transpose(2, 0, 1), dtype=W.dtype)
 
 
 def correlate(xp, U, Ho: int, Wo: int, b=None, relu: bool = False):
-    """y (F, Ho, Wo*N) = the 3x3 correlation of xp (Hp, C, Wp, N), already padded, with the kernel whose
-    transform is U (16, F, C), plus b, rectified if relu. xp holds at least 2*ceil(Ho/2) + 2 rows and
-    2*ceil(Wo/2) + 2 columns (the last tile's row and column past the output read zeros)."""
-    (_, C, _, N), F = xp.shape, U.shape[1]
-    Th, Tw = -(-Ho // 2), -(-Wo // 2)
+    """y (F, Ho, Wo*N) = the 3x3 correlation of xp (Hp, C, Wp, N), already padded to padded_hw (the last tiles'
+    rows and columns past the output read zeros), with the kernel whose transform is U (a*a, F, C), plus b,
+    rectified if relu."""
+    (_, C, _, N), (A, F, _) = xp.shape, U.shape
+    (Th, Tw), (Bt, _, At, _), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
     y = np.empty((F, Ho, Wo * N), xp.dtype)
     bias = b if b is not None else np.zeros(F, xp.dtype)
 
+    tb = _tile_block(A * max(C, F) * N * xp.itemsize, Tw)
+
     def rows(lo, hi):
-        E, V = np.empty((4, 2 * Tw + 2, N), xp.dtype), np.empty((16, C, Tw * N), xp.dtype)
-        S, M = np.empty((2, 4, Tw, N), xp.dtype), np.empty((16, F, Tw * N), xp.dtype)
+        E, V = np.empty((a, TILE * tb + 2, N), xp.dtype), np.empty((A, C, tb * N), xp.dtype)
+        S, M = np.empty((TILE, a, tb, N), xp.dtype), np.empty((A, F, tb * N), xp.dtype)
         for i in range(lo, hi):
-            input_tiles(xp, i, E, V.reshape(16, C, Tw, N))
-            np.matmul(U, V, out=M)
-            output_tiles(M.reshape(16, F, Tw, N), i, bias, relu, S, y.reshape(F, Ho, Wo, N))
+            for t0 in range(0, Tw, tb):
+                n = min(Tw - t0, tb)
+                Vb, Mb = V[..., : n * N], M[..., : n * N]
+                to_tiles(xp, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(A, C, n, N))
+                np.matmul(U, Vb, out=Mb)
+                from_tiles(Mb.reshape(A, F, n, N), TILE * i, t0, *At, bias, relu, S[:, :, :n],
+                           y.reshape(F, Ho, Wo, N))
 
     threads.run(rows, Th, y.size)
     return y
@@ -68,117 +119,95 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
     G^T S G, S[k] the sum over tile rows of Z[k] @ V[k]^T, kept in one partial per group of tile rows added in
     row order."""
     (_, C, _, N), F = xp.shape, dy.shape[0]
-    Th, Tw = -(-Ho // 2), -(-Wo // 2)
-    per = -(-Th // max(1, min(Th, PARTS_BYTES // (16 * F * C * dy.itemsize))))  # tile rows per partial
-    parts = np.zeros((-(-Th // per), 16, F, C), dy.dtype)
+    (Th, Tw), (Bt, G, _, A), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
+    per = -(-Th // max(1, min(Th, PARTS_BYTES // (a * a * F * C * dy.itemsize))))  # tile rows per partial
+    parts = np.zeros((-(-Th // per), a * a, F, C), dy.dtype)
     g = dy.reshape(F, Ho, Wo, N)
-    if (Ho % 2, Wo % 2) != (0, 0):  # the tiles past the last row or column see zeros
-        g = np.pad(g, ((0, 0), (0, Ho % 2), (0, Wo % 2), (0, 0)))
+    if (TILE * Th, TILE * Tw) != (Ho, Wo):  # the tiles past the last row or column see zeros
+        g = np.pad(g, ((0, 0), (0, TILE * Th - Ho), (0, TILE * Tw - Wo), (0, 0)))
+    gt = g.transpose(1, 0, 2, 3)  # (rows, F, columns, N), as to_tiles reads
+
+    tb = _tile_block(a * a * max(C, F) * N * xp.itemsize, Tw)
 
     def groups(lo, hi):
-        E, V = np.empty((4, 2 * Tw + 2, N), xp.dtype), np.empty((16, C, Tw * N), xp.dtype)
-        P, Z = np.empty((4, 2 * Tw, N), xp.dtype), np.empty((16, F, Tw * N), xp.dtype)
-        S = np.empty((16, F, C), xp.dtype)
+        E, V = np.empty((a, TILE * tb + 2, N), xp.dtype), np.empty((a * a, C, tb * N), xp.dtype)
+        P, Z = np.empty((a, TILE * tb, N), xp.dtype), np.empty((a * a, F, tb * N), xp.dtype)
+        S = np.empty((a * a, F, C), xp.dtype)
         for i in range(lo * per, min(hi * per, Th)):
-            input_tiles(xp, i, E, V.reshape(16, C, Tw, N))
-            gradient_tiles(g, i, P, Z.reshape(16, F, Tw, N))
-            parts[i // per] += np.matmul(Z, V.transpose(0, 2, 1), out=S)
+            for t0 in range(0, Tw, tb):
+                n = min(Tw - t0, tb)
+                Vb, Zb = V[..., : n * N], Z[..., : n * N]
+                to_tiles(xp, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(a * a, C, n, N))
+                to_tiles(gt, TILE * i, t0, *A, TILE, P[:, : TILE * n], Zb.reshape(a * a, F, n, N))
+                parts[i // per] += np.matmul(Zb, Vb.transpose(0, 2, 1), out=S)
 
     threads.run(groups, len(parts), xp.size)
-    S = parts.sum(axis=0).reshape(4, 4, F, C)  # the partials in a fixed order whatever thread made them
-    G = _G.astype(dy.dtype)
-    return np.matmul(np.matmul(G.T, S.transpose(2, 3, 0, 1)), G)  # (F, C, 3, 3)
+    S = parts.sum(axis=0).reshape(a, a, F, C)  # the partials in a fixed order whatever thread made them
+    return np.matmul(np.matmul(G.T, S.transpose(2, 3, 0, 1)), G).astype(dy.dtype)  # (F, C, 3, 3), in float64
 
 
 @compiled
-def input_tiles(xp, i, E, V):
-    """V (16, C, Tw, N) = B^T d B for the Tw tiles of tile row i, d = xp[2i:2i+4, c, 2t:2t+4, n] of xp
-    (Hp, C, Wp, N), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: per channel, the rows
-    first into E (4, 2 Tw + 2, N), then the columns; each loop one store stream over N (it vectorizes)."""
-    r, N = 2 * i, V.shape[3]
-    for c in range(V.shape[1]):
-        for w in range(E.shape[1]):
-            x0, x1, x2, x3 = xp[r, c, w], xp[r + 1, c, w], xp[r + 2, c, w], xp[r + 3, c, w]
-            e0, e1, e2, e3 = E[0, w], E[1, w], E[2, w], E[3, w]
-            for n in range(N):
-                e0[n] = x0[n] - x2[n]
-            for n in range(N):
-                e1[n] = x1[n] + x2[n]
-            for n in range(N):
-                e2[n] = x2[n] - x1[n]
-            for n in range(N):
-                e3[n] = x1[n] - x3[n]
-        for k in range(4):
-            for t in range(V.shape[2]):
-                a, b, d, e = E[k, 2 * t], E[k, 2 * t + 1], E[k, 2 * t + 2], E[k, 2 * t + 3]
-                v0, v1, v2, v3 = V[4 * k, c, t], V[4 * k + 1, c, t], V[4 * k + 2, c, t], V[4 * k + 3, c, t]
-                for n in range(N):
-                    v0[n] = a[n] - d[n]
-                for n in range(N):
-                    v1[n] = b[n] + d[n]
-                for n in range(N):
-                    v2[n] = d[n] - b[n]
-                for n in range(N):
-                    v3[n] = b[n] - e[n]
+def to_tiles(src, r0, t0, I, K, count, step, E, out):
+    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (H, C, W, N),
+    tile t being D = src[r0 : r0 + k, c, step t : step t + k] and T (a, k) given by its terms (see _terms): B^T d B
+    of an input tile (k = a, step m) or A dY A^T of an output gradient's (k = step = m). Per channel, the rows
+    first into E (a, step tb + k - step, N), then the columns; each term one pass, added in column order."""
+    a, w0, N = I.shape[0], step * t0, out.shape[3]
+    for c in range(out.shape[1]):
+        for u in range(a):
+            e = E[u]
+            for j in range(count[u]):
+                x, k = src[r0 + I[u, j], c], K[u, j]
+                for w in range(e.shape[0]):
+                    if j == 0:
+                        for n in range(N):
+                            e[w, n] = k * x[w0 + w, n]
+                    else:
+                        for n in range(N):
+                            e[w, n] += k * x[w0 + w, n]
+        for u in range(a):
+            e = E[u]
+            for l in range(a):
+                o = out[a * u + l, c]
+                for j in range(count[l]):
+                    v, k = I[l, j], K[l, j]
+                    for t in range(o.shape[0]):
+                        if j == 0:
+                            for n in range(N):
+                                o[t, n] = k * e[step * t + v, n]
+                        else:
+                            for n in range(N):
+                                o[t, n] += k * e[step * t + v, n]
 
 
 @compiled
-def output_tiles(M, i, b, relu, S, y):
-    """Rows 2i and 2i+1 of y (F, Ho, Wo, N) = A^T M A (+ b[f], then np.maximum(., 0) if relu) for the Tw
-    tiles of tile row i, M (16, F, Tw, N), A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: per channel, the rows first
-    into S (2, 4, Tw, N), then the columns; outputs past Ho or Wo are dropped."""
-    Ho, Wo, N, r = y.shape[1], y.shape[2], M.shape[3], 2 * i
+def from_tiles(M, r0, t0, I, K, count, b, relu, S, y):
+    """Rows r0 .. r0 + m - 1, tiles t0 .. t0 + tb - 1 of y (F, Ho, Wo, N) = A^T M A (+ b[f], then np.maximum(., 0)
+    if relu) for M (a*a, F, tb, N), A^T (m, a) given by its terms (see _terms): per channel, the rows first into
+    S (m, a, tb, N), then the columns, as to_tiles; outputs past Ho or Wo are dropped."""
+    m, a, Ho, Wo = S.shape[0], S.shape[1], y.shape[1], y.shape[2]
     for f in range(M.shape[1]):
-        for l in range(4):
-            for t in range(M.shape[2]):
-                m0, m1, m2, m3 = M[l, f, t], M[4 + l, f, t], M[8 + l, f, t], M[12 + l, f, t]
-                s, d = S[0, l, t], S[1, l, t]
-                for n in range(N):
-                    s[n] = m0[n] + m1[n] + m2[n]
-                for n in range(N):
-                    d[n] = m1[n] - m2[n] - m3[n]
+        for h in range(m):
+            for l in range(a):
+                for t in range(M.shape[2]):
+                    o, x, k = S[h, l, t], M[a * I[h, 0] + l, f, t], K[h, 0]
+                    for n in range(o.shape[0]):
+                        o[n] = k * x[n]
+                    for j in range(1, count[h]):
+                        x, k = M[a * I[h, j] + l, f, t], K[h, j]
+                        for n in range(o.shape[0]):
+                            o[n] += k * x[n]
         bf = b[f]
-        for h in range(min(2, Ho - r)):
+        for h in range(min(m, Ho - r0)):
             for t in range(M.shape[2]):
-                s0, s1, s2, s3 = S[h, 0, t], S[h, 1, t], S[h, 2, t], S[h, 3, t]
-                o = y[f, r + h, 2 * t]
-                for n in range(N):
-                    v = s0[n] + s1[n] + s2[n] + bf
-                    o[n] = (v if v > 0 or v != v else 0) if relu else v
-                if 2 * t + 1 < Wo:
-                    o = y[f, r + h, 2 * t + 1]
-                    for n in range(N):
-                        v = s1[n] - s2[n] - s3[n] + bf
+                for i in range(min(m, Wo - m * (t0 + t))):
+                    o, x, k = y[f, r0 + h, m * (t0 + t) + i], S[h, I[i, 0], t], K[i, 0]
+                    for n in range(o.shape[0]):
+                        o[n] = k * x[n]
+                    for j in range(1, count[i]):
+                        x, k = S[h, I[i, j], t], K[i, j]
+                        for n in range(o.shape[0]):
+                            o[n] += k * x[n]
+                    for n in range(o.shape[0]):
+                        v = o[n] + bf
                         o[n] = (v if v > 0 or v != v else 0) if relu else v
-
-
-@compiled
-def gradient_tiles(g, i, P, Z):
-    """Z (16, F, Tw, N) = A dY A^T for the Tw tiles of tile row i, dY = g[f, 2i:2i+2, 2t:2t+2, n] of g
-    (F, 2 Th, 2 Tw, N), A = [[1, 0], [1, 1], [1, -1], [0, -1]]: per channel, the rows first into P (4, 2 Tw, N),
-    then the columns."""
-    r, N = 2 * i, Z.shape[3]
-    for f in range(Z.shape[1]):
-        for w in range(P.shape[1]):
-            g0, g1 = g[f, r, w], g[f, r + 1, w]
-            p0, p1, p2, p3 = P[0, w], P[1, w], P[2, w], P[3, w]
-            for n in range(N):
-                p0[n] = g0[n]
-            for n in range(N):
-                p1[n] = g0[n] + g1[n]
-            for n in range(N):
-                p2[n] = g0[n] - g1[n]
-            for n in range(N):
-                p3[n] = -g1[n]
-        for k in range(4):
-            for t in range(Z.shape[2]):
-                a, c = P[k, 2 * t], P[k, 2 * t + 1]
-                z0, z1, z2, z3 = Z[4 * k, f, t], Z[4 * k + 1, f, t], Z[4 * k + 2, f, t], Z[4 * k + 3, f, t]
-                for n in range(N):
-                    z0[n] = a[n]
-                for n in range(N):
-                    z1[n] = a[n] + c[n]
-                for n in range(N):
-                    z2[n] = a[n] - c[n]
-                for n in range(N):
-                    z3[n] = -c[n]
