@@ -1,7 +1,12 @@
-"""Calibrate Conv2D's per-product path rule (nn/conv.py THIN_RATIO) from paired timings of its two paths.
+"""Calibrate Conv2D's per-product path rules (nn/conv.py THIN_RATIO, WINOGRAD_CHANNELS) from paired timings.
 
     python scripts/conv_paths.py [--batch 128] [--pairs 7] > run1.jsonl   one JSON line per (shape, product), the fit
     python scripts/conv_paths.py --fit run1.jsonl run2.jsonl ...          the fit over several runs
+    python scripts/conv_paths.py --winograd [--fit ...]                   the same for WINOGRAD_CHANNELS
+
+With --winograd, each product of each 3x3 shape runs on Winograd's path and on the direct one
+(alternated the same way), and the fit is the least channel count (min of the product's input and
+output channels) from which taking Winograd's path gives the least summed log time over the shapes.
 
 For each stride-1 convolution shape of the bench workloads (W5, W6, W6-plain, W7-resnet) and a few
 more, each product (forward, dW, dx) runs on the copied-row path and on the views path, alternated
@@ -40,8 +45,8 @@ def best_of_two(f) -> float:
     return min(times)
 
 
-def products(C: int, F: int, k: int, H: int, batch: int) -> dict:
-    """{product: (function, depth, rows)} of a padded stride-1 convolution of (C, H, H) inputs."""
+def products(C: int, F: int, k: int, H: int, batch: int) -> tuple:
+    """The layer of a padded stride-1 convolution of (C, H, H) inputs and {product: (function, depth, rows)}."""
     from distbp.nn import Sequential
     layer = Sequential([{"type": "conv2d", "out_channels": F, "kernel": k, "padding": k // 2}], (C, H, H)).layers[0]
     rng = np.random.default_rng(0)
@@ -54,8 +59,8 @@ def products(C: int, F: int, k: int, H: int, batch: int) -> dict:
         layer.need_dx = False
         layer.backward(dy)
 
-    return {"forward": (lambda: layer.forward(x), k * C, F), "dW": (weights, k * C, F),
-            "dx": (lambda: layer._dx_flipped(dy_rows), k * F, C)}
+    return layer, {"forward": (lambda: layer.forward(x), k * C, F), "dW": (weights, k * C, F),
+                   "dx": (lambda: layer._dx_flipped(dy_rows), k * F, C)}
 
 
 def measure(batch: int, pairs: int):
@@ -63,7 +68,7 @@ def measure(batch: int, pairs: int):
     from distbp.nn import conv
     saved = dict(conv.THIN_RATIO)
     for C, F, k, H in SHAPES:
-        for product, (f, depth, rows) in products(C, F, k, H, batch).items():
+        for product, (f, depth, rows) in products(C, F, k, H, batch)[1].items():
             ms = {"rows": [], "views": []}
             for _ in range(pairs):
                 for path, ratio in (("rows", float("inf")), ("views", 0)):
@@ -73,6 +78,40 @@ def measure(batch: int, pairs: int):
             yield {"C": C, "F": F, "kernel": k, "H": H, "batch": batch, "product": product, "depth": depth,
                    "rows": rows, "rows_ms": round(statistics.median(ms["rows"]), 3),
                    "views_ms": round(statistics.median(ms["views"]), 3)}
+
+
+def measure_winograd(batch: int, pairs: int):
+    """JSON-ready records: per 3x3 shape and product, median ms on Winograd's path and on the direct one."""
+    for C, F, k, H in SHAPES:
+        if k != 3:
+            continue
+        layer, timed = products(C, F, k, H, batch)
+        for product, (f, *_) in timed.items():
+            ms = {"winograd": [], "direct": []}
+            for _ in range(pairs):
+                for path in ms:
+                    layer.winograd = layer.winograd_dx = path == "winograd"
+                    ms[path].append(1e3 * best_of_two(f))
+            inputs, outputs = (F, C) if product == "dx" else (C, F)
+            yield {"C": C, "F": F, "H": H, "batch": batch, "product": product, "channels": min(inputs, outputs),
+                   "winograd_ms": round(statistics.median(ms["winograd"]), 3),
+                   "direct_ms": round(statistics.median(ms["direct"]), 3)}
+
+
+def fit_winograd(records: list[dict]) -> dict:
+    """The channel threshold (Winograd's path at or above it, every product) with the least summed log time ratio."""
+    shapes = {}
+    for r in records:
+        shapes.setdefault((r["C"], r["F"], r["H"], r["product"], r["channels"]), []).append(
+            r["winograd_ms"] / r["direct_ms"])
+    ratio = {key: statistics.median(v) for key, v in shapes.items()}  # Winograd / direct, per shape and product
+
+    def cost(t):
+        return sum(math.log(q) for key, q in ratio.items() if key[-1] >= t)
+
+    best = min(sorted({key[-1] for key in ratio}) + [math.inf], key=lambda t: (round(cost(t), 9), -t))
+    return {"channels": best, "shapes": len(ratio), "time_vs_all_direct": round(math.exp(cost(best) / len(ratio)), 3),
+            "ratios": {f"{C}-{F}-{H} {product}": round(q, 3) for (C, F, H, product, _), q in sorted(ratio.items())}}
 
 
 def fit(records: list[dict]) -> dict:
@@ -100,18 +139,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--fit", nargs="+", metavar="JSONL", help="fit the records of earlier runs instead of measuring")
+    p.add_argument("--winograd", action="store_true", help="calibrate WINOGRAD_CHANNELS instead of THIN_RATIO")
     args = p.parse_args(argv)
+    fitter, measurer = (fit_winograd, measure_winograd) if args.winograd else (fit, measure)
     if args.fit:
         records = [json.loads(line) for path in args.fit for line in open(path) if '"product"' in line]
-        print(json.dumps({"fit": fit(records), "runs": len(args.fit)}))
+        print(json.dumps({"fit": fitter(records), "runs": len(args.fit)}))
         return 0
     from threadpoolctl import threadpool_limits
     records = []
     with threadpool_limits(1, user_api="blas"):
-        for r in measure(args.batch, args.pairs):
+        for r in measurer(args.batch, args.pairs):
             print(json.dumps(r), flush=True)
             records.append(r)
-    print(json.dumps({"fit": fit(records), "load": os.getloadavg()}))
+    print(json.dumps({"fit": fitter(records), "load": os.getloadavg()}))
     return 0
 
 

@@ -92,3 +92,34 @@ def test_conv_paths_fits_the_threshold_that_takes_the_copied_rows_where_they_won
     conv_paths.SHAPES = [(2, 4, 3, 5)]
     records = list(conv_paths.measure(batch=2, pairs=1))
     assert {r["product"] for r in records} == {"forward", "dW", "dx"} and all(r["rows_ms"] > 0 for r in records)
+
+
+def test_conv_paths_fits_the_winograd_channel_count_where_winograd_won(tmp_path):
+    """--winograd: the least channel count from which Winograd's path gives the least summed log time (a shape's
+    ratio the median over the runs); then one tiny real run prints records of both paths for the three products."""
+    def rec(C, F, product, ratio):
+        channels = min(C, F)
+        return {"C": C, "F": F, "H": 8, "product": product, "channels": channels, "winograd_ms": ratio,
+                "direct_ms": 1.0}
+    runs = [[rec(3, 32, "forward", 1.5), rec(16, 32, "forward", 1.1), rec(32, 32, "forward", 0.8),
+             rec(64, 64, "dx", 0.6)],
+            [rec(3, 32, "forward", 1.4), rec(16, 32, "forward", 0.95), rec(32, 32, "forward", 0.9),
+             rec(64, 64, "dx", 0.7)]]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in run))
+    out = subprocess.run([sys.executable, str(CONV_PATHS), "--winograd", "--fit", *map(str, paths)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    fit = json.loads(out)["fit"]
+    assert fit["channels"] == 32 and fit["shapes"] == 4  # 16 channels: median 1.025, slower
+    assert fit["ratios"]["16-32-8 forward"] == 1.025
+    sys.path.insert(0, str(CONV_PATHS.parent))
+    try:
+        import conv_paths
+    finally:
+        sys.path.remove(str(CONV_PATHS.parent))
+    conv_paths.SHAPES = [(2, 4, 3, 5), (2, 4, 5, 5)]  # the 5x5 shape is not Winograd's: skipped
+    records = list(conv_paths.measure_winograd(batch=2, pairs=1))
+    assert [r["product"] for r in records] == ["forward", "dW", "dx"]
+    assert all(r["winograd_ms"] > 0 and r["direct_ms"] > 0 for r in records)

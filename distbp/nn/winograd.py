@@ -1,24 +1,27 @@
-"""Winograd's minimal filtering F(2x2, 3x3) for a 3x3, stride-1 convolution (Lavin and Gray, 2016).
+"""Winograd's minimal filtering F(4x4, 3x3) for a 3x3, stride-1 convolution (Lavin and Gray, 2016).
 
-A 2x2 block of outputs is Y = A^T [U . V] A with U = G g G^T (the 3x3 kernel g of one input and one
-output channel, transformed to 4x4) and V = B^T d B (the 4x4 input tile d under the block, padded
-input, tiles 2 apart), . the element-wise product. Summed over input channels, each of the 16
-positions of the 4x4 tile is one product, M[k] = U[k] (F, C) @ V[k] (C, tiles): 16 multiply-adds
-per channel pair and 2x2 outputs where the direct convolution takes 36 (2.25x fewer).
+A 4x4 block of outputs is Y = A^T [U . V] A with U = G g G^T (the 3x3 kernel g of one input and one
+output channel, transformed to 6x6) and V = B^T d B (the 6x6 input tile d under the block, from the
+padded input, tiles 4 apart), . the element-wise product. Summed over input channels, each of the
+36 positions of the 6x6 tile is one product, M[k] = U[k] (F, C) @ V[k] (C, tiles): 36 multiply-adds
+per channel pair and 16 outputs where the direct convolution takes 144 (4x fewer).
 
-Backward differentiates the same formula. With Z = A dY A^T (dY the 2x2 block of output gradients):
-dW = G^T S G with S[k] = sum over tiles of Z[k] (F, tiles) @ V[k]^T (tiles, C), 2.25x fewer again;
-dx is the forward of dy (zero-padded by 2 - padding) with the kernel flipped and transposed, as
-Conv2D's direct path computes it. In exact arithmetic all three equal the direct convolution's; in
-floating point they round differently (B, G and A hold only 0, +-1 and 1/2, so the error stays
-within a few units in the last place of the direct sum's; the tests compare with torch).
+Backward differentiates the same formula. With Z = A dY A^T (dY the 4x4 block of output gradients),
+dW = G^T S G with S[k] = sum over tiles of Z[k] (F, tiles) @ V[k]^T (tiles, C), 4x fewer again; dx
+is the forward of dy (zero-padded by 2 - padding) with the kernel flipped and transposed, as
+Conv2D's direct path computes it. In exact arithmetic all three equal the direct convolution; in
+floating point they round differently: B and A hold small integers, G fractions (computed in float64,
+rounded once), and the error in float32 is some 10-30x the direct sum's, 1e-6 to 1e-5 of the
+largest output (measured against float64 in tests/test_winograd.py, which also compares with torch).
 
-The work items of the rank's threads (nn/threads.py) are tile rows (2 output rows each): a
-thread transforms its tile row into a (16, C, tiles) buffer that stays in cache, multiplies it
-on its own single-thread sgemm and transforms the product back into its 2 rows of y. dW keeps one
-partial S per group of tile rows, added in row order. So the bits do not depend on the thread
-count; on the shapes (tiles per row, batch) they do, as every BLAS product's, which is why
-deterministic mode keeps the micro-batch size fixed.
+The transforms are compiled kernels (rows then columns of each tile, one pass over the samples
+per nonzero matrix entry, in a fixed order). The work items of the rank's threads (nn/threads.py)
+are tile rows (4 output rows each), cut into blocks of tiles whose transforms fit in cache: a
+thread transforms a block into a (36, C, tiles) buffer, multiplies it on its own single-thread
+sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
+in row order. So the bits do not depend on the thread count; on the shapes (tiles per block,
+batch) they do, as every BLAS product's, which is why deterministic mode keeps the micro-batch
+size fixed.
 """
 
 import numpy as np
@@ -26,21 +29,15 @@ import numpy as np
 from . import threads
 from .kernels import compiled
 
+TILE = 4  # m, outputs per tile side; a tile of input is m + 2 = 6 wide
+# F(4x4, 3x3)'s B^T (6 x 6), G (6 x 3) and A^T (4 x 6), interpolation points 0, +-1, +-2 and infinity.
+B_T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0],
+       [0, 4, 0, -5, 0, 1]]
+G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+     [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+A_T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+BLOCK_BYTES = 1 << 19  # a block's transformed tiles (input or output), at most: half of a 1 MB L2
 PARTS_BYTES = 1 << 23  # dW's partial S per group of tile rows, at most this many bytes in all
-# F(m x m, 3x3) for m = 2 and 4 (Lavin and Gray's matrices; points 0, +-1 and 0, +-1, +-2, with infinity): B^T
-# (a x a, a = m + 2), G (a x 3), A^T (m x a).
-MATRICES = {
-    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
-        [[1, 1, 1, 0], [0, 1, -1, -1]]),
-    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0],
-         [0, 4, 0, -5, 0, 1]],
-        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
-        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
-}
-TILE = 4  # m: outputs per tile side
-BLOCK_BYTES = 1 << 19  # a block's transformed tiles, at most (half of a 1 MB L2)
 
 
 def _terms(T, dtype):
@@ -56,10 +53,8 @@ def _terms(T, dtype):
 
 
 def _matrices(dtype):
-    """The terms (see _terms) of B^T and of A^T, A of F(TILE x TILE, 3x3) in dtype, and G in float64 (the kernel's
-    transforms run in float64)."""
-    Bt, G, At = MATRICES[TILE]
-    return _terms(Bt, dtype), np.array(G), _terms(At, dtype), _terms(np.transpose(At), dtype)
+    """The terms (see _terms) of B^T, A^T and A in dtype."""
+    return _terms(B_T, dtype), _terms(A_T, dtype), _terms(np.transpose(A_T), dtype)
 
 
 def tiles(Ho: int, Wo: int) -> tuple:
@@ -82,8 +77,8 @@ def _tile_block(bytes_per_tile: int, Tw: int) -> int:
 def kernel_transform(W):
     """U (a*a, F, C) = G W[f, c] G^T of a (F, C, 3, 3) kernel (computed in float64, rounded once to W's type),
     position a u + l of the a x a tile."""
-    G = _matrices(W.dtype)[1]
-    U = np.matmul(np.matmul(G, W.astype(np.float64)), G.T)  # (F, C, a, a)
+    g = np.array(G)
+    U = np.matmul(np.matmul(g, W.astype(np.float64)), g.T)  # (F, C, a, a)
     return np.ascontiguousarray(U.reshape(*W.shape[:2], -1).transpose(2, 0, 1), dtype=W.dtype)
 
 
@@ -92,10 +87,9 @@ def correlate(xp, U, Ho: int, Wo: int, b=None, relu: bool = False):
     rows and columns past the output read zeros), with the kernel whose transform is U (a*a, F, C), plus b,
     rectified if relu."""
     (_, C, _, N), (A, F, _) = xp.shape, U.shape
-    (Th, Tw), (Bt, _, At, _), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
+    (Th, Tw), (Bt, At, _), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
     y = np.empty((F, Ho, Wo * N), xp.dtype)
     bias = b if b is not None else np.zeros(F, xp.dtype)
-
     tb = _tile_block(A * max(C, F) * N * xp.itemsize, Tw)
 
     def rows(lo, hi):
@@ -119,14 +113,13 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
     G^T S G, S[k] the sum over tile rows of Z[k] @ V[k]^T, kept in one partial per group of tile rows added in
     row order."""
     (_, C, _, N), F = xp.shape, dy.shape[0]
-    (Th, Tw), (Bt, G, _, A), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
+    (Th, Tw), (Bt, _, A), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
     per = -(-Th // max(1, min(Th, PARTS_BYTES // (a * a * F * C * dy.itemsize))))  # tile rows per partial
     parts = np.zeros((-(-Th // per), a * a, F, C), dy.dtype)
     g = dy.reshape(F, Ho, Wo, N)
     if (TILE * Th, TILE * Tw) != (Ho, Wo):  # the tiles past the last row or column see zeros
         g = np.pad(g, ((0, 0), (0, TILE * Th - Ho), (0, TILE * Tw - Wo), (0, 0)))
     gt = g.transpose(1, 0, 2, 3)  # (rows, F, columns, N), as to_tiles reads
-
     tb = _tile_block(a * a * max(C, F) * N * xp.itemsize, Tw)
 
     def groups(lo, hi):
@@ -143,7 +136,8 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
 
     threads.run(groups, len(parts), xp.size)
     S = parts.sum(axis=0).reshape(a, a, F, C)  # the partials in a fixed order whatever thread made them
-    return np.matmul(np.matmul(G.T, S.transpose(2, 3, 0, 1)), G).astype(dy.dtype)  # (F, C, 3, 3), in float64
+    g = np.array(G)
+    return np.matmul(np.matmul(g.T, S.transpose(2, 3, 0, 1)), g).astype(dy.dtype)  # (F, C, 3, 3), in float64
 
 
 @compiled

@@ -1,0 +1,104 @@
+"""Winograd's F(4x4, 3x3) (nn/winograd.py) in Conv2D: the path rule, torch's numbers, float32 error, bits per thread.
+
+test_conv runs its naive-loop, finite-difference and torch tests on this path too (its conv_path fixture)."""
+
+import numpy as np
+import pytest
+
+from distbp.nn import Sequential, conv, threads, winograd
+from distbp.nn.conv import Conv2D, winograd_path
+from conftest import import_torch, rel_err
+
+
+def test_the_path_rule_takes_3x3_stride_1_products_with_enough_channels():
+    assert conv.WINOGRAD_CHANNELS == 32  # scripts/conv_paths.py --winograd's fit (docs/PERFORMANCE.md)
+    assert winograd_path((3, 3), (1, 1), 32, 64) and winograd_path([3, 3], [1, 1], 128, 32)
+    assert not winograd_path((3, 3), (1, 1), 16, 64) and not winograd_path((3, 3), (1, 1), 64, 16)
+    assert not winograd_path((5, 5), (1, 1), 64, 64) and not winograd_path((3, 3), (2, 2), 64, 64)
+    assert not winograd_path((3, 1), (1, 1), 64, 64)
+    layer = Conv2D.build({"type": "conv2d", "out_channels": 16, "kernel": 3, "padding": 1}, (32, 8, 8), 0, 0)
+    assert (layer.winograd, layer.winograd_dx) == (False, False)  # forward and dW from 32 to 16; dx from 16 to 32
+    layer = Conv2D.build({"type": "conv2d", "out_channels": 32, "kernel": 3}, (48, 8, 8), 0, 0)
+    assert (layer.winograd, layer.winograd_dx) == (True, True)
+
+
+CASES = [  # in (C, H, W), padding, batch: odd and non-multiple-of-4 outputs, padding 0 to 2
+    ((3, 9, 10), 1, 5), ((2, 8, 8), 0, 3), ((4, 7, 13), 2, 2), ((1, 3, 3), 1, 4), ((5, 16, 5), 1, 1),
+]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 19])  # one tile per block (blocks and a remainder), whole rows
+@pytest.mark.parametrize("shape,padding,batch", CASES)
+def test_forward_dW_db_dx_match_torch_in_float64(shape, padding, batch, block_bytes, monkeypatch):
+    torch = import_torch()
+    monkeypatch.setattr(conv, "WINOGRAD_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(winograd, "PARTS_BYTES", 1)  # a partial dW per tile row, added in order
+    F = 6
+    model = Sequential([{"type": "conv2d", "out_channels": F, "kernel": 3, "padding": padding}, {"type": "relu"}],
+                       shape, dtype=np.float64, seed=1)
+    layer = model.layers[0]
+    layer.need_dx = True
+    assert layer.winograd and layer.winograd_dx
+    rng = np.random.default_rng(2)
+    model.params += 0.1 * rng.standard_normal(model.num_params)
+    x = rng.standard_normal((batch, *shape))
+    t_x = torch.tensor(x, requires_grad=True)
+    m = torch.nn.Conv2d(shape[0], F, 3, padding=padding, dtype=torch.float64)
+    m.weight.data, m.bias.data = torch.tensor(layer.W.copy()), torch.tensor(layer.b.copy())
+    t_y = torch.relu(m(t_x))
+    R = rng.standard_normal(t_y.shape)
+    (t_y * torch.tensor(R)).sum().backward()
+    model.zero_grad()
+    y = model.forward(x)
+    dx = model.backward(R)
+    np.testing.assert_allclose(y, t_y.detach().numpy(), rtol=1e-12, atol=1e-12)
+    assert rel_err(dx, t_x.grad.numpy()) < 1e-12
+    assert rel_err(layer.dW, m.weight.grad.numpy()) < 1e-12
+    np.testing.assert_allclose(layer.db, m.bias.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_error_stays_within_a_few_millionths_of_the_largest_output(monkeypatch):
+    """float32 against the float64 convolution on the same values: Winograd's rounding is larger than the direct
+    sum's (transforms with entries up to 8) but small against float32 training's other noise."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 64, 16, 16))
+    errors = {}
+    for path, channels in (("winograd", 1), ("direct", 1 << 30)):
+        monkeypatch.setattr(conv, "WINOGRAD_CHANNELS", channels)
+        out = {}
+        for dtype in (np.float32, np.float64):
+            model = Sequential([{"type": "conv2d", "out_channels": 64, "kernel": 3, "padding": 1}], (64, 16, 16),
+                               dtype=np.dtype(dtype), seed=0)
+            model.layers[0].need_dx = True
+            model.zero_grad()
+            y = model.forward(x.astype(dtype))
+            dx = model.backward(np.ones_like(y) / y.shape[0])
+            out[dtype] = y, model.layers[0].dW.copy(), dx
+        errors[path] = [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(out[np.float32], out[np.float64])]
+    assert max(errors["winograd"]) < 3e-5, errors
+    assert max(errors["direct"]) < 3e-6 and max(errors["direct"]) < max(errors["winograd"]), errors
+
+
+@pytest.mark.parametrize("F", [32, 40])
+def test_bits_do_not_depend_on_the_thread_count(F, monkeypatch):
+    """forward, dW and dx of Winograd's path at 1, 2 and 4 threads, one tile per block and a partial dW per tile row
+    (many work items for the threads), with a fused ReLU: the same bits."""
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(winograd, "PARTS_BYTES", 1)
+    monkeypatch.setattr(threads, "SERIAL_BELOW", 0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 32, 13, 9)).astype(np.float32)
+    runs = []
+    for n in (1, 2, 4):
+        with threads.using(n):
+            model = Sequential([{"type": "conv2d", "out_channels": F, "kernel": 3, "padding": 1}, {"type": "relu"}],
+                               (32, 13, 9), seed=3)
+            layer = model.layers[0]
+            layer.need_dx = True
+            assert layer.winograd and layer.winograd_dx
+            model.zero_grad()
+            y = model.forward(x)
+            dx = model.backward(np.cos(np.arange(y.size, dtype=np.float32)).reshape(y.shape))
+            runs.append(tuple(np.ascontiguousarray(a).tobytes() for a in (y, layer.dW, layer.db, dx)))
+    assert runs[0] == runs[1] == runs[2]
