@@ -40,10 +40,11 @@ CONV_CASES = [  # spec, in_shape
 def conv_path(request, monkeypatch):
     """Run a test on the three ways Conv2D multiplies: kw matmuls on views of the input per output row,
     one matmul on a copy of the row's windows (what thin windows take, see THIN_RATIO), and Winograd's
-    F(4x4, 3x3) for every 3x3 stride-1 convolution whatever its channels (nn/winograd.py)."""
+    F(4x4, 3x3) for every 3x3 stride-1 convolution whatever its channels and type (nn/winograd.py)."""
     ratio = 0 if request.param == "views" else float("inf")
     monkeypatch.setattr(conv, "THIN_RATIO", dict.fromkeys(conv.THIN_RATIO, ratio))
     monkeypatch.setattr(conv, "WINOGRAD_CHANNELS", 1 if request.param == "winograd" else 1 << 30)
+    monkeypatch.setattr(conv, "WINOGRAD_DTYPES", (np.dtype(np.float32), np.dtype(np.float64)))
     return request.param
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distbp.nn import Sequential, conv, threads, winograd
-from distbp.nn.conv import Conv2D, winograd_path
+from distbp.nn.conv import winograd_path
 from conftest import import_torch, rel_err
 
 
@@ -16,10 +16,14 @@ def test_the_path_rule_takes_3x3_stride_1_products_with_enough_channels():
     assert not winograd_path((3, 3), (1, 1), 16, 64) and not winograd_path((3, 3), (1, 1), 64, 16)
     assert not winograd_path((5, 5), (1, 1), 64, 64) and not winograd_path((3, 3), (2, 2), 64, 64)
     assert not winograd_path((3, 1), (1, 1), 64, 64)
-    layer = Conv2D.build({"type": "conv2d", "out_channels": 16, "kernel": 3, "padding": 1}, (32, 8, 8), 0, 0)
-    assert (layer.winograd, layer.winograd_dx) == (False, False)  # forward and dW from 32 to 16; dx from 16 to 32
-    layer = Conv2D.build({"type": "conv2d", "out_channels": 32, "kernel": 3}, (48, 8, 8), 0, 0)
-    assert (layer.winograd, layer.winograd_dx) == (True, True)
+
+    def paths(F, C, dtype=np.float32):
+        layer = Sequential([{"type": "conv2d", "out_channels": F, "kernel": 3}], (C, 8, 8), dtype=np.dtype(dtype)).layers[0]
+        return layer.winograd, layer.winograd_dx
+
+    assert paths(16, 32) == (False, False)  # forward and dW from 32 to 16 channels, dx from 16 to 32
+    assert paths(32, 48) == (True, True)
+    assert paths(32, 48, np.float64) == (False, False)  # float64 (checks against references) keeps the direct sum
 
 
 CASES = [  # in (C, H, W), padding, batch: odd and non-multiple-of-4 outputs, padding 0 to 2
@@ -32,6 +36,7 @@ CASES = [  # in (C, H, W), padding, batch: odd and non-multiple-of-4 outputs, pa
 def test_forward_dW_db_dx_match_torch_in_float64(shape, padding, batch, block_bytes, monkeypatch):
     torch = import_torch()
     monkeypatch.setattr(conv, "WINOGRAD_CHANNELS", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_DTYPES", (np.dtype(np.float64),))
     monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(winograd, "PARTS_BYTES", 1)  # a partial dW per tile row, added in order
     F = 6
@@ -66,6 +71,7 @@ def test_float32_error_stays_within_a_few_millionths_of_the_largest_output(monke
     errors = {}
     for path, channels in (("winograd", 1), ("direct", 1 << 30)):
         monkeypatch.setattr(conv, "WINOGRAD_CHANNELS", channels)
+        monkeypatch.setattr(conv, "WINOGRAD_DTYPES", (np.dtype(np.float32), np.dtype(np.float64)))
         out = {}
         for dtype in (np.float32, np.float64):
             model = Sequential([{"type": "conv2d", "out_channels": 64, "kernel": 3, "padding": 1}], (64, 16, 16),

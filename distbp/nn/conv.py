@@ -10,7 +10,9 @@ _correlate), small enough to stay in cache, with no im2col matrix in memory (and
 that OpenBLAS multiplies without packing, see SMALL_PRODUCT). When those
 views are thin against the product (see THIN_RATIO: the first layer of an image network,
 C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
-(kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once.
+(kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once. A 3x3, stride-1
+product with enough channels takes Winograd's F(4x4, 3x3) instead (nn/winograd.py, WINOGRAD_CHANNELS):
+4x fewer multiply-adds, on tiles of the same padded input.
 
 The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
 its rows on its own single-thread sgemm (BLAS's own threads split these small products
@@ -36,10 +38,11 @@ THIN_RATIO = {"forward": 0.375, "dW": 0.375, "dx": 0.0}
 # are cut by columns to that size (_products: each element the same sum), a dW product of at most SMALL_ROWS rows
 # by K (_dW_product: its chunks added in order). Rules of the shapes alone: the same bits on every rank.
 SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
-# A 3x3, stride-1 product with at least WINOGRAD_CHANNELS input and output channels (F and C for forward and dW, C
-# and F for dx) takes Winograd's F(2x2, 3x3) (nn/winograd.py: 2.25x fewer multiply-adds); fewer channels, and every
-# other kernel, the direct path. From paired timings of both paths (scripts/conv_paths.py, docs/PERFORMANCE.md).
-WINOGRAD_CHANNELS = 32
+# A float32 3x3, stride-1 product with at least WINOGRAD_CHANNELS input and output channels (C and F for forward and
+# dW, F and C for dx) takes Winograd's F(4x4, 3x3) (nn/winograd.py: 4x fewer multiply-adds, a larger rounding error);
+# fewer channels, other kernels and float64 (the precision of checks against references) the direct path. The
+# threshold is the fit of scripts/conv_paths.py --winograd (docs/PERFORMANCE.md).
+WINOGRAD_CHANNELS, WINOGRAD_DTYPES = 32, (np.dtype(np.float32),)
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
@@ -61,8 +64,7 @@ class Conv2D(WeightLayer):
         area = self.kh * self.kw
         self.w_shape, self.n_out = (self.F, self.C, self.kh, self.kw), self.F
         self.fans = (self.C * area, self.F * area)
-        self.winograd = winograd_path(kernel, stride, self.C, self.F)  # forward's and dW's path
-        self.winograd_dx = winograd_path(kernel, stride, self.F, self.C)
+        self.winograd = self.winograd_dx = False  # Winograd's path for forward and dW, for dx: set by bind
 
     @classmethod
     def build(cls, spec: dict, in_shape: tuple, index: int, seed: int):
@@ -76,6 +78,13 @@ class Conv2D(WeightLayer):
         padding = windows.pair(spec, index, "padding", 0, low=0)
         out_hw = windows.out_hw(spec, index, in_shape, kernel, stride, padding)
         return cls(in_shape, F, kernel, stride, padding, *cls.read_options(spec, index), out_hw)
+
+    def bind(self, params: dict, grads: dict) -> None:
+        """Keep the views of W, b and their gradients; choose the paths for their type (see WINOGRAD_CHANNELS)."""
+        super().bind(params, grads)
+        kernel, stride, typed = (self.kh, self.kw), (self.sh, self.sw), self.W.dtype in WINOGRAD_DTYPES
+        self.winograd = typed and winograd_path(kernel, stride, self.C, self.F)
+        self.winograd_dx = typed and winograd_path(kernel, stride, self.F, self.C)
 
     def forward(self, x):
         """y = W * x + b, one output row at a time from views of the padded input (see _correlate)."""
@@ -241,8 +250,8 @@ class Conv2D(WeightLayer):
 
 
 def winograd_path(kernel: tuple, stride: tuple, inputs: int, outputs: int) -> bool:
-    """Whether a product of this kernel and stride from `inputs` to `outputs` channels takes Winograd's F(2x2, 3x3)
-    (see WINOGRAD_CHANNELS)."""
+    """Whether a float32 product of this kernel and stride from `inputs` to `outputs` channels takes Winograd's
+    F(4x4, 3x3) (see WINOGRAD_CHANNELS)."""
     return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and min(inputs, outputs) >= WINOGRAD_CHANNELS
 
 
