@@ -99,7 +99,7 @@ def correlate(xp, U, Ho: int, Wo: int, b=None, relu: bool = False):
             for t0 in range(0, Tw, tb):
                 n = min(Tw - t0, tb)
                 Vb, Mb = V[..., : n * N], M[..., : n * N]
-                to_tiles(xp, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(A, C, n, N))
+                to_tiles(xp, False, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(A, C, n, N))
                 np.matmul(U, Vb, out=Mb)
                 from_tiles(Mb.reshape(A, F, n, N), TILE * i, t0, *At, bias, relu, S[:, :, :n],
                            y.reshape(F, Ho, Wo, N))
@@ -119,7 +119,6 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
     g = dy.reshape(F, Ho, Wo, N)
     if (TILE * Th, TILE * Tw) != (Ho, Wo):  # the tiles past the last row or column see zeros
         g = np.pad(g, ((0, 0), (0, TILE * Th - Ho), (0, TILE * Tw - Wo), (0, 0)))
-    gt = g.transpose(1, 0, 2, 3)  # (rows, F, columns, N), as to_tiles reads
     tb = _tile_block(a * a * max(C, F) * N * xp.itemsize, Tw)
 
     def groups(lo, hi):
@@ -130,8 +129,8 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
             for t0 in range(0, Tw, tb):
                 n = min(Tw - t0, tb)
                 Vb, Zb = V[..., : n * N], Z[..., : n * N]
-                to_tiles(xp, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(a * a, C, n, N))
-                to_tiles(gt, TILE * i, t0, *A, TILE, P[:, : TILE * n], Zb.reshape(a * a, F, n, N))
+                to_tiles(xp, False, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(a * a, C, n, N))
+                to_tiles(g, True, TILE * i, t0, *A, TILE, P[:, : TILE * n], Zb.reshape(a * a, F, n, N))
                 parts[i // per] += np.matmul(Zb, Vb.transpose(0, 2, 1), out=S)
 
     threads.run(groups, len(parts), xp.size)
@@ -141,9 +140,9 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
 
 
 @compiled
-def to_tiles(src, r0, t0, I, K, count, step, E, out):
-    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (H, C, W, N),
-    tile t being D = src[r0 : r0 + k, c, step t : step t + k] and T (a, k) given by its terms (see _terms): B^T d B
+def to_tiles(src, channels_first, r0, t0, I, K, count, step, E, out):
+    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (H, C, W, N), or
+    (C, H, W, N) if channels_first, tile t being D = src[r0 : r0 + k, c, step t : step t + k] and T (a, k) given by its terms (see _terms): B^T d B
     of an input tile (k = a, step m) or A dY A^T of an output gradient's (k = step = m). Per channel, the rows
     first into E (a, step tb + k - step, N), then the columns; each term one pass, added in column order."""
     a, w0, N = I.shape[0], step * t0, out.shape[3]
@@ -151,7 +150,7 @@ def to_tiles(src, r0, t0, I, K, count, step, E, out):
         for u in range(a):
             e = E[u]
             for j in range(count[u]):
-                x, k = src[r0 + I[u, j], c], K[u, j]
+                x, k = src[c, r0 + I[u, j]] if channels_first else src[r0 + I[u, j], c], K[u, j]
                 for w in range(e.shape[0]):
                     if j == 0:
                         for n in range(N):
