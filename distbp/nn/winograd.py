@@ -36,7 +36,7 @@ B_T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, 
 G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
      [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
 A_T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
-BLOCK_BYTES = 1 << 19  # a block's transformed tiles (input or output), at most: half of a 1 MB L2
+BLOCK_BYTES = 1 << 22  # a block's transformed tiles (input or output), at most: measured, docs/PERFORMANCE.md
 PARTS_BYTES = 1 << 23  # dW's partial S per group of tile rows, at most this many bytes in all
 
 
@@ -69,9 +69,10 @@ def padded_hw(Ho: int, Wo: int) -> tuple:
 
 
 def _tile_block(bytes_per_tile: int, Tw: int) -> int:
-    """Tiles per block of a tile row: the block's transformed tiles within BLOCK_BYTES (they stay in cache between
-    the transform, the products and the transform back), at least 1."""
-    return min(Tw, max(1, BLOCK_BYTES // bytes_per_tile))
+    """Tiles per block of a tile row: the fewest blocks of near-equal size whose transformed tiles stay within
+    BLOCK_BYTES (in cache between the transform, the products and the transform back), at least 1."""
+    blocks = -(-Tw // max(1, BLOCK_BYTES // bytes_per_tile))
+    return -(-Tw // blocks)
 
 
 def kernel_transform(W):
