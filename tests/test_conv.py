@@ -238,21 +238,26 @@ def test_cnn_matches_torch_on_the_same_weights(conv_path):
 
 
 def test_small_dW_products_are_cut_into_chunks_of_K_added_in_order():
-    """A first layer's dW product (few rows, long K) in chunks of at most SMALL_PRODUCT multiply-adds."""
+    """A first layer's dW product (few rows, long K) in equal chunks of at most SMALL_PRODUCT multiply-adds, the
+    columns left over last: each chunk's product as one call on it gives, added in order."""
     from distbp.nn.conv import SMALL_PRODUCT, SMALL_ROWS, _dW_product
     rng = np.random.default_rng(0)
-    for M, K, F, dtype in [(27, 4096, 32, np.float64), (9, 4096, 32, np.float32), (96, 2048, 32, np.float32)]:
+    for M, K, F, dtype in [(27, 4096, 32, np.float64), (9, 4099, 32, np.float32), (25, 3584, 16, np.float32),
+                           (96, 2048, 32, np.float32)]:
         a, g = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((F, K)).astype(dtype)
         out, scratch = np.empty((M, F), dtype), np.empty((M, F), dtype)
         _dW_product(a, g, out, scratch)
         if M > SMALL_ROWS:  # one call, as before
             assert out.tobytes() == np.matmul(a, g.T).tobytes()
             continue
-        step = SMALL_PRODUCT // (M * F) // 64 * 64
-        want = np.matmul(a[:, :step], g[:, :step].T)
-        for s in range(step, K, step):
-            want += np.matmul(a[:, s : s + step], g[:, s : s + step].T)
-        assert out.tobytes() == want.tobytes() and step < K and M * F * step <= 100**3  # OpenBLAS's small-matrix limit
+        n = -(-K // (SMALL_PRODUCT // (M * F) // 64 * 64))
+        c = K // n
+        want = np.matmul(a[:, :c], g[:, :c].T)
+        for s in range(c, n * c, c):
+            want += np.matmul(a[:, s : s + c], g[:, s : s + c].T)
+        if n * c < K:
+            want += np.matmul(a[:, n * c :], g[:, n * c :].T)
+        assert out.tobytes() == want.tobytes() and n > 1 and M * F * c <= 100**3  # OpenBLAS's small-matrix limit
         np.testing.assert_allclose(out, a @ g.T, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)
 
 

@@ -11,9 +11,9 @@ from conftest import import_torch, rel_err
 
 
 def test_the_path_rule_takes_3x3_stride_1_products_with_enough_channels():
-    assert conv.WINOGRAD_CHANNELS == 32  # scripts/conv_paths.py --winograd's fit (docs/PERFORMANCE.md)
-    assert winograd_path((3, 3), (1, 1), 32, 64) and winograd_path([3, 3], [1, 1], 128, 32)
-    assert not winograd_path((3, 3), (1, 1), 16, 64) and not winograd_path((3, 3), (1, 1), 64, 16)
+    assert conv.WINOGRAD_CHANNELS == 16  # scripts/conv_paths.py --winograd's fit (docs/PERFORMANCE.md)
+    assert winograd_path((3, 3), (1, 1), 16, 64) and winograd_path([3, 3], [1, 1], 128, 16)
+    assert not winograd_path((3, 3), (1, 1), 8, 64) and not winograd_path((3, 3), (1, 1), 64, 3)
     assert not winograd_path((5, 5), (1, 1), 64, 64) and not winograd_path((3, 3), (2, 2), 64, 64)
     assert not winograd_path((3, 1), (1, 1), 64, 64)
 
@@ -21,17 +21,20 @@ def test_the_path_rule_takes_3x3_stride_1_products_with_enough_channels():
         layer = Sequential([{"type": "conv2d", "out_channels": F, "kernel": 3}], (C, 8, 8), dtype=np.dtype(dtype)).layers[0]
         return layer.winograd, layer.winograd_dx
 
-    assert paths(16, 32) == (False, False)  # forward and dW from 32 to 16 channels, dx from 16 to 32
-    assert paths(32, 48) == (True, True)
-    assert paths(32, 48, np.float64) == (False, False)  # float64 (checks against references) keeps the direct sum
+    assert paths(8, 32) == (False, False)  # forward and dW from 32 to 8 channels, dx from 8 to 32
+    assert paths(16, 48) == (True, True)
+    assert paths(16, 48, np.float64) == (False, False)  # float64 (checks against references) keeps the direct sum
 
 
-CASES = [  # in (C, H, W), padding, batch: odd and non-multiple-of-4 outputs, padding 0 to 2
+CASES = [  # in (C, H, W), padding, batch: odd and non-multiple-of-4 outputs, padding 0 to 3
     ((3, 9, 10), 1, 5), ((2, 8, 8), 0, 3), ((4, 7, 13), 2, 2), ((1, 3, 3), 1, 4), ((5, 16, 5), 1, 1),
+    ((2, 5, 6), 3, 2),  # padding wider than the kernel: dx's flipped correlation crops dy
 ]
 
 
-@pytest.mark.parametrize("block_bytes", [1, 1 << 19])  # one tile per block (blocks and a remainder), whole rows
+# one tile per block; blocks of 2 and 1 tiles for the first case's 3 tiles per row (36 x 6 channels x 5 samples x 8
+# bytes a tile); whole rows
+@pytest.mark.parametrize("block_bytes", [1, 2 * 36 * 6 * 5 * 8, 1 << 22])
 @pytest.mark.parametrize("shape,padding,batch", CASES)
 def test_forward_dW_db_dx_match_torch_in_float64(shape, padding, batch, block_bytes, monkeypatch):
     torch = import_torch()

@@ -42,7 +42,7 @@ SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
 # dW, F and C for dx) takes Winograd's F(4x4, 3x3) (nn/winograd.py: 4x fewer multiply-adds, a larger rounding error);
 # fewer channels, other kernels and float64 (the precision of checks against references) the direct path. The
 # threshold is the fit of scripts/conv_paths.py --winograd (docs/PERFORMANCE.md).
-WINOGRAD_CHANNELS, WINOGRAD_DTYPES = 32, (np.dtype(np.float32),)
+WINOGRAD_CHANNELS, WINOGRAD_DTYPES = 16, (np.dtype(np.float32),)
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
 
@@ -87,7 +87,8 @@ class Conv2D(WeightLayer):
         self.winograd_dx = typed and winograd_path(kernel, stride, self.F, self.C)
 
     def forward(self, x):
-        """y = W * x + b, one output row at a time from views of the padded input (see _correlate)."""
+        """y = W * x + b, one output row at a time from views of the padded input (see _correlate), or by tiles
+        (Winograd's path)."""
         N = x.shape[0]
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         if self.winograd:
@@ -269,13 +270,22 @@ def _small_extent(other: int) -> int:
 
 def _dW_product(a, g, out, scratch):
     """out = a @ g^T for a row's (M, K) windows and its (F, K) dy: when M is small (the first layer's few input
-    channels) and the product large, in chunks of K of at most SMALL_PRODUCT multiply-adds each, added in order
-    (OpenBLAS's small-matrix kernels ran these 2-4x faster than one call, SkylakeX kernels)."""
+    channels) and the product large, in n equal chunks of K of at most SMALL_PRODUCT multiply-adds each (OpenBLAS's
+    small-matrix kernels ran these 2-4x faster than one call, SkylakeX kernels), the n products in one stacked call
+    (an (n, M, F) output of more than 500 elements: NumPy's matmul releases the interpreter lock only for those),
+    then added in order, the K % n columns left over last."""
     (M, K), F = a.shape, g.shape[0]
-    step = max(1, K) if M > SMALL_ROWS or M * K * F <= SMALL_PRODUCT else max(64, _small_extent(M * F))
-    np.matmul(a[:, :step], g[:, :step].T, out=out)
-    for s in range(step, K, step):
-        out += np.matmul(a[:, s : s + step], g[:, s : s + step].T, out=scratch)
+    if M > SMALL_ROWS or M * K * F <= SMALL_PRODUCT:
+        np.matmul(a, g.T, out=out)
+        return
+    n = -(-K // max(64, _small_extent(M * F)))
+    c = K // n
+    stack = np.matmul(a[:, : n * c].reshape(M, n, c).transpose(1, 0, 2), g[:, : n * c].reshape(F, n, c).transpose(1, 2, 0))
+    out[...] = stack[0]
+    for k in range(1, n):
+        out += stack[k]
+    if n * c < K:
+        out += np.matmul(a[:, n * c :], g[:, n * c :].T, out=scratch)
 
 
 def _products(a, b, out):
