@@ -18,8 +18,8 @@ def test_the_path_rule_takes_3x3_stride_1_products_with_enough_channels():
     assert not winograd_path((3, 1), (1, 1), 64, 64)
 
     def paths(F, C, dtype=np.float32):
-        layer = Sequential([{"type": "conv2d", "out_channels": F, "kernel": 3}], (C, 8, 8), dtype=np.dtype(dtype)).layers[0]
-        return layer.winograd, layer.winograd_dx
+        model = Sequential([{"type": "conv2d", "out_channels": F, "kernel": 3}], (C, 8, 8), dtype=np.dtype(dtype))
+        return model.layers[0].winograd, model.layers[0].winograd_dx
 
     assert paths(8, 32) == (False, False)  # forward and dW from 32 to 8 channels, dx from 8 to 32
     assert paths(16, 48) == (True, True)

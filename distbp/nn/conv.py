@@ -280,7 +280,8 @@ def _dW_product(a, g, out, scratch):
         return
     n = -(-K // max(64, _small_extent(M * F)))
     c = K // n
-    stack = np.matmul(a[:, : n * c].reshape(M, n, c).transpose(1, 0, 2), g[:, : n * c].reshape(F, n, c).transpose(1, 2, 0))
+    chunks_a = a[:, : n * c].reshape(M, n, c).transpose(1, 0, 2)  # (n, M, c) views
+    stack = np.matmul(chunks_a, g[:, : n * c].reshape(F, n, c).transpose(1, 2, 0))
     out[...] = stack[0]
     for k in range(1, n):
         out += stack[k]

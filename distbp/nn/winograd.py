@@ -10,13 +10,14 @@ Backward differentiates the same formula. With Z = A dY A^T (dY the 4x4 block of
 dW = G^T S G with S[k] = sum over tiles of Z[k] (F, tiles) @ V[k]^T (tiles, C), 4x fewer again; dx
 is the forward of dy (zero-padded by 2 - padding) with the kernel flipped and transposed, as
 Conv2D's direct path computes it. In exact arithmetic all three equal the direct convolution; in
-floating point they round differently: B and A hold small integers, G fractions (computed in float64,
-rounded once), and the error in float32 is some 10-30x the direct sum's, 1e-6 to 1e-5 of the
-largest output (measured against float64 in tests/test_winograd.py, which also compares with torch).
+floating point they round differently: B and A hold integers up to 8, G fractions (applied in
+float64, rounded once), and the error in float32 is up to some 20x the direct sum's, under 1e-5 of
+the largest output (measured against float64 in tests/test_winograd.py, which also compares with
+torch). Conv2D takes this path in float32 only.
 
 The transforms are compiled kernels (rows then columns of each tile, one pass over the samples
 per nonzero matrix entry, in a fixed order). The work items of the rank's threads (nn/threads.py)
-are tile rows (4 output rows each), cut into blocks of tiles whose transforms fit in cache: a
+are tile rows (4 output rows each), cut into blocks of tiles of at most BLOCK_BYTES: a
 thread transforms a block into a (36, C, tiles) buffer, multiplies it on its own single-thread
 sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
 in row order. So the bits do not depend on the thread count; on the shapes (tiles per block,
@@ -76,8 +77,8 @@ def _tile_block(bytes_per_tile: int, Tw: int) -> int:
 
 
 def kernel_transform(W):
-    """U (a*a, F, C) = G W[f, c] G^T of a (F, C, 3, 3) kernel (computed in float64, rounded once to W's type),
-    position a u + l of the a x a tile."""
+    """U (36, F, C) = G W[f, c] G^T of a (F, C, 3, 3) kernel (computed in float64, rounded once to W's type),
+    position 6 u + l of the 6 x 6 tile."""
     g = np.array(G)
     U = np.matmul(np.matmul(g, W.astype(np.float64)), g.T)  # (F, C, a, a)
     return np.ascontiguousarray(U.reshape(*W.shape[:2], -1).transpose(2, 0, 1), dtype=W.dtype)
@@ -85,7 +86,7 @@ def kernel_transform(W):
 
 def correlate(xp, U, Ho: int, Wo: int, b=None, relu: bool = False):
     """y (F, Ho, Wo*N) = the 3x3 correlation of xp (Hp, C, Wp, N), already padded to padded_hw (the last tiles'
-    rows and columns past the output read zeros), with the kernel whose transform is U (a*a, F, C), plus b,
+    rows and columns past the output read zeros), with the kernel whose transform is U (36, F, C), plus b,
     rectified if relu."""
     (_, C, _, N), (A, F, _) = xp.shape, U.shape
     (Th, Tw), (Bt, At, _), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
@@ -142,10 +143,11 @@ def kernel_gradient(xp, dy, Ho: int, Wo: int):
 
 @compiled
 def to_tiles(src, channels_first, r0, t0, I, K, count, step, E, out):
-    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (H, C, W, N), or
-    (C, H, W, N) if channels_first, tile t being D = src[r0 : r0 + k, c, step t : step t + k] and T (a, k) given by its terms (see _terms): B^T d B
-    of an input tile (k = a, step m) or A dY A^T of an output gradient's (k = step = m). Per channel, the rows
-    first into E (a, step tb + k - step, N), then the columns; each term one pass, added in column order."""
+    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (H, C, W, N)
+    ((C, H, W, N) if channels_first), tile t being D = src[r0 : r0 + k, c, step t : step t + k] and T (a, k)
+    given by its terms (see _terms): B^T d B of an input tile (k = a, step m) or A dY A^T of an output
+    gradient's (k = step = m). Per channel, the rows first into E (a, step tb + k - step, N), then the
+    columns; each term one pass over the samples, added in column order."""
     a, w0, N = I.shape[0], step * t0, out.shape[3]
     for c in range(out.shape[1]):
         for u in range(a):
