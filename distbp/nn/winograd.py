@@ -25,6 +25,8 @@ batch) they do, as every BLAS product's, which is why deterministic mode keeps t
 size fixed.
 """
 
+import functools
+
 import numpy as np
 
 from . import threads
@@ -53,8 +55,9 @@ def _terms(T, dtype):
     return I, K, count
 
 
+@functools.cache
 def _matrices(dtype):
-    """The terms (see _terms) of B^T, A^T and A in dtype."""
+    """The terms (see _terms) of B^T, A^T and A in dtype (made once per type: every layer call reads them)."""
     return _terms(B_T, dtype), _terms(A_T, dtype), _terms(np.transpose(A_T), dtype)
 
 
