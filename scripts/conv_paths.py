@@ -4,7 +4,7 @@
     python scripts/conv_paths.py --fit run1.jsonl run2.jsonl ...          the fit over several runs
     python scripts/conv_paths.py --winograd [--fit ...]                   the same for WINOGRAD_CHANNELS
 
-With --winograd, each product of each 3x3 shape runs on Winograd's path and on the direct one
+With --winograd, each product of each 3x3 and 5x5 shape runs on Winograd's path and on the direct one
 (alternated the same way), and the fit is the least channel count (min of the product's input and
 output channels) from which taking Winograd's path gives the least summed log time over the shapes.
 
@@ -32,6 +32,7 @@ SHAPES = [  # (C, F, kernel, H = W): W5, W6, W6-plain, W7-resnet's stride-1 conv
     (1, 16, 5, 28), (16, 32, 5, 14), (3, 32, 3, 32), (32, 32, 3, 32), (32, 64, 3, 16), (64, 64, 3, 16),
     (3, 16, 3, 32), (16, 32, 3, 16), (32, 32, 3, 16), (32, 64, 3, 8), (16, 16, 3, 32), (64, 64, 3, 8),
     (8, 16, 3, 16), (64, 128, 3, 8), (128, 128, 3, 8), (8, 64, 3, 16),
+    (8, 16, 5, 14), (16, 16, 5, 28), (32, 32, 5, 14), (32, 64, 5, 8), (64, 64, 5, 8),
 ]
 
 
@@ -81,9 +82,10 @@ def measure(batch: int, pairs: int):
 
 
 def measure_winograd(batch: int, pairs: int):
-    """JSON-ready records: per 3x3 shape and product, median ms on Winograd's path and on the direct one."""
+    """JSON-ready records: per 3x3 and 5x5 shape and product, median ms on Winograd's path and on the direct one."""
+    from distbp.nn import winograd
     for C, F, k, H in SHAPES:
-        if k != 3:
+        if k not in winograd.FORMS:
             continue
         layer, timed = products(C, F, k, H, batch)
         for product, (f, *_) in timed.items():
@@ -91,9 +93,11 @@ def measure_winograd(batch: int, pairs: int):
             for _ in range(pairs):
                 for path in ms:
                     layer.winograd = layer.winograd_dx = path == "winograd"
+                    timed["forward"][0]()  # the input padded as this path reads it (dW reads forward's)
                     ms[path].append(1e3 * best_of_two(f))
             inputs, outputs = (F, C) if product == "dx" else (C, F)
-            yield {"C": C, "F": F, "H": H, "batch": batch, "product": product, "channels": min(inputs, outputs),
+            yield {"C": C, "F": F, "kernel": k, "H": H, "batch": batch, "product": product,
+                   "channels": min(inputs, outputs),
                    "winograd_ms": round(statistics.median(ms["winograd"]), 3),
                    "direct_ms": round(statistics.median(ms["direct"]), 3)}
 
@@ -102,7 +106,7 @@ def fit_winograd(records: list[dict]) -> dict:
     """The channel threshold (Winograd's path at or above it, every product) with the least summed log time ratio."""
     shapes = {}
     for r in records:
-        shapes.setdefault((r["C"], r["F"], r["H"], r["product"], r["channels"]), []).append(
+        shapes.setdefault((r["C"], r["F"], r["kernel"], r["H"], r["product"], r["channels"]), []).append(
             r["winograd_ms"] / r["direct_ms"])
     ratio = {key: statistics.median(v) for key, v in shapes.items()}  # Winograd / direct, per shape and product
 
@@ -111,7 +115,8 @@ def fit_winograd(records: list[dict]) -> dict:
 
     best = min(sorted({key[-1] for key in ratio}) + [math.inf], key=lambda t: (round(cost(t), 9), -t))
     return {"channels": best, "shapes": len(ratio), "time_vs_all_direct": round(math.exp(cost(best) / len(ratio)), 3),
-            "ratios": {f"{C}-{F}-{H} {product}": round(q, 3) for (C, F, H, product, _), q in sorted(ratio.items())}}
+            "ratios": {f"{C}-{F}-{H} {k}x{k} {product}": round(q, 3)
+                       for (C, F, k, H, product, _), q in sorted(ratio.items())}}
 
 
 def fit(records: list[dict]) -> dict:

@@ -99,8 +99,8 @@ def test_conv_paths_fits_the_winograd_channel_count_where_winograd_won(tmp_path)
     ratio the median over the runs); then one tiny real run prints records of both paths for the three products."""
     def rec(C, F, product, ratio):
         channels = min(C, F)
-        return {"C": C, "F": F, "H": 8, "product": product, "channels": channels, "winograd_ms": ratio,
-                "direct_ms": 1.0}
+        return {"C": C, "F": F, "kernel": 3 if product == "forward" else 5, "H": 8, "product": product,
+                "channels": channels, "winograd_ms": ratio, "direct_ms": 1.0}
     runs = [[rec(3, 32, "forward", 1.5), rec(16, 32, "forward", 1.1), rec(32, 32, "forward", 0.8),
              rec(64, 64, "dx", 0.6)],
             [rec(3, 32, "forward", 1.4), rec(16, 32, "forward", 0.95), rec(32, 32, "forward", 0.9),
@@ -113,13 +113,13 @@ def test_conv_paths_fits_the_winograd_channel_count_where_winograd_won(tmp_path)
                          capture_output=True, text=True, timeout=30, check=True).stdout
     fit = json.loads(out)["fit"]
     assert fit["channels"] == 32 and fit["shapes"] == 4  # 16 channels: median 1.025, slower
-    assert fit["ratios"]["16-32-8 forward"] == 1.025
+    assert fit["ratios"]["16-32-8 3x3 forward"] == 1.025 and fit["ratios"]["64-64-8 5x5 dx"] == 0.65
     sys.path.insert(0, str(CONV_PATHS.parent))
     try:
         import conv_paths
     finally:
         sys.path.remove(str(CONV_PATHS.parent))
-    conv_paths.SHAPES = [(2, 4, 3, 5), (2, 4, 5, 5)]  # the 5x5 shape is not Winograd's: skipped
+    conv_paths.SHAPES = [(2, 4, 3, 5), (2, 4, 1, 5), (2, 4, 5, 6)]  # the 1x1 shape is not Winograd's: skipped
     records = list(conv_paths.measure_winograd(batch=2, pairs=1))
-    assert [r["product"] for r in records] == ["forward", "dW", "dx"]
+    assert [(r["kernel"], r["product"]) for r in records] == [(k, p) for k in (3, 5) for p in ("forward", "dW", "dx")]
     assert all(r["winograd_ms"] > 0 and r["direct_ms"] > 0 for r in records)

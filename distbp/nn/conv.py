@@ -10,9 +10,9 @@ _correlate), small enough to stay in cache, with no im2col matrix in memory (and
 that OpenBLAS multiplies without packing, see SMALL_PRODUCT). When those
 views are thin against the product (see THIN_RATIO: the first layer of an image network,
 C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
-(kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once. A 3x3, stride-1
-product with enough channels takes Winograd's F(4x4, 3x3) instead (nn/winograd.py, WINOGRAD_CHANNELS):
-4x fewer multiply-adds, on tiles of the same padded input.
+(kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once. A 3x3 or 5x5, stride-1
+product with enough channels takes Winograd's F(4x4, 3x3) or F(4x4, 5x5) instead (nn/winograd.py, WINOGRAD_CHANNELS):
+4x or 6.25x fewer multiply-adds, on tiles of the same padded input.
 
 The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
 its rows on its own single-thread sgemm (BLAS's own threads split these small products
@@ -38,10 +38,10 @@ THIN_RATIO = {"forward": 0.375, "dW": 0.375, "dx": 0.0}
 # are cut by columns to that size (_products: each element the same sum), a dW product of at most SMALL_ROWS rows
 # by K (_dW_product: its chunks added in order). Rules of the shapes alone: the same bits on every rank.
 SMALL_PRODUCT, SMALL_ROWS, MIN_COLUMNS = 100**3, 32, 128
-# A float32 3x3, stride-1 product with at least WINOGRAD_CHANNELS input and output channels (C and F for forward and
-# dW, F and C for dx) takes Winograd's F(4x4, 3x3) (nn/winograd.py: 4x fewer multiply-adds, a larger rounding error);
-# fewer channels, other kernels and float64 (the precision of checks against references) the direct path. The
-# threshold is the fit of scripts/conv_paths.py --winograd (docs/PERFORMANCE.md).
+# A float32 3x3 or 5x5, stride-1 product with at least WINOGRAD_CHANNELS input and output channels (C and F for forward
+# and dW, F and C for dx) takes Winograd's F(4x4, 3x3) or F(4x4, 5x5) (nn/winograd.py: 4x or 6.25x fewer multiply-adds,
+# a larger rounding error); fewer channels, other kernels and float64 (the precision of checks against references)
+# the direct path. The threshold is the fit of scripts/conv_paths.py --winograd (docs/PERFORMANCE.md).
 WINOGRAD_CHANNELS, WINOGRAD_DTYPES = 16, (np.dtype(np.float32),)
 PARTS_BYTES = 1 << 23  # backward's partial dW per group of output rows, at most this many bytes in all
 COLS_BYTES = 1 << 22  # a strided dx's W^T dy products per block of output rows (see _dx_col2im), at most
@@ -93,7 +93,7 @@ class Conv2D(WeightLayer):
         self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         if self.winograd:
             U = winograd.kernel_transform(self.W)
-            y = winograd.correlate(self.xq[:, :, 0], U, self.Ho, self.Wo, self.b, self.relu)
+            y = winograd.correlate(self.xq[:, :, 0], U, self.kh, self.Ho, self.Wo, self.b, self.relu)
             self.y = y if self.relu else None
             return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
@@ -110,7 +110,7 @@ class Conv2D(WeightLayer):
         """dW += dy x^T (see _dW, or winograd's), db += sum(dy); return dx (None if need_dx is off)."""
         dy, db = self._channels(dy)
         if self.winograd:
-            self.dW += winograd.kernel_gradient(self.xq[:, :, 0], dy, self.Ho, self.Wo)
+            self.dW += winograd.kernel_gradient(self.xq[:, :, 0], dy, self.kh, self.Ho, self.Wo)
         else:
             self._dW(dy)
         if self.b is not None:
@@ -178,11 +178,11 @@ class Conv2D(WeightLayer):
         oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
         rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
         dyt = dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
-        Hq, Wq = winograd.padded_hw(H, W) if self.winograd_dx else (H + kh - 1, W + kw - 1)
+        Hq, Wq = winograd.padded_hw(H, W, kh) if self.winograd_dx else (H + kh - 1, W + kw - 1)
         dyq = _padded(dyt, Hq, Wq, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
         if self.winograd_dx:
             U = winograd.kernel_transform(self.W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            return winograd.correlate(dyq, U, H, W).reshape(C, H, W, N)
+            return winograd.correlate(dyq, U, kh, H, W).reshape(C, H, W, N)
         dyq = dyq[:, :, None]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
         return _correlate(dyq, Wt, kh, (1, 1), (H, W), thin_path("dx", kh * self.F, C)).reshape(C, H, W, N)
@@ -220,7 +220,7 @@ class Conv2D(WeightLayer):
     def _gather(self, x):
         """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
         N, (C, H, W), sw = x.shape[0], self.in_shape, self.sw
-        Hp, Wp = winograd.padded_hw(self.Ho, self.Wo) if self.winograd else (H + 2 * self.ph, W + 2 * self.pw)
+        Hp, Wp = winograd.padded_hw(self.Ho, self.Wo, self.kh) if self.winograd else (H + 2 * self.ph, W + 2 * self.pw)
         xp = _padded(x.transpose(2, 1, 3, 0), Hp, Wp, self.ph, self.pw)
         if sw == 1:
             return xp[:, :, None]
@@ -252,8 +252,9 @@ class Conv2D(WeightLayer):
 
 def winograd_path(kernel: tuple, stride: tuple, inputs: int, outputs: int) -> bool:
     """Whether a float32 product of this kernel and stride from `inputs` to `outputs` channels takes Winograd's
-    F(4x4, 3x3) (see WINOGRAD_CHANNELS)."""
-    return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and min(inputs, outputs) >= WINOGRAD_CHANNELS
+    F(4x4, r x r), r = 3 or 5 (see WINOGRAD_CHANNELS)."""
+    square = kernel[0] == kernel[1] in winograd.FORMS
+    return square and tuple(stride) == (1, 1) and min(inputs, outputs) >= WINOGRAD_CHANNELS
 
 
 def thin_path(product: str, depth: int, rows: int) -> bool:

@@ -1,24 +1,27 @@
-"""Winograd's minimal filtering F(4x4, 3x3) for a 3x3, stride-1 convolution (Lavin and Gray, 2016).
+"""Winograd's minimal filtering F(m x m, r x r) for an r x r, stride-1 convolution (Lavin and Gray, 2016):
+F(4x4, 3x3) and F(4x4, 5x5) (FORMS).
 
-A 4x4 block of outputs is Y = A^T [U . V] A with U = G g G^T (the 3x3 kernel g of one input and one
-output channel, transformed to 6x6) and V = B^T d B (the 6x6 input tile d under the block, from the
-padded input, tiles 4 apart), . the element-wise product. Summed over input channels, each of the
-36 positions of the 6x6 tile is one product, M[k] = U[k] (F, C) @ V[k] (C, tiles): 36 multiply-adds
-per channel pair and 16 outputs where the direct convolution takes 144 (4x fewer).
+An m x m block of outputs is Y = A^T [U . V] A with U = G g G^T (the r x r kernel g of one input and one
+output channel, transformed to a x a, a = m + r - 1) and V = B^T d B (the a x a input tile d under the
+block, from the padded input, tiles m apart), . the element-wise product. Summed over input channels,
+each of the a*a positions of the tile is one product, M[k] = U[k] (F, C) @ V[k] (C, tiles): a*a
+multiply-adds per channel pair and m*m outputs where the direct convolution takes m*m*r*r (3x3: 36
+for 144, 4x fewer; 5x5: 64 for 400, 6.25x fewer). The matrices are made from the interpolation points
+by Toom-Cook (see matrices): for 3x3 they are Lavin and Gray's.
 
-Backward differentiates the same formula. With Z = A dY A^T (dY the 4x4 block of output gradients),
-dW = G^T S G with S[k] = sum over tiles of Z[k] (F, tiles) @ V[k]^T (tiles, C), 4x fewer again; dx
-is the forward of dy (zero-padded by 2 - padding) with the kernel flipped and transposed, as
-Conv2D's direct path computes it. In exact arithmetic all three equal the direct convolution; in
-floating point they round differently: B and A hold integers up to 8, G fractions (applied in
-float64, rounded once), and the error in float32 is up to some 20x the direct sum's, under 1e-5 of
-the largest output (measured against float64 in tests/test_winograd.py, which also compares with
-torch). Conv2D takes this path in float32 only.
+Backward differentiates the same formula. With Z = A dY A^T (dY the m x m block of output gradients),
+dW = G^T S G with S[k] = sum over tiles of Z[k] (F, tiles) @ V[k]^T (tiles, C), fewer again by the same
+factor; dx is the forward of dy (zero-padded by r - 1 - padding) with the kernel flipped and transposed,
+as Conv2D's direct path computes it. In exact arithmetic all three equal the direct convolution; in
+floating point they round differently: B and A hold integers (up to 8 for 3x3, 21 for 5x5), G fractions
+(applied in float64, rounded once), and the error in float32 is up to some 20x the direct sum's, under
+3e-5 of the largest output (measured against float64 in tests/test_winograd.py, which also compares
+with torch). Conv2D takes this path in float32 only.
 
 The transforms are compiled kernels (rows then columns of each tile, one pass over the samples
 per nonzero matrix entry, in a fixed order). The work items of the rank's threads (nn/threads.py)
-are tile rows (4 output rows each), cut into blocks of tiles of at most BLOCK_BYTES: a
-thread transforms a block into a (36, C, tiles) buffer, multiplies it on its own single-thread
+are tile rows (m output rows each), cut into blocks of tiles of at most BLOCK_BYTES: a
+thread transforms a block into a (a*a, C, tiles) buffer, multiplies it on its own single-thread
 sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
 in row order. So the bits do not depend on the thread count; on the shapes (tiles per block,
 batch) they do, as every BLAS product's, which is why deterministic mode keeps the micro-batch
@@ -26,28 +29,66 @@ size fixed.
 """
 
 import functools
+import math
+from fractions import Fraction
 
 import numpy as np
 
 from . import threads
 from .kernels import compiled
 
-TILE = 4  # m, outputs per tile side; a tile of input is m + 2 = 6 wide
-# F(4x4, 3x3)'s B^T (6 x 6), G (6 x 3) and A^T (4 x 6), interpolation points 0, +-1, +-2 and infinity.
-B_T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0],
-       [0, 4, 0, -5, 0, 1]]
-G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-     [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
-A_T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+# F(m x m, r x r) per kernel size r: m, the outputs of a tile per side, and the interpolation points besides infinity
+# (m + r - 2 of them); a tile of input is a = m + r - 1 wide. The matrices follow from them (see matrices).
+FORMS = {3: (4, (0, 1, -1, 2, -2)), 5: (4, (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)))}
 BLOCK_BYTES = 1 << 22  # a block's transformed tiles (input or output), at most: measured, docs/PERFORMANCE.md
 PARTS_BYTES = 1 << 23  # dW's partial S per group of tile rows, at most this many bytes in all
 
 
+def _inverse(V: list) -> list:
+    """The inverse of a square matrix of Fractions (Gauss-Jordan, exact)."""
+    n = len(V)
+    R = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(V)]
+    for c in range(n):
+        p = next(i for i in range(c, n) if R[i][c])
+        R[c], R[p] = R[p], [v / R[p][c] for v in R[p]]
+        for i in range(n):
+            if i != c and R[i][c]:
+                R[i] = [u - R[i][c] * v for u, v in zip(R[i], R[c])]
+    return [row[n:] for row in R]
+
+
+def _primitive(v: list) -> Fraction:
+    """The factor that makes a vector of Fractions the smallest integers, its first nonzero entry positive."""
+    s = Fraction(math.lcm(*(x.denominator for x in v)), math.gcd(*(x.numerator for x in v)))
+    return s if next(x for x in v if x) > 0 else -s
+
+
+@functools.cache
+def matrices(r: int) -> tuple:
+    """A^T (m, a), G (a, r) and B^T (a, a) of FORMS[r] as float64 arrays (Toom-Cook): with the points p_j and
+    infinity, G's rows evaluate the kernel (p_j^k; infinity: its last entry), A^T's columns the outputs (p_j^i), and
+    B^T = V^-T for V the (a, a) Vandermonde matrix of the points (infinity: the leading coefficient). Each position
+    j's factors are moved into G so that A^T's column j and B^T's row j are the smallest integers."""
+    m, points = FORMS[r]
+    a, p = m + r - 1, [Fraction(x) for x in points]
+    V = [[x**k for k in range(a)] for x in p] + [[Fraction(int(k == a - 1)) for k in range(a)]]
+    Vi = _inverse(V)
+    BT = [[Vi[k][j] for k in range(a)] for j in range(a)]
+    AT = [[x**i for x in p] + [Fraction(int(i == m - 1))] for i in range(m)]
+    G = [[x**k for k in range(r)] for x in p] + [[Fraction(int(k == r - 1)) for k in range(r)]]
+    for j in range(a):
+        s, t = _primitive([row[j] for row in AT]), _primitive(BT[j])
+        for row in AT:
+            row[j] *= s
+        BT[j] = [v * t for v in BT[j]]
+        G[j] = [v / (s * t) for v in G[j]]
+    return tuple(np.array(M, dtype=np.float64) for M in (AT, G, BT))
+
+
 def _terms(T, dtype):
-    """The nonzero entries of each row of T (r, k) as the kernels take them: I (r, 6) their columns, K (r, 6) their
-    values in dtype, count (r,) how many; the rows padded with column I[., 0] and value 0 (never read)."""
-    T = np.asarray(T, float)
-    I, K = np.zeros((len(T), 6), np.int64), np.zeros((len(T), 6), dtype)
+    """The nonzero entries of each row of T (rows, k) as the kernels take them: I (rows, k) their columns, K their
+    values in dtype, count (rows,) how many; the rows padded with column I[., 0] and value 0 (never read)."""
+    I, K = np.zeros(T.shape, np.int64), np.zeros(T.shape, dtype)
     count = np.count_nonzero(T, axis=1).astype(np.int64)
     for u, row in enumerate(T):
         cols = np.flatnonzero(row)
@@ -56,20 +97,22 @@ def _terms(T, dtype):
 
 
 @functools.cache
-def _matrices(dtype):
-    """The terms (see _terms) of B^T, A^T and A in dtype (made once per type: every layer call reads them)."""
-    return _terms(B_T, dtype), _terms(A_T, dtype), _terms(np.transpose(A_T), dtype)
+def _tables(r: int, dtype):
+    """The terms (see _terms) of B^T, A^T and A of FORMS[r] in dtype (made once per form and type)."""
+    AT, _, BT = matrices(r)
+    return _terms(BT, dtype), _terms(AT, dtype), _terms(AT.T, dtype)
 
 
-def tiles(Ho: int, Wo: int) -> tuple:
-    """Tile rows and tiles per row of an (Ho, Wo) output."""
-    return -(-Ho // TILE), -(-Wo // TILE)
+def tiles(Ho: int, Wo: int, r: int) -> tuple:
+    """Tile rows and tiles per row of an (Ho, Wo) output of an r x r kernel."""
+    m = FORMS[r][0]
+    return -(-Ho // m), -(-Wo // m)
 
 
-def padded_hw(Ho: int, Wo: int) -> tuple:
+def padded_hw(Ho: int, Wo: int, r: int) -> tuple:
     """The rows and columns of the padded input that correlate reads for an (Ho, Wo) output: whole tiles."""
-    Th, Tw = tiles(Ho, Wo)
-    return TILE * Th + 2, TILE * Tw + 2
+    (Th, Tw), m = tiles(Ho, Wo, r), FORMS[r][0]
+    return m * Th + r - 1, m * Tw + r - 1
 
 
 def _tile_block(bytes_per_tile: int, Tw: int) -> int:
@@ -80,68 +123,67 @@ def _tile_block(bytes_per_tile: int, Tw: int) -> int:
 
 
 def kernel_transform(W):
-    """U (36, F, C) = G W[f, c] G^T of a (F, C, 3, 3) kernel (computed in float64, rounded once to W's type),
-    position 6 u + l of the 6 x 6 tile."""
-    g = np.array(G)
-    U = np.matmul(np.matmul(g, W.astype(np.float64)), g.T)  # (F, C, a, a)
+    """U (a*a, F, C) = G W[f, c] G^T of a (F, C, r, r) kernel (computed in float64, rounded once to W's type),
+    position a u + l of the a x a tile."""
+    G = matrices(W.shape[-1])[1]
+    U = np.matmul(np.matmul(G, W.astype(np.float64)), G.T)  # (F, C, a, a)
     return np.ascontiguousarray(U.reshape(*W.shape[:2], -1).transpose(2, 0, 1), dtype=W.dtype)
 
 
-def correlate(xp, U, Ho: int, Wo: int, b=None, relu: bool = False):
-    """y (F, Ho, Wo*N) = the 3x3 correlation of xp (Hp, C, Wp, N), already padded to padded_hw (the last tiles'
-    rows and columns past the output read zeros), with the kernel whose transform is U (36, F, C), plus b,
+def correlate(xp, U, r: int, Ho: int, Wo: int, b=None, relu: bool = False):
+    """y (F, Ho, Wo*N) = the r x r correlation of xp (Hp, C, Wp, N), already padded to padded_hw (the last tiles'
+    rows and columns past the output read zeros), with the kernel whose transform is U (a*a, F, C), plus b,
     rectified if relu."""
-    (_, C, _, N), (A, F, _) = xp.shape, U.shape
-    (Th, Tw), (Bt, At, _), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
+    (_, C, _, N), (A, F, _), m = xp.shape, U.shape, FORMS[r][0]
+    (Th, Tw), (Bt, At, _), a = tiles(Ho, Wo, r), _tables(r, xp.dtype), m + r - 1
     y = np.empty((F, Ho, Wo * N), xp.dtype)
     bias = b if b is not None else np.zeros(F, xp.dtype)
     tb = _tile_block(A * max(C, F) * N * xp.itemsize, Tw)
 
     def rows(lo, hi):
-        E, V = np.empty((a, TILE * tb + 2, N), xp.dtype), np.empty((A, C, tb * N), xp.dtype)
-        S, M = np.empty((TILE, a, tb, N), xp.dtype), np.empty((A, F, tb * N), xp.dtype)
+        E, V = np.empty((a, m * tb + r - 1, N), xp.dtype), np.empty((A, C, tb * N), xp.dtype)
+        S, M = np.empty((m, a, tb, N), xp.dtype), np.empty((A, F, tb * N), xp.dtype)
         for i in range(lo, hi):
             for t0 in range(0, Tw, tb):
                 n = min(Tw - t0, tb)
                 Vb, Mb = V[..., : n * N], M[..., : n * N]
-                to_tiles(xp, False, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(A, C, n, N))
+                to_tiles(xp, False, m * i, t0, *Bt, m, E[:, : m * n + r - 1], Vb.reshape(A, C, n, N))
                 np.matmul(U, Vb, out=Mb)
-                from_tiles(Mb.reshape(A, F, n, N), TILE * i, t0, *At, bias, relu, S[:, :, :n],
-                           y.reshape(F, Ho, Wo, N))
+                from_tiles(Mb.reshape(A, F, n, N), m * i, t0, *At, bias, relu, S[:, :, :n], y.reshape(F, Ho, Wo, N))
 
     threads.run(rows, Th, y.size)
     return y
 
 
-def kernel_gradient(xp, dy, Ho: int, Wo: int):
-    """dW (F, C, 3, 3) of the correlation of xp (Hp, C, Wp, N) (as correlate gets it) from dy (F, Ho, Wo*N):
+def kernel_gradient(xp, dy, r: int, Ho: int, Wo: int):
+    """dW (F, C, r, r) of the correlation of xp (Hp, C, Wp, N) (as correlate gets it) from dy (F, Ho, Wo*N):
     G^T S G, S[k] the sum over tile rows of Z[k] @ V[k]^T, kept in one partial per group of tile rows added in
     row order."""
-    (_, C, _, N), F = xp.shape, dy.shape[0]
-    (Th, Tw), (Bt, _, A), a = tiles(Ho, Wo), _matrices(xp.dtype), TILE + 2
+    (_, C, _, N), F, m = xp.shape, dy.shape[0], FORMS[r][0]
+    (Th, Tw), (Bt, _, A), a = tiles(Ho, Wo, r), _tables(r, xp.dtype), m + r - 1
     per = -(-Th // max(1, min(Th, PARTS_BYTES // (a * a * F * C * dy.itemsize))))  # tile rows per partial
     parts = np.zeros((-(-Th // per), a * a, F, C), dy.dtype)
     g = dy.reshape(F, Ho, Wo, N)
-    if (TILE * Th, TILE * Tw) != (Ho, Wo):  # the tiles past the last row or column see zeros
-        g = np.pad(g, ((0, 0), (0, TILE * Th - Ho), (0, TILE * Tw - Wo), (0, 0)))
+    if (m * Th, m * Tw) != (Ho, Wo):  # the tiles past the last row or column see zeros
+        g = np.pad(g, ((0, 0), (0, m * Th - Ho), (0, m * Tw - Wo), (0, 0)))
     tb = _tile_block(a * a * max(C, F) * N * xp.itemsize, Tw)
 
     def groups(lo, hi):
-        E, V = np.empty((a, TILE * tb + 2, N), xp.dtype), np.empty((a * a, C, tb * N), xp.dtype)
-        P, Z = np.empty((a, TILE * tb, N), xp.dtype), np.empty((a * a, F, tb * N), xp.dtype)
+        E, V = np.empty((a, m * tb + r - 1, N), xp.dtype), np.empty((a * a, C, tb * N), xp.dtype)
+        P, Z = np.empty((a, m * tb, N), xp.dtype), np.empty((a * a, F, tb * N), xp.dtype)
         S = np.empty((a * a, F, C), xp.dtype)
         for i in range(lo * per, min(hi * per, Th)):
             for t0 in range(0, Tw, tb):
                 n = min(Tw - t0, tb)
                 Vb, Zb = V[..., : n * N], Z[..., : n * N]
-                to_tiles(xp, False, TILE * i, t0, *Bt, TILE, E[:, : TILE * n + 2], Vb.reshape(a * a, C, n, N))
-                to_tiles(g, True, TILE * i, t0, *A, TILE, P[:, : TILE * n], Zb.reshape(a * a, F, n, N))
+                to_tiles(xp, False, m * i, t0, *Bt, m, E[:, : m * n + r - 1], Vb.reshape(a * a, C, n, N))
+                to_tiles(g, True, m * i, t0, *A, m, P[:, : m * n], Zb.reshape(a * a, F, n, N))
                 parts[i // per] += np.matmul(Zb, Vb.transpose(0, 2, 1), out=S)
 
     threads.run(groups, len(parts), xp.size)
     S = parts.sum(axis=0).reshape(a, a, F, C)  # the partials in a fixed order whatever thread made them
-    g = np.array(G)
-    return np.matmul(np.matmul(g.T, S.transpose(2, 3, 0, 1)), g).astype(dy.dtype)  # (F, C, 3, 3), in float64
+    G = matrices(r)[1]
+    return np.matmul(np.matmul(G.T, S.transpose(2, 3, 0, 1)), G).astype(dy.dtype)  # (F, C, r, r), in float64
 
 
 @compiled
