@@ -267,8 +267,10 @@ def products(wl: Workload, n: int) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def floor_round(wl: Workload, comm, steps: int) -> float:
-    """samples/s if a step were only its matrix products (forward, dW, dx but the first), all ranks at once."""
+def floor_round(wl: Workload, comm, steps: int, threads: int) -> float:
+    """samples/s if a step were only its matrix products (forward, dW, dx but the first), all ranks at once, BLAS on
+    the rank's threads (distbp's run, earlier in this process, left BLAS at one thread for its own pool)."""
+    from threadpoolctl import threadpool_limits
     from distbp.parallel.sampler import shard
     lo, hi = shard(wl.batch, comm.rank, comm.size)
     dt, rng = np.dtype(wl.dtype), np.random.default_rng(comm.rank)
@@ -281,17 +283,18 @@ def floor_round(wl: Workload, comm, steps: int) -> float:
                 [rand(m, p) for m, _, p in shapes])
     Y, dW, dX = [np.empty_like(d) for d in dY], [np.empty_like(w) for w in W], [np.empty_like(x) for x in X]
     elapsed = np.zeros(1)
-    for i in range(wl.warmup + steps):
-        if i == wl.warmup:
-            comm.barrier()
-            t0 = time.perf_counter()
-        for k in range(len(W)):
-            np.matmul(X[k], W[k], out=Y[k])
-        for k in reversed(range(len(W))):
-            np.matmul(X[k].T, dY[k], out=dW[k])
-            if k:
-                np.matmul(dY[k], W[k].T, out=dX[k])
-    elapsed[0] = time.perf_counter() - t0
+    with threadpool_limits(threads, user_api="blas"):
+        for i in range(wl.warmup + steps):
+            if i == wl.warmup:
+                comm.barrier()
+                t0 = time.perf_counter()
+            for k in range(len(W)):
+                np.matmul(X[k], W[k], out=Y[k])
+            for k in reversed(range(len(W))):
+                np.matmul(X[k].T, dY[k], out=dW[k])
+                if k:
+                    np.matmul(dY[k], W[k].T, out=dX[k])
+        elapsed[0] = time.perf_counter() - t0
     comm.allreduce_max(elapsed)
     return wl.batch * steps / elapsed[0]
 
@@ -452,7 +455,7 @@ def bench_workload(name: str, args, comm, tmp: Path) -> dict:
             defaults.append(distbp_round(WORKLOADS[wl.default_of], path, args.set, comm, tmp, r))
         if r == 0:  # before PyTorch is imported: distbp's own peak
             rss, pss = comm.gather_obj(round(rss_mb(), 1)), comm.gather_obj(round(pss_mb(), 1))
-        floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200))))
+        floors.append(floor_round(wl, comm, max(5, min(wl.steps, 200)), args.threads))
         if not args.no_torch:
             if xy is None:  # after distbp's peak RSS is taken
                 with Dataset(path) as d:
