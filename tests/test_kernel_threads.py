@@ -263,15 +263,16 @@ def test_small_arrays_take_one_call(monkeypatch):
 
 W5_LIKE = ('model.layers=[{type="reshape", shape=[1, 24, 24]}, {type="conv2d", out_channels=32, kernel=5, padding=2}, '
            '{type="relu"}, {type="maxpool2d", kernel=2}, {type="conv2d", out_channels=32, kernel=3, padding=1}, '
-           '{type="relu"}, {type="maxpool2d", kernel=2}, {type="flatten"}, {type="linear", out=16}, {type="relu"}, '
+           '{type="relu"}, {type="conv2d", out_channels=16, kernel=5, padding=2}, {type="relu"}, '
+           '{type="maxpool2d", kernel=2}, {type="flatten"}, {type="linear", out=16}, {type="relu"}, '
            '{type="linear", out=4}]')
 
 
 def test_deterministic_training_has_the_same_bits_at_1_2_4_threads_and_1_2_3_ranks(tmp_path):
-    """A W5-like CNN (no batchnorm; its 3x3 convolution, 32 to 32 channels, on Winograd's path), 20 SGD steps of 3
-    micro-shards large enough for the pool to split them."""
+    """A W5-like CNN (no batchnorm; its 3x3 convolution, 32 to 32 channels, and a 5x5 one, 32 to 16, on Winograd's
+    paths), 20 SGD steps of 3 micro-shards large enough for the pool to split them."""
     from distbp.nn.conv import winograd_path
-    assert winograd_path((3, 3), (1, 1), 32, 32)
+    assert winograd_path((3, 3), (1, 1), 32, 32) and winograd_path((5, 5), (1, 1), 32, 16)
     import json
     from conftest import run_distbp
     from distbp.datasets.dataset import write_dataset

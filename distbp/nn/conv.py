@@ -253,8 +253,8 @@ class Conv2D(WeightLayer):
 def winograd_path(kernel: tuple, stride: tuple, inputs: int, outputs: int) -> bool:
     """Whether a float32 product of this kernel and stride from `inputs` to `outputs` channels takes Winograd's
     F(4x4, r x r), r = 3 or 5 (see WINOGRAD_CHANNELS)."""
-    square = kernel[0] == kernel[1] in winograd.FORMS
-    return square and tuple(stride) == (1, 1) and min(inputs, outputs) >= WINOGRAD_CHANNELS
+    formed = kernel[0] == kernel[1] and kernel[0] in winograd.FORMS  # a square kernel of a size FORMS holds
+    return formed and tuple(stride) == (1, 1) and min(inputs, outputs) >= WINOGRAD_CHANNELS
 
 
 def thin_path(product: str, depth: int, rows: int) -> bool:
