@@ -93,7 +93,8 @@ def measure_winograd(batch: int, pairs: int):
             for _ in range(pairs):
                 for path in ms:
                     layer.winograd = layer.winograd_dx = path == "winograd"
-                    timed["forward"][0]()  # the input padded as this path reads it (dW reads forward's)
+                    if product == "dW":  # dW reads forward's padded input: pad it as this path does
+                        timed["forward"][0]()
                     ms[path].append(1e3 * best_of_two(f))
             inputs, outputs = (F, C) if product == "dx" else (C, F)
             yield {"C": C, "F": F, "kernel": k, "H": H, "batch": batch, "product": product,
