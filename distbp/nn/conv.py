@@ -298,9 +298,11 @@ def _products(a, b, out):
     cols = b.shape[-1]
     step = _small_extent(a.shape[-2] * a.shape[-1])
     blocks = cols // step if MIN_COLUMNS <= step < cols else 0
-    if blocks:  # the blocks as one more leading axis of strided views
+    if blocks == 1:  # no axis to add: a's stack as it is (the extra axis costs interpreter time on every row)
+        np.matmul(a, b[..., :step], out=out[..., :step])
+    elif blocks:  # the blocks as one more leading axis of strided views
         def cut(m):
-            return np.moveaxis(m[..., : blocks * step].reshape(*m.shape[:-1], blocks, step), -2, -3)
+            return m[..., : blocks * step].reshape(*m.shape[:-1], blocks, step).swapaxes(-2, -3)
         np.matmul(a[..., None, :, :], cut(b), out=cut(out))
     if blocks * step < cols:
         np.matmul(a, b[..., blocks * step :], out=out[..., blocks * step :])
@@ -327,8 +329,11 @@ def _row_views(q, r: int, kw: int, kh: int, stride: tuple, width: int):
 
 def _row_windows(q, r: int, kw: int, kh: int, stride: tuple, width: int, out):
     """The kw windows of output row r (see _window) copied into out, returned as one (kw*kh*C, width*N) matrix."""
-    for j in range(kw):
-        out[j] = _window(q, r, j, kh, stride, width)
+    if stride[1] == 1:  # one copy from the row's views, not kw (each call holds the interpreter lock a while)
+        np.copyto(out, _row_views(q, r, kw, kh, stride, width))
+    else:
+        for j in range(kw):
+            out[j] = _window(q, r, j, kh, stride, width)
     return out.reshape(out.shape[0] * out.shape[1], out.shape[2])
 
 
