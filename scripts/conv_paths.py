@@ -93,7 +93,7 @@ def measure_winograd(batch: int, pairs: int):
             for _ in range(pairs):
                 for path in ms:
                     layer.winograd = layer.winograd_dx = path == "winograd"
-                    if product == "dW":  # dW reads forward's padded input: pad it as this path does
+                    if product == "dW":  # dW reads what forward kept: the direct path's padded copy, or x
                         timed["forward"][0]()
                     ms[path].append(1e3 * best_of_two(f))
             inputs, outputs = (F, C) if product == "dx" else (C, F)

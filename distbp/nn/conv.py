@@ -12,7 +12,7 @@ views are thin against the product (see THIN_RATIO: the first layer of an image 
 C = 1 or 3), BLAS runs them slowly, so the row's kw views are copied into one
 (kw*kh*C, Wo*N) buffer, an im2col of one output row, and multiplied at once. A 3x3 or 5x5, stride-1
 product with enough channels takes Winograd's F(4x4, 3x3) or F(4x4, 5x5) instead (nn/winograd.py, WINOGRAD_CHANNELS):
-4x or 6.25x fewer multiply-adds, on tiles of the same padded input.
+4x or 6.25x fewer multiply-adds, on tiles read from the unpadded input (its padding read as zeros, no copy).
 
 The output rows are the work items of the rank's threads (nn/threads.py): each thread runs
 its rows on its own single-thread sgemm (BLAS's own threads split these small products
@@ -88,14 +88,15 @@ class Conv2D(WeightLayer):
 
     def forward(self, x):
         """y = W * x + b, one output row at a time from views of the padded input (see _correlate), or by tiles
-        (Winograd's path)."""
+        of the unpadded input (Winograd's path)."""
         N = x.shape[0]
-        self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
-        if self.winograd:
+        if self.winograd:  # the tiles read x where it is, its padding as zeros (no padded copy)
+            self.xq = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N): a conv stack's x as it is, kept
             U = winograd.kernel_transform(self.W)
-            y = winograd.correlate(self.xq[:, :, 0], U, self.kh, self.Ho, self.Wo, self.b, self.relu)
+            y = winograd.correlate(self.xq, U, self.kh, self.Ho, self.Wo, self.ph, self.pw, self.b, self.relu)
             self.y = y if self.relu else None
             return y.reshape(self.F, self.Ho, self.Wo, N).transpose(3, 0, 1, 2)
+        self.xq = self._gather(x)  # (Hp, C, sw, Wq, N), kept for backward
         self.Wj = np.ascontiguousarray(self.W.transpose(3, 0, 2, 1)).reshape(self.kw, self.F, -1)  # W[:, :, :, j]
         thin = thin_path("forward", self.kh * self.C, self.F)
         y = _correlate(self.xq, self.Wj, self.kh, (self.sh, self.sw), (self.Ho, self.Wo), thin, self.b, self.relu)
@@ -110,7 +111,7 @@ class Conv2D(WeightLayer):
         """dW += dy x^T (see _dW, or winograd's), db += sum(dy); return dx (None if need_dx is off)."""
         dy, db = self._channels(dy)
         if self.winograd:
-            self.dW += winograd.kernel_gradient(self.xq[:, :, 0], dy, self.kh, self.Ho, self.Wo)
+            self.dW += winograd.kernel_gradient(self.xq, dy, self.kh, self.Ho, self.Wo, self.ph, self.pw)
         else:
             self._dW(dy)
         if self.b is not None:
@@ -177,12 +178,11 @@ class Conv2D(WeightLayer):
         (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
         oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
         rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
-        dyt = dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
-        Hq, Wq = winograd.padded_hw(H, W, kh) if self.winograd_dx else (H + kh - 1, W + kw - 1)
-        dyq = _padded(dyt, Hq, Wq, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
-        if self.winograd_dx:
+        if self.winograd_dx:  # the tiles read dy's padding as zeros (oh, ow < 0: dy's edges cut off)
             U = winograd.kernel_transform(self.W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            return winograd.correlate(dyq, U, kh, H, W).reshape(C, H, W, N)
+            return winograd.correlate(dy.reshape(self.F, self.Ho, self.Wo, N), U, kh, H, W, oh, ow).reshape(C, H, W, N)
+        dyt = dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
+        dyq = _padded(dyt, H + kh - 1, W + kw - 1, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
         dyq = dyq[:, :, None]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
         return _correlate(dyq, Wt, kh, (1, 1), (H, W), thin_path("dx", kh * self.F, C)).reshape(C, H, W, N)
@@ -220,7 +220,7 @@ class Conv2D(WeightLayer):
     def _gather(self, x):
         """x (N, C, H, W) zero-padded into a (Hp, C, sw, Wq, N) array: [.., .., p, w, ..] is padded column sw*w + p."""
         N, (C, H, W), sw = x.shape[0], self.in_shape, self.sw
-        Hp, Wp = winograd.padded_hw(self.Ho, self.Wo, self.kh) if self.winograd else (H + 2 * self.ph, W + 2 * self.pw)
+        Hp, Wp = H + 2 * self.ph, W + 2 * self.pw
         xp = _padded(x.transpose(2, 1, 3, 0), Hp, Wp, self.ph, self.pw)
         if sw == 1:
             return xp[:, :, None]

@@ -3,7 +3,7 @@ F(4x4, 3x3) and F(4x4, 5x5) (FORMS).
 
 An m x m block of outputs is Y = A^T [U . V] A with U = G g G^T (the r x r kernel g of one input and one
 output channel, transformed to a x a, a = m + r - 1) and V = B^T d B (the a x a input tile d under the
-block, from the padded input, tiles m apart), . the element-wise product. Summed over input channels,
+block, from the zero-padded input, tiles m apart), . the element-wise product. Summed over input channels,
 each of the a*a positions of the tile is one product, M[k] = U[k] (F, C) @ V[k] (C, tiles): a*a
 multiply-adds per channel pair and m*m outputs where the direct convolution takes m*m*r*r (3x3: 36
 for 144, 4x fewer; 5x5: 64 for 400, 6.25x fewer). The matrices are made from the interpolation points
@@ -19,7 +19,9 @@ floating point they round differently: B and A hold integers (up to 8 for 3x3, 2
 with torch). Conv2D takes this path in float32 only.
 
 The transforms are compiled kernels (rows then columns of each tile, one pass over the samples
-per nonzero matrix entry, in a fixed order). The work items of the rank's threads (nn/threads.py)
+per nonzero matrix entry, in a fixed order). They read the unpadded input (C, H, W, N), a conv
+stack's activations where they lie: the padding's terms are left out, as the zeros they would add,
+so no padded copy is made (nor one of dy for dx, or for the last tiles of dW). The work items of the rank's threads (nn/threads.py)
 are tile rows (m output rows each), cut into blocks of tiles of at most BLOCK_BYTES: a
 thread transforms a block into a (a*a, C, tiles) buffer, multiplies it on its own single-thread
 sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
@@ -109,12 +111,6 @@ def tiles(Ho: int, Wo: int, r: int) -> tuple:
     return -(-Ho // m), -(-Wo // m)
 
 
-def padded_hw(Ho: int, Wo: int, r: int) -> tuple:
-    """The rows and columns of the padded input that correlate reads for an (Ho, Wo) output: whole tiles."""
-    (Th, Tw), m = tiles(Ho, Wo, r), FORMS[r][0]
-    return m * Th + r - 1, m * Tw + r - 1
-
-
 def _tile_block(bytes_per_tile: int, Tw: int) -> int:
     """Tiles per block of a tile row: the fewest blocks of near-equal size whose transformed tiles stay within
     BLOCK_BYTES (in cache between the transform, the products and the transform back), at least 1."""
@@ -130,24 +126,24 @@ def kernel_transform(W):
     return np.ascontiguousarray(U.reshape(*W.shape[:2], -1).transpose(2, 0, 1), dtype=W.dtype)
 
 
-def correlate(xp, U, r: int, Ho: int, Wo: int, b=None, relu: bool = False):
-    """y (F, Ho, Wo*N) = the r x r correlation of xp (Hp, C, Wp, N), already padded to padded_hw (the last tiles'
-    rows and columns past the output read zeros), with the kernel whose transform is U (a*a, F, C), plus b,
-    rectified if relu."""
-    (_, C, _, N), (A, F, _), m = xp.shape, U.shape, FORMS[r][0]
-    (Th, Tw), (Bt, At, _), a = tiles(Ho, Wo, r), _tables(r, xp.dtype), m + r - 1
-    y = np.empty((F, Ho, Wo * N), xp.dtype)
-    bias = b if b is not None else np.zeros(F, xp.dtype)
-    tb = _tile_block(A * max(C, F) * N * xp.itemsize, Tw)
+def correlate(x, U, r: int, Ho: int, Wo: int, top: int, left: int, b=None, relu: bool = False):
+    """y (F, Ho, Wo*N) = the r x r correlation of x (C, H, W, N) zero-padded by top rows and left columns (and
+    past its ends: zeros; see to_tiles), with the kernel whose transform is U (a*a, F, C), plus b, rectified if
+    relu."""
+    (C, _, _, N), (A, F, _), m = x.shape, U.shape, FORMS[r][0]
+    (Th, Tw), (Bt, At, _), a = tiles(Ho, Wo, r), _tables(r, x.dtype), m + r - 1
+    y = np.empty((F, Ho, Wo * N), x.dtype)
+    bias = b if b is not None else np.zeros(F, x.dtype)
+    tb = _tile_block(A * max(C, F) * N * x.itemsize, Tw)
 
     def rows(lo, hi):
-        E, V = np.empty((a, m * tb + r - 1, N), xp.dtype), np.empty((A, C, tb * N), xp.dtype)
-        S, M = np.empty((m, a, tb, N), xp.dtype), np.empty((A, F, tb * N), xp.dtype)
+        E, V = np.empty((a, m * tb + r - 1, N), x.dtype), np.empty((A, C, tb * N), x.dtype)
+        S, M = np.empty((m, a, tb, N), x.dtype), np.empty((A, F, tb * N), x.dtype)
         for i in range(lo, hi):
             for t0 in range(0, Tw, tb):
                 n = min(Tw - t0, tb)
                 Vb, Mb = V[..., : n * N], M[..., : n * N]
-                to_tiles(xp, False, m * i, t0, *Bt, m, E[:, : m * n + r - 1], Vb.reshape(A, C, n, N))
+                to_tiles(x, m * i, t0, top, left, *Bt, m, E[:, : m * n + r - 1], Vb.reshape(A, C, n, N))
                 np.matmul(U, Vb, out=Mb)
                 from_tiles(Mb.reshape(A, F, n, N), m * i, t0, *At, bias, relu, S[:, :, :n], y.reshape(F, Ho, Wo, N))
 
@@ -155,57 +151,68 @@ def correlate(xp, U, r: int, Ho: int, Wo: int, b=None, relu: bool = False):
     return y
 
 
-def kernel_gradient(xp, dy, r: int, Ho: int, Wo: int):
-    """dW (F, C, r, r) of the correlation of xp (Hp, C, Wp, N) (as correlate gets it) from dy (F, Ho, Wo*N):
-    G^T S G, S[k] the sum over tile rows of Z[k] @ V[k]^T, kept in one partial per group of tile rows added in
-    row order."""
-    (_, C, _, N), F, m = xp.shape, dy.shape[0], FORMS[r][0]
-    (Th, Tw), (Bt, _, A), a = tiles(Ho, Wo, r), _tables(r, xp.dtype), m + r - 1
+def kernel_gradient(x, dy, r: int, Ho: int, Wo: int, top: int, left: int):
+    """dW (F, C, r, r) of the correlation of x (C, H, W, N) padded by top and left (as correlate gets it) from dy
+    (F, Ho, Wo*N): G^T S G, S[k] the sum over tile rows of Z[k] @ V[k]^T, kept in one partial per group of tile
+    rows added in row order."""
+    (C, _, _, N), F, m = x.shape, dy.shape[0], FORMS[r][0]
+    (Th, Tw), (Bt, _, A), a = tiles(Ho, Wo, r), _tables(r, x.dtype), m + r - 1
     per = -(-Th // max(1, min(Th, PARTS_BYTES // (a * a * F * C * dy.itemsize))))  # tile rows per partial
     parts = np.zeros((-(-Th // per), a * a, F, C), dy.dtype)
-    g = dy.reshape(F, Ho, Wo, N)
-    if (m * Th, m * Tw) != (Ho, Wo):  # the tiles past the last row or column see zeros
-        g = np.pad(g, ((0, 0), (0, m * Th - Ho), (0, m * Tw - Wo), (0, 0)))
-    tb = _tile_block(a * a * max(C, F) * N * xp.itemsize, Tw)
+    g = dy.reshape(F, Ho, Wo, N)  # the tiles past the last row or column read zeros
+    tb = _tile_block(a * a * max(C, F) * N * x.itemsize, Tw)
 
     def groups(lo, hi):
-        E, V = np.empty((a, m * tb + r - 1, N), xp.dtype), np.empty((a * a, C, tb * N), xp.dtype)
-        P, Z = np.empty((a, m * tb, N), xp.dtype), np.empty((a * a, F, tb * N), xp.dtype)
-        S = np.empty((a * a, F, C), xp.dtype)
+        E, V = np.empty((a, m * tb + r - 1, N), x.dtype), np.empty((a * a, C, tb * N), x.dtype)
+        P, Z = np.empty((a, m * tb, N), x.dtype), np.empty((a * a, F, tb * N), x.dtype)
+        S = np.empty((a * a, F, C), x.dtype)
         for i in range(lo * per, min(hi * per, Th)):
             for t0 in range(0, Tw, tb):
                 n = min(Tw - t0, tb)
                 Vb, Zb = V[..., : n * N], Z[..., : n * N]
-                to_tiles(xp, False, m * i, t0, *Bt, m, E[:, : m * n + r - 1], Vb.reshape(a * a, C, n, N))
-                to_tiles(g, True, m * i, t0, *A, m, P[:, : m * n], Zb.reshape(a * a, F, n, N))
+                to_tiles(x, m * i, t0, top, left, *Bt, m, E[:, : m * n + r - 1], Vb.reshape(a * a, C, n, N))
+                to_tiles(g, m * i, t0, 0, 0, *A, m, P[:, : m * n], Zb.reshape(a * a, F, n, N))
                 parts[i // per] += np.matmul(Zb, Vb.transpose(0, 2, 1), out=S)
 
-    threads.run(groups, len(parts), xp.size)
+    threads.run(groups, len(parts), x.size)
     S = parts.sum(axis=0).reshape(a, a, F, C)  # the partials in a fixed order whatever thread made them
     G = matrices(r)[1]
     return np.matmul(np.matmul(G.T, S.transpose(2, 3, 0, 1)), G).astype(dy.dtype)  # (F, C, r, r), in float64
 
 
 @compiled
-def to_tiles(src, channels_first, r0, t0, I, K, count, step, E, out):
-    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (H, C, W, N)
-    ((C, H, W, N) if channels_first), tile t being D = src[r0 : r0 + k, c, step t : step t + k] and T (a, k)
-    given by its terms (see _terms): B^T d B of an input tile (k = a, step m) or A dY A^T of an output
-    gradient's (k = step = m). Per channel, the rows first into E (a, step tb + k - step, N), then the
-    columns; each term one pass over the samples, added in column order."""
-    a, w0, N = I.shape[0], step * t0, out.shape[3]
+def to_tiles(src, r0, t0, top, left, I, K, count, step, E, out):
+    """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (C, H, W, N)
+    zero-padded by top rows and left columns (either may be negative: rows and columns cut off) and past its ends
+    as far as the tiles reach, tile t being D = padded[r0 : r0 + k, c, step t : step t + k] and T (a, k) given by its terms
+    (see _terms): B^T d B of an input tile (k = a, step m) or A dY A^T of an output gradient's (k = step = m). The
+    padding is never copied: its terms are left out (each would add a zero). Per channel, the rows first into
+    E (a, step tb + k - step, N), then the columns; each term one pass over the samples, added in column order."""
+    a, w0, N = I.shape[0], step * t0 - left, out.shape[3]
+    H, W = src.shape[1], src.shape[2]
     for c in range(out.shape[1]):
         for u in range(a):
             e = E[u]
+            w1, w2 = max(0, -w0), min(e.shape[0], W - w0)  # the columns of e inside src
+            first = True
             for j in range(count[u]):
-                x, k = src[c, r0 + I[u, j]] if channels_first else src[r0 + I[u, j], c], K[u, j]
-                for w in range(e.shape[0]):
-                    if j == 0:
+                h = r0 + I[u, j] - top
+                if h < 0 or h >= H:
+                    continue
+                x, k = src[c, h], K[u, j]
+                if first:
+                    first = False
+                    for w in range(w1, w2):
                         for n in range(N):
                             e[w, n] = k * x[w0 + w, n]
-                    else:
+                else:
+                    for w in range(w1, w2):
                         for n in range(N):
                             e[w, n] += k * x[w0 + w, n]
+            for w in range(e.shape[0]):
+                if first or w < w1 or w >= w2:
+                    for n in range(N):
+                        e[w, n] = 0
         for u in range(a):
             e = E[u]
             for l in range(a):
