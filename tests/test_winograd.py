@@ -142,3 +142,36 @@ def test_bits_do_not_depend_on_the_thread_count(F, r, monkeypatch):
             dx = model.backward(np.cos(np.arange(y.size, dtype=np.float32)).reshape(y.shape))
             runs.append(tuple(np.ascontiguousarray(a).tobytes() for a in (y, layer.dW, layer.db, dx)))
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_a_conv_stacks_activations_are_read_where_they_lie(monkeypatch):
+    """The second of two Winograd layers reads the first one's output itself (no padded copy of it, nor of dy for
+    dx), with padding wider than its kernel's reach on one side of the stack: the stack matches torch in float64."""
+    torch = import_torch()
+    monkeypatch.setattr(conv, "WINOGRAD_CHANNELS", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_DTYPES", (np.dtype(np.float64),))
+    specs = [{"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+             {"type": "conv2d", "out_channels": 5, "kernel": 5, "padding": 5}]
+    model = Sequential(specs, (3, 7, 9), dtype=np.float64, seed=4)
+    first, second = model.layers[0], model.layers[2]
+    first.need_dx = True
+    assert first.winograd and second.winograd and second.winograd_dx
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 3, 7, 9))
+    t_x = torch.tensor(x, requires_grad=True)
+    convs = [torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), torch.nn.Conv2d(4, 5, 5, padding=5,
+                                                                                        dtype=torch.float64)]
+    for m, layer in zip(convs, (first, second)):
+        m.weight.data, m.bias.data = torch.tensor(layer.W.copy()), torch.tensor(layer.b.copy())
+    t_y = convs[1](torch.relu(convs[0](t_x)))
+    R = rng.standard_normal(t_y.shape)
+    (t_y * torch.tensor(R)).sum().backward()
+    model.zero_grad()
+    y = model.forward(x)
+    assert np.shares_memory(second.xq, first.y)  # the first layer's rectified output, as it lies
+    dx = model.backward(R)
+    np.testing.assert_allclose(y, t_y.detach().numpy(), rtol=1e-12, atol=1e-12)
+    assert rel_err(dx, t_x.grad.numpy()) < 1e-12
+    for m, layer in zip(convs, (first, second)):
+        assert rel_err(layer.dW, m.weight.grad.numpy()) < 1e-12
+        np.testing.assert_allclose(layer.db, m.bias.grad.numpy(), rtol=1e-12, atol=1e-12)

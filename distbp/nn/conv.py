@@ -177,13 +177,14 @@ class Conv2D(WeightLayer):
         """dx of a stride-1 convolution: dy, zero-padded, correlated with the kernel flipped and transposed."""
         (C, H, W), (kh, kw), N = self.in_shape, (self.kh, self.kw), dy.shape[-1] // self.Wo
         oh, ow = kh - 1 - self.ph, kw - 1 - self.pw
-        rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
+        g = dy.reshape(self.F, self.Ho, self.Wo, N)
         if self.winograd_dx:  # the tiles read dy's padding as zeros (oh, ow < 0: dy's edges cut off)
             U = winograd.kernel_transform(self.W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            return winograd.correlate(dy.reshape(self.F, self.Ho, self.Wo, N), U, kh, H, W, oh, ow).reshape(C, H, W, N)
-        dyt = dy.reshape(self.F, self.Ho, self.Wo, N)[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
-        dyq = _padded(dyt, H + kh - 1, W + kw - 1, oh + rows.start, ow + cols.start)  # dyq[u, :, v] = dy[:, u - oh, v - ow]
-        dyq = dyq[:, :, None]
+            return winograd.correlate(g, U, kh, H, W, oh, ow).reshape(C, H, W, N)
+        rows, cols = range(max(0, -oh), min(self.Ho, H + self.ph)), range(max(0, -ow), min(self.Wo, W + self.pw))
+        dyt = g[:, rows.start : rows.stop, cols.start : cols.stop].transpose(1, 0, 2, 3)
+        top, left = oh + rows.start, ow + cols.start
+        dyq = _padded(dyt, H + kh - 1, W + kw - 1, top, left)[:, :, None]  # dyq[u, :, 0, v] = dy[:, u - oh, v - ow]
         Wt = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(3, 1, 2, 0)).reshape(kw, C, kh * self.F)
         return _correlate(dyq, Wt, kh, (1, 1), (H, W), thin_path("dx", kh * self.F, C)).reshape(C, H, W, N)
 

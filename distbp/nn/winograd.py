@@ -21,10 +21,10 @@ with torch). Conv2D takes this path in float32 only.
 The transforms are compiled kernels (rows then columns of each tile, one pass over the samples
 per nonzero matrix entry, in a fixed order). They read the unpadded input (C, H, W, N), a conv
 stack's activations where they lie: the padding's terms are left out, as the zeros they would add,
-so no padded copy is made (nor one of dy for dx, or for the last tiles of dW). The work items of the rank's threads (nn/threads.py)
-are tile rows (m output rows each), cut into blocks of tiles of at most BLOCK_BYTES: a
-thread transforms a block into a (a*a, C, tiles) buffer, multiplies it on its own single-thread
-sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
+so no padded copy is made (nor one of dy for dx, or for the last tiles of dW). The work items of
+the rank's threads (nn/threads.py) are tile rows (m output rows each), cut into blocks of tiles of
+at most BLOCK_BYTES: a thread transforms a block into a (a*a, C, tiles) buffer, multiplies it on
+its own single-thread sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
 in row order. So the bits do not depend on the thread count; on the shapes (tiles per block,
 batch) they do, as every BLAS product's, which is why deterministic mode keeps the micro-batch
 size fixed.
@@ -183,11 +183,12 @@ def kernel_gradient(x, dy, r: int, Ho: int, Wo: int, top: int, left: int):
 @compiled
 def to_tiles(src, r0, t0, top, left, I, K, count, step, E, out):
     """out (a*a, C, tb, N) = T D T^T for tiles t0 .. t0 + tb - 1 of rows r0 .. r0 + k - 1 of src (C, H, W, N)
-    zero-padded by top rows and left columns (either may be negative: rows and columns cut off) and past its ends
-    as far as the tiles reach, tile t being D = padded[r0 : r0 + k, c, step t : step t + k] and T (a, k) given by its terms
-    (see _terms): B^T d B of an input tile (k = a, step m) or A dY A^T of an output gradient's (k = step = m). The
-    padding is never copied: its terms are left out (each would add a zero). Per channel, the rows first into
-    E (a, step tb + k - step, N), then the columns; each term one pass over the samples, added in column order."""
+    zero-padded by top rows and left columns (either may be negative: rows and columns cut off) and past its
+    ends as far as the tiles reach, tile t being D = padded[c, r0 : r0 + k, step t : step t + k] and T (a, k)
+    given by its terms (see _terms): B^T d B of an input tile (k = a, step m) or A dY A^T of an output
+    gradient's (k = step = m). The padding is never copied: its terms are left out (each would add a zero).
+    Per channel, the rows first into E (a, step tb + k - step, N), then the columns; each term one pass over
+    the samples, added in column order."""
     a, w0, N = I.shape[0], step * t0 - left, out.shape[3]
     H, W = src.shape[1], src.shape[2]
     for c in range(out.shape[1]):
