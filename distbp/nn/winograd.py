@@ -24,10 +24,10 @@ stack's activations where they lie: the padding's terms are left out, as the zer
 so no padded copy is made (nor one of dy for dx, or for the last tiles of dW). The work items of
 the rank's threads (nn/threads.py) are tile rows (m output rows each), cut into blocks of tiles of
 at most BLOCK_BYTES: a thread transforms a block into a (a*a, C, tiles) buffer, multiplies it on
-its own single-thread sgemm and transforms the product back into y. dW keeps one partial S per group of tile rows, added
-in row order. So the bits do not depend on the thread count; on the shapes (tiles per block,
-batch) they do, as every BLAS product's, which is why deterministic mode keeps the micro-batch
-size fixed.
+its own single-thread sgemm and transforms the product back into y. dW keeps one partial S per
+group of tile rows, added in row order. So the bits do not depend on the thread count; on the
+shapes (tiles per block, batch) they do, as every BLAS product's, which is why deterministic mode
+keeps the micro-batch size fixed.
 """
 
 import functools
